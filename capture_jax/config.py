@@ -39,10 +39,13 @@ def model_config() -> ml_collections.ConfigDict:
   m.cross_num_layers = 6
   m.cross_mlp_ratio = 4
   m.cross_max_position_embeddings = 512
-  # Architecture variants for ablations: 'hybrid' (the paper), 'single_stream'
-  # (co-transformer only, no co-attention layers) or 'two_stream' (co-attention
-  # only, no co-transformer).
-  m.architecture = 'hybrid'
+  # Text slots of the co-transformer's positions: visual tokens take positions
+  # max_text_len .. max_text_len + R. The release always pads text to this
+  # length; fixing the offset keeps outputs independent of the padded length.
+  m.max_text_len = 36
+  # Ablation variants are layer counts: co_num_layers=0 is a single-stream
+  # model (joint co-transformer only), cross_num_layers=0 a two-stream one
+  # (co-attention only).
   # Masked region modelling head: 'feature' regression (target = v_feature_size)
   # or 'class' distribution of the detector (v_target_size classes).
   m.mrm_target = 'feature'
@@ -60,18 +63,38 @@ def model_config() -> ml_collections.ConfigDict:
 
 
 def data_config() -> ml_collections.ConfigDict:
+  """Input data: files, sizes, masking recipe and pipeline; all data defaults live here."""
   d = ml_collections.ConfigDict()
-  d.data_dir = ''  # folder with the annotation files + region features
+  # Files.
+  d.data_dir = ''  # folder with product1m_{split}_ossurl_v2.txt + features/
+  d.features = ''  # region-feature store (TSV/npz file or folder); '' = {data_dir}/features
   d.tfds_dir = ''  # where the TFDS `product1m` builder writes its ArrayRecords
   d.vocab_file = ''  # WordPiece vocab.txt
-  d.max_text_len = 36
-  d.max_regions = 36
+  d.storage_dtype = 'float16'  # region features on disk: 'float16' or 'float32'
+  d.skip_bad = False  # skip and count bad samples instead of stopping
+  # Sizes. feature_dim must equal model.v_feature_size.
+  d.max_text_len = 36  # tokens incl. [CLS] and [SEP]
+  d.max_regions = 36  # regions per image, without the global token
+  d.feature_dim = 2048
+  # Masking recipe of the reference (MLM and MRM).
   d.mlm_probability = 0.15
+  d.mlm_mask_probability = 0.8  # a chosen token becomes [MASK] ...
+  d.mlm_random_probability = 0.1  # ... or a random token (else it is kept)
   d.mrm_probability = 0.15
   d.mrm_zero_probability = 0.9
-  d.shuffle_seed = 0
+  # Pipeline.
+  d.batch_size = 64  # global training batch, split evenly over processes
+  d.eval_batch_size = 256  # global evaluation batch
+  d.shuffle_seed = 0  # global shuffle order and masking draws
+  d.num_epochs = 0  # 0 = repeat forever (the trainer counts steps)
   d.num_workers = 0  # Grain worker processes (0 = in the main process)
-  d.skip_bad = False
+  d.read_threads = 2  # Grain reader threads per process
+  d.prefetch_batches = 4  # batches produced ahead per process
+  # Synthetic world (`python -m capture_jax.data.synthetic`).
+  d.synthetic_preset = 'demo'
+  d.synthetic_seed = 0
+  d.feature_format = 'tsv'  # 'tsv' (base64 rows) or 'npz' (one file per image)
+  d.vocab_size = 2000  # WordPiece vocab trained on the captions (at most)
   return d
 
 
@@ -98,4 +121,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = model_config()
   c.data = data_config()
   c.loss = loss_config()
+  # One source of truth for the text length: the pipeline pads to the model's.
+  c.data.max_text_len = c.model.get_ref('max_text_len')
   return c

@@ -388,14 +388,15 @@ def merge_params(base: Params, update: Params) -> Params:
 
 
 def model_config_from_release(release: Mapping[str, Any], cross_encoder: Mapping[str, Any] | None = None,
-                              mlp_ratio: int = 4, state_dict: Mapping[str, Any] | None = None
-                              ) -> ml_collections.ConfigDict:
+                              mlp_ratio: int = 4, state_dict: Mapping[str, Any] | None = None,
+                              max_text_len: int = 36) -> ml_collections.ConfigDict:
   """Our `model` config from a release-format config (ViLBERT `bert_config` JSON keys).
 
   `cross_encoder` gives the co-transformer's `hidden_size`, `num_attention_heads`,
   `max_position_embeddings` and optionally `num_layers` (the release hard-codes
   them next to the BERT config); with `state_dict`, the number of co-transformer
-  blocks is read from its tensor names.
+  blocks is read from its tensor names. `max_text_len` is the length the
+  release padded captions to (36 in the paper).
   """
   from capture_jax import config as config_lib  # pylint: disable=import-outside-toplevel
   m = config_lib.model_config()
@@ -419,4 +420,5 @@ def model_config_from_release(release: Mapping[str, Any], cross_encoder: Mapping
               if (mt := re.match(r'^bert\.cross_encoder\.transformer\.resblocks\.(\d+)\.', k))}
     m.cross_num_layers = len(blocks)
   m.cross_mlp_ratio = mlp_ratio
+  m.max_text_len = max_text_len
   return m

@@ -26,6 +26,8 @@ def get_config(arg=None):
   m.cross_num_attention_heads = 4
   m.cross_num_layers = 2
   m.cross_max_position_embeddings = 64
-  c.data.max_text_len = 24
+  m.max_text_len = 24
   c.data.max_regions = 16
+  c.data.feature_dim = 256  # the demo world's region features; = model.v_feature_size
+  c.data.synthetic_preset = 'demo'  # ~280 products, 6,000 training pairs, 300 dev queries
   return c

@@ -68,9 +68,12 @@ def validate_batch(batch: Mapping[str, Any], cfg: ml_collections.ConfigDict) -> 
     raise ValueError(f'image_mask must have shape {(b, r1)} like image_feat, got {jnp.shape(batch["image_mask"])}')
   if t > cfg.max_position_embeddings:
     raise ValueError(f'text length {t} exceeds model.max_position_embeddings={cfg.max_position_embeddings}')
-  if cfg.cross_num_layers and t + r1 > cfg.cross_max_position_embeddings:
-    raise ValueError(f'text length + regions = {t} + {r1} exceeds '
-                     f'model.cross_max_position_embeddings={cfg.cross_max_position_embeddings}')
+  if cfg.cross_num_layers:
+    if t > cfg.max_text_len:
+      raise ValueError(f'text length {t} exceeds model.max_text_len={cfg.max_text_len}')
+    if cfg.max_text_len + r1 > cfg.cross_max_position_embeddings:
+      raise ValueError(f'model.max_text_len + regions = {cfg.max_text_len} + {r1} exceeds '
+                       f'model.cross_max_position_embeddings={cfg.cross_max_position_embeddings}')
 
 
 class TextEmbeddings(nn.Module):
@@ -196,9 +199,12 @@ class CaptureModel(nn.Module):
                          f'cross_hidden_size must be equal, got {cfg.hidden_size}, {cfg.v_hidden_size}, '
                          f'{cfg.cross_hidden_size}')
       x = jnp.concatenate([t, v], axis=1)
+      # Visual tokens start at position max_text_len whatever the padded text
+      # length (equal to the release, which always pads text to max_text_len).
+      position_ids = jnp.concatenate([jnp.arange(num_text), cfg.max_text_len + jnp.arange(v.shape[1])])
       positions = nn.Embed(cfg.cross_max_position_embeddings, cfg.cross_hidden_size,
                            embedding_init=layers.dense_init(init_std),
-                           name='cross_position_embeddings')(jnp.arange(x.shape[1]))
+                           name='cross_position_embeddings')(position_ids)
       x = nn.Dropout(cfg.hidden_dropout_prob)(x + positions[None].astype(dtype), deterministic=not train)
       joint_mask = jnp.concatenate([input_mask, image_mask], axis=1)
       x = stack(layers.PreLNBlock, cfg.cross_num_layers, dict(
