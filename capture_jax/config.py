@@ -114,6 +114,59 @@ def loss_config() -> ml_collections.ConfigDict:
   return l
 
 
+def train_config() -> ml_collections.ConfigDict:
+  """Optimisation and the training loop (the global batch is `data.batch_size`)."""
+  t = ml_collections.ConfigDict()
+  t.num_steps = 1000
+  # AdamW as BERT Adam: linear warm-up over warmup_fraction of the steps, then
+  # linear decay to 0; no weight decay on biases and LayerNorm parameters.
+  t.learning_rate = 1e-4
+  t.warmup_fraction = 0.1
+  t.weight_decay = 0.01
+  t.adam_b1 = 0.9
+  t.adam_b2 = 0.999
+  t.adam_eps = 1e-6
+  t.grad_clip_norm = 1.0
+  # Parameters initialised from pretrained BERT train at this multiple of the lr.
+  t.pretrained_lr_multiplier = 0.1
+  t.microbatches = 1  # gradient accumulation: the global batch is split into this many
+  # Initialisation: 'scratch', 'bert' (a Hugging Face BERT directory: text stream)
+  # or 'release' (a released CAPTURE state_dict file).
+  t.init = 'scratch'
+  t.init_path = ''
+  t.log_every = 10
+  t.progress_bar = True
+  t.profile_start_step = -1  # capture a jax.profiler trace of steps [start, start + profile_num_steps)
+  t.profile_num_steps = 5
+  return t
+
+
+def checkpoint_config() -> ml_collections.ConfigDict:
+  k = ml_collections.ConfigDict()
+  k.every_steps = 500  # asynchronous save interval
+  k.keep_last = 3  # keep the last K ...
+  k.keep_every = 0  # ... plus every M-th step (0: none)
+  k.async_save = True
+  return k
+
+
+def mesh_config() -> ml_collections.ConfigDict:
+  """Device mesh (`data`, `fsdp`, `tensor`) and the rules that shard parameters over it."""
+  s = ml_collections.ConfigDict()
+  # Axis sizes; their product is the device count. -1 (at most one) fills
+  # whatever the other axes leave. The batch is split over data x fsdp.
+  s.data = -1
+  s.fsdp = 1
+  s.tensor = 1
+  # Comma-separated parameter sharding rules ('replicated', 'fsdp', 'tensor';
+  # see `training/sharding.py`). 'tensor' splits attention heads / FFN widths
+  # Megatron-style; 'fsdp' shards the largest free divisible dimension of large
+  # parameters. 'tensor' claims its dimensions first whatever the order.
+  s.rules = 'fsdp,tensor'
+  s.fsdp_min_size = 2**18  # parameters with fewer elements (per layer) stay replicated over fsdp
+  return s
+
+
 def base_config() -> ml_collections.ConfigDict:
   """Every field of a run; `configs/*.py` override from here."""
   c = ml_collections.ConfigDict()
@@ -121,6 +174,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = model_config()
   c.data = data_config()
   c.loss = loss_config()
+  c.mesh = mesh_config()
+  c.train = train_config()
+  c.checkpoint = checkpoint_config()
   # One source of truth for the text length: the pipeline pads to the model's.
   c.data.max_text_len = c.model.get_ref('max_text_len')
+  c.data.feature_dim = c.model.get_ref('v_feature_size')
   return c

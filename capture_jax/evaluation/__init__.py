@@ -1,0 +1,12 @@
+"""Retrieval evaluation: search, the official Product1M metrics, baselines, reports.
+
+Modules (imported on demand; ``metrics`` and ``official_eval`` need only numpy):
+
+* ``metrics``: ground truth and ``retrieval_id_list.txt`` I/O, official mAP/Prec/mAR.
+* ``official_eval``: the release's ``evaluate_suit.py`` restated, as the reference.
+* ``search``: exact chunked/sharded top-k (JAX) and FAISS IVF/HNSW with recall@k.
+* ``baselines``: TF-IDF over titles and mean-region-feature embeddings.
+* ``instance_merge``: round-robin merge of per-instance ranked lists.
+* ``report``: ``report.md``, ``metrics.json`` and the metrics plot.
+* ``benchmark``: search timings at the Product1M dev size.
+"""

@@ -1,0 +1,320 @@
+r"""Sharded CAPTURE pretraining: MLM + MRM + global-batch contrastive loss.
+
+    python -m capture_jax.train --config=configs/demo.py --workdir=runs/demo \
+        [--config.train.num_steps=2000 --config.mesh.fsdp=4 ...]
+
+The program, in the order it runs: distributed init, config checks (before
+any compilation), mesh, input, model and sharded initialisation (or restore
+from the workdir's latest checkpoint), the jitted train step, and the loop
+with metrics, checkpoints and preemption handling. Starting in a workdir
+that has checkpoints resumes from the latest one, data position included.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags
+from flax import traverse_util
+from ml_collections import config_flags
+
+from capture_jax import convert, losses
+from capture_jax.data import pipeline
+from capture_jax.models import CaptureModel, dummy_batch
+from capture_jax.training import checkpoint as checkpoint_lib
+from capture_jax.training import distributed
+from capture_jax.training import metrics as metrics_lib
+from capture_jax.training import optimizer as optimizer_lib
+from capture_jax.training import sharding
+from capture_jax.training import train_step as train_step_lib
+
+INIT_KINDS = ('scratch', 'bert', 'release')
+
+
+@dataclasses.dataclass
+class RunResult:
+  state: Any
+  last_metrics: dict[str, float]
+  preempted: bool
+
+
+class Preemption:
+  """Turns SIGTERM/SIGINT into a flag the loop checks once per step."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.requested = True
+    print(f'\nreceived {signal.Signals(signum).name}: finishing this step, saving a checkpoint, then exiting',
+          flush=True)
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+  def agreed(self) -> bool:
+    """Whether any process was asked to stop (all processes stop at the same step)."""
+    if jax.process_count() == 1:
+      return self.requested
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(self.requested))))
+
+
+# --------------------------------------------------------------------------
+# Configuration checks: cheap, before any compilation.
+
+
+def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
+  d, t, m = config.data, config.train, config.model
+  batch_devices = mesh.shape['data'] * mesh.shape['fsdp']
+  problems = []
+  if d.batch_size % batch_devices:
+    problems.append(f'data.batch_size={d.batch_size} is not divisible by the {batch_devices} devices of the '
+                    f"mesh's batch axes (data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']})")
+  if d.batch_size % jax.process_count():
+    problems.append(f'data.batch_size={d.batch_size} is not divisible by the {jax.process_count()} processes')
+  if t.microbatches < 1 or d.batch_size % (t.microbatches * batch_devices):
+    problems.append(f'train.microbatches={t.microbatches} must divide the per-device batch '
+                    f'{d.batch_size // max(batch_devices, 1)}')
+  if d.feature_dim != m.v_feature_size:
+    problems.append(f'data.feature_dim={d.feature_dim} differs from model.v_feature_size={m.v_feature_size}')
+  if t.init not in INIT_KINDS:
+    problems.append(f'train.init must be one of {INIT_KINDS}, got {t.init!r}')
+  if t.init != 'scratch' and not t.init_path:
+    problems.append(f'train.init={t.init!r} needs train.init_path')
+  if t.num_steps < 1:
+    problems.append(f'train.num_steps must be positive, got {t.num_steps}')
+  if problems:
+    raise ValueError('bad configuration:\n  - ' + '\n  - '.join(problems))
+
+
+# --------------------------------------------------------------------------
+# Parameters.
+
+
+def initial_params(config: ml_collections.ConfigDict, key: jax.Array) -> dict:
+  """`{'model', 'loss'}` parameters from scratch (traceable: used under jit for sharded init)."""
+  model = CaptureModel(config.model)
+  batch = dummy_batch(config.model, 1, config.data.max_text_len, config.data.max_regions)
+  return {'model': model.init({'params': key}, batch, train=False)['params'],
+          'loss': losses.init_loss_params(config.loss)}
+
+
+def pretrained_params(config: ml_collections.ConfigDict) -> dict:
+  """Host arrays to place over the scratch initialisation (empty for `train.init='scratch'`)."""
+  t = config.train
+  if t.init == 'bert':
+    params, report = convert.from_hf_bert(t.init_path, config.model)
+    print(f'initialised the text stream from BERT {t.init_path}: {report.summary()}', flush=True)
+    return params
+  if t.init == 'release':
+    params, report = convert.from_release_state_dict(t.init_path, config.model)
+    print(f'initialised from the released checkpoint {t.init_path}: {report.summary()}', flush=True)
+    return params
+  return {}
+
+
+def place_pretrained(params: dict, pretrained: dict, shardings: dict) -> dict:
+  """Replaces leaves of the sharded `params['model']` with host arrays, each put in its sharding."""
+  if not pretrained:
+    return params
+  flat_shardings = traverse_util.flatten_dict(shardings['model'])
+  placed = {path: jax.device_put(np.asarray(value), flat_shardings[path])
+            for path, value in traverse_util.flatten_dict(pretrained).items()}
+  return {**params, 'model': convert.merge_params(params['model'], traverse_util.unflatten_dict(placed))}
+
+
+def train_state_layout(config: ml_collections.ConfigDict, mesh):
+  """The optimizer, the state initialiser, and the abstract train state with its shardings."""
+  key = jax.random.PRNGKey(config.seed)
+  abstract_params = jax.eval_shape(lambda k: initial_params(config, k), key)
+  param_shardings = sharding.param_shardings(abstract_params, mesh, config.mesh)
+  # BERT-initialised parameters keep their lr multiplier after a resume too.
+  pretrained_patterns = optimizer_lib.BERT_INITIALISED if config.train.init == 'bert' else ()
+  optimizer = optimizer_lib.make_optimizer(config.train, abstract_params, pretrained_patterns)
+
+  def init_state(key):
+    return train_step_lib.init_train_state(initial_params(config, key), optimizer, config.seed)
+
+  abstract_state = jax.eval_shape(init_state, key)
+  state_shardings = sharding.state_shardings_like(abstract_state, abstract_params, param_shardings)
+  return optimizer, init_state, abstract_state, state_shardings
+
+
+# --------------------------------------------------------------------------
+# The run.
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | Path, *, stop_after_steps: int | None = None,
+        devices=None) -> RunResult:
+  """Trains until `train.num_steps` (or `stop_after_steps` more steps, or a preemption signal)."""
+  workdir = Path(workdir)
+  mesh = sharding.make_mesh(config.mesh, devices)
+  validate_config(config, mesh)
+  is_main = jax.process_index() == 0
+
+  # Checkpoints: refuse a workdir of another model before compiling anything.
+  manager = checkpoint_lib.make_manager(workdir, config.checkpoint)
+  checkpoint_lib.check_compatible(manager, config)
+
+  # Input: this process's share of every global batch.
+  data_iterator = pipeline.make_train_iterator(config)
+
+  # Parameters and optimizer state, created directly in their shardings.
+  key = jax.random.PRNGKey(config.seed)
+  optimizer, init_state, abstract_state, state_shardings = train_state_layout(config, mesh)
+
+  restored = checkpoint_lib.restore_latest(
+      manager, checkpoint_lib.abstract_with_shardings(abstract_state, state_shardings), data_iterator)
+  if restored is not None:
+    state, start = restored
+    if is_main:
+      print(f'resumed from the checkpoint at step {start} in {checkpoint_lib.checkpoint_dir(workdir)}', flush=True)
+  else:
+    state = jax.jit(init_state, out_shardings=state_shardings)(key)
+    pretrained = pretrained_params(config)
+    if pretrained:
+      params = place_pretrained(state.params, pretrained, state_shardings.params)
+      state = state.replace(params=params, opt_state=jax.jit(optimizer.init, out_shardings=state_shardings.opt_state)(
+          params))
+    start = 0
+
+  # The step, compiled ahead of time with explicit shardings and the state donated.
+  batch_sharding = sharding.batch_sharding(mesh)
+  jitted = jax.jit(train_step_lib.make_train_step(config, mesh, optimizer),
+                   in_shardings=(state_shardings, batch_sharding),
+                   out_shardings=(state_shardings, None), donate_argnums=(0,))
+  abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
+                    for k, v in abstract_global_batch(config).items()}
+  compile_start = time.perf_counter()
+  step_fn = jitted.lower(state, abstract_batch).compile()
+  flops_per_step = _count_flops(step_fn)
+  if is_main:
+    print(f'compiled the train step in {time.perf_counter() - compile_start:.1f} s'
+          + (f'; {flops_per_step / 1e9:.1f} GFLOP per step' if flops_per_step else ''), flush=True)
+
+  end = config.train.num_steps if stop_after_steps is None else min(config.train.num_steps, start + stop_after_steps)
+  writer = metrics_lib.MetricWriter(workdir)
+  progress = None
+  if is_main and config.train.progress_bar and end > start:
+    from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+    progress = tqdm(total=end - start, desc='pretraining', unit='step', dynamic_ncols=True)
+
+  peak = metrics_lib.peak_flops(jax.devices()[0])
+  last_metrics: dict[str, float] = {}
+  preempted = False
+  window_start, window_steps = time.perf_counter(), 0
+  profiling = False
+  with Preemption() as preemption:
+    step = start
+    while step < end:
+      if step == config.train.profile_start_step and is_main:
+        jax.profiler.start_trace(str(workdir / 'profile'))
+        profiling = True
+      local = next(data_iterator)
+      batch = sharding.global_batch_from_local({k: local[k] for k in pipeline.MODEL_KEYS}, mesh)
+      state, metrics = step_fn(state, batch)
+      step += 1
+      window_steps += 1
+      if profiling and step >= config.train.profile_start_step + config.train.profile_num_steps:
+        jax.block_until_ready(state.params)
+        jax.profiler.stop_trace()
+        profiling = False
+      if step % config.train.log_every == 0 or step == end:
+        metrics = jax.device_get(metrics)
+        elapsed = time.perf_counter() - window_start
+        step_time = elapsed / window_steps
+        last_metrics = {k: float(v) for k, v in metrics.items()}
+        last_metrics.update({'step_time_s': step_time, 'samples_per_s': config.data.batch_size / step_time})
+        if flops_per_step and peak:
+          last_metrics['mfu'] = flops_per_step / step_time / (peak * jax.device_count())
+        writer.write(step, last_metrics)
+        if progress is not None:
+          progress.set_postfix(loss=f"{last_metrics['loss/total']:.3f}", skipped=int(last_metrics['skipped_updates']))
+        window_start, window_steps = time.perf_counter(), 0
+      if progress is not None:
+        progress.update(1)
+      checkpoint_lib.save(manager, step, state, data_iterator, config)
+      if preemption.agreed():
+        preempted = True
+        break
+  if progress is not None:
+    progress.close()
+  # A final checkpoint (forced: also when the interval is not due), then wait for async saves.
+  if manager.latest_step() != step:
+    checkpoint_lib.save(manager, step, state, data_iterator, config, force=True)
+  manager.wait_until_finished()
+  manager.close()
+  writer.close()
+  if preempted and is_main:
+    print(f'stopped at step {step} on request; checkpoint saved in {checkpoint_lib.checkpoint_dir(workdir)}. '
+          'Run the same command again to resume.', flush=True)
+  return RunResult(state=state, last_metrics=last_metrics, preempted=preempted)
+
+
+def abstract_global_batch(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]:
+  """Shapes and dtypes of one global training batch (`pipeline.MODEL_KEYS`)."""
+  d, m = config.data, config.model
+  b, t, r = d.batch_size, d.max_text_len, d.max_regions
+  target = m.v_target_size if m.mrm_target == 'class' else d.feature_dim
+  i32, f32 = np.int32, np.float32
+  return {
+      'input_ids': jax.ShapeDtypeStruct((b, t), i32), 'input_mask': jax.ShapeDtypeStruct((b, t), i32),
+      'segment_ids': jax.ShapeDtypeStruct((b, t), i32),
+      'image_feat': jax.ShapeDtypeStruct((b, r + 1, d.feature_dim), f32),
+      'image_loc': jax.ShapeDtypeStruct((b, r + 1, 5), f32), 'image_mask': jax.ShapeDtypeStruct((b, r + 1), i32),
+      'lm_label_ids': jax.ShapeDtypeStruct((b, t), i32), 'image_label': jax.ShapeDtypeStruct((b, r), i32),
+      'image_target': jax.ShapeDtypeStruct((b, r, target), f32),
+  }
+
+
+def _count_flops(compiled) -> float | None:
+  """FLOPs of one step, counted by XLA on the compiled program (for MFU)."""
+  try:
+    analysis = compiled.cost_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else {}
+  return float(analysis.get('flops', 0.0)) or None
+
+
+# --------------------------------------------------------------------------
+# Command line.
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'A configs/*.py file.', lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, metrics, TensorBoard events.')
+_STOP_AFTER = flags.DEFINE_integer('stop_after_steps', None, 'Stop after this many steps (then resume later).')
+
+
+def main(argv) -> None:
+  del argv
+  distributed.initialize()
+  result = run(_CONFIG.value, _WORKDIR.value, stop_after_steps=_STOP_AFTER.value)
+  if result.preempted:
+    sys.exit(0)
+
+
+def console_main() -> None:
+  flags.mark_flags_as_required(['config', 'workdir'])
+  app.run(main)
+
+
+if __name__ == '__main__':
+  console_main()

@@ -1,0 +1,116 @@
+"""Train state and the jitted, sharded pretraining step.
+
+One step: split the global batch into `train.microbatches` micro-batches,
+accumulate the gradients of `MLM + MRM + contrastive` (the contrastive term
+over each whole global micro-batch, across every device and host), clip, take
+an AdamW step, and skip the update (keeping parameters and optimizer state)
+when the loss or the gradients are not finite, counting it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from capture_jax import losses
+from capture_jax.models import CaptureModel
+from capture_jax.training import contrastive as contrastive_lib
+from capture_jax.training import optimizer as optimizer_lib
+
+Array = jax.Array
+BATCH_AXES = ('data', 'fsdp')
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a resumed run needs besides the data position.
+
+  step: int32 scalar, the number of steps taken (skipped ones included).
+  params: `{'model': ..., 'loss': ...}` float32 trainable parameters.
+  opt_state: the optax state.
+  rng: uint32[2] base key; step `s` uses `fold_in(rng, s)`.
+  skipped: int32 scalar, updates skipped because the loss or gradients were not finite.
+  """
+  step: Array
+  params: Any
+  opt_state: Any
+  rng: Array
+  skipped: Array
+
+
+def init_train_state(params: Any, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+                    rng=jax.random.PRNGKey(seed), skipped=jnp.zeros((), jnp.int32))
+
+
+def split_microbatches(batch: Mapping[str, Array], num: int, mesh: Mesh) -> dict[str, Array]:
+  """`[GB, ...]` -> `[num, GB / num, ...]`, micro-batch m = rows `m, m + num, ...`.
+
+  Strided so that every device keeps its own rows: a device's contiguous
+  block of the global batch holds an equal share of every micro-batch.
+  """
+  def split(x):
+    gb = x.shape[0]
+    y = x.reshape((gb // num, num) + x.shape[1:])
+    y = jnp.moveaxis(y, 1, 0)
+    return jax.lax.with_sharding_constraint(y, NamedSharding(mesh, P(None, BATCH_AXES)))
+  return {k: split(v) for k, v in batch.items()}
+
+
+def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh,
+                    optimizer: optax.GradientTransformation) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+  """The (unjitted) train step; `jax.jit` it with the state and batch shardings."""
+  model = CaptureModel(config.model)
+  schedule = optimizer_lib.learning_rate_schedule(config.train)
+  num_micro = config.train.microbatches
+
+  def loss_fn(params, batch, rng):
+    out = model.apply({'params': params['model']}, batch, train=True, rngs={'dropout': rng})
+    contrastive = contrastive_lib.global_contrastive_loss(
+        out['enc_pooled_text'], out['enc_pooled_visual'], config.loss, params['loss'], mesh, batch_axes=BATCH_AXES)
+    terms = losses.pretraining_losses(out, batch, config, params['loss'], contrastive=contrastive)
+    return terms['total'], terms
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def grads_and_terms(params, batch, rng):
+    (_, terms), grads = grad_fn(params, batch, rng)
+    return grads, terms
+
+  def gradients(params, batch, rng):
+    if num_micro == 1:
+      return grads_and_terms(params, batch, rng)
+    micro = split_microbatches(batch, num_micro, mesh)
+
+    def accumulate(carry, xs):
+      index, mb = xs
+      return jax.tree.map(jnp.add, carry, grads_and_terms(params, mb, jax.random.fold_in(rng, index))), None
+
+    shapes = jax.eval_shape(grads_and_terms, params, jax.tree.map(lambda x: x[0], micro), rng)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    (grads, terms), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(num_micro), micro))
+    return jax.tree.map(lambda x: x / num_micro, (grads, terms))
+
+  def train_step(state: TrainState, batch: dict[str, Array]) -> tuple[TrainState, dict[str, Array]]:
+    rng = jax.random.fold_in(state.rng, state.step)
+    grads, terms = gradients(state.params, batch, rng)
+    grad_norm = optimizer_lib.global_norm(grads)
+    finite = jnp.isfinite(terms['total']) & jnp.isfinite(grad_norm)
+    updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    keep_if_finite = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    skipped = state.skipped + (~finite).astype(jnp.int32)
+    new_state = state.replace(step=state.step + 1, params=keep_if_finite(new_params, state.params),
+                              opt_state=keep_if_finite(new_opt_state, state.opt_state), skipped=skipped)
+    metrics = {**{f'loss/{k}': v for k, v in terms.items()},
+               'grad_norm': grad_norm, 'learning_rate': schedule(state.step), 'skipped_updates': skipped}
+    return new_state, metrics
+
+  return train_step

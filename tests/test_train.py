@@ -1,0 +1,178 @@
+"""The trainer end to end on a tiny dataset: exact resume, preemption, corrupted and incompatible
+checkpoints, and configuration errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from capture_jax import train
+from capture_jax.data import testing as data_testing
+from capture_jax.training import checkpoint as checkpoint_lib
+from tests.test_model import tiny_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def trainer_config(data_root: Path, **train_overrides):
+  """The tiny model on the tiny synthetic dataset, checkpointing every 2 steps."""
+  cfg = tiny_config()
+  data_testing.tiny_dataset(data_root, config=cfg)
+  cfg.model.vocab_size = 500
+  cfg.model.max_text_len = cfg.data.max_text_len = 16
+  cfg.train.update(num_steps=6, log_every=1, progress_bar=False, **train_overrides)
+  cfg.checkpoint.update(every_steps=2, keep_last=5, async_save=True)
+  return cfg
+
+
+@pytest.fixture(scope='module')
+def dataset_config(tmp_path_factory):
+  return trainer_config(tmp_path_factory.mktemp('data'))
+
+
+def params_of(result):
+  return jax.tree.map(np.asarray, jax.device_get(result.state.params))
+
+
+def assert_trees_equal(a, b):
+  flat_a, flat_b = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)
+  assert len(flat_a) == len(flat_b)
+  for (path, x), (_, y) in zip(flat_a, flat_b):
+    np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
+
+
+def test_exact_resume_is_bitwise_identical(dataset_config, tmp_path):
+  """2N steps in one go == N steps, stop, resume for N more (parameters, optimizer state, data)."""
+  straight = train.run(dataset_config, tmp_path / 'straight')
+  first = train.run(dataset_config, tmp_path / 'resumed', stop_after_steps=3)
+  assert int(first.state.step) == 3
+  second = train.run(dataset_config, tmp_path / 'resumed')
+  assert int(second.state.step) == 6
+  assert_trees_equal(params_of(straight), params_of(second))
+  assert_trees_equal(jax.device_get(straight.state.opt_state), jax.device_get(second.state.opt_state))
+  # The losses after the resume are the ones the uninterrupted run logged.
+  log = lambda d: [json.loads(line) for line in (d / 'metrics.jsonl').read_text().splitlines()]
+  straight_losses = {r['step']: r['loss/total'] for r in log(tmp_path / 'straight')}
+  resumed_losses = {r['step']: r['loss/total'] for r in log(tmp_path / 'resumed')}
+  assert straight_losses == resumed_losses
+  assert straight.last_metrics['loss/total'] > 0 and straight.last_metrics['skipped_updates'] == 0
+
+  # A corrupted latest checkpoint is reported and the previous one is used.
+  ckpts = checkpoint_lib.checkpoint_dir(tmp_path / 'resumed')
+  steps = sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
+  assert steps[-1] == 6 and 4 in steps
+  for f in (ckpts / '6' / 'state').rglob('*'):
+    if f.is_file():
+      f.write_bytes(b'garbage')
+  again = train.run(dataset_config, tmp_path / 'resumed', stop_after_steps=1)
+  assert int(again.state.step) == 5  # resumed from 4, one more step
+
+
+def test_incompatible_workdir_is_refused_before_compiling(dataset_config, tmp_path):
+  train.run(dataset_config, tmp_path, stop_after_steps=1)
+  other = dataset_config.copy_and_resolve_references()
+  other.model.intermediate_size = 64
+  with pytest.raises(checkpoint_lib.IncompatibleCheckpointError,
+                     match=r'model.intermediate_size: checkpoint 48, config 64'):
+    train.run(other, tmp_path)
+
+
+def test_batch_not_divisible_by_the_mesh_is_reported(dataset_config):
+  mesh = jax.sharding.AbstractMesh((4, 2, 1), ('data', 'fsdp', 'tensor'))
+  cfg = dataset_config.copy_and_resolve_references()
+  cfg.data.batch_size = 12
+  with pytest.raises(ValueError, match=r"data.batch_size=12 is not divisible by the 8 devices of the mesh's "
+                                       r'batch axes \(data=4 x fsdp=2\)'):
+    train.validate_config(cfg, mesh)
+
+
+@pytest.mark.parametrize('field, value, message', [
+    ('train.microbatches', 3, 'train.microbatches=3 must divide the per-device batch 8'),
+    ('train.init', 'imagenet', "train.init must be one of"),
+    ('mesh.data', 3, r'mesh \(data=3, fsdp=1, tensor=1\) needs 3 devices'),
+])
+def test_bad_configuration_is_reported_before_compiling(dataset_config, tmp_path, field, value, message):
+  cfg = dataset_config.copy_and_resolve_references()
+  section, name = field.split('.')
+  cfg[section][name] = value
+  with pytest.raises(ValueError, match=message):
+    train.run(cfg, tmp_path)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(dataset_config, tmp_path):
+  config_file = tmp_path / 'config.json'
+  cfg = dataset_config.copy_and_resolve_references()
+  cfg.train.num_steps = 10_000
+  cfg.checkpoint.every_steps = 10_000
+  config_file.write_text(cfg.to_json())
+  script = (
+      'import json, sys, ml_collections; from capture_jax import train; '
+      f'cfg = ml_collections.ConfigDict(json.load(open({str(config_file)!r}))); '
+      f'r = train.run(cfg, {str(tmp_path / "run")!r}); sys.exit(0 if r.preempted else 3)')
+  proc = subprocess.Popen([sys.executable, '-c', script], cwd=REPO, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  metrics = tmp_path / 'run' / 'metrics.jsonl'
+  deadline = time.time() + 240
+  while time.time() < deadline and not (metrics.exists() and metrics.read_text().count('\n') >= 2):
+    time.sleep(0.5)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=240)
+  assert proc.returncode == 0, out
+  assert 'received SIGTERM' in out and 'Run the same command again to resume' in out
+  steps = [int(p.name) for p in checkpoint_lib.checkpoint_dir(tmp_path / 'run').iterdir() if p.name.isdigit()]
+  assert steps and max(steps) >= 2
+
+
+def read_losses(workdir: Path) -> dict[int, float]:
+  return {r['step']: r['loss/total'] for r in map(json.loads, (workdir / 'metrics.jsonl').read_text().splitlines())}
+
+
+def test_two_processes_train_like_one_process_with_the_same_devices(dataset_config, tmp_path):
+  """2 processes x 2 CPU devices (Gloo) get the losses of 1 process x 4 devices on the same global batches.
+
+  Dropout is off: its masks follow a row's place in the global array, which differs
+  between the two layouts (process p feeds stream positions p, p + 2, ...).
+  """
+  cfg = dataset_config.copy_and_resolve_references()
+  cfg.model.hidden_dropout_prob = cfg.model.attention_probs_dropout_prob = 0.0
+  cfg.checkpoint.every_steps = 2
+  config_json = tmp_path / 'config.json'
+  config_json.write_text(cfg.to_json())
+  script = REPO / 'tests' / 'multidevice' / 'train_process.py'
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHON': sys.executable}
+  single = subprocess.run(
+      [sys.executable, str(script), str(config_json), str(tmp_path / 'one'), '3'], cwd=REPO, text=True,
+      capture_output=True, timeout=600,
+      env={**env, 'XLA_FLAGS': '--xla_force_host_platform_device_count=4'})
+  assert single.returncode == 0, single.stdout + single.stderr
+  multi = subprocess.run(
+      [str(REPO / 'launch' / 'local_multiprocess.sh'), '2', str(config_json), str(tmp_path / 'two'), '3'],
+      cwd=REPO, text=True, capture_output=True, timeout=600,
+      env={**env, 'CAPTURE_MAIN': str(script), 'CAPTURE_DEVICES_PER_PROCESS': '2'})
+  assert multi.returncode == 0, multi.stdout + multi.stderr
+  one, two = read_losses(tmp_path / 'one'), read_losses(tmp_path / 'two')
+  assert sorted(one) == sorted(two) == [1, 2, 3]
+  np.testing.assert_allclose([two[s] for s in (1, 2, 3)], [one[s] for s in (1, 2, 3)], rtol=1e-5)
+  # Every process wrote its share of the checkpoint: the data iterator state of both processes.
+  data_dir = checkpoint_lib.checkpoint_dir(tmp_path / 'two') / '3' / 'data'
+  assert sorted(p.name for p in data_dir.iterdir() if p.suffix == '.json') == [
+      'process_0-of-2.json', 'process_1-of-2.json']
+
+
+def test_checkpoint_restores_onto_a_different_mesh(dataset_config, tmp_path):
+  config_json = tmp_path / 'config.json'
+  config_json.write_text(dataset_config.to_json())
+  result = subprocess.run(
+      [sys.executable, str(REPO / 'tests' / 'multidevice' / 'restore_on_other_mesh.py'), str(config_json),
+       str(tmp_path / 'run')], cwd=REPO, text=True, capture_output=True, timeout=600,
+      env={**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': '--xla_force_host_platform_device_count=8'})
+  assert result.returncode == 0 and 'OK' in result.stdout, result.stdout + result.stderr
