@@ -31,7 +31,9 @@ def get_config(arg=None):
   c.data.feature_dim = 256  # the demo world's region features; = model.v_feature_size
   c.data.synthetic_preset = 'demo'  # ~280 products, 6,000 training pairs, 300 dev queries
   c.data.batch_size = 64
-  c.train.num_steps = 300
+  c.train.num_steps = 400
+  c.train.learning_rate = 1e-3  # a tiny model trained briefly: 10x the paper's lr
+  c.train.warmup_fraction = 0.05
   c.train.log_every = 10
   c.checkpoint.every_steps = 50
   return c

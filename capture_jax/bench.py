@@ -1,0 +1,181 @@
+r"""Benchmarks on whatever devices are present; appends dated rows to docs/BENCHMARKS.md.
+
+    python -m capture_jax.bench --what=train --configs=demo,capture_paper --batch_sizes=8,32
+    python -m capture_jax.bench --what=train --configs=capture_paper --batch_sizes=256 \
+        --dtype=bfloat16 --attention_impl=dot_product_attention          # on an accelerator
+
+Train step: the full jitted, sharded step (forward, backward, global-batch
+contrastive loss, AdamW) on random inputs of the config's shapes, compiled
+ahead of time (compile time reported), warmed up, then `--repeats` timed steps
+with the device synchronised; the median step time is reported, with
+samples/s, peak memory (device memory stats on accelerators; the compiled
+program's argument + temp + output bytes on CPU) and, on accelerators, model
+FLOP utilisation from XLA's counted FLOPs against the device's peak.
+
+Other parts have their own benchmark modules, which this command runs with
+`--what`: `input` (`capture_jax.data.benchmark`), `search`
+(`capture_jax.evaluation.benchmark`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from capture_jax import demo as demo_lib
+from capture_jax import train
+from capture_jax.training import metrics as metrics_lib
+from capture_jax.training import sharding
+from capture_jax.training import train_step as train_step_lib
+
+REPO = Path(__file__).resolve().parents[1]
+BENCHMARKS_MD = REPO / 'docs' / 'BENCHMARKS.md'
+TRAIN_SECTION = '## Train step'
+
+
+def machine() -> str:
+  devices = jax.devices()
+  kind = devices[0].device_kind
+  return f'{len(devices)} x {kind} ({devices[0].platform}), {os.cpu_count()} CPU cores'
+
+
+def random_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
+  """A global batch of the config's shapes with valid masks and ~15% labels."""
+  rng = np.random.default_rng(seed)
+  shapes = train.abstract_global_batch(config)
+  b, t = shapes['input_ids'].shape
+  r1 = shapes['image_mask'].shape[1]
+  return {
+      'input_ids': rng.integers(1, config.model.vocab_size, (b, t)).astype(np.int32),
+      'input_mask': np.ones((b, t), np.int32),
+      'segment_ids': np.zeros((b, t), np.int32),
+      'image_feat': rng.normal(size=shapes['image_feat'].shape).astype(np.float32),
+      'image_loc': rng.uniform(size=(b, r1, 5)).astype(np.float32),
+      'image_mask': np.ones((b, r1), np.int32),
+      'lm_label_ids': np.where(rng.uniform(size=(b, t)) < 0.15, rng.integers(1, 100, (b, t)), -1).astype(np.int32),
+      'image_label': np.where(rng.uniform(size=(b, r1 - 1)) < 0.15, 1, -1).astype(np.int32),
+      'image_target': rng.normal(size=shapes['image_target'].shape).astype(np.float32),
+  }
+
+
+def peak_memory_bytes(compiled) -> tuple[float, str]:
+  stats = jax.devices()[0].memory_stats() or {}
+  if 'peak_bytes_in_use' in stats:
+    return float(stats['peak_bytes_in_use']), 'device peak'
+  analysis = compiled.memory_analysis()
+  total = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes + analysis.temp_size_in_bytes
+           - analysis.alias_size_in_bytes)
+  return float(total), 'compiled args+temp+out'
+
+
+def bench_train_step(config, batch_size: int, repeats: int, warmup: int) -> dict:
+  config = config.copy_and_resolve_references()
+  config.data.batch_size = batch_size
+  mesh = sharding.make_mesh(config.mesh)
+  train.validate_config(config, mesh)
+  optimizer, init_state, abstract_state, state_shardings = train.train_state_layout(config, mesh)
+  state = jax.jit(init_state, out_shardings=state_shardings)(jax.random.PRNGKey(config.seed))
+  batch_sharding = sharding.batch_sharding(mesh)
+  batch = jax.device_put(random_batch(config), batch_sharding)
+  jitted = jax.jit(train_step_lib.make_train_step(config, mesh, optimizer),
+                   in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None),
+                   donate_argnums=(0,))
+  start = time.perf_counter()
+  compiled = jitted.lower(state, batch).compile()
+  compile_s = time.perf_counter() - start
+  for _ in range(warmup):
+    state, metrics = compiled(state, batch)
+  jax.block_until_ready((state, metrics))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready((state, metrics))
+    times.append(time.perf_counter() - start)
+  step = statistics.median(times)
+  flops = train._count_flops(compiled)  # pylint: disable=protected-access
+  peak = metrics_lib.peak_flops(jax.devices()[0])
+  memory, memory_kind = peak_memory_bytes(compiled)
+  return {
+      'batch': batch_size, 'step_s': step, 'samples_per_s': batch_size / step, 'compile_s': compile_s,
+      'memory_gib': memory / 2**30, 'memory_kind': memory_kind,
+      'mfu': (flops / step / (peak * jax.device_count())) if (flops and peak) else None,
+      'loss': float(metrics['loss/total']),
+  }
+
+
+def load_named_config(name: str):
+  path = Path(name) if name.endswith('.py') else REPO / 'configs' / f'{name}.py'
+  return demo_lib.load_config(path)
+
+
+def append_rows(section: str, header: str, rows: list[str], note: str) -> None:
+  """Appends rows under `section` in docs/BENCHMARKS.md (creating the section and its table header)."""
+  text = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else '# Benchmarks\n'
+  if section not in text:
+    text = text.rstrip('\n') + f'\n\n{section}\n\n{note}\n\n{header}\n'
+  start = text.index(section)
+  next_section = text.find('\n## ', start + len(section))
+  end = len(text) if next_section < 0 else next_section
+  block = text[start:end].rstrip('\n') + '\n' + '\n'.join(rows) + '\n'
+  BENCHMARKS_MD.write_text(text[:start] + block + ('\n' + text[end:].lstrip('\n') if next_section >= 0 else ''))
+
+
+TRAIN_NOTE = """Full train step (forward, backward, global-batch contrastive loss, AdamW) on random
+inputs of the config's shapes, median of the timed steps after warm-up, device
+synchronised. Each row is appended by
+`python -m capture_jax.bench --what=train --configs=CONFIG --batch_sizes=BATCH --dtype=DTYPE
+--attention_impl=IMPL [--remat]` with the row's values. Memory on CPU is the compiled program's arguments +
+temporaries + outputs; on accelerators the device's peak bytes in use."""
+TRAIN_HEADER = ('| date | machine | config | options | batch | step s | samples/s | compile s | memory GiB | MFU |\n'
+                '|---|---|---|---|---:|---:|---:|---:|---:|---:|')
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--what', default='train', help='comma-separated: train, input, search')
+  parser.add_argument('--configs', default='demo,capture_paper')
+  parser.add_argument('--batch_sizes', default='8,32')
+  parser.add_argument('--dtype', default='float32')
+  parser.add_argument('--attention_impl', default='xla')
+  parser.add_argument('--remat', action='store_true')
+  parser.add_argument('--repeats', type=int, default=5)
+  parser.add_argument('--warmup', type=int, default=2)
+  parser.add_argument('--no_record', action='store_true', help='print only; do not append to docs/BENCHMARKS.md')
+  args = parser.parse_args(argv)
+  what = set(args.what.split(','))
+  print(f'machine: {machine()}', flush=True)
+  today = datetime.date.today().isoformat()
+
+  if 'train' in what:
+    rows = []
+    for name in args.configs.split(','):
+      config = load_named_config(name)
+      config.model.update(dtype=args.dtype, attention_impl=args.attention_impl, remat=args.remat)
+      options = f'{args.dtype}, {args.attention_impl}' + (', remat' if args.remat else '')
+      for batch_size in (int(b) for b in args.batch_sizes.split(',')):
+        r = bench_train_step(config, batch_size, args.repeats, args.warmup)
+        mfu = f"{100 * r['mfu']:.1f}%" if r['mfu'] is not None else 'n/a'
+        row = (f"| {today} | {machine()} | {name} | {options} | {r['batch']} | {r['step_s']:.3f} | "
+               f"{r['samples_per_s']:.1f} | {r['compile_s']:.1f} | {r['memory_gib']:.2f} | {mfu} |")
+        print(row, flush=True)
+        rows.append(row)
+    if not args.no_record:
+      append_rows(TRAIN_SECTION, TRAIN_HEADER, rows, TRAIN_NOTE)
+  for part, module in (('input', 'capture_jax.data.benchmark'), ('search', 'capture_jax.evaluation.benchmark')):
+    if part in what:
+      print(f'running python -m {module}', flush=True)
+      subprocess.run([sys.executable, '-m', module], check=True)
+
+
+if __name__ == '__main__':
+  main()

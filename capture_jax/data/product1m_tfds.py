@@ -1,0 +1,318 @@
+"""The `product1m` TFDS dataset: annotation files + region features -> ArrayRecord.
+
+A `tfds.core.GeneratorBasedBuilder` that writes one ArrayRecord split per
+annotation file present (train, gallery, dev, test; a missing file means no
+split), readable with `tfds.data_source` and no TensorFlow install. TFDS
+4.9.10 builds `file_format='array_record'` datasets without TensorFlow as
+long as the builder returns a `DatasetInfo` directly (not
+`dataset_info_from_configs`, which looks for metadata files next to the
+module); the examples are serialised by TFDS's own bundled `tf.train.Example`
+protos.
+
+Layout: `{out}/product1m/{storage_dtype}[_cls_prob]/1.0.0/`, where the
+builder config names the storage dtype of the region features (float16
+halves the disk of 1M+ samples; the pipeline computes in float32). Examples
+keep the annotation file's order (`disable_shuffling`), so evaluation reads
+splits in file order.
+
+One example::
+
+    item_id  Text        title  Text        labels  Sequence(Text) (empty for train)
+    image_w  int32       image_h  int32
+    boxes    [N, 4] float32 pixels (x1, y1, x2, y2), N <= max_regions
+    features [N, F] storage dtype
+    cls_prob [N, C] storage dtype (only in the `*_cls_prob` configs)
+
+Command line (with a progress bar per split)::
+
+    python -m capture_jax.data.product1m_tfds --data_dir DIR --out TFDS_DIR
+        [--features PATH] [--storage_dtype float16] [--max_regions 36]
+        [--feature_dim 2048] [--skip_bad] [--overwrite] [--config configs/demo.py]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import os
+import sys
+from typing import Any, Iterator, Sequence
+
+from etils import epath
+import ml_collections
+import numpy as np
+import tensorflow_datasets as tfds
+
+from capture_jax import config as config_lib
+from capture_jax.data import formats
+
+NAME = 'product1m'
+DATASET_VERSION = '1.0.0'
+STORAGE_DTYPES = {'float16': np.float16, 'float32': np.float32}
+REPORT_NAME = 'product1m_build_report.json'
+
+_CITATION = """@inproceedings{zhan2021product1m,
+  title={Product1M: Towards Weakly Supervised Instance-Level Product Retrieval via
+         Cross-Modal Pretraining},
+  author={Zhan, Xunlin and Wu, Yangxin and Dong, Xiao and Wei, Yunchao and Lu, Minlong
+          and Zhang, Yichi and Xu, Hang and Liang, Xiaodan},
+  booktitle={ICCV}, year={2021}}"""
+
+
+def config_name(storage_dtype: str, with_cls_prob: bool = False) -> str:
+  """The builder config (sub-folder) of a storage dtype, e.g. `float16`."""
+  if storage_dtype not in STORAGE_DTYPES:
+    raise ValueError(f'storage_dtype must be one of {sorted(STORAGE_DTYPES)}, '
+                     f'got {storage_dtype!r}')
+  return storage_dtype + ('_cls_prob' if with_cls_prob else '')
+
+
+def dataset_dir(tfds_dir: str, storage_dtype: str = 'float16',
+                with_cls_prob: bool = False) -> str:
+  """Where the builder writes (and `tfds.data_source` reads) a config."""
+  return os.path.join(tfds_dir, NAME, config_name(storage_dtype, with_cls_prob), DATASET_VERSION)
+
+
+def _infer_feature_dim(store: formats.FeatureStore, ann_paths: Sequence[str]) -> int:
+  """Width of the first image that has features, to check all others against."""
+  for path in ann_paths:
+    for _, ann in formats.read_annotations(path, counter=formats.BadInputCounter(True)):
+      if ann.item_id in store:
+        try:
+          rf, _ = store.get(ann.item_id)
+        except formats.BadInputError:
+          continue
+        if rf.features.ndim == 2:
+          return int(rf.features.shape[1])
+  raise FileNotFoundError(f'no annotated image has region features in {store.path}')
+
+
+class Product1M(tfds.core.GeneratorBasedBuilder):
+  """Product1M samples with bottom-up-attention region features."""
+
+  name = NAME
+  VERSION = tfds.core.Version(DATASET_VERSION)
+  RELEASE_NOTES = {DATASET_VERSION: 'Annotation files + region features, regions truncated to '
+                            'max_regions, features in the config\'s storage dtype.'}
+  BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=config_name(d, c),
+                                             description=f'features stored as {d}'
+                                             + (', with detector class distributions'
+                                                if c else ''))
+                     for c in (False, True) for d in STORAGE_DTYPES]
+
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls) -> epath.Path:
+    # TFDS resolves a packaged builder's file through `importlib_resources`,
+    # an optional backport that is not installed here (ModuleNotFoundError in
+    # download_and_prepare); the answer is this module's file either way.
+    return epath.Path(__file__)
+
+  def __init__(self, *, source_dir: str | None = None, features: str | None = None,
+               feature_dim: int | None = None, max_regions: int = 36,
+               skip_bad: bool = False, **kwargs: Any):
+    """Args beyond TFDS's (`data_dir`, `config`, ...), only needed to build:
+
+    Args:
+      source_dir: folder with `product1m_{split}_ossurl_v2.txt`.
+      features: feature store (TSV/npz file or folder); default
+        `{source_dir}/features`.
+      feature_dim: expected feature width; None infers it from the first
+        image and checks all others against it.
+      max_regions: regions kept per image (the first ones); more are counted.
+      skip_bad: skip and count bad samples instead of raising.
+    """
+    self._source_dir = source_dir
+    self._features_path = features or (os.path.join(source_dir, 'features')
+                                       if source_dir else None)
+    self._feature_dim = feature_dim
+    self._max_regions = int(max_regions)
+    self._skip_bad = skip_bad
+    self._store: formats.FeatureStore | None = None
+    self.reports: dict[str, dict] = {}
+    kwargs.setdefault('file_format', 'array_record')
+    super().__init__(**kwargs)
+
+  @property
+  def _storage_dtype(self) -> str:
+    return self.builder_config.name.split('_')[0]
+
+  @property
+  def _with_cls_prob(self) -> bool:
+    return self.builder_config.name.endswith('_cls_prob')
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    dtype = STORAGE_DTYPES[self._storage_dtype]
+    # BYTES encoding: the array buffer as is (fast to decode, any shape).
+    raw = tfds.features.Encoding.BYTES
+    feats: dict[str, Any] = {
+        'item_id': tfds.features.Text(),
+        'title': tfds.features.Text(),
+        'labels': tfds.features.Sequence(tfds.features.Text()),
+        'image_w': np.int32,
+        'image_h': np.int32,
+        'boxes': tfds.features.Tensor(shape=(None, 4), dtype=np.float32, encoding=raw),
+        'features': tfds.features.Tensor(shape=(None, None), dtype=dtype, encoding=raw),
+    }
+    if self._with_cls_prob:
+      feats['cls_prob'] = tfds.features.Tensor(shape=(None, None), dtype=dtype, encoding=raw)
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description='Product1M (or a Product1M-like synthetic world): titles, labels and '
+                    'detector region features per item.',
+        features=tfds.features.FeaturesDict(feats),
+        homepage='https://github.com/zhanxlin/Product1M',
+        citation=_CITATION,
+        disable_shuffling=True,  # keep the annotation files' order
+    )
+
+  def _annotation_paths(self) -> dict[str, str]:
+    if not self._source_dir:
+      raise ValueError('building product1m needs source_dir (the annotation folder)')
+    paths = {s: os.path.join(self._source_dir, formats.annotation_filename(s))
+             for s in formats.SPLITS}
+    return {s: p for s, p in paths.items() if os.path.exists(p)}
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    del dl_manager  # nothing to download: the inputs are local files
+    paths = self._annotation_paths()
+    if not paths:
+      raise FileNotFoundError(f'no product1m_{{train,gallery,dev,test}}_ossurl_v2.txt in '
+                              f'{self._source_dir}')
+    self._store = formats.FeatureStore(self._features_path)
+    if self._feature_dim is None:
+      self._feature_dim = _infer_feature_dim(self._store, list(paths.values()))
+    return {split: self._generate_examples(split, path) for split, path in paths.items()}
+
+  def _generate_examples(self, split: str, path: str) -> Iterator[tuple[str, dict]]:
+    counter = formats.BadInputCounter(self._skip_bad)
+    dtype = STORAGE_DTYPES[self._storage_dtype]
+    n = 0
+    for lineno, ann in formats.read_annotations(
+        path, require_labels=split in formats.LABELLED_SPLITS, counter=counter):
+      try:
+        example = self._example(ann, dtype)
+      except formats.BadInputError as err:
+        counter.handle(formats.BadInputError(err.kind, f'{path}:{lineno}: {err}'))
+        continue
+      if example.pop('_truncated'):
+        counter.truncated += 1
+      n += 1
+      yield ann.item_id, example
+    self.reports[split] = {'examples': n, **counter.as_dict()}
+    if counter.total or counter.truncated:
+      logging.warning('product1m %s: %s', split, counter.summary())
+
+  def _example(self, ann: formats.Annotation, dtype: type) -> dict:
+    assert self._store is not None
+    rf, source = self._store.get(ann.item_id)
+    rf, truncated = formats.validate_regions(rf, feature_dim=self._feature_dim,
+                                             max_regions=self._max_regions, source=source)
+    with np.errstate(over='ignore'):  # overflow is checked (and reported) below
+      stored = np.asarray(rf.features).astype(dtype)
+    if not np.isfinite(stored).all():
+      raise formats.BadInputError('nonfinite_features', f'{source}: image {ann.item_id}: '
+                                  f'features overflow {dtype.__name__} (max |x| '
+                                  f'{np.abs(rf.features).max():.3g}); store as float32')
+    example = {'item_id': ann.item_id, 'title': ann.title, 'labels': list(ann.labels),
+               'image_w': rf.image_w, 'image_h': rf.image_h,
+               'boxes': rf.boxes.astype(np.float32), 'features': stored,
+               '_truncated': truncated}
+    if self._with_cls_prob:
+      if rf.cls_prob is None:
+        raise formats.BadInputError('missing_cls_prob', f'{source}: image {ann.item_id} '
+                                    'has no cls_prob, expected [num_boxes, classes]')
+      example['cls_prob'] = np.asarray(rf.cls_prob).astype(dtype)
+    return example
+
+
+def build(data_dir: str, tfds_dir: str, *, features: str | None = None,
+          storage_dtype: str = 'float16', max_regions: int = 36,
+          feature_dim: int | None = None, skip_bad: bool = False, overwrite: bool = False,
+          with_cls_prob: bool = False, progress: bool = True) -> dict:
+  """Builds the ArrayRecord splits; returns (and writes next to them) a report.
+
+  Returns:
+    {'dataset_dir': ..., 'splits': {split: {'examples', 'skipped', 'by_kind',
+    'truncated'}}} for the splits built now (empty if the dataset existed and
+    `overwrite` is False).
+  """
+  builder = Product1M(source_dir=data_dir, features=features, feature_dim=feature_dim,
+                      max_regions=max_regions, skip_bad=skip_bad, data_dir=tfds_dir,
+                      config=config_name(storage_dtype, with_cls_prob))
+  mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite
+          else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
+  if overwrite and os.path.isdir(builder.data_dir):
+    # TFDS refuses to regenerate into an existing version folder.
+    import shutil
+    shutil.rmtree(builder.data_dir)
+  from tensorflow_datasets.core.utils import tqdm_utils  # TFDS's progress switch is global
+  shown = getattr(tqdm_utils, '_active', True)
+  tfds.display_progress_bar(progress)
+  try:
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(download_mode=mode))
+  finally:
+    tfds.display_progress_bar(shown)
+  report = {'dataset_dir': os.fspath(builder.data_dir), 'feature_dim': builder._feature_dim,
+            'max_regions': max_regions, 'storage_dtype': storage_dtype,
+            'splits': builder.reports}
+  if builder.reports:
+    with open(os.path.join(os.fspath(builder.data_dir), REPORT_NAME), 'w') as f:
+      json.dump(report, f, indent=1)
+  return report
+
+
+def build_from_config(config: ml_collections.ConfigDict, overwrite: bool = False) -> dict:
+  """`build` with every field from `config.data` (data_dir, tfds_dir, ...)."""
+  d = config.data
+  return build(d.data_dir, d.tfds_dir, features=d.features or None,
+               storage_dtype=d.storage_dtype, max_regions=d.max_regions,
+               feature_dim=d.feature_dim or None, skip_bad=d.skip_bad, overwrite=overwrite,
+               with_cls_prob=config.model.get('mrm_target', 'feature') == 'class')
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+  """Loads `get_config()` of a config file such as `configs/demo.py`."""
+  spec = importlib.util.spec_from_file_location('_capture_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  defaults = config_lib.data_config()
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--data_dir', required=True, help='annotation files (+ features/)')
+  parser.add_argument('--out', required=True, help='TFDS data_dir to write into')
+  parser.add_argument('--config', default=None,
+                      help='config file whose data.* fields give the defaults below')
+  parser.add_argument('--features', default=None, help='default: DATA_DIR/features')
+  parser.add_argument('--storage_dtype', default=None, choices=sorted(STORAGE_DTYPES))
+  parser.add_argument('--max_regions', type=int, default=None)
+  parser.add_argument('--feature_dim', type=int, default=None,
+                      help='expected width (default: the config\'s, else the first image\'s)')
+  parser.add_argument('--with_cls_prob', action='store_true')
+  parser.add_argument('--skip_bad', action='store_true',
+                      help='skip and count bad samples instead of stopping')
+  parser.add_argument('--overwrite', action='store_true')
+  args = parser.parse_args(argv)
+  d = load_config_file(args.config).data if args.config else defaults
+  feature_dim = args.feature_dim or (d.feature_dim if args.config else None)
+  report = build(args.data_dir, args.out, features=args.features,
+                 storage_dtype=args.storage_dtype or d.storage_dtype,
+                 max_regions=args.max_regions or d.max_regions, feature_dim=feature_dim,
+                 skip_bad=args.skip_bad or d.skip_bad, overwrite=args.overwrite,
+                 with_cls_prob=args.with_cls_prob)
+  if not report['splits']:
+    print(f'{report["dataset_dir"]} exists; pass --overwrite to rebuild', file=sys.stderr)
+  for split, r in report['splits'].items():
+    print(f'{split}: {r["examples"]} examples, {r["skipped"]} bad skipped '
+          f'{r["by_kind"] or ""}, {r["truncated"]} truncated to max_regions', file=sys.stderr)
+  print(report['dataset_dir'])
+
+
+if __name__ == '__main__':
+  main()

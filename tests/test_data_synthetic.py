@@ -1,0 +1,144 @@
+"""The synthetic Product1M world: formats, properties, determinism, difficulty."""
+
+from __future__ import annotations
+
+import collections
+import filecmp
+import json
+import os
+
+import numpy as np
+import pytest
+
+from capture_jax.data import baselines
+from capture_jax.data import formats
+from capture_jax.data import synthetic
+
+
+def _read(root, split):
+  return [a for _, a in formats.read_annotations(
+      os.path.join(root, formats.annotation_filename(split)))]
+
+
+@pytest.fixture(scope='module')
+def tiny(tmp_path_factory):
+  root = str(tmp_path_factory.mktemp('tiny'))
+  synthetic.generate(root, 'tiny', seed=3, progress=False)
+  return root
+
+
+def test_writes_the_official_files(tiny):
+  for split in formats.SPLITS:
+    assert os.path.exists(os.path.join(tiny, formats.annotation_filename(split)))
+    assert os.path.exists(os.path.join(tiny, 'features', f'{split}.tsv'))
+  for split in formats.LABELLED_SPLITS:
+    assert os.path.exists(os.path.join(tiny, formats.instances_filename(split)))
+  p = synthetic.PRESETS['tiny']
+  assert len(_read(tiny, 'train')) == p.num_train
+  assert len(_read(tiny, 'dev')) == p.num_dev and len(_read(tiny, 'test')) == p.num_test
+
+
+def test_split_properties(tiny):
+  p = synthetic.PRESETS['tiny']
+  train, gallery = _read(tiny, 'train'), _read(tiny, 'gallery')
+  assert all(a.labels == () for a in train)  # training pairs carry no labels
+  assert all(len(a.labels) == 1 for a in gallery)  # single-product samples
+  per_product = collections.Counter(a.labels[0] for a in gallery)
+  assert set(per_product.values()) == {p.gallery_per_product}
+  products = set(per_product)
+  for split in formats.QUERY_SPLITS:
+    for a in _read(tiny, split):
+      assert 2 <= len(a.labels) <= 7 and set(a.labels) <= products
+      assert len({l.split(' ')[0] for l in a.labels}) == 1  # one brand per query
+  ids = [a.item_id for s in formats.SPLITS for a in _read(tiny, s)]
+  assert len(ids) == len(set(ids)) and all(len(i) == 12 and i.isdigit() for i in ids)
+
+
+def test_regions_and_instance_sidecar(tiny):
+  p = synthetic.PRESETS['tiny']
+  with formats.FeatureStore(os.path.join(tiny, 'features')) as store:
+    for split in ('gallery', 'dev'):
+      sidecar = formats.read_instances(os.path.join(tiny, formats.instances_filename(split)))
+      background = 0
+      for a in _read(tiny, split):
+        rf, source = store.get(a.item_id)
+        formats.validate_regions(rf, feature_dim=p.feature_dim, max_regions=p.max_regions,
+                                 source=source)  # valid boxes, finite, right width
+        assert (rf.features >= 0).all() and rf.num_boxes <= p.max_regions
+        insts = sidecar[a.item_id]
+        assert [i.label for i in insts] == list(a.labels)
+        owned = [r for i in insts for r in i.regions]
+        assert all(i.regions for i in insts)  # every instance is seen
+        assert len(owned) == len(set(owned)) and max(owned) < rf.num_boxes
+        background += rf.num_boxes - len(owned)
+      assert background > 0  # clutter regions belong to no instance
+
+
+def test_products_of_a_brand_look_alike(tiny):
+  """Same product > same brand > other brands, in mean-feature cosine."""
+  gal = baselines.load_split(tiny, 'gallery')
+  sim = baselines.cosine_scores(gal.mean_features, gal.mean_features)
+  label = [l[0] for l in gal.labels]
+  brand = [l.split(' ')[0] for l in label]
+  same_p, same_b, other = [], [], []
+  for i in range(len(label)):
+    for j in range(i + 1, len(label)):
+      (same_p if label[i] == label[j] else same_b if brand[i] == brand[j] else other).append(
+          sim[i, j])
+  assert np.mean(same_p) > np.mean(same_b) > np.mean(other)
+
+
+def test_deterministic_by_seed(tiny, tmp_path):
+  again = tmp_path / 'again'
+  synthetic.generate(str(again), 'tiny', seed=3, progress=False)
+  names = sorted(os.listdir(tiny))
+  match, mismatch, errors = filecmp.cmpfiles(tiny, str(again), [n for n in names if n != 'features'],
+                                             shallow=False)
+  assert not mismatch and not errors
+  for split in formats.SPLITS:
+    assert filecmp.cmp(os.path.join(tiny, 'features', f'{split}.tsv'),
+                       str(again / 'features' / f'{split}.tsv'), shallow=False)
+  other = tmp_path / 'other'
+  synthetic.generate(str(other), 'tiny', seed=4, progress=False, splits=['dev'])
+  assert _read(str(other), 'dev') != _read(tiny, 'dev')
+
+
+def test_cli_npz_and_feature_dim(tmp_path):
+  out = tmp_path / 'npz'
+  synthetic.main(['--out', str(out), '--preset', 'tiny', '--seed', '3', '--feature_format',
+                  'npz', '--feature_dim', '16', '--splits', 'gallery'])
+  gallery = _read(str(out), 'gallery')
+  rf = formats.read_npz(str(out / 'features' / f'{gallery[0].item_id}.npz'))
+  assert rf.features.shape[1] == 16
+  assert json.loads((out / 'synthetic_world.json').read_text())['feature_dim'] == 16
+
+
+def test_baselines_between_random_and_perfect(tmp_path):
+  """On the demo world (gallery + dev), text-only and visual-only baselines are
+  clearly above random and clearly below perfect, and combining the two
+  modalities beats both: the world rewards a multimodal model."""
+  root = str(tmp_path / 'demo')
+  synthetic.generate(root, 'demo', splits=['gallery', 'dev'], progress=False)
+  res = baselines.evaluate_baselines(root, 'dev', max_regions=16)
+  assert res['random'] < 0.05
+  for name in ('tfidf', 'mean_region'):
+    assert max(0.25, 5 * res['random']) < res[name] < 0.75, (name, res)
+  assert res['fusion'] > max(res['tfidf'], res['mean_region']) + 0.03, res
+
+
+def test_real_annotations_drive_the_world(shared, tmp_path):
+  path = shared / 'product1m' / formats.annotation_filename('dev')
+  if not path.exists():
+    pytest.skip(f'{path} is not present')
+  root = str(tmp_path / 'real')
+  summary = synthetic.generate(root, 'tiny', annotations=str(path), progress=False,
+                               splits=['gallery', 'dev', 'test'])
+  real = [a for _, a in formats.read_annotations(str(path))]
+  dev = _read(root, 'dev')
+  assert dev == real  # real ids, titles and label sets, in order
+  labels = {l for a in real for l in a.labels}
+  assert summary['num_products'] == 295 and summary['num_brands'] == 34
+  assert {a.labels[0] for a in _read(root, 'gallery')} == labels
+  assert all(set(a.labels) <= labels for a in _read(root, 'test'))
+  sidecar = formats.read_instances(os.path.join(root, formats.instances_filename('dev')))
+  assert [i.label for i in sidecar[real[0].item_id]] == list(real[0].labels)

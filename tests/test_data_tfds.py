@@ -1,0 +1,252 @@
+"""The product1m TFDS builder: ArrayRecord splits, read back, bad input, skip_bad."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from capture_jax.data import formats
+from capture_jax.data import pipeline
+from capture_jax.data import product1m_tfds
+from capture_jax.data import synthetic
+
+TINY = synthetic.PRESETS['tiny']
+
+
+@pytest.fixture(scope='module')
+def world(tmp_path_factory):
+  """A tiny world with one npz per image (easy to corrupt one image)."""
+  root = str(tmp_path_factory.mktemp('world'))
+  synthetic.generate(root, 'tiny', feature_format='npz', progress=False)
+  return root
+
+
+@pytest.fixture(scope='module')
+def built(world, tmp_path_factory):
+  out = str(tmp_path_factory.mktemp('tfds'))
+  report = product1m_tfds.build(world, out, max_regions=TINY.max_regions, progress=False)
+  return out, report
+
+
+def _lines(root, split):
+  return [a for _, a in formats.read_annotations(
+      os.path.join(root, formats.annotation_filename(split)))]
+
+
+def test_builds_every_split_without_tensorflow(built, world):
+  if importlib.util.find_spec('tensorflow') is not None:
+    pytest.skip('TensorFlow is installed here; this checks the build without it')
+  out, report = built
+  assert report['dataset_dir'] == product1m_tfds.dataset_dir(out, 'float16')
+  assert report['feature_dim'] == TINY.feature_dim  # inferred from the first image
+  for split in formats.SPLITS:
+    assert report['splits'][split] == {'examples': len(_lines(world, split)), 'skipped': 0,
+                                       'by_kind': {}, 'truncated': 0}
+  files = os.listdir(report['dataset_dir'])
+  assert any(f.startswith('product1m-train.array_record') for f in files)
+  saved = json.load(open(os.path.join(report['dataset_dir'], product1m_tfds.REPORT_NAME)))
+  assert saved['splits'] == report['splits']
+
+
+def test_read_back_with_tfds_data_source(built, world):
+  out, _ = built
+  sources = tfds.data_source('product1m/float16', data_dir=out)
+  assert set(sources) == set(formats.SPLITS)
+  anns = _lines(world, 'dev')
+  assert len(sources['dev']) == len(anns)
+  for i, ann in enumerate(anns):  # file order is kept
+    ex = sources['dev'][i]
+    assert ex['item_id'].decode() == ann.item_id and ex['title'].decode() == ann.title
+    assert tuple(l.decode() for l in ex['labels']) == ann.labels
+    rf = formats.read_npz(os.path.join(world, 'features', f'{ann.item_id}.npz'))
+    assert ex['features'].dtype == np.float16
+    np.testing.assert_array_equal(ex['features'], rf.features.astype(np.float16))
+    np.testing.assert_array_equal(ex['boxes'], rf.boxes)
+    assert (ex['image_w'], ex['image_h']) == (rf.image_w, rf.image_h)
+  # Also through the read-only builder, as a process without this module would.
+  ro = tfds.builder_from_directory(product1m_tfds.dataset_dir(out, 'float16'))
+  assert len(ro.as_data_source()['gallery']) == len(_lines(world, 'gallery'))
+
+
+def test_fast_decoder_matches_tfds_decoding(built):
+  out, _ = built
+  src = pipeline.Product1MSource(out, 'train')
+  assert src._use_fast  # the layout check passed
+  ref = tfds.data_source('product1m/float16', data_dir=out)['train']
+  for i in range(len(src)):
+    assert pipeline._records_equal(src[i], pipeline._tfds_to_record(ref[i]))
+
+
+def test_float32_storage_and_absent_split(world, tmp_path):
+  data = tmp_path / 'data'
+  shutil.copytree(world, data)
+  os.remove(data / formats.annotation_filename('test'))
+  report = product1m_tfds.build(str(data), str(tmp_path / 'out'), storage_dtype='float32',
+                                max_regions=TINY.max_regions, progress=False)
+  assert set(report['splits']) == {'train', 'gallery', 'dev'}  # no file, no split
+  sources = tfds.data_source('product1m/float32', data_dir=str(tmp_path / 'out'))
+  assert 'test' not in sources
+  ann = _lines(world, 'gallery')[0]
+  rf = formats.read_npz(os.path.join(world, 'features', f'{ann.item_id}.npz'))
+  np.testing.assert_array_equal(sources['gallery'][0]['features'], rf.features)  # exact
+  with pytest.raises(ValueError, match="split 'test' was not built"):
+    pipeline.Product1MSource(str(tmp_path / 'out'), 'test', 'float32')
+
+
+def _corrupt_npz(data, item_id, **changes):
+  path = os.path.join(data, 'features', f'{item_id}.npz')
+  rf = formats.read_npz(path)
+  for key, fn in changes.items():
+    setattr(rf, key, fn(getattr(rf, key)))
+  formats.write_npz(path, rf)
+  return path
+
+
+def _set_line(data, split, index, line):
+  path = os.path.join(data, formats.annotation_filename(split))
+  lines = open(path, encoding='utf-8').read().splitlines()
+  lines[index] = line
+  open(path, 'w', encoding='utf-8').write('\n'.join(lines) + '\n')
+  return path
+
+
+def _first_ids(world, split, n):
+  return [a.item_id for a in _lines(world, split)[:n]]
+
+
+def _nan(f):
+  f = f.copy()
+  f[0, 3] = np.nan
+  return f
+
+
+def _flat(b):
+  b = b.copy()
+  b[0, 2] = b[0, 0]
+  return b
+
+
+def _outside(b):
+  b = b.copy()
+  b[0, 3] = 5000.0
+  return b
+
+
+CASES = {
+    'malformed_line': lambda data, ids: (
+        _set_line(data, 'gallery', 1, f'{ids[1]}#####a title#####u#####u'), 'expected 5 fields'),
+    'empty_title': lambda data, ids: (
+        _set_line(data, 'gallery', 2, f'{ids[2]}#####   #####u#####v#####Foo 面霜'), 'empty title'),
+    'missing_features': lambda data, ids: (
+        os.remove(os.path.join(data, 'features', f'{ids[3]}.npz')),
+        f'image {ids[3]} has no region features'),
+    'wrong_width': lambda data, ids: (
+        _corrupt_npz(data, ids[4], features=lambda f: np.pad(f, ((0, 0), (0, 1)))),
+        f'image {ids[4]}: features have width {TINY.feature_dim + 1}, '
+        f'expected {TINY.feature_dim}'),
+    'nonfinite_features': lambda data, ids: (
+        _corrupt_npz(data, ids[5], features=_nan), f'image {ids[5]}: features contain NaN'),
+    'zero_area_box': lambda data, ids: (
+        _corrupt_npz(data, ids[6], boxes=_flat), f'image {ids[6]}: box 0'),
+    'box_outside_image': lambda data, ids: (
+        _corrupt_npz(data, ids[7], boxes=_outside), f'image {ids[7]}: box 0'),
+}
+
+
+CASE_INDEX = {'malformed_line': 1, 'empty_title': 2, 'missing_features': 3, 'wrong_width': 4,
+              'nonfinite_features': 5, 'zero_area_box': 6, 'box_outside_image': 7}
+
+
+@pytest.mark.parametrize('kind', sorted(CASES))
+def test_bad_input_stops_with_file_line_and_id(world, tmp_path, kind):
+  data = str(tmp_path / 'data')
+  shutil.copytree(world, data)
+  ids = _first_ids(world, 'gallery', 8)
+  _, fragment = CASES[kind](data, ids)
+  with pytest.raises(formats.BadInputError) as err:
+    product1m_tfds.build(data, str(tmp_path / 'out'), max_regions=TINY.max_regions,
+                         feature_dim=TINY.feature_dim, progress=False)
+  assert err.value.kind == kind
+  # Case k corrupts the k-th gallery sample (0-based), on line k + 1.
+  line = CASE_INDEX[kind] + 1
+  where = f'{os.path.join(data, formats.annotation_filename("gallery"))}:{line}:'
+  assert str(err.value).startswith(where) and fragment in str(err.value), str(err.value)
+
+
+def test_skip_bad_counts_every_kind_and_builds_the_rest(world, tmp_path):
+  data = str(tmp_path / 'data')
+  shutil.copytree(world, data)
+  ids = _first_ids(world, 'gallery', 8)
+  for case in CASES.values():
+    case(data, ids)
+  report = product1m_tfds.build(data, str(tmp_path / 'out'), max_regions=TINY.max_regions,
+                                feature_dim=TINY.feature_dim, skip_bad=True, progress=False)
+  gallery = report['splits']['gallery']
+  assert gallery['by_kind'] == {kind: 1 for kind in CASES}
+  assert gallery['skipped'] == len(CASES)
+  assert gallery['examples'] == len(_lines(world, 'gallery')) - len(CASES)
+  built_ids = {r['item_id'] for r in pipeline.Product1MSource(str(tmp_path / 'out'),
+                                                              'gallery')._getitems(
+                                                                  range(gallery['examples']))}
+  assert built_ids.isdisjoint(ids[1:8]) and ids[0] in built_ids
+
+
+def test_more_regions_than_the_maximum_are_truncated_and_counted(world, tmp_path):
+  report = product1m_tfds.build(world, str(tmp_path / 'out'), max_regions=4, progress=False)
+  src = pipeline.Product1MSource(str(tmp_path / 'out'), 'dev')
+  expected = 0
+  for i, ann in enumerate(_lines(world, 'dev')):
+    n = formats.read_npz(os.path.join(world, 'features', f'{ann.item_id}.npz')).num_boxes
+    expected += n > 4
+    assert src[i]['features'].shape[0] == min(n, 4)
+  assert expected > 0 and report['splits']['dev']['truncated'] == expected
+  assert report['splits']['dev']['skipped'] == 0
+
+
+def test_float16_overflow_is_an_error(world, tmp_path):
+  data = str(tmp_path / 'data')
+  shutil.copytree(world, data)
+  item = _first_ids(world, 'train', 1)[0]
+  _corrupt_npz(data, item, features=lambda f: f + 1e6)
+  with pytest.raises(formats.BadInputError, match=f'image {item}: features overflow float16'):
+    product1m_tfds.build(data, str(tmp_path / 'out'), progress=False)
+
+
+def test_cli(world, tmp_path, capsys):
+  product1m_tfds.main(['--data_dir', world, '--out', str(tmp_path / 'out'), '--max_regions', '8',
+                       '--storage_dtype', 'float32', '--skip_bad'])
+  captured = capsys.readouterr()
+  assert captured.out.strip().splitlines()[-1] == product1m_tfds.dataset_dir(str(tmp_path / 'out'), 'float32')
+  assert f'dev: {TINY.num_dev} examples, 0 bad skipped' in captured.err
+
+
+def test_detector_class_distributions_feed_the_class_target(world, tmp_path):
+  """`*_cls_prob` configs store cls_prob; model.mrm_target='class' makes it the target."""
+  from capture_jax import config as config_lib
+  data = str(tmp_path / 'data')
+  shutil.copytree(world, data)
+  rng = np.random.default_rng(0)
+  for name in os.listdir(os.path.join(data, 'features')):
+    path = os.path.join(data, 'features', name)
+    rf = formats.read_npz(path)
+    rf.cls_prob = rng.dirichlet(np.ones(6), rf.num_boxes).astype(np.float32)
+    formats.write_npz(path, rf)
+  out = str(tmp_path / 'out')
+  product1m_tfds.build(data, out, with_cls_prob=True, storage_dtype='float32', progress=False)
+  c = config_lib.base_config()
+  c.data.update(dict(data_dir=data, tfds_dir=out, storage_dtype='float32', max_regions=8,
+                     feature_dim=TINY.feature_dim, batch_size=4))
+  c.data.vocab_file = str(tmp_path / 'vocab.txt')
+  from capture_jax.data import tokenizer
+  tokenizer.train_vocab(tokenizer.iter_titles(data), 300, c.data.vocab_file)
+  c.model.update(dict(mrm_target='class', v_target_size=6, max_text_len=24))
+  batch = next(pipeline.make_train_iterator(c, process_index=0, process_count=1))
+  assert batch['image_target'].shape == (4, 8, 6)
+  valid = batch['image_mask'][:, 1:] == 1
+  np.testing.assert_allclose(batch['image_target'][valid].sum(-1), 1.0, rtol=1e-5)
