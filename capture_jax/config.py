@@ -167,6 +167,32 @@ def mesh_config() -> ml_collections.ConfigDict:
   return s
 
 
+def eval_config() -> ml_collections.ConfigDict:
+  """Embedding export and retrieval evaluation (`capture_jax.export`, `capture_jax.evaluate`)."""
+  e = ml_collections.ConfigDict()
+  # 'fused' (L2-normalised [text ; visual] final pooled vectors), 'text', 'visual',
+  # or 'encoder' (the encoder poolers, fused the same way).
+  e.embedding = 'fused'
+  # Ranked lists written to retrieval_id_list.txt: 'whole' (the whole-sample
+  # query), 'instances' (one query per product instance, merged round-robin) or
+  # 'both' (the whole-sample list first, then the instances); all three are reported.
+  e.query_mode = 'both'
+  e.search = 'exact'  # 'exact' (chunked JAX) or 'faiss' (approximate; recall@100 against exact is reported)
+  e.faiss_index = 'ivf'  # 'ivf' or 'hnsw'
+  e.faiss_nlist = 0  # IVF lists; 0 = round(sqrt(gallery size))
+  e.faiss_nprobe = 16
+  e.faiss_hnsw_m = 32
+  e.faiss_ef_search = 128
+  e.query_chunk = 1024  # exact search: queries scored together
+  e.gallery_chunk = 65536  # exact search: gallery rows sent to the devices at once
+  e.shard_size = 8192  # rows per exported .npz shard (rounded up to whole evaluation batches)
+  e.baselines = True  # TF-IDF, mean region feature and random-weights rows in the report
+  e.tfidf_max_features = 8192
+  e.num_listings = 3  # queries listed with their top-10 results in report.md
+  e.progress_bar = True
+  return e
+
+
 def base_config() -> ml_collections.ConfigDict:
   """Every field of a run; `configs/*.py` override from here."""
   c = ml_collections.ConfigDict()
@@ -177,6 +203,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = mesh_config()
   c.train = train_config()
   c.checkpoint = checkpoint_config()
+  c.eval = eval_config()
   # One source of truth for the text length: the pipeline pads to the model's.
   c.data.max_text_len = c.model.get_ref('max_text_len')
   c.data.feature_dim = c.model.get_ref('v_feature_size')

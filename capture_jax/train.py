@@ -298,21 +298,21 @@ def _count_flops(compiled) -> float | None:
 # --------------------------------------------------------------------------
 # Command line.
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'A configs/*.py file.', lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, metrics, TensorBoard events.')
-_STOP_AFTER = flags.DEFINE_integer('stop_after_steps', None, 'Stop after this many steps (then resume later).')
-
-
-def main(argv) -> None:
-  del argv
-  distributed.initialize()
-  result = run(_CONFIG.value, _WORKDIR.value, stop_after_steps=_STOP_AFTER.value)
-  if result.preempted:
-    sys.exit(0)
-
-
 def console_main() -> None:
+  """`python -m capture_jax.train` / `capture-train`. Flags are defined here, not at import,
+  so that other commands can import this module."""
+  config_flag = config_flags.DEFINE_config_file('config', None, 'A configs/*.py file.', lock_config=True)
+  workdir_flag = flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, metrics, TensorBoard events.')
+  stop_flag = flags.DEFINE_integer('stop_after_steps', None, 'Stop after this many steps (then resume later).')
   flags.mark_flags_as_required(['config', 'workdir'])
+
+  def main(argv) -> None:
+    del argv
+    distributed.initialize()
+    result = run(config_flag.value, workdir_flag.value, stop_after_steps=stop_flag.value)
+    if result.preempted:
+      sys.exit(0)
+
   app.run(main)
 
 

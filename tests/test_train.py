@@ -24,8 +24,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def trainer_config(data_root: Path, **train_overrides):
-  """The tiny model on the tiny synthetic dataset, checkpointing every 2 steps."""
-  cfg = tiny_config()
+  """The tiny model (one layer per stack: these tests are compile-bound) on the tiny synthetic
+  dataset, checkpointing every 2 steps."""
+  cfg = tiny_config(num_hidden_layers=1, v_num_hidden_layers=1, co_num_layers=1, cross_num_layers=1)
   data_testing.tiny_dataset(data_root, config=cfg)
   cfg.model.vocab_size = 500
   cfg.model.max_text_len = cfg.data.max_text_len = 16
@@ -176,3 +177,16 @@ def test_checkpoint_restores_onto_a_different_mesh(dataset_config, tmp_path):
        str(tmp_path / 'run')], cwd=REPO, text=True, capture_output=True, timeout=600,
       env={**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': '--xla_force_host_platform_device_count=8'})
   assert result.returncode == 0 and 'OK' in result.stdout, result.stdout + result.stderr
+
+
+def test_initialise_from_a_released_checkpoint(dataset_config, tmp_path):
+  """`train.init=release` places the converted weights, already sharded, as step 0's parameters."""
+  from tests.test_convert import release_state_dict  # pylint: disable=import-outside-toplevel
+  from capture_jax import convert  # pylint: disable=import-outside-toplevel
+  cfg = dataset_config.copy_and_resolve_references()
+  state_dict = release_state_dict(cfg.model, seed=3)
+  np.savez(tmp_path / 'release.npz', **state_dict)
+  cfg.train.update(init='release', init_path=str(tmp_path / 'release.npz'))
+  result = train.run(cfg, tmp_path / 'run', stop_after_steps=0)
+  expected, _ = convert.from_release_state_dict(state_dict, cfg.model)
+  assert_trees_equal(params_of(result)['model'], jax.tree.map(np.asarray, expected))

@@ -1,19 +1,20 @@
 """Single-modality retrieval baselines, read straight from a Product1M folder.
 
-* TF-IDF over titles: NFKC-normalised, lower-cased; runs of CJK characters
-  give character unigrams and bigrams, runs of Latin letters/digits give
-  words; smoothed idf fitted on the gallery; cosine similarity.
-* Mean region feature: the cosine similarity of the images' mean region
-  features.
+A thin layer over the evaluation package, so that the project's baselines are
+computed one way only:
 
-Both follow the definitions of `capture_jax.evaluation.baselines` (the
-project's reported baselines), re-implemented here so the data checks do not
-depend on the evaluation package.
+* embeddings: `capture_jax.evaluation.baselines` (TF-IDF over titles with idf
+  fitted on the gallery; the L2-normalised mean region feature);
+* ranking: `capture_jax.evaluation.search.exact_topk` (cosine, ties to the
+  lower gallery index);
+* metric: the official mAP@R, `capture_jax.evaluation.metrics.evaluate_ranked_lists`.
 
-They calibrate the synthetic world (both must be clearly above random and
-clearly below perfect) and are the bars a trained model must clear. The
-metric here (`map_at_r`) is a small re-implementation of the official mAP@R
-for these checks; the project's evaluator is `capture_jax.evaluation`.
+What this module adds is reading a split straight from a Product1M folder
+(annotation file + region features, as `capture_jax.data.formats` reads
+them), a random ranking, and the fusion of the two modalities. The numbers
+calibrate the synthetic world (both single-modality baselines must be clearly
+above random and clearly below perfect) and are the bars a trained model must
+clear.
 
 Command line::
 
@@ -23,140 +24,120 @@ Command line::
 from __future__ import annotations
 
 import argparse
-import collections
 import dataclasses
-import math
 import os
-import re
-import unicodedata
 from typing import Sequence
 
 import numpy as np
 
 from capture_jax.data import formats
-
-_TOKEN_RE = re.compile(r'([\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]+)|([0-9a-z]+)')
-
-
-def title_terms(title: str) -> list[str]:
-  """TF-IDF terms: CJK character unigrams + bigrams, lower-cased Latin/digit words."""
-  terms: list[str] = []
-  for cjk, word in _TOKEN_RE.findall(unicodedata.normalize('NFKC', title).lower()):
-    if word:
-      terms.append(word)
-    else:
-      terms.extend(cjk)
-      terms.extend(cjk[i:i + 2] for i in range(len(cjk) - 1))
-  return terms
+from capture_jax.evaluation import baselines as eval_baselines
+from capture_jax.evaluation import metrics
+from capture_jax.evaluation import search
 
 
 @dataclasses.dataclass
 class SplitData:
-  """What the baselines need from one split."""
+  """What the baselines need from one split, in annotation-file order."""
   item_ids: list[str]
   titles: list[str]
   labels: list[tuple[str, ...]]
-  mean_features: np.ndarray  # [N, F] mean of the valid region features
+  mean_region: np.ndarray  # [N, F] float32, `eval_baselines.mean_region_embedding`
 
 
 def load_split(data_dir: str, split: str, *, max_regions: int = 36,
                features: str | None = None) -> SplitData:
-  """Reads a split's annotation file and its images' mean region features."""
+  """Reads a split's annotation file and its images' mean-region embeddings.
+
+  Args:
+    data_dir: a Product1M folder (official annotation files + `features/`).
+    split: 'gallery', 'dev', 'test' or 'train'.
+    max_regions: the first `max_regions` regions of each image are averaged.
+    features: the region-feature store (default `data_dir/features`).
+  """
   path = os.path.join(data_dir, formats.annotation_filename(split))
-  ids, titles, labels, means = [], [], [], []
+  anns = [ann for _, ann in formats.read_annotations(path)]
+  if not anns:
+    raise ValueError(f'{path} holds no annotations')
+
   with formats.FeatureStore(features or os.path.join(data_dir, 'features')) as store:
-    for _, ann in formats.read_annotations(path):
-      rf, source = store.get(ann.item_id)
+
+    def regions(item_id: str) -> np.ndarray:
+      rf, source = store.get(item_id)
       rf, _ = formats.validate_regions(rf, feature_dim=None, max_regions=max_regions,
                                        source=source)
-      ids.append(ann.item_id)
-      titles.append(ann.title)
-      labels.append(ann.labels)
-      means.append(np.asarray(rf.features, np.float32).mean(axis=0))
-  return SplitData(ids, titles, labels, np.stack(means))
+      return rf.features
+
+    mean_region = eval_baselines.mean_region_embeddings(
+        (regions(a.item_id), None) for a in anns)
+  return SplitData([a.item_id for a in anns], [a.title for a in anns],
+                   [a.labels for a in anns], mean_region)
 
 
-def tfidf_scores(queries: Sequence[str], gallery: Sequence[str]) -> np.ndarray:
-  """[Q, G] cosine similarities of TF-IDF vectors; idf fitted on the gallery,
-  `ln((1 + n) / (1 + df)) + 1`; query terms unseen in the gallery are dropped."""
-  docs = [collections.Counter(title_terms(t)) for t in [*queries, *gallery]]
-  df = collections.Counter(term for d in docs[len(queries):] for term in d)
-  vocab = {term: i for i, term in enumerate(df)}
-  n = len(gallery)
-  idf = np.array([math.log((1 + n) / (1 + df[t])) + 1.0 for t in vocab], np.float32)
-  mat = np.zeros((len(docs), len(vocab)), np.float32)
-  for row, d in enumerate(docs):
-    for term, c in d.items():
-      if term in vocab:
-        mat[row, vocab[term]] = c
-  mat *= idf
-  mat /= np.maximum(np.linalg.norm(mat, axis=1, keepdims=True), 1e-12)
-  return mat[:len(queries)] @ mat[len(queries):].T
+def _standardised_queries(queries: np.ndarray, gallery: np.ndarray,
+                          max_block: int = 1 << 24) -> np.ndarray:
+  """Queries divided by the standard deviation over the gallery of their scores.
 
-
-def cosine_scores(queries: np.ndarray, gallery: np.ndarray) -> np.ndarray:
-  """[Q, G] cosine similarities of row vectors."""
-  q = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
-  g = gallery / np.maximum(np.linalg.norm(gallery, axis=1, keepdims=True), 1e-12)
-  return q @ g.T
-
-
-def rank(scores: np.ndarray, top: int = 100) -> np.ndarray:
-  """[Q, top] gallery indices by decreasing score (ties: lower index first)."""
-  top = min(top, scores.shape[1])
-  return np.argsort(-scores, axis=1, kind='stable')[:, :top]
-
-
-def map_at_r(query_labels: Sequence[Sequence[str]], ranked: np.ndarray,
-             gallery_labels: Sequence[Sequence[str]], r: int = 10) -> float:
-  """mAP@R exactly as the official Product1M evaluator computes it.
-
-  `pos` = gallery samples whose label is in the query's label list; `n_pos`
-  sums the gallery size of each label occurrence (repeats counted);
-  `k = min(r, n_pos, len(rank))`; AP sums hits_so_far / (i + 1) over hits in
-  the first k and divides by the number of hits.
+  For one query q, z_i = (q.g_i - mean_i q.g_i) / std_i(q.g_i). The mean is
+  the same for every gallery item, so ranking by a sum of such z-scores over
+  modalities is ranking by the dot product of the concatenated
+  `q / std(q)` with the concatenated gallery rows. A query whose scores do
+  not vary over the gallery carries no ranking information and gets weight 0.
+  The [N, chunk] score blocks are kept below `max_block` entries.
   """
-  gallery_label = [l[0] for l in gallery_labels]
-  size = collections.Counter(gallery_label)
-  aps = []
-  for labels, row in zip(query_labels, ranked):
-    wanted = set(labels)
-    n_pos = sum(size[l] for l in labels)
-    k = min(r, n_pos, len(row))
-    hits, total = 0, 0.0
-    for i, g in enumerate(row[:k]):
-      if gallery_label[g] in wanted:
-        hits += 1
-        total += hits / (i + 1)
-    aps.append(total / hits if hits else 0.0)
-  return float(np.mean(aps))
-
-
-def random_map_at_r(query_labels: Sequence[Sequence[str]],
-                    gallery_labels: Sequence[Sequence[str]], r: int = 10,
-                    trials: int = 5, seed: int = 0) -> float:
-  """Expected mAP@R of random rankings (estimated over a few shuffles)."""
-  rng = np.random.default_rng(seed)
-  scores = [map_at_r(query_labels, rank(rng.random((len(query_labels), len(gallery_labels)))),
-                     gallery_labels, r) for _ in range(trials)]
-  return float(np.mean(scores))
+  out = np.zeros(queries.shape, np.float32)
+  step = max(1, max_block // len(gallery))
+  for start in range(0, len(queries), step):
+    q = queries[start:start + step]
+    std = np.asarray(gallery @ q.T, np.float64).std(axis=0)  # [chunk]
+    scale = np.where(std > 1e-6, 1.0 / np.maximum(std, 1e-6), 0.0)
+    out[start:start + step] = q * scale[:, None]
+  return out
 
 
 def evaluate_baselines(data_dir: str, split: str = 'dev', r: int = 10,
-                       max_regions: int = 36) -> dict[str, float]:
-  """mAP@R on a query split of: random, TF-IDF, mean region, and their fusion
-  (sum of the two cosine similarities: what a model that combines both
-  modalities should at least reach)."""
+                       max_regions: int = 36, *, tfidf_max_features: int | None = 8192,
+                       random_trials: int = 5, seed: int = 0) -> dict[str, float]:
+  """Official mAP@R on a query split against the gallery of:
+
+  * 'random': random rankings (i.i.d. Gaussian embeddings, so each query's
+    gallery scores are i.i.d. and its ranking a uniform permutation), mean
+    over `random_trials` draws;
+  * 'tfidf': TF-IDF over titles;
+  * 'mean_region': the mean region feature;
+  * 'fusion': the sum of the two cosine similarities, each standardised per
+    query over the gallery (raw cosines of non-negative features are all
+    close to 1, TF-IDF cosines spread over [0, 1]): what a model that combines
+    both modalities should at least reach.
+
+  Every ranking is `search.exact_topk` (top `r`), every number
+  `metrics.evaluate_ranked_lists` (a fraction in [0, 1]).
+  """
   gal = load_split(data_dir, 'gallery', max_regions=max_regions)
   qry = load_split(data_dir, split, max_regions=max_regions)
-  text = tfidf_scores(qry.titles, gal.titles)
-  visual = cosine_scores(qry.mean_features, gal.mean_features)
-  # Standardise before fusing: raw cosines of non-negative features are all
-  # close to 1, TF-IDF cosines spread over [0, 1].
-  z = lambda s: (s - s.mean(axis=1, keepdims=True)) / (s.std(axis=1, keepdims=True) + 1e-9)
-  out = {'random': random_map_at_r(qry.labels, gal.labels, r)}
-  for name, s in (('tfidf', text), ('mean_region', visual), ('fusion', z(text) + z(visual))):
-    out[name] = map_at_r(qry.labels, rank(s), gal.labels, r)
+  query_labels = {q: list(labels) for q, labels in zip(qry.item_ids, qry.labels)}
+  gallery_labels = {g: labels[0] for g, labels in zip(gal.item_ids, gal.labels)}
+
+  def map_at_r(queries: np.ndarray, gallery: np.ndarray, normalize: bool = True) -> float:
+    _, indices = search.exact_topk(queries, gallery, r, normalize=normalize)
+    ranked = search.indices_to_ranked_lists(qry.item_ids, gal.item_ids, indices)
+    return metrics.evaluate_ranked_lists(ranked, query_labels, gallery_labels,
+                                         ranks=(r,))[f'mAP@{r}']
+
+  rng = np.random.default_rng(seed)
+  dim = 64
+  out = {'random': float(np.mean([
+      map_at_r(rng.standard_normal((len(qry.item_ids), dim), np.float32),
+               rng.standard_normal((len(gal.item_ids), dim), np.float32))
+      for _ in range(random_trials)]))}
+  text_q, text_g = eval_baselines.tfidf_embeddings(qry.titles, gal.titles,
+                                                   max_features=tfidf_max_features)
+  out['tfidf'] = map_at_r(text_q, text_g)
+  out['mean_region'] = map_at_r(qry.mean_region, gal.mean_region)
+  fused_q = np.concatenate([_standardised_queries(text_q, text_g),
+                            _standardised_queries(qry.mean_region, gal.mean_region)], axis=1)
+  fused_g = np.concatenate([text_g, gal.mean_region], axis=1)
+  out['fusion'] = map_at_r(fused_q, fused_g, normalize=False)
   return out
 
 
@@ -166,8 +147,11 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument('--split', default='dev', choices=formats.QUERY_SPLITS)
   parser.add_argument('--r', type=int, default=10)
   parser.add_argument('--max_regions', type=int, default=36)
+  parser.add_argument('--tfidf_max_features', type=int, default=8192,
+                      help='TF-IDF vocabulary cap (0: no cap)')
   args = parser.parse_args(argv)
-  res = evaluate_baselines(args.data_dir, args.split, args.r, args.max_regions)
+  res = evaluate_baselines(args.data_dir, args.split, args.r, args.max_regions,
+                           tfidf_max_features=args.tfidf_max_features or None)
   for name, v in res.items():
     print(f'{args.split} mAP@{args.r} {name:12s} {100 * v:6.2f}')
 

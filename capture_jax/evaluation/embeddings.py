@@ -1,0 +1,274 @@
+"""Retrieval embeddings: the jitted sharded embedding step and the on-disk export format.
+
+Embedding kinds (`config.eval.embedding`), all L2-normalised rows:
+
+| kind | vector | width |
+| --- | --- | --- |
+| `fused` | `l2n([l2n(pooled_text) ; l2n(pooled_visual)])` (the default) | 2 x bi |
+| `text` | `l2n(pooled_text)` | bi |
+| `visual` | `l2n(pooled_visual)` | bi |
+| `encoder` | `l2n([l2n(enc_pooled_text) ; l2n(enc_pooled_visual)])` | 2 x bi |
+
+(bi = `model.bi_hidden_size`.) Normalising each half before concatenating
+gives the two modalities equal weight in the cosine whatever their scales.
+
+An export is one folder::
+
+    metadata.json                  what was embedded, with what, and how it was cut
+    shard-00000-of-00004.npz       rows [0, S), S = shard_rows
+    shard-00001-of-00004.npz       rows [S, 2S) ...
+
+Each shard holds `embeddings [n, D] float32`, `item_id [n] str`, `row [n]
+int64` (the row's position in the split, or in the list of instance rows),
+and for instance rows `instance_label [n] str` and `instance_index [n] int32`
+(the instance's place in the sample's sidecar entry). Shards and metadata are
+written to a temporary file and renamed, so a shard file that exists is
+complete: an interrupted export resumes by computing only the missing shards.
+`metadata.json` is written first with `complete: false` and the plan (which
+identifies the export: model config, weights, kind, split, row count, shard
+size) and rewritten with `complete: true` once every shard is there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from capture_jax.models import CaptureModel
+from capture_jax.models.capture import BATCH_KEYS
+from capture_jax.training import sharding
+
+EMBEDDING_KINDS = ('fused', 'text', 'visual', 'encoder')
+ROW_KINDS = ('samples', 'instances')  # one row per sample, or one per product instance
+METADATA_FILE = 'metadata.json'
+FORMAT_VERSION = 1
+# Metadata fields that must agree for existing shards to be reused.
+IDENTITY_FIELDS = ('format_version', 'split', 'rows', 'kind', 'dimension', 'weights',
+                   'checkpoint_step', 'seed', 'model', 'count', 'shard_rows', 'num_shards')
+
+
+# --------------------------------------------------------------------------
+# The embedding step.
+
+
+def embedding_dim(model_cfg: ml_collections.ConfigDict, kind: str) -> int:
+  """Width of the `kind` embedding of a model."""
+  check_kind(kind)
+  return model_cfg.bi_hidden_size * (2 if kind in ('fused', 'encoder') else 1)
+
+
+def check_kind(kind: str) -> None:
+  if kind not in EMBEDDING_KINDS:
+    raise ValueError(f'eval.embedding must be one of {EMBEDDING_KINDS}, got {kind!r}')
+
+
+def _l2n(x: jax.Array) -> jax.Array:
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def embed_outputs(outputs: Mapping[str, jax.Array], kind: str) -> jax.Array:
+  """The model's output dict -> `[B, D]` float32 embeddings of `kind` (see the module docstring)."""
+  check_kind(kind)
+  if kind == 'text':
+    return _l2n(outputs['pooled_text'])
+  if kind == 'visual':
+    return _l2n(outputs['pooled_visual'])
+  prefix = 'enc_' if kind == 'encoder' else ''
+  return _l2n(jnp.concatenate([_l2n(outputs[f'{prefix}pooled_text']),
+                               _l2n(outputs[f'{prefix}pooled_visual'])], axis=-1))
+
+
+def abstract_batch(config: ml_collections.ConfigDict, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+  """Shapes of one global evaluation batch of the model inputs (`BATCH_KEYS`)."""
+  d = config.data
+  t, r, f = d.max_text_len, d.max_regions, d.feature_dim
+  i32, f32 = np.int32, np.float32
+  shapes = {'input_ids': ((t,), i32), 'input_mask': ((t,), i32), 'segment_ids': ((t,), i32),
+            'image_feat': ((r + 1, f), f32), 'image_loc': ((r + 1, 5), f32), 'image_mask': ((r + 1,), i32)}
+  return {k: jax.ShapeDtypeStruct((batch_size,) + s, dt) for k, (s, dt) in shapes.items()}
+
+
+@dataclasses.dataclass
+class Embedder:
+  """A compiled inference step: `params['model']` and a global batch -> `[B, D]` embeddings.
+
+  Built once by `make_embedder` and reused for every split and for any
+  parameters of the same layout (a checkpoint's, or the random initialisation).
+  """
+  mesh: Any
+  kind: str
+  dimension: int
+  batch_size: int  # global
+  param_shardings: Any  # of params['model']
+  abstract_params: Any  # params['model'] as ShapeDtypeStructs carrying those shardings
+  step: Any  # compiled: (model_params, batch) -> [B, D] float32, batch-sharded
+  compile_s: float
+
+  def __call__(self, model_params: Any, batch: Mapping[str, jax.Array]) -> jax.Array:
+    return self.step(model_params, {k: batch[k] for k in BATCH_KEYS})
+
+
+def initial_model_params(config: ml_collections.ConfigDict, key: jax.Array) -> Any:
+  """The untrained model's parameters, as the trainer initialises them (traceable, for sharded init)."""
+  from capture_jax import train  # pylint: disable=import-outside-toplevel
+  return train.initial_params(config, key)['model']
+
+
+def model_param_layout(config: ml_collections.ConfigDict, mesh) -> tuple[Any, Any]:
+  """Abstract `params['model']` and its shardings on `mesh` (the trainer's rules, which
+  depend only on each parameter's path and shape)."""
+  abstract = jax.eval_shape(lambda k: initial_model_params(config, k), jax.random.PRNGKey(config.seed))
+  return abstract, sharding.param_shardings(abstract, mesh, config.mesh)
+
+
+def make_embedder(config: ml_collections.ConfigDict, mesh, kind: str | None = None) -> Embedder:
+  """Compiles the jitted, sharded inference step (train=False: no dropout; inputs are unmasked).
+
+  Parameters keep the trainer's sharding rules on `mesh`; the batch is split
+  over `('data', 'fsdp')` and so are the output rows.
+  """
+  import time
+  kind = kind or config.eval.embedding
+  check_kind(kind)
+  batch_size = config.data.eval_batch_size
+  batch_devices = mesh.shape['data'] * mesh.shape['fsdp']
+  if batch_size % batch_devices:
+    raise ValueError(f'data.eval_batch_size={batch_size} is not divisible by the {batch_devices} devices of the '
+                     f"mesh's batch axes (data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']})")
+  abstract, shardings = model_param_layout(config, mesh)
+  model = CaptureModel(config.model)
+
+  def step(model_params, batch):
+    return embed_outputs(model.apply({'params': model_params}, batch, train=False), kind)
+
+  batch_sharding = sharding.batch_sharding(mesh)
+  jitted = jax.jit(step, in_shardings=(shardings, batch_sharding), out_shardings=batch_sharding)
+  abstract_params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                 abstract, shardings)
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
+           for k, v in abstract_batch(config, batch_size).items()}
+  start = time.perf_counter()
+  compiled = jitted.lower(abstract_params, batch).compile()
+  return Embedder(mesh, kind, embedding_dim(config.model, kind), batch_size, shardings, abstract_params, compiled,
+                  time.perf_counter() - start)
+
+
+# --------------------------------------------------------------------------
+# The export folder.
+
+
+def shard_name(index: int, num_shards: int) -> str:
+  return f'shard-{index:05d}-of-{num_shards:05d}.npz'
+
+
+def _atomic_write(path: Path, write) -> None:
+  """Writes through `write(file)` into a temporary file beside `path`, then renames it."""
+  tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
+  try:
+    with open(tmp, 'wb') as f:
+      write(f)
+    os.replace(tmp, path)
+  finally:
+    if tmp.exists():
+      tmp.unlink()
+
+
+def write_shard(path: str | Path, arrays: Mapping[str, np.ndarray]) -> None:
+  """One `.npz` shard, atomically (never a partial file under `path`)."""
+  _atomic_write(Path(path), lambda f: np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()}))
+
+
+def write_metadata(out_dir: str | Path, metadata: Mapping[str, Any]) -> None:
+  text = json.dumps(dict(metadata), indent=2, ensure_ascii=False, sort_keys=True) + '\n'
+  _atomic_write(Path(out_dir) / METADATA_FILE, lambda f: f.write(text.encode('utf-8')))
+
+
+def read_metadata(out_dir: str | Path) -> dict[str, Any] | None:
+  """The folder's metadata, or None when it has none."""
+  path = Path(out_dir) / METADATA_FILE
+  if not path.is_file():
+    return None
+  return json.loads(path.read_text(encoding='utf-8'))
+
+
+def identity(metadata: Mapping[str, Any]) -> dict[str, Any]:
+  return {k: metadata.get(k) for k in IDENTITY_FIELDS}
+
+
+def identity_diffs(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
+  """Readable differences between the identities of two metadata dicts."""
+  diffs = []
+  for k in IDENTITY_FIELDS:
+    if a.get(k) != b.get(k):
+      if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+        keys = sorted(set(a[k]) | set(b[k]))
+        diffs += [f'{k}.{kk}: {a[k].get(kk)!r} vs {b[k].get(kk)!r}' for kk in keys if a[k].get(kk) != b[k].get(kk)]
+      else:
+        diffs.append(f'{k}: {a.get(k)!r} vs {b.get(k)!r}')
+  return diffs
+
+
+@dataclasses.dataclass
+class Embeddings:
+  """An export read back: `vectors [N, D]` float32 with per-row ids, in row order."""
+  vectors: np.ndarray
+  item_id: list[str]
+  row: np.ndarray
+  instance_label: list[str] | None
+  instance_index: np.ndarray | None
+  metadata: dict[str, Any]
+  path: Path
+
+  @property
+  def dimension(self) -> int:
+    return int(self.vectors.shape[1])
+
+  @property
+  def kind(self) -> str:
+    return self.metadata['kind']
+
+  def __len__(self) -> int:
+    return int(self.vectors.shape[0])
+
+
+def read_embeddings(out_dir: str | Path) -> Embeddings:
+  """Reads a complete export; raises ValueError/FileNotFoundError saying what is wrong with it."""
+  out_dir = Path(out_dir)
+  meta = read_metadata(out_dir)
+  if meta is None:
+    raise FileNotFoundError(f'{out_dir} holds no exported embeddings ({METADATA_FILE} is missing); '
+                            'run `python -m capture_jax.export` first')
+  if not meta.get('complete'):
+    raise ValueError(f'the export in {out_dir} is incomplete; run the same export command again to finish it')
+  dim, count = int(meta['dimension']), int(meta['count'])
+  vectors, ids, rows, labels, indices = [], [], [], [], []
+  for s in range(int(meta['num_shards'])):
+    path = out_dir / shard_name(s, int(meta['num_shards']))
+    if not path.is_file():
+      raise FileNotFoundError(f'{path} is missing from the export in {out_dir}; run the export again to rewrite it')
+    with np.load(path, allow_pickle=False) as z:
+      emb = z['embeddings']
+      if emb.ndim != 2 or emb.shape[1] != dim:
+        raise ValueError(f'{path}: embeddings of shape {emb.shape}, but {METADATA_FILE} says dimension {dim}')
+      vectors.append(emb.astype(np.float32, copy=False))
+      ids += [str(x) for x in z['item_id']]
+      rows.append(z['row'])
+      if 'instance_label' in z:
+        labels += [str(x) for x in z['instance_label']]
+        indices.append(z['instance_index'])
+  vectors = np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32)
+  if len(vectors) != count:
+    raise ValueError(f'the export in {out_dir} has {len(vectors)} rows, but {METADATA_FILE} says {count}')
+  instances = meta.get('rows') == 'instances'
+  return Embeddings(vectors, ids, np.concatenate(rows) if rows else np.zeros(0, np.int64),
+                    labels if instances else None,
+                    (np.concatenate(indices) if indices else np.zeros(0, np.int32)) if instances else None,
+                    meta, out_dir)
