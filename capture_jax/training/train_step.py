@@ -103,12 +103,15 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh,
     grads, terms = gradients(state.params, batch, rng)
     grad_norm = optimizer_lib.global_norm(grads)
     finite = jnp.isfinite(terms['total']) & jnp.isfinite(grad_norm)
-    updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
-    keep_if_finite = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+
+    # Only the taken branch runs: no select over every parameter and moment.
+    def update(_):
+      updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
+      return optax.apply_updates(state.params, updates), new_opt_state
+
+    params, opt_state = jax.lax.cond(finite, update, lambda _: (state.params, state.opt_state), None)
     skipped = state.skipped + (~finite).astype(jnp.int32)
-    new_state = state.replace(step=state.step + 1, params=keep_if_finite(new_params, state.params),
-                              opt_state=keep_if_finite(new_opt_state, state.opt_state), skipped=skipped)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, skipped=skipped)
     metrics = {**{f'loss/{k}': v for k, v in terms.items()},
                'grad_norm': grad_norm, 'learning_rate': schedule(state.step), 'skipped_updates': skipped}
     return new_state, metrics
