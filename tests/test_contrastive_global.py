@@ -20,24 +20,12 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from capture_jax import config as config_lib
 from capture_jax import losses
 from capture_jax.training.contrastive import global_contrastive_loss
+from tests.multidevice.contrastive_check import loss_setup
 
 CHECK = Path(__file__).parent / 'multidevice' / 'contrastive_check.py'
 TOL = 1e-5
-
-
-def _loss_setup(kind, chunk=0):
-  cfg = config_lib.loss_config()
-  cfg.contrastive = kind
-  cfg.contrastive_chunk = chunk
-  params = losses.init_loss_params(cfg)
-  if kind == 'clip':
-    params = {'log_inv_temperature': jnp.float32(2.3)}
-  if kind == 'siglip':
-    params = {'log_inv_temperature': jnp.float32(np.log(5.0)), 'bias': jnp.float32(-2.0)}
-  return cfg, params
 
 
 def _rel(got, ref):
@@ -100,7 +88,7 @@ def test_one_device_equals_dense(kind, chunk):
   kt, kv = jax.random.split(jax.random.key(1))
   text = jax.random.normal(kt, (8, 16), jnp.float32)
   visual = jax.random.normal(kv, (8, 16), jnp.float32) + 0.5 * text
-  cfg, params = _loss_setup(kind, chunk)
+  cfg, params = loss_setup(kind, chunk)
   mesh = _one_device_mesh()
   grad = lambda f: jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))
   ref = grad(lambda t, v, p: losses.contrastive_loss(t, v, cfg, p))(text, visual, params)
@@ -115,10 +103,10 @@ def test_one_device_equals_dense(kind, chunk):
 def test_bad_configuration_is_refused():
   mesh = _one_device_mesh()
   x = jnp.ones((8, 16), jnp.float32)
-  cfg, params = _loss_setup('clip', chunk=3)
+  cfg, params = loss_setup('clip', chunk=3)
   with pytest.raises(ValueError, match='contrastive_chunk=3 must divide'):
     global_contrastive_loss(x, x, cfg, params, mesh)
-  cfg, params = _loss_setup('clip')
+  cfg, params = loss_setup('clip')
   with pytest.raises(ValueError, match='not axes of the mesh'):
     global_contrastive_loss(x, x, cfg, params, mesh, batch_axes=('batch',))
   cfg.contrastive = 'triplet'

@@ -9,7 +9,6 @@ A checkpoint that cannot be read is reported and the previous one is tried.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -91,8 +90,6 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, data_ite
     try:
       restored = manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # pylint: disable=broad-except
-      logging.warning('checkpoint at step %d in %s cannot be read (%s: %s); trying the previous one',
-                      step, manager.directory, type(e).__name__, e)
       print(f'WARNING: checkpoint {step} in {manager.directory} cannot be read '
             f'({type(e).__name__}: {str(e)[:200]}); trying the previous one', flush=True)
       continue

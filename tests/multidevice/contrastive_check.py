@@ -37,9 +37,11 @@ CHUNKS = [0, 4]
 AXES = ('data', 'fsdp', 'tensor')
 
 
-def loss_setup(kind):
+def loss_setup(kind, chunk=0):
+  """The loss config and parameters of `kind` (shared with tests/test_contrastive_global.py)."""
   cfg = config_lib.loss_config()
   cfg.contrastive = kind
+  cfg.contrastive_chunk = chunk
   params = losses.init_loss_params(cfg)
   # Away from the initial values so that every term matters.
   if kind == 'clip':
