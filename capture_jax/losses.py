@@ -16,6 +16,7 @@ from typing import Mapping
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 import ml_collections
 import numpy as np
 
@@ -67,9 +68,15 @@ def mrm_class_loss(logits: Array, target_probs: Array, image_label: Array) -> Ar
 
 
 def l2_normalize(x: Array, eps: float = 1e-12) -> Array:
-  """Rows of `[N, D]` to unit norm (F.normalize semantics: divide by max(norm, eps))."""
+  """Rows of `[N, D]` to unit norm (F.normalize semantics: divide by max(norm, eps)).
+
+  Written with the squared norm so that an all-zero row (a ReLU pooler whose
+  units are all off for that sample) has the finite gradient `g / eps` that
+  F.normalize gives, instead of the NaN of differentiating `jnp.linalg.norm`
+  at 0 (which would make the trainer skip the whole update).
+  """
   x = x.astype(jnp.float32)
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+  return x * lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
 
 
 def ntxent_loss(text: Array, visual: Array, temperature: float) -> Array:

@@ -71,6 +71,22 @@ def test_ntxent_matches_a_plain_torch_implementation():
   np.testing.assert_allclose(losses.ntxent_loss(text, visual, 0.07), ntxent_reference(text, visual, 0.07), rtol=1e-5)
 
 
+def test_an_all_zero_pooler_row_has_the_finite_gradient_of_torch():
+  # A ReLU pooler can switch off every unit for one sample; jnp.linalg.norm's
+  # gradient at 0 is NaN, which would make the trainer skip the update.
+  r = rng(5)
+  text, visual = r.normal(size=(4, 8)).astype(np.float32), r.normal(size=(4, 8)).astype(np.float32)
+  visual[2] = 0.0
+  grads = jax.grad(lambda t, v: losses.ntxent_loss(t, v, 0.07), argnums=(0, 1))(text, visual)
+  t, v = (torch.tensor(x, requires_grad=True) for x in (text, visual))
+  z = torch.cat([F.normalize(v, dim=-1), F.normalize(t, dim=-1)])
+  sim = (z @ z.T / 0.07).masked_fill(torch.eye(8, dtype=torch.bool), float('-inf'))
+  F.cross_entropy(sim, torch.cat([torch.arange(4, 8), torch.arange(0, 4)])).backward()
+  for ours, theirs in zip(grads, (t.grad, v.grad)):
+    assert np.isfinite(np.asarray(ours)).all()
+    np.testing.assert_allclose(np.asarray(ours), theirs.numpy(), rtol=1e-4, atol=1e-6 * np.abs(theirs.numpy()).max())
+
+
 def test_clip_loss_matches_numpy():
   r = rng(4)
   text, visual = r.normal(size=(6, 8)), r.normal(size=(6, 8))
