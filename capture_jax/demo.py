@@ -5,10 +5,11 @@ Stages (each says what it does; re-running reuses what exists and says so):
    train its WordPiece vocab;
 2. build the TFDS `product1m` dataset (ArrayRecord);
 3. pretrain `configs/demo.py` (MLM + MRM + contrastive), checkpoints in runs/demo/;
-   an interrupted run continues from its last checkpoint.
-
-Retrieval evaluation (export, search, official metrics, report) is not part of
-the demo yet: it is added with the evaluation command.
+   an interrupted run continues from its last checkpoint;
+4. evaluate instance-level retrieval on the dev queries against the gallery
+   (`capture_jax.evaluate`: embedding export, exact search, the official
+   metrics, the baselines, report and plot);
+5. print the report table and the paths of the report, plot and embeddings.
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ def load_config(path: str | os.PathLike) -> ml_collections.ConfigDict:
   return module.get_config()
 
 
-def stage(number: int, text: str) -> float:
-  print(f'\n== stage {number}: {text}', flush=True)
+def stage(number: int | None, text: str) -> float:
+  """Announces a stage (`number` None: a step of another command, such as an ablation variant)."""
+  print(f'\n== stage {number}: {text}' if number is not None else f'-- {text}', flush=True)
   return time.perf_counter()
 
 
@@ -71,11 +73,23 @@ def prepare_data(config: ml_collections.ConfigDict) -> None:
   done(t, 'dataset ready')
 
 
-def pretrain(config: ml_collections.ConfigDict, workdir: Path) -> None:
+def fill_data_paths(config: ml_collections.ConfigDict, workdir: Path) -> None:
+  """Data, TFDS and vocab paths under `workdir` where the config leaves them empty."""
+  d = config.data
+  d.data_dir = d.data_dir or str(workdir / 'data')
+  d.tfds_dir = d.tfds_dir or str(workdir / 'tfds')
+  d.vocab_file = d.vocab_file or str(workdir / 'data' / 'vocab.txt')
+
+
+def pretrain(config: ml_collections.ConfigDict, workdir: Path, number: int | None = 3) -> None:
+  """Stage 3: `capture_jax.train` into `workdir` (a finished run is reused, an interrupted one resumed)."""
   from capture_jax import train  # pylint: disable=import-outside-toplevel
   from capture_jax.training import checkpoint as checkpoint_lib  # pylint: disable=import-outside-toplevel
-  t = stage(3, f'pretraining the demo CAPTURE (MLM + MRM + contrastive) for {config.train.num_steps} steps, '
-               f'checkpoints in {checkpoint_lib.checkpoint_dir(workdir)}')
+  l = config.loss
+  tasks = ' + '.join(name for name, w in (('MLM', l.mlm_weight), ('MRM', l.mrm_weight),
+                                         (f'contrastive ({l.contrastive})', l.contrastive_weight)) if w)
+  t = stage(number, f'pretraining CAPTURE ({tasks}) for {config.train.num_steps} steps, '
+                    f'checkpoints in {checkpoint_lib.checkpoint_dir(workdir)}')
   ckpts = checkpoint_lib.checkpoint_dir(workdir)
   finished = ckpts.exists() and any(p.name == str(config.train.num_steps) for p in ckpts.iterdir())
   if finished:
@@ -83,10 +97,37 @@ def pretrain(config: ml_collections.ConfigDict, workdir: Path) -> None:
     return
   result = train.run(config, workdir)
   if result.preempted:
-    raise SystemExit('interrupted: run `make demo` again to continue from the last checkpoint')
+    raise SystemExit('interrupted: run the same command again to continue from the last checkpoint')
   metrics = result.last_metrics
   print('   final losses: ' + ', '.join(f'{k[5:]} {v:.3f}' for k, v in metrics.items() if k.startswith('loss/')))
   done(t, 'pretraining finished')
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: Path, number: int | None = 4):
+  """Stage 4: `capture_jax.evaluate` on the dev split (exports already written are reused)."""
+  from capture_jax import evaluate as evaluate_lib  # pylint: disable=import-outside-toplevel
+  baselines = ', and the baselines (TF-IDF, mean region feature, random weights)' if config.eval.baselines else ''
+  t = stage(number, 'evaluating instance-level retrieval: dev queries (whole samples and one query per product '
+                    f'instance) against the gallery; embedding export, exact cosine search, the official '
+                    f'mAP/Prec/mAR@R{baselines}')
+  result = evaluate_lib.evaluate(config, workdir, 'dev')
+  done(t, 'evaluation finished')
+  return result
+
+
+def print_report(result, workdir: Path) -> None:
+  """Stage 5: the table and where everything is."""
+  from capture_jax.evaluation import metrics as metrics_lib  # pylint: disable=import-outside-toplevel
+  from capture_jax.evaluation import report as report_lib  # pylint: disable=import-outside-toplevel
+  stage(5, 'the report')
+  print(result.table, flush=True)
+  print(f'\nbest CAPTURE query mode on mAP@10: {result.best_query_mode}')
+  out = result.out_dir
+  print(f'report:     {out / report_lib.REPORT_FILE}\nmetrics:    {out / report_lib.METRICS_FILE}\n'
+        f'plot:       {out / report_lib.PLOT_FILE}\nranked ids: {out / metrics_lib.RANKED_FILE}')
+  for name, path in result.summary['exports'].items():
+    print(f'embeddings ({name}): {path}')
+  print(f'training metrics: {workdir / "metrics.jsonl"}; TensorBoard: {workdir / "tensorboard"}', flush=True)
 
 
 def main() -> None:
@@ -96,17 +137,15 @@ def main() -> None:
   args = parser.parse_args()
   config = load_config(args.config)
   workdir = Path(args.workdir)
-  d = config.data
-  d.data_dir = d.data_dir or str(workdir / 'data')
-  d.tfds_dir = d.tfds_dir or str(workdir / 'tfds')
-  d.vocab_file = d.vocab_file or str(workdir / 'data' / 'vocab.txt')
-  print('capture_jax demo: synthetic data -> TFDS -> pretraining. (Retrieval evaluation is not wired into '
-        'the demo yet.)', flush=True)
+  fill_data_paths(config, workdir)
+  print('capture_jax demo: synthetic data -> TFDS -> pretraining -> retrieval evaluation -> report',
+        flush=True)
   start = time.perf_counter()
   prepare_data(config)
   pretrain(config, workdir)
-  print(f'\ndemo finished in {time.perf_counter() - start:.0f} s; metrics: {workdir / "metrics.jsonl"}, '
-        f'TensorBoard: {workdir / "tensorboard"}', flush=True)
+  result = evaluate(config, workdir)
+  print_report(result, workdir)
+  print(f'\ndemo finished in {time.perf_counter() - start:.0f} s', flush=True)
 
 
 if __name__ == '__main__':

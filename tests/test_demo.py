@@ -1,0 +1,103 @@
+"""`make demo` end to end on a reduced preset, and the ablation command's pieces."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from capture_jax import ablation
+from capture_jax import config as config_lib
+
+REPO = Path(__file__).resolve().parents[1]
+
+# The demo's configuration, shrunk to the tiny synthetic world and a few steps.
+REDUCED_DEMO = textwrap.dedent('''
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('demo_config', {demo!r})
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+
+    def get_config(arg=None):
+      c = demo.get_config()
+      c.model.update(hidden_size=32, intermediate_size=48, v_hidden_size=32, v_intermediate_size=48,
+                     bi_hidden_size=16, cross_hidden_size=32, num_attention_heads=2, v_num_attention_heads=2,
+                     bi_num_attention_heads=2, cross_num_attention_heads=2, num_hidden_layers=1,
+                     v_num_hidden_layers=1, co_num_layers=1, cross_num_layers=1, vocab_size=500,
+                     max_text_len=16, max_position_embeddings=32, cross_max_position_embeddings=32,
+                     v_target_size=32)
+      c.data.synthetic_preset = 'tiny'
+      c.data.feature_dim = 32
+      c.data.max_regions = 8
+      c.data.vocab_size = 500
+      c.data.batch_size = 8
+      c.data.eval_batch_size = 8
+      c.train.num_steps = 4
+      c.train.log_every = 2
+      c.checkpoint.every_steps = 2
+      return c
+''')
+
+
+def run_demo(config_file, workdir):
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+  proc = subprocess.run([sys.executable, '-m', 'capture_jax.demo', '--config', str(config_file),
+                         '--workdir', str(workdir)], capture_output=True, text=True, env=env, cwd=REPO,
+                        timeout=600)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  return proc.stdout
+
+
+@pytest.mark.slow
+def test_demo_runs_every_stage_then_reuses_them(tmp_path):
+  config_file = tmp_path / 'reduced_demo.py'
+  config_file.write_text(REDUCED_DEMO.format(demo=str(REPO / 'configs' / 'demo.py')))
+  workdir = tmp_path / 'run'
+
+  first = run_demo(config_file, workdir)
+  for n in range(1, 6):
+    assert f'== stage {n}:' in first
+  assert (workdir / 'data' / 'synthetic_world.json').is_file()
+  assert (workdir / 'checkpoints' / '4').is_dir()
+  out = workdir / 'eval_dev'
+  for name in ('report.md', 'metrics.json', 'metrics.png', 'retrieval_id_list.txt'):
+    assert (out / name).is_file(), name
+  # The printed table is the report's, with CAPTURE and the three baselines.
+  for method in ('CAPTURE (', 'CAPTURE, random weights', 'TF-IDF', 'Mean region feature'):
+    assert method in first
+  assert str(out / 'report.md') in first
+  metrics = json.loads((out / 'metrics.json').read_text())
+  assert any(m.startswith('CAPTURE (') for m in metrics)
+
+  second = run_demo(config_file, workdir)
+  assert 'reusing the data set' in second and 'reusing the vocab' in second
+  assert 'reusing the built dataset' in second
+  assert 'training already finished (step 4)' in second
+  assert 'already holds this export' in second or 'reusing' in second
+
+
+def test_ablation_variants_change_only_their_fields():
+  base = config_lib.base_config()
+  full = ablation.variant_config(base, 'full')
+  assert full.to_dict() == {**base.to_dict(), 'eval': {**base.eval.to_dict(), 'baselines': True}}
+  mlm = ablation.variant_config(base, 'mlm')
+  assert (mlm.loss.mlm_weight, mlm.loss.mrm_weight, mlm.loss.contrastive_weight) == (1.0, 0.0, 0.0)
+  assert not mlm.eval.baselines  # baselines are evaluated once, with the full model
+  assert ablation.variant_config(base, 'single_stream').model.co_num_layers == 0
+  assert ablation.variant_config(base, 'two_stream').model.cross_num_layers == 0
+  assert ablation.variant_config(base, 'siglip').loss.contrastive == 'siglip'
+  assert base.loss.contrastive_weight == 1.0  # the base is not modified
+  with pytest.raises(ValueError, match='unknown ablation variant'):
+    ablation.variant_config(base, 'no_such_variant')
+
+
+def test_ablation_table_has_a_row_per_variant_and_baseline():
+  m = {'mAP@10': 0.5, 'mAP@50': 0.25, 'mAP@100': 0.125}
+  text = ablation.table({'full': m, 'mlm': m}, {'TF-IDF over titles (text only)': m})
+  lines = text.splitlines()
+  assert len(lines) == 2 + 3
+  assert '`mlm`: MLM only' in text and '| baseline | TF-IDF' in text
+  assert lines[2].endswith('| 50.00 | 25.00 | 12.50 |')
