@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo ablation test install clean
 
 $(STAMP): requirements.txt requirements-test.txt pyproject.toml
 	@echo ">> creating $(VENV) and installing the pinned requirements"
@@ -17,6 +17,9 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m capture_jax.demo
+
+ablation: $(STAMP)
+	$(PY) -m capture_jax.ablation
 
 test: $(STAMP)
 	$(PY) -m pytest -q -ra tests
