@@ -12,6 +12,11 @@ samples/s, peak memory (device memory stats on accelerators; the compiled
 program's argument + temp + output bytes on CPU) and, on accelerators, model
 FLOP utilisation from XLA's counted FLOPs against the device's peak.
 
+Export (`--what=export`): `capture_jax.export` of the demo world's gallery
+and dev instance rows with the demo model (random weights: the same compute as
+a checkpoint), on the data `make demo` builds in `--data_workdir` (built first
+if missing); median samples/s of `--repeats` exports after one warm-up export.
+
 Other parts have their own benchmark modules, which this command runs with
 `--what`: `input` (`capture_jax.data.benchmark`), `search`
 (`capture_jax.evaluation.benchmark`).
@@ -113,6 +118,36 @@ def bench_train_step(config, batch_size: int, repeats: int, warmup: int) -> dict
   }
 
 
+EXPORT_SECTION = '## Export (benchmark harness)'
+EXPORT_NOTE = """Rows appended by `python -m capture_jax.bench --what=export`: `capture_jax.export` of the demo
+world with the demo model (random weights), median samples/s (split rows over the export loop: reading,
+collating, the jitted inference step, writing the shard; compilation excluded) of the timed exports after one
+warm-up export."""
+EXPORT_HEADER = ('| date | machine | config | rows | count | samples/s | eval batch |\n'
+                 '|---|---|---|---|---:|---:|---:|')
+
+
+def bench_export(data_workdir: Path, repeats: int) -> list[dict]:
+  """Median export samples/s of the demo gallery (samples) and dev (instances) rows."""
+  import tempfile  # pylint: disable=import-outside-toplevel
+  from capture_jax import export as export_lib  # pylint: disable=import-outside-toplevel
+  config = load_named_config('demo')
+  demo_lib.fill_data_paths(config, data_workdir)
+  demo_lib.prepare_data(config)
+  results = []
+  for split, rows in (('gallery', 'samples'), ('dev', 'instances')):
+    with tempfile.TemporaryDirectory() as out:
+      rates = []
+      for i in range(repeats + 1):
+        r = export_lib.export(config, data_workdir, split, rows=rows, random_init=True, out=out,
+                              overwrite=True, progress=False)
+        if i:  # the first export is the warm-up
+          rates.append(r.samples_per_s)
+      results.append({'rows': f'{split} ({rows})', 'count': r.metadata['count'],
+                      'samples_per_s': statistics.median(rates), 'batch': config.data.eval_batch_size})
+  return results
+
+
 def load_named_config(name: str):
   path = Path(name) if name.endswith('.py') else REPO / 'configs' / f'{name}.py'
   return demo_lib.load_config(path)
@@ -142,7 +177,8 @@ TRAIN_HEADER = ('| date | machine | config | options | batch | step s | samples/
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--what', default='train', help='comma-separated: train, input, search')
+  parser.add_argument('--what', default='train', help='comma-separated: train, export, input, search')
+  parser.add_argument('--data_workdir', default='runs/demo', help='demo data for --what=export')
   parser.add_argument('--configs', default='demo,capture_paper')
   parser.add_argument('--batch_sizes', default='8,32')
   parser.add_argument('--dtype', default='float32')
@@ -171,6 +207,15 @@ def main(argv=None) -> None:
         rows.append(row)
     if not args.no_record:
       append_rows(TRAIN_SECTION, TRAIN_HEADER, rows, TRAIN_NOTE)
+  if 'export' in what:
+    rows = []
+    for r in bench_export(Path(args.data_workdir), args.repeats):
+      row = (f"| {today} | {machine()} | demo | {r['rows']} | {r['count']} | {r['samples_per_s']:.1f} | "
+             f"{r['batch']} |")
+      print(row, flush=True)
+      rows.append(row)
+    if not args.no_record:
+      append_rows(EXPORT_SECTION, EXPORT_HEADER, rows, EXPORT_NOTE)
   for part, module in (('input', 'capture_jax.data.benchmark'), ('search', 'capture_jax.evaluation.benchmark')):
     if part in what:
       print(f'running python -m {module}', flush=True)
