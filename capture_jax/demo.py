@@ -122,6 +122,13 @@ def print_report(result, workdir: Path) -> None:
   stage(5, 'the report')
   print(result.table, flush=True)
   print(f'\nbest CAPTURE query mode on mAP@10: {result.best_query_mode}')
+  capture = {m: v['mAP@10'] for m, v in result.metrics.items() if m.startswith('CAPTURE (')}
+  others = {m: v['mAP@10'] for m, v in result.metrics.items() if m not in capture}
+  if others:
+    best, best_other = max(capture, key=capture.get), max(others, key=others.get)
+    verdict = 'above' if capture[best] > others[best_other] else 'NOT above'
+    print(f'{best} mAP@10 {100 * capture[best]:.2f} is {verdict} the best baseline, {best_other} '
+          f'{100 * others[best_other]:.2f}')
   out = result.out_dir
   print(f'report:     {out / report_lib.REPORT_FILE}\nmetrics:    {out / report_lib.METRICS_FILE}\n'
         f'plot:       {out / report_lib.PLOT_FILE}\nranked ids: {out / metrics_lib.RANKED_FILE}')
