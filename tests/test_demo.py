@@ -90,6 +90,9 @@ def test_ablation_variants_change_only_their_fields():
   assert ablation.variant_config(base, 'single_stream').model.co_num_layers == 0
   assert ablation.variant_config(base, 'two_stream').model.cross_num_layers == 0
   assert ablation.variant_config(base, 'siglip').loss.contrastive == 'siglip'
+  # The variant that equals the full model is not trained twice.
+  assert ablation.same_run(base, base.loss.contrastive) and not ablation.same_run(base, 'siglip')
+  assert not ablation.same_run(base, 'full')
   assert base.loss.contrastive_weight == 1.0  # the base is not modified
   with pytest.raises(ValueError, match='unknown ablation variant'):
     ablation.variant_config(base, 'no_such_variant')
@@ -97,8 +100,9 @@ def test_ablation_variants_change_only_their_fields():
 
 def test_ablation_table_has_a_row_per_variant_and_baseline():
   m = {'mAP@10': 0.5, 'mAP@50': 0.25, 'mAP@100': 0.125}
-  text = ablation.table({'full': m, 'mlm': m}, {'TF-IDF over titles (text only)': m})
+  text = ablation.table({'full': m, 'mlm': dict(m)}, {'TF-IDF over titles (text only)': m})
   lines = text.splitlines()
   assert len(lines) == 2 + 3
   assert '`mlm`: MLM only' in text and '| baseline | TF-IDF' in text
   assert lines[2].endswith('| 50.00 | 25.00 | 12.50 |')
+  assert '(= `full`)' in ablation.table({'full': m, 'clip': m}, {})  # a variant that is the full run
