@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 # The demo's configuration, shrunk to the tiny synthetic world and a few steps.
 REDUCED_DEMO = textwrap.dedent('''
     import importlib.util
+    import os
     spec = importlib.util.spec_from_file_location('demo_config', {demo!r})
     demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo)
@@ -35,15 +36,15 @@ REDUCED_DEMO = textwrap.dedent('''
       c.data.vocab_size = 500
       c.data.batch_size = 8
       c.data.eval_batch_size = 8
-      c.train.num_steps = 4
+      c.train.num_steps = int(os.environ['DEMO_TEST_STEPS'])
       c.train.log_every = 2
       c.checkpoint.every_steps = 2
       return c
 ''')
 
 
-def run_demo(config_file, workdir):
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+def run_demo(config_file, workdir, steps):
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'DEMO_TEST_STEPS': str(steps)}
   proc = subprocess.run([sys.executable, '-m', 'capture_jax.demo', '--config', str(config_file),
                          '--workdir', str(workdir)], capture_output=True, text=True, env=env, cwd=REPO,
                         timeout=600)
@@ -52,12 +53,12 @@ def run_demo(config_file, workdir):
 
 
 @pytest.mark.slow
-def test_demo_runs_every_stage_then_reuses_them(tmp_path):
+def test_demo_runs_every_stage_resumes_then_reuses_them(tmp_path):
   config_file = tmp_path / 'reduced_demo.py'
   config_file.write_text(REDUCED_DEMO.format(demo=str(REPO / 'configs' / 'demo.py')))
   workdir = tmp_path / 'run'
 
-  first = run_demo(config_file, workdir)
+  first = run_demo(config_file, workdir, steps=4)
   for n in range(1, 6):
     assert f'== stage {n}:' in first
   assert (workdir / 'data' / 'synthetic_world.json').is_file()
@@ -73,11 +74,16 @@ def test_demo_runs_every_stage_then_reuses_them(tmp_path):
   metrics = json.loads((out / 'metrics.json').read_text())
   assert any(m.startswith('CAPTURE (') for m in metrics)
 
-  second = run_demo(config_file, workdir)
+  # More steps: training continues from the last checkpoint, the new step is evaluated.
+  second = run_demo(config_file, workdir, steps=6)
   assert 'reusing the data set' in second and 'reusing the vocab' in second
   assert 'reusing the built dataset' in second
-  assert 'training already finished (step 4)' in second
-  assert 'already holds this export' in second or 'reusing' in second
+  assert 'resumed from the checkpoint at step 4' in second
+  assert json.loads((out / 'evaluation.json').read_text())['checkpoint_step'] == 6
+
+  third = run_demo(config_file, workdir, steps=6)
+  assert 'training already finished (step 6)' in third
+  assert 'reusing the exports in' in third
 
 
 def test_ablation_variants_change_only_their_fields():
