@@ -112,8 +112,8 @@ def main(argv=None) -> None:
   demo_lib.prepare_data(base)
   workdir = Path(args.workdir)
   rows, baselines, main_method = {}, {}, None
-  if any(same_run(base, n) for n in names) and 'full' not in names:
-    names.insert(0, 'full')
+  if any(same_run(base, n) for n in names) or 'full' in names:  # `full` first: others may reuse it
+    names = ['full'] + [n for n in names if n != 'full']
   for name in names:
     if same_run(base, name):
       print(f'\n== variant {name}: the same run as `full` ({VARIANTS[name].description})', flush=True)
