@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from capture_jax.losses import l2_normalize
 from capture_jax.models import CaptureModel
 from capture_jax.models.capture import BATCH_KEYS
 from capture_jax.training import sharding
@@ -70,20 +71,16 @@ def check_kind(kind: str) -> None:
     raise ValueError(f'eval.embedding must be one of {EMBEDDING_KINDS}, got {kind!r}')
 
 
-def _l2n(x: jax.Array) -> jax.Array:
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
 def embed_outputs(outputs: Mapping[str, jax.Array], kind: str) -> jax.Array:
   """The model's output dict -> `[B, D]` float32 embeddings of `kind` (see the module docstring)."""
   check_kind(kind)
   if kind == 'text':
-    return _l2n(outputs['pooled_text'])
+    return l2_normalize(outputs['pooled_text'])
   if kind == 'visual':
-    return _l2n(outputs['pooled_visual'])
+    return l2_normalize(outputs['pooled_visual'])
   prefix = 'enc_' if kind == 'encoder' else ''
-  return _l2n(jnp.concatenate([_l2n(outputs[f'{prefix}pooled_text']),
-                               _l2n(outputs[f'{prefix}pooled_visual'])], axis=-1))
+  return l2_normalize(jnp.concatenate([l2_normalize(outputs[f'{prefix}pooled_text']),
+                               l2_normalize(outputs[f'{prefix}pooled_visual'])], axis=-1))
 
 
 def abstract_batch(config: ml_collections.ConfigDict, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:

@@ -34,6 +34,8 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from capture_jax import losses
+
 _AXIS = "g"
 
 
@@ -42,11 +44,6 @@ def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     x = np.asarray(x, np.float32)
     norm = np.linalg.norm(x, axis=-1, keepdims=True)
     return x / np.maximum(norm, eps)
-
-
-def _jnp_l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-    norm = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))
-    return x / jnp.maximum(norm, eps)
 
 
 def _validate(queries: np.ndarray, gallery: np.ndarray, k: int) -> None:
@@ -76,7 +73,7 @@ def _prepare_queries(queries: jax.Array, *, query_chunk: int, normalize: bool) -
     """[Q, D] -> [ceil(Q / qc), qc, D] float32, zero-padded (padding is dropped later)."""
     q = queries.astype(jnp.float32)
     if normalize:
-        q = _jnp_l2_normalize(q)
+        q = losses.l2_normalize(q)
     n_chunks = -(-q.shape[0] // query_chunk)
     q = jnp.pad(q, ((0, n_chunks * query_chunk - q.shape[0]), (0, 0)))
     return q.reshape(n_chunks, query_chunk, q.shape[1])
@@ -104,7 +101,7 @@ def _merge_gallery_chunk(best_vals: jax.Array, best_idx: jax.Array, queries: jax
     def per_device(best_vals, best_idx, queries, shard, base, n_valid):
         g = shard.astype(jnp.float32)
         if normalize:
-            g = _jnp_l2_normalize(g)
+            g = losses.l2_normalize(g)
         rows = g.shape[0]
         gidx = base + lax.axis_index(_AXIS).astype(jnp.int32) * rows + jnp.arange(
             rows, dtype=jnp.int32)
