@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo ablation test install clean
+.PHONY: demo ablation test format install clean
 
 $(STAMP): requirements.txt requirements-test.txt pyproject.toml
 	@echo ">> creating $(VENV) and installing the pinned requirements"
@@ -22,7 +22,12 @@ ablation: $(STAMP)
 	$(PY) -m capture_jax.ablation
 
 test: $(STAMP)
+	@echo ">> checking the formatting (pyink, configured in pyproject.toml; 'make format' fixes it)"
+	$(PY) -m pyink --check --quiet .
 	$(PY) -m pytest -q -ra tests
+
+format: $(STAMP)
+	$(PY) -m pyink .
 
 clean:
 	rm -rf $(VENV) runs

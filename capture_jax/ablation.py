@@ -36,18 +36,38 @@ class Variant:
 
 
 VARIANTS: dict[str, Variant] = {
-    'full': Variant('all', 'the full model as configured: hybrid stream, MLM + MRM + contrastive', {}),
-    'mlm': Variant('pretext tasks', 'MLM only', {'loss.mrm_weight': 0.0, 'loss.contrastive_weight': 0.0}),
-    'mlm_mrm': Variant('pretext tasks', 'MLM + MRM (no contrastive loss)', {'loss.contrastive_weight': 0.0}),
-    'contrastive': Variant('pretext tasks', 'contrastive only', {'loss.mlm_weight': 0.0, 'loss.mrm_weight': 0.0}),
-    'single_stream': Variant('architecture', 'single stream: no co-attention layers, the joint co-transformer '
-                             'only', {'model.co_num_layers': 0}),
-    'two_stream': Variant('architecture', 'two streams: co-attention layers only, no joint co-transformer',
-                          {'model.cross_num_layers': 0}),
-    'ntxent': Variant('contrastive loss', 'NT-Xent as released (intra-modal negatives, temperature 0.07)',
-                      {'loss.contrastive': 'ntxent', 'loss.temperature': 0.07}),
-    'clip': Variant('contrastive loss', 'CLIP-style symmetric InfoNCE, learnable temperature',
-                    {'loss.contrastive': 'clip'}),
+    'full': Variant(
+        'all', 'the full model as configured: hybrid stream, MLM + MRM + contrastive', {}
+    ),
+    'mlm': Variant(
+        'pretext tasks', 'MLM only', {'loss.mrm_weight': 0.0, 'loss.contrastive_weight': 0.0}
+    ),
+    'mlm_mrm': Variant(
+        'pretext tasks', 'MLM + MRM (no contrastive loss)', {'loss.contrastive_weight': 0.0}
+    ),
+    'contrastive': Variant(
+        'pretext tasks', 'contrastive only', {'loss.mlm_weight': 0.0, 'loss.mrm_weight': 0.0}
+    ),
+    'single_stream': Variant(
+        'architecture',
+        'single stream: no co-attention layers, the joint co-transformer only',
+        {'model.co_num_layers': 0},
+    ),
+    'two_stream': Variant(
+        'architecture',
+        'two streams: co-attention layers only, no joint co-transformer',
+        {'model.cross_num_layers': 0},
+    ),
+    'ntxent': Variant(
+        'contrastive loss',
+        'NT-Xent as released (intra-modal negatives, temperature 0.07)',
+        {'loss.contrastive': 'ntxent', 'loss.temperature': 0.07},
+    ),
+    'clip': Variant(
+        'contrastive loss',
+        'CLIP-style symmetric InfoNCE, learnable temperature',
+        {'loss.contrastive': 'clip'},
+    ),
     'siglip': Variant('contrastive loss', 'sigmoid (SigLIP)', {'loss.contrastive': 'siglip'}),
 }
 METRICS = ('mAP@10', 'mAP@50', 'mAP@100')
@@ -73,16 +93,26 @@ def same_run(base: ml_collections.ConfigDict, name: str) -> bool:
   return name != 'full' and strip(variant_config(base, name)) == strip(variant_config(base, 'full'))
 
 
-def table(rows: Mapping[str, Mapping[str, float]], baselines: Mapping[str, Mapping[str, float]]) -> str:
+def table(
+    rows: Mapping[str, Mapping[str, float]], baselines: Mapping[str, Mapping[str, float]]
+) -> str:
   """Markdown: one row per variant (then the baselines), metrics in percent."""
-  lines = ['| group | variant | ' + ' | '.join(METRICS) + ' |', '|---|---|' + '---:|' * len(METRICS)]
+  lines = [
+      '| group | variant | ' + ' | '.join(METRICS) + ' |',
+      '|---|---|' + '---:|' * len(METRICS),
+  ]
   for name, metrics in rows.items():
     v = VARIANTS[name]
     same = ' (= `full`)' if name != 'full' and metrics is rows.get('full') else ''
-    lines.append(f'| {v.group} | `{name}`{same}: {v.description} | '
-                 + ' | '.join(f'{100 * metrics[m]:.2f}' for m in METRICS) + ' |')
+    lines.append(
+        f'| {v.group} | `{name}`{same}: {v.description} | '
+        + ' | '.join(f'{100 * metrics[m]:.2f}' for m in METRICS)
+        + ' |'
+    )
   for method, metrics in baselines.items():
-    lines.append(f'| baseline | {method} | ' + ' | '.join(f'{100 * metrics[m]:.2f}' for m in METRICS) + ' |')
+    lines.append(
+        f'| baseline | {method} | ' + ' | '.join(f'{100 * metrics[m]:.2f}' for m in METRICS) + ' |'
+    )
   return '\n'.join(lines)
 
 
@@ -100,7 +130,9 @@ def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--config', default=str(demo_lib.REPO / 'configs' / 'demo.py'))
   parser.add_argument('--workdir', default='runs/ablation')
-  parser.add_argument('--data_workdir', default='runs/demo', help='where the demo data set is (or goes)')
+  parser.add_argument(
+      '--data_workdir', default='runs/demo', help='where the demo data set is (or goes)'
+  )
   parser.add_argument('--variants', default=','.join(VARIANTS))
   args = parser.parse_args(argv)
   names = [n for n in args.variants.split(',') if n]
@@ -116,7 +148,9 @@ def main(argv=None) -> None:
     names = ['full'] + [n for n in names if n != 'full']
   for name in names:
     if same_run(base, name):
-      print(f'\n== variant {name}: the same run as `full` ({VARIANTS[name].description})', flush=True)
+      print(
+          f'\n== variant {name}: the same run as `full` ({VARIANTS[name].description})', flush=True
+      )
       rows[name] = rows['full']
       continue
     config = variant_config(base, name)
@@ -126,12 +160,17 @@ def main(argv=None) -> None:
     if config.eval.baselines:
       baselines = {m: v for m, v in result.metrics.items() if not m.startswith('CAPTURE (')}
   text = table(rows, baselines)
-  header = (f'Ablation on the demo data ({base.train.num_steps} steps, global batch {base.data.batch_size}, '
-            f'embedding `{base.eval.embedding}`, method {main_method}, dev queries against the gallery).')
+  header = (
+      f'Ablation on the demo data ({base.train.num_steps} steps, global batch {base.data.batch_size}, '
+      f'embedding `{base.eval.embedding}`, method {main_method}, dev queries against the gallery).'
+  )
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / 'ablation.md').write_text(header + '\n\n' + text + '\n', encoding='utf-8')
-  (workdir / 'ablation.json').write_text(json.dumps({'variants': rows, 'baselines': baselines,
-                                                     'method': main_method}, indent=2) + '\n', encoding='utf-8')
+  (workdir / 'ablation.json').write_text(
+      json.dumps({'variants': rows, 'baselines': baselines, 'method': main_method}, indent=2)
+      + '\n',
+      encoding='utf-8',
+  )
   print('\n' + header + '\n\n' + text, flush=True)
   print(f'\nwrote {workdir / "ablation.md"} and {workdir / "ablation.json"}', flush=True)
 

@@ -66,7 +66,9 @@ def random_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
       'image_feat': rng.normal(size=shapes['image_feat'].shape).astype(np.float32),
       'image_loc': rng.uniform(size=(b, r1, 5)).astype(np.float32),
       'image_mask': np.ones((b, r1), np.int32),
-      'lm_label_ids': np.where(rng.uniform(size=(b, t)) < 0.15, rng.integers(1, 100, (b, t)), -1).astype(np.int32),
+      'lm_label_ids': np.where(
+          rng.uniform(size=(b, t)) < 0.15, rng.integers(1, 100, (b, t)), -1
+      ).astype(np.int32),
       'image_label': np.where(rng.uniform(size=(b, r1 - 1)) < 0.15, 1, -1).astype(np.int32),
       'image_target': rng.normal(size=shapes['image_target'].shape).astype(np.float32),
   }
@@ -77,8 +79,12 @@ def peak_memory_bytes(compiled) -> tuple[float, str]:
   if 'peak_bytes_in_use' in stats:
     return float(stats['peak_bytes_in_use']), 'device peak'
   analysis = compiled.memory_analysis()
-  total = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes + analysis.temp_size_in_bytes
-           - analysis.alias_size_in_bytes)
+  total = (
+      analysis.argument_size_in_bytes
+      + analysis.output_size_in_bytes
+      + analysis.temp_size_in_bytes
+      - analysis.alias_size_in_bytes
+  )
   return float(total), 'compiled args+temp+out'
 
 
@@ -91,9 +97,12 @@ def bench_train_step(config, batch_size: int, repeats: int, warmup: int) -> dict
   state = jax.jit(init_state, out_shardings=state_shardings)(jax.random.PRNGKey(config.seed))
   batch_sharding = sharding.batch_sharding(mesh)
   batch = jax.device_put(random_batch(config), batch_sharding)
-  jitted = jax.jit(train_step_lib.make_train_step(config, mesh, optimizer),
-                   in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None),
-                   donate_argnums=(0,))
+  jitted = jax.jit(
+      train_step_lib.make_train_step(config, mesh, optimizer),
+      in_shardings=(state_shardings, batch_sharding),
+      out_shardings=(state_shardings, None),
+      donate_argnums=(0,),
+  )
   start = time.perf_counter()
   compiled = jitted.lower(state, batch).compile()
   compile_s = time.perf_counter() - start
@@ -111,8 +120,12 @@ def bench_train_step(config, batch_size: int, repeats: int, warmup: int) -> dict
   peak = metrics_lib.peak_flops(jax.devices()[0])
   memory, memory_kind = peak_memory_bytes(compiled)
   return {
-      'batch': batch_size, 'step_s': step, 'samples_per_s': batch_size / step, 'compile_s': compile_s,
-      'memory_gib': memory / 2**30, 'memory_kind': memory_kind,
+      'batch': batch_size,
+      'step_s': step,
+      'samples_per_s': batch_size / step,
+      'compile_s': compile_s,
+      'memory_gib': memory / 2**30,
+      'memory_kind': memory_kind,
       'mfu': (flops / step / (peak * jax.device_count())) if (flops and peak) else None,
       'loss': float(metrics['loss/total']),
   }
@@ -123,14 +136,17 @@ EXPORT_NOTE = """Rows appended by `python -m capture_jax.bench --what=export`: `
 world with the demo model (random weights), median samples/s (split rows over the export loop: reading,
 collating, the jitted inference step, writing the shard; compilation excluded) of the timed exports after one
 warm-up export."""
-EXPORT_HEADER = ('| date | machine | config | rows | count | samples/s | eval batch |\n'
-                 '|---|---|---|---|---:|---:|---:|')
+EXPORT_HEADER = (
+    '| date | machine | config | rows | count | samples/s | eval batch |\n'
+    '|---|---|---|---|---:|---:|---:|'
+)
 
 
 def bench_export(data_workdir: Path, repeats: int) -> list[dict]:
   """Median export samples/s of the demo gallery (samples) and dev (instances) rows."""
   import tempfile  # pylint: disable=import-outside-toplevel
   from capture_jax import export as export_lib  # pylint: disable=import-outside-toplevel
+
   config = load_named_config('demo')
   demo_lib.fill_data_paths(config, data_workdir)
   demo_lib.prepare_data(config)
@@ -139,12 +155,26 @@ def bench_export(data_workdir: Path, repeats: int) -> list[dict]:
     with tempfile.TemporaryDirectory() as out:
       rates = []
       for i in range(repeats + 1):
-        r = export_lib.export(config, data_workdir, split, rows=rows, random_init=True, out=out,
-                              overwrite=True, progress=False)
+        r = export_lib.export(
+            config,
+            data_workdir,
+            split,
+            rows=rows,
+            random_init=True,
+            out=out,
+            overwrite=True,
+            progress=False,
+        )
         if i:  # the first export is the warm-up
           rates.append(r.samples_per_s)
-      results.append({'rows': f'{split} ({rows})', 'count': r.metadata['count'],
-                      'samples_per_s': statistics.median(rates), 'batch': config.data.eval_batch_size})
+      results.append(
+          {
+              'rows': f'{split} ({rows})',
+              'count': r.metadata['count'],
+              'samples_per_s': statistics.median(rates),
+              'batch': config.data.eval_batch_size,
+          }
+      )
   return results
 
 
@@ -162,7 +192,9 @@ def append_rows(section: str, header: str, rows: list[str], note: str) -> None:
   next_section = text.find('\n## ', start + len(section))
   end = len(text) if next_section < 0 else next_section
   block = text[start:end].rstrip('\n') + '\n' + '\n'.join(rows) + '\n'
-  BENCHMARKS_MD.write_text(text[:start] + block + ('\n' + text[end:].lstrip('\n') if next_section >= 0 else ''))
+  BENCHMARKS_MD.write_text(
+      text[:start] + block + ('\n' + text[end:].lstrip('\n') if next_section >= 0 else '')
+  )
 
 
 TRAIN_NOTE = """Full train step (forward, backward, global-batch contrastive loss, AdamW) on random
@@ -171,13 +203,17 @@ synchronised. Each row is appended by
 `python -m capture_jax.bench --what=train --configs=CONFIG --batch_sizes=BATCH --dtype=DTYPE
 --attention_impl=IMPL [--remat]` with the row's values. Memory on CPU is the compiled program's arguments +
 temporaries + outputs; on accelerators the device's peak bytes in use."""
-TRAIN_HEADER = ('| date | machine | config | options | batch | step s | samples/s | compile s | memory GiB | MFU |\n'
-                '|---|---|---|---|---:|---:|---:|---:|---:|---:|')
+TRAIN_HEADER = (
+    '| date | machine | config | options | batch | step s | samples/s | compile s | memory GiB | MFU |\n'
+    '|---|---|---|---|---:|---:|---:|---:|---:|---:|'
+)
 
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--what', default='train', help='comma-separated: train, export, input, search')
+  parser.add_argument(
+      '--what', default='train', help='comma-separated: train, export, input, search'
+  )
   parser.add_argument('--data_workdir', default='runs/demo', help='demo data for --what=export')
   parser.add_argument('--configs', default='demo,capture_paper')
   parser.add_argument('--batch_sizes', default='8,32')
@@ -186,7 +222,9 @@ def main(argv=None) -> None:
   parser.add_argument('--remat', action='store_true')
   parser.add_argument('--repeats', type=int, default=5)
   parser.add_argument('--warmup', type=int, default=2)
-  parser.add_argument('--no_record', action='store_true', help='print only; do not append to docs/BENCHMARKS.md')
+  parser.add_argument(
+      '--no_record', action='store_true', help='print only; do not append to docs/BENCHMARKS.md'
+  )
   args = parser.parse_args(argv)
   what = set(args.what.split(','))
   print(f'machine: {machine()}', flush=True)
@@ -200,9 +238,11 @@ def main(argv=None) -> None:
       options = f'{args.dtype}, {args.attention_impl}' + (', remat' if args.remat else '')
       for batch_size in (int(b) for b in args.batch_sizes.split(',')):
         r = bench_train_step(config, batch_size, args.repeats, args.warmup)
-        mfu = f"{100 * r['mfu']:.1f}%" if r['mfu'] is not None else 'n/a'
-        row = (f"| {today} | {machine()} | {name} | {options} | {r['batch']} | {r['step_s']:.3f} | "
-               f"{r['samples_per_s']:.1f} | {r['compile_s']:.1f} | {r['memory_gib']:.2f} | {mfu} |")
+        mfu = f'{100 * r["mfu"]:.1f}%' if r['mfu'] is not None else 'n/a'
+        row = (
+            f'| {today} | {machine()} | {name} | {options} | {r["batch"]} | {r["step_s"]:.3f} | '
+            f'{r["samples_per_s"]:.1f} | {r["compile_s"]:.1f} | {r["memory_gib"]:.2f} | {mfu} |'
+        )
         print(row, flush=True)
         rows.append(row)
     if not args.no_record:
@@ -210,13 +250,18 @@ def main(argv=None) -> None:
   if 'export' in what:
     rows = []
     for r in bench_export(Path(args.data_workdir), args.repeats):
-      row = (f"| {today} | {machine()} | demo | {r['rows']} | {r['count']} | {r['samples_per_s']:.1f} | "
-             f"{r['batch']} |")
+      row = (
+          f'| {today} | {machine()} | demo | {r["rows"]} | {r["count"]} | {r["samples_per_s"]:.1f} | '
+          f'{r["batch"]} |'
+      )
       print(row, flush=True)
       rows.append(row)
     if not args.no_record:
       append_rows(EXPORT_SECTION, EXPORT_HEADER, rows, EXPORT_NOTE)
-  for part, module in (('input', 'capture_jax.data.benchmark'), ('search', 'capture_jax.evaluation.benchmark')):
+  for part, module in (
+      ('input', 'capture_jax.data.benchmark'),
+      ('search', 'capture_jax.evaluation.benchmark'),
+  ):
     if part in what:
       print(f'running python -m {module}', flush=True)
       subprocess.run([sys.executable, '-m', module], check=True)

@@ -56,7 +56,9 @@ def model_config() -> ml_collections.ConfigDict:
   m.initializer_range = 0.02
   # Performance options; the defaults keep the released float32 numerics.
   m.dtype = 'float32'  # compute dtype: 'float32' or 'bfloat16' (params stay float32)
-  m.attention_impl = 'xla'  # 'xla' (explicit einsums) or 'dot_product_attention' (jax.nn, cuDNN on GPU)
+  m.attention_impl = (
+      'xla'  # 'xla' (explicit einsums) or 'dot_product_attention' (jax.nn, cuDNN on GPU)
+  )
   m.remat = False  # rematerialise each layer in the backward pass
   m.scan_layers = False  # nn.scan over identical layers (faster compiles, stacked params)
   return m
@@ -136,7 +138,9 @@ def train_config() -> ml_collections.ConfigDict:
   t.init_path = ''
   t.log_every = 10
   t.progress_bar = True
-  t.profile_start_step = -1  # capture a jax.profiler trace of steps [start, start + profile_num_steps)
+  t.profile_start_step = (
+      -1
+  )  # capture a jax.profiler trace of steps [start, start + profile_num_steps)
   t.profile_num_steps = 5
   return t
 

@@ -48,6 +48,7 @@ class ConversionError(ValueError):
 @dataclasses.dataclass
 class ImportReport:
   """What an import used, skipped and left at its initial value."""
+
   loaded: list[str]
   unused: list[str]
   not_loaded: list[str]  # our parameter paths that the checkpoint did not provide
@@ -57,8 +58,10 @@ class ImportReport:
     if self.unused:
       lines.append(f'skipped {len(self.unused)} unused tensors: ' + ', '.join(self.unused))
     if self.not_loaded:
-      lines.append(f'{len(self.not_loaded)} parameters keep their initial values: '
-                   + ', '.join(self.not_loaded))
+      lines.append(
+          f'{len(self.not_loaded)} parameters keep their initial values: '
+          + ', '.join(self.not_loaded)
+      )
     return '\n'.join(lines)
 
 
@@ -76,19 +79,26 @@ def load_tensor_file(path: str | Path) -> dict[str, np.ndarray]:
       return {k: f[k] for k in f.files}
   if path.suffix == '.safetensors':
     from safetensors.numpy import load_file
+
     return dict(load_file(str(path)))
   try:
     import torch  # pylint: disable=import-outside-toplevel
   except ImportError as e:
-    raise ImportError(f'reading {path} needs PyTorch (pip install torch==2.13.0), '
-                      'or convert it to .npz/.safetensors first') from e
+    raise ImportError(
+        f'reading {path} needs PyTorch (pip install torch==2.13.0), '
+        'or convert it to .npz/.safetensors first'
+    ) from e
   obj = torch.load(str(path), map_location='cpu', weights_only=True)
   for key in ('state_dict', 'model'):  # training checkpoints wrap the state_dict
     if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
       obj = obj[key]
   if not isinstance(obj, Mapping):
-    raise ConversionError(f'{path} holds a {type(obj).__name__}, expected a state_dict (name -> tensor)')
-  return {k: v.detach().float().numpy() if v.is_floating_point() else v.numpy() for k, v in obj.items()}
+    raise ConversionError(
+        f'{path} holds a {type(obj).__name__}, expected a state_dict (name -> tensor)'
+    )
+  return {
+      k: v.detach().float().numpy() if v.is_floating_point() else v.numpy() for k, v in obj.items()
+  }
 
 
 def _as_numpy_dict(state_dict: Mapping[str, Any] | str | Path) -> dict[str, np.ndarray]:
@@ -101,7 +111,7 @@ def _as_numpy_dict(state_dict: Mapping[str, Any] | str | Path) -> dict[str, np.n
     out[k] = np.asarray(v)
   # `nn.DataParallel` checkpoints prefix every name with 'module.'.
   if out and all(k.startswith('module.') for k in out):
-    out = {k[len('module.'):]: v for k, v in out.items()}
+    out = {k[len('module.') :]: v for k, v in out.items()}
   return out
 
 
@@ -114,11 +124,17 @@ transpose: Transform = lambda a: a.T
 
 
 def _linear(ours: PathTuple, theirs: str) -> dict[PathTuple, tuple[str, Transform]]:
-  return {ours + ('kernel',): (theirs + '.weight', transpose), ours + ('bias',): (theirs + '.bias', identity)}
+  return {
+      ours + ('kernel',): (theirs + '.weight', transpose),
+      ours + ('bias',): (theirs + '.bias', identity),
+  }
 
 
 def _layer_norm(ours: PathTuple, theirs: str) -> dict[PathTuple, tuple[str, Transform]]:
-  return {ours + ('scale',): (theirs + '.weight', identity), ours + ('bias',): (theirs + '.bias', identity)}
+  return {
+      ours + ('scale',): (theirs + '.weight', identity),
+      ours + ('bias',): (theirs + '.bias', identity),
+  }
 
 
 def _bert_layer(ours: PathTuple, theirs: str) -> dict[PathTuple, tuple[str, Transform]]:
@@ -144,9 +160,11 @@ def _text_embeddings(prefix: str) -> dict[PathTuple, tuple[str, Transform]]:
 
 def _packed_rows(index: int, width: int) -> Transform:
   """Rows `[index*width, (index+1)*width)` of a packed q/k/v `in_proj` tensor."""
+
   def take(a: np.ndarray) -> np.ndarray:
-    rows = a[index * width:(index + 1) * width]
+    rows = a[index * width : (index + 1) * width]
     return rows.T if rows.ndim == 2 else rows
+
   return take
 
 
@@ -154,7 +172,9 @@ def release_name_map(cfg: ml_collections.ConfigDict) -> dict[PathTuple, tuple[st
   """Our unscanned parameter path -> (release tensor name, transform), for the `model` config."""
   m = _text_embeddings('bert.')
   m |= _linear(('visual_embeddings', 'image_embeddings'), 'bert.v_embeddings.image_embeddings')
-  m |= _linear(('visual_embeddings', 'location_embeddings'), 'bert.v_embeddings.image_location_embeddings')
+  m |= _linear(
+      ('visual_embeddings', 'location_embeddings'), 'bert.v_embeddings.image_location_embeddings'
+  )
   m |= _layer_norm(('visual_embeddings', 'layer_norm'), 'bert.v_embeddings.LayerNorm')
   for i in range(cfg.num_hidden_layers):
     m |= _bert_layer(('text_stream', f'layer_{i}'), f'bert.encoder.layer.{i}')
@@ -175,12 +195,17 @@ def release_name_map(cfg: ml_collections.ConfigDict) -> dict[PathTuple, tuple[st
       m |= _layer_norm(ours + (f'{side}_ffn_layer_norm',), f'{theirs}.{side}_output.LayerNorm')
   if cfg.cross_num_layers:
     m[('cross_position_embeddings', 'embedding')] = (
-        'bert.cross_encoder.embeddings.position_embeddings.weight', identity)
+        'bert.cross_encoder.embeddings.position_embeddings.weight',
+        identity,
+    )
   width = cfg.cross_hidden_size
   for i in range(cfg.cross_num_layers):
     ours, theirs = ('co_transformer', f'layer_{i}'), f'bert.cross_encoder.transformer.resblocks.{i}'
     for j, name in enumerate(('query', 'key', 'value')):
-      m[ours + (name, 'dense', 'kernel')] = (f'{theirs}.attn.in_proj_weight', _packed_rows(j, width))
+      m[ours + (name, 'dense', 'kernel')] = (
+          f'{theirs}.attn.in_proj_weight',
+          _packed_rows(j, width),
+      )
       m[ours + (name, 'dense', 'bias')] = (f'{theirs}.attn.in_proj_bias', _packed_rows(j, width))
     m |= _linear(ours + ('out_proj',), f'{theirs}.attn.out_proj')
     m |= _layer_norm(ours + ('ln_1',), f'{theirs}.ln_1')
@@ -216,6 +241,7 @@ def param_shapes(cfg: ml_collections.ConfigDict) -> dict[PathTuple, tuple[int, .
 
 def scan_layout(params: Params) -> Params:
   """Stacks `layer_0..layer_{n-1}` siblings into `scanned` (the `scan_layers=True` layout)."""
+
   def visit(node):
     if not isinstance(node, Mapping):
       return node
@@ -224,11 +250,13 @@ def scan_layout(params: Params) -> Params:
       layers = [visit(node[f'layer_{i}']) for i in range(len(keys))]
       return {'scanned': jax.tree.map(lambda *xs: np.stack(xs), *layers)}
     return {k: visit(v) for k, v in node.items()}
+
   return visit(params)
 
 
 def unscan_layout(params: Params) -> Params:
   """Inverse of `scan_layout`."""
+
   def visit(node):
     if not isinstance(node, Mapping):
       return node
@@ -236,6 +264,7 @@ def unscan_layout(params: Params) -> Params:
       n = jax.tree.leaves(node['scanned'])[0].shape[0]
       return {f'layer_{i}': jax.tree.map(lambda x, i=i: x[i], node['scanned']) for i in range(n)}
     return {k: visit(v) for k, v in node.items()}
+
   return visit(params)
 
 
@@ -243,12 +272,18 @@ def _path_str(path: PathTuple) -> str:
   return '/'.join(path)
 
 
-def _convert(source: Mapping[str, np.ndarray], name_map: Mapping[PathTuple, tuple[str, Transform]],
-             shapes: Mapping[PathTuple, tuple[int, ...]], what: str) -> dict[PathTuple, np.ndarray]:
+def _convert(
+    source: Mapping[str, np.ndarray],
+    name_map: Mapping[PathTuple, tuple[str, Transform]],
+    shapes: Mapping[PathTuple, tuple[int, ...]],
+    what: str,
+) -> dict[PathTuple, np.ndarray]:
   """Applies `name_map`, checking presence and shapes; returns flat path -> float32 array."""
   missing = sorted({src for src, _ in name_map.values() if src not in source})
   if missing:
-    raise ConversionError(f'{what} lacks {len(missing)} tensors the model config needs: ' + ', '.join(missing))
+    raise ConversionError(
+        f'{what} lacks {len(missing)} tensors the model config needs: ' + ', '.join(missing)
+    )
   out, wrong = {}, []
   for path, (src, fn) in name_map.items():
     value = np.asarray(fn(source[src]), dtype=np.float32)
@@ -260,8 +295,9 @@ def _convert(source: Mapping[str, np.ndarray], name_map: Mapping[PathTuple, tupl
   return out
 
 
-def from_release_state_dict(state_dict: Mapping[str, Any] | str | Path, cfg: ml_collections.ConfigDict,
-                            strict: bool = True) -> tuple[Params, ImportReport]:
+def from_release_state_dict(
+    state_dict: Mapping[str, Any] | str | Path, cfg: ml_collections.ConfigDict, strict: bool = True
+) -> tuple[Params, ImportReport]:
   """Released CAPTURE weights -> our parameter tree (in the layout `cfg.scan_layers` asks for).
 
   Args:
@@ -278,16 +314,25 @@ def from_release_state_dict(state_dict: Mapping[str, Any] | str | Path, cfg: ml_
   shapes = param_shapes(cfg)
   flat = _convert(source, name_map, shapes, 'the state_dict')
   used = {src for src, _ in name_map.values()}
-  unknown = sorted(k for k in source if k not in used and not any(p.search(k) for p in RELEASE_UNUSED))
+  unknown = sorted(
+      k for k in source if k not in used and not any(p.search(k) for p in RELEASE_UNUSED)
+  )
   # Layers beyond the config's counts are real release tensors but unused here.
   if unknown and strict:
-    raise ConversionError(f'the state_dict has {len(unknown)} tensors that the model config does not use '
-                          f'(unknown name, or more layers than configured): ' + ', '.join(unknown)
-                          + '; pass strict=False to skip them')
+    raise ConversionError(
+        f'the state_dict has {len(unknown)} tensors that the model config does not use '
+        f'(unknown name, or more layers than configured): '
+        + ', '.join(unknown)
+        + '; pass strict=False to skip them'
+    )
   decoder = source.get('cls.predictions.decoder.weight')
-  if decoder is not None and not np.allclose(decoder, source['bert.embeddings.word_embeddings.weight']):
-    raise ConversionError('cls.predictions.decoder.weight differs from bert.embeddings.word_embeddings.weight; '
-                          'CAPTURE ties the MLM decoder to the word embeddings')
+  if decoder is not None and not np.allclose(
+      decoder, source['bert.embeddings.word_embeddings.weight']
+  ):
+    raise ConversionError(
+        'cls.predictions.decoder.weight differs from bert.embeddings.word_embeddings.weight; '
+        'CAPTURE ties the MLM decoder to the word embeddings'
+    )
   unused = sorted(k for k in source if k not in used)
   not_loaded = sorted(_path_str(p) for p in shapes if p not in flat)
   if not_loaded:
@@ -323,24 +368,32 @@ def _check_hf_sizes(hf: Mapping[str, Any], cfg: ml_collections.ConfigDict, direc
   }
   wrong = [f'{k}={hf.get(k)} (model.{k}={v})' for k, v in expected.items() if hf.get(k) != v]
   if hf.get('num_hidden_layers', 0) < cfg.num_hidden_layers:
-    wrong.append(f'num_hidden_layers={hf.get("num_hidden_layers")} < model.num_hidden_layers={cfg.num_hidden_layers}')
+    wrong.append(
+        f'num_hidden_layers={hf.get("num_hidden_layers")} < model.num_hidden_layers={cfg.num_hidden_layers}'
+    )
   if hf.get('max_position_embeddings', 0) < cfg.max_position_embeddings:
-    wrong.append(f'max_position_embeddings={hf.get("max_position_embeddings")} '
-                 f'< model.max_position_embeddings={cfg.max_position_embeddings}')
+    wrong.append(
+        f'max_position_embeddings={hf.get("max_position_embeddings")} '
+        f'< model.max_position_embeddings={cfg.max_position_embeddings}'
+    )
   if hf.get('hidden_act', 'gelu') != 'gelu':
     wrong.append(f'hidden_act={hf.get("hidden_act")!r} (the text stream uses exact GELU)')
   if wrong:
-    raise ConversionError(f'the BERT checkpoint in {directory} does not fit the model config: ' + '; '.join(wrong))
+    raise ConversionError(
+        f'the BERT checkpoint in {directory} does not fit the model config: ' + '; '.join(wrong)
+    )
 
 
 def _crop_positions(name_map, cfg):
   """The checkpoint may have more positions than the config: keep the first ones."""
   path = ('text_embeddings', 'position_embeddings', 'embedding')
   src, _ = name_map[path]
-  name_map[path] = (src, lambda a: a[:cfg.max_position_embeddings])
+  name_map[path] = (src, lambda a: a[: cfg.max_position_embeddings])
 
 
-def from_hf_bert(directory: str | Path, cfg: ml_collections.ConfigDict) -> tuple[Params, ImportReport]:
+def from_hf_bert(
+    directory: str | Path, cfg: ml_collections.ConfigDict
+) -> tuple[Params, ImportReport]:
   """Text-stream weights from a Hugging Face BERT directory.
 
   Returns a *partial* tree (embeddings, the first `num_hidden_layers` text
@@ -366,9 +419,11 @@ def from_hf_bert(directory: str | Path, cfg: ml_collections.ConfigDict) -> tuple
   flat = _convert(source, name_map, shapes, f'the BERT checkpoint in {directory}')
   used = {src for src, _ in name_map.values()}
   params = traverse_util.unflatten_dict(flat)
-  report = ImportReport(loaded=sorted(_path_str(p) for p in flat),
-                        unused=sorted(k for k in source if k not in used),
-                        not_loaded=sorted(_path_str(p) for p in shapes if p not in flat))
+  report = ImportReport(
+      loaded=sorted(_path_str(p) for p in flat),
+      unused=sorted(k for k in source if k not in used),
+      not_loaded=sorted(_path_str(p) for p in shapes if p not in flat),
+  )
   if cfg.scan_layers:
     params = scan_layout(params)
   return params, report
@@ -381,15 +436,20 @@ def merge_params(base: Params, update: Params) -> Params:
     if path not in flat:
       raise ConversionError(f'{_path_str(path)} is not a parameter of the model')
     if tuple(np.shape(value)) != tuple(np.shape(flat[path])):
-      raise ConversionError(f'{_path_str(path)}: imported shape {np.shape(value)}, '
-                            f'model shape {np.shape(flat[path])}')
+      raise ConversionError(
+          f'{_path_str(path)}: imported shape {np.shape(value)}, model shape {np.shape(flat[path])}'
+      )
     flat[path] = value
   return traverse_util.unflatten_dict(flat)
 
 
-def model_config_from_release(release: Mapping[str, Any], cross_encoder: Mapping[str, Any] | None = None,
-                              mlp_ratio: int = 4, state_dict: Mapping[str, Any] | None = None,
-                              max_text_len: int = 36) -> ml_collections.ConfigDict:
+def model_config_from_release(
+    release: Mapping[str, Any],
+    cross_encoder: Mapping[str, Any] | None = None,
+    mlp_ratio: int = 4,
+    state_dict: Mapping[str, Any] | None = None,
+    max_text_len: int = 36,
+) -> ml_collections.ConfigDict:
   """Our `model` config from a release-format config (ViLBERT `bert_config` JSON keys).
 
   `cross_encoder` gives the co-transformer's `hidden_size`, `num_attention_heads`,
@@ -399,25 +459,51 @@ def model_config_from_release(release: Mapping[str, Any], cross_encoder: Mapping
   release padded captions to (36 in the paper).
   """
   from capture_jax import config as config_lib  # pylint: disable=import-outside-toplevel
+
   m = config_lib.model_config()
-  for key in ('vocab_size', 'max_position_embeddings', 'type_vocab_size', 'hidden_size', 'num_attention_heads',
-              'intermediate_size', 'num_hidden_layers', 'v_feature_size', 'v_target_size', 'v_hidden_size',
-              'v_num_attention_heads', 'v_intermediate_size', 'v_num_hidden_layers', 'bi_hidden_size',
-              'bi_num_attention_heads', 'initializer_range'):
+  for key in (
+      'vocab_size',
+      'max_position_embeddings',
+      'type_vocab_size',
+      'hidden_size',
+      'num_attention_heads',
+      'intermediate_size',
+      'num_hidden_layers',
+      'v_feature_size',
+      'v_target_size',
+      'v_hidden_size',
+      'v_num_attention_heads',
+      'v_intermediate_size',
+      'v_num_hidden_layers',
+      'bi_hidden_size',
+      'bi_num_attention_heads',
+      'initializer_range',
+  ):
     if key in release:
       m[key] = release[key]
   m.hidden_dropout_prob = release.get('hidden_dropout_prob', m.hidden_dropout_prob)
-  m.attention_probs_dropout_prob = release.get('attention_probs_dropout_prob', m.attention_probs_dropout_prob)
-  m.co_num_layers = release.get('co_num_layers', len(release.get('v_biattention_id', [])) or m.co_num_layers)
+  m.attention_probs_dropout_prob = release.get(
+      'attention_probs_dropout_prob', m.attention_probs_dropout_prob
+  )
+  m.co_num_layers = release.get(
+      'co_num_layers', len(release.get('v_biattention_id', [])) or m.co_num_layers
+  )
   m.mrm_target = 'feature' if release.get('predict_feature', True) else 'class'
   if cross_encoder:
     m.cross_hidden_size = cross_encoder.get('hidden_size', m.cross_hidden_size)
-    m.cross_num_attention_heads = cross_encoder.get('num_attention_heads', m.cross_num_attention_heads)
-    m.cross_max_position_embeddings = cross_encoder.get('max_position_embeddings', m.cross_max_position_embeddings)
+    m.cross_num_attention_heads = cross_encoder.get(
+        'num_attention_heads', m.cross_num_attention_heads
+    )
+    m.cross_max_position_embeddings = cross_encoder.get(
+        'max_position_embeddings', m.cross_max_position_embeddings
+    )
     m.cross_num_layers = cross_encoder.get('num_layers', m.cross_num_layers)
   if state_dict is not None:
-    blocks = {int(mt.group(1)) for k in state_dict
-              if (mt := re.match(r'^bert\.cross_encoder\.transformer\.resblocks\.(\d+)\.', k))}
+    blocks = {
+        int(mt.group(1))
+        for k in state_dict
+        if (mt := re.match(r'^bert\.cross_encoder\.transformer\.resblocks\.(\d+)\.', k))
+    }
     m.cross_num_layers = len(blocks)
   m.cross_mlp_ratio = mlp_ratio
   m.max_text_len = max_text_len

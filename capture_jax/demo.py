@@ -46,20 +46,31 @@ def prepare_data(config: ml_collections.ConfigDict) -> None:
   """Stages 1 and 2: synthetic world, vocab, TFDS (each skipped when already there)."""
   from capture_jax.data import product1m_tfds, synthetic  # pylint: disable=import-outside-toplevel
   from capture_jax.data import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
+
   d = config.data
-  t = stage(1, f'generating the {d.synthetic_preset!r} synthetic Product1M world in {d.data_dir} '
-               'and training its WordPiece vocab')
+  t = stage(
+      1,
+      f'generating the {d.synthetic_preset!r} synthetic Product1M world in {d.data_dir} '
+      'and training its WordPiece vocab',
+  )
   marker = Path(d.data_dir) / 'synthetic_world.json'
   if marker.exists():
     print(f'   reusing the data set in {d.data_dir}')
   else:
-    summary = synthetic.generate(d.data_dir, d.synthetic_preset, seed=d.synthetic_seed,
-                                 feature_format=d.feature_format, feature_dim=d.feature_dim)
+    summary = synthetic.generate(
+        d.data_dir,
+        d.synthetic_preset,
+        seed=d.synthetic_seed,
+        feature_format=d.feature_format,
+        feature_dim=d.feature_dim,
+    )
     print('   ' + ', '.join(f'{k}: {v}' for k, v in summary['counts'].items()))
   if Path(d.vocab_file).exists():
     print(f'   reusing the vocab {d.vocab_file}')
   else:
-    size = tokenizer_lib.train_vocab(tokenizer_lib.iter_titles(d.data_dir), d.vocab_size, d.vocab_file)
+    size = tokenizer_lib.train_vocab(
+        tokenizer_lib.iter_titles(d.data_dir), d.vocab_size, d.vocab_file
+    )
     print(f'   trained a WordPiece vocab of {size} tokens: {d.vocab_file}')
   done(t, 'data ready')
 
@@ -69,7 +80,7 @@ def prepare_data(config: ml_collections.ConfigDict) -> None:
     print(f'   reusing the built dataset in {d.tfds_dir}')
   else:
     for split, info in report['splits'].items():
-      print(f"   {split}: {info['examples']} examples")
+      print(f'   {split}: {info["examples"]} examples')
   done(t, 'dataset ready')
 
 
@@ -85,11 +96,22 @@ def pretrain(config: ml_collections.ConfigDict, workdir: Path, number: int | Non
   """Stage 3: `capture_jax.train` into `workdir` (a finished run is reused, an interrupted one resumed)."""
   from capture_jax import train  # pylint: disable=import-outside-toplevel
   from capture_jax.training import checkpoint as checkpoint_lib  # pylint: disable=import-outside-toplevel
+
   l = config.loss
-  tasks = ' + '.join(name for name, w in (('MLM', l.mlm_weight), ('MRM', l.mrm_weight),
-                                         (f'contrastive ({l.contrastive})', l.contrastive_weight)) if w)
-  t = stage(number, f'pretraining CAPTURE ({tasks}) for {config.train.num_steps} steps, '
-                    f'checkpoints in {checkpoint_lib.checkpoint_dir(workdir)}')
+  tasks = ' + '.join(
+      name
+      for name, w in (
+          ('MLM', l.mlm_weight),
+          ('MRM', l.mrm_weight),
+          (f'contrastive ({l.contrastive})', l.contrastive_weight),
+      )
+      if w
+  )
+  t = stage(
+      number,
+      f'pretraining CAPTURE ({tasks}) for {config.train.num_steps} steps, '
+      f'checkpoints in {checkpoint_lib.checkpoint_dir(workdir)}',
+  )
   ckpts = checkpoint_lib.checkpoint_dir(workdir)
   finished = ckpts.exists() and any(p.name == str(config.train.num_steps) for p in ckpts.iterdir())
   if finished:
@@ -99,17 +121,28 @@ def pretrain(config: ml_collections.ConfigDict, workdir: Path, number: int | Non
   if result.preempted:
     raise SystemExit('interrupted: run the same command again to continue from the last checkpoint')
   metrics = result.last_metrics
-  print('   final losses: ' + ', '.join(f'{k[5:]} {v:.3f}' for k, v in metrics.items() if k.startswith('loss/')))
+  print(
+      '   final losses: '
+      + ', '.join(f'{k[5:]} {v:.3f}' for k, v in metrics.items() if k.startswith('loss/'))
+  )
   done(t, 'pretraining finished')
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: Path, number: int | None = 4):
   """Stage 4: `capture_jax.evaluate` on the dev split (exports already written are reused)."""
   from capture_jax import evaluate as evaluate_lib  # pylint: disable=import-outside-toplevel
-  baselines = ', and the baselines (TF-IDF, mean region feature, random weights)' if config.eval.baselines else ''
-  t = stage(number, 'evaluating instance-level retrieval: dev queries (whole samples and one query per product '
-                    f'instance) against the gallery; embedding export, exact cosine search, the official '
-                    f'mAP/Prec/mAR@R{baselines}')
+
+  baselines = (
+      ', and the baselines (TF-IDF, mean region feature, random weights)'
+      if config.eval.baselines
+      else ''
+  )
+  t = stage(
+      number,
+      'evaluating instance-level retrieval: dev queries (whole samples and one query per product '
+      f'instance) against the gallery; embedding export, exact cosine search, the official '
+      f'mAP/Prec/mAR@R{baselines}',
+  )
   result = evaluate_lib.evaluate(config, workdir, 'dev')
   done(t, 'evaluation finished')
   return result
@@ -119,6 +152,7 @@ def print_report(result, workdir: Path) -> None:
   """Stage 5: the table and where everything is."""
   from capture_jax.evaluation import metrics as metrics_lib  # pylint: disable=import-outside-toplevel
   from capture_jax.evaluation import report as report_lib  # pylint: disable=import-outside-toplevel
+
   stage(5, 'the report')
   print(result.table, flush=True)
   print(f'\nbest CAPTURE query mode on mAP@10: {result.best_query_mode}')
@@ -127,14 +161,21 @@ def print_report(result, workdir: Path) -> None:
   if others:
     best, best_other = max(capture, key=capture.get), max(others, key=others.get)
     verdict = 'above' if capture[best] > others[best_other] else 'NOT above'
-    print(f'{best} mAP@10 {100 * capture[best]:.2f} is {verdict} the best baseline, {best_other} '
-          f'{100 * others[best_other]:.2f}')
+    print(
+        f'{best} mAP@10 {100 * capture[best]:.2f} is {verdict} the best baseline, {best_other} '
+        f'{100 * others[best_other]:.2f}'
+    )
   out = result.out_dir
-  print(f'report:     {out / report_lib.REPORT_FILE}\nmetrics:    {out / report_lib.METRICS_FILE}\n'
-        f'plot:       {out / report_lib.PLOT_FILE}\nranked ids: {out / metrics_lib.RANKED_FILE}')
+  print(
+      f'report:     {out / report_lib.REPORT_FILE}\nmetrics:    {out / report_lib.METRICS_FILE}\n'
+      f'plot:       {out / report_lib.PLOT_FILE}\nranked ids: {out / metrics_lib.RANKED_FILE}'
+  )
   for name, path in result.summary['exports'].items():
     print(f'embeddings ({name}): {path}')
-  print(f'training metrics: {workdir / "metrics.jsonl"}; TensorBoard: {workdir / "tensorboard"}', flush=True)
+  print(
+      f'training metrics: {workdir / "metrics.jsonl"}; TensorBoard: {workdir / "tensorboard"}',
+      flush=True,
+  )
 
 
 def main() -> None:
@@ -145,8 +186,10 @@ def main() -> None:
   config = load_config(args.config)
   workdir = Path(args.workdir)
   fill_data_paths(config, workdir)
-  print('capture_jax demo: synthetic data -> TFDS -> pretraining -> retrieval evaluation -> report',
-        flush=True)
+  print(
+      'capture_jax demo: synthetic data -> TFDS -> pretraining -> retrieval evaluation -> report',
+      flush=True,
+  )
   start = time.perf_counter()
   prepare_data(config)
   pretrain(config, workdir)

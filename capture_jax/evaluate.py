@@ -83,7 +83,9 @@ def validate_eval_config(config: ml_collections.ConfigDict) -> None:
   e = config.eval
   problems = []
   if e.query_mode not in instance_merge.MERGE_MODES:
-    problems.append(f'eval.query_mode must be one of {instance_merge.MERGE_MODES}, got {e.query_mode!r}')
+    problems.append(
+        f'eval.query_mode must be one of {instance_merge.MERGE_MODES}, got {e.query_mode!r}'
+    )
   if e.search not in SEARCH_KINDS:
     problems.append(f'eval.search must be one of {SEARCH_KINDS}, got {e.search!r}')
   if e.faiss_index not in ('ivf', 'hnsw'):
@@ -94,12 +96,16 @@ def validate_eval_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError('bad evaluation config:\n  - ' + '\n  - '.join(problems))
 
 
-def check_query_ids(ids: Sequence[str], gt: metrics_lib.GroundTruth, where: str, gt_dir: str) -> None:
+def check_query_ids(
+    ids: Sequence[str], gt: metrics_lib.GroundTruth, where: str, gt_dir: str
+) -> None:
   """Every query must have labels in the dev or test annotation file."""
   missing = [q for q in dict.fromkeys(ids) if q not in gt.query_labels]
   if missing:
-    raise ValueError(f'{len(missing)} query id(s) of {where} are absent from the annotations '
-                     f'({metrics_lib.DEV_FILE} and {metrics_lib.TEST_FILE} in {gt_dir}), e.g. {missing[:5]}')
+    raise ValueError(
+        f'{len(missing)} query id(s) of {where} are absent from the annotations '
+        f'({metrics_lib.DEV_FILE} and {metrics_lib.TEST_FILE} in {gt_dir}), e.g. {missing[:5]}'
+    )
 
 
 def check_pair(queries: emb_lib.Embeddings, gallery: emb_lib.Embeddings) -> None:
@@ -109,17 +115,23 @@ def check_pair(queries: emb_lib.Embeddings, gallery: emb_lib.Embeddings) -> None
   if len(queries) == 0:
     raise ValueError(f'no queries: {queries.path} holds no rows')
   if queries.dimension != gallery.dimension:
-    raise ValueError(f'embedding dimensions differ: queries in {queries.path} have width {queries.dimension} '
-                     f'({queries.kind}), the gallery in {gallery.path} has width {gallery.dimension} '
-                     f'({gallery.kind}); export both with the same eval.embedding')
+    raise ValueError(
+        f'embedding dimensions differ: queries in {queries.path} have width {queries.dimension} '
+        f'({queries.kind}), the gallery in {gallery.path} has width {gallery.dimension} '
+        f'({gallery.kind}); export both with the same eval.embedding'
+    )
   if queries.kind != gallery.kind:
-    raise ValueError(f'embedding kinds differ: queries {queries.kind!r} ({queries.path}), gallery '
-                     f'{gallery.kind!r} ({gallery.path})')
+    raise ValueError(
+        f'embedding kinds differ: queries {queries.kind!r} ({queries.path}), gallery '
+        f'{gallery.kind!r} ({gallery.path})'
+    )
   qw = (queries.metadata.get('weights'), queries.metadata.get('checkpoint_step'))
   gw = (gallery.metadata.get('weights'), gallery.metadata.get('checkpoint_step'))
   if qw != gw:
-    raise ValueError(f'queries ({queries.path}: {qw}) and gallery ({gallery.path}: {gw}) were exported '
-                     'with different weights')
+    raise ValueError(
+        f'queries ({queries.path}: {qw}) and gallery ({gallery.path}: {gw}) were exported '
+        'with different weights'
+    )
 
 
 # --------------------------------------------------------------------------
@@ -137,12 +149,24 @@ class ExportJob:
   source: Any
 
 
-def ensure_exports(config: ml_collections.ConfigDict, jobs: Sequence[ExportJob], manager, *, devices=None,
-                   progress: bool | None = None) -> tuple[dict[str, emb_lib.Embeddings], dict[str, float]]:
+def ensure_exports(
+    config: ml_collections.ConfigDict,
+    jobs: Sequence[ExportJob],
+    manager,
+    *,
+    devices=None,
+    progress: bool | None = None,
+) -> tuple[dict[str, emb_lib.Embeddings], dict[str, float]]:
   """Runs the exports that are not complete yet (one compiled step for all), then reads every job's."""
   kind = config.eval.embedding
-  todo = [j for j in jobs if export_lib.completed_export(
-      j.out_dir, export_lib.export_plan(config, j.split, j.rows, kind, j.step, len(j.plan_rows))) is None]
+  todo = [
+      j
+      for j in jobs
+      if export_lib.completed_export(
+          j.out_dir, export_lib.export_plan(config, j.split, j.rows, kind, j.step, len(j.plan_rows))
+      )
+      is None
+  ]
   rates: dict[str, float] = {}
   if todo:
     mesh = sharding.make_mesh(config.mesh, devices)
@@ -150,14 +174,28 @@ def ensure_exports(config: ml_collections.ConfigDict, jobs: Sequence[ExportJob],
     params: dict[int | None, Any] = {}
     for job in todo:
       if job.step not in params:
-        params[job.step] = (export_lib.random_model_params(config, embedder) if job.step is None
-                            else export_lib.restore_model_params(manager, job.step, embedder))
+        params[job.step] = (
+            export_lib.random_model_params(config, embedder)
+            if job.step is None
+            else export_lib.restore_model_params(manager, job.step, embedder)
+        )
       if jax.process_index() == 0:
-        print(f'exporting {job.name}: {len(job.plan_rows)} {job.rows} rows of {job.split} -> {job.out_dir}',
-              flush=True)
-      result = export_lib.export_split(config, job.split, job.out_dir, embedder, params[job.step], rows=job.rows,
-                                       checkpoint_step=job.step, progress=progress, source=job.source,
-                                       plan_rows=job.plan_rows)
+        print(
+            f'exporting {job.name}: {len(job.plan_rows)} {job.rows} rows of {job.split} -> {job.out_dir}',
+            flush=True,
+        )
+      result = export_lib.export_split(
+          config,
+          job.split,
+          job.out_dir,
+          embedder,
+          params[job.step],
+          rows=job.rows,
+          checkpoint_step=job.step,
+          progress=progress,
+          source=job.source,
+          plan_rows=job.plan_rows,
+      )
       if result.samples_per_s:
         rates[job.name] = result.samples_per_s
   elif jax.process_index() == 0:
@@ -169,22 +207,38 @@ def ensure_exports(config: ml_collections.ConfigDict, jobs: Sequence[ExportJob],
 # Search and ranked lists.
 
 
-def search(queries: np.ndarray, gallery: np.ndarray, config: ml_collections.ConfigDict, *,
-           devices=None) -> tuple[np.ndarray, float | None]:
+def search(
+    queries: np.ndarray, gallery: np.ndarray, config: ml_collections.ConfigDict, *, devices=None
+) -> tuple[np.ndarray, float | None]:
   """Top-100 gallery indices [Q, min(100, N)] by cosine; with FAISS also its recall@100 against exact."""
   e = config.eval
-  exact = lambda: search_lib.exact_topk(queries, gallery, TOP_K, query_chunk=e.query_chunk,
-                                        gallery_chunk=e.gallery_chunk, devices=devices)[1]
+  exact = lambda: search_lib.exact_topk(
+      queries,
+      gallery,
+      TOP_K,
+      query_chunk=e.query_chunk,
+      gallery_chunk=e.gallery_chunk,
+      devices=devices,
+  )[1]
   if e.search == 'exact':
     return exact(), None
-  _, approx = search_lib.faiss_topk(queries, gallery, TOP_K, kind=e.faiss_index, nlist=e.faiss_nlist or None,
-                                    nprobe=e.faiss_nprobe, hnsw_m=e.faiss_hnsw_m, ef_search=e.faiss_ef_search,
-                                    seed=config.seed)
+  _, approx = search_lib.faiss_topk(
+      queries,
+      gallery,
+      TOP_K,
+      kind=e.faiss_index,
+      nlist=e.faiss_nlist or None,
+      nprobe=e.faiss_nprobe,
+      hnsw_m=e.faiss_hnsw_m,
+      ef_search=e.faiss_ef_search,
+      seed=config.seed,
+  )
   return approx, search_lib.recall_at_k(approx, exact())
 
 
-def instance_lists(instances: emb_lib.Embeddings, indices: np.ndarray, gallery_ids: Sequence[str]
-                   ) -> dict[str, list[list[str]]]:
+def instance_lists(
+    instances: emb_lib.Embeddings, indices: np.ndarray, gallery_ids: Sequence[str]
+) -> dict[str, list[list[str]]]:
   """Query id -> its instances' ranked lists, in the sidecar's instance order (the export's row order)."""
   out: dict[str, list[list[str]]] = {}
   gallery_ids = np.asarray(gallery_ids, dtype=object)
@@ -193,32 +247,46 @@ def instance_lists(instances: emb_lib.Embeddings, indices: np.ndarray, gallery_i
   return out
 
 
-def merged_lists(query_ids: Sequence[str], whole: Mapping[str, list[str]],
-                 per_instance: Mapping[str, list[list[str]]] | None, mode: str) -> dict[str, list[str]]:
+def merged_lists(
+    query_ids: Sequence[str],
+    whole: Mapping[str, list[str]],
+    per_instance: Mapping[str, list[list[str]]] | None,
+    mode: str,
+) -> dict[str, list[str]]:
   """Query id -> the ranked list of `mode` (`instance_merge.merge_query_lists`), in query order."""
-  return {q: instance_merge.merge_query_lists(whole[q], (per_instance or {}).get(q, []), mode, TOP_K)
-          for q in query_ids}
+  return {
+      q: instance_merge.merge_query_lists(whole[q], (per_instance or {}).get(q, []), mode, TOP_K)
+      for q in query_ids
+  }
 
 
 # --------------------------------------------------------------------------
 # Baselines.
 
 
-def mean_region_vectors(config: ml_collections.ConfigDict, split: str, ids: Sequence[str],
-                        source=None) -> np.ndarray:
+def mean_region_vectors(
+    config: ml_collections.ConfigDict, split: str, ids: Sequence[str], source=None
+) -> np.ndarray:
   """[len(ids), F] masked mean of the region features (the model's visual input, global token
   excluded) of the items `ids` of `split`, read through the evaluation pipeline."""
   it = pipeline.make_eval_iterator(config, split, process_index=0, process_count=1, source=source)
   found: dict[str, np.ndarray] = {}
   for batch in it:
     valid = batch.is_valid.astype(bool)
-    vectors = baselines.mean_region_embedding(batch.inputs['image_feat'][valid, 1:],
-                                              batch.inputs['image_mask'][valid, 1:])
+    vectors = baselines.mean_region_embedding(
+        batch.inputs['image_feat'][valid, 1:], batch.inputs['image_mask'][valid, 1:]
+    )
     found.update(zip(map(str, batch.item_id[valid]), vectors))
   missing = [i for i in ids if i not in found]
   if missing:
-    raise ValueError(f'{len(missing)} exported id(s) are not in the {split} split, e.g. {missing[:5]}')
-  return np.stack([found[i] for i in ids]) if ids else np.zeros((0, config.data.feature_dim), np.float32)
+    raise ValueError(
+        f'{len(missing)} exported id(s) are not in the {split} split, e.g. {missing[:5]}'
+    )
+  return (
+      np.stack([found[i] for i in ids])
+      if ids
+      else np.zeros((0, config.data.feature_dim), np.float32)
+  )
 
 
 # --------------------------------------------------------------------------
@@ -229,11 +297,19 @@ def _slug(method: str) -> str:
   return re.sub(r'[^a-z0-9]+', '_', method.lower()).strip('_')
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str | Path, split: str = 'dev', *,
-             step: int | None = None, out_dir: str | Path | None = None,
-             gallery_embeddings: str | Path | None = None, query_embeddings: str | Path | None = None,
-             instance_embeddings: str | Path | None = None, devices=None,
-             progress: bool | None = None) -> EvalResult | None:
+def evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str | Path,
+    split: str = 'dev',
+    *,
+    step: int | None = None,
+    out_dir: str | Path | None = None,
+    gallery_embeddings: str | Path | None = None,
+    query_embeddings: str | Path | None = None,
+    instance_embeddings: str | Path | None = None,
+    devices=None,
+    progress: bool | None = None,
+) -> EvalResult | None:
   """The `capture_jax.evaluate` command (see the module docstring). Returns None on processes other than 0."""
   workdir = Path(workdir)
   e = config.eval
@@ -243,7 +319,11 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | Path, split: str 
   gt_dir = config.data.data_dir
   gt = metrics_lib.read_ground_truth(gt_dir)
   kind = e.embedding
-  explicit = {'gallery': gallery_embeddings, 'queries': query_embeddings, 'instances': instance_embeddings}
+  explicit = {
+      'gallery': gallery_embeddings,
+      'queries': query_embeddings,
+      'instances': instance_embeddings,
+  }
   explicit = {k: Path(v) for k, v in explicit.items() if v}
 
   # 1. Checks, and what to export, before anything compiles.
@@ -251,15 +331,22 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | Path, split: str 
   query_plan = export_lib.split_rows(config, sources[split], 'samples')
   check_query_ids(query_plan.item_id, gt, f'split {split!r}', gt_dir)
   if explicit and not {'gallery', 'queries'} <= set(explicit):
-    raise ValueError('pass both --gallery_embeddings and --query_embeddings (and --instance_embeddings for '
-                     'instance-level queries), or none of them')
+    raise ValueError(
+        'pass both --gallery_embeddings and --query_embeddings (and --instance_embeddings for '
+        'instance-level queries), or none of them'
+    )
   sidecar = export_lib.instances_path(config, split)
   with_instances = 'instances' in explicit if explicit else sidecar.is_file()
   if not with_instances and e.query_mode != 'whole':
-    raise FileNotFoundError(f'eval.query_mode={e.query_mode!r} needs instance queries, but '
-                            + ('no --instance_embeddings was given' if explicit else
-                               f'the sidecar {sidecar} does not exist')
-                            + ' (use --config.eval.query_mode=whole)')
+    raise FileNotFoundError(
+        f'eval.query_mode={e.query_mode!r} needs instance queries, but '
+        + (
+            'no --instance_embeddings was given'
+            if explicit
+            else f'the sidecar {sidecar} does not exist'
+        )
+        + ' (use --config.eval.query_mode=whole)'
+    )
   given = {name: emb_lib.read_embeddings(path) for name, path in explicit.items()}
   for name in ('queries', 'instances'):
     if name in given:
@@ -268,7 +355,11 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | Path, split: str 
   manager = None
   if not explicit:
     manager, step = export_lib.open_checkpoints(workdir, config, step)
-  plans = {'gallery': ('gallery', 'samples'), 'queries': (split, 'samples'), 'instances': (split, 'instances')}
+  plans = {
+      'gallery': ('gallery', 'samples'),
+      'queries': (split, 'samples'),
+      'instances': (split, 'instances'),
+  }
   names = ['gallery', 'queries'] + (['instances'] if with_instances else [])
   jobs = []
   for name in names:
@@ -276,8 +367,17 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | Path, split: str 
       continue
     s, rows = plans[name]
     plan_rows = query_plan if name == 'queries' else export_lib.split_rows(config, sources[s], rows)
-    jobs.append(ExportJob(name, s, rows, step, export_lib.default_out_dir(workdir, kind, s, rows, step),
-                          plan_rows, sources[s]))
+    jobs.append(
+        ExportJob(
+            name,
+            s,
+            rows,
+            step,
+            export_lib.default_out_dir(workdir, kind, s, rows, step),
+            plan_rows,
+            sources[s],
+        )
+    )
   if e.baselines:
     random_names = ['gallery', 'queries'] + (['instances'] if e.query_mode != 'whole' else [])
     for name in random_names:
@@ -285,8 +385,17 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | Path, split: str 
       plan_rows = next((j.plan_rows for j in jobs if j.name == name), None)
       if plan_rows is None:
         plan_rows = export_lib.split_rows(config, sources[s], rows)
-      jobs.append(ExportJob(f'{name} random weights', s, rows, None,
-                            export_lib.default_out_dir(workdir, kind, s, rows, None), plan_rows, sources[s]))
+      jobs.append(
+          ExportJob(
+              f'{name} random weights',
+              s,
+              rows,
+              None,
+              export_lib.default_out_dir(workdir, kind, s, rows, None),
+              plan_rows,
+              sources[s],
+          )
+      )
 
   # 2. Exports (only what is missing).
   exports, rates = ensure_exports(config, jobs, manager, devices=devices, progress=progress)
@@ -321,11 +430,13 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | Path, split: str 
     return indices
 
   whole = search_lib.indices_to_ranked_lists(
-      queries.item_id, gallery.item_id, run_search('queries', queries.vectors, gallery.vectors))
+      queries.item_id, gallery.item_id, run_search('queries', queries.vectors, gallery.vectors)
+  )
   per_instance = None
   if instances is not None:
     per_instance = instance_lists(
-        instances, run_search('instances', instances.vectors, gallery.vectors), gallery.item_id)
+        instances, run_search('instances', instances.vectors, gallery.vectors), gallery.item_id
+    )
   modes = instance_merge.MERGE_MODES if instances is not None else ('whole',)
   for mode in modes:
     ranked[capture_method(mode)] = merged_lists(query_ids, whole, per_instance, mode)
@@ -334,27 +445,35 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | Path, split: str 
     rg, rq = exports['gallery random weights'], exports['queries random weights']
     check_pair(rq, rg)
     r_whole = search_lib.indices_to_ranked_lists(
-        rq.item_id, rg.item_id, run_search('queries random weights', rq.vectors, rg.vectors))
+        rq.item_id, rg.item_id, run_search('queries random weights', rq.vectors, rg.vectors)
+    )
     r_inst = None
     if 'instances random weights' in exports:
       ri = exports['instances random weights']
-      r_inst = instance_lists(ri, run_search('instances random weights', ri.vectors, rg.vectors),
-                              rg.item_id)
-    ranked[capture_method(e.query_mode, random_init=True)] = merged_lists(query_ids, r_whole, r_inst,
-                                                                           e.query_mode)
+      r_inst = instance_lists(
+          ri, run_search('instances random weights', ri.vectors, rg.vectors), rg.item_id
+      )
+    ranked[capture_method(e.query_mode, random_init=True)] = merged_lists(
+        query_ids, r_whole, r_inst, e.query_mode
+    )
     titles = lambda ids: [gt.titles.get(i, '') for i in ids]
-    tq, tg = baselines.tfidf_embeddings(titles(query_ids), titles(gallery.item_id),
-                                        max_features=e.tfidf_max_features)
-    ranked[TFIDF] = search_lib.indices_to_ranked_lists(query_ids, gallery.item_id,
-                                                       run_search(TFIDF, tq, tg))
+    tq, tg = baselines.tfidf_embeddings(
+        titles(query_ids), titles(gallery.item_id), max_features=e.tfidf_max_features
+    )
+    ranked[TFIDF] = search_lib.indices_to_ranked_lists(
+        query_ids, gallery.item_id, run_search(TFIDF, tq, tg)
+    )
     mq = mean_region_vectors(config, split, query_ids, sources[split])
     mg = mean_region_vectors(config, 'gallery', gallery.item_id, sources['gallery'])
-    ranked[MEAN_REGION] = search_lib.indices_to_ranked_lists(query_ids, gallery.item_id,
-                                                             run_search(MEAN_REGION, mq, mg))
+    ranked[MEAN_REGION] = search_lib.indices_to_ranked_lists(
+        query_ids, gallery.item_id, run_search(MEAN_REGION, mq, mg)
+    )
 
   # 5. Metrics, files, report.
-  metrics = {m: metrics_lib.evaluate_ranked_lists(lists, gt.query_labels, gt.gallery_labels)
-             for m, lists in ranked.items()}
+  metrics = {
+      m: metrics_lib.evaluate_ranked_lists(lists, gt.query_labels, gt.gallery_labels)
+      for m, lists in ranked.items()
+  }
   capture_modes = {mode: metrics[capture_method(mode)] for mode in modes}
   best_mode = max(capture_modes, key=lambda m: capture_modes[m]['mAP@10'])
   main_method = capture_method(e.query_mode if e.query_mode in modes else 'whole')
@@ -365,43 +484,74 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | Path, split: str 
   (out_dir / 'ranked_lists').mkdir(exist_ok=True)
   for method, lists in ranked.items():
     metrics_lib.write_ranked_lists(out_dir / 'ranked_lists' / f'{_slug(method)}.txt', lists)
-  listings = {main_method: [
-      report_lib.build_listing(q, gt.query_labels[q], ranked[main_method][q], gt.gallery_labels, gt.titles)
-      for q in query_ids[:e.num_listings]]}
+  listings = {
+      main_method: [
+          report_lib.build_listing(
+              q, gt.query_labels[q], ranked[main_method][q], gt.gallery_labels, gt.titles
+          )
+          for q in query_ids[: e.num_listings]
+      ]
+  }
   weights = 'random initialisation' if step is None else f'checkpoint step {step}'
   notes = [
       f'- Queries: {len(query_ids)} of split `{split}`'
       + (f' ({len(instances)} product instances)' if instances is not None else '')
       + f'; gallery: {len(gallery)} items. Ground truth: `{gt_dir}`.',
       f'- CAPTURE: {weights} of `{workdir}`; embedding `{kind}` ({gallery.dimension}-d).',
-      f'- Search: ' + ('exact top-100 by cosine.' if e.search == 'exact' else
-                       f'FAISS {e.faiss_index} top-100; recall@100 against exact search: '
-                       + ', '.join(f'{k} {v:.4f}' for k, v in recall.items()) + '.'),
+      f'- Search: '
+      + (
+          'exact top-100 by cosine.'
+          if e.search == 'exact'
+          else f'FAISS {e.faiss_index} top-100; recall@100 against exact search: '
+          + ', '.join(f'{k} {v:.4f}' for k, v in recall.items())
+          + '.'
+      ),
       f'- Query modes: `whole` = the whole-sample query; `instances` = one query per product instance '
-      '(caption + that instance\'s regions), lists merged round-robin with de-duplication; `both` = the '
+      "(caption + that instance's regions), lists merged round-robin with de-duplication; `both` = the "
       'whole-sample list first, then the instances.',
       f'- Best query mode on mAP@10: **{best_mode}** '
-      + '(' + ', '.join(f'{m} {100 * v["mAP@10"]:.2f}' for m, v in capture_modes.items()) + ').',
-      f'- `{metrics_lib.RANKED_FILE}`: {main_method} (eval.query_mode={e.query_mode!r}); every method\'s '
+      + '('
+      + ', '.join(f'{m} {100 * v["mAP@10"]:.2f}' for m, v in capture_modes.items())
+      + ').',
+      f"- `{metrics_lib.RANKED_FILE}`: {main_method} (eval.query_mode={e.query_mode!r}); every method's "
       'lists are in `ranked_lists/`.',
   ]
   if e.baselines:
-    notes.append(f'- Baselines on the same queries and gallery: {TFIDF}, {MEAN_REGION}, and the same model '
-                 f'with random weights (seed {config.seed}, query mode {e.query_mode}).')
+    notes.append(
+        f'- Baselines on the same queries and gallery: {TFIDF}, {MEAN_REGION}, and the same model '
+        f'with random weights (seed {config.seed}, query mode {e.query_mode}).'
+    )
   if rates:
-    notes.append('- Export throughput: ' + ', '.join(f'{k} {v:.1f} samples/s' for k, v in rates.items()) + '.')
+    notes.append(
+        '- Export throughput: '
+        + ', '.join(f'{k} {v:.1f} samples/s' for k, v in rates.items())
+        + '.'
+    )
   report_lib.write_report(out_dir, metrics, listings, notes=notes)
   summary = {
-      'split': split, 'checkpoint_step': step, 'workdir': str(workdir), 'embedding': kind,
-      'dimension': gallery.dimension, 'query_mode': e.query_mode, 'main_method': main_method,
-      'best_query_mode': best_mode, 'search': e.search, 'faiss_recall_at_100': recall or None,
-      'search_seconds': timing, 'export_samples_per_s': rates,
-      'counts': {'queries': len(query_ids), 'instances': len(instances) if instances is not None else 0,
-                 'gallery': len(gallery)},
-      'exports': {k: str(v.path) for k, v in exports.items()}, 'metrics': metrics,
+      'split': split,
+      'checkpoint_step': step,
+      'workdir': str(workdir),
+      'embedding': kind,
+      'dimension': gallery.dimension,
+      'query_mode': e.query_mode,
+      'main_method': main_method,
+      'best_query_mode': best_mode,
+      'search': e.search,
+      'faiss_recall_at_100': recall or None,
+      'search_seconds': timing,
+      'export_samples_per_s': rates,
+      'counts': {
+          'queries': len(query_ids),
+          'instances': len(instances) if instances is not None else 0,
+          'gallery': len(gallery),
+      },
+      'exports': {k: str(v.path) for k, v in exports.items()},
+      'metrics': metrics,
   }
-  (out_dir / EVALUATION_FILE).write_text(json.dumps(summary, indent=2, ensure_ascii=False) + '\n',
-                                         encoding='utf-8')
+  (out_dir / EVALUATION_FILE).write_text(
+      json.dumps(summary, indent=2, ensure_ascii=False) + '\n', encoding='utf-8'
+  )
   table = report_lib.metrics_table(metrics)
   return EvalResult(out_dir, metrics, table, best_mode, summary)
 
@@ -413,36 +563,51 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | Path, split: str 
 def define_flags() -> dict[str, Any]:
   """The command's flags (defined when the command runs, not on import)."""
   return {
-      'config': config_flags.DEFINE_config_file('config', None, 'A configs/*.py file.', lock_config=True),
+      'config': config_flags.DEFINE_config_file(
+          'config', None, 'A configs/*.py file.', lock_config=True
+      ),
       'workdir': flags.DEFINE_string('workdir', None, 'Run directory with checkpoints/.'),
       'split': flags.DEFINE_enum('split', 'dev', ['dev', 'test'], 'Query split.'),
-      'checkpoint': flags.DEFINE_integer('checkpoint', None, 'Checkpoint step (default: the latest).'),
+      'checkpoint': flags.DEFINE_integer(
+          'checkpoint', None, 'Checkpoint step (default: the latest).'
+      ),
       'out': flags.DEFINE_string('out', None, 'Output folder (default {workdir}/eval_{split}).'),
-      'gallery_embeddings': flags.DEFINE_string('gallery_embeddings', None,
-                                                'Evaluate this export of the gallery instead of exporting it.'),
-      'query_embeddings': flags.DEFINE_string('query_embeddings', None,
-                                              'Evaluate this export of the queries instead of exporting them.'),
-      'instance_embeddings': flags.DEFINE_string('instance_embeddings', None,
-                                                 'Export of the instance queries (with the two above).'),
+      'gallery_embeddings': flags.DEFINE_string(
+          'gallery_embeddings', None, 'Evaluate this export of the gallery instead of exporting it.'
+      ),
+      'query_embeddings': flags.DEFINE_string(
+          'query_embeddings', None, 'Evaluate this export of the queries instead of exporting them.'
+      ),
+      'instance_embeddings': flags.DEFINE_string(
+          'instance_embeddings', None, 'Export of the instance queries (with the two above).'
+      ),
   }
 
 
 def main(args: dict[str, Any]) -> None:
   from capture_jax.training import distributed  # pylint: disable=import-outside-toplevel
+
   distributed.initialize()
   try:
-    result = evaluate(args['config'].value, args['workdir'].value, args['split'].value,
-                      step=args['checkpoint'].value, out_dir=args['out'].value,
-                      gallery_embeddings=args['gallery_embeddings'].value,
-                      query_embeddings=args['query_embeddings'].value,
-                      instance_embeddings=args['instance_embeddings'].value)
+    result = evaluate(
+        args['config'].value,
+        args['workdir'].value,
+        args['split'].value,
+        step=args['checkpoint'].value,
+        out_dir=args['out'].value,
+        gallery_embeddings=args['gallery_embeddings'].value,
+        query_embeddings=args['query_embeddings'].value,
+        instance_embeddings=args['instance_embeddings'].value,
+    )
   except (FileNotFoundError, ValueError, KeyError) as e:  # bad input: one clear line, no traceback
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
   if result is not None:
     print(result.table)
     print(f'best query mode on mAP@10: {result.best_query_mode}')
-    print(f'wrote {result.out_dir}/report.md, metrics.json, metrics.png and {metrics_lib.RANKED_FILE}')
+    print(
+        f'wrote {result.out_dir}/report.md, metrics.json, metrics.png and {metrics_lib.RANKED_FILE}'
+    )
 
 
 def console_main() -> None:

@@ -65,18 +65,23 @@ def validate_request(config: ml_collections.ConfigDict, split: str, rows: str) -
   if rows not in emb_lib.ROW_KINDS:
     problems.append(f'rows must be one of {emb_lib.ROW_KINDS}, got {rows!r}')
   if config.eval.embedding not in emb_lib.EMBEDDING_KINDS:
-    problems.append(f'eval.embedding must be one of {emb_lib.EMBEDDING_KINDS}, got {config.eval.embedding!r}')
+    problems.append(
+        f'eval.embedding must be one of {emb_lib.EMBEDDING_KINDS}, got {config.eval.embedding!r}'
+    )
   if config.eval.shard_size < 1:
     problems.append(f'eval.shard_size must be positive, got {config.eval.shard_size}')
   if config.data.feature_dim != config.model.v_feature_size:
-    problems.append(f'data.feature_dim={config.data.feature_dim} differs from '
-                    f'model.v_feature_size={config.model.v_feature_size}')
+    problems.append(
+        f'data.feature_dim={config.data.feature_dim} differs from '
+        f'model.v_feature_size={config.model.v_feature_size}'
+    )
   if problems:
     raise ValueError('bad export request:\n  - ' + '\n  - '.join(problems))
 
 
-def open_checkpoints(workdir: str | Path, config: ml_collections.ConfigDict,
-                     step: int | None = None) -> tuple[ocp.CheckpointManager, int]:
+def open_checkpoints(
+    workdir: str | Path, config: ml_collections.ConfigDict, step: int | None = None
+) -> tuple[ocp.CheckpointManager, int]:
   """The workdir's checkpoint manager and the step to load (latest by default).
 
   Raises FileNotFoundError when there is no checkpoint (or not that step) and
@@ -85,13 +90,17 @@ def open_checkpoints(workdir: str | Path, config: ml_collections.ConfigDict,
   """
   ckpt_dir = checkpoint_lib.checkpoint_dir(workdir)
   if not ckpt_dir.is_dir():
-    raise FileNotFoundError(f'no checkpoint in {Path(workdir)}: {ckpt_dir} does not exist. Train first '
-                            f'(python -m capture_jax.train --workdir={workdir}), or pass the run\'s --workdir.')
+    raise FileNotFoundError(
+        f'no checkpoint in {Path(workdir)}: {ckpt_dir} does not exist. Train first '
+        f"(python -m capture_jax.train --workdir={workdir}), or pass the run's --workdir."
+    )
   manager = checkpoint_lib.make_manager(workdir, config.checkpoint)
   steps = sorted(manager.all_steps())
   if not steps:
     manager.close()
-    raise FileNotFoundError(f'no checkpoint in {ckpt_dir}; train first (python -m capture_jax.train)')
+    raise FileNotFoundError(
+        f'no checkpoint in {ckpt_dir}; train first (python -m capture_jax.train)'
+    )
   if step is None:
     step = steps[-1]
   elif step not in steps:
@@ -101,38 +110,61 @@ def open_checkpoints(workdir: str | Path, config: ml_collections.ConfigDict,
   return manager, int(step)
 
 
-def check_step_compatible(manager: ocp.CheckpointManager, config: ml_collections.ConfigDict, step: int) -> None:
+def check_step_compatible(
+    manager: ocp.CheckpointManager, config: ml_collections.ConfigDict, step: int
+) -> None:
   """`checkpoint.check_compatible` for a given step (not only the latest)."""
   saved = checkpoint_lib.saved_model_config(manager, step)
   ours = config.model.to_dict()
-  diffs = [f'model.{k}: checkpoint {saved.get(k)!r}, config {v!r}' for k, v in ours.items()
-           if k not in checkpoint_lib.LAYOUT_NEUTRAL_FIELDS and saved.get(k) != v]
+  diffs = [
+      f'model.{k}: checkpoint {saved.get(k)!r}, config {v!r}'
+      for k, v in ours.items()
+      if k not in checkpoint_lib.LAYOUT_NEUTRAL_FIELDS and saved.get(k) != v
+  ]
   if diffs:
     raise checkpoint_lib.IncompatibleCheckpointError(
         f'the checkpoint of step {step} in {manager.directory} is of a different model: '
-        + '; '.join(diffs) + '. Pass the config the run was trained with.')
+        + '; '.join(diffs)
+        + '. Pass the config the run was trained with.'
+    )
 
 
-def restore_model_params(manager: ocp.CheckpointManager, step: int, embedder: emb_lib.Embedder) -> Any:
+def restore_model_params(
+    manager: ocp.CheckpointManager, step: int, embedder: emb_lib.Embedder
+) -> Any:
   """Only `state.params['model']` of a checkpoint, placed in the embedder's shardings (Orbax partial
   restore: the optimizer state is not read)."""
   target = {'params': {'model': embedder.abstract_params}}
   restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding), target)
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)))
+  restored = manager.restore(
+      step,
+      args=ocp.args.Composite(
+          state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
+      ),
+  )
   return restored['state']['params']['model']
 
 
 def random_model_params(config: ml_collections.ConfigDict, embedder: emb_lib.Embedder) -> Any:
   """The untrained model (`train.initial_params(config, PRNGKey(config.seed))['model']`), created
   directly in its shardings."""
-  init = jax.jit(lambda k: emb_lib.initial_model_params(config, k), out_shardings=embedder.param_shardings)
+  init = jax.jit(
+      lambda k: emb_lib.initial_model_params(config, k), out_shardings=embedder.param_shardings
+  )
   return init(jax.random.PRNGKey(config.seed))
 
 
-def default_out_dir(workdir: str | Path, kind: str, split: str, rows: str, step: int | None) -> Path:
+def default_out_dir(
+    workdir: str | Path, kind: str, split: str, rows: str, step: int | None
+) -> Path:
   tag = 'random_init' if step is None else f'step_{step}'
-  return Path(workdir) / 'embeddings' / tag / kind / (split + ('-instances' if rows == 'instances' else ''))
+  return (
+      Path(workdir)
+      / 'embeddings'
+      / tag
+      / kind
+      / (split + ('-instances' if rows == 'instances' else ''))
+  )
 
 
 # --------------------------------------------------------------------------
@@ -142,6 +174,7 @@ def default_out_dir(workdir: str | Path, kind: str, split: str, rows: str, step:
 @dataclasses.dataclass
 class SplitRows:
   """What the iterator will yield, row by row: item ids (and instance labels and indices)."""
+
   item_id: list[str]
   instance_label: list[str] | None = None
   instance_index: list[int] | None = None
@@ -154,7 +187,9 @@ def instances_path(config: ml_collections.ConfigDict, split: str) -> Path:
   return Path(config.data.data_dir) / formats.instances_filename(split)
 
 
-def split_rows(config: ml_collections.ConfigDict, source: pipeline.Product1MSource, rows: str) -> SplitRows:
+def split_rows(
+    config: ml_collections.ConfigDict, source: pipeline.Product1MSource, rows: str
+) -> SplitRows:
   """The rows of `make_eval_iterator` or `make_instance_eval_iterator`, in order.
 
   For instances this restates the iterator's rule (samples of the sidecar,
@@ -167,8 +202,10 @@ def split_rows(config: ml_collections.ConfigDict, source: pipeline.Product1MSour
     return SplitRows(item_ids)
   path = instances_path(config, source.split)
   if not path.is_file():
-    raise FileNotFoundError(f'instance-level rows need the instance sidecar {path}, which does not exist '
-                            f"(set eval.query_mode='whole' to evaluate whole-sample queries only)")
+    raise FileNotFoundError(
+        f'instance-level rows need the instance sidecar {path}, which does not exist '
+        f"(set eval.query_mode='whole' to evaluate whole-sample queries only)"
+    )
   instances = formats.read_instances(str(path))
   out = SplitRows([], [], [])
   for item_id in item_ids:
@@ -180,13 +217,24 @@ def split_rows(config: ml_collections.ConfigDict, source: pipeline.Product1MSour
   return out
 
 
-def make_iterator(config: ml_collections.ConfigDict, split: str, rows: str, source, process_index: int,
-                  process_count: int):
-  kwargs = dict(process_index=process_index, process_count=process_count,
-                batch_size=config.data.eval_batch_size, source=source)
+def make_iterator(
+    config: ml_collections.ConfigDict,
+    split: str,
+    rows: str,
+    source,
+    process_index: int,
+    process_count: int,
+):
+  kwargs = dict(
+      process_index=process_index,
+      process_count=process_count,
+      batch_size=config.data.eval_batch_size,
+      source=source,
+  )
   if rows == 'instances':
-    return pipeline.make_instance_eval_iterator(config, split, instances=str(instances_path(config, split)),
-                                                **kwargs)
+    return pipeline.make_instance_eval_iterator(
+        config, split, instances=str(instances_path(config, split)), **kwargs
+    )
   return pipeline.make_eval_iterator(config, split, **kwargs)
 
 
@@ -194,11 +242,20 @@ def make_iterator(config: ml_collections.ConfigDict, split: str, rows: str, sour
 # The export.
 
 
-def export_split(config: ml_collections.ConfigDict, split: str, out_dir: str | Path, embedder: emb_lib.Embedder,
-                 model_params: Any, *, rows: str = 'samples', checkpoint_step: int | None = None,
-                 overwrite: bool = False, progress: bool | None = None,
-                 source: pipeline.Product1MSource | None = None,
-                 plan_rows: SplitRows | None = None) -> ExportResult:
+def export_split(
+    config: ml_collections.ConfigDict,
+    split: str,
+    out_dir: str | Path,
+    embedder: emb_lib.Embedder,
+    model_params: Any,
+    *,
+    rows: str = 'samples',
+    checkpoint_step: int | None = None,
+    overwrite: bool = False,
+    progress: bool | None = None,
+    source: pipeline.Product1MSource | None = None,
+    plan_rows: SplitRows | None = None,
+) -> ExportResult:
   """Embeds one split with `model_params` into `out_dir`, computing only the shards not written yet.
 
   Args:
@@ -228,8 +285,10 @@ def export_split(config: ml_collections.ConfigDict, split: str, out_dir: str | P
       return ExportResult(out_dir, done, [], True, None)
     diffs = emb_lib.identity_diffs(existing, plan)
     if diffs:
-      raise ValueError(f'{out_dir} holds another export ({"; ".join(diffs)}; existing vs requested); '
-                       'pass --overwrite to replace it, or another --out')
+      raise ValueError(
+          f'{out_dir} holds another export ({"; ".join(diffs)}; existing vs requested); '
+          'pass --overwrite to replace it, or another --out'
+      )
   if is_main:
     if existing is not None and overwrite:  # start afresh: remove this folder's export files only
       for path in out_dir.glob('shard-*-of-*.npz'):
@@ -240,8 +299,11 @@ def export_split(config: ml_collections.ConfigDict, split: str, out_dir: str | P
   p, nproc = jax.process_index(), jax.process_count()
   if nproc > 1:  # every process sees the same shard files from here on
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
     multihost_utils.sync_global_devices(f'export start {out_dir}')
-  missing = [s for s in range(num_shards) if not (out_dir / emb_lib.shard_name(s, num_shards)).is_file()]
+  missing = [
+      s for s in range(num_shards) if not (out_dir / emb_lib.shard_name(s, num_shards)).is_file()
+  ]
   per = b // nproc
   batches_per_shard = shard_rows // b
   num_batches = pipeline.num_eval_batches(n, per, nproc) if n else 0
@@ -251,6 +313,7 @@ def export_split(config: ml_collections.ConfigDict, split: str, out_dir: str | P
   bar = None
   if is_main and show and missing:
     from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+
     to_do = sum(min((s + 1) * shard_rows, n) - s * shard_rows for s in missing)
     bar = tqdm(total=to_do, desc=f'embedding {split} {rows}', unit='row', dynamic_ncols=True)
   start = time.perf_counter()
@@ -264,7 +327,8 @@ def export_split(config: ml_collections.ConfigDict, split: str, out_dir: str | P
       ordinal = (p + nproc * (batch_index * per + np.arange(per))).astype(np.int32)
       _check_batch(local, ordinal, plan_rows, split)
       global_batch = sharding.global_batch_from_local(
-          {**{k: local.inputs[k] for k in BATCH_KEYS}, 'ordinal': ordinal}, mesh)
+          {**{k: local.inputs[k] for k in BATCH_KEYS}, 'ordinal': ordinal}, mesh
+      )
       ordinals = global_batch.pop('ordinal')
       outputs.append((embedder(model_params, global_batch), ordinals))  # dispatched asynchronously
     next_batch = last
@@ -277,11 +341,18 @@ def export_split(config: ml_collections.ConfigDict, split: str, out_dir: str | P
     if not np.array_equal(ordinals, expected):
       raise RuntimeError(f'shard {s}: got rows {ordinals[:5]}..., expected {expected[:5]}...')
     if is_main:
-      arrays = {'embeddings': vectors.astype(np.float32), 'row': ordinals,
-                'item_id': np.array([plan_rows.item_id[i] for i in ordinals], dtype=str)}
+      arrays = {
+          'embeddings': vectors.astype(np.float32),
+          'row': ordinals,
+          'item_id': np.array([plan_rows.item_id[i] for i in ordinals], dtype=str),
+      }
       if rows == 'instances':
-        arrays['instance_label'] = np.array([plan_rows.instance_label[i] for i in ordinals], dtype=str)
-        arrays['instance_index'] = np.array([plan_rows.instance_index[i] for i in ordinals], np.int32)
+        arrays['instance_label'] = np.array(
+            [plan_rows.instance_label[i] for i in ordinals], dtype=str
+        )
+        arrays['instance_index'] = np.array(
+            [plan_rows.instance_index[i] for i in ordinals], np.int32
+        )
       emb_lib.write_shard(out_dir / emb_lib.shard_name(s, num_shards), arrays)
     if bar is not None:
       bar.update(len(expected))
@@ -292,11 +363,18 @@ def export_split(config: ml_collections.ConfigDict, split: str, out_dir: str | P
   rate = computed / elapsed if computed and elapsed > 0 else None
   if nproc > 1:
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
     multihost_utils.sync_global_devices(f'export {out_dir}')
-  metadata = {**plan, 'complete': True, 'samples_per_s': rate,
-              'devices': jax.device_count(), 'processes': nproc, 'eval_batch_size': b,
-              'data': {'tfds_dir': config.data.tfds_dir, 'data_dir': config.data.data_dir},
-              'created': time.strftime('%Y-%m-%dT%H:%M:%S')}
+  metadata = {
+      **plan,
+      'complete': True,
+      'samples_per_s': rate,
+      'devices': jax.device_count(),
+      'processes': nproc,
+      'eval_batch_size': b,
+      'data': {'tfds_dir': config.data.tfds_dir, 'data_dir': config.data.data_dir},
+      'created': time.strftime('%Y-%m-%dT%H:%M:%S'),
+  }
   if is_main:
     if n == 0:
       print(f'WARNING: split {split!r} has no {rows} rows: the export is empty', flush=True)
@@ -304,17 +382,29 @@ def export_split(config: ml_collections.ConfigDict, split: str, out_dir: str | P
   return ExportResult(out_dir, metadata, missing, False, rate)
 
 
-def export_plan(config: ml_collections.ConfigDict, split: str, rows: str, kind: str,
-                checkpoint_step: int | None, count: int) -> dict[str, Any]:
+def export_plan(
+    config: ml_collections.ConfigDict,
+    split: str,
+    rows: str,
+    kind: str,
+    checkpoint_step: int | None,
+    count: int,
+) -> dict[str, Any]:
   """The identity of an export (`embeddings.IDENTITY_FIELDS`): what is embedded, with what, how it is cut."""
   b = config.data.eval_batch_size
   shard_rows = math.ceil(config.eval.shard_size / b) * b  # whole batches per shard
   return {
-      'format_version': emb_lib.FORMAT_VERSION, 'split': split, 'rows': rows, 'kind': kind,
+      'format_version': emb_lib.FORMAT_VERSION,
+      'split': split,
+      'rows': rows,
+      'kind': kind,
       'dimension': emb_lib.embedding_dim(config.model, kind),
       'weights': 'random_init' if checkpoint_step is None else 'checkpoint',
-      'checkpoint_step': checkpoint_step, 'seed': config.seed if checkpoint_step is None else None,
-      'model': config.model.to_dict(), 'count': count, 'shard_rows': shard_rows,
+      'checkpoint_step': checkpoint_step,
+      'seed': config.seed if checkpoint_step is None else None,
+      'model': config.model.to_dict(),
+      'count': count,
+      'shard_rows': shard_rows,
       'num_shards': math.ceil(count / shard_rows),
   }
 
@@ -347,7 +437,9 @@ def _seek(iterator, current: int, target: int) -> None:
     next(iterator)
 
 
-def _check_batch(local: pipeline.EvalBatch, ordinal: np.ndarray, plan_rows: SplitRows, split: str) -> None:
+def _check_batch(
+    local: pipeline.EvalBatch, ordinal: np.ndarray, plan_rows: SplitRows, split: str
+) -> None:
   """The batch holds the rows the export expects (validity, item ids, instances)."""
   n = len(plan_rows)
   valid = ordinal < n
@@ -356,12 +448,16 @@ def _check_batch(local: pipeline.EvalBatch, ordinal: np.ndarray, plan_rows: Spli
   got = [str(x) for x in local.item_id[valid]]
   want = [plan_rows.item_id[i] for i in ordinal[valid]]
   if got != want:
-    raise RuntimeError(f'{split}: the evaluation iterator yielded items {got[:3]}..., expected {want[:3]}...')
+    raise RuntimeError(
+        f'{split}: the evaluation iterator yielded items {got[:3]}..., expected {want[:3]}...'
+    )
   if plan_rows.instance_label is not None:
     got = list(zip(map(str, local.instance_label[valid]), map(int, local.instance_index[valid])))
     want = [(plan_rows.instance_label[i], plan_rows.instance_index[i]) for i in ordinal[valid]]
     if got != want:
-      raise RuntimeError(f'{split}: the instance iterator yielded {got[:3]}..., expected {want[:3]}...')
+      raise RuntimeError(
+          f'{split}: the instance iterator yielded {got[:3]}..., expected {want[:3]}...'
+      )
 
 
 def _to_host(outputs: Sequence[tuple[jax.Array, jax.Array]]) -> tuple[np.ndarray, np.ndarray]:
@@ -370,15 +466,26 @@ def _to_host(outputs: Sequence[tuple[jax.Array, jax.Array]]) -> tuple[np.ndarray
     return np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
     outputs = multihost_utils.process_allgather(list(outputs), tiled=True)
   vectors = np.concatenate([np.asarray(v) for v, _ in outputs])
   ordinals = np.concatenate([np.asarray(o) for _, o in outputs]).astype(np.int64)
   return vectors, ordinals
 
 
-def export(config: ml_collections.ConfigDict, workdir: str | Path, split: str, *, step: int | None = None,
-           out: str | Path | None = None, rows: str = 'samples', random_init: bool = False,
-           overwrite: bool = False, progress: bool | None = None, devices=None) -> ExportResult:
+def export(
+    config: ml_collections.ConfigDict,
+    workdir: str | Path,
+    split: str,
+    *,
+    step: int | None = None,
+    out: str | Path | None = None,
+    rows: str = 'samples',
+    random_init: bool = False,
+    overwrite: bool = False,
+    progress: bool | None = None,
+    devices=None,
+) -> ExportResult:
   """The `capture_jax.export` command: checks, mesh, compiled step, parameters, then `export_split`.
 
   Everything that can be wrong with the request (split, sidecar, checkpoint,
@@ -411,55 +518,97 @@ def export(config: ml_collections.ConfigDict, workdir: str | Path, split: str, *
     if diffs:
       if manager is not None:
         manager.close()
-      raise ValueError(f'{out_dir} holds another export ({"; ".join(diffs)}; existing vs requested); '
-                       'pass --overwrite to replace it, or another --out')
+      raise ValueError(
+          f'{out_dir} holds another export ({"; ".join(diffs)}; existing vs requested); '
+          'pass --overwrite to replace it, or another --out'
+      )
 
   mesh = sharding.make_mesh(config.mesh, devices)
   embedder = emb_lib.make_embedder(config, mesh)
   if is_main:
-    print(f'compiled the embedding step ({embedder.kind}, {embedder.dimension}-d, global batch '
-          f'{embedder.batch_size}, {jax.device_count()} devices) in {embedder.compile_s:.1f} s', flush=True)
+    print(
+        f'compiled the embedding step ({embedder.kind}, {embedder.dimension}-d, global batch '
+        f'{embedder.batch_size}, {jax.device_count()} devices) in {embedder.compile_s:.1f} s',
+        flush=True,
+    )
   if random_init:
     params = random_model_params(config, embedder)
   else:
     params = restore_model_params(manager, step, embedder)
     manager.close()
-  result = export_split(config, split, out_dir, embedder, params, rows=rows, checkpoint_step=step,
-                        overwrite=overwrite, progress=progress, source=source, plan_rows=plan_rows)
+  result = export_split(
+      config,
+      split,
+      out_dir,
+      embedder,
+      params,
+      rows=rows,
+      checkpoint_step=step,
+      overwrite=overwrite,
+      progress=progress,
+      source=source,
+      plan_rows=plan_rows,
+  )
   if is_main:
     rate = f'; {result.samples_per_s:.1f} samples/s' if result.samples_per_s else ''
-    print(f'wrote {len(result.written)} of {result.metadata["num_shards"]} shards '
-          f'({result.metadata["count"]} {rows} rows of {split}, {what}) to {out_dir}{rate}', flush=True)
+    print(
+        f'wrote {len(result.written)} of {result.metadata["num_shards"]} shards '
+        f'({result.metadata["count"]} {rows} rows of {split}, {what}) to {out_dir}{rate}',
+        flush=True,
+    )
   return result
 
 
 # --------------------------------------------------------------------------
 # Command line.
 
+
 def define_flags() -> dict[str, Any]:
   """The command's flags (defined when the command runs, not on import, so that the package's
   modules can be imported together)."""
   return {
-      'config': config_flags.DEFINE_config_file('config', None, 'A configs/*.py file.', lock_config=True),
-      'workdir': flags.DEFINE_string('workdir', None, 'Run directory with checkpoints/ (and embeddings/).'),
+      'config': config_flags.DEFINE_config_file(
+          'config', None, 'A configs/*.py file.', lock_config=True
+      ),
+      'workdir': flags.DEFINE_string(
+          'workdir', None, 'Run directory with checkpoints/ (and embeddings/).'
+      ),
       'split': flags.DEFINE_enum('split', 'gallery', list(formats.SPLITS), 'Split to embed.'),
-      'checkpoint': flags.DEFINE_integer('checkpoint', None, 'Checkpoint step (default: the latest).'),
-      'out': flags.DEFINE_string('out', None, 'Output folder (default '
-                                 '{workdir}/embeddings/step_{STEP}/{kind}/{split}).'),
-      'instances': flags.DEFINE_bool('instances', False, 'One row per product instance (instance queries).'),
-      'random_init': flags.DEFINE_bool('random_init', False, 'Embed with the untrained model (config seed).'),
-      'overwrite': flags.DEFINE_bool('overwrite', False, 'Recompute every shard, replacing whatever export '
-                                     'the output folder holds.'),
+      'checkpoint': flags.DEFINE_integer(
+          'checkpoint', None, 'Checkpoint step (default: the latest).'
+      ),
+      'out': flags.DEFINE_string(
+          'out', None, 'Output folder (default {workdir}/embeddings/step_{STEP}/{kind}/{split}).'
+      ),
+      'instances': flags.DEFINE_bool(
+          'instances', False, 'One row per product instance (instance queries).'
+      ),
+      'random_init': flags.DEFINE_bool(
+          'random_init', False, 'Embed with the untrained model (config seed).'
+      ),
+      'overwrite': flags.DEFINE_bool(
+          'overwrite',
+          False,
+          'Recompute every shard, replacing whatever export the output folder holds.',
+      ),
   }
 
 
 def main(args: dict[str, Any]) -> None:
   from capture_jax.training import distributed  # pylint: disable=import-outside-toplevel
+
   distributed.initialize()
   try:
-    export(args['config'].value, args['workdir'].value, args['split'].value, step=args['checkpoint'].value,
-           out=args['out'].value, rows='instances' if args['instances'].value else 'samples',
-           random_init=args['random_init'].value, overwrite=args['overwrite'].value)
+    export(
+        args['config'].value,
+        args['workdir'].value,
+        args['split'].value,
+        step=args['checkpoint'].value,
+        out=args['out'].value,
+        rows='instances' if args['instances'].value else 'samples',
+        random_init=args['random_init'].value,
+        overwrite=args['overwrite'].value,
+    )
   except (FileNotFoundError, ValueError) as e:  # bad input: one clear line, no traceback
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)

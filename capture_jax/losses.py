@@ -126,17 +126,22 @@ def siglip_loss(text: Array, visual: Array, log_inv_temperature: Array, bias: Ar
 def init_loss_params(cfg: ml_collections.ConfigDict) -> dict[str, Array]:
   """Learnable parameters of the configured contrastive loss (`loss` section)."""
   if cfg.contrastive not in CONTRASTIVE_KINDS:
-    raise ValueError(f'loss.contrastive must be one of {CONTRASTIVE_KINDS}, got {cfg.contrastive!r}')
+    raise ValueError(
+        f'loss.contrastive must be one of {CONTRASTIVE_KINDS}, got {cfg.contrastive!r}'
+    )
   if cfg.contrastive == 'clip':
     return {'log_inv_temperature': jnp.asarray(np.log(1.0 / cfg.temperature), jnp.float32)}
   if cfg.contrastive == 'siglip':
-    return {'log_inv_temperature': jnp.asarray(np.log(1.0 / cfg.siglip_init_temperature), jnp.float32),
-            'bias': jnp.asarray(cfg.siglip_init_bias, jnp.float32)}
+    return {
+        'log_inv_temperature': jnp.asarray(np.log(1.0 / cfg.siglip_init_temperature), jnp.float32),
+        'bias': jnp.asarray(cfg.siglip_init_bias, jnp.float32),
+    }
   return {}
 
 
-def contrastive_loss(text: Array, visual: Array, cfg: ml_collections.ConfigDict,
-                     loss_params: Mapping[str, Array]) -> Array:
+def contrastive_loss(
+    text: Array, visual: Array, cfg: ml_collections.ConfigDict, loss_params: Mapping[str, Array]
+) -> Array:
   """The configured contrastive loss over a batch of `[B, D]` text and visual vectors."""
   if cfg.contrastive == 'ntxent':
     return ntxent_loss(text, visual, cfg.temperature)
@@ -155,9 +160,13 @@ def mrm_loss(outputs: Mapping[str, Array], batch: Mapping[str, Array], mrm_targe
   raise ValueError(f"model.mrm_target must be 'feature' or 'class', got {mrm_target!r}")
 
 
-def pretraining_losses(outputs: Mapping[str, Array], batch: Mapping[str, Array],
-                       config: ml_collections.ConfigDict, loss_params: Mapping[str, Array] | None = None,
-                       contrastive: Array | None = None) -> dict[str, Array]:
+def pretraining_losses(
+    outputs: Mapping[str, Array],
+    batch: Mapping[str, Array],
+    config: ml_collections.ConfigDict,
+    loss_params: Mapping[str, Array] | None = None,
+    contrastive: Array | None = None,
+) -> dict[str, Array]:
   """Every loss term and the weighted total.
 
   Args:
@@ -177,9 +186,13 @@ def pretraining_losses(outputs: Mapping[str, Array], batch: Mapping[str, Array],
       'mrm': mrm_loss(outputs, batch, config.model.mrm_target),
   }
   if contrastive is None:
-    contrastive = contrastive_loss(outputs['enc_pooled_text'], outputs['enc_pooled_visual'], lc,
-                                   loss_params or {})
+    contrastive = contrastive_loss(
+        outputs['enc_pooled_text'], outputs['enc_pooled_visual'], lc, loss_params or {}
+    )
   terms['contrastive'] = contrastive
-  terms['total'] = (lc.mlm_weight * terms['mlm'] + lc.mrm_weight * terms['mrm']
-                    + lc.contrastive_weight * terms['contrastive'])
+  terms['total'] = (
+      lc.mlm_weight * terms['mlm']
+      + lc.mrm_weight * terms['mrm']
+      + lc.contrastive_weight * terms['contrastive']
+  )
   return terms

@@ -61,8 +61,10 @@ class Preemption:
   def _handle(self, signum, frame):
     del frame
     self.requested = True
-    print(f'\nreceived {signal.Signals(signum).name}: finishing this step, saving a checkpoint, then exiting',
-          flush=True)
+    print(
+        f'\nreceived {signal.Signals(signum).name}: finishing this step, saving a checkpoint, then exiting',
+        flush=True,
+    )
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
@@ -73,6 +75,7 @@ class Preemption:
     if jax.process_count() == 1:
       return self.requested
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
     return bool(np.any(multihost_utils.process_allgather(np.asarray(self.requested))))
 
 
@@ -85,15 +88,23 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
   batch_devices = mesh.shape['data'] * mesh.shape['fsdp']
   problems = []
   if d.batch_size % batch_devices:
-    problems.append(f'data.batch_size={d.batch_size} is not divisible by the {batch_devices} devices of the '
-                    f"mesh's batch axes (data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']})")
+    problems.append(
+        f'data.batch_size={d.batch_size} is not divisible by the {batch_devices} devices of the '
+        f"mesh's batch axes (data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']})"
+    )
   if d.batch_size % jax.process_count():
-    problems.append(f'data.batch_size={d.batch_size} is not divisible by the {jax.process_count()} processes')
+    problems.append(
+        f'data.batch_size={d.batch_size} is not divisible by the {jax.process_count()} processes'
+    )
   if t.microbatches < 1 or d.batch_size % (t.microbatches * batch_devices):
-    problems.append(f'train.microbatches={t.microbatches} must divide the per-device batch '
-                    f'{d.batch_size // max(batch_devices, 1)}')
+    problems.append(
+        f'train.microbatches={t.microbatches} must divide the per-device batch '
+        f'{d.batch_size // max(batch_devices, 1)}'
+    )
   if d.feature_dim != m.v_feature_size:
-    problems.append(f'data.feature_dim={d.feature_dim} differs from model.v_feature_size={m.v_feature_size}')
+    problems.append(
+        f'data.feature_dim={d.feature_dim} differs from model.v_feature_size={m.v_feature_size}'
+    )
   if t.init not in INIT_KINDS:
     problems.append(f'train.init must be one of {INIT_KINDS}, got {t.init!r}')
   if t.init != 'scratch' and not t.init_path:
@@ -112,8 +123,10 @@ def initial_params(config: ml_collections.ConfigDict, key: jax.Array) -> dict:
   """`{'model', 'loss'}` parameters from scratch (traceable: used under jit for sharded init)."""
   model = CaptureModel(config.model)
   batch = dummy_batch(config.model, 1, config.data.max_text_len, config.data.max_regions)
-  return {'model': model.init({'params': key}, batch, train=False)['params'],
-          'loss': losses.init_loss_params(config.loss)}
+  return {
+      'model': model.init({'params': key}, batch, train=False)['params'],
+      'loss': losses.init_loss_params(config.loss),
+  }
 
 
 def pretrained_params(config: ml_collections.ConfigDict) -> dict:
@@ -135,9 +148,14 @@ def place_pretrained(params: dict, pretrained: dict, shardings: dict) -> dict:
   if not pretrained:
     return params
   flat_shardings = traverse_util.flatten_dict(shardings['model'])
-  placed = {path: jax.device_put(np.asarray(value), flat_shardings[path])
-            for path, value in traverse_util.flatten_dict(pretrained).items()}
-  return {**params, 'model': convert.merge_params(params['model'], traverse_util.unflatten_dict(placed))}
+  placed = {
+      path: jax.device_put(np.asarray(value), flat_shardings[path])
+      for path, value in traverse_util.flatten_dict(pretrained).items()
+  }
+  return {
+      **params,
+      'model': convert.merge_params(params['model'], traverse_util.unflatten_dict(placed)),
+  }
 
 
 def train_state_layout(config: ml_collections.ConfigDict, mesh):
@@ -161,8 +179,13 @@ def train_state_layout(config: ml_collections.ConfigDict, mesh):
 # The run.
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | Path, *, stop_after_steps: int | None = None,
-        devices=None) -> RunResult:
+def run(
+    config: ml_collections.ConfigDict,
+    workdir: str | Path,
+    *,
+    stop_after_steps: int | None = None,
+    devices=None,
+) -> RunResult:
   """Trains until `train.num_steps` (or `stop_after_steps` more steps, or a preemption signal)."""
   workdir = Path(workdir)
   mesh = sharding.make_mesh(config.mesh, devices)
@@ -181,39 +204,60 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *, stop_after_st
   optimizer, init_state, abstract_state, state_shardings = train_state_layout(config, mesh)
 
   restored = checkpoint_lib.restore_latest(
-      manager, checkpoint_lib.abstract_with_shardings(abstract_state, state_shardings), data_iterator)
+      manager,
+      checkpoint_lib.abstract_with_shardings(abstract_state, state_shardings),
+      data_iterator,
+  )
   if restored is not None:
     state, start = restored
     if is_main:
-      print(f'resumed from the checkpoint at step {start} in {checkpoint_lib.checkpoint_dir(workdir)}', flush=True)
+      print(
+          f'resumed from the checkpoint at step {start} in {checkpoint_lib.checkpoint_dir(workdir)}',
+          flush=True,
+      )
   else:
     state = jax.jit(init_state, out_shardings=state_shardings)(key)
     pretrained = pretrained_params(config)
     if pretrained:
       params = place_pretrained(state.params, pretrained, state_shardings.params)
-      state = state.replace(params=params, opt_state=jax.jit(optimizer.init, out_shardings=state_shardings.opt_state)(
-          params))
+      state = state.replace(
+          params=params,
+          opt_state=jax.jit(optimizer.init, out_shardings=state_shardings.opt_state)(params),
+      )
     start = 0
 
   # The step, compiled ahead of time with explicit shardings and the state donated.
   batch_sharding = sharding.batch_sharding(mesh)
-  jitted = jax.jit(train_step_lib.make_train_step(config, mesh, optimizer),
-                   in_shardings=(state_shardings, batch_sharding),
-                   out_shardings=(state_shardings, None), donate_argnums=(0,))
-  abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
-                    for k, v in abstract_global_batch(config).items()}
+  jitted = jax.jit(
+      train_step_lib.make_train_step(config, mesh, optimizer),
+      in_shardings=(state_shardings, batch_sharding),
+      out_shardings=(state_shardings, None),
+      donate_argnums=(0,),
+  )
+  abstract_batch = {
+      k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
+      for k, v in abstract_global_batch(config).items()
+  }
   compile_start = time.perf_counter()
   step_fn = jitted.lower(state, abstract_batch).compile()
   flops_per_step = _count_flops(step_fn)
   if is_main:
-    print(f'compiled the train step in {time.perf_counter() - compile_start:.1f} s'
-          + (f'; {flops_per_step / 1e9:.1f} GFLOP per step' if flops_per_step else ''), flush=True)
+    print(
+        f'compiled the train step in {time.perf_counter() - compile_start:.1f} s'
+        + (f'; {flops_per_step / 1e9:.1f} GFLOP per step' if flops_per_step else ''),
+        flush=True,
+    )
 
-  end = config.train.num_steps if stop_after_steps is None else min(config.train.num_steps, start + stop_after_steps)
+  end = (
+      config.train.num_steps
+      if stop_after_steps is None
+      else min(config.train.num_steps, start + stop_after_steps)
+  )
   writer = metrics_lib.MetricWriter(workdir)
   progress = None
   if is_main and config.train.progress_bar and end > start:
     from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+
     progress = tqdm(total=end - start, desc='pretraining', unit='step', dynamic_ncols=True)
 
   peak = metrics_lib.peak_flops(jax.devices()[0])
@@ -241,12 +285,16 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *, stop_after_st
         elapsed = time.perf_counter() - window_start
         step_time = elapsed / window_steps
         last_metrics = {k: float(v) for k, v in metrics.items()}
-        last_metrics.update({'step_time_s': step_time, 'samples_per_s': config.data.batch_size / step_time})
+        last_metrics.update(
+            {'step_time_s': step_time, 'samples_per_s': config.data.batch_size / step_time}
+        )
         if flops_per_step and peak:
           last_metrics['mfu'] = flops_per_step / step_time / (peak * jax.device_count())
         writer.write(step, last_metrics)
         if progress is not None:
-          progress.set_postfix(loss=f"{last_metrics['loss/total']:.3f}", skipped=int(last_metrics['skipped_updates']))
+          progress.set_postfix(
+              loss=f'{last_metrics["loss/total"]:.3f}', skipped=int(last_metrics['skipped_updates'])
+          )
         window_start, window_steps = time.perf_counter(), 0
       if progress is not None:
         progress.update(1)
@@ -263,8 +311,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *, stop_after_st
   manager.close()
   writer.close()
   if preempted and is_main:
-    print(f'stopped at step {step} on request; checkpoint saved in {checkpoint_lib.checkpoint_dir(workdir)}. '
-          'Run the same command again to resume.', flush=True)
+    print(
+        f'stopped at step {step} on request; checkpoint saved in {checkpoint_lib.checkpoint_dir(workdir)}. '
+        'Run the same command again to resume.',
+        flush=True,
+    )
   return RunResult(state=state, last_metrics=last_metrics, preempted=preempted)
 
 
@@ -275,11 +326,14 @@ def abstract_global_batch(config: ml_collections.ConfigDict) -> dict[str, jax.Sh
   target = m.v_target_size if m.mrm_target == 'class' else d.feature_dim
   i32, f32 = np.int32, np.float32
   return {
-      'input_ids': jax.ShapeDtypeStruct((b, t), i32), 'input_mask': jax.ShapeDtypeStruct((b, t), i32),
+      'input_ids': jax.ShapeDtypeStruct((b, t), i32),
+      'input_mask': jax.ShapeDtypeStruct((b, t), i32),
       'segment_ids': jax.ShapeDtypeStruct((b, t), i32),
       'image_feat': jax.ShapeDtypeStruct((b, r + 1, d.feature_dim), f32),
-      'image_loc': jax.ShapeDtypeStruct((b, r + 1, 5), f32), 'image_mask': jax.ShapeDtypeStruct((b, r + 1), i32),
-      'lm_label_ids': jax.ShapeDtypeStruct((b, t), i32), 'image_label': jax.ShapeDtypeStruct((b, r), i32),
+      'image_loc': jax.ShapeDtypeStruct((b, r + 1, 5), f32),
+      'image_mask': jax.ShapeDtypeStruct((b, r + 1), i32),
+      'lm_label_ids': jax.ShapeDtypeStruct((b, t), i32),
+      'image_label': jax.ShapeDtypeStruct((b, r), i32),
       'image_target': jax.ShapeDtypeStruct((b, r, target), f32),
   }
 
@@ -298,12 +352,19 @@ def _count_flops(compiled) -> float | None:
 # --------------------------------------------------------------------------
 # Command line.
 
+
 def console_main() -> None:
   """`python -m capture_jax.train` / `capture-train`. Flags are defined here, not at import,
   so that other commands can import this module."""
-  config_flag = config_flags.DEFINE_config_file('config', None, 'A configs/*.py file.', lock_config=True)
-  workdir_flag = flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, metrics, TensorBoard events.')
-  stop_flag = flags.DEFINE_integer('stop_after_steps', None, 'Stop after this many steps (then resume later).')
+  config_flag = config_flags.DEFINE_config_file(
+      'config', None, 'A configs/*.py file.', lock_config=True
+  )
+  workdir_flag = flags.DEFINE_string(
+      'workdir', None, 'Run directory: checkpoints, metrics, TensorBoard events.'
+  )
+  stop_flag = flags.DEFINE_integer(
+      'stop_after_steps', None, 'Stop after this many steps (then resume later).'
+  )
   flags.mark_flags_as_required(['config', 'workdir'])
 
   def main(argv) -> None:

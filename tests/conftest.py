@@ -8,7 +8,9 @@ from pathlib import Path
 # Tests are dominated by XLA compile time on CPU: skip LLVM's expensive optimisations
 # (4x faster compiles, same numerics). Set before JAX starts; subprocesses inherit it.
 if '--xla_backend_optimization_level' not in os.environ.get('XLA_FLAGS', ''):
-  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_backend_optimization_level=0').strip()
+  os.environ['XLA_FLAGS'] = (
+      os.environ.get('XLA_FLAGS', '') + ' --xla_backend_optimization_level=0'
+  ).strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 import jax  # noqa: E402  (after XLA_FLAGS)

@@ -39,7 +39,10 @@ def text_stream_config(hf: dict):
   m = config_lib.model_config()
   m.vocab_size, m.hidden_size = hf['vocab_size'], hf['hidden_size']
   m.num_attention_heads, m.intermediate_size = hf['num_attention_heads'], hf['intermediate_size']
-  m.num_hidden_layers, m.max_position_embeddings = hf['num_hidden_layers'], hf['max_position_embeddings']
+  m.num_hidden_layers, m.max_position_embeddings = (
+      hf['num_hidden_layers'],
+      hf['max_position_embeddings'],
+  )
   m.type_vocab_size, m.layer_norm_eps = hf['type_vocab_size'], hf['layer_norm_eps']
   m.v_feature_size, m.v_hidden_size, m.v_num_attention_heads = 8, 16, 2
   m.v_intermediate_size, m.v_num_hidden_layers = 16, 0
@@ -57,19 +60,25 @@ def test_text_stream_matches_transformers_bert():
   assert 'text_stream/layer_5/ffn/output/kernel' in report.loaded
 
   tokenizer = transformers.BertTokenizerFast.from_pretrained(str(directory))
-  tokens = tokenizer(SENTENCES, padding='max_length', max_length=24, truncation=True, return_tensors='np')
+  tokens = tokenizer(
+      SENTENCES, padding='max_length', max_length=24, truncation=True, return_tensors='np'
+  )
   reference = transformers.BertModel.from_pretrained(str(directory), add_pooling_layer=False).eval()
   with torch.no_grad():
-    expected = reference(input_ids=torch.from_numpy(tokens['input_ids']),
-                         attention_mask=torch.from_numpy(tokens['attention_mask']),
-                         token_type_ids=torch.from_numpy(tokens['token_type_ids'])).last_hidden_state.numpy()
+    expected = reference(
+        input_ids=torch.from_numpy(tokens['input_ids']),
+        attention_mask=torch.from_numpy(tokens['attention_mask']),
+        token_type_ids=torch.from_numpy(tokens['token_type_ids']),
+    ).last_hidden_state.numpy()
 
   model = CaptureModel(cfg)
   batch = {
       'input_ids': jnp.asarray(tokens['input_ids']),
       'input_mask': jnp.asarray(tokens['attention_mask']),
       'segment_ids': jnp.asarray(tokens['token_type_ids']),
-      'image_feat': jnp.zeros((3, 2, 8)), 'image_loc': jnp.zeros((3, 2, 5)), 'image_mask': jnp.ones((3, 2)),
+      'image_feat': jnp.zeros((3, 2, 8)),
+      'image_loc': jnp.zeros((3, 2, 5)),
+      'image_mask': jnp.ones((3, 2)),
   }
   init = jax.jit(model.init)({'params': jax.random.key(0)}, batch)['params']
   params = convert.merge_params(init, params)
@@ -85,11 +94,15 @@ def test_bert_import_rejects_mismatched_sizes():
   cfg = text_stream_config(json.loads((directory / 'config.json').read_text()))
   cfg.hidden_size = 768
   cfg.vocab_size = 21128
-  with pytest.raises(convert.ConversionError, match=r'vocab_size=30522 \(model.vocab_size=21128\).*hidden_size=384'):
+  with pytest.raises(
+      convert.ConversionError, match=r'vocab_size=30522 \(model.vocab_size=21128\).*hidden_size=384'
+  ):
     convert.from_hf_bert(directory, cfg)
   cfg = text_stream_config(json.loads((directory / 'config.json').read_text()))
   cfg.num_hidden_layers = 12
-  with pytest.raises(convert.ConversionError, match='num_hidden_layers=6 < model.num_hidden_layers=12'):
+  with pytest.raises(
+      convert.ConversionError, match='num_hidden_layers=6 < model.num_hidden_layers=12'
+  ):
     convert.from_hf_bert(directory, cfg)
 
 

@@ -42,10 +42,21 @@ def multidevice_result():
   """Runs the 8-device check, chunk 0 and chunk 4 in two concurrent processes."""
   # The LLVM optimisation level only shortens compiles (half the CPU time); the
   # HLO, the partitioning and the collectives under test are the same.
-  env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS='--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0')
-  procs = [subprocess.Popen([sys.executable, str(CHECK), '--chunks', chunks], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True) for chunks in ('0', '4')]
+  env = dict(
+      os.environ,
+      JAX_PLATFORMS='cpu',
+      XLA_FLAGS='--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0',
+  )
+  procs = [
+      subprocess.Popen(
+          [sys.executable, str(CHECK), '--chunks', chunks],
+          env=env,
+          stdout=subprocess.PIPE,
+          stderr=subprocess.PIPE,
+          text=True,
+      )
+      for chunks in ('0', '4')
+  ]
   results = []
   for p in procs:
     out, err = p.communicate(timeout=600)
@@ -58,13 +69,22 @@ def multidevice_result():
 
 def test_multidevice_all_cases_ran(multidevice_result):
   ran = {(tuple(c['mesh']), c['kind'], c['chunk']) for c in multidevice_result['cases']}
-  expected = {(m, k, c) for m in [(8, 1, 1), (2, 4, 1), (2, 2, 2)] for k in losses.CONTRASTIVE_KINDS for c in (0, 4)}
+  expected = {
+      (m, k, c)
+      for m in [(8, 1, 1), (2, 4, 1), (2, 2, 2)]
+      for k in losses.CONTRASTIVE_KINDS
+      for c in (0, 4)
+  }
   assert ran == expected
 
 
 @pytest.mark.parametrize('kind', losses.CONTRASTIVE_KINDS)
 def test_multidevice_equals_dense(multidevice_result, kind):
-  params = {'ntxent': [], 'clip': ['d_log_inv_temperature'], 'siglip': ['d_log_inv_temperature', 'd_bias']}[kind]
+  params = {
+      'ntxent': [],
+      'clip': ['d_log_inv_temperature'],
+      'siglip': ['d_log_inv_temperature', 'd_bias'],
+  }[kind]
   cases = [c for c in multidevice_result['cases'] if c['kind'] == kind]
   assert len(cases) == 6
   for case in cases:

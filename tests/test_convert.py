@@ -19,7 +19,9 @@ def release_state_dict(model_cfg, seed=0):
   for path, (name, _) in convert.release_name_map(model_cfg).items():
     shape = shapes[path]
     if name.endswith('in_proj_weight'):
-      out[name] = r.normal(size=(3 * model_cfg.cross_hidden_size, model_cfg.cross_hidden_size)).astype(np.float32)
+      out[name] = r.normal(
+          size=(3 * model_cfg.cross_hidden_size, model_cfg.cross_hidden_size)
+      ).astype(np.float32)
     elif name.endswith('in_proj_bias'):
       out[name] = r.normal(size=(3 * model_cfg.cross_hidden_size,)).astype(np.float32)
     elif path[-1] == 'kernel':
@@ -39,13 +41,19 @@ def test_round_trip_places_every_tensor(cfg):
   sd = release_state_dict(cfg)
   params, report = convert.from_release_state_dict(sd, cfg)
   flat = traverse_util.flatten_dict(params)
-  np.testing.assert_array_equal(flat[('text_stream', 'layer_1', 'query', 'dense', 'kernel')],
-                                sd['bert.encoder.layer.1.attention.self.query.weight'].T)
+  np.testing.assert_array_equal(
+      flat[('text_stream', 'layer_1', 'query', 'dense', 'kernel')],
+      sd['bert.encoder.layer.1.attention.self.query.weight'].T,
+  )
   w = cfg.cross_hidden_size
-  np.testing.assert_array_equal(flat[('co_transformer', 'layer_0', 'value', 'dense', 'kernel')],
-                                sd['bert.cross_encoder.transformer.resblocks.0.attn.in_proj_weight'][2 * w:].T)
-  np.testing.assert_array_equal(flat[('co_transformer', 'layer_0', 'key', 'dense', 'bias')],
-                                sd['bert.cross_encoder.transformer.resblocks.0.attn.in_proj_bias'][w:2 * w])
+  np.testing.assert_array_equal(
+      flat[('co_transformer', 'layer_0', 'value', 'dense', 'kernel')],
+      sd['bert.cross_encoder.transformer.resblocks.0.attn.in_proj_weight'][2 * w :].T,
+  )
+  np.testing.assert_array_equal(
+      flat[('co_transformer', 'layer_0', 'key', 'dense', 'bias')],
+      sd['bert.cross_encoder.transformer.resblocks.0.attn.in_proj_bias'][w : 2 * w],
+  )
   assert report.unused == ['cls.predictions.decoder.weight']
   assert set(flat) == set(convert.param_shapes(cfg))
 
@@ -60,16 +68,21 @@ def test_torch_module_prefix_and_tensors_are_accepted(cfg):
 def test_missing_tensors_are_named(cfg):
   sd = release_state_dict(cfg)
   del sd['bert.encoder.c_layer.1.biattention.key2.weight']
-  with pytest.raises(convert.ConversionError,
-                     match='lacks 1 tensors the model config needs: bert.encoder.c_layer.1.biattention.key2.weight'):
+  with pytest.raises(
+      convert.ConversionError,
+      match='lacks 1 tensors the model config needs: bert.encoder.c_layer.1.biattention.key2.weight',
+  ):
     convert.from_release_state_dict(sd, cfg)
 
 
 def test_wrong_shapes_are_named(cfg):
   sd = release_state_dict(cfg)
   sd['bert.v_embeddings.image_embeddings.weight'] = np.zeros((32, 2048), np.float32)
-  with pytest.raises(convert.ConversionError, match=r'bert.v_embeddings.image_embeddings.weight gives \(2048, 32\) '
-                     r'for visual_embeddings/image_embeddings/kernel, expected \(24, 32\)'):
+  with pytest.raises(
+      convert.ConversionError,
+      match=r'bert.v_embeddings.image_embeddings.weight gives \(2048, 32\) '
+      r'for visual_embeddings/image_embeddings/kernel, expected \(24, 32\)',
+  ):
     convert.from_release_state_dict(sd, cfg)
 
 
@@ -77,7 +90,9 @@ def test_unknown_tensor_names_are_an_error_unless_not_strict(cfg):
   sd = release_state_dict(cfg)
   sd['bert.encoder.layer.0.attention.self.rotary.weight'] = np.zeros(3, np.float32)
   sd['bert.encoder.c_layer.0.biOutput.q_dense1.weight'] = np.zeros((32, 16), np.float32)
-  with pytest.raises(convert.ConversionError, match='1 tensors that the model config does not use.*rotary'):
+  with pytest.raises(
+      convert.ConversionError, match='1 tensors that the model config does not use.*rotary'
+  ):
     convert.from_release_state_dict(sd, cfg)
   _, report = convert.from_release_state_dict(sd, cfg, strict=False)
   assert 'bert.encoder.layer.0.attention.self.rotary.weight' in report.unused
@@ -87,7 +102,9 @@ def test_unknown_tensor_names_are_an_error_unless_not_strict(cfg):
 def test_an_untied_decoder_is_rejected(cfg):
   sd = release_state_dict(cfg)
   sd['cls.predictions.decoder.weight'] = sd['cls.predictions.decoder.weight'] + 1
-  with pytest.raises(convert.ConversionError, match='decoder.weight differs from bert.embeddings.word_embeddings'):
+  with pytest.raises(
+      convert.ConversionError, match='decoder.weight differs from bert.embeddings.word_embeddings'
+  ):
     convert.from_release_state_dict(sd, cfg)
 
 

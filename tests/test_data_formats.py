@@ -21,14 +21,23 @@ def _rf(image_id='42', n=3, f=8, w=100, h=50, seed=0):
 
 
 def test_annotation_round_trip(tmp_path):
-  anns = [formats.Annotation('1', 'AHC黄金面霜 正品', 'http://a', 'http://b',
-                             ('AHC 黄金面霜', 'AHC 黄金眼霜', 'AHC 黄金眼霜')),
-          formats.Annotation('2', 'title two', 'u', 'v', ())]
+  anns = [
+      formats.Annotation(
+          '1',
+          'AHC黄金面霜 正品',
+          'http://a',
+          'http://b',
+          ('AHC 黄金面霜', 'AHC 黄金眼霜', 'AHC 黄金眼霜'),
+      ),
+      formats.Annotation('2', 'title two', 'u', 'v', ()),
+  ]
   path = tmp_path / formats.annotation_filename('train')
   assert formats.write_annotations(str(path), anns) == 2
   lines = path.read_text(encoding='utf-8').splitlines()
-  assert lines[0] == ('1#####AHC黄金面霜 正品#####http://a#####http://b#####'
-                      'AHC 黄金面霜#;#AHC 黄金眼霜#;#AHC 黄金眼霜')
+  assert lines[0] == (
+      '1#####AHC黄金面霜 正品#####http://a#####http://b#####'
+      'AHC 黄金面霜#;#AHC 黄金眼霜#;#AHC 黄金眼霜'
+  )
   back = [a for _, a in formats.read_annotations(str(path))]
   assert back == anns  # duplicate labels kept, in order
 
@@ -40,14 +49,17 @@ def test_official_file_names():
     formats.annotation_filename('val')
 
 
-@pytest.mark.parametrize('line, kind, fragment', [
-    ('1#####t#####u#####v', 'malformed_line', 'expected 5 fields'),
-    ('1#####t#####u#####v#####a#####b', 'malformed_line', 'found 6'),
-    ('1##### #####u#####v#####AHC 水', 'empty_title', 'empty title'),
-    ('#####t#####u#####v#####AHC 水', 'malformed_line', 'item_id'),
-    ('1#####t#####u#####v#####AHC 水#;##;#AHC 乳', 'malformed_line', 'empty label'),
-    ('1#####t#####u#####v#####', 'missing_labels', 'no label'),
-])
+@pytest.mark.parametrize(
+    'line, kind, fragment',
+    [
+        ('1#####t#####u#####v', 'malformed_line', 'expected 5 fields'),
+        ('1#####t#####u#####v#####a#####b', 'malformed_line', 'found 6'),
+        ('1##### #####u#####v#####AHC 水', 'empty_title', 'empty title'),
+        ('#####t#####u#####v#####AHC 水', 'malformed_line', 'item_id'),
+        ('1#####t#####u#####v#####AHC 水#;##;#AHC 乳', 'malformed_line', 'empty label'),
+        ('1#####t#####u#####v#####', 'missing_labels', 'no label'),
+    ],
+)
 def test_bad_annotation_lines_name_file_and_line(tmp_path, line, kind, fragment):
   path = tmp_path / formats.annotation_filename('dev')
   path.write_text('7#####ok#####u#####v#####AHC 水\n\n' + line + '\n', encoding='utf-8')
@@ -95,7 +107,7 @@ def test_encode_boxes():
   np.testing.assert_allclose(loc, [[0.1, 0.1, 0.6, 0.9, 50 * 40 / 5000]], rtol=1e-6)
   # Batched, with per-image sizes.
   boxes = np.array([[[0, 0, 20, 10]], [[0, 0, 20, 10]]], np.float32)
-  loc = formats.encode_boxes(boxes, np.array([[20.], [40.]]), np.array([[10.], [10.]]))
+  loc = formats.encode_boxes(boxes, np.array([[20.0], [40.0]]), np.array([[10.0], [10.0]]))
   np.testing.assert_allclose(loc[:, 0], [[0, 0, 1, 1, 1], [0, 0, 0.5, 1, 0.5]])
 
 
@@ -153,15 +165,21 @@ def test_malformed_tsv_row_names_file_and_line(tmp_path):
     list(formats.iter_tsv(str(path)))
 
 
-@pytest.mark.parametrize('corrupt, kind, fragment', [
-    (lambda rf: setattr(rf, 'features', rf.features[:, :7]), 'wrong_width',
-     'width 7, expected 8'),
-    (lambda rf: rf.features.__setitem__((1, 2), np.nan), 'nonfinite_features', 'region 1'),
-    (lambda rf: rf.features.__setitem__((0, 0), np.inf), 'nonfinite_features', 'NaN or inf'),
-    (lambda rf: rf.boxes.__setitem__((2, 2), 20.0), 'zero_area_box', 'box 2'),
-    (lambda rf: rf.boxes.__setitem__((1, 2), 130.0), 'box_outside_image', 'box 1'),
-    (lambda rf: rf.boxes.__setitem__((0, 1), -9.0), 'box_outside_image', 'box 0'),
-])
+@pytest.mark.parametrize(
+    'corrupt, kind, fragment',
+    [
+        (
+            lambda rf: setattr(rf, 'features', rf.features[:, :7]),
+            'wrong_width',
+            'width 7, expected 8',
+        ),
+        (lambda rf: rf.features.__setitem__((1, 2), np.nan), 'nonfinite_features', 'region 1'),
+        (lambda rf: rf.features.__setitem__((0, 0), np.inf), 'nonfinite_features', 'NaN or inf'),
+        (lambda rf: rf.boxes.__setitem__((2, 2), 20.0), 'zero_area_box', 'box 2'),
+        (lambda rf: rf.boxes.__setitem__((1, 2), 130.0), 'box_outside_image', 'box 1'),
+        (lambda rf: rf.boxes.__setitem__((0, 1), -9.0), 'box_outside_image', 'box 0'),
+    ],
+)
 def test_bad_regions_name_image_and_problem(corrupt, kind, fragment):
   rf = _rf()
   corrupt(rf)

@@ -32,8 +32,12 @@ def _copy(config, **data):
 
 
 def _train(config, n, **kw):
-  it = pipeline.make_train_iterator(config, process_index=kw.pop('process_index', 0),
-                                    process_count=kw.pop('process_count', 1), **kw)
+  it = pipeline.make_train_iterator(
+      config,
+      process_index=kw.pop('process_index', 0),
+      process_count=kw.pop('process_count', 1),
+      **kw,
+  )
   return it, [next(it) for _ in range(n)]
 
 
@@ -52,8 +56,10 @@ def _fingerprint(regions: np.ndarray) -> bytes:
 
 
 def _record_fingerprints(config, split):
-  return {_fingerprint(pipeline.pack_regions([r], R, F)[0][0]): r['item_id']
-          for r in _records(config, split)}
+  return {
+      _fingerprint(pipeline.pack_regions([r], R, F)[0][0]): r['item_id']
+      for r in _records(config, split)
+  }
 
 
 # ---------------------------------------------------------------- batches
@@ -62,11 +68,17 @@ def _record_fingerprints(config, split):
 def test_train_batch_keys_shapes_dtypes(config):
   _, (batch,) = _train(config, 1)
   b, t = config.data.batch_size, 24
-  expected = {'input_ids': ((b, t), np.int32), 'input_mask': ((b, t), np.int32),
-              'segment_ids': ((b, t), np.int32), 'image_feat': ((b, R + 1, F), np.float32),
-              'image_loc': ((b, R + 1, 5), np.float32), 'image_mask': ((b, R + 1), np.int32),
-              'lm_label_ids': ((b, t), np.int32), 'image_label': ((b, R), np.int32),
-              'image_target': ((b, R, F), np.float32)}
+  expected = {
+      'input_ids': ((b, t), np.int32),
+      'input_mask': ((b, t), np.int32),
+      'segment_ids': ((b, t), np.int32),
+      'image_feat': ((b, R + 1, F), np.float32),
+      'image_loc': ((b, R + 1, 5), np.float32),
+      'image_mask': ((b, R + 1), np.int32),
+      'lm_label_ids': ((b, t), np.int32),
+      'image_label': ((b, R), np.int32),
+      'image_target': ((b, R, F), np.float32),
+  }
   assert set(batch) == set(expected) == set(pipeline.MODEL_KEYS)
   for key, (shape, dtype) in expected.items():
     assert batch[key].shape == shape and batch[key].dtype == dtype, key
@@ -76,12 +88,19 @@ def test_train_batch_keys_shapes_dtypes(config):
 def test_eval_batches_hold_exactly_what_the_files_hold(config):
   """Round trip: generator files -> TFDS -> pipeline, unmasked."""
   encoder = tokenizer_lib.TextEncoder(config.data.vocab_file, 24)
-  anns = [a for _, a in formats.read_annotations(
-      os.path.join(config.data.data_dir, formats.annotation_filename('dev')))]
+  anns = [
+      a
+      for _, a in formats.read_annotations(
+          os.path.join(config.data.data_dir, formats.annotation_filename('dev'))
+      )
+  ]
   store = formats.FeatureStore(os.path.join(config.data.data_dir, 'features'))
-  rows = [(b, i) for b in pipeline.make_eval_iterator(config, 'dev', process_index=0,
-                                                      process_count=1)
-          for i in range(len(b.is_valid)) if b.is_valid[i]]
+  rows = [
+      (b, i)
+      for b in pipeline.make_eval_iterator(config, 'dev', process_index=0, process_count=1)
+      for i in range(len(b.is_valid))
+      if b.is_valid[i]
+  ]
   assert [b.item_id[i] for b, i in rows] == [a.item_id for a in anns]  # file order
   for (b, i), ann in zip(rows, anns):
     x = {k: v[i] for k, v in b.inputs.items()}
@@ -93,16 +112,24 @@ def test_eval_batches_hold_exactly_what_the_files_hold(config):
     n = rf.num_boxes
     np.testing.assert_array_equal(x['image_mask'], [1] * (n + 1) + [0] * (R - n))
     feats = rf.features.astype(np.float16).astype(np.float32)  # stored as float16
-    np.testing.assert_array_equal(x['image_feat'][1:n + 1], feats)
-    np.testing.assert_array_equal(x['image_feat'][n + 1:], 0)
+    np.testing.assert_array_equal(x['image_feat'][1 : n + 1], feats)
+    np.testing.assert_array_equal(x['image_feat'][n + 1 :], 0)
     np.testing.assert_allclose(x['image_feat'][0], feats.mean(0), rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(x['image_loc'][0], [0, 0, 1, 1, 1])
     w, h = rf.image_w, rf.image_h
     b_ = rf.boxes
-    manual = np.stack([b_[:, 0] / w, b_[:, 1] / h, b_[:, 2] / w, b_[:, 3] / h,
-                       (b_[:, 2] - b_[:, 0]) * (b_[:, 3] - b_[:, 1]) / (w * h)], 1)
-    np.testing.assert_allclose(x['image_loc'][1:n + 1], manual, rtol=1e-5, atol=1e-7)
-    np.testing.assert_array_equal(x['image_loc'][n + 1:], 0)
+    manual = np.stack(
+        [
+            b_[:, 0] / w,
+            b_[:, 1] / h,
+            b_[:, 2] / w,
+            b_[:, 3] / h,
+            (b_[:, 2] - b_[:, 0]) * (b_[:, 3] - b_[:, 1]) / (w * h),
+        ],
+        1,
+    )
+    np.testing.assert_allclose(x['image_loc'][1 : n + 1], manual, rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(x['image_loc'][n + 1 :], 0)
     np.testing.assert_array_equal(x['image_target'][:n], feats)
     assert (x['lm_label_ids'] == -1).all() and (x['image_label'] == -1).all()
 
@@ -169,6 +196,7 @@ def test_masking_rates_within_one_percent(config):
 
 def test_shuffled_indices_permute_every_epoch():
   import pickle
+
   idx = pipeline.ShuffledIndices(10, seed=3, num_epochs=2)
   assert len(idx) == 20
   epochs = [[idx[p] for p in range(e * 10, (e + 1) * 10)] for e in range(3)]
@@ -242,7 +270,8 @@ def test_each_epoch_is_a_new_permutation(config):
   prints = [_fingerprint(t) for b in batches for t in b['image_target']]
   first, second = prints[:n], prints[n:]
   assert len(set(first)) == n and set(first) == set(second) == set(
-      _record_fingerprints(config, 'train'))
+      _record_fingerprints(config, 'train')
+  )
   assert first != second
 
 
@@ -275,17 +304,21 @@ def test_default_shard_comes_from_jax():
 
 def test_eval_pads_the_last_batch_and_shards_evenly(config):
   ids = [r['item_id'] for r in _records(config, 'dev')]  # 16
-  batches = list(pipeline.make_eval_iterator(config, 'dev', process_index=0, process_count=1,
-                                             batch_size=6))
+  batches = list(
+      pipeline.make_eval_iterator(config, 'dev', process_index=0, process_count=1, batch_size=6)
+  )
   assert [b.is_valid.tolist() for b in batches] == [[1] * 6, [1] * 6, [1] * 4 + [0] * 2]
   pad = batches[-1]
   assert list(pad.item_id[4:]) == ['', ''] and pad.labels[4:] == [(), ()]
   assert (pad.inputs['input_mask'][4:] == 0).all() and (pad.inputs['image_feat'][4:] == 0).all()
   assert (pad.inputs['lm_label_ids'][4:] == -1).all()
   assert set(pad.inputs) == set(pipeline.MODEL_KEYS)
-  per_process = [list(pipeline.make_eval_iterator(config, 'dev', process_index=p,
-                                                  process_count=2, batch_size=6))
-                 for p in range(2)]
+  per_process = [
+      list(
+          pipeline.make_eval_iterator(config, 'dev', process_index=p, process_count=2, batch_size=6)
+      )
+      for p in range(2)
+  ]
   assert len(per_process[0]) == len(per_process[1]) == 3  # same count for collectives
   seen = [[i for b in bs for i, v in zip(b.item_id, b.is_valid) if v] for bs in per_process]
   assert set(seen[0]).isdisjoint(seen[1]) and sorted(seen[0] + seen[1]) == sorted(ids)
@@ -293,12 +326,16 @@ def test_eval_pads_the_last_batch_and_shards_evenly(config):
 
 
 def test_instance_batches_restrict_the_visual_input(config):
-  sidecar = formats.read_instances(os.path.join(config.data.data_dir,
-                                                formats.instances_filename('dev')))
+  sidecar = formats.read_instances(
+      os.path.join(config.data.data_dir, formats.instances_filename('dev'))
+  )
   records = {r['item_id']: r for r in _records(config, 'dev')}
-  rows = [(b, i) for b in pipeline.make_instance_eval_iterator(
-      config, 'dev', process_index=0, process_count=1) for i in range(len(b.is_valid))
-          if b.is_valid[i]]
+  rows = [
+      (b, i)
+      for b in pipeline.make_instance_eval_iterator(config, 'dev', process_index=0, process_count=1)
+      for i in range(len(b.is_valid))
+      if b.is_valid[i]
+  ]
   assert len(rows) == sum(len(v) for v in sidecar.values())
   for b, i in rows:
     item, k = b.item_id[i], b.instance_index[i]
@@ -307,7 +344,7 @@ def test_instance_batches_restrict_the_visual_input(config):
     feats = records[item]['features'][list(inst.regions)].astype(np.float32)
     n = len(inst.regions)
     assert b.inputs['image_mask'][i].sum() == n + 1
-    np.testing.assert_array_equal(b.inputs['image_feat'][i, 1:n + 1], feats)
+    np.testing.assert_array_equal(b.inputs['image_feat'][i, 1 : n + 1], feats)
     np.testing.assert_allclose(b.inputs['image_feat'][i, 0], feats.mean(0), rtol=1e-5)
   spec = pipeline.make_batch_spec(config)
   item = next(iter(sidecar))
@@ -320,8 +357,11 @@ def test_instance_batches_restrict_the_visual_input(config):
 
 def test_config_mismatches_are_clear_errors(config, tmp_path):
   with pytest.raises(ValueError, match='features width 32 in the dataset, expected 64'):
-    next(pipeline.make_train_iterator(_copy(config, feature_dim=64), process_index=0,
-                                      process_count=1))
+    next(
+        pipeline.make_train_iterator(
+            _copy(config, feature_dim=64), process_index=0, process_count=1
+        )
+    )
   with pytest.raises(ValueError, match='does not split over 3 processes'):
     pipeline.make_train_iterator(config, process_index=0, process_count=3)
   small = config.copy_and_resolve_references()
@@ -329,8 +369,9 @@ def test_config_mismatches_are_clear_errors(config, tmp_path):
   with pytest.raises(ValueError, match='model.vocab_size 10 <'):
     pipeline.make_train_iterator(small, process_index=0, process_count=1)
   with pytest.raises(FileNotFoundError, match='build it with'):
-    pipeline.make_train_iterator(_copy(config, tfds_dir=str(tmp_path)), process_index=0,
-                                 process_count=1)
+    pipeline.make_train_iterator(
+        _copy(config, tfds_dir=str(tmp_path)), process_index=0, process_count=1
+    )
 
 
 def test_benchmark_measures_throughput(config):

@@ -16,8 +16,9 @@ from capture_jax.data import synthetic
 
 
 def _read(root, split):
-  return [a for _, a in formats.read_annotations(
-      os.path.join(root, formats.annotation_filename(split)))]
+  return [
+      a for _, a in formats.read_annotations(os.path.join(root, formats.annotation_filename(split)))
+  ]
 
 
 @pytest.fixture(scope='module')
@@ -62,8 +63,9 @@ def test_regions_and_instance_sidecar(tiny):
       background = 0
       for a in _read(tiny, split):
         rf, source = store.get(a.item_id)
-        formats.validate_regions(rf, feature_dim=p.feature_dim, max_regions=p.max_regions,
-                                 source=source)  # valid boxes, finite, right width
+        formats.validate_regions(
+            rf, feature_dim=p.feature_dim, max_regions=p.max_regions, source=source
+        )  # valid boxes, finite, right width
         assert (rf.features >= 0).all() and rf.num_boxes <= p.max_regions
         insts = sidecar[a.item_id]
         assert [i.label for i in insts] == list(a.labels)
@@ -84,7 +86,8 @@ def test_products_of_a_brand_look_alike(tiny):
   for i in range(len(label)):
     for j in range(i + 1, len(label)):
       (same_p if label[i] == label[j] else same_b if brand[i] == brand[j] else other).append(
-          sim[i, j])
+          sim[i, j]
+      )
   assert np.mean(same_p) > np.mean(same_b) > np.mean(other)
 
 
@@ -92,12 +95,16 @@ def test_deterministic_by_seed(tiny, tmp_path):
   again = tmp_path / 'again'
   synthetic.generate(str(again), 'tiny', seed=3, progress=False)
   names = sorted(os.listdir(tiny))
-  match, mismatch, errors = filecmp.cmpfiles(tiny, str(again), [n for n in names if n != 'features'],
-                                             shallow=False)
+  match, mismatch, errors = filecmp.cmpfiles(
+      tiny, str(again), [n for n in names if n != 'features'], shallow=False
+  )
   assert not mismatch and not errors
   for split in formats.SPLITS:
-    assert filecmp.cmp(os.path.join(tiny, 'features', f'{split}.tsv'),
-                       str(again / 'features' / f'{split}.tsv'), shallow=False)
+    assert filecmp.cmp(
+        os.path.join(tiny, 'features', f'{split}.tsv'),
+        str(again / 'features' / f'{split}.tsv'),
+        shallow=False,
+    )
   other = tmp_path / 'other'
   synthetic.generate(str(other), 'tiny', seed=4, progress=False, splits=['dev'])
   assert _read(str(other), 'dev') != _read(tiny, 'dev')
@@ -105,8 +112,22 @@ def test_deterministic_by_seed(tiny, tmp_path):
 
 def test_cli_npz_and_feature_dim(tmp_path):
   out = tmp_path / 'npz'
-  synthetic.main(['--out', str(out), '--preset', 'tiny', '--seed', '3', '--feature_format',
-                  'npz', '--feature_dim', '16', '--splits', 'gallery'])
+  synthetic.main(
+      [
+          '--out',
+          str(out),
+          '--preset',
+          'tiny',
+          '--seed',
+          '3',
+          '--feature_format',
+          'npz',
+          '--feature_dim',
+          '16',
+          '--splits',
+          'gallery',
+      ]
+  )
   gallery = _read(str(out), 'gallery')
   rf = formats.read_npz(str(out / 'features' / f'{gallery[0].item_id}.npz'))
   assert rf.features.shape[1] == 16
@@ -131,8 +152,9 @@ def test_real_annotations_drive_the_world(shared, tmp_path):
   if not path.exists():
     pytest.skip(f'{path} is not present')
   root = str(tmp_path / 'real')
-  summary = synthetic.generate(root, 'tiny', annotations=str(path), progress=False,
-                               splits=['gallery', 'dev', 'test'])
+  summary = synthetic.generate(
+      root, 'tiny', annotations=str(path), progress=False, splits=['gallery', 'dev', 'test']
+  )
   real = [a for _, a in formats.read_annotations(str(path))]
   dev = _read(root, 'dev')
   assert dev == real  # real ids, titles and label sets, in order

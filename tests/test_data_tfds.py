@@ -35,8 +35,9 @@ def built(world, tmp_path_factory):
 
 
 def _lines(root, split):
-  return [a for _, a in formats.read_annotations(
-      os.path.join(root, formats.annotation_filename(split)))]
+  return [
+      a for _, a in formats.read_annotations(os.path.join(root, formats.annotation_filename(split)))
+  ]
 
 
 def test_builds_every_split_without_tensorflow(built, world):
@@ -46,8 +47,12 @@ def test_builds_every_split_without_tensorflow(built, world):
   assert report['dataset_dir'] == product1m_tfds.dataset_dir(out, 'float16')
   assert report['feature_dim'] == TINY.feature_dim  # inferred from the first image
   for split in formats.SPLITS:
-    assert report['splits'][split] == {'examples': len(_lines(world, split)), 'skipped': 0,
-                                       'by_kind': {}, 'truncated': 0}
+    assert report['splits'][split] == {
+        'examples': len(_lines(world, split)),
+        'skipped': 0,
+        'by_kind': {},
+        'truncated': 0,
+    }
   files = os.listdir(report['dataset_dir'])
   assert any(f.startswith('product1m-train.array_record') for f in files)
   saved = json.load(open(os.path.join(report['dataset_dir'], product1m_tfds.REPORT_NAME)))
@@ -87,8 +92,13 @@ def test_float32_storage_and_absent_split(world, tmp_path):
   data = tmp_path / 'data'
   shutil.copytree(world, data)
   os.remove(data / formats.annotation_filename('test'))
-  report = product1m_tfds.build(str(data), str(tmp_path / 'out'), storage_dtype='float32',
-                                max_regions=TINY.max_regions, progress=False)
+  report = product1m_tfds.build(
+      str(data),
+      str(tmp_path / 'out'),
+      storage_dtype='float32',
+      max_regions=TINY.max_regions,
+      progress=False,
+  )
   assert set(report['splits']) == {'train', 'gallery', 'dev'}  # no file, no split
   sources = tfds.data_source('product1m/float32', data_dir=str(tmp_path / 'out'))
   assert 'test' not in sources
@@ -140,27 +150,45 @@ def _outside(b):
 
 CASES = {
     'malformed_line': lambda data, ids: (
-        _set_line(data, 'gallery', 1, f'{ids[1]}#####a title#####u#####u'), 'expected 5 fields'),
+        _set_line(data, 'gallery', 1, f'{ids[1]}#####a title#####u#####u'),
+        'expected 5 fields',
+    ),
     'empty_title': lambda data, ids: (
-        _set_line(data, 'gallery', 2, f'{ids[2]}#####   #####u#####v#####Foo 面霜'), 'empty title'),
+        _set_line(data, 'gallery', 2, f'{ids[2]}#####   #####u#####v#####Foo 面霜'),
+        'empty title',
+    ),
     'missing_features': lambda data, ids: (
         os.remove(os.path.join(data, 'features', f'{ids[3]}.npz')),
-        f'image {ids[3]} has no region features'),
+        f'image {ids[3]} has no region features',
+    ),
     'wrong_width': lambda data, ids: (
         _corrupt_npz(data, ids[4], features=lambda f: np.pad(f, ((0, 0), (0, 1)))),
-        f'image {ids[4]}: features have width {TINY.feature_dim + 1}, '
-        f'expected {TINY.feature_dim}'),
+        f'image {ids[4]}: features have width {TINY.feature_dim + 1}, expected {TINY.feature_dim}',
+    ),
     'nonfinite_features': lambda data, ids: (
-        _corrupt_npz(data, ids[5], features=_nan), f'image {ids[5]}: features contain NaN'),
+        _corrupt_npz(data, ids[5], features=_nan),
+        f'image {ids[5]}: features contain NaN',
+    ),
     'zero_area_box': lambda data, ids: (
-        _corrupt_npz(data, ids[6], boxes=_flat), f'image {ids[6]}: box 0'),
+        _corrupt_npz(data, ids[6], boxes=_flat),
+        f'image {ids[6]}: box 0',
+    ),
     'box_outside_image': lambda data, ids: (
-        _corrupt_npz(data, ids[7], boxes=_outside), f'image {ids[7]}: box 0'),
+        _corrupt_npz(data, ids[7], boxes=_outside),
+        f'image {ids[7]}: box 0',
+    ),
 }
 
 
-CASE_INDEX = {'malformed_line': 1, 'empty_title': 2, 'missing_features': 3, 'wrong_width': 4,
-              'nonfinite_features': 5, 'zero_area_box': 6, 'box_outside_image': 7}
+CASE_INDEX = {
+    'malformed_line': 1,
+    'empty_title': 2,
+    'missing_features': 3,
+    'wrong_width': 4,
+    'nonfinite_features': 5,
+    'zero_area_box': 6,
+    'box_outside_image': 7,
+}
 
 
 @pytest.mark.parametrize('kind', sorted(CASES))
@@ -170,8 +198,13 @@ def test_bad_input_stops_with_file_line_and_id(world, tmp_path, kind):
   ids = _first_ids(world, 'gallery', 8)
   _, fragment = CASES[kind](data, ids)
   with pytest.raises(formats.BadInputError) as err:
-    product1m_tfds.build(data, str(tmp_path / 'out'), max_regions=TINY.max_regions,
-                         feature_dim=TINY.feature_dim, progress=False)
+    product1m_tfds.build(
+        data,
+        str(tmp_path / 'out'),
+        max_regions=TINY.max_regions,
+        feature_dim=TINY.feature_dim,
+        progress=False,
+    )
   assert err.value.kind == kind
   # Case k corrupts the k-th gallery sample (0-based), on line k + 1.
   line = CASE_INDEX[kind] + 1
@@ -185,15 +218,24 @@ def test_skip_bad_counts_every_kind_and_builds_the_rest(world, tmp_path):
   ids = _first_ids(world, 'gallery', 8)
   for case in CASES.values():
     case(data, ids)
-  report = product1m_tfds.build(data, str(tmp_path / 'out'), max_regions=TINY.max_regions,
-                                feature_dim=TINY.feature_dim, skip_bad=True, progress=False)
+  report = product1m_tfds.build(
+      data,
+      str(tmp_path / 'out'),
+      max_regions=TINY.max_regions,
+      feature_dim=TINY.feature_dim,
+      skip_bad=True,
+      progress=False,
+  )
   gallery = report['splits']['gallery']
   assert gallery['by_kind'] == {kind: 1 for kind in CASES}
   assert gallery['skipped'] == len(CASES)
   assert gallery['examples'] == len(_lines(world, 'gallery')) - len(CASES)
-  built_ids = {r['item_id'] for r in pipeline.Product1MSource(str(tmp_path / 'out'),
-                                                              'gallery')._getitems(
-                                                                  range(gallery['examples']))}
+  built_ids = {
+      r['item_id']
+      for r in pipeline.Product1MSource(str(tmp_path / 'out'), 'gallery')._getitems(
+          range(gallery['examples'])
+      )
+  }
   assert built_ids.isdisjoint(ids[1:8]) and ids[0] in built_ids
 
 
@@ -219,16 +261,30 @@ def test_float16_overflow_is_an_error(world, tmp_path):
 
 
 def test_cli(world, tmp_path, capsys):
-  product1m_tfds.main(['--data_dir', world, '--out', str(tmp_path / 'out'), '--max_regions', '8',
-                       '--storage_dtype', 'float32', '--skip_bad'])
+  product1m_tfds.main(
+      [
+          '--data_dir',
+          world,
+          '--out',
+          str(tmp_path / 'out'),
+          '--max_regions',
+          '8',
+          '--storage_dtype',
+          'float32',
+          '--skip_bad',
+      ]
+  )
   captured = capsys.readouterr()
-  assert captured.out.strip().splitlines()[-1] == product1m_tfds.dataset_dir(str(tmp_path / 'out'), 'float32')
+  assert captured.out.strip().splitlines()[-1] == product1m_tfds.dataset_dir(
+      str(tmp_path / 'out'), 'float32'
+  )
   assert f'dev: {TINY.num_dev} examples, 0 bad skipped' in captured.err
 
 
 def test_detector_class_distributions_feed_the_class_target(world, tmp_path):
   """`*_cls_prob` configs store cls_prob; model.mrm_target='class' makes it the target."""
   from capture_jax import config as config_lib
+
   data = str(tmp_path / 'data')
   shutil.copytree(world, data)
   rng = np.random.default_rng(0)
@@ -240,10 +296,19 @@ def test_detector_class_distributions_feed_the_class_target(world, tmp_path):
   out = str(tmp_path / 'out')
   product1m_tfds.build(data, out, with_cls_prob=True, storage_dtype='float32', progress=False)
   c = config_lib.base_config()
-  c.data.update(dict(data_dir=data, tfds_dir=out, storage_dtype='float32', max_regions=8,
-                     feature_dim=TINY.feature_dim, batch_size=4))
+  c.data.update(
+      dict(
+          data_dir=data,
+          tfds_dir=out,
+          storage_dtype='float32',
+          max_regions=8,
+          feature_dim=TINY.feature_dim,
+          batch_size=4,
+      )
+  )
   c.data.vocab_file = str(tmp_path / 'vocab.txt')
   from capture_jax.data import tokenizer
+
   tokenizer.train_vocab(tokenizer.iter_titles(data), 300, c.data.vocab_file)
   c.model.update(dict(mrm_target='class', v_target_size=6, max_text_len=24))
   batch = next(pipeline.make_train_iterator(c, process_index=0, process_count=1))

@@ -8,8 +8,14 @@ import pytest
 from capture_jax.data import formats
 from capture_jax.data import tokenizer
 
-TITLES = ['韩国AHC黄金面霜正品', 'AHC 玻尿酸爽肤水 补水保湿', 'Lumiva黄金眼霜 套装',
-          'lumiva 面霜 正品 包邮', '雅诗兰黛小棕瓶精华液', 'Lumiva Lumiva AHC'] * 5
+TITLES = [
+    '韩国AHC黄金面霜正品',
+    'AHC 玻尿酸爽肤水 补水保湿',
+    'Lumiva黄金眼霜 套装',
+    'lumiva 面霜 正品 包邮',
+    '雅诗兰黛小棕瓶精华液',
+    'Lumiva Lumiva AHC',
+] * 5
 
 
 @pytest.fixture(scope='module')
@@ -29,8 +35,13 @@ def test_trained_vocab_has_bert_special_tokens_first(vocab):
 def test_tokenizer_splits_chinese_characters(vocab):
   tok = tokenizer.load_tokenizer(vocab)
   assert tok.tokenize('AHC黄金面霜') == ['ahc', '黄', '金', '面', '霜']
-  assert (tok.pad_token_id, tok.unk_token_id, tok.cls_token_id, tok.sep_token_id,
-          tok.mask_token_id) == (0, 1, 2, 3, 4)
+  assert (
+      tok.pad_token_id,
+      tok.unk_token_id,
+      tok.cls_token_id,
+      tok.sep_token_id,
+      tok.mask_token_id,
+  ) == (0, 1, 2, 3, 4)
   assert tok.tokenize('鑫') == ['[UNK]']  # a character never seen
 
 
@@ -43,8 +54,12 @@ def test_text_encoder_pads_and_truncates(vocab):
   assert mask[0].tolist() == [1, 1, 1, 1, 1, 0, 0, 0]
   assert ids[1, 0] == 2 and ids[1, -1] == 3 and mask[1].all()  # truncated, still ends in [SEP]
   # Same ids as the transformers tokenizer itself.
-  ref = tok(['AHC黄金', 'AHC黄金面霜正品 套装 lumiva'], max_length=8, padding='max_length',
-            truncation=True)
+  ref = tok(
+      ['AHC黄金', 'AHC黄金面霜正品 套装 lumiva'],
+      max_length=8,
+      padding='max_length',
+      truncation=True,
+  )
   assert ids.tolist() == ref['input_ids'] and mask.tolist() == ref['attention_mask']
 
 
@@ -62,7 +77,6 @@ def test_cli_trains_on_a_data_folder(tmp_path):
   ann = [formats.Annotation(str(i), t) for i, t in enumerate(TITLES)]
   formats.write_annotations(str(tmp_path / formats.annotation_filename('train')), ann)
   out = tmp_path / 'out' / 'vocab.txt'
-  tokenizer.main(['train', '--data_dir', str(tmp_path), '--vocab_size', '100', '--out',
-                  str(out)])
+  tokenizer.main(['train', '--data_dir', str(tmp_path), '--vocab_size', '100', '--out', str(out)])
   vocab = tokenizer.read_vocab(str(out))
   assert 5 < len(vocab) <= 100 and vocab['[PAD]'] == 0

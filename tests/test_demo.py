@@ -15,7 +15,7 @@ from capture_jax import config as config_lib
 REPO = Path(__file__).resolve().parents[1]
 
 # The demo's configuration, shrunk to the tiny synthetic world and a few steps.
-REDUCED_DEMO = textwrap.dedent('''
+REDUCED_DEMO = textwrap.dedent("""
     import importlib.util
     import os
     spec = importlib.util.spec_from_file_location('demo_config', {demo!r})
@@ -40,14 +40,27 @@ REDUCED_DEMO = textwrap.dedent('''
       c.train.log_every = 2
       c.checkpoint.every_steps = 2
       return c
-''')
+""")
 
 
 def run_demo(config_file, workdir, steps):
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'DEMO_TEST_STEPS': str(steps)}
-  proc = subprocess.run([sys.executable, '-m', 'capture_jax.demo', '--config', str(config_file),
-                         '--workdir', str(workdir)], capture_output=True, text=True, env=env, cwd=REPO,
-                        timeout=600)
+  proc = subprocess.run(
+      [
+          sys.executable,
+          '-m',
+          'capture_jax.demo',
+          '--config',
+          str(config_file),
+          '--workdir',
+          str(workdir),
+      ],
+      capture_output=True,
+      text=True,
+      env=env,
+      cwd=REPO,
+      timeout=600,
+  )
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   return proc.stdout
 
@@ -111,4 +124,6 @@ def test_ablation_table_has_a_row_per_variant_and_baseline():
   assert len(lines) == 2 + 3
   assert '`mlm`: MLM only' in text and '| baseline | TF-IDF' in text
   assert lines[2].endswith('| 50.00 | 25.00 | 12.50 |')
-  assert '(= `full`)' in ablation.table({'full': m, 'clip': m}, {})  # a variant that is the full run
+  assert '(= `full`)' in ablation.table(
+      {'full': m, 'clip': m}, {}
+  )  # a variant that is the full run

@@ -11,72 +11,87 @@ from capture_jax.evaluation import baselines
 from capture_jax.evaluation.metrics import evaluate_ranked_lists, read_annotations
 from capture_jax.evaluation.search import exact_topk, indices_to_ranked_lists
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-DEV_FILE = SHARED / "product1m" / "product1m_dev_ossurl_v2.txt"
+SHARED = Path(__file__).resolve().parents[1].parent / 'shared'
+DEV_FILE = SHARED / 'product1m' / 'product1m_dev_ossurl_v2.txt'
 
-TITLES = ["韩国AHC黄金套盒 水乳", "ＡＨＣ黄金眼霜", "兰蔻小黑瓶精华 50ml", "雅诗兰黛 小棕瓶 精华",
-          "AHC 水乳 套装", "欧莱雅 面霜", "兰蔻 面霜 50ml"]
+TITLES = [
+    '韩国AHC黄金套盒 水乳',
+    'ＡＨＣ黄金眼霜',
+    '兰蔻小黑瓶精华 50ml',
+    '雅诗兰黛 小棕瓶 精华',
+    'AHC 水乳 套装',
+    '欧莱雅 面霜',
+    '兰蔻 面霜 50ml',
+]
 
 
 def test_title_tokens():
-    assert baselines.title_tokens("韩国AHC黄金 水") == [
-        "韩", "国", "韩国", "ahc", "黄", "金", "黄金", "水"]
-    # NFKC folds full-width letters; digits and letters stay one word.
-    assert baselines.title_tokens("ＡＨＣ 24K精华") == ["ahc", "24k", "精", "华", "精华"]
-    assert baselines.title_tokens("!! --") == []
+  assert baselines.title_tokens('韩国AHC黄金 水') == [
+      '韩',
+      '国',
+      '韩国',
+      'ahc',
+      '黄',
+      '金',
+      '黄金',
+      '水',
+  ]
+  # NFKC folds full-width letters; digits and letters stay one word.
+  assert baselines.title_tokens('ＡＨＣ 24K精华') == ['ahc', '24k', '精', '华', '精华']
+  assert baselines.title_tokens('!! --') == []
 
 
 def test_tfidf_matches_scikit_learn():
-    sklearn_text = pytest.importorskip("sklearn.feature_extraction.text")
-    model = baselines.fit_tfidf(TITLES, max_features=None)
-    ours = baselines.tfidf_embed(model, TITLES[::-1], dtype=np.float64)
-    ref = sklearn_text.TfidfVectorizer(analyzer=baselines.title_tokens,
-                                       vocabulary=model.vocabulary)
-    ref.fit(TITLES)
-    np.testing.assert_allclose(ours, ref.transform(TITLES[::-1]).toarray(), atol=1e-12)
+  sklearn_text = pytest.importorskip('sklearn.feature_extraction.text')
+  model = baselines.fit_tfidf(TITLES, max_features=None)
+  ours = baselines.tfidf_embed(model, TITLES[::-1], dtype=np.float64)
+  ref = sklearn_text.TfidfVectorizer(analyzer=baselines.title_tokens, vocabulary=model.vocabulary)
+  ref.fit(TITLES)
+  np.testing.assert_allclose(ours, ref.transform(TITLES[::-1]).toarray(), atol=1e-12)
 
 
 def test_tfidf_vocabulary_cap_keeps_most_frequent_terms():
-    model = baselines.fit_tfidf(TITLES, max_features=3)
-    # Only "ahc", "霜" and "兰" are in three titles; every other term in at most two.
-    assert model.vocabulary == {"ahc": 0, "兰": 1, "霜": 2}
-    # idf = ln((1 + 7) / (1 + 3)) + 1 for each of them.
-    np.testing.assert_allclose(model.idf, np.log(8 / 4) + 1)
-    emb = baselines.tfidf_embed(model, ["没有 词"])
-    assert emb.shape == (1, 3) and not emb.any()  # unknown terms: a zero row
+  model = baselines.fit_tfidf(TITLES, max_features=3)
+  # Only "ahc", "霜" and "兰" are in three titles; every other term in at most two.
+  assert model.vocabulary == {'ahc': 0, '兰': 1, '霜': 2}
+  # idf = ln((1 + 7) / (1 + 3)) + 1 for each of them.
+  np.testing.assert_allclose(model.idf, np.log(8 / 4) + 1)
+  emb = baselines.tfidf_embed(model, ['没有 词'])
+  assert emb.shape == (1, 3) and not emb.any()  # unknown terms: a zero row
 
 
 def test_tfidf_retrieval_end_to_end():
-    gallery_titles = ["AHC 黄金眼霜", "兰蔻小黑瓶精华", "雅诗兰黛小棕瓶", "欧莱雅面霜"]
-    gallery_labels = {"g0": "ahc_eye", "g1": "lancome", "g2": "estee", "g3": "loreal"}
-    q, g = baselines.tfidf_embeddings(["兰蔻 小黑瓶 套装", "韩国AHC黄金眼霜"], gallery_titles)
-    np.testing.assert_allclose(np.linalg.norm(g, axis=1), 1.0, rtol=1e-6)
-    _, idx = exact_topk(q, g, 4)
-    assert idx[:, 0].tolist() == [1, 0]
-    ranked = indices_to_ranked_lists(["q0", "q1"], list(gallery_labels), idx)
-    got = evaluate_ranked_lists(ranked, {"q0": ["lancome"], "q1": ["ahc_eye"]}, gallery_labels)
-    assert got["mAP@10"] == 1.0
+  gallery_titles = ['AHC 黄金眼霜', '兰蔻小黑瓶精华', '雅诗兰黛小棕瓶', '欧莱雅面霜']
+  gallery_labels = {'g0': 'ahc_eye', 'g1': 'lancome', 'g2': 'estee', 'g3': 'loreal'}
+  q, g = baselines.tfidf_embeddings(['兰蔻 小黑瓶 套装', '韩国AHC黄金眼霜'], gallery_titles)
+  np.testing.assert_allclose(np.linalg.norm(g, axis=1), 1.0, rtol=1e-6)
+  _, idx = exact_topk(q, g, 4)
+  assert idx[:, 0].tolist() == [1, 0]
+  ranked = indices_to_ranked_lists(['q0', 'q1'], list(gallery_labels), idx)
+  got = evaluate_ranked_lists(ranked, {'q0': ['lancome'], 'q1': ['ahc_eye']}, gallery_labels)
+  assert got['mAP@10'] == 1.0
 
 
-@pytest.mark.skipif(not DEV_FILE.is_file(), reason="shared Product1M dev file not present")
+@pytest.mark.skipif(not DEV_FILE.is_file(), reason='shared Product1M dev file not present')
 def test_tfidf_on_real_dev_titles():
-    titles = [a.title for a in read_annotations(DEV_FILE)]
-    model = baselines.fit_tfidf(titles, max_features=2048)
-    emb = baselines.tfidf_embed(model, titles[:500], dtype=np.float16)
-    assert emb.shape == (500, 2048) and emb.dtype == np.float16
-    _, idx = exact_topk(emb, baselines.tfidf_embed(model, titles), 1)
-    # A title's nearest title is itself (or an identical title).
-    assert np.mean(idx[:, 0] == np.arange(500)) > 0.9
+  titles = [a.title for a in read_annotations(DEV_FILE)]
+  model = baselines.fit_tfidf(titles, max_features=2048)
+  emb = baselines.tfidf_embed(model, titles[:500], dtype=np.float16)
+  assert emb.shape == (500, 2048) and emb.dtype == np.float16
+  _, idx = exact_topk(emb, baselines.tfidf_embed(model, titles), 1)
+  # A title's nearest title is itself (or an identical title).
+  assert np.mean(idx[:, 0] == np.arange(500)) > 0.9
 
 
 def test_mean_region_embedding():
-    feats = np.array([[[1.0, 0.0], [3.0, 4.0], [100.0, 100.0]],
-                      [[0.0, 2.0], [0.0, 0.0], [0.0, 0.0]]], np.float32)
-    mask = np.array([[1, 1, 0], [0, 0, 0]])
-    emb = baselines.mean_region_embedding(feats, mask)
-    # Sample 0: mean of the two real regions (2, 2) -> (1, 1) / sqrt(2); sample 1: no region.
-    np.testing.assert_allclose(emb, [[2 ** -0.5, 2 ** -0.5], [0.0, 0.0]], rtol=1e-6)
-    varying = baselines.mean_region_embeddings([(feats[0, :2], None), (feats[1, :1], [True])])
-    np.testing.assert_allclose(varying, [[2 ** -0.5, 2 ** -0.5], [0.0, 1.0]], rtol=1e-6)
-    with pytest.raises(ValueError, match="mask shape"):
-        baselines.mean_region_embedding(feats, mask[:, :2])
+  feats = np.array(
+      [[[1.0, 0.0], [3.0, 4.0], [100.0, 100.0]], [[0.0, 2.0], [0.0, 0.0], [0.0, 0.0]]], np.float32
+  )
+  mask = np.array([[1, 1, 0], [0, 0, 0]])
+  emb = baselines.mean_region_embedding(feats, mask)
+  # Sample 0: mean of the two real regions (2, 2) -> (1, 1) / sqrt(2); sample 1: no region.
+  np.testing.assert_allclose(emb, [[2**-0.5, 2**-0.5], [0.0, 0.0]], rtol=1e-6)
+  varying = baselines.mean_region_embeddings([(feats[0, :2], None), (feats[1, :1], [True])])
+  np.testing.assert_allclose(varying, [[2**-0.5, 2**-0.5], [0.0, 1.0]], rtol=1e-6)
+  with pytest.raises(ValueError, match='mask shape'):
+    baselines.mean_region_embedding(feats, mask[:, :2])

@@ -32,7 +32,9 @@ def trained(tmp_path_factory):
   cfg = trainer_config(tmp_path_factory.mktemp('data'))
   cfg.model.update(num_hidden_layers=1, v_num_hidden_layers=1, co_num_layers=1, cross_num_layers=1)
   cfg.train.num_steps = 2
-  cfg.eval.update(shard_size=16, progress_bar=False)  # 54 gallery items -> 4 shards of 16, 16, 16, 6
+  cfg.eval.update(
+      shard_size=16, progress_bar=False
+  )  # 54 gallery items -> 4 shards of 16, 16, 16, 6
   workdir = tmp_path_factory.mktemp('run')
   train.run(cfg, workdir)
   return cfg, workdir
@@ -101,7 +103,8 @@ def test_exported_embeddings_equal_a_direct_model_apply(trained, tmp_path):
   _, _, abstract, shardings = train.train_state_layout(cfg, mesh)
   manager = checkpoint_lib.make_manager(workdir, cfg.checkpoint)
   state, step = checkpoint_lib.restore_latest(
-      manager, checkpoint_lib.abstract_with_shardings(abstract, shardings), None)
+      manager, checkpoint_lib.abstract_with_shardings(abstract, shardings), None
+  )
   manager.close()
   assert step == 2
   apply = jax.jit(lambda p, b: CaptureModel(cfg.model).apply({'params': p}, b, train=False))
@@ -118,8 +121,12 @@ def test_exported_embeddings_equal_a_direct_model_apply(trained, tmp_path):
 
   # Every kind's formula on those outputs.
   expected = {
-      'fused': fused, 'text': l2n(outputs['pooled_text']), 'visual': l2n(outputs['pooled_visual']),
-      'encoder': l2n(np.concatenate([l2n(outputs['enc_pooled_text']), l2n(outputs['enc_pooled_visual'])], 1)),
+      'fused': fused,
+      'text': l2n(outputs['pooled_text']),
+      'visual': l2n(outputs['pooled_visual']),
+      'encoder': l2n(
+          np.concatenate([l2n(outputs['enc_pooled_text']), l2n(outputs['enc_pooled_visual'])], 1)
+      ),
   }
   for kind, want in expected.items():
     got = np.asarray(emb_lib.embed_outputs(outputs, kind))
@@ -133,7 +140,9 @@ def test_random_weights_are_the_trainers_initialisation(trained):
   ours = export.random_model_params(cfg, embedder)  # what the random-weights baseline embeds with
   theirs = jax.jit(lambda k: train.initial_params(cfg, k)['model'])(jax.random.PRNGKey(cfg.seed))
   assert jax.tree.structure(ours) == jax.tree.structure(theirs)
-  for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(ours), jax.tree_util.tree_leaves_with_path(theirs)):
+  for (path, a), (_, b) in zip(
+      jax.tree_util.tree_leaves_with_path(ours), jax.tree_util.tree_leaves_with_path(theirs)
+  ):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))
 
 
@@ -142,12 +151,29 @@ def test_export_on_8_devices_with_sharded_parameters_matches_one_device(trained,
   config_json = tmp_path / 'config.json'
   config_json.write_text(cfg.to_json())
   result = subprocess.run(
-      [sys.executable, str(REPO / 'tests' / 'multidevice' / 'export_sharded.py'), str(config_json), str(workdir),
-       str(tmp_path / 'eight')], cwd=REPO, text=True, capture_output=True, timeout=600,
-      env={**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': '--xla_force_host_platform_device_count=8'})
+      [
+          sys.executable,
+          str(REPO / 'tests' / 'multidevice' / 'export_sharded.py'),
+          str(config_json),
+          str(workdir),
+          str(tmp_path / 'eight'),
+      ],
+      cwd=REPO,
+      text=True,
+      capture_output=True,
+      timeout=600,
+      env={
+          **os.environ,
+          'JAX_PLATFORMS': 'cpu',
+          'XLA_FLAGS': '--xla_force_host_platform_device_count=8',
+      },
+  )
   assert result.returncode == 0 and 'OK' in result.stdout, result.stdout + result.stderr
   export.export(cfg, workdir, 'gallery', out=tmp_path / 'one')
-  eight, one = emb_lib.read_embeddings(tmp_path / 'eight'), emb_lib.read_embeddings(tmp_path / 'one')
+  eight, one = (
+      emb_lib.read_embeddings(tmp_path / 'eight'),
+      emb_lib.read_embeddings(tmp_path / 'one'),
+  )
   assert eight.item_id == one.item_id and eight.metadata['devices'] == 8
   np.testing.assert_allclose(eight.vectors, one.vectors, rtol=1e-4, atol=1e-5)
 
@@ -159,14 +185,33 @@ def test_two_processes_export_the_rows_of_one(trained, tmp_path):
   config_json = tmp_path / 'config.json'
   config_json.write_text(cfg.to_json())
   result = subprocess.run(
-      [str(REPO / 'launch' / 'local_multiprocess.sh'), '2', str(config_json), str(workdir), 'dev', 'instances',
-       str(tmp_path / 'two')], cwd=REPO, text=True, capture_output=True, timeout=600,
-      env={**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHON': sys.executable, 'CAPTURE_DEVICES_PER_PROCESS': '2',
-           'CAPTURE_MAIN': str(REPO / 'tests' / 'multidevice' / 'export_process.py')})
+      [
+          str(REPO / 'launch' / 'local_multiprocess.sh'),
+          '2',
+          str(config_json),
+          str(workdir),
+          'dev',
+          'instances',
+          str(tmp_path / 'two'),
+      ],
+      cwd=REPO,
+      text=True,
+      capture_output=True,
+      timeout=600,
+      env={
+          **os.environ,
+          'JAX_PLATFORMS': 'cpu',
+          'PYTHON': sys.executable,
+          'CAPTURE_DEVICES_PER_PROCESS': '2',
+          'CAPTURE_MAIN': str(REPO / 'tests' / 'multidevice' / 'export_process.py'),
+      },
+  )
   assert result.returncode == 0 and '[p0] OK' in result.stdout, result.stdout + result.stderr
   export.export(cfg, workdir, 'dev', rows='instances', out=tmp_path / 'one')
   two, one = emb_lib.read_embeddings(tmp_path / 'two'), emb_lib.read_embeddings(tmp_path / 'one')
-  assert len(one) == 44 and two.metadata['processes'] == 2  # 6 global batches of 8, the last with 4 padding rows
+  assert (
+      len(one) == 44 and two.metadata['processes'] == 2
+  )  # 6 global batches of 8, the last with 4 padding rows
   assert (two.item_id, two.instance_label) == (one.item_id, one.instance_label)
   np.testing.assert_array_equal(two.instance_index, one.instance_index)
   np.testing.assert_allclose(two.vectors, one.vectors, rtol=1e-4, atol=1e-5)
@@ -191,16 +236,30 @@ def ranked_lists(queries, gallery, k=100):
 def test_evaluate_writes_the_report_and_official_metrics(trained, evaluated):
   cfg, _ = trained
   out = evaluated.out_dir
-  for name in ('report.md', 'metrics.json', 'metrics.png', 'retrieval_id_list.txt', 'evaluation.json'):
+  for name in (
+      'report.md',
+      'metrics.json',
+      'metrics.png',
+      'retrieval_id_list.txt',
+      'evaluation.json',
+  ):
     assert (out / name).is_file(), name
   assert (out / 'metrics.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
   saved = json.loads((out / 'metrics.json').read_text())
-  methods = ['CAPTURE (whole)', 'CAPTURE (instances)', 'CAPTURE (both)', 'CAPTURE, random weights (both)',
-             evaluate.TFIDF, evaluate.MEAN_REGION]
+  methods = [
+      'CAPTURE (whole)',
+      'CAPTURE (instances)',
+      'CAPTURE (both)',
+      'CAPTURE, random weights (both)',
+      evaluate.TFIDF,
+      evaluate.MEAN_REGION,
+  ]
   assert list(saved) == methods
   # retrieval_id_list.txt is CAPTURE in eval.query_mode; its numbers are the official evaluator's, digit for digit.
   lines = (out / 'retrieval_id_list.txt').read_text().splitlines(keepends=True)
-  assert len(lines) == 16 and all(len(l.strip().split(',')) == 1 + 54 for l in lines)  # 100 > gallery size
+  assert len(lines) == 16 and all(
+      len(l.strip().split(',')) == 1 + 54 for l in lines
+  )  # 100 > gallery size
   official, _ = official_eval.evaluate(cfg.data.data_dir, lines)
   for r in metrics.DEFAULT_RANKS:
     for name, key in (('mAP', 'mAP'), ('Prec', 'Prec'), ('mAR', 'mAR')):
@@ -208,14 +267,19 @@ def test_evaluate_writes_the_report_and_official_metrics(trained, evaluated):
   # So are every other method's, from its own ranked lists.
   for method in methods:
     path = out / 'ranked_lists' / f'{evaluate._slug(method)}.txt'
-    official, _ = official_eval.evaluate(cfg.data.data_dir, path.read_text().splitlines(keepends=True))
+    official, _ = official_eval.evaluate(
+        cfg.data.data_dir, path.read_text().splitlines(keepends=True)
+    )
     assert saved[method]['mAP@10'] == official['top10']['mAP'], method
   report = (out / 'report.md').read_text()
   assert report.count('| CAPTURE') == 4 and '![metrics against R](metrics.png)' in report
   assert f'Best query mode on mAP@10: **{evaluated.best_query_mode}**' in report
   best = max(('whole', 'instances', 'both'), key=lambda m: saved[f'CAPTURE ({m})']['mAP@10'])
   assert evaluated.best_query_mode == best
-  assert report.count('### Query ') == cfg.eval.num_listings and '| Rank | Gallery id | Label | Hit |' in report
+  assert (
+      report.count('### Query ') == cfg.eval.num_listings
+      and '| Rank | Gallery id | Label | Hit |' in report
+  )
 
 
 def test_instance_queries_are_searched_and_merged_round_robin(trained, evaluated):
@@ -227,10 +291,13 @@ def test_instance_queries_are_searched_and_merged_round_robin(trained, evaluated
   for line in (Path(cfg.data.data_dir) / 'instances_dev.jsonl').read_text().splitlines():
     rec = json.loads(line)
     sidecar[rec['item_id']] = [i['label'] for i in rec['instances']]
-  assert [(q, l) for q in queries.item_id for l in sidecar[q]] == list(zip(instances.item_id,
-                                                                          instances.instance_label))
+  assert [(q, l) for q in queries.item_id for l in sidecar[q]] == list(
+      zip(instances.item_id, instances.instance_label)
+  )
   first = {q: v for q, v in zip(queries.item_id, queries.vectors)}
-  assert all(not np.allclose(v, first[q], atol=1e-3) for q, v in zip(instances.item_id, instances.vectors))
+  assert all(
+      not np.allclose(v, first[q], atol=1e-3) for q, v in zip(instances.item_id, instances.vectors)
+  )
 
   whole = dict(zip(queries.item_id, ranked_lists(queries, gallery)))
   per_instance = {}
@@ -241,7 +308,10 @@ def test_instance_queries_are_searched_and_merged_round_robin(trained, evaluated
     written = metrics.read_ranked_lists(out / f'capture_{mode}.txt')
     assert list(written) == queries.item_id
     for q in queries.item_id:
-      assert written[q] == instance_merge.merge_query_lists(whole[q], per_instance[q], mode), (mode, q)
+      assert written[q] == instance_merge.merge_query_lists(whole[q], per_instance[q], mode), (
+          mode,
+          q,
+      )
   both = metrics.read_ranked_lists(out / 'capture_both.txt')
   assert any(both[q][:10] != whole[q][:10] for q in queries.item_id)  # the merge changes the lists
   assert metrics.read_ranked_lists(evaluated.out_dir / 'retrieval_id_list.txt') == both
@@ -252,22 +322,50 @@ def test_evaluate_command_line_reuses_the_exports(trained, evaluated, tmp_path):
   config_json = tmp_path / 'config.json'
   config_json.write_text(cfg.to_json())
   config_py = tmp_path / 'config.py'
-  config_py.write_text('import json, ml_collections\n\n\ndef get_config(arg=None):\n'
-                       f'  return ml_collections.ConfigDict(json.load(open({str(config_json)!r})))\n')
+  config_py.write_text(
+      'import json, ml_collections\n\n\ndef get_config(arg=None):\n'
+      f'  return ml_collections.ConfigDict(json.load(open({str(config_json)!r})))\n'
+  )
   result = subprocess.run(
-      [sys.executable, '-m', 'capture_jax.evaluate', f'--config={config_py}', f'--workdir={workdir}', '--split=dev',
-       f'--out={tmp_path / "eval"}'], cwd=REPO, text=True, capture_output=True, timeout=600,
-      env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+      [
+          sys.executable,
+          '-m',
+          'capture_jax.evaluate',
+          f'--config={config_py}',
+          f'--workdir={workdir}',
+          '--split=dev',
+          f'--out={tmp_path / "eval"}',
+      ],
+      cwd=REPO,
+      text=True,
+      capture_output=True,
+      timeout=600,
+      env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
+  )
   assert result.returncode == 0, result.stdout + result.stderr
-  assert 'reusing the exports' in result.stdout and 'compiled the embedding step' not in result.stdout
+  assert (
+      'reusing the exports' in result.stdout and 'compiled the embedding step' not in result.stdout
+  )
   assert evaluated.table in result.stdout and 'best query mode on mAP@10' in result.stdout
   assert json.loads((tmp_path / 'eval' / 'metrics.json').read_text()) == json.loads(
-      (evaluated.out_dir / 'metrics.json').read_text())
+      (evaluated.out_dir / 'metrics.json').read_text()
+  )
   # A bad request is one clear line on stderr and exit status 1.
   bad = subprocess.run(
-      [sys.executable, '-m', 'capture_jax.export', f'--config={config_py}', f'--workdir={tmp_path / "none"}',
-       '--split=gallery'], cwd=REPO, text=True, capture_output=True, timeout=600,
-      env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+      [
+          sys.executable,
+          '-m',
+          'capture_jax.export',
+          f'--config={config_py}',
+          f'--workdir={tmp_path / "none"}',
+          '--split=gallery',
+      ],
+      cwd=REPO,
+      text=True,
+      capture_output=True,
+      timeout=600,
+      env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
+  )
   assert bad.returncode == 1 and 'error: no checkpoint in' in bad.stderr, bad.stderr
 
 
@@ -289,9 +387,14 @@ def test_checkpoint_of_a_different_config(trained):
   cfg, workdir = trained
   other = cfg.copy_and_resolve_references()
   other.model.intermediate_size = 64
-  for run in (lambda: export.export(other, workdir, 'gallery'), lambda: evaluate.evaluate(other, workdir, 'dev')):
-    with pytest.raises(checkpoint_lib.IncompatibleCheckpointError,
-                       match=r'model.intermediate_size: checkpoint 48, config 64'):
+  for run in (
+      lambda: export.export(other, workdir, 'gallery'),
+      lambda: evaluate.evaluate(other, workdir, 'dev'),
+  ):
+    with pytest.raises(
+        checkpoint_lib.IncompatibleCheckpointError,
+        match=r'model.intermediate_size: checkpoint 48, config 64',
+    ):
       run()
 
 
@@ -300,13 +403,23 @@ def test_split_file_absent(trained, tmp_path):
   data = tmp_path / 'data'
   shutil.copytree(cfg.data.data_dir, data)
   (data / 'product1m_test_ossurl_v2.txt').unlink()
-  product1m_tfds.build(str(data), str(tmp_path / 'tfds'), storage_dtype=cfg.data.storage_dtype,
-                       max_regions=cfg.data.max_regions, feature_dim=cfg.data.feature_dim, progress=False)
+  product1m_tfds.build(
+      str(data),
+      str(tmp_path / 'tfds'),
+      storage_dtype=cfg.data.storage_dtype,
+      max_regions=cfg.data.max_regions,
+      feature_dim=cfg.data.feature_dim,
+      progress=False,
+  )
   other = cfg.copy_and_resolve_references()
   other.data.tfds_dir = str(tmp_path / 'tfds')
-  with pytest.raises(ValueError, match=r"split 'test' was not built .* its annotation file was absent"):
+  with pytest.raises(
+      ValueError, match=r"split 'test' was not built .* its annotation file was absent"
+  ):
     export.export(other, workdir, 'test')
-  with pytest.raises(ValueError, match=r"split must be one of \('train', 'gallery', 'dev', 'test'\), got 'val'"):
+  with pytest.raises(
+      ValueError, match=r"split must be one of \('train', 'gallery', 'dev', 'test'\), got 'val'"
+  ):
     export.export(cfg, workdir, 'val')
 
 
@@ -320,8 +433,10 @@ def test_query_id_absent_from_the_annotations(trained, tmp_path):
   other = cfg.copy_and_resolve_references()
   other.data.data_dir = str(data)
   dropped = lines[0].split('#####')[0]
-  with pytest.raises(ValueError, match=rf"1 query id\(s\) of split 'dev' are absent from the annotations "
-                                       rf".*'{dropped}'"):
+  with pytest.raises(
+      ValueError,
+      match=rf"1 query id\(s\) of split 'dev' are absent from the annotations " rf".*'{dropped}'",
+  ):
     evaluate.evaluate(other, workdir, 'dev')
 
 
@@ -330,12 +445,30 @@ def fake_export(out, vectors, ids, kind, step=2, rows='samples'):
   n, dim = vectors.shape
   out.mkdir(parents=True)
   if n:
-    emb_lib.write_shard(out / emb_lib.shard_name(0, 1), {
-        'embeddings': vectors.astype(np.float32), 'item_id': np.array(ids, dtype=str),
-        'row': np.arange(n)})
-  emb_lib.write_metadata(out, {'format_version': 1, 'split': 'gallery', 'rows': rows, 'kind': kind,
-                               'dimension': dim, 'weights': 'checkpoint', 'checkpoint_step': step,
-                               'count': n, 'shard_rows': 16, 'num_shards': 1 if n else 0, 'complete': True})
+    emb_lib.write_shard(
+        out / emb_lib.shard_name(0, 1),
+        {
+            'embeddings': vectors.astype(np.float32),
+            'item_id': np.array(ids, dtype=str),
+            'row': np.arange(n),
+        },
+    )
+  emb_lib.write_metadata(
+      out,
+      {
+          'format_version': 1,
+          'split': 'gallery',
+          'rows': rows,
+          'kind': kind,
+          'dimension': dim,
+          'weights': 'checkpoint',
+          'checkpoint_step': step,
+          'count': n,
+          'shard_rows': 16,
+          'num_shards': 1 if n else 0,
+          'complete': True,
+      },
+  )
   return out
 
 
@@ -345,13 +478,22 @@ def test_embeddings_of_mismatched_dimension_and_an_empty_gallery(trained, evalua
   gallery = emb_lib.read_embeddings(evaluated.summary['exports']['gallery'])
   narrow = fake_export(tmp_path / 'text', gallery.vectors[:, :16], gallery.item_id, 'text')
   cfg = copy_config(cfg, query_mode='whole', baselines=False)
-  with pytest.raises(ValueError, match=r'embedding dimensions differ: queries .* have width 32 \(fused\), '
-                                       r'the gallery .* has width 16 \(text\)'):
+  with pytest.raises(
+      ValueError,
+      match=r'embedding dimensions differ: queries .* have width 32 \(fused\), '
+      r'the gallery .* has width 16 \(text\)',
+  ):
     evaluate.evaluate(cfg, tmp_path, 'dev', gallery_embeddings=narrow, query_embeddings=queries)
   empty = fake_export(tmp_path / 'empty', np.zeros((0, 32)), [], 'fused')
   with pytest.raises(ValueError, match='the gallery is empty'):
     evaluate.evaluate(cfg, tmp_path, 'dev', gallery_embeddings=empty, query_embeddings=queries)
   # The same explicit exports with matching ones evaluate fine (no checkpoint needed).
-  result = evaluate.evaluate(cfg, tmp_path, 'dev', gallery_embeddings=gallery.path, query_embeddings=queries,
-                             out_dir=tmp_path / 'ok')
+  result = evaluate.evaluate(
+      cfg,
+      tmp_path,
+      'dev',
+      gallery_embeddings=gallery.path,
+      query_embeddings=queries,
+      out_dir=tmp_path / 'ok',
+  )
   assert result.metrics['CAPTURE (whole)'] == evaluated.metrics['CAPTURE (whole)']

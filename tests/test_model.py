@@ -18,11 +18,28 @@ def tiny_config(**overrides):
   """A small model of the demo's architecture (fast on CPU)."""
   cfg = config_lib.base_config()
   m = cfg.model
-  m.update(vocab_size=97, max_position_embeddings=32, hidden_size=32, num_attention_heads=4, intermediate_size=48,
-           num_hidden_layers=2, v_feature_size=24, v_target_size=24, v_hidden_size=32, v_num_attention_heads=2,
-           v_intermediate_size=40, v_num_hidden_layers=2, bi_hidden_size=16, bi_num_attention_heads=2,
-           co_num_layers=2, cross_hidden_size=32, cross_num_attention_heads=4, cross_num_layers=2,
-           cross_max_position_embeddings=32, max_text_len=16)
+  m.update(
+      vocab_size=97,
+      max_position_embeddings=32,
+      hidden_size=32,
+      num_attention_heads=4,
+      intermediate_size=48,
+      num_hidden_layers=2,
+      v_feature_size=24,
+      v_target_size=24,
+      v_hidden_size=32,
+      v_num_attention_heads=2,
+      v_intermediate_size=40,
+      v_num_hidden_layers=2,
+      bi_hidden_size=16,
+      bi_num_attention_heads=2,
+      co_num_layers=2,
+      cross_hidden_size=32,
+      cross_num_attention_heads=4,
+      cross_num_layers=2,
+      cross_max_position_embeddings=32,
+      max_text_len=16,
+  )
   m.update(overrides)
   return cfg
 
@@ -34,7 +51,10 @@ def random_batch(cfg, key=0, text_valid=None, regions_valid=None):
   regions_valid = regions_valid or [R] * B
   input_mask = np.array([[1] * n + [0] * (T - n) for n in text_valid], np.int32)
   image_mask = np.array([[1] * (n + 1) + [0] * (R - n) for n in regions_valid], np.int32)
-  feat = rng.normal(size=(B, R + 1, cfg.model.v_feature_size)).astype(np.float32) * image_mask[..., None]
+  feat = (
+      rng.normal(size=(B, R + 1, cfg.model.v_feature_size)).astype(np.float32)
+      * image_mask[..., None]
+  )
   return {
       'input_ids': jnp.asarray(rng.integers(1, cfg.model.vocab_size, (B, T)) * input_mask),
       'input_mask': jnp.asarray(input_mask),
@@ -42,10 +62,14 @@ def random_batch(cfg, key=0, text_valid=None, regions_valid=None):
       'image_feat': jnp.asarray(feat),
       'image_loc': jnp.asarray(rng.uniform(size=(B, R + 1, 5)).astype(np.float32)),
       'image_mask': jnp.asarray(image_mask),
-      'lm_label_ids': jnp.asarray(np.where(rng.uniform(size=(B, T)) < 0.3, rng.integers(0, 97, (B, T)), -1)
-                                  * input_mask - (1 - input_mask)),
+      'lm_label_ids': jnp.asarray(
+          np.where(rng.uniform(size=(B, T)) < 0.3, rng.integers(0, 97, (B, T)), -1) * input_mask
+          - (1 - input_mask)
+      ),
       'image_label': jnp.asarray(np.where(rng.uniform(size=(B, R)) < 0.3, 1, -1)),
-      'image_target': jnp.asarray(rng.normal(size=(B, R, cfg.model.v_feature_size)).astype(np.float32)),
+      'image_target': jnp.asarray(
+          rng.normal(size=(B, R, cfg.model.v_feature_size)).astype(np.float32)
+      ),
   }
 
 
@@ -78,11 +102,16 @@ def test_output_shapes(model_and_params):
   out = model.apply(params, random_batch(cfg))
   m = cfg.model
   expected = {
-      'mlm_logits': (B, T, m.vocab_size), 'mrm_pred': (B, R, m.v_target_size),
-      'pooled_text': (B, m.bi_hidden_size), 'pooled_visual': (B, m.bi_hidden_size),
-      'enc_pooled_text': (B, m.bi_hidden_size), 'enc_pooled_visual': (B, m.bi_hidden_size),
-      'sequence_text': (B, T, m.bi_hidden_size), 'sequence_visual': (B, R + 1, m.bi_hidden_size),
-      'text_after_coattention': (B, T, m.hidden_size), 'visual_after_coattention': (B, R + 1, m.v_hidden_size),
+      'mlm_logits': (B, T, m.vocab_size),
+      'mrm_pred': (B, R, m.v_target_size),
+      'pooled_text': (B, m.bi_hidden_size),
+      'pooled_visual': (B, m.bi_hidden_size),
+      'enc_pooled_text': (B, m.bi_hidden_size),
+      'enc_pooled_visual': (B, m.bi_hidden_size),
+      'sequence_text': (B, T, m.bi_hidden_size),
+      'sequence_visual': (B, R + 1, m.bi_hidden_size),
+      'text_after_coattention': (B, T, m.hidden_size),
+      'visual_after_coattention': (B, R + 1, m.v_hidden_size),
   }
   assert {k: v.shape for k, v in out.items()} == expected
   assert all(v.dtype == jnp.float32 for v in out.values())
@@ -91,8 +120,11 @@ def test_output_shapes(model_and_params):
 def test_paper_parameter_count():
   """148,192,136: the release's 151,936,136 minus its unused q_dense1/2 and cross_encoder.pooler."""
   cfg = config_lib.base_config().model
-  shapes = jax.eval_shape(lambda: CaptureModel(cfg).init({'params': jax.random.key(0)},
-                                                          dummy_batch(cfg, 1, 36, 36))['params'])
+  shapes = jax.eval_shape(
+      lambda: CaptureModel(cfg).init({'params': jax.random.key(0)}, dummy_batch(cfg, 1, 36, 36))[
+          'params'
+      ]
+  )
   assert sum(x.size for x in jax.tree.leaves(shapes)) == 148_192_136
 
 
@@ -103,12 +135,21 @@ def test_padding_does_not_leak(model_and_params):
   pad_t, pad_r = 5, 3
   rng = np.random.default_rng(7)
   padded = {
-      'input_ids': jnp.concatenate([short['input_ids'], jnp.asarray(rng.integers(1, 97, (B, pad_t)))], 1),
+      'input_ids': jnp.concatenate(
+          [short['input_ids'], jnp.asarray(rng.integers(1, 97, (B, pad_t)))], 1
+      ),
       'input_mask': jnp.pad(short['input_mask'], ((0, 0), (0, pad_t))),
       'segment_ids': jnp.pad(short['segment_ids'], ((0, 0), (0, pad_t))),
-      'image_feat': jnp.concatenate([short['image_feat'], jnp.asarray(
-          rng.normal(size=(B, pad_r, cfg.model.v_feature_size)), jnp.float32)], 1),
-      'image_loc': jnp.concatenate([short['image_loc'], jnp.asarray(rng.uniform(size=(B, pad_r, 5)), jnp.float32)], 1),
+      'image_feat': jnp.concatenate(
+          [
+              short['image_feat'],
+              jnp.asarray(rng.normal(size=(B, pad_r, cfg.model.v_feature_size)), jnp.float32),
+          ],
+          1,
+      ),
+      'image_loc': jnp.concatenate(
+          [short['image_loc'], jnp.asarray(rng.uniform(size=(B, pad_r, 5)), jnp.float32)], 1
+      ),
       'image_mask': jnp.pad(short['image_mask'], ((0, 0), (0, pad_r))),
   }
   a = model.apply(params, short)
@@ -116,7 +157,9 @@ def test_padding_does_not_leak(model_and_params):
   for key in ('pooled_text', 'pooled_visual', 'enc_pooled_text', 'enc_pooled_visual'):
     np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6, err_msg=key)
   np.testing.assert_allclose(a['sequence_text'], b['sequence_text'][:, :T], rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(a['sequence_visual'], b['sequence_visual'][:, :R + 1], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+      a['sequence_visual'], b['sequence_visual'][:, : R + 1], rtol=1e-5, atol=1e-6
+  )
   np.testing.assert_allclose(a['mlm_logits'], b['mlm_logits'][:, :T], rtol=1e-5, atol=1e-5)
 
 
@@ -127,9 +170,13 @@ def test_each_sample_is_masked_with_its_own_mask(model_and_params):
   batch = random_batch(cfg, key=2, text_valid=[T, 4, 7], regions_valid=[R, 2, 4])
   together = model.apply(params, batch)
   for i in range(B):
-    alone = model.apply(params, {k: v[i:i + 1] for k, v in batch.items()})
-    np.testing.assert_allclose(together['pooled_text'][i], alone['pooled_text'][0], rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(together['pooled_visual'][i], alone['pooled_visual'][0], rtol=1e-5, atol=1e-6)
+    alone = model.apply(params, {k: v[i : i + 1] for k, v in batch.items()})
+    np.testing.assert_allclose(
+        together['pooled_text'][i], alone['pooled_text'][0], rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        together['pooled_visual'][i], alone['pooled_visual'][0], rtol=1e-5, atol=1e-6
+    )
 
 
 def test_bfloat16_compute_is_close_to_float32(model_and_params):
@@ -147,8 +194,15 @@ def test_bfloat16_compute_is_close_to_float32(model_and_params):
   assert not np.array_equal(np.asarray(bf16['pooled_text']), np.asarray(f32['pooled_text']))
 
 
-@pytest.mark.parametrize('option', [dict(scan_layers=True), dict(remat=True), dict(scan_layers=True, remat=True),
-                                    dict(attention_impl='dot_product_attention')])
+@pytest.mark.parametrize(
+    'option',
+    [
+        dict(scan_layers=True),
+        dict(remat=True),
+        dict(scan_layers=True, remat=True),
+        dict(attention_impl='dot_product_attention'),
+    ],
+)
 def test_performance_options_keep_the_numerics(model_and_params, option):
   cfg, model, params = model_and_params
   batch = random_batch(cfg, key=4, text_valid=[T, 5, 8], regions_valid=[R, 3, 1])
@@ -219,15 +273,39 @@ def _with(batch, **changes):
   return {**batch, **changes}
 
 
-@pytest.mark.parametrize('change, message', [
-    (lambda b: _with(b, input_ids=b['input_ids'][0]), r'input_ids must have rank 2 \(\[B, T\]\), got shape \(10,\)'),
-    (lambda b: _with(b, input_mask=b['input_mask'][:, :5]), r'input_mask must have shape \(3, 10\) like input_ids'),
-    (lambda b: _with(b, image_mask=b['image_mask'][:, :3]), r'image_mask must have shape \(3, 7\) like image_feat'),
-    (lambda b: _with(b, image_feat=b['image_feat'][..., :5]), r'image_feat width must be model.v_feature_size=24, got 5'),
-    (lambda b: _with(b, image_loc=b['image_loc'][..., :4]), r'image_loc must have shape \(3, 7, 5\)'),
-    (lambda b: {k: v for k, v in b.items() if k != 'segment_ids'}, r"batch is missing \['segment_ids'\]"),
-    (lambda b: _with(b, image_feat=b['image_feat'][:2]), 'image_feat has batch 2 but input_ids has batch 3'),
-])
+@pytest.mark.parametrize(
+    'change, message',
+    [
+        (
+            lambda b: _with(b, input_ids=b['input_ids'][0]),
+            r'input_ids must have rank 2 \(\[B, T\]\), got shape \(10,\)',
+        ),
+        (
+            lambda b: _with(b, input_mask=b['input_mask'][:, :5]),
+            r'input_mask must have shape \(3, 10\) like input_ids',
+        ),
+        (
+            lambda b: _with(b, image_mask=b['image_mask'][:, :3]),
+            r'image_mask must have shape \(3, 7\) like image_feat',
+        ),
+        (
+            lambda b: _with(b, image_feat=b['image_feat'][..., :5]),
+            r'image_feat width must be model.v_feature_size=24, got 5',
+        ),
+        (
+            lambda b: _with(b, image_loc=b['image_loc'][..., :4]),
+            r'image_loc must have shape \(3, 7, 5\)',
+        ),
+        (
+            lambda b: {k: v for k, v in b.items() if k != 'segment_ids'},
+            r"batch is missing \['segment_ids'\]",
+        ),
+        (
+            lambda b: _with(b, image_feat=b['image_feat'][:2]),
+            'image_feat has batch 2 but input_ids has batch 3',
+        ),
+    ],
+)
 def test_bad_input_is_named(model_and_params, change, message):
   cfg, model, params = model_and_params
   with pytest.raises(ValueError, match=message):
@@ -238,21 +316,29 @@ def test_too_long_inputs_are_rejected(model_and_params):
   cfg, model, params = model_and_params
   rng = np.random.default_rng(0)
   long = {
-      'input_ids': jnp.ones((1, 40), jnp.int32), 'input_mask': jnp.ones((1, 40), jnp.int32),
+      'input_ids': jnp.ones((1, 40), jnp.int32),
+      'input_mask': jnp.ones((1, 40), jnp.int32),
       'segment_ids': jnp.zeros((1, 40), jnp.int32),
       'image_feat': jnp.asarray(rng.normal(size=(1, 3, 24)), jnp.float32),
-      'image_loc': jnp.zeros((1, 3, 5)), 'image_mask': jnp.ones((1, 3), jnp.int32)}
+      'image_loc': jnp.zeros((1, 3, 5)),
+      'image_mask': jnp.ones((1, 3), jnp.int32),
+  }
   with pytest.raises(ValueError, match='text length 40 exceeds model.max_position_embeddings=32'):
     model.apply(params, long)
-  longer_than_slots = {**long, **{k: long[k][:, :20] for k in ('input_ids', 'input_mask', 'segment_ids')}}
+  longer_than_slots = {
+      **long,
+      **{k: long[k][:, :20] for k in ('input_ids', 'input_mask', 'segment_ids')},
+  }
   with pytest.raises(ValueError, match='text length 20 exceeds model.max_text_len=16'):
     model.apply(params, longer_than_slots)
 
 
 def test_unknown_options_are_rejected(model_and_params):
   cfg, _, params = model_and_params
-  for field, value, message in [('dtype', 'float16', "model.dtype must be 'float32' or 'bfloat16'"),
-                                ('attention_impl', 'flash', "model.attention_impl must be 'xla'")]:
+  for field, value, message in [
+      ('dtype', 'float16', "model.dtype must be 'float32' or 'bfloat16'"),
+      ('attention_impl', 'flash', "model.attention_impl must be 'xla'"),
+  ]:
     bad = cfg.model.copy_and_resolve_references()
     bad[field] = value
     with pytest.raises(ValueError, match=message):

@@ -18,11 +18,30 @@ from capture_jax import config as config_lib
 from capture_jax import convert, losses
 from capture_jax.models import CaptureModel
 
-OUTPUT_KEYS = ('enc_pooled_text', 'enc_pooled_visual', 'text_after_coattention', 'visual_after_coattention',
-               'sequence_text', 'sequence_visual', 'pooled_text', 'pooled_visual', 'mlm_logits', 'mrm_pred')
+OUTPUT_KEYS = (
+    'enc_pooled_text',
+    'enc_pooled_visual',
+    'text_after_coattention',
+    'visual_after_coattention',
+    'sequence_text',
+    'sequence_visual',
+    'pooled_text',
+    'pooled_visual',
+    'mlm_logits',
+    'mrm_pred',
+)
 LOSS_KEYS = {'mlm': 'mlm', 'mrm': 'mrm', 'clr': 'contrastive'}
-INPUT_KEYS = ('input_ids', 'input_mask', 'segment_ids', 'image_feat', 'image_loc', 'image_mask',
-              'lm_label_ids', 'image_label', 'image_target')
+INPUT_KEYS = (
+    'input_ids',
+    'input_mask',
+    'segment_ids',
+    'image_feat',
+    'image_loc',
+    'image_mask',
+    'lm_label_ids',
+    'image_label',
+    'image_target',
+)
 
 
 def rel_err(a, b) -> float:
@@ -38,9 +57,13 @@ def fixture_dir(shared):
 def release_run_config(fixture_dir, state_dict):
   release = json.loads((fixture_dir / 'config.json').read_text())
   cfg = config_lib.base_config()
-  cfg.model = convert.model_config_from_release(release['model'], release['cross_encoder'],
-                                                release['co_transformer_mlp_ratio'], state_dict=state_dict,
-                                                max_text_len=release['text_len'])
+  cfg.model = convert.model_config_from_release(
+      release['model'],
+      release['cross_encoder'],
+      release['co_transformer_mlp_ratio'],
+      state_dict=state_dict,
+      max_text_len=release['text_len'],
+  )
   return cfg
 
 
@@ -64,16 +87,21 @@ def test_matches_release_outputs(fixture_dir, weights, case, scan_layers):
   terms = losses.pretraining_losses(out, batch, cfg)
   for theirs, ours in LOSS_KEYS.items():
     assert rel_err(terms[ours], data[theirs][0]) < 1e-5, theirs
-  np.testing.assert_allclose(terms['total'], data['mlm'][0] + data['mrm'][0] + data['clr'][0], rtol=1e-5)
+  np.testing.assert_allclose(
+      terms['total'], data['mlm'][0] + data['mrm'][0] + data['clr'][0], rtol=1e-5
+  )
 
 
 def test_a_swapped_tensor_changes_the_outputs(fixture_dir):
   """The comparison above can fail: perturbing one LayerNorm bias moves the outputs past 1e-5."""
   state_dict = convert.load_tensor_file(fixture_dir / 'state_dict.npz')
   cfg = release_run_config(fixture_dir, state_dict)
-  state_dict['bert.encoder.c_layer.1.biOutput.LayerNorm2.bias'] = (
-      state_dict['bert.encoder.c_layer.1.biOutput.LayerNorm1.bias'])
+  state_dict['bert.encoder.c_layer.1.biOutput.LayerNorm2.bias'] = state_dict[
+      'bert.encoder.c_layer.1.biOutput.LayerNorm1.bias'
+  ]
   params, _ = convert.from_release_state_dict(state_dict, cfg.model)
   data = dict(np.load(fixture_dir / 'case_full.npz'))
-  out = jax.jit(CaptureModel(cfg.model).apply)({'params': params}, {k: jnp.asarray(data[k]) for k in INPUT_KEYS})
+  out = jax.jit(CaptureModel(cfg.model).apply)(
+      {'params': params}, {k: jnp.asarray(data[k]) for k in INPUT_KEYS}
+  )
   assert rel_err(out['pooled_text'], data['pooled_text']) > 1e-4

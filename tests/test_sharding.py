@@ -61,19 +61,27 @@ def specs_of(tree: dict, shape, **overrides) -> dict:
 # ----------------------------------------------------------------------------
 # Mesh.
 
+
 def test_mesh_shape_fills_minus_one():
   assert sharding.mesh_shape(mesh_cfg((-1, 2, 2)), 8) == (2, 2, 2)
   assert sharding.mesh_shape(mesh_cfg((1, -1, 1)), 8) == (1, 8, 1)
   assert sharding.mesh_shape(mesh_cfg((2, 2, 2)), 8) == (2, 2, 2)
-  assert sharding.mesh_shape(config_lib.mesh_config(), 4) == (4, 1, 1)  # the default: pure data parallel
+  assert sharding.mesh_shape(config_lib.mesh_config(), 4) == (
+      4,
+      1,
+      1,
+  )  # the default: pure data parallel
 
 
-@pytest.mark.parametrize('shape, devices, message', [
-    ((2, 2, 2), 4, r'data=2, fsdp=2, tensor=2\) needs 8 devices, but there are 4'),
-    ((-1, 4, 1), 6, r'multiple of 4 devices, but there are 6'),
-    ((-1, -1, 1), 8, r'at most one mesh axis may be -1'),
-    ((0, 1, 1), 1, r'positive integers or -1'),
-])
+@pytest.mark.parametrize(
+    'shape, devices, message',
+    [
+        ((2, 2, 2), 4, r'data=2, fsdp=2, tensor=2\) needs 8 devices, but there are 4'),
+        ((-1, 4, 1), 6, r'multiple of 4 devices, but there are 6'),
+        ((-1, -1, 1), 8, r'at most one mesh axis may be -1'),
+        ((0, 1, 1), 1, r'positive integers or -1'),
+    ],
+)
 def test_mesh_shape_errors(shape, devices, message):
   with pytest.raises(ValueError, match=message):
     sharding.mesh_shape(mesh_cfg(shape), devices)
@@ -82,7 +90,11 @@ def test_mesh_shape_errors(shape, devices, message):
 def test_make_mesh_checks_before_compiling():
   devices = jax.devices()[:1]
   mesh = sharding.make_mesh(mesh_cfg((-1, 1, 1)), devices)
-  assert mesh.axis_names == sharding.MESH_AXES and dict(mesh.shape) == {'data': 1, 'fsdp': 1, 'tensor': 1}
+  assert mesh.axis_names == sharding.MESH_AXES and dict(mesh.shape) == {
+      'data': 1,
+      'fsdp': 1,
+      'tensor': 1,
+  }
   with pytest.raises(ValueError, match=r'needs 2 devices, but there are 1'):
     sharding.make_mesh(mesh_cfg((1, 2, 1)), devices)
 
@@ -133,8 +145,14 @@ def test_tensor_rule_is_megatron():
 
 
 def test_tensor_rule_only_splits_divisible_dims():
-  s = specs_of({'word_embeddings/embedding': (21127, 768), 'a/query/dense/kernel': (768, 100),
-                'a/ffn/output/kernel': (100, 768)}, (1, 1, 8))
+  s = specs_of(
+      {
+          'word_embeddings/embedding': (21127, 768),
+          'a/query/dense/kernel': (768, 100),
+          'a/ffn/output/kernel': (100, 768),
+      },
+      (1, 1, 8),
+  )
   assert s['word_embeddings/embedding'] == P(None, 'tensor')  # vocab not divisible: the width
   assert s['a/query/dense/kernel'] == P(None, None)
   assert s['a/ffn/output/kernel'] == P(None, None)
@@ -149,8 +167,11 @@ def test_fsdp_rule_shards_largest_free_divisible_dim_of_large_params():
   assert s['mlm_bias'] == P(None)  # 21128 < 2**18
   assert s['visual_embeddings/location_embeddings/kernel'] == P(None, None)
   # The threshold is inclusive; indivisible dims are skipped.
-  t = specs_of({'a/kernel': (512, 512), 'b/kernel': (512, 511), 'c/kernel': (7, 9)}, (1, 8, 1),
-               fsdp_min_size=512 * 511)
+  t = specs_of(
+      {'a/kernel': (512, 512), 'b/kernel': (512, 511), 'c/kernel': (7, 9)},
+      (1, 8, 1),
+      fsdp_min_size=512 * 511,
+  )
   assert t == {'a/kernel': P('fsdp', None), 'b/kernel': P('fsdp', None), 'c/kernel': P(None, None)}
   u = specs_of({'a/kernel': (512, 511)}, (1, 8, 1), fsdp_min_size=512 * 511 + 1)
   assert u == {'a/kernel': P(None, None)}
@@ -189,15 +210,24 @@ def test_scanned_params_never_shard_the_layer_axis():
   assert s['text_stream/scanned/ffn/output/kernel'] == P(None, 'tensor', 'fsdp')
   assert s['text_stream/scanned/ffn/intermediate/bias'] == P(None, 'tensor')
   # The layer axis (8) is the only dim divisible by fsdp=8; it still is not sharded.
-  t = specs_of({'visual_stream/scanned/ln/scale': (8, 12), 'x/scanned/k': (8, 16, 16)}, (1, 8, 1),
-               fsdp_min_size=0)
-  assert t == {'visual_stream/scanned/ln/scale': P(None, None), 'x/scanned/k': P(None, 'fsdp', None)}
+  t = specs_of(
+      {'visual_stream/scanned/ln/scale': (8, 12), 'x/scanned/k': (8, 16, 16)},
+      (1, 8, 1),
+      fsdp_min_size=0,
+  )
+  assert t == {
+      'visual_stream/scanned/ln/scale': P(None, None),
+      'x/scanned/k': P(None, 'fsdp', None),
+  }
 
 
-@pytest.mark.parametrize('rules, bad', [('fsdp,pipeline', 'pipeline'), ('tensor, expert', 'expert'),
-                                        ('FSDP', 'FSDP')])
+@pytest.mark.parametrize(
+    'rules, bad', [('fsdp,pipeline', 'pipeline'), ('tensor, expert', 'expert'), ('FSDP', 'FSDP')]
+)
 def test_unknown_rule_is_named(rules, bad):
-  with pytest.raises(ValueError, match=re.escape(repr(bad)) + r".*known rules: \['replicated', 'fsdp', 'tensor'\]"):
+  with pytest.raises(
+      ValueError, match=re.escape(repr(bad)) + r".*known rules: \['replicated', 'fsdp', 'tensor'\]"
+  ):
     specs_of(LAYER, (2, 2, 2), rules=rules)
 
 
@@ -211,20 +241,25 @@ def test_empty_or_repeated_rules():
 
 def test_state_shardings_like_mirrors_params():
   shapes = {'dense': {'kernel': (768, 3072), 'bias': (3072,)}, 'ln': {'scale': (768,)}}
-  params = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s, np.float32), shapes,
-                                  is_leaf=lambda x: isinstance(x, tuple))
+  params = jax.tree_util.tree_map(
+      lambda s: jax.ShapeDtypeStruct(s, np.float32), shapes, is_leaf=lambda x: isinstance(x, tuple)
+  )
   mesh = abstract_mesh((1, 8, 1))
   shardings = sharding.param_shardings(params, mesh, mesh_cfg((1, 8, 1), fsdp_min_size=1024))
   assert shardings['dense']['kernel'].spec == P(None, 'fsdp')
   # Weight decay masked to kernels, as the trainer does: a state with MaskedNodes and a count.
   mask = {'dense': {'kernel': True, 'bias': False}, 'ln': {'scale': False}}
-  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(optax.linear_schedule(1e-3, 0.0, 10), mask=mask))
+  tx = optax.chain(
+      optax.clip_by_global_norm(1.0), optax.adamw(optax.linear_schedule(1e-3, 0.0, 10), mask=mask)
+  )
   state = jax.eval_shape(tx.init, params)
   out = sharding.state_shardings_like(state, params, shardings)
   leaves = jax.tree_util.tree_flatten_with_path(out)[0]
   specs = {sharding.path_str(p): s.spec for p, s in leaves}
   mu = {k: v for k, v in specs.items() if '/mu/' in k}
-  assert len(mu) == 3 and all(v == shardings['dense']['kernel'].spec for k, v in mu.items() if 'kernel' in k)
+  assert len(mu) == 3 and all(
+      v == shardings['dense']['kernel'].spec for k, v in mu.items() if 'kernel' in k
+  )
   assert sum(v == P(None, 'fsdp') for v in specs.values()) == 2  # mu and nu of the kernel
   assert all(v == P() for k, v in specs.items() if k.endswith('count'))
   assert all(s.mesh == mesh for _, s in leaves)
@@ -252,14 +287,26 @@ def test_spec_table_lists_per_device_shapes():
 # ----------------------------------------------------------------------------
 # 8 simulated devices (subprocesses).
 
+
 @pytest.fixture(scope='module')
 def multidevice():
   """Runs the 'specs' and 'demo' parts of the 8-device check in two concurrent processes."""
   # The LLVM optimisation level only shortens compiles; partitioning and numerics are unchanged.
-  env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS='--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0')
-  procs = {part: subprocess.Popen([sys.executable, str(CHECK), part], env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True) for part in ('specs', 'demo')}
+  env = dict(
+      os.environ,
+      JAX_PLATFORMS='cpu',
+      XLA_FLAGS='--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0',
+  )
+  procs = {
+      part: subprocess.Popen(
+          [sys.executable, str(CHECK), part],
+          env=env,
+          stdout=subprocess.PIPE,
+          stderr=subprocess.PIPE,
+          text=True,
+      )
+      for part in ('specs', 'demo')
+  }
   merged = {}
   for part, p in procs.items():
     out, err = p.communicate(timeout=600)
@@ -284,7 +331,9 @@ def test_paper_specs_are_valid(multidevice, shape, scan):
     named = [a for a in r['spec'] if a is not None]
     assert len(named) == len(set(named)) and set(named) <= {'fsdp', 'tensor'}, (path, r['spec'])
     expect = [d // (sizes[a] if a else 1) for d, a in zip(r['shape'], r['spec'])]
-    assert r['local'] == expect and all(d % (sizes[a] if a else 1) == 0 for d, a in zip(r['shape'], r['spec']))
+    assert r['local'] == expect and all(
+        d % (sizes[a] if a else 1) == 0 for d, a in zip(r['shape'], r['spec'])
+    )
     if scan and 'scanned' in path.split('/'):
       assert r['spec'][0] is None, path
 
@@ -313,7 +362,11 @@ def test_paper_fsdp_shards_big_kernels(multidevice):
 @pytest.mark.parametrize('shape', [(1, 1, 8), (2, 2, 2)])
 def test_paper_tensor_parallel_splits_heads_and_ffn(multidevice, shape):
   rows = _rows(multidevice, shape)
-  column = [p for p in rows if re.search(r'/(query|key|value)[12]?/dense/kernel$|/intermediate/kernel$', p)]
+  column = [
+      p
+      for p in rows
+      if re.search(r'/(query|key|value)[12]?/dense/kernel$|/intermediate/kernel$', p)
+  ]
   row = [p for p in rows if re.search(r'/(attention_output|out_proj|dense[12]|output)/kernel$', p)]
   # text and visual streams 4 x (q, k, v, ffn), co-attention 4 x (6 q/k/v + 2 ffn), co-transformer 6 x 4
   assert len(column) == 4 * 4 + 4 * 4 + 4 * 8 + 6 * 4
@@ -365,24 +418,39 @@ def test_global_batch_from_local_on_8_devices(multidevice):
   assert g['shapes'] == {'a': [16, 3], 'b': [16]}
   assert g['sharding_ok'] and g['values_ok']
   assert g['shard_rows'] == [4]  # 16 rows over data x fsdp = 4, replicated over tensor
-  assert 'global batch 10' in g['indivisible_error'] and 'data x fsdp = 2 x 2 = 4' in g['indivisible_error']
+  assert (
+      'global batch 10' in g['indivisible_error']
+      and 'data x fsdp = 2 x 2 = 4' in g['indivisible_error']
+  )
 
 
 # ----------------------------------------------------------------------------
 # Two processes on localhost (jax.distributed + Gloo), through the launch script.
 
+
 def _launch_env(**extra):
-  env = {k: v for k, v in os.environ.items() if not k.startswith(('CAPTURE_', 'SLURM_', 'XLA_FLAGS'))}
+  env = {
+      k: v for k, v in os.environ.items() if not k.startswith(('CAPTURE_', 'SLURM_', 'XLA_FLAGS'))
+  }
   env['PYTHON'] = sys.executable
   env.update(extra)
   return env
 
 
 def test_two_processes_build_one_mesh_and_all_reduce(tmp_path):
-  env = _launch_env(CAPTURE_MAIN=str(TWO_PROCESS), CAPTURE_DEVICES_PER_PROCESS='2',
-                    CAPTURE_PORT=str(portpicker.pick_unused_port()))
-  proc = subprocess.run([str(LAUNCH / 'local_multiprocess.sh'), '2', str(tmp_path)], env=env, cwd=REPO,
-                        capture_output=True, text=True, timeout=300)
+  env = _launch_env(
+      CAPTURE_MAIN=str(TWO_PROCESS),
+      CAPTURE_DEVICES_PER_PROCESS='2',
+      CAPTURE_PORT=str(portpicker.pick_unused_port()),
+  )
+  proc = subprocess.run(
+      [str(LAUNCH / 'local_multiprocess.sh'), '2', str(tmp_path)],
+      env=env,
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   results = [json.loads((tmp_path / f'process_{i}.json').read_text()) for i in range(2)]
   for i, r in enumerate(results):
@@ -397,6 +465,7 @@ def test_two_processes_build_one_mesh_and_all_reduce(tmp_path):
 # ----------------------------------------------------------------------------
 # Launch scripts (no JAX: stand-in programs).
 
+
 def _write_exe(path: Path, text: str) -> Path:
   path.write_text(text)
   path.chmod(0o755)
@@ -405,13 +474,20 @@ def _write_exe(path: Path, text: str) -> Path:
 
 def test_local_multiprocess_stops_the_others_when_one_fails(tmp_path):
   prog = tmp_path / 'prog.py'
-  prog.write_text('import os, sys, time\n'
-                  'if os.environ["CAPTURE_PROCESS_ID"] == "1":\n'
-                  '  sys.exit(3)\n'
-                  'time.sleep(120)\n')
+  prog.write_text(
+      'import os, sys, time\n'
+      'if os.environ["CAPTURE_PROCESS_ID"] == "1":\n'
+      '  sys.exit(3)\n'
+      'time.sleep(120)\n'
+  )
   start = time.monotonic()
-  proc = subprocess.run([str(LAUNCH / 'local_multiprocess.sh'), '2'], env=_launch_env(CAPTURE_MAIN=str(prog)),
-                        capture_output=True, text=True, timeout=100)
+  proc = subprocess.run(
+      [str(LAUNCH / 'local_multiprocess.sh'), '2'],
+      env=_launch_env(CAPTURE_MAIN=str(prog)),
+      capture_output=True,
+      text=True,
+      timeout=100,
+  )
   assert proc.returncode == 3, proc.stderr
   assert 'process 1 exited with status 3' in proc.stderr
   assert time.monotonic() - start < 60
@@ -419,19 +495,26 @@ def test_local_multiprocess_stops_the_others_when_one_fails(tmp_path):
 
 def test_local_multiprocess_forwards_sigterm(tmp_path):
   prog = tmp_path / 'prog.py'
-  prog.write_text('import os, signal, sys, time\n'
-                  'from pathlib import Path\n'
-                  'out = Path(sys.argv[1]); pid = os.environ["CAPTURE_PROCESS_ID"]\n'
-                  'def stop(*_):\n'
-                  '  (out / f"stopped_{pid}").write_text(os.environ["CAPTURE_COORDINATOR"] + " "\n'
-                  '      + os.environ["CAPTURE_NUM_PROCESSES"] + " " + os.environ["XLA_FLAGS"])\n'
-                  '  sys.exit(0)\n'
-                  'signal.signal(signal.SIGTERM, stop)\n'
-                  '(out / f"ready_{pid}").touch()\n'
-                  'time.sleep(120)\n')
+  prog.write_text(
+      'import os, signal, sys, time\n'
+      'from pathlib import Path\n'
+      'out = Path(sys.argv[1]); pid = os.environ["CAPTURE_PROCESS_ID"]\n'
+      'def stop(*_):\n'
+      '  (out / f"stopped_{pid}").write_text(os.environ["CAPTURE_COORDINATOR"] + " "\n'
+      '      + os.environ["CAPTURE_NUM_PROCESSES"] + " " + os.environ["XLA_FLAGS"])\n'
+      '  sys.exit(0)\n'
+      'signal.signal(signal.SIGTERM, stop)\n'
+      '(out / f"ready_{pid}").touch()\n'
+      'time.sleep(120)\n'
+  )
   env = _launch_env(CAPTURE_MAIN=str(prog), CAPTURE_DEVICES_PER_PROCESS='3', CAPTURE_PORT='12345')
-  proc = subprocess.Popen([str(LAUNCH / 'local_multiprocess.sh'), '2', str(tmp_path)], env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+      [str(LAUNCH / 'local_multiprocess.sh'), '2', str(tmp_path)],
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+  )
   deadline = time.monotonic() + 60
   while not all((tmp_path / f'ready_{i}').exists() for i in range(2)):
     assert time.monotonic() < deadline and proc.poll() is None
@@ -441,23 +524,26 @@ def test_local_multiprocess_forwards_sigterm(tmp_path):
   assert proc.returncode == 0
   for i in range(2):
     assert (tmp_path / f'stopped_{i}').read_text() == (
-        'localhost:12345 2 --xla_force_host_platform_device_count=3')
+        'localhost:12345 2 --xla_force_host_platform_device_count=3'
+    )
 
 
 def test_local_multiprocess_usage():
-  proc = subprocess.run([str(LAUNCH / 'local_multiprocess.sh')], capture_output=True, text=True, timeout=30)
+  proc = subprocess.run(
+      [str(LAUNCH / 'local_multiprocess.sh')], capture_output=True, text=True, timeout=30
+  )
   assert proc.returncode == 2 and 'launch/local_multiprocess.sh N [trainer args...]' in proc.stderr
 
 
-FAKE_PYTHON = '''#!/usr/bin/env python3
+FAKE_PYTHON = """#!/usr/bin/env python3
 import json, os, sys
 keys = ('CAPTURE_COORDINATOR', 'CAPTURE_NUM_PROCESSES', 'CAPTURE_PROCESS_ID', 'CAPTURE_LOCAL_DEVICE_IDS')
 with open(os.environ['FAKE_OUT'], 'a') as f:
   f.write(json.dumps({'argv': sys.argv[1:], **{k: os.environ.get(k) for k in keys}}) + '\\n')
-'''
+"""
 
 # srun stand-in: starts SLURM_NTASKS copies of its command (after the options) with the task variables.
-FAKE_SRUN = '''#!/usr/bin/env bash
+FAKE_SRUN = """#!/usr/bin/env bash
 while [[ "$1" == -* ]]; do shift; done
 pids=()
 for ((i = 0; i < SLURM_NTASKS; i++)); do
@@ -465,7 +551,7 @@ for ((i = 0; i < SLURM_NTASKS; i++)); do
   pids+=($!)
 done
 for p in "${pids[@]}"; do wait "$p"; done
-'''
+"""
 
 
 @pytest.mark.parametrize('tasks_per_node', [1, 4])
@@ -476,13 +562,28 @@ def test_slurm_script_sets_coordinator_and_ranks(tmp_path, tasks_per_node):
   _write_exe(bin_dir / 'srun', FAKE_SRUN)
   fake_python = _write_exe(tmp_path / 'python', FAKE_PYTHON)
   out = tmp_path / 'calls.jsonl'
-  env = _launch_env(PATH=f'{bin_dir}:{os.environ["PATH"]}', PYTHON=str(fake_python), FAKE_OUT=str(out),
-                    SLURM_JOB_ID='4242', SLURM_JOB_NODELIST='gpu-node-[017-018]', SLURM_JOB_NUM_NODES='2',
-                    SLURM_NTASKS=str(2 * tasks_per_node), SLURM_SUBMIT_DIR=str(REPO))
-  proc = subprocess.run(['bash', str(LAUNCH / 'slurm_gpu.sbatch'), '--config=configs/demo.py', '--workdir=/w d'],
-                        env=env, capture_output=True, text=True, timeout=60)
+  env = _launch_env(
+      PATH=f'{bin_dir}:{os.environ["PATH"]}',
+      PYTHON=str(fake_python),
+      FAKE_OUT=str(out),
+      SLURM_JOB_ID='4242',
+      SLURM_JOB_NODELIST='gpu-node-[017-018]',
+      SLURM_JOB_NUM_NODES='2',
+      SLURM_NTASKS=str(2 * tasks_per_node),
+      SLURM_SUBMIT_DIR=str(REPO),
+  )
+  proc = subprocess.run(
+      ['bash', str(LAUNCH / 'slurm_gpu.sbatch'), '--config=configs/demo.py', '--workdir=/w d'],
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=60,
+  )
   assert proc.returncode == 0, proc.stderr
-  calls = sorted((json.loads(line) for line in out.read_text().splitlines()), key=lambda c: int(c['CAPTURE_PROCESS_ID']))
+  calls = sorted(
+      (json.loads(line) for line in out.read_text().splitlines()),
+      key=lambda c: int(c['CAPTURE_PROCESS_ID']),
+  )
   assert [c['CAPTURE_PROCESS_ID'] for c in calls] == [str(i) for i in range(2 * tasks_per_node)]
   for c in calls:
     assert c['argv'] == ['-m', 'capture_jax.train', '--config=configs/demo.py', '--workdir=/w d']
@@ -496,60 +597,118 @@ def test_tpu_pod_script_runs_the_same_command_on_every_worker(tmp_path):
   bin_dir = tmp_path / 'bin'
   bin_dir.mkdir()
   out = tmp_path / 'gcloud.json'
-  _write_exe(bin_dir / 'gcloud', '#!/usr/bin/env python3\nimport json, os, sys\n'
-             'open(os.environ["FAKE_OUT"], "w").write(json.dumps(sys.argv[1:]))\n')
-  env = _launch_env(PATH=f'{bin_dir}:{os.environ["PATH"]}', FAKE_OUT=str(out), TPU_NAME='pod', ZONE='us-central2-b')
+  _write_exe(
+      bin_dir / 'gcloud',
+      '#!/usr/bin/env python3\nimport json, os, sys\n'
+      'open(os.environ["FAKE_OUT"], "w").write(json.dumps(sys.argv[1:]))\n',
+  )
+  env = _launch_env(
+      PATH=f'{bin_dir}:{os.environ["PATH"]}',
+      FAKE_OUT=str(out),
+      TPU_NAME='pod',
+      ZONE='us-central2-b',
+  )
   del env['PYTHON']  # the workers' default, python3
   args = ['--config=configs/capture_paper.py', '--workdir=gs://b/run', "--config.note=it's a b"]
-  proc = subprocess.run([str(LAUNCH / 'tpu_pod.sh'), *args], env=env, capture_output=True, text=True, timeout=60)
+  proc = subprocess.run(
+      [str(LAUNCH / 'tpu_pod.sh'), *args], env=env, capture_output=True, text=True, timeout=60
+  )
   assert proc.returncode == 0, proc.stderr
   argv = json.loads(out.read_text())
   assert argv[:5] == ['compute', 'tpus', 'tpu-vm', 'ssh', 'pod'] and '--worker=all' in argv
-  command = next(a for a in argv if a.startswith('--command='))[len('--command='):]
+  command = next(a for a in argv if a.startswith('--command='))[len('--command=') :]
   assert 'CAPTURE_CLUSTER=tpu python3 -m capture_jax.train' in command
   # The remote shell gets back exactly the arguments.
-  echoed = subprocess.run(['bash', '-c', command.split(' -m capture_jax.train', 1)[1].join(
-      ['printf "%s\\n"', ''])], capture_output=True, text=True, check=True).stdout.splitlines()
+  echoed = subprocess.run(
+      ['bash', '-c', command.split(' -m capture_jax.train', 1)[1].join(['printf "%s\\n"', ''])],
+      capture_output=True,
+      text=True,
+      check=True,
+  ).stdout.splitlines()
   assert echoed == args
-  usage = subprocess.run([str(LAUNCH / 'tpu_pod.sh')], env=_launch_env(), capture_output=True, text=True)
-  assert usage.returncode == 2 and 'TPU_NAME=capture-v4-32 ZONE=us-central2-b launch/tpu_pod.sh' in usage.stderr
+  usage = subprocess.run(
+      [str(LAUNCH / 'tpu_pod.sh')], env=_launch_env(), capture_output=True, text=True
+  )
+  assert (
+      usage.returncode == 2
+      and 'TPU_NAME=capture-v4-32 ZONE=us-central2-b launch/tpu_pod.sh' in usage.stderr
+  )
 
 
 # ----------------------------------------------------------------------------
 # distributed.resolve: which start-up each environment gets.
 
+
 def test_resolve_explicit():
-  env = {'CAPTURE_COORDINATOR': 'host0:1234', 'CAPTURE_NUM_PROCESSES': '4', 'CAPTURE_PROCESS_ID': '3',
-         'SLURM_JOB_ID': '1', 'SLURM_PROCID': '0', 'SLURM_NTASKS': '9'}  # explicit wins over SLURM
+  env = {
+      'CAPTURE_COORDINATOR': 'host0:1234',
+      'CAPTURE_NUM_PROCESSES': '4',
+      'CAPTURE_PROCESS_ID': '3',
+      'SLURM_JOB_ID': '1',
+      'SLURM_PROCID': '0',
+      'SLURM_NTASKS': '9',
+  }  # explicit wins over SLURM
   plan = distributed.resolve(env)
   assert plan == distributed.Plan('explicit', 'host0:1234', 4, 3, None)
   assert plan.initialize_kwargs()['cluster_detection_method'] == 'deactivate'
-  env2 = {'JAX_COORDINATOR_ADDRESS': 'h:1', 'CAPTURE_NUM_PROCESSES': '2', 'CAPTURE_PROCESS_ID': '0',
-          'CAPTURE_LOCAL_DEVICE_IDS': '0,1'}
+  env2 = {
+      'JAX_COORDINATOR_ADDRESS': 'h:1',
+      'CAPTURE_NUM_PROCESSES': '2',
+      'CAPTURE_PROCESS_ID': '0',
+      'CAPTURE_LOCAL_DEVICE_IDS': '0,1',
+  }
   assert distributed.resolve(env2) == distributed.Plan('explicit', 'h:1', 2, 0, (0, 1))
   assert distributed.resolve({'CAPTURE_NUM_PROCESSES': '1'}).method == 'single'
 
 
-@pytest.mark.parametrize('env, message', [
-    ({'CAPTURE_NUM_PROCESSES': '2', 'CAPTURE_PROCESS_ID': '0'}, 'CAPTURE_COORDINATOR'),
-    ({'CAPTURE_COORDINATOR': 'h:1', 'CAPTURE_NUM_PROCESSES': '2', 'CAPTURE_PROCESS_ID': '2'}, r'must be in \[0'),
-    ({'CAPTURE_COORDINATOR': 'h:1', 'CAPTURE_NUM_PROCESSES': 'two', 'CAPTURE_PROCESS_ID': '0'}, 'integer'),
-    ({'CAPTURE_COORDINATOR': 'h', 'CAPTURE_NUM_PROCESSES': '2', 'CAPTURE_PROCESS_ID': '0'}, 'host:port'),
-    ({'CAPTURE_CLUSTER': 'mpi'}, 'CAPTURE_CLUSTER must be one of'),
-    ({'CAPTURE_CLUSTER': 'slurm'}, 'not a SLURM step'),
-])
+@pytest.mark.parametrize(
+    'env, message',
+    [
+        ({'CAPTURE_NUM_PROCESSES': '2', 'CAPTURE_PROCESS_ID': '0'}, 'CAPTURE_COORDINATOR'),
+        (
+            {'CAPTURE_COORDINATOR': 'h:1', 'CAPTURE_NUM_PROCESSES': '2', 'CAPTURE_PROCESS_ID': '2'},
+            r'must be in \[0',
+        ),
+        (
+            {
+                'CAPTURE_COORDINATOR': 'h:1',
+                'CAPTURE_NUM_PROCESSES': 'two',
+                'CAPTURE_PROCESS_ID': '0',
+            },
+            'integer',
+        ),
+        (
+            {'CAPTURE_COORDINATOR': 'h', 'CAPTURE_NUM_PROCESSES': '2', 'CAPTURE_PROCESS_ID': '0'},
+            'host:port',
+        ),
+        ({'CAPTURE_CLUSTER': 'mpi'}, 'CAPTURE_CLUSTER must be one of'),
+        ({'CAPTURE_CLUSTER': 'slurm'}, 'not a SLURM step'),
+    ],
+)
 def test_resolve_errors(env, message):
   with pytest.raises(ValueError, match=message):
     distributed.resolve(env)
 
 
 def test_resolve_slurm_and_tpu_and_single():
-  step = {'SLURM_JOB_ID': '7', 'SLURM_PROCID': '1', 'SLURM_STEP_NUM_TASKS': '2', 'SLURM_STEP_NUM_NODES': '2'}
+  step = {
+      'SLURM_JOB_ID': '7',
+      'SLURM_PROCID': '1',
+      'SLURM_STEP_NUM_TASKS': '2',
+      'SLURM_STEP_NUM_NODES': '2',
+  }
   one_per_node = distributed.resolve({**step, 'CUDA_VISIBLE_DEVICES': '0,1,2,3'})
   assert one_per_node == distributed.Plan('slurm', None, 2, 1, (0, 1, 2, 3))  # every local GPU
-  assert one_per_node.initialize_kwargs() == {'cluster_detection_method': 'slurm', 'local_device_ids': [0, 1, 2, 3]}
-  assert distributed.resolve({**step, 'SLURM_GPUS_ON_NODE': '8'}).local_device_ids == tuple(range(8))
-  per_gpu = distributed.resolve({**step, 'SLURM_STEP_NUM_TASKS': '16', 'CUDA_VISIBLE_DEVICES': '0,1,2,3,4,5,6,7'})
+  assert one_per_node.initialize_kwargs() == {
+      'cluster_detection_method': 'slurm',
+      'local_device_ids': [0, 1, 2, 3],
+  }
+  assert distributed.resolve({**step, 'SLURM_GPUS_ON_NODE': '8'}).local_device_ids == tuple(
+      range(8)
+  )
+  per_gpu = distributed.resolve(
+      {**step, 'SLURM_STEP_NUM_TASKS': '16', 'CUDA_VISIBLE_DEVICES': '0,1,2,3,4,5,6,7'}
+  )
   assert per_gpu.method == 'slurm' and per_gpu.local_device_ids is None  # JAX: GPU SLURM_LOCALID
   assert distributed.resolve({**step, 'SLURM_STEP_NUM_TASKS': '1'}).method == 'single'
   assert distributed.resolve({'TPU_WORKER_HOSTNAMES': 'w0,w1,w2,w3'}).method == 'tpu'

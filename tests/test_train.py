@@ -59,7 +59,9 @@ def test_exact_resume_is_bitwise_identical(dataset_config, tmp_path):
   second = train.run(dataset_config, tmp_path / 'resumed')
   assert int(second.state.step) == 6
   assert_trees_equal(params_of(straight), params_of(second))
-  assert_trees_equal(jax.device_get(straight.state.opt_state), jax.device_get(second.state.opt_state))
+  assert_trees_equal(
+      jax.device_get(straight.state.opt_state), jax.device_get(second.state.opt_state)
+  )
   # The losses after the resume are the ones the uninterrupted run logged.
   log = lambda d: [json.loads(line) for line in (d / 'metrics.jsonl').read_text().splitlines()]
   straight_losses = {r['step']: r['loss/total'] for r in log(tmp_path / 'straight')}
@@ -82,8 +84,10 @@ def test_incompatible_workdir_is_refused_before_compiling(dataset_config, tmp_pa
   train.run(dataset_config, tmp_path, stop_after_steps=1)
   other = dataset_config.copy_and_resolve_references()
   other.model.intermediate_size = 64
-  with pytest.raises(checkpoint_lib.IncompatibleCheckpointError,
-                     match=r'model.intermediate_size: checkpoint 48, config 64'):
+  with pytest.raises(
+      checkpoint_lib.IncompatibleCheckpointError,
+      match=r'model.intermediate_size: checkpoint 48, config 64',
+  ):
     train.run(other, tmp_path)
 
 
@@ -91,17 +95,25 @@ def test_batch_not_divisible_by_the_mesh_is_reported(dataset_config):
   mesh = jax.sharding.AbstractMesh((4, 2, 1), ('data', 'fsdp', 'tensor'))
   cfg = dataset_config.copy_and_resolve_references()
   cfg.data.batch_size = 12
-  with pytest.raises(ValueError, match=r"data.batch_size=12 is not divisible by the 8 devices of the mesh's "
-                                       r'batch axes \(data=4 x fsdp=2\)'):
+  with pytest.raises(
+      ValueError,
+      match=r"data.batch_size=12 is not divisible by the 8 devices of the mesh's "
+      r'batch axes \(data=4 x fsdp=2\)',
+  ):
     train.validate_config(cfg, mesh)
 
 
-@pytest.mark.parametrize('field, value, message', [
-    ('train.microbatches', 3, 'train.microbatches=3 must divide the per-device batch 8'),
-    ('train.init', 'imagenet', "train.init must be one of"),
-    ('mesh.data', 3, r'mesh \(data=3, fsdp=1, tensor=1\) needs 3 devices'),
-])
-def test_bad_configuration_is_reported_before_compiling(dataset_config, tmp_path, field, value, message):
+@pytest.mark.parametrize(
+    'field, value, message',
+    [
+        ('train.microbatches', 3, 'train.microbatches=3 must divide the per-device batch 8'),
+        ('train.init', 'imagenet', 'train.init must be one of'),
+        ('mesh.data', 3, r'mesh \(data=3, fsdp=1, tensor=1\) needs 3 devices'),
+    ],
+)
+def test_bad_configuration_is_reported_before_compiling(
+    dataset_config, tmp_path, field, value, message
+):
   cfg = dataset_config.copy_and_resolve_references()
   section, name = field.split('.')
   cfg[section][name] = value
@@ -118,9 +130,16 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(dataset_config, tmp_path):
   script = (
       'import json, sys, ml_collections; from capture_jax import train; '
       f'cfg = ml_collections.ConfigDict(json.load(open({str(config_file)!r}))); '
-      f'r = train.run(cfg, {str(tmp_path / "run")!r}); sys.exit(0 if r.preempted else 3)')
-  proc = subprocess.Popen([sys.executable, '-c', script], cwd=REPO, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+      f'r = train.run(cfg, {str(tmp_path / "run")!r}); sys.exit(0 if r.preempted else 3)'
+  )
+  proc = subprocess.Popen(
+      [sys.executable, '-c', script],
+      cwd=REPO,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+      env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
+  )
   metrics = tmp_path / 'run' / 'metrics.jsonl'
   deadline = time.time() + 240
   while time.time() < deadline and not (metrics.exists() and metrics.read_text().count('\n') >= 2):
@@ -129,12 +148,19 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(dataset_config, tmp_path):
   out, _ = proc.communicate(timeout=240)
   assert proc.returncode == 0, out
   assert 'received SIGTERM' in out and 'Run the same command again to resume' in out
-  steps = [int(p.name) for p in checkpoint_lib.checkpoint_dir(tmp_path / 'run').iterdir() if p.name.isdigit()]
+  steps = [
+      int(p.name)
+      for p in checkpoint_lib.checkpoint_dir(tmp_path / 'run').iterdir()
+      if p.name.isdigit()
+  ]
   assert steps and max(steps) >= 2
 
 
 def read_losses(workdir: Path) -> dict[int, float]:
-  return {r['step']: r['loss/total'] for r in map(json.loads, (workdir / 'metrics.jsonl').read_text().splitlines())}
+  return {
+      r['step']: r['loss/total']
+      for r in map(json.loads, (workdir / 'metrics.jsonl').read_text().splitlines())
+  }
 
 
 def test_two_processes_train_like_one_process_with_the_same_devices(dataset_config, tmp_path):
@@ -151,14 +177,28 @@ def test_two_processes_train_like_one_process_with_the_same_devices(dataset_conf
   script = REPO / 'tests' / 'multidevice' / 'train_process.py'
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHON': sys.executable}
   single = subprocess.run(
-      [sys.executable, str(script), str(config_json), str(tmp_path / 'one'), '3'], cwd=REPO, text=True,
-      capture_output=True, timeout=600,
-      env={**env, 'XLA_FLAGS': '--xla_force_host_platform_device_count=4'})
+      [sys.executable, str(script), str(config_json), str(tmp_path / 'one'), '3'],
+      cwd=REPO,
+      text=True,
+      capture_output=True,
+      timeout=600,
+      env={**env, 'XLA_FLAGS': '--xla_force_host_platform_device_count=4'},
+  )
   assert single.returncode == 0, single.stdout + single.stderr
   multi = subprocess.run(
-      [str(REPO / 'launch' / 'local_multiprocess.sh'), '2', str(config_json), str(tmp_path / 'two'), '3'],
-      cwd=REPO, text=True, capture_output=True, timeout=600,
-      env={**env, 'CAPTURE_MAIN': str(script), 'CAPTURE_DEVICES_PER_PROCESS': '2'})
+      [
+          str(REPO / 'launch' / 'local_multiprocess.sh'),
+          '2',
+          str(config_json),
+          str(tmp_path / 'two'),
+          '3',
+      ],
+      cwd=REPO,
+      text=True,
+      capture_output=True,
+      timeout=600,
+      env={**env, 'CAPTURE_MAIN': str(script), 'CAPTURE_DEVICES_PER_PROCESS': '2'},
+  )
   assert multi.returncode == 0, multi.stdout + multi.stderr
   one, two = read_losses(tmp_path / 'one'), read_losses(tmp_path / 'two')
   assert sorted(one) == sorted(two) == [1, 2, 3]
@@ -166,16 +206,31 @@ def test_two_processes_train_like_one_process_with_the_same_devices(dataset_conf
   # Every process wrote its share of the checkpoint: the data iterator state of both processes.
   data_dir = checkpoint_lib.checkpoint_dir(tmp_path / 'two') / '3' / 'data'
   assert sorted(p.name for p in data_dir.iterdir() if p.suffix == '.json') == [
-      'process_0-of-2.json', 'process_1-of-2.json']
+      'process_0-of-2.json',
+      'process_1-of-2.json',
+  ]
 
 
 def test_checkpoint_restores_onto_a_different_mesh(dataset_config, tmp_path):
   config_json = tmp_path / 'config.json'
   config_json.write_text(dataset_config.to_json())
   result = subprocess.run(
-      [sys.executable, str(REPO / 'tests' / 'multidevice' / 'restore_on_other_mesh.py'), str(config_json),
-       str(tmp_path / 'run')], cwd=REPO, text=True, capture_output=True, timeout=600,
-      env={**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': '--xla_force_host_platform_device_count=8'})
+      [
+          sys.executable,
+          str(REPO / 'tests' / 'multidevice' / 'restore_on_other_mesh.py'),
+          str(config_json),
+          str(tmp_path / 'run'),
+      ],
+      cwd=REPO,
+      text=True,
+      capture_output=True,
+      timeout=600,
+      env={
+          **os.environ,
+          'JAX_PLATFORMS': 'cpu',
+          'XLA_FLAGS': '--xla_force_host_platform_device_count=8',
+      },
+  )
   assert result.returncode == 0 and 'OK' in result.stdout, result.stdout + result.stderr
 
 
@@ -183,6 +238,7 @@ def test_initialise_from_a_released_checkpoint(dataset_config, tmp_path):
   """`train.init=release` places the converted weights, already sharded, as step 0's parameters."""
   from tests.test_convert import release_state_dict  # pylint: disable=import-outside-toplevel
   from capture_jax import convert  # pylint: disable=import-outside-toplevel
+
   cfg = dataset_config.copy_and_resolve_references()
   state_dict = release_state_dict(cfg.model, seed=3)
   np.savez(tmp_path / 'release.npz', **state_dict)

@@ -13,7 +13,6 @@ from capture_jax.training import sharding
 from capture_jax.training import train_step as train_step_lib
 from tests.test_model import random_batch, tiny_config
 
-
 ONE_LAYER = dict(num_hidden_layers=1, v_num_hidden_layers=1, co_num_layers=1, cross_num_layers=1)
 
 
@@ -60,10 +59,19 @@ def test_a_finite_step_changes_parameters_and_reports_metrics():
   cfg, state, step = setup()
   new, metrics = step(state, random_batch(cfg, key=13))
   assert int(new.skipped) == 0
-  assert set(metrics) == {'loss/mlm', 'loss/mrm', 'loss/contrastive', 'loss/total', 'grad_norm',
-                          'learning_rate', 'skipped_updates'}
-  changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(new.params['model']),
-                                                       jax.tree.leaves(state.params['model']))]
+  assert set(metrics) == {
+      'loss/mlm',
+      'loss/mrm',
+      'loss/contrastive',
+      'loss/total',
+      'grad_norm',
+      'learning_rate',
+      'skipped_updates',
+  }
+  changed = [
+      not np.array_equal(a, b)
+      for a, b in zip(jax.tree.leaves(new.params['model']), jax.tree.leaves(state.params['model']))
+  ]
   assert all(changed)
 
 
@@ -77,8 +85,11 @@ def test_weight_decay_groups_and_learning_rate_schedule():
   cfg = tiny_config().train
   cfg.update(num_steps=100, warmup_fraction=0.1, learning_rate=1e-4)
   schedule = optimizer_lib.learning_rate_schedule(cfg)
-  np.testing.assert_allclose([schedule(0), schedule(5), schedule(10), schedule(55), schedule(100)],
-                             [0.0, 5e-5, 1e-4, 5e-5, 0.0], atol=1e-12)
+  np.testing.assert_allclose(
+      [schedule(0), schedule(5), schedule(10), schedule(55), schedule(100)],
+      [0.0, 5e-5, 1e-4, 5e-5, 0.0],
+      atol=1e-12,
+  )
 
 
 def test_bert_initialised_parameters_take_the_lr_multiplier():

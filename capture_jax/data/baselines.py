@@ -39,14 +39,16 @@ from capture_jax.evaluation import search
 @dataclasses.dataclass
 class SplitData:
   """What the baselines need from one split, in annotation-file order."""
+
   item_ids: list[str]
   titles: list[str]
   labels: list[tuple[str, ...]]
   mean_region: np.ndarray  # [N, F] float32, `eval_baselines.mean_region_embedding`
 
 
-def load_split(data_dir: str, split: str, *, max_regions: int = 36,
-               features: str | None = None) -> SplitData:
+def load_split(
+    data_dir: str, split: str, *, max_regions: int = 36, features: str | None = None
+) -> SplitData:
   """Reads a split's annotation file and its images' mean-region embeddings.
 
   Args:
@@ -64,18 +66,18 @@ def load_split(data_dir: str, split: str, *, max_regions: int = 36,
 
     def regions(item_id: str) -> np.ndarray:
       rf, source = store.get(item_id)
-      rf, _ = formats.validate_regions(rf, feature_dim=None, max_regions=max_regions,
-                                       source=source)
+      rf, _ = formats.validate_regions(rf, feature_dim=None, max_regions=max_regions, source=source)
       return rf.features
 
-    mean_region = eval_baselines.mean_region_embeddings(
-        (regions(a.item_id), None) for a in anns)
-  return SplitData([a.item_id for a in anns], [a.title for a in anns],
-                   [a.labels for a in anns], mean_region)
+    mean_region = eval_baselines.mean_region_embeddings((regions(a.item_id), None) for a in anns)
+  return SplitData(
+      [a.item_id for a in anns], [a.title for a in anns], [a.labels for a in anns], mean_region
+  )
 
 
-def _standardised_queries(queries: np.ndarray, gallery: np.ndarray,
-                          max_block: int = 1 << 24) -> np.ndarray:
+def _standardised_queries(
+    queries: np.ndarray, gallery: np.ndarray, max_block: int = 1 << 24
+) -> np.ndarray:
   """Queries divided by the standard deviation over the gallery of their scores.
 
   For one query q, z_i = (q.g_i - mean_i q.g_i) / std_i(q.g_i). The mean is
@@ -88,16 +90,23 @@ def _standardised_queries(queries: np.ndarray, gallery: np.ndarray,
   out = np.zeros(queries.shape, np.float32)
   step = max(1, max_block // len(gallery))
   for start in range(0, len(queries), step):
-    q = queries[start:start + step]
+    q = queries[start : start + step]
     std = np.asarray(gallery @ q.T, np.float64).std(axis=0)  # [chunk]
     scale = np.where(std > 1e-6, 1.0 / np.maximum(std, 1e-6), 0.0)
-    out[start:start + step] = q * scale[:, None]
+    out[start : start + step] = q * scale[:, None]
   return out
 
 
-def evaluate_baselines(data_dir: str, split: str = 'dev', r: int = 10,
-                       max_regions: int = 36, *, tfidf_max_features: int | None = 8192,
-                       random_trials: int = 5, seed: int = 0) -> dict[str, float]:
+def evaluate_baselines(
+    data_dir: str,
+    split: str = 'dev',
+    r: int = 10,
+    max_regions: int = 36,
+    *,
+    tfidf_max_features: int | None = 8192,
+    random_trials: int = 5,
+    seed: int = 0,
+) -> dict[str, float]:
   """Official mAP@R on a query split against the gallery of:
 
   * 'random': random rankings (i.i.d. Gaussian embeddings, so each query's
@@ -121,21 +130,37 @@ def evaluate_baselines(data_dir: str, split: str = 'dev', r: int = 10,
   def map_at_r(queries: np.ndarray, gallery: np.ndarray, normalize: bool = True) -> float:
     _, indices = search.exact_topk(queries, gallery, r, normalize=normalize)
     ranked = search.indices_to_ranked_lists(qry.item_ids, gal.item_ids, indices)
-    return metrics.evaluate_ranked_lists(ranked, query_labels, gallery_labels,
-                                         ranks=(r,))[f'mAP@{r}']
+    return metrics.evaluate_ranked_lists(ranked, query_labels, gallery_labels, ranks=(r,))[
+        f'mAP@{r}'
+    ]
 
   rng = np.random.default_rng(seed)
   dim = 64
-  out = {'random': float(np.mean([
-      map_at_r(rng.standard_normal((len(qry.item_ids), dim), np.float32),
-               rng.standard_normal((len(gal.item_ids), dim), np.float32))
-      for _ in range(random_trials)]))}
-  text_q, text_g = eval_baselines.tfidf_embeddings(qry.titles, gal.titles,
-                                                   max_features=tfidf_max_features)
+  out = {
+      'random': float(
+          np.mean(
+              [
+                  map_at_r(
+                      rng.standard_normal((len(qry.item_ids), dim), np.float32),
+                      rng.standard_normal((len(gal.item_ids), dim), np.float32),
+                  )
+                  for _ in range(random_trials)
+              ]
+          )
+      )
+  }
+  text_q, text_g = eval_baselines.tfidf_embeddings(
+      qry.titles, gal.titles, max_features=tfidf_max_features
+  )
   out['tfidf'] = map_at_r(text_q, text_g)
   out['mean_region'] = map_at_r(qry.mean_region, gal.mean_region)
-  fused_q = np.concatenate([_standardised_queries(text_q, text_g),
-                            _standardised_queries(qry.mean_region, gal.mean_region)], axis=1)
+  fused_q = np.concatenate(
+      [
+          _standardised_queries(text_q, text_g),
+          _standardised_queries(qry.mean_region, gal.mean_region),
+      ],
+      axis=1,
+  )
   fused_g = np.concatenate([text_g, gal.mean_region], axis=1)
   out['fusion'] = map_at_r(fused_q, fused_g, normalize=False)
   return out
@@ -147,11 +172,17 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument('--split', default='dev', choices=formats.QUERY_SPLITS)
   parser.add_argument('--r', type=int, default=10)
   parser.add_argument('--max_regions', type=int, default=36)
-  parser.add_argument('--tfidf_max_features', type=int, default=8192,
-                      help='TF-IDF vocabulary cap (0: no cap)')
+  parser.add_argument(
+      '--tfidf_max_features', type=int, default=8192, help='TF-IDF vocabulary cap (0: no cap)'
+  )
   args = parser.parse_args(argv)
-  res = evaluate_baselines(args.data_dir, args.split, args.r, args.max_regions,
-                           tfidf_max_features=args.tfidf_max_features or None)
+  res = evaluate_baselines(
+      args.data_dir,
+      args.split,
+      args.r,
+      args.max_regions,
+      tfidf_max_features=args.tfidf_max_features or None,
+  )
   for name, v in res.items():
     print(f'{args.split} mAP@{args.r} {name:12s} {100 * v:6.2f}')
 

@@ -36,8 +36,9 @@ from capture_jax.data import tokenizer as tokenizer_lib
 TARGET_PER_CORE = 2000.0
 
 
-def prepare_data(config: ml_collections.ConfigDict, work_dir: str,
-                 num_train: int | None = None) -> None:
+def prepare_data(
+    config: ml_collections.ConfigDict, work_dir: str, num_train: int | None = None
+) -> None:
   """Points config.data at synthetic training data under work_dir (the
   config's preset, feature_dim and max_regions), creating what is missing."""
   d = config.data
@@ -46,15 +47,16 @@ def prepare_data(config: ml_collections.ConfigDict, work_dir: str,
   d.vocab_file = d.vocab_file or os.path.join(work_dir, 'vocab.txt')
   if not os.path.exists(os.path.join(d.data_dir, 'synthetic_world.json')):
     print(f'generating the {d.synthetic_preset} world in {d.data_dir}', file=sys.stderr)
-    preset = dataclasses.replace(synthetic.PRESETS[d.synthetic_preset],
-                                 feature_dim=d.feature_dim, max_regions=d.max_regions)
+    preset = dataclasses.replace(
+        synthetic.PRESETS[d.synthetic_preset], feature_dim=d.feature_dim, max_regions=d.max_regions
+    )
     if num_train:
       preset = dataclasses.replace(preset, num_train=num_train)
-    synthetic.generate(d.data_dir, preset, seed=d.synthetic_seed, splits=['train'],
-                       feature_format=d.feature_format)
+    synthetic.generate(
+        d.data_dir, preset, seed=d.synthetic_seed, splits=['train'], feature_format=d.feature_format
+    )
   if not os.path.exists(d.vocab_file):
-    tokenizer_lib.train_vocab(tokenizer_lib.iter_titles(d.data_dir), d.vocab_size,
-                              d.vocab_file)
+    tokenizer_lib.train_vocab(tokenizer_lib.iter_titles(d.data_dir), d.vocab_size, d.vocab_file)
   if not os.path.isdir(product1m_tfds.dataset_dir(d.tfds_dir, d.storage_dtype)):
     product1m_tfds.build_from_config(config)
 
@@ -69,8 +71,9 @@ def pin_to_cores(cores: int) -> list[int]:
   return chosen
 
 
-def measure(config: ml_collections.ConfigDict, *, warmup: int, batches: int,
-            repeats: int) -> dict[str, float]:
+def measure(
+    config: ml_collections.ConfigDict, *, warmup: int, batches: int, repeats: int
+) -> dict[str, float]:
   """Times training batches; returns median samples/s (wall) and per CPU-second."""
   it = pipeline.make_train_iterator(config, process_index=0, process_count=1)
   batch = config.data.batch_size
@@ -85,9 +88,12 @@ def measure(config: ml_collections.ConfigDict, *, warmup: int, batches: int,
     wall.append(batch * batches / (t1 - t0))
     cpu_s = (c1.user - c0.user) + (c1.system - c0.system)
     cpu.append(batch * batches / max(cpu_s, 1e-9))
-  return {'wall_samples_per_s': statistics.median(wall),
-          'samples_per_cpu_s': statistics.median(cpu),
-          'wall_min': min(wall), 'wall_max': max(wall)}
+  return {
+      'wall_samples_per_s': statistics.median(wall),
+      'samples_per_cpu_s': statistics.median(cpu),
+      'wall_min': min(wall),
+      'wall_max': max(wall),
+  }
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -111,8 +117,9 @@ def main(argv: Sequence[str] | None = None) -> None:
   else:
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     demo = os.path.join(repo, 'configs', 'demo.py')
-    config = (product1m_tfds.load_config_file(demo) if os.path.exists(demo)
-              else config_lib.base_config())
+    config = (
+        product1m_tfds.load_config_file(demo) if os.path.exists(demo) else config_lib.base_config()
+    )
   d = config.data
   if args.preset:
     d.synthetic_preset = args.preset
@@ -130,13 +137,19 @@ def main(argv: Sequence[str] | None = None) -> None:
   cores = pin_to_cores(args.cores)
   res = measure(config, warmup=args.warmup, batches=args.batches, repeats=args.repeats)
   per_core = res['wall_samples_per_s'] / args.cores
-  print(f'machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs '
-        f'visible, pinned to {cores}')
-  print(f'data: {d.tfds_dir} (train, {d.storage_dtype}), T={d.max_text_len} '
-        f'R={d.max_regions} F={d.feature_dim}, batch {d.batch_size}, '
-        f'{args.repeats} x {args.batches} batches after {args.warmup} warm-up')
-  print(f'samples/s per core (wall, median): {per_core:,.0f} '
-        f'[min {res["wall_min"] / args.cores:,.0f}, max {res["wall_max"] / args.cores:,.0f}]')
+  print(
+      f'machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs '
+      f'visible, pinned to {cores}'
+  )
+  print(
+      f'data: {d.tfds_dir} (train, {d.storage_dtype}), T={d.max_text_len} '
+      f'R={d.max_regions} F={d.feature_dim}, batch {d.batch_size}, '
+      f'{args.repeats} x {args.batches} batches after {args.warmup} warm-up'
+  )
+  print(
+      f'samples/s per core (wall, median): {per_core:,.0f} '
+      f'[min {res["wall_min"] / args.cores:,.0f}, max {res["wall_max"] / args.cores:,.0f}]'
+  )
   print(f'samples per CPU-second (median):   {res["samples_per_cpu_s"]:,.0f}')
   verdict = 'meets' if per_core >= TARGET_PER_CORE else 'BELOW'
   print(f'target {TARGET_PER_CORE:,.0f} samples/s per core: {verdict}')

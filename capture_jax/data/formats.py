@@ -74,6 +74,7 @@ class BadInputCounter:
   to the first `max_regions` (the detector's most confident), so they are not
   bad, but nothing is silently changed either.
   """
+
   skip_bad: bool = False
   counts: collections.Counter = dataclasses.field(default_factory=collections.Counter)
   examples: dict = dataclasses.field(default_factory=dict)
@@ -92,15 +93,16 @@ class BadInputCounter:
 
   def summary(self) -> str:
     """One line per kind with its count and the first message seen."""
-    lines = [f'skipped {self.total} bad sample(s); {self.truncated} image(s) '
-             'had more regions than the maximum and were truncated']
+    lines = [
+        f'skipped {self.total} bad sample(s); {self.truncated} image(s) '
+        'had more regions than the maximum and were truncated'
+    ]
     for kind, n in sorted(self.counts.items()):
       lines.append(f'  {kind}: {n} (first: {self.examples[kind]})')
     return '\n'.join(lines)
 
   def as_dict(self) -> dict:
-    return {'skipped': self.total, 'by_kind': dict(self.counts),
-            'truncated': self.truncated}
+    return {'skipped': self.total, 'by_kind': dict(self.counts), 'truncated': self.truncated}
 
 
 # --------------------------------------------------------------------------
@@ -110,6 +112,7 @@ class BadInputCounter:
 @dataclasses.dataclass(frozen=True)
 class Annotation:
   """One line of an annotation file. `labels` keeps duplicates, in order."""
+
   item_id: str
   title: str
   url: str = ''
@@ -117,8 +120,9 @@ class Annotation:
   labels: tuple[str, ...] = ()
 
 
-def parse_annotation_line(line: str, *, path: str = '<string>', lineno: int = 0,
-                          require_labels: bool = False) -> Annotation:
+def parse_annotation_line(
+    line: str, *, path: str = '<string>', lineno: int = 0, require_labels: bool = False
+) -> Annotation:
   """Parses one annotation line; raises `BadInputError` naming path:lineno."""
   where = f'{path}:{lineno}'
   line = line.rstrip('\r\n')
@@ -127,27 +131,33 @@ def parse_annotation_line(line: str, *, path: str = '<string>', lineno: int = 0,
     raise BadInputError(
         'malformed_line',
         f'{where}: expected 5 fields separated by {FIELD_SEP!r} '
-        f'(item_id, title, url, url, labels), found {len(fields)}: {line[:120]!r}')
+        f'(item_id, title, url, url, labels), found {len(fields)}: {line[:120]!r}',
+    )
   item_id, title, url, url_mirror, label_field = (f.strip() for f in fields)
   if not item_id or any(c.isspace() for c in item_id):
-    raise BadInputError('malformed_line',
-                        f'{where}: empty or blank-containing item_id {item_id!r}')
+    raise BadInputError('malformed_line', f'{where}: empty or blank-containing item_id {item_id!r}')
   if not title:
     raise BadInputError('empty_title', f'{where}: item {item_id} has an empty title')
   labels = tuple(l.strip() for l in label_field.split(LABEL_SEP)) if label_field else ()
   if any(not l for l in labels):
-    raise BadInputError('malformed_line',
-                        f'{where}: item {item_id} has an empty label in {label_field!r}')
+    raise BadInputError(
+        'malformed_line', f'{where}: item {item_id} has an empty label in {label_field!r}'
+    )
   if require_labels and not labels:
-    raise BadInputError('missing_labels',
-                        f'{where}: item {item_id} has no label (expected at least '
-                        f'one label joined by {LABEL_SEP!r} in field 5)')
+    raise BadInputError(
+        'missing_labels',
+        f'{where}: item {item_id} has no label (expected at least '
+        f'one label joined by {LABEL_SEP!r} in field 5)',
+    )
   return Annotation(item_id, title, url, url_mirror, labels)
 
 
-def read_annotations(path: str, *, require_labels: bool | None = None,
-                     counter: BadInputCounter | None = None,
-                     ) -> Iterator[tuple[int, Annotation]]:
+def read_annotations(
+    path: str,
+    *,
+    require_labels: bool | None = None,
+    counter: BadInputCounter | None = None,
+) -> Iterator[tuple[int, Annotation]]:
   """Streams `(line_number, Annotation)` pairs of an annotation file.
 
   Args:
@@ -161,19 +171,18 @@ def read_annotations(path: str, *, require_labels: bool | None = None,
   looks ids up in a dict, so a duplicate would silently shadow a sample).
   """
   if require_labels is None:
-    require_labels = any(os.path.basename(path) == annotation_filename(s)
-                         for s in LABELLED_SPLITS)
+    require_labels = any(os.path.basename(path) == annotation_filename(s) for s in LABELLED_SPLITS)
   seen: set[str] = set()
   with open(path, encoding='utf-8') as f:
     for lineno, line in enumerate(f, start=1):
       if not line.strip():
         continue
       try:
-        ann = parse_annotation_line(line, path=path, lineno=lineno,
-                                    require_labels=require_labels)
+        ann = parse_annotation_line(line, path=path, lineno=lineno, require_labels=require_labels)
         if ann.item_id in seen:
-          raise BadInputError('duplicate_id',
-                              f'{path}:{lineno}: item_id {ann.item_id} appears twice')
+          raise BadInputError(
+              'duplicate_id', f'{path}:{lineno}: item_id {ann.item_id} appears twice'
+          )
       except BadInputError as err:
         (counter or BadInputCounter()).handle(err)
         continue
@@ -189,8 +198,9 @@ def format_annotation(ann: Annotation) -> str:
   for label in ann.labels:
     if LABEL_SEP in label:
       raise ValueError(f'item {ann.item_id}: label {label!r} contains {LABEL_SEP!r}')
-  return FIELD_SEP.join((ann.item_id, ann.title, ann.url, ann.url_mirror,
-                         LABEL_SEP.join(ann.labels)))
+  return FIELD_SEP.join(
+      (ann.item_id, ann.title, ann.url, ann.url_mirror, LABEL_SEP.join(ann.labels))
+  )
 
 
 def write_annotations(path: str, anns: Iterable[Annotation]) -> int:
@@ -219,6 +229,7 @@ class RegionFeatures:
       in storage).
     cls_prob: optional [N, C] detector class distribution.
   """
+
   image_id: str
   image_w: int
   image_h: int
@@ -231,8 +242,9 @@ class RegionFeatures:
     return int(self.boxes.shape[0])
 
 
-def encode_boxes(boxes: np.ndarray, image_w: np.ndarray | float,
-                 image_h: np.ndarray | float) -> np.ndarray:
+def encode_boxes(
+    boxes: np.ndarray, image_w: np.ndarray | float, image_h: np.ndarray | float
+) -> np.ndarray:
   """Box encoding of the reference: `[x1/W, y1/H, x2/W, y2/H, area/(W*H)]`.
 
   Args:
@@ -246,12 +258,14 @@ def encode_boxes(boxes: np.ndarray, image_w: np.ndarray | float,
   h = np.asarray(image_h, np.float32)[..., None]
   x1, y1, x2, y2 = (boxes[..., i] for i in range(4))
   area = (x2 - x1) * (y2 - y1) / (w[..., 0] * h[..., 0])
-  return np.stack([x1 / w[..., 0], y1 / h[..., 0], x2 / w[..., 0], y2 / h[..., 0], area],
-                  axis=-1).astype(np.float32)
+  return np.stack(
+      [x1 / w[..., 0], y1 / h[..., 0], x2 / w[..., 0], y2 / h[..., 0], area], axis=-1
+  ).astype(np.float32)
 
 
-def add_global_token(feat: np.ndarray, loc: np.ndarray, mask: np.ndarray
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def add_global_token(
+    feat: np.ndarray, loc: np.ndarray, mask: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Prepends the global visual token to padded regions.
 
   The global feature is the mean of the *valid* region features as given
@@ -280,8 +294,9 @@ def add_global_token(feat: np.ndarray, loc: np.ndarray, mask: np.ndarray
   return out_feat, out_loc, out_mask
 
 
-def validate_regions(rf: RegionFeatures, *, feature_dim: int | None, max_regions: int,
-                     source: str) -> tuple[RegionFeatures, bool]:
+def validate_regions(
+    rf: RegionFeatures, *, feature_dim: int | None, max_regions: int, source: str
+) -> tuple[RegionFeatures, bool]:
   """Checks one image's regions and truncates to `max_regions`.
 
   Args:
@@ -299,57 +314,81 @@ def validate_regions(rf: RegionFeatures, *, feature_dim: int | None, max_regions
   where = f'{source}: image {rf.image_id}'
   feats, boxes = np.asarray(rf.features), np.asarray(rf.boxes)
   if feats.ndim != 2:
-    raise BadInputError('bad_shape', f'{where}: features have shape {feats.shape}, '
-                        'expected [num_boxes, feature_dim]')
+    raise BadInputError(
+        'bad_shape',
+        f'{where}: features have shape {feats.shape}, expected [num_boxes, feature_dim]',
+    )
   if feature_dim is not None and feats.shape[1] != feature_dim:
-    raise BadInputError('wrong_width', f'{where}: features have width {feats.shape[1]}, '
-                        f'expected {feature_dim}')
+    raise BadInputError(
+        'wrong_width', f'{where}: features have width {feats.shape[1]}, expected {feature_dim}'
+    )
   if boxes.ndim != 2 or boxes.shape[1] != 4 or boxes.shape[0] != feats.shape[0]:
-    raise BadInputError('bad_shape', f'{where}: boxes have shape {boxes.shape}, '
-                        f'expected [{feats.shape[0]}, 4] to match the features')
+    raise BadInputError(
+        'bad_shape',
+        f'{where}: boxes have shape {boxes.shape}, '
+        f'expected [{feats.shape[0]}, 4] to match the features',
+    )
   if feats.shape[0] == 0:
     raise BadInputError('no_regions', f'{where}: has no regions, expected at least 1')
   if not (rf.image_w > 0 and rf.image_h > 0):
-    raise BadInputError('bad_image_size', f'{where}: image size {rf.image_w}x{rf.image_h}, '
-                        'expected positive width and height')
+    raise BadInputError(
+        'bad_image_size',
+        f'{where}: image size {rf.image_w}x{rf.image_h}, expected positive width and height',
+    )
   if not np.isfinite(feats).all():
     bad = int((~np.isfinite(feats)).any(axis=1).argmax())
-    raise BadInputError('nonfinite_features', f'{where}: features contain NaN or inf '
-                        f'(first in region {bad}), expected finite values')
+    raise BadInputError(
+        'nonfinite_features',
+        f'{where}: features contain NaN or inf (first in region {bad}), expected finite values',
+    )
   if not np.isfinite(boxes).all():
     raise BadInputError('nonfinite_boxes', f'{where}: boxes contain NaN or inf')
   x1, y1, x2, y2 = boxes.T
   flat = (x2 <= x1) | (y2 <= y1)
   if flat.any():
     i = int(flat.argmax())
-    raise BadInputError('zero_area_box', f'{where}: box {i} {boxes[i].tolist()} has zero '
-                        'or negative area, expected x2 > x1 and y2 > y1')
+    raise BadInputError(
+        'zero_area_box',
+        f'{where}: box {i} {boxes[i].tolist()} has zero '
+        'or negative area, expected x2 > x1 and y2 > y1',
+    )
   tol = BOX_TOLERANCE_PX
-  outside = ((x1 < -tol) | (y1 < -tol) | (x2 > rf.image_w + tol) | (y2 > rf.image_h + tol))
+  outside = (x1 < -tol) | (y1 < -tol) | (x2 > rf.image_w + tol) | (y2 > rf.image_h + tol)
   if outside.any():
     i = int(outside.argmax())
-    raise BadInputError('box_outside_image', f'{where}: box {i} {boxes[i].tolist()} lies '
-                        f'outside the {rf.image_w}x{rf.image_h} image')
+    raise BadInputError(
+        'box_outside_image',
+        f'{where}: box {i} {boxes[i].tolist()} lies outside the {rf.image_w}x{rf.image_h} image',
+    )
   truncated = feats.shape[0] > max_regions
-  boxes = np.clip(boxes[:max_regions].astype(np.float32),
-                  0.0, [rf.image_w, rf.image_h, rf.image_w, rf.image_h])
+  boxes = np.clip(
+      boxes[:max_regions].astype(np.float32), 0.0, [rf.image_w, rf.image_h, rf.image_w, rf.image_h]
+  )
   cls_prob = None if rf.cls_prob is None else np.asarray(rf.cls_prob)[:max_regions]
-  return RegionFeatures(rf.image_id, int(rf.image_w), int(rf.image_h), boxes,
-                        feats[:max_regions], cls_prob), truncated
+  return (
+      RegionFeatures(
+          rf.image_id, int(rf.image_w), int(rf.image_h), boxes, feats[:max_regions], cls_prob
+      ),
+      truncated,
+  )
 
 
 # npz: key aliases written by common bottom-up-attention extractors
 # (`x`/`bbox`/`num_bbox` by the detectron2 port).
-_NPZ_ALIASES = {'features': ('features', 'x'), 'boxes': ('boxes', 'bbox'),
-                'num_boxes': ('num_boxes', 'num_bbox')}
+_NPZ_ALIASES = {
+    'features': ('features', 'x'),
+    'boxes': ('boxes', 'bbox'),
+    'num_boxes': ('num_boxes', 'num_bbox'),
+}
 
 
 def _npz_get(data: Mapping[str, np.ndarray], key: str, path: str) -> np.ndarray:
   for name in _NPZ_ALIASES.get(key, (key,)):
     if name in data:
       return data[name]
-  raise BadInputError('malformed_features', f'{path}: missing array {key!r} '
-                      f'(have {sorted(data.keys())})')
+  raise BadInputError(
+      'malformed_features', f'{path}: missing array {key!r} (have {sorted(data.keys())})'
+  )
 
 
 def read_npz(path: str, image_id: str | None = None) -> RegionFeatures:
@@ -366,17 +405,22 @@ def read_npz(path: str, image_id: str | None = None) -> RegionFeatures:
     w, h = int(_npz_get(data, 'image_w', path)), int(_npz_get(data, 'image_h', path))
     cls_prob = data['cls_prob'] if 'cls_prob' in data else None
   if num != feats.shape[0]:
-    raise BadInputError('bad_shape', f'{path}: image {image_id} has num_boxes={num} '
-                        f'but {feats.shape[0]} feature rows')
+    raise BadInputError(
+        'bad_shape',
+        f'{path}: image {image_id} has num_boxes={num} but {feats.shape[0]} feature rows',
+    )
   return RegionFeatures(image_id, w, h, boxes.reshape(-1, 4), feats, cls_prob)
 
 
 def write_npz(path: str, rf: RegionFeatures) -> None:
   """Writes one image as the bottom-up-attention npz (float32 features)."""
-  arrays = dict(features=np.asarray(rf.features, np.float32),
-                boxes=np.asarray(rf.boxes, np.float32),
-                image_w=np.int64(rf.image_w), image_h=np.int64(rf.image_h),
-                num_boxes=np.int64(rf.num_boxes))
+  arrays = dict(
+      features=np.asarray(rf.features, np.float32),
+      boxes=np.asarray(rf.boxes, np.float32),
+      image_w=np.int64(rf.image_w),
+      image_h=np.int64(rf.image_h),
+      num_boxes=np.int64(rf.num_boxes),
+  )
   if rf.cls_prob is not None:
     arrays['cls_prob'] = np.asarray(rf.cls_prob, np.float32)
   with open(path, 'wb') as f:  # np.savez would append '.npz' to a bare name
@@ -386,8 +430,16 @@ def write_npz(path: str, rf: RegionFeatures) -> None:
 def format_tsv_row(rf: RegionFeatures) -> str:
   """One TSV line (without newline): boxes and features as base64 float32."""
   b64 = lambda a: base64.b64encode(np.ascontiguousarray(a, np.float32).tobytes()).decode('ascii')
-  return '\t'.join((rf.image_id, str(int(rf.image_w)), str(int(rf.image_h)),
-                    str(rf.num_boxes), b64(rf.boxes), b64(rf.features)))
+  return '\t'.join(
+      (
+          rf.image_id,
+          str(int(rf.image_w)),
+          str(int(rf.image_h)),
+          str(rf.num_boxes),
+          b64(rf.boxes),
+          b64(rf.features),
+      )
+  )
 
 
 def parse_tsv_row(line: str, *, path: str = '<string>', lineno: int = 0) -> RegionFeatures:
@@ -395,22 +447,29 @@ def parse_tsv_row(line: str, *, path: str = '<string>', lineno: int = 0) -> Regi
   where = f'{path}:{lineno}'
   cols = line.rstrip('\r\n').split('\t')
   if len(cols) != len(TSV_FIELDS):
-    raise BadInputError('malformed_features', f'{where}: expected {len(TSV_FIELDS)} '
-                        f'tab-separated columns {TSV_FIELDS}, found {len(cols)}')
+    raise BadInputError(
+        'malformed_features',
+        f'{where}: expected {len(TSV_FIELDS)} tab-separated columns {TSV_FIELDS}, found {len(cols)}',
+    )
   image_id = cols[0]
   try:
     w, h, n = int(float(cols[1])), int(float(cols[2])), int(cols[3])
     boxes = np.frombuffer(base64.b64decode(cols[4]), np.float32)
     feats = np.frombuffer(base64.b64decode(cols[5]), np.float32)
   except ValueError as err:
-    raise BadInputError('malformed_features',
-                        f'{where}: image {image_id}: cannot decode row: {err}') from err
+    raise BadInputError(
+        'malformed_features', f'{where}: image {image_id}: cannot decode row: {err}'
+    ) from err
   if n <= 0:
-    raise BadInputError('no_regions', f'{where}: image {image_id} has num_boxes={n}, '
-                        'expected at least 1')
+    raise BadInputError(
+        'no_regions', f'{where}: image {image_id} has num_boxes={n}, expected at least 1'
+    )
   if boxes.size != 4 * n or feats.size % n:
-    raise BadInputError('bad_shape', f'{where}: image {image_id}: num_boxes={n} does not '
-                        f'match {boxes.size} box values and {feats.size} feature values')
+    raise BadInputError(
+        'bad_shape',
+        f'{where}: image {image_id}: num_boxes={n} does not '
+        f'match {boxes.size} box values and {feats.size} feature values',
+    )
   return RegionFeatures(image_id, w, h, boxes.reshape(n, 4), feats.reshape(n, -1))
 
 
@@ -485,8 +544,9 @@ class FeatureStore:
       return read_npz(p, image_id), p
     i = self._tsv_pos(image_id)
     if i < 0:
-      raise BadInputError('missing_features', f'image {image_id} has no region features '
-                          f'in {self.path}')
+      raise BadInputError(
+          'missing_features', f'image {image_id} has no region features in {self.path}'
+      )
     fi, offset = int(self._tsv_file[i]), int(self._tsv_offset[i])
     f = self._handles.get(fi)
     if f is None:
@@ -515,14 +575,19 @@ class FeatureStore:
 @dataclasses.dataclass(frozen=True)
 class Instance:
   """One product instance of a sample: its label and its region indices."""
+
   label: str
   regions: tuple[int, ...]
 
 
 def format_instances(item_id: str, instances: Sequence[Instance]) -> str:
-  return json.dumps({'item_id': item_id,
-                     'instances': [{'label': i.label, 'regions': list(i.regions)}
-                                   for i in instances]}, ensure_ascii=False)
+  return json.dumps(
+      {
+          'item_id': item_id,
+          'instances': [{'label': i.label, 'regions': list(i.regions)} for i in instances],
+      },
+      ensure_ascii=False,
+  )
 
 
 def read_instances(path: str) -> dict[str, list[Instance]]:
@@ -534,11 +599,14 @@ def read_instances(path: str) -> dict[str, list[Instance]]:
         continue
       try:
         rec = json.loads(line)
-        out[rec['item_id']] = [Instance(str(i['label']), tuple(int(r) for r in i['regions']))
-                               for i in rec['instances']]
+        out[rec['item_id']] = [
+            Instance(str(i['label']), tuple(int(r) for r in i['regions'])) for i in rec['instances']
+        ]
       except (ValueError, KeyError, TypeError) as err:
-        raise BadInputError('malformed_line', f'{path}:{lineno}: expected '
-                            '{"item_id": ..., "instances": [{"label": ..., "regions": '
-                            f'[...]}}]}}: {err}') from err
+        raise BadInputError(
+            'malformed_line',
+            f'{path}:{lineno}: expected '
+            '{"item_id": ..., "instances": [{"label": ..., "regions": '
+            f'[...]}}]}}: {err}',
+        ) from err
   return out
-

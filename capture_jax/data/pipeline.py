@@ -53,8 +53,17 @@ from capture_jax.data import formats
 from capture_jax.data import product1m_tfds
 from capture_jax.data import tokenizer as tokenizer_lib
 
-MODEL_KEYS = ('input_ids', 'input_mask', 'segment_ids', 'image_feat', 'image_loc',
-              'image_mask', 'lm_label_ids', 'image_label', 'image_target')
+MODEL_KEYS = (
+    'input_ids',
+    'input_mask',
+    'segment_ids',
+    'image_feat',
+    'image_loc',
+    'image_mask',
+    'lm_label_ids',
+    'image_label',
+    'image_target',
+)
 
 # --------------------------------------------------------------------------
 # Counter-based randomness: uniforms as a pure function of (key, stream, index).
@@ -95,6 +104,7 @@ def uniforms(keys: np.ndarray, stream: int, n: int) -> np.ndarray:
 @dataclasses.dataclass(frozen=True)
 class MaskingSpec:
   """MLM/MRM probabilities and the tokenizer's special ids."""
+
   mlm_probability: float
   mask_probability: float  # chosen token -> [MASK]
   random_probability: float  # chosen token -> random token; otherwise kept
@@ -105,15 +115,24 @@ class MaskingSpec:
   special_ids: tuple[int, ...]  # never chosen: [CLS], [SEP], [PAD]
 
   @classmethod
-  def from_config(cls, data: ml_collections.ConfigDict,
-                  encoder: tokenizer_lib.TextEncoder) -> 'MaskingSpec':
-    return cls(data.mlm_probability, data.mlm_mask_probability, data.mlm_random_probability,
-               data.mrm_probability, data.mrm_zero_probability, encoder.vocab_size,
-               encoder.mask_id, (encoder.cls_id, encoder.sep_id, encoder.pad_id))
+  def from_config(
+      cls, data: ml_collections.ConfigDict, encoder: tokenizer_lib.TextEncoder
+  ) -> 'MaskingSpec':
+    return cls(
+        data.mlm_probability,
+        data.mlm_mask_probability,
+        data.mlm_random_probability,
+        data.mrm_probability,
+        data.mrm_zero_probability,
+        encoder.vocab_size,
+        encoder.mask_id,
+        (encoder.cls_id, encoder.sep_id, encoder.pad_id),
+    )
 
 
-def mask_tokens(input_ids: np.ndarray, input_mask: np.ndarray, keys: np.ndarray,
-                spec: MaskingSpec) -> tuple[np.ndarray, np.ndarray]:
+def mask_tokens(
+    input_ids: np.ndarray, input_mask: np.ndarray, keys: np.ndarray, spec: MaskingSpec
+) -> tuple[np.ndarray, np.ndarray]:
   """MLM: each caption token is chosen with p; 80/10/10 [MASK]/random/kept.
 
   Args:
@@ -135,8 +154,9 @@ def mask_tokens(input_ids: np.ndarray, input_mask: np.ndarray, keys: np.ndarray,
   return out.astype(np.int32), labels.astype(np.int32)
 
 
-def mask_regions(feat: np.ndarray, region_mask: np.ndarray, keys: np.ndarray,
-                 spec: MaskingSpec) -> tuple[np.ndarray, np.ndarray]:
+def mask_regions(
+    feat: np.ndarray, region_mask: np.ndarray, keys: np.ndarray, spec: MaskingSpec
+) -> tuple[np.ndarray, np.ndarray]:
   """MRM: each valid region is chosen with p; a chosen region is zeroed with p0.
 
   Args:
@@ -151,8 +171,9 @@ def mask_regions(feat: np.ndarray, region_mask: np.ndarray, keys: np.ndarray,
   return feat * (~zero)[..., None].astype(feat.dtype), image_label
 
 
-def _choose_regions(region_mask: np.ndarray, keys: np.ndarray, spec: MaskingSpec
-                    ) -> tuple[np.ndarray, np.ndarray]:
+def _choose_regions(
+    region_mask: np.ndarray, keys: np.ndarray, spec: MaskingSpec
+) -> tuple[np.ndarray, np.ndarray]:
   """[B, R] regions to zero (bool) and image_label (1 chosen, -1 not)."""
   r = region_mask.shape[1]
   chosen = (uniforms(keys, _STREAM_MRM_CHOOSE, r) < spec.mrm_probability) & (region_mask > 0)
@@ -176,6 +197,7 @@ class _FastDecoder:
 
   def __init__(self, feature_dtype: np.dtype, with_cls_prob: bool):
     from tensorflow_datasets.proto import tf_example_pb2  # TFDS's bundled proto
+
     self._parse = tf_example_pb2.Example.FromString
     self._dtype = np.dtype(feature_dtype)
     self._with_cls_prob = with_cls_prob
@@ -213,8 +235,12 @@ def _tfds_to_record(ex: dict[str, Any]) -> dict[str, Any]:
 def _records_equal(a: dict[str, Any], b: dict[str, Any]) -> bool:
   if a.keys() != b.keys():
     return False
-  return all(np.array_equal(np.asarray(a[k]), np.asarray(b[k])) if isinstance(a[k], np.ndarray)
-             else a[k] == b[k] for k in a)
+  return all(
+      np.array_equal(np.asarray(a[k]), np.asarray(b[k]))
+      if isinstance(a[k], np.ndarray)
+      else a[k] == b[k]
+      for k in a
+  )
 
 
 class Product1MSource:
@@ -227,20 +253,26 @@ class Product1MSource:
   reads) and `_FastDecoder`.
   """
 
-  def __init__(self, tfds_dir: str, split: str, storage_dtype: str = 'float16',
-               with_cls_prob: bool = False):
-    self._args = dict(tfds_dir=tfds_dir, split=split, storage_dtype=storage_dtype,
-                      with_cls_prob=with_cls_prob)
+  def __init__(
+      self, tfds_dir: str, split: str, storage_dtype: str = 'float16', with_cls_prob: bool = False
+  ):
+    self._args = dict(
+        tfds_dir=tfds_dir, split=split, storage_dtype=storage_dtype, with_cls_prob=with_cls_prob
+    )
     name = f'{product1m_tfds.NAME}/{product1m_tfds.config_name(storage_dtype, with_cls_prob)}'
     if not os.path.isdir(product1m_tfds.dataset_dir(tfds_dir, storage_dtype, with_cls_prob)):
       raise FileNotFoundError(
           f'no {name} dataset under {tfds_dir}; build it with `python -m '
-          f'capture_jax.data.product1m_tfds --data_dir DATA --out {tfds_dir}`')
-    sources = tfds.data_source(name, data_dir=tfds_dir,
-                               deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
+          f'capture_jax.data.product1m_tfds --data_dir DATA --out {tfds_dir}`'
+      )
+    sources = tfds.data_source(
+        name, data_dir=tfds_dir, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES
+    )
     if split not in sources:
-      raise ValueError(f'split {split!r} was not built in {tfds_dir} (built: '
-                       f'{sorted(sources)}); its annotation file was absent')
+      raise ValueError(
+          f'split {split!r} was not built in {tfds_dir} (built: '
+          f'{sorted(sources)}); its annotation file was absent'
+      )
     self.split = split
     self.name = name
     self._raw = sources[split]
@@ -284,9 +316,13 @@ class Product1MSource:
 # Records -> arrays.
 
 
-def pack_regions(records: Sequence[dict[str, Any]], max_regions: int, feature_dim: int,
-                 key: str = 'features', offset: int = 0
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def pack_regions(
+    records: Sequence[dict[str, Any]],
+    max_regions: int,
+    feature_dim: int,
+    key: str = 'features',
+    offset: int = 0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Pads records' regions into arrays; regions beyond `max_regions` are dropped.
 
   Args:
@@ -307,11 +343,13 @@ def pack_regions(records: Sequence[dict[str, Any]], max_regions: int, feature_di
   for i, r in enumerate(records):
     x = r[key]
     if x.shape[1] != feature_dim:
-      raise ValueError(f'item {r["item_id"]}: {key} width {x.shape[1]} in the dataset, '
-                       f'expected {feature_dim} (config data.feature_dim / v_target_size)')
+      raise ValueError(
+          f'item {r["item_id"]}: {key} width {x.shape[1]} in the dataset, '
+          f'expected {feature_dim} (config data.feature_dim / v_target_size)'
+      )
     n = min(x.shape[0], max_regions)
-    feat[i, offset:offset + n] = x[:n]
-    feat[i, offset + n:] = 0
+    feat[i, offset : offset + n] = x[:n]
+    feat[i, offset + n :] = 0
     boxes[i, :n] = r['boxes'][:n]
     mask[i, :n] = 1
     size[i] = r['image_w'], r['image_h']
@@ -322,6 +360,7 @@ def pack_regions(records: Sequence[dict[str, Any]], max_regions: int, feature_di
 @dataclasses.dataclass(frozen=True)
 class BatchSpec:
   """Everything `collate` needs (picklable, for Grain worker processes)."""
+
   encoder: tokenizer_lib.TextEncoder
   masking: MaskingSpec
   max_regions: int
@@ -331,8 +370,9 @@ class BatchSpec:
   target_dim: int | None = None
 
 
-def collate(records: Sequence[dict[str, Any]], positions: np.ndarray | None,
-            spec: BatchSpec) -> dict[str, np.ndarray]:
+def collate(
+    records: Sequence[dict[str, Any]], positions: np.ndarray | None, spec: BatchSpec
+) -> dict[str, np.ndarray]:
   """Records -> the model's batch dict; masked iff `positions` is given.
 
   Equivalent to `mask_regions` followed by `formats.add_global_token`, but
@@ -345,8 +385,7 @@ def collate(records: Sequence[dict[str, Any]], positions: np.ndarray | None,
       (evaluation): labels are -1 and features untouched.
   """
   ids, input_mask = spec.encoder([r['title'] for r in records])
-  image_feat, loc, region_mask = pack_regions(records, spec.max_regions, spec.feature_dim,
-                                              offset=1)
+  image_feat, loc, region_mask = pack_regions(records, spec.max_regions, spec.feature_dim, offset=1)
   regions = image_feat[:, 1:]  # a view: masking below writes into image_feat
   if spec.target_key == 'features':
     target = regions.copy()  # before masking
@@ -369,9 +408,17 @@ def collate(records: Sequence[dict[str, Any]], positions: np.ndarray | None,
   image_loc[:, 1:] = loc
   image_mask = np.ones((b, spec.max_regions + 1), np.int32)
   image_mask[:, 1:] = region_mask
-  return {'input_ids': ids, 'input_mask': input_mask, 'segment_ids': np.zeros_like(ids),
-          'image_feat': image_feat, 'image_loc': image_loc, 'image_mask': image_mask,
-          'lm_label_ids': lm_label_ids, 'image_label': image_label, 'image_target': target}
+  return {
+      'input_ids': ids,
+      'input_mask': input_mask,
+      'segment_ids': np.zeros_like(ids),
+      'image_feat': image_feat,
+      'image_loc': image_loc,
+      'image_mask': image_mask,
+      'lm_label_ids': lm_label_ids,
+      'image_label': image_label,
+      'image_target': target,
+  }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -384,6 +431,7 @@ class _TrainBatchLoader:
   the whole batch: its per-element bookkeeping (~60 us) is paid once per
   batch, and the records are fetched in one batched ArrayRecord read.
   """
+
   source: 'Product1MSource'
   indices: 'ShuffledIndices'
   spec: BatchSpec
@@ -457,6 +505,7 @@ def process_shard(process_index: int | None, process_count: int | None) -> tuple
   """(index, count) of this process; defaults from jax.process_index/count()."""
   if process_index is None or process_count is None:
     import jax  # deferred: only multi-host runs need it, and it is slow to import
+
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
   if not 0 <= process_index < process_count:
@@ -466,8 +515,7 @@ def process_shard(process_index: int | None, process_count: int | None) -> tuple
 
 def _per_process(global_batch: int, process_count: int) -> int:
   if global_batch % process_count:
-    raise ValueError(f'batch size {global_batch} does not split over {process_count} '
-                     'processes')
+    raise ValueError(f'batch size {global_batch} does not split over {process_count} processes')
   return global_batch // process_count
 
 
@@ -475,19 +523,27 @@ def make_batch_spec(config: ml_collections.ConfigDict) -> BatchSpec:
   """Tokenizer, masking and sizes from `config.data` (and model.mrm_target)."""
   d = config.data
   if not d.vocab_file:
-    raise ValueError('config.data.vocab_file is empty; train one with `python -m '
-                     'capture_jax.data.tokenizer train --data_dir DIR --out vocab.txt`')
+    raise ValueError(
+        'config.data.vocab_file is empty; train one with `python -m '
+        'capture_jax.data.tokenizer train --data_dir DIR --out vocab.txt`'
+    )
   encoder = tokenizer_lib.TextEncoder(d.vocab_file, d.max_text_len)
   model = config.get('model', ml_collections.ConfigDict())
   vocab_size = model.get('vocab_size', encoder.vocab_size)
   if vocab_size < encoder.vocab_size:
-    raise ValueError(f'model.vocab_size {vocab_size} < {encoder.vocab_size} tokens in '
-                     f'{d.vocab_file}')
+    raise ValueError(
+        f'model.vocab_size {vocab_size} < {encoder.vocab_size} tokens in {d.vocab_file}'
+    )
   classes = model.get('mrm_target', 'feature') == 'class'
-  return BatchSpec(encoder, MaskingSpec.from_config(d, encoder), d.max_regions,
-                   d.feature_dim, d.shuffle_seed,
-                   target_key='cls_prob' if classes else 'features',
-                   target_dim=model.get('v_target_size') if classes else None)
+  return BatchSpec(
+      encoder,
+      MaskingSpec.from_config(d, encoder),
+      d.max_regions,
+      d.feature_dim,
+      d.shuffle_seed,
+      target_key='cls_prob' if classes else 'features',
+      target_dim=model.get('v_target_size') if classes else None,
+  )
 
 
 def make_source(config: ml_collections.ConfigDict, split: str) -> Product1MSource:
@@ -498,18 +554,24 @@ def make_source(config: ml_collections.ConfigDict, split: str) -> Product1MSourc
 
 def _read_options(config: ml_collections.ConfigDict) -> grain.ReadOptions:
   d = config.data
-  return grain.ReadOptions(num_threads=d.read_threads,
-                           prefetch_buffer_size=max(d.prefetch_batches, d.read_threads))
+  return grain.ReadOptions(
+      num_threads=d.read_threads, prefetch_buffer_size=max(d.prefetch_batches, d.read_threads)
+  )
 
 
 # --------------------------------------------------------------------------
 # Training.
 
 
-def make_train_dataset(config: ml_collections.ConfigDict, *, split: str = 'train',
-                       process_index: int | None = None, process_count: int | None = None,
-                       batch_size: int | None = None,
-                       source: Product1MSource | None = None) -> grain.IterDataset:
+def make_train_dataset(
+    config: ml_collections.ConfigDict,
+    *,
+    split: str = 'train',
+    process_index: int | None = None,
+    process_count: int | None = None,
+    batch_size: int | None = None,
+    source: Product1MSource | None = None,
+) -> grain.IterDataset:
   """The training `IterDataset` of this process (see the module docstring).
 
   Args:
@@ -546,12 +608,12 @@ def _ensure_absl_flags_parsed() -> None:
   """Grain's worker processes read its absl flags, which raises outside an
   `absl.app` program unless the flags are parsed; use their defaults then."""
   from absl import flags
+
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
 
 
-def make_train_iterator(config: ml_collections.ConfigDict, **kwargs: Any
-                        ) -> grain.DatasetIterator:
+def make_train_iterator(config: ml_collections.ConfigDict, **kwargs: Any) -> grain.DatasetIterator:
   """A checkpointable iterator of training batches (dicts of `MODEL_KEYS`).
 
   `it.get_state()` returns a small JSON-able dict; `it.set_state(state)` on a
@@ -579,6 +641,7 @@ class EvalBatch:
     instance_index: [B] int32, the instance's position in its sample's
       sidecar entry (-1 otherwise).
   """
+
   inputs: dict[str, np.ndarray]
   is_valid: np.ndarray
   item_id: np.ndarray
@@ -602,14 +665,22 @@ def _zero_inputs(batch: int, spec: BatchSpec) -> dict[str, np.ndarray]:
   target_dim = f if spec.target_key == 'features' else spec.target_dim
   i32 = lambda *shape: np.zeros((batch,) + shape, np.int32)
   f32 = lambda *shape: np.zeros((batch,) + shape, np.float32)
-  return {'input_ids': i32(t), 'input_mask': i32(t), 'segment_ids': i32(t),
-          'image_feat': f32(r + 1, f), 'image_loc': f32(r + 1, 5), 'image_mask': i32(r + 1),
-          'lm_label_ids': i32(t) - 1, 'image_label': i32(r) - 1,
-          'image_target': f32(r, target_dim)}
+  return {
+      'input_ids': i32(t),
+      'input_mask': i32(t),
+      'segment_ids': i32(t),
+      'image_feat': f32(r + 1, f),
+      'image_loc': f32(r + 1, 5),
+      'image_mask': i32(r + 1),
+      'lm_label_ids': i32(t) - 1,
+      'image_label': i32(r) - 1,
+      'image_target': f32(r, target_dim),
+  }
 
 
-def _eval_batch(rows: Sequence[tuple[dict[str, Any], str, int] | None],
-                spec: BatchSpec) -> EvalBatch:
+def _eval_batch(
+    rows: Sequence[tuple[dict[str, Any], str, int] | None], spec: BatchSpec
+) -> EvalBatch:
   """Collates (record, instance_label, instance_index) rows; None rows are padding."""
   is_valid = np.array([r is not None for r in rows], np.int32)
   valid = [r[0] for r in rows if r is not None]
@@ -625,9 +696,12 @@ def _eval_batch(rows: Sequence[tuple[dict[str, Any], str, int] | None],
   return EvalBatch(inputs, is_valid, item_id, labels, inst_label, inst_index)
 
 
-def _load_eval_rows(source: Product1MSource, plan: np.ndarray,
-                    regions: Sequence[tuple[str, int, tuple[int, ...] | None]] | None,
-                    spec: BatchSpec) -> EvalBatch:
+def _load_eval_rows(
+    source: Product1MSource,
+    plan: np.ndarray,
+    regions: Sequence[tuple[str, int, tuple[int, ...] | None]] | None,
+    spec: BatchSpec,
+) -> EvalBatch:
   """Reads the records of one batch plan ([B] row ids, -1 = padding)."""
   valid = plan[plan >= 0]
   if regions is None:
@@ -640,32 +714,45 @@ def _load_eval_rows(source: Product1MSource, plan: np.ndarray,
   return _eval_batch([next(rows) if i >= 0 else None for i in plan], spec)
 
 
-def _eval_plan(num_rows: int, batch_per_process: int, process_index: int,
-               process_count: int) -> np.ndarray:
+def _eval_plan(
+    num_rows: int, batch_per_process: int, process_index: int, process_count: int
+) -> np.ndarray:
   """[num_batches, B] row ids of this process (strided shard), -1 padding."""
   mine = np.arange(process_index, num_rows, process_count)
   n = num_eval_batches(num_rows, batch_per_process, process_count)
   plan = np.full(n * batch_per_process, -1, np.int64)
-  plan[:len(mine)] = mine
+  plan[: len(mine)] = mine
   return plan.reshape(n, batch_per_process)
 
 
-def _eval_iterator(config: ml_collections.ConfigDict, source: Product1MSource,
-                   num_rows: int, regions, process_index, process_count, batch_size
-                   ) -> Iterator[EvalBatch]:
+def _eval_iterator(
+    config: ml_collections.ConfigDict,
+    source: Product1MSource,
+    num_rows: int,
+    regions,
+    process_index,
+    process_count,
+    batch_size,
+) -> Iterator[EvalBatch]:
   index, count = process_shard(process_index, process_count)
   per_process = _per_process(batch_size or config.data.eval_batch_size, count)
   spec = make_batch_spec(config)
   plan = _eval_plan(num_rows, per_process, index, count)
   ds = grain.MapDataset.source(list(plan)).map(
-      functools.partial(_load_eval_rows, source, regions=regions, spec=spec))
+      functools.partial(_load_eval_rows, source, regions=regions, spec=spec)
+  )
   return iter(ds.to_iter_dataset(_read_options(config)))
 
 
-def make_eval_iterator(config: ml_collections.ConfigDict, split: str, *,
-                       process_index: int | None = None, process_count: int | None = None,
-                       batch_size: int | None = None,
-                       source: Product1MSource | None = None) -> Iterator[EvalBatch]:
+def make_eval_iterator(
+    config: ml_collections.ConfigDict,
+    split: str,
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    batch_size: int | None = None,
+    source: Product1MSource | None = None,
+) -> Iterator[EvalBatch]:
   """`EvalBatch`es of a split in file order, unmasked, last batch padded.
 
   With n processes, process p reads rows p, p + n, ... (in order); every
@@ -674,8 +761,7 @@ def make_eval_iterator(config: ml_collections.ConfigDict, split: str, *,
   config.data.eval_batch_size).
   """
   source = source or make_source(config, split)
-  return _eval_iterator(config, source, len(source), None, process_index, process_count,
-                        batch_size)
+  return _eval_iterator(config, source, len(source), None, process_index, process_count, batch_size)
 
 
 def restrict_regions(record: dict[str, Any], region_indices: Sequence[int]) -> dict[str, Any]:
@@ -693,8 +779,9 @@ def restrict_regions(record: dict[str, Any], region_indices: Sequence[int]) -> d
   return out
 
 
-def instance_inputs(record: dict[str, Any], region_indices: Sequence[int],
-                    spec: BatchSpec) -> dict[str, np.ndarray]:
+def instance_inputs(
+    record: dict[str, Any], region_indices: Sequence[int], spec: BatchSpec
+) -> dict[str, np.ndarray]:
   """The unmasked model inputs (batch of 1) of one instance of a sample: the
   full title, and as visual input only that instance's regions (their mean as
   the global token)."""
@@ -709,13 +796,16 @@ def read_split_item_ids(source: Product1MSource, chunk: int = 1024) -> list[str]
   return ids
 
 
-def make_instance_eval_iterator(config: ml_collections.ConfigDict, split: str, *,
-                                instances: dict[str, list[formats.Instance]] | str | None = None,
-                                process_index: int | None = None,
-                                process_count: int | None = None,
-                                batch_size: int | None = None,
-                                source: Product1MSource | None = None
-                                ) -> Iterator[EvalBatch]:
+def make_instance_eval_iterator(
+    config: ml_collections.ConfigDict,
+    split: str,
+    *,
+    instances: dict[str, list[formats.Instance]] | str | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    batch_size: int | None = None,
+    source: Product1MSource | None = None,
+) -> Iterator[EvalBatch]:
   """`EvalBatch`es with one row per product instance of each sample.
 
   Rows follow the split's order, then the sidecar's instance order; each has
@@ -745,7 +835,11 @@ def make_instance_eval_iterator(config: ml_collections.ConfigDict, split: str, *
         continue
       rows.append((inst.label, i, regions, k))
   if missing or empty:
-    logging.warning('%s: %d samples without instances in the sidecar, %d instances with no '
-                    'region within max_regions; skipped', split, missing, empty)
-  return _eval_iterator(config, source, len(rows), rows, process_index, process_count,
-                        batch_size)
+    logging.warning(
+        '%s: %d samples without instances in the sidecar, %d instances with no '
+        'region within max_regions; skipped',
+        split,
+        missing,
+        empty,
+    )
+  return _eval_iterator(config, source, len(rows), rows, process_index, process_count, batch_size)

@@ -64,13 +64,13 @@ _CITATION = """@inproceedings{zhan2021product1m,
 def config_name(storage_dtype: str, with_cls_prob: bool = False) -> str:
   """The builder config (sub-folder) of a storage dtype, e.g. `float16`."""
   if storage_dtype not in STORAGE_DTYPES:
-    raise ValueError(f'storage_dtype must be one of {sorted(STORAGE_DTYPES)}, '
-                     f'got {storage_dtype!r}')
+    raise ValueError(
+        f'storage_dtype must be one of {sorted(STORAGE_DTYPES)}, got {storage_dtype!r}'
+    )
   return storage_dtype + ('_cls_prob' if with_cls_prob else '')
 
 
-def dataset_dir(tfds_dir: str, storage_dtype: str = 'float16',
-                with_cls_prob: bool = False) -> str:
+def dataset_dir(tfds_dir: str, storage_dtype: str = 'float16', with_cls_prob: bool = False) -> str:
   """Where the builder writes (and `tfds.data_source` reads) a config."""
   return os.path.join(tfds_dir, NAME, config_name(storage_dtype, with_cls_prob), DATASET_VERSION)
 
@@ -94,13 +94,19 @@ class Product1M(tfds.core.GeneratorBasedBuilder):
 
   name = NAME
   VERSION = tfds.core.Version(DATASET_VERSION)
-  RELEASE_NOTES = {DATASET_VERSION: 'Annotation files + region features, regions truncated to '
-                            'max_regions, features in the config\'s storage dtype.'}
-  BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=config_name(d, c),
-                                             description=f'features stored as {d}'
-                                             + (', with detector class distributions'
-                                                if c else ''))
-                     for c in (False, True) for d in STORAGE_DTYPES]
+  RELEASE_NOTES = {
+      DATASET_VERSION: 'Annotation files + region features, regions truncated to '
+      "max_regions, features in the config's storage dtype."
+  }
+  BUILDER_CONFIGS = [
+      tfds.core.BuilderConfig(
+          name=config_name(d, c),
+          description=f'features stored as {d}'
+          + (', with detector class distributions' if c else ''),
+      )
+      for c in (False, True)
+      for d in STORAGE_DTYPES
+  ]
 
   @tfds.core.utils.classproperty
   @classmethod
@@ -110,9 +116,16 @@ class Product1M(tfds.core.GeneratorBasedBuilder):
     # download_and_prepare); the answer is this module's file either way.
     return epath.Path(__file__)
 
-  def __init__(self, *, source_dir: str | None = None, features: str | None = None,
-               feature_dim: int | None = None, max_regions: int = 36,
-               skip_bad: bool = False, **kwargs: Any):
+  def __init__(
+      self,
+      *,
+      source_dir: str | None = None,
+      features: str | None = None,
+      feature_dim: int | None = None,
+      max_regions: int = 36,
+      skip_bad: bool = False,
+      **kwargs: Any,
+  ):
     """Args beyond TFDS's (`data_dir`, `config`, ...), only needed to build:
 
     Args:
@@ -125,8 +138,7 @@ class Product1M(tfds.core.GeneratorBasedBuilder):
       skip_bad: skip and count bad samples instead of raising.
     """
     self._source_dir = source_dir
-    self._features_path = features or (os.path.join(source_dir, 'features')
-                                       if source_dir else None)
+    self._features_path = features or (os.path.join(source_dir, 'features') if source_dir else None)
     self._feature_dim = feature_dim
     self._max_regions = int(max_regions)
     self._skip_bad = skip_bad
@@ -161,7 +173,7 @@ class Product1M(tfds.core.GeneratorBasedBuilder):
     return tfds.core.DatasetInfo(
         builder=self,
         description='Product1M (or a Product1M-like synthetic world): titles, labels and '
-                    'detector region features per item.',
+        'detector region features per item.',
         features=tfds.features.FeaturesDict(feats),
         homepage='https://github.com/zhanxlin/Product1M',
         citation=_CITATION,
@@ -171,16 +183,18 @@ class Product1M(tfds.core.GeneratorBasedBuilder):
   def _annotation_paths(self) -> dict[str, str]:
     if not self._source_dir:
       raise ValueError('building product1m needs source_dir (the annotation folder)')
-    paths = {s: os.path.join(self._source_dir, formats.annotation_filename(s))
-             for s in formats.SPLITS}
+    paths = {
+        s: os.path.join(self._source_dir, formats.annotation_filename(s)) for s in formats.SPLITS
+    }
     return {s: p for s, p in paths.items() if os.path.exists(p)}
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     del dl_manager  # nothing to download: the inputs are local files
     paths = self._annotation_paths()
     if not paths:
-      raise FileNotFoundError(f'no product1m_{{train,gallery,dev,test}}_ossurl_v2.txt in '
-                              f'{self._source_dir}')
+      raise FileNotFoundError(
+          f'no product1m_{{train,gallery,dev,test}}_ossurl_v2.txt in {self._source_dir}'
+      )
     self._store = formats.FeatureStore(self._features_path)
     if self._feature_dim is None:
       self._feature_dim = _infer_feature_dim(self._store, list(paths.values()))
@@ -191,7 +205,8 @@ class Product1M(tfds.core.GeneratorBasedBuilder):
     dtype = STORAGE_DTYPES[self._storage_dtype]
     n = 0
     for lineno, ann in formats.read_annotations(
-        path, require_labels=split in formats.LABELLED_SPLITS, counter=counter):
+        path, require_labels=split in formats.LABELLED_SPLITS, counter=counter
+    ):
       try:
         example = self._example(ann, dtype)
       except formats.BadInputError as err:
@@ -208,30 +223,51 @@ class Product1M(tfds.core.GeneratorBasedBuilder):
   def _example(self, ann: formats.Annotation, dtype: type) -> dict:
     assert self._store is not None
     rf, source = self._store.get(ann.item_id)
-    rf, truncated = formats.validate_regions(rf, feature_dim=self._feature_dim,
-                                             max_regions=self._max_regions, source=source)
+    rf, truncated = formats.validate_regions(
+        rf, feature_dim=self._feature_dim, max_regions=self._max_regions, source=source
+    )
     with np.errstate(over='ignore'):  # overflow is checked (and reported) below
       stored = np.asarray(rf.features).astype(dtype)
     if not np.isfinite(stored).all():
-      raise formats.BadInputError('nonfinite_features', f'{source}: image {ann.item_id}: '
-                                  f'features overflow {dtype.__name__} (max |x| '
-                                  f'{np.abs(rf.features).max():.3g}); store as float32')
-    example = {'item_id': ann.item_id, 'title': ann.title, 'labels': list(ann.labels),
-               'image_w': rf.image_w, 'image_h': rf.image_h,
-               'boxes': rf.boxes.astype(np.float32), 'features': stored,
-               '_truncated': truncated}
+      raise formats.BadInputError(
+          'nonfinite_features',
+          f'{source}: image {ann.item_id}: '
+          f'features overflow {dtype.__name__} (max |x| '
+          f'{np.abs(rf.features).max():.3g}); store as float32',
+      )
+    example = {
+        'item_id': ann.item_id,
+        'title': ann.title,
+        'labels': list(ann.labels),
+        'image_w': rf.image_w,
+        'image_h': rf.image_h,
+        'boxes': rf.boxes.astype(np.float32),
+        'features': stored,
+        '_truncated': truncated,
+    }
     if self._with_cls_prob:
       if rf.cls_prob is None:
-        raise formats.BadInputError('missing_cls_prob', f'{source}: image {ann.item_id} '
-                                    'has no cls_prob, expected [num_boxes, classes]')
+        raise formats.BadInputError(
+            'missing_cls_prob',
+            f'{source}: image {ann.item_id} has no cls_prob, expected [num_boxes, classes]',
+        )
       example['cls_prob'] = np.asarray(rf.cls_prob).astype(dtype)
     return example
 
 
-def build(data_dir: str, tfds_dir: str, *, features: str | None = None,
-          storage_dtype: str = 'float16', max_regions: int = 36,
-          feature_dim: int | None = None, skip_bad: bool = False, overwrite: bool = False,
-          with_cls_prob: bool = False, progress: bool = True) -> dict:
+def build(
+    data_dir: str,
+    tfds_dir: str,
+    *,
+    features: str | None = None,
+    storage_dtype: str = 'float16',
+    max_regions: int = 36,
+    feature_dim: int | None = None,
+    skip_bad: bool = False,
+    overwrite: bool = False,
+    with_cls_prob: bool = False,
+    progress: bool = True,
+) -> dict:
   """Builds the ArrayRecord splits; returns (and writes next to them) a report.
 
   Returns:
@@ -239,26 +275,40 @@ def build(data_dir: str, tfds_dir: str, *, features: str | None = None,
     'truncated'}}} for the splits built now (empty if the dataset existed and
     `overwrite` is False).
   """
-  builder = Product1M(source_dir=data_dir, features=features, feature_dim=feature_dim,
-                      max_regions=max_regions, skip_bad=skip_bad, data_dir=tfds_dir,
-                      config=config_name(storage_dtype, with_cls_prob))
-  mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite
-          else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
+  builder = Product1M(
+      source_dir=data_dir,
+      features=features,
+      feature_dim=feature_dim,
+      max_regions=max_regions,
+      skip_bad=skip_bad,
+      data_dir=tfds_dir,
+      config=config_name(storage_dtype, with_cls_prob),
+  )
+  mode = (
+      tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS
+      if overwrite
+      else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
+  )
   if overwrite and os.path.isdir(builder.data_dir):
     # TFDS refuses to regenerate into an existing version folder.
     import shutil
+
     shutil.rmtree(builder.data_dir)
   from tensorflow_datasets.core.utils import tqdm_utils  # TFDS's progress switch is global
+
   shown = getattr(tqdm_utils, '_active', True)
   tfds.display_progress_bar(progress)
   try:
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(download_mode=mode))
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(download_mode=mode))
   finally:
     tfds.display_progress_bar(shown)
-  report = {'dataset_dir': os.fspath(builder.data_dir), 'feature_dim': builder._feature_dim,
-            'max_regions': max_regions, 'storage_dtype': storage_dtype,
-            'splits': builder.reports}
+  report = {
+      'dataset_dir': os.fspath(builder.data_dir),
+      'feature_dim': builder._feature_dim,
+      'max_regions': max_regions,
+      'storage_dtype': storage_dtype,
+      'splits': builder.reports,
+  }
   if builder.reports:
     with open(os.path.join(os.fspath(builder.data_dir), REPORT_NAME), 'w') as f:
       json.dump(report, f, indent=1)
@@ -268,10 +318,17 @@ def build(data_dir: str, tfds_dir: str, *, features: str | None = None,
 def build_from_config(config: ml_collections.ConfigDict, overwrite: bool = False) -> dict:
   """`build` with every field from `config.data` (data_dir, tfds_dir, ...)."""
   d = config.data
-  return build(d.data_dir, d.tfds_dir, features=d.features or None,
-               storage_dtype=d.storage_dtype, max_regions=d.max_regions,
-               feature_dim=d.feature_dim or None, skip_bad=d.skip_bad, overwrite=overwrite,
-               with_cls_prob=config.model.get('mrm_target', 'feature') == 'class')
+  return build(
+      d.data_dir,
+      d.tfds_dir,
+      features=d.features or None,
+      storage_dtype=d.storage_dtype,
+      max_regions=d.max_regions,
+      feature_dim=d.feature_dim or None,
+      skip_bad=d.skip_bad,
+      overwrite=overwrite,
+      with_cls_prob=config.model.get('mrm_target', 'feature') == 'class',
+  )
 
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:
@@ -287,30 +344,45 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--data_dir', required=True, help='annotation files (+ features/)')
   parser.add_argument('--out', required=True, help='TFDS data_dir to write into')
-  parser.add_argument('--config', default=None,
-                      help='config file whose data.* fields give the defaults below')
+  parser.add_argument(
+      '--config', default=None, help='config file whose data.* fields give the defaults below'
+  )
   parser.add_argument('--features', default=None, help='default: DATA_DIR/features')
   parser.add_argument('--storage_dtype', default=None, choices=sorted(STORAGE_DTYPES))
   parser.add_argument('--max_regions', type=int, default=None)
-  parser.add_argument('--feature_dim', type=int, default=None,
-                      help='expected width (default: the config\'s, else the first image\'s)')
+  parser.add_argument(
+      '--feature_dim',
+      type=int,
+      default=None,
+      help="expected width (default: the config's, else the first image's)",
+  )
   parser.add_argument('--with_cls_prob', action='store_true')
-  parser.add_argument('--skip_bad', action='store_true',
-                      help='skip and count bad samples instead of stopping')
+  parser.add_argument(
+      '--skip_bad', action='store_true', help='skip and count bad samples instead of stopping'
+  )
   parser.add_argument('--overwrite', action='store_true')
   args = parser.parse_args(argv)
   d = load_config_file(args.config).data if args.config else defaults
   feature_dim = args.feature_dim or (d.feature_dim if args.config else None)
-  report = build(args.data_dir, args.out, features=args.features,
-                 storage_dtype=args.storage_dtype or d.storage_dtype,
-                 max_regions=args.max_regions or d.max_regions, feature_dim=feature_dim,
-                 skip_bad=args.skip_bad or d.skip_bad, overwrite=args.overwrite,
-                 with_cls_prob=args.with_cls_prob)
+  report = build(
+      args.data_dir,
+      args.out,
+      features=args.features,
+      storage_dtype=args.storage_dtype or d.storage_dtype,
+      max_regions=args.max_regions or d.max_regions,
+      feature_dim=feature_dim,
+      skip_bad=args.skip_bad or d.skip_bad,
+      overwrite=args.overwrite,
+      with_cls_prob=args.with_cls_prob,
+  )
   if not report['splits']:
     print(f'{report["dataset_dir"]} exists; pass --overwrite to rebuild', file=sys.stderr)
   for split, r in report['splits'].items():
-    print(f'{split}: {r["examples"]} examples, {r["skipped"]} bad skipped '
-          f'{r["by_kind"] or ""}, {r["truncated"]} truncated to max_regions', file=sys.stderr)
+    print(
+        f'{split}: {r["examples"]} examples, {r["skipped"]} bad skipped '
+        f'{r["by_kind"] or ""}, {r["truncated"]} truncated to max_regions',
+        file=sys.stderr,
+    )
   print(report['dataset_dir'])
 
 

@@ -55,6 +55,7 @@ from capture_jax.data import formats
 @dataclasses.dataclass(frozen=True)
 class Preset:
   """Sizes of a generated world. Difficulty knobs are in `WorldParams`."""
+
   num_brands: int
   products_per_brand: tuple[int, int]  # inclusive range
   gallery_per_product: int
@@ -69,23 +70,54 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     # For unit tests: generates in well under a second.
-    'tiny': Preset(num_brands=4, products_per_brand=(3, 5), gallery_per_product=3,
-                   num_train=96, num_dev=16, num_test=16, feature_dim=32, max_regions=8,
-                   max_background=2),
+    'tiny': Preset(
+        num_brands=4,
+        products_per_brand=(3, 5),
+        gallery_per_product=3,
+        num_train=96,
+        num_dev=16,
+        num_test=16,
+        feature_dim=32,
+        max_regions=8,
+        max_background=2,
+    ),
     # `make demo` on a 2-core CPU: like the real dev set (34 brands, 295
     # labels, ~2.8 labels per query) at a tenth of its gallery.
-    'demo': Preset(num_brands=32, products_per_brand=(6, 12), gallery_per_product=5,
-                   num_train=6000, num_dev=300, num_test=300, feature_dim=256,
-                   max_regions=16),
-    'small': Preset(num_brands=60, products_per_brand=(6, 14), gallery_per_product=10,
-                    num_train=50_000, num_dev=1000, num_test=1000, feature_dim=256,
-                    max_regions=36, max_background=8),
+    'demo': Preset(
+        num_brands=32,
+        products_per_brand=(6, 12),
+        gallery_per_product=5,
+        num_train=6000,
+        num_dev=300,
+        num_test=300,
+        feature_dim=256,
+        max_regions=16,
+    ),
+    'small': Preset(
+        num_brands=60,
+        products_per_brand=(6, 14),
+        gallery_per_product=10,
+        num_train=50_000,
+        num_dev=1000,
+        num_test=1000,
+        feature_dim=256,
+        max_regions=36,
+        max_background=8,
+    ),
     # Product1M's sizes (458 products, ~40k gallery, 2,673 dev and 6,547 test
     # queries) with 1M training pairs. 2048-d features would take ~200 GB of
     # TSV; the default keeps 256 (pass --feature_dim 2048 for the real width).
-    'large': Preset(num_brands=46, products_per_brand=(8, 12), gallery_per_product=87,
-                    num_train=1_000_000, num_dev=2673, num_test=6547, feature_dim=256,
-                    max_regions=36, max_background=8),
+    'large': Preset(
+        num_brands=46,
+        products_per_brand=(8, 12),
+        gallery_per_product=87,
+        num_train=1_000_000,
+        num_dev=2673,
+        num_test=6547,
+        feature_dim=256,
+        max_regions=36,
+        max_background=8,
+    ),
 }
 
 
@@ -96,6 +128,7 @@ class WorldParams:
   random and perfect dev mAP@10 (52 and 41; random 2.6), their fusion beats
   both (57), and a small dual encoder trained contrastively for a few hundred
   steps reaches ~66-70 (tests/test_data_synthetic.py, docs/BENCHMARKS.md)."""
+
   latent_dim: int = 32
   style_dim: int = 16
   hidden_dim: int = 256
@@ -121,31 +154,206 @@ class WorldParams:
 # --------------------------------------------------------------------------
 # Built-in vocabulary (Chinese cosmetics e-commerce, like Product1M).
 
-SERIES = ('黄金', '玻尿酸', '蜗牛', '雪花', '玫瑰', '人参', '水光', '胶原', '烟酰胺', '积雪草',
-          '红石榴', '绿茶', '樱花', '海洋', '钻石', '极光', '青春', '小棕瓶', '小黑瓶', '神仙',
-          '白金', '珍珠', '燕窝', '山茶花', '茉莉', '薰衣草', '芦荟', '火山泥', '竹炭', '牛油果',
-          '维C', '视黄醇', '肌源', '紫苏', '蓝铜', '多肽', '冰川', '雪绒花', '金盏花', '甘草')
+SERIES = (
+    '黄金',
+    '玻尿酸',
+    '蜗牛',
+    '雪花',
+    '玫瑰',
+    '人参',
+    '水光',
+    '胶原',
+    '烟酰胺',
+    '积雪草',
+    '红石榴',
+    '绿茶',
+    '樱花',
+    '海洋',
+    '钻石',
+    '极光',
+    '青春',
+    '小棕瓶',
+    '小黑瓶',
+    '神仙',
+    '白金',
+    '珍珠',
+    '燕窝',
+    '山茶花',
+    '茉莉',
+    '薰衣草',
+    '芦荟',
+    '火山泥',
+    '竹炭',
+    '牛油果',
+    '维C',
+    '视黄醇',
+    '肌源',
+    '紫苏',
+    '蓝铜',
+    '多肽',
+    '冰川',
+    '雪绒花',
+    '金盏花',
+    '甘草',
+)
 # Product types; the first name is canonical (used in labels), the others are
 # synonyms a title may use instead.
-TYPES = (('面霜', '乳霜', '保湿霜'), ('精华液', '精华露', '精华'), ('爽肤水', '化妆水', '柔肤水'),
-         ('乳液', '润肤乳'), ('眼霜', '眼部精华霜'), ('面膜', '贴片面膜'),
-         ('洁面乳', '洗面奶', '洁面膏'), ('防晒霜', '防晒乳'), ('粉底液', '粉底'), ('口红', '唇膏'),
-         ('卸妆水', '卸妆液'), ('身体乳', '润体乳'), ('洗发水', '洗发露'), ('护发素', '润发乳'),
-         ('香水', '淡香水'), ('气垫', '气垫粉底'), ('眼影', '眼影盘'), ('睫毛膏',),
-         ('隔离霜', '妆前乳'), ('喷雾', '保湿喷雾'))
-MARKETING = ('正品', '包邮', '官方', '旗舰店', '专柜', '补水', '保湿', '提亮', '抗皱', '紧致', '美白',
-             '淡斑', '修护', '舒缓', '控油', '清爽', '滋润', '新款', '限量', '学生', '女士', '男士',
-             '孕妇', '敏感肌', '进口', '韩国', '日本', '法国', '泰国', '国货', '小样', '旅行装', '大瓶',
-             '送礼', '情人节', '七夕', '秒杀', '特价', '现货', '直邮', '免税', '正装', '收缩毛孔',
-             '去黄', '提拉', '祛痘', '平价', '网红', '爆款', '热卖', '推荐', '明星同款', '温和',
-             '无刺激', '持久', '水润', '保税', '24K', '官方授权', '防伪可查', '假一赔十', '天然',
-             '植物', '有机', '深层', '清洁', '焕亮', '嫩肤', '抗老', '细腻', '轻薄', '遮瑕', '干皮',
-             '油皮', '混合肌', '熬夜', '急救', '冬季', '夏季', '新品', '升级版', '经典', '畅销',
-             '男女', '通用', '礼物', '生日', '母亲节', '双十一', '年货', '大牌', '贵妇', '院线',
-             '少女', '学生党', '实惠装', '家庭装', '限定', '联名', '星品', '口碑', '回购', '好用')
+TYPES = (
+    ('面霜', '乳霜', '保湿霜'),
+    ('精华液', '精华露', '精华'),
+    ('爽肤水', '化妆水', '柔肤水'),
+    ('乳液', '润肤乳'),
+    ('眼霜', '眼部精华霜'),
+    ('面膜', '贴片面膜'),
+    ('洁面乳', '洗面奶', '洁面膏'),
+    ('防晒霜', '防晒乳'),
+    ('粉底液', '粉底'),
+    ('口红', '唇膏'),
+    ('卸妆水', '卸妆液'),
+    ('身体乳', '润体乳'),
+    ('洗发水', '洗发露'),
+    ('护发素', '润发乳'),
+    ('香水', '淡香水'),
+    ('气垫', '气垫粉底'),
+    ('眼影', '眼影盘'),
+    ('睫毛膏',),
+    ('隔离霜', '妆前乳'),
+    ('喷雾', '保湿喷雾'),
+)
+MARKETING = (
+    '正品',
+    '包邮',
+    '官方',
+    '旗舰店',
+    '专柜',
+    '补水',
+    '保湿',
+    '提亮',
+    '抗皱',
+    '紧致',
+    '美白',
+    '淡斑',
+    '修护',
+    '舒缓',
+    '控油',
+    '清爽',
+    '滋润',
+    '新款',
+    '限量',
+    '学生',
+    '女士',
+    '男士',
+    '孕妇',
+    '敏感肌',
+    '进口',
+    '韩国',
+    '日本',
+    '法国',
+    '泰国',
+    '国货',
+    '小样',
+    '旅行装',
+    '大瓶',
+    '送礼',
+    '情人节',
+    '七夕',
+    '秒杀',
+    '特价',
+    '现货',
+    '直邮',
+    '免税',
+    '正装',
+    '收缩毛孔',
+    '去黄',
+    '提拉',
+    '祛痘',
+    '平价',
+    '网红',
+    '爆款',
+    '热卖',
+    '推荐',
+    '明星同款',
+    '温和',
+    '无刺激',
+    '持久',
+    '水润',
+    '保税',
+    '24K',
+    '官方授权',
+    '防伪可查',
+    '假一赔十',
+    '天然',
+    '植物',
+    '有机',
+    '深层',
+    '清洁',
+    '焕亮',
+    '嫩肤',
+    '抗老',
+    '细腻',
+    '轻薄',
+    '遮瑕',
+    '干皮',
+    '油皮',
+    '混合肌',
+    '熬夜',
+    '急救',
+    '冬季',
+    '夏季',
+    '新品',
+    '升级版',
+    '经典',
+    '畅销',
+    '男女',
+    '通用',
+    '礼物',
+    '生日',
+    '母亲节',
+    '双十一',
+    '年货',
+    '大牌',
+    '贵妇',
+    '院线',
+    '少女',
+    '学生党',
+    '实惠装',
+    '家庭装',
+    '限定',
+    '联名',
+    '星品',
+    '口碑',
+    '回购',
+    '好用',
+)
 SET_WORDS = ('套装', '礼盒', '套盒', '组合', '全套', '三件套', '护肤品套装')
-_LATIN_SYLLABLES = ('lu', 'mi', 'va', 'ko', 're', 'sa', 'na', 'el', 'do', 'ra', 'vi', 'ne', 'to',
-                    'ka', 'zi', 'mo', 'ri', 'fa', 'be', 'la', 'qu', 'ce', 'so', 'ti', 'an', 'or')
+_LATIN_SYLLABLES = (
+    'lu',
+    'mi',
+    'va',
+    'ko',
+    're',
+    'sa',
+    'na',
+    'el',
+    'do',
+    'ra',
+    'vi',
+    'ne',
+    'to',
+    'ka',
+    'zi',
+    'mo',
+    'ri',
+    'fa',
+    'be',
+    'la',
+    'qu',
+    'ce',
+    'so',
+    'ti',
+    'an',
+    'or',
+)
 _ALIAS_CHARS = '兰蔻雅诗黛资生堂欧莱娜丝薇琪露芙妮悦植萃蜜莎迪奥珂缇佳婷玉泽美肌秀颜朵伊芳碧'
 
 
@@ -161,6 +369,7 @@ class Product:
 @dataclasses.dataclass(frozen=True)
 class World:
   """Everything that is fixed across samples (small: O(products) memory)."""
+
   preset: Preset
   params: WorldParams
   brand_names: tuple[str, ...]
@@ -209,14 +418,16 @@ def _network(rng: np.random.Generator, params: WorldParams, feature_dim: int):
   d_in = params.latent_dim + params.style_dim
   w1 = rng.normal(0, 1.6 / np.sqrt(d_in), (d_in, params.hidden_dim)).astype(np.float32)
   b1 = rng.normal(0, 0.3, params.hidden_dim).astype(np.float32)
-  w2 = rng.normal(0, 2.0 / np.sqrt(params.hidden_dim),
-                  (params.hidden_dim, feature_dim)).astype(np.float32)
+  w2 = rng.normal(0, 2.0 / np.sqrt(params.hidden_dim), (params.hidden_dim, feature_dim)).astype(
+      np.float32
+  )
   b2 = np.full(feature_dim, -0.3, np.float32)  # ReLU sparsity, as in pooled CNN features
   return w1, b1, w2, b2
 
 
-def _product_latents(products: Sequence[Product], brand_latent: np.ndarray, seed: int,
-                     params: WorldParams) -> np.ndarray:
+def _product_latents(
+    products: Sequence[Product], brand_latent: np.ndarray, seed: int, params: WorldParams
+) -> np.ndarray:
   """[P, latent_dim]: brand + type + series + detail, each a seeded Gaussian.
 
   Type and series latents are keyed by their names, so a "黄金" series looks
@@ -226,15 +437,21 @@ def _product_latents(products: Sequence[Product], brand_latent: np.ndarray, seed
   out = np.zeros((len(products), d), np.float32)
   for i, p in enumerate(products):
     type_key = TYPES[p.type_index][0] if p.type_index >= 0 else p.detail[-2:]
-    out[i] = (params.brand_weight * brand_latent[p.brand]
-              + params.type_weight * _string_rng(seed, 'type', type_key).normal(size=d)
-              + params.series_weight * _string_rng(seed, 'series', p.series).normal(size=d)
-              + params.detail_weight * _string_rng(seed, 'detail', p.label).normal(size=d))
+    out[i] = (
+        params.brand_weight * brand_latent[p.brand]
+        + params.type_weight * _string_rng(seed, 'type', type_key).normal(size=d)
+        + params.series_weight * _string_rng(seed, 'series', p.series).normal(size=d)
+        + params.detail_weight * _string_rng(seed, 'detail', p.label).normal(size=d)
+    )
   return out
 
 
-def make_world(preset: Preset, seed: int = 0, params: WorldParams = WorldParams(),
-               real_labels: Sequence[str] | None = None) -> World:
+def make_world(
+    preset: Preset,
+    seed: int = 0,
+    params: WorldParams = WorldParams(),
+    real_labels: Sequence[str] | None = None,
+) -> World:
   """Brands, products, latents and the feature network of a world.
 
   Args:
@@ -273,22 +490,37 @@ def make_world(preset: Preset, seed: int = 0, params: WorldParams = WorldParams(
         s, t = combos[k]
         detail = SERIES[s] + TYPES[t][0]
         products.append(Product(f'{names[b]} {detail}', b, SERIES[s], t, detail))
-  brand_latent = np.stack([_string_rng(seed, 'brand', n).normal(size=params.latent_dim)
-                           for n in names]).astype(np.float32)
+  brand_latent = np.stack(
+      [_string_rng(seed, 'brand', n).normal(size=params.latent_dim) for n in names]
+  ).astype(np.float32)
   latents = _product_latents(products, brand_latent, seed, params)
   background = rng.normal(size=(params.num_background_latents, params.latent_dim))
-  background = (background * np.linalg.norm(latents, axis=1).mean()
-                / np.sqrt(params.latent_dim)).astype(np.float32)
+  background = (
+      background * np.linalg.norm(latents, axis=1).mean() / np.sqrt(params.latent_dim)
+  ).astype(np.float32)
   w1, b1, w2, b2 = _network(np.random.default_rng([seed, 11]), params, preset.feature_dim)
   by_brand: list[list[int]] = [[] for _ in names]
   for i, p in enumerate(products):
     by_brand[p.brand].append(i)
-  return World(preset, params, tuple(names), tuple(aliases), tuple(products), latents,
-               background, w1, b1, w2, b2, tuple(tuple(x) for x in by_brand))
+  return World(
+      preset,
+      params,
+      tuple(names),
+      tuple(aliases),
+      tuple(products),
+      latents,
+      background,
+      w1,
+      b1,
+      w2,
+      b2,
+      tuple(tuple(x) for x in by_brand),
+  )
 
 
-def region_features(world: World, latents: np.ndarray, style: np.ndarray,
-                    noise: np.ndarray) -> np.ndarray:
+def region_features(
+    world: World, latents: np.ndarray, style: np.ndarray, noise: np.ndarray
+) -> np.ndarray:
   """Features of regions given their content latents and their image's style.
 
   Args:
@@ -320,6 +552,7 @@ class _Draft:
   """A sample whose region features are not computed yet: they are computed
   for many samples in one matrix product (`_finish`), as tiny per-sample
   products are slow (and slower still with a threaded BLAS on a busy host)."""
+
   annotation: formats.Annotation
   regions: formats.RegionFeatures  # features still empty
   instances: list[formats.Instance]
@@ -328,8 +561,9 @@ class _Draft:
   noise: np.ndarray  # [N, feature_dim]
 
 
-def _random_box(rng: np.random.Generator, w: int, h: int, lo: float, hi: float,
-                inside: np.ndarray | None = None) -> np.ndarray:
+def _random_box(
+    rng: np.random.Generator, w: int, h: int, lo: float, hi: float, inside: np.ndarray | None = None
+) -> np.ndarray:
   """A pixel box of relative size in [lo, hi], inside `inside` (default: image)."""
   x0, y0, x1, y1 = (0.0, 0.0, float(w), float(h)) if inside is None else inside
   bw = (x1 - x0) * rng.uniform(lo, hi)
@@ -339,8 +573,9 @@ def _random_box(rng: np.random.Generator, w: int, h: int, lo: float, hi: float,
   return np.array([bx, by, bx + bw, by + bh], np.float32)
 
 
-def _render_regions(world: World, rng: np.random.Generator, item_id: str,
-                    product_ids: Sequence[int]):
+def _render_regions(
+    world: World, rng: np.random.Generator, item_id: str, product_ids: Sequence[int]
+):
   """Detector regions of an image holding the given product instances.
 
   Each instance gets a whole-object region and up to two part regions; the
@@ -377,11 +612,15 @@ def _render_regions(world: World, rng: np.random.Generator, item_id: str,
   noise = rng.normal(0, p.feature_noise, (len(owner), world.feature_dim)).astype(np.float32)
   order = rng.permutation(len(owner))
   owner_arr = np.asarray(owner)[order]
-  instances = [formats.Instance(world.products[pid].label,
-                                tuple(int(i) for i in np.flatnonzero(owner_arr == k)))
-               for k, pid in enumerate(product_ids)]
-  regions = formats.RegionFeatures(item_id, w, h, np.stack(boxes)[order],
-                                   np.zeros((len(owner), 0), np.float32))
+  instances = [
+      formats.Instance(
+          world.products[pid].label, tuple(int(i) for i in np.flatnonzero(owner_arr == k))
+      )
+      for k, pid in enumerate(product_ids)
+  ]
+  regions = formats.RegionFeatures(
+      item_id, w, h, np.stack(boxes)[order], np.zeros((len(owner), 0), np.float32)
+  )
   return regions, instances, np.asarray(content, np.float32)[order], style, noise
 
 
@@ -393,7 +632,7 @@ def _product_phrase(world: World, rng: np.random.Generator, pid: int) -> str:
     if rng.random() < world.params.p_partial_name and len(d) > 2:
       n = int(rng.integers(2, len(d)))
       s = int(rng.integers(0, len(d) - n + 1))
-      return d[s:s + n]
+      return d[s : s + n]
     return d
   synonyms = TYPES[prod.type_index]
   type_name = synonyms[int(rng.integers(len(synonyms)))]
@@ -413,8 +652,9 @@ def make_title(world: World, rng: np.random.Generator, product_ids: Sequence[int
   others = [q for q in world.brand_products[brand] if q not in product_ids]
   if others and rng.random() < p.p_wrong_product:
     phrases.append(_product_phrase(world, rng, others[int(rng.integers(len(others)))]))
-  brand_name = (world.brand_names[brand] if rng.random() < p.p_brand_latin
-                else world.brand_aliases[brand])
+  brand_name = (
+      world.brand_names[brand] if rng.random() < p.p_brand_latin else world.brand_aliases[brand]
+  )
   n_mkt = int(rng.integers(p.marketing_words[0], p.marketing_words[1] + 1))
   # Zipf-like choice: a few marketing words are everywhere, most are rare.
   ranks = np.minimum(rng.zipf(1.3, size=n_mkt) - 1, len(MARKETING) - 1)
@@ -439,8 +679,10 @@ def _item_id(split: str, index: int) -> str:
 
 
 def _url(item_id: str) -> tuple[str, str]:
-  return (f'https://img.example.invalid/product1m/{item_id}.jpg',
-          f'http://mirror.example.invalid/product1m/datasets/images/{item_id}.jpg')
+  return (
+      f'https://img.example.invalid/product1m/{item_id}.jpg',
+      f'http://mirror.example.invalid/product1m/datasets/images/{item_id}.jpg',
+  )
 
 
 def _num_instances(rng: np.random.Generator) -> int:
@@ -464,21 +706,28 @@ def _finish(world: World, drafts: Sequence[_Draft]) -> list[Sample]:
   if not drafts:
     return []
   latents = np.concatenate([d.latents for d in drafts])
-  style = np.concatenate([np.broadcast_to(d.style, (len(d.latents), d.style.shape[0]))
-                          for d in drafts])
+  style = np.concatenate(
+      [np.broadcast_to(d.style, (len(d.latents), d.style.shape[0])) for d in drafts]
+  )
   feats = region_features(world, latents, style, np.concatenate([d.noise for d in drafts]))
   out, start = [], 0
   for d in drafts:
     n = len(d.latents)
-    regions = dataclasses.replace(d.regions, features=feats[start:start + n])
+    regions = dataclasses.replace(d.regions, features=feats[start : start + n])
     out.append(Sample(d.annotation, regions, d.instances))
     start += n
   return out
 
 
-def make_sample(world: World, seed: int, split: str, index: int,
-                product_ids: Sequence[int] | None = None, title: str | None = None,
-                item_id: str | None = None) -> Sample:
+def make_sample(
+    world: World,
+    seed: int,
+    split: str,
+    index: int,
+    product_ids: Sequence[int] | None = None,
+    title: str | None = None,
+    item_id: str | None = None,
+) -> Sample:
   """One sample of a split, a pure function of (world, seed, split, index).
 
   (`generate` computes features 128 samples per matrix product; those may
@@ -487,9 +736,15 @@ def make_sample(world: World, seed: int, split: str, index: int,
   return _finish(world, [_draft(world, seed, split, index, product_ids, title, item_id)])[0]
 
 
-def _draft(world: World, seed: int, split: str, index: int,
-           product_ids: Sequence[int] | None = None, title: str | None = None,
-           item_id: str | None = None) -> _Draft:
+def _draft(
+    world: World,
+    seed: int,
+    split: str,
+    index: int,
+    product_ids: Sequence[int] | None = None,
+    title: str | None = None,
+    item_id: str | None = None,
+) -> _Draft:
   """All random draws of one sample, from its own RNG (seed, split, index).
 
   gallery: a single product (product `index // gallery_per_product`); train:
@@ -509,19 +764,33 @@ def _draft(world: World, seed: int, split: str, index: int,
   title = title or make_title(world, rng, product_ids)
   labels = () if split == 'train' else tuple(world.products[i].label for i in product_ids)
   url, mirror = _url(item_id)
-  return _Draft(formats.Annotation(item_id, title, url, mirror, labels), regions, instances,
-                latents, style, noise)
+  return _Draft(
+      formats.Annotation(item_id, title, url, mirror, labels),
+      regions,
+      instances,
+      latents,
+      style,
+      noise,
+  )
 
 
 def _split_sizes(world: World) -> dict[str, int]:
   p = world.preset
-  return {'train': p.num_train, 'gallery': len(world.products) * p.gallery_per_product,
-          'dev': p.num_dev, 'test': p.num_test}
+  return {
+      'train': p.num_train,
+      'gallery': len(world.products) * p.gallery_per_product,
+      'dev': p.num_dev,
+      'test': p.num_test,
+  }
 
 
-def iter_split(world: World, seed: int, split: str,
-               queries: Sequence[formats.Annotation] | None = None,
-               chunk: int = 128) -> Iterator[Sample]:
+def iter_split(
+    world: World,
+    seed: int,
+    split: str,
+    queries: Sequence[formats.Annotation] | None = None,
+    chunk: int = 128,
+) -> Iterator[Sample]:
   """Streams the samples of a split, `chunk` at a time (bounded memory).
 
   `queries` replaces the drawn samples (real titles and label sets, with
@@ -529,11 +798,20 @@ def iter_split(world: World, seed: int, split: str,
   """
   if queries is not None:
     index_of = {p.label: i for i, p in enumerate(world.products)}
+
     def draft(i: int) -> _Draft:
       q = queries[i]
-      d = _draft(world, seed, split, i, product_ids=[index_of[l] for l in q.labels],
-                 title=q.title, item_id=q.item_id)
+      d = _draft(
+          world,
+          seed,
+          split,
+          i,
+          product_ids=[index_of[l] for l in q.labels],
+          title=q.title,
+          item_id=q.item_id,
+      )
       return dataclasses.replace(d, annotation=q)
+
     total = len(queries)
   else:
     draft = lambda i: _draft(world, seed, split, i)
@@ -565,10 +843,18 @@ class _FeatureWriter:
       self._f.close()
 
 
-def generate(out_dir: str, preset: str | Preset = 'demo', *, seed: int = 0,
-             annotations: str | None = None, feature_format: str = 'tsv',
-             feature_dim: int | None = None, params: WorldParams = WorldParams(),
-             splits: Sequence[str] = formats.SPLITS, progress: bool = True) -> dict:
+def generate(
+    out_dir: str,
+    preset: str | Preset = 'demo',
+    *,
+    seed: int = 0,
+    annotations: str | None = None,
+    feature_format: str = 'tsv',
+    feature_dim: int | None = None,
+    params: WorldParams = WorldParams(),
+    splits: Sequence[str] = formats.SPLITS,
+    progress: bool = True,
+) -> dict:
   """Writes a synthetic Product1M folder; returns a summary (also in world.json).
 
   Args:
@@ -594,8 +880,10 @@ def generate(out_dir: str, preset: str | Preset = 'demo', *, seed: int = 0,
     queries = [a for _, a in formats.read_annotations(annotations, require_labels=True)]
     max_inst = max(len(q.labels) for q in queries)
     if max_inst > p.max_regions:
-      raise ValueError(f'{annotations}: a query has {max_inst} labels but the preset '
-                       f'allows {p.max_regions} regions')
+      raise ValueError(
+          f'{annotations}: a query has {max_inst} labels but the preset '
+          f'allows {p.max_regions} regions'
+      )
     world = make_world(p, seed, params, real_labels=[l for q in queries for l in q.labels])
     p = dataclasses.replace(p, num_dev=len(queries))
   else:
@@ -605,16 +893,23 @@ def generate(out_dir: str, preset: str | Preset = 'demo', *, seed: int = 0,
   for split in splits:
     path = os.path.join(out_dir, formats.annotation_filename(split))
     writer = _FeatureWriter(out_dir, split, feature_format)
-    sidecar = (open(os.path.join(out_dir, formats.instances_filename(split)), 'w',
-                    encoding='utf-8') if split in formats.LABELLED_SPLITS else None)
+    sidecar = (
+        open(os.path.join(out_dir, formats.instances_filename(split)), 'w', encoding='utf-8')
+        if split in formats.LABELLED_SPLITS
+        else None
+    )
     split_queries = queries if split == 'dev' else None
     total = len(queries) if split_queries is not None else _split_sizes(world)[split]
     n = 0
     with open(path, 'w', encoding='utf-8') as ann_file:
       # disable=None: a bar on a terminal, none in logs.
-      bar = tqdm.tqdm(iter_split(world, seed, split, split_queries), total=total,
-                      desc=f'synthetic {split}', leave=False,
-                      disable=None if progress else True)
+      bar = tqdm.tqdm(
+          iter_split(world, seed, split, split_queries),
+          total=total,
+          desc=f'synthetic {split}',
+          leave=False,
+          disable=None if progress else True,
+      )
       for s in bar:
         ann_file.write(formats.format_annotation(s.annotation) + '\n')
         writer.write(s.regions)
@@ -625,11 +920,19 @@ def generate(out_dir: str, preset: str | Preset = 'demo', *, seed: int = 0,
     if sidecar is not None:
       sidecar.close()
     counts[split] = n
-  summary = {'preset': dataclasses.asdict(p), 'params': dataclasses.asdict(params),
-             'seed': seed, 'annotations': annotations, 'feature_format': feature_format,
-             'feature_dim': p.feature_dim, 'max_regions': p.max_regions, 'counts': counts,
-             'num_brands': len(world.brand_names), 'num_products': len(world.products),
-             'products': [q.label for q in world.products]}
+  summary = {
+      'preset': dataclasses.asdict(p),
+      'params': dataclasses.asdict(params),
+      'seed': seed,
+      'annotations': annotations,
+      'feature_format': feature_format,
+      'feature_dim': p.feature_dim,
+      'max_regions': p.max_regions,
+      'counts': counts,
+      'num_brands': len(world.brand_names),
+      'num_products': len(world.products),
+      'products': [q.label for q in world.products],
+  }
   with open(os.path.join(out_dir, 'synthetic_world.json'), 'w', encoding='utf-8') as f:
     json.dump(summary, f, ensure_ascii=False, indent=1)
   return summary
@@ -640,18 +943,29 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument('--out', required=True, help='output folder')
   parser.add_argument('--preset', default='demo', choices=sorted(PRESETS))
   parser.add_argument('--seed', type=int, default=0)
-  parser.add_argument('--annotations', default=None,
-                      help='a real Product1M query file whose titles and labels to use')
+  parser.add_argument(
+      '--annotations',
+      default=None,
+      help='a real Product1M query file whose titles and labels to use',
+  )
   parser.add_argument('--feature_format', default='tsv', choices=('tsv', 'npz'))
   parser.add_argument('--feature_dim', type=int, default=None)
   parser.add_argument('--splits', default=','.join(formats.SPLITS))
   args = parser.parse_args(argv)
-  summary = generate(args.out, args.preset, seed=args.seed, annotations=args.annotations,
-                     feature_format=args.feature_format, feature_dim=args.feature_dim,
-                     splits=[s for s in args.splits.split(',') if s])
-  print(f'wrote {args.out}: {summary["num_products"]} products of {summary["num_brands"]} '
-        f'brands; ' + ', '.join(f'{k} {v}' for k, v in summary['counts'].items()),
-        file=sys.stderr)
+  summary = generate(
+      args.out,
+      args.preset,
+      seed=args.seed,
+      annotations=args.annotations,
+      feature_format=args.feature_format,
+      feature_dim=args.feature_dim,
+      splits=[s for s in args.splits.split(',') if s],
+  )
+  print(
+      f'wrote {args.out}: {summary["num_products"]} products of {summary["num_brands"]} '
+      f'brands; ' + ', '.join(f'{k} {v}' for k, v in summary['counts'].items()),
+      file=sys.stderr,
+  )
 
 
 if __name__ == '__main__':

@@ -21,10 +21,16 @@ from capture_jax.data import synthetic
 from capture_jax.data import tokenizer as tokenizer_lib
 
 
-def tiny_dataset(root: str | os.PathLike, *, preset: str = 'tiny', seed: int = 0,
-                 feature_format: str = 'tsv', storage_dtype: str = 'float16',
-                 config: ml_collections.ConfigDict | None = None,
-                 vocab_size: int = 500) -> ml_collections.ConfigDict:
+def tiny_dataset(
+    root: str | os.PathLike,
+    *,
+    preset: str = 'tiny',
+    seed: int = 0,
+    feature_format: str = 'tsv',
+    storage_dtype: str = 'float16',
+    config: ml_collections.ConfigDict | None = None,
+    vocab_size: int = 500,
+) -> ml_collections.ConfigDict:
   """Generates, tokenises and builds a dataset under `root`; returns its config.
 
   Args:
@@ -52,9 +58,14 @@ def tiny_dataset(root: str | os.PathLike, *, preset: str = 'tiny', seed: int = 0
   if 'model' in c:
     c.model.v_feature_size = p.feature_dim
     c.model.v_target_size = p.feature_dim
-  synthetic.generate(d.data_dir, preset, seed=seed, feature_format=feature_format,
-                     progress=False)
+  synthetic.generate(d.data_dir, preset, seed=seed, feature_format=feature_format, progress=False)
   tokenizer_lib.train_vocab(tokenizer_lib.iter_titles(d.data_dir), vocab_size, d.vocab_file)
-  product1m_tfds.build(d.data_dir, d.tfds_dir, storage_dtype=storage_dtype,
-                       max_regions=p.max_regions, feature_dim=p.feature_dim, progress=False)
+  product1m_tfds.build(
+      d.data_dir,
+      d.tfds_dir,
+      storage_dtype=storage_dtype,
+      max_regions=p.max_regions,
+      feature_dim=p.feature_dim,
+      progress=False,
+  )
   return c

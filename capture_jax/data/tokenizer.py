@@ -47,17 +47,18 @@ def read_vocab(vocab_file: str) -> dict[str, int]:
   if missing:
     raise ValueError(f'{vocab_file}: missing special token(s) {missing}')
   if vocab['[PAD]'] != 0:
-    raise ValueError(f'{vocab_file}: [PAD] must be the first line (id 0), found at '
-                     f'line {vocab["[PAD]"] + 1}')
+    raise ValueError(
+        f'{vocab_file}: [PAD] must be the first line (id 0), found at line {vocab["[PAD]"] + 1}'
+    )
   return vocab
 
 
-def load_tokenizer(vocab_file: str, do_lower_case: bool = True
-                   ) -> transformers.BertTokenizerFast:
+def load_tokenizer(vocab_file: str, do_lower_case: bool = True) -> transformers.BertTokenizerFast:
   """transformers' fast BERT WordPiece tokenizer over `vocab_file`."""
   vocab = read_vocab(vocab_file)
-  tok = transformers.BertTokenizerFast(vocab=vocab, do_lower_case=do_lower_case,
-                                       tokenize_chinese_chars=True)
+  tok = transformers.BertTokenizerFast(
+      vocab=vocab, do_lower_case=do_lower_case, tokenize_chinese_chars=True
+  )
   if len(tok) != len(vocab):
     raise RuntimeError(f'{vocab_file}: tokenizer has {len(tok)} tokens, file {len(vocab)}')
   return tok
@@ -111,23 +112,35 @@ def iter_titles(data_dir: str, splits: Sequence[str] = formats.SPLITS) -> Iterat
         yield ann.title
 
 
-def train_vocab(texts: Iterable[str], vocab_size: int, out_path: str,
-                min_frequency: int = 2, do_lower_case: bool = True) -> int:
+def train_vocab(
+    texts: Iterable[str],
+    vocab_size: int,
+    out_path: str,
+    min_frequency: int = 2,
+    do_lower_case: bool = True,
+) -> int:
   """Trains a BERT WordPiece vocab with `tokenizers` and writes `vocab.txt`.
 
   Every character seen is kept (no alphabet limit), so no caption character
   of the training text becomes [UNK]; CJK characters are split one per token
   before WordPiece, as bert-base-chinese does. Returns the vocab size.
   """
-  wp = tokenizers.BertWordPieceTokenizer(clean_text=True, handle_chinese_chars=True,
-                                         strip_accents=None, lowercase=do_lower_case)
-  wp.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=min_frequency,
-                         limit_alphabet=1_000_000, special_tokens=list(SPECIAL_TOKENS),
-                         show_progress=False, wordpieces_prefix='##')
+  wp = tokenizers.BertWordPieceTokenizer(
+      clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=do_lower_case
+  )
+  wp.train_from_iterator(
+      texts,
+      vocab_size=vocab_size,
+      min_frequency=min_frequency,
+      limit_alphabet=1_000_000,
+      special_tokens=list(SPECIAL_TOKENS),
+      show_progress=False,
+      wordpieces_prefix='##',
+  )
   vocab = wp.get_vocab()
   tokens = sorted(vocab, key=vocab.get)
-  if tokens[:len(SPECIAL_TOKENS)] != list(SPECIAL_TOKENS):
-    raise RuntimeError(f'special tokens not first: {tokens[:len(SPECIAL_TOKENS)]}')
+  if tokens[: len(SPECIAL_TOKENS)] != list(SPECIAL_TOKENS):
+    raise RuntimeError(f'special tokens not first: {tokens[: len(SPECIAL_TOKENS)]}')
   os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
   with open(out_path, 'w', encoding='utf-8') as f:
     f.write('\n'.join(tokens) + '\n')
@@ -146,8 +159,12 @@ def main(argv: Sequence[str] | None = None) -> None:
   # avoids [UNK] for characters that appear in queries alone.
   train.add_argument('--splits', default=','.join(formats.SPLITS))
   args = parser.parse_args(argv)
-  n = train_vocab(iter_titles(args.data_dir, args.splits.split(',')), args.vocab_size,
-                  args.out, args.min_frequency)
+  n = train_vocab(
+      iter_titles(args.data_dir, args.splits.split(',')),
+      args.vocab_size,
+      args.out,
+      args.min_frequency,
+  )
   print(f'wrote {args.out}: {n} tokens', file=sys.stderr)
 
 

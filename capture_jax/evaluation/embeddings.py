@@ -52,8 +52,20 @@ ROW_KINDS = ('samples', 'instances')  # one row per sample, or one per product i
 METADATA_FILE = 'metadata.json'
 FORMAT_VERSION = 1
 # Metadata fields that must agree for existing shards to be reused.
-IDENTITY_FIELDS = ('format_version', 'split', 'rows', 'kind', 'dimension', 'weights',
-                   'checkpoint_step', 'seed', 'model', 'count', 'shard_rows', 'num_shards')
+IDENTITY_FIELDS = (
+    'format_version',
+    'split',
+    'rows',
+    'kind',
+    'dimension',
+    'weights',
+    'checkpoint_step',
+    'seed',
+    'model',
+    'count',
+    'shard_rows',
+    'num_shards',
+)
 
 
 # --------------------------------------------------------------------------
@@ -79,17 +91,32 @@ def embed_outputs(outputs: Mapping[str, jax.Array], kind: str) -> jax.Array:
   if kind == 'visual':
     return l2_normalize(outputs['pooled_visual'])
   prefix = 'enc_' if kind == 'encoder' else ''
-  return l2_normalize(jnp.concatenate([l2_normalize(outputs[f'{prefix}pooled_text']),
-                               l2_normalize(outputs[f'{prefix}pooled_visual'])], axis=-1))
+  return l2_normalize(
+      jnp.concatenate(
+          [
+              l2_normalize(outputs[f'{prefix}pooled_text']),
+              l2_normalize(outputs[f'{prefix}pooled_visual']),
+          ],
+          axis=-1,
+      )
+  )
 
 
-def abstract_batch(config: ml_collections.ConfigDict, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+def abstract_batch(
+    config: ml_collections.ConfigDict, batch_size: int
+) -> dict[str, jax.ShapeDtypeStruct]:
   """Shapes of one global evaluation batch of the model inputs (`BATCH_KEYS`)."""
   d = config.data
   t, r, f = d.max_text_len, d.max_regions, d.feature_dim
   i32, f32 = np.int32, np.float32
-  shapes = {'input_ids': ((t,), i32), 'input_mask': ((t,), i32), 'segment_ids': ((t,), i32),
-            'image_feat': ((r + 1, f), f32), 'image_loc': ((r + 1, 5), f32), 'image_mask': ((r + 1,), i32)}
+  shapes = {
+      'input_ids': ((t,), i32),
+      'input_mask': ((t,), i32),
+      'segment_ids': ((t,), i32),
+      'image_feat': ((r + 1, f), f32),
+      'image_loc': ((r + 1, 5), f32),
+      'image_mask': ((r + 1,), i32),
+  }
   return {k: jax.ShapeDtypeStruct((batch_size,) + s, dt) for k, (s, dt) in shapes.items()}
 
 
@@ -100,6 +127,7 @@ class Embedder:
   Built once by `make_embedder` and reused for every split and for any
   parameters of the same layout (a checkpoint's, or the random initialisation).
   """
+
   mesh: Any
   kind: str
   dimension: int
@@ -116,13 +144,16 @@ class Embedder:
 def initial_model_params(config: ml_collections.ConfigDict, key: jax.Array) -> Any:
   """The untrained model's parameters, as the trainer initialises them (traceable, for sharded init)."""
   from capture_jax import train  # pylint: disable=import-outside-toplevel
+
   return train.initial_params(config, key)['model']
 
 
 def model_param_layout(config: ml_collections.ConfigDict, mesh) -> tuple[Any, Any]:
   """Abstract `params['model']` and its shardings on `mesh` (the trainer's rules, which
   depend only on each parameter's path and shape)."""
-  abstract = jax.eval_shape(lambda k: initial_model_params(config, k), jax.random.PRNGKey(config.seed))
+  abstract = jax.eval_shape(
+      lambda k: initial_model_params(config, k), jax.random.PRNGKey(config.seed)
+  )
   return abstract, sharding.param_shardings(abstract, mesh, config.mesh)
 
 
@@ -133,13 +164,16 @@ def make_embedder(config: ml_collections.ConfigDict, mesh, kind: str | None = No
   over `('data', 'fsdp')` and so are the output rows.
   """
   import time
+
   kind = kind or config.eval.embedding
   check_kind(kind)
   batch_size = config.data.eval_batch_size
   batch_devices = mesh.shape['data'] * mesh.shape['fsdp']
   if batch_size % batch_devices:
-    raise ValueError(f'data.eval_batch_size={batch_size} is not divisible by the {batch_devices} devices of the '
-                     f"mesh's batch axes (data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']})")
+    raise ValueError(
+        f'data.eval_batch_size={batch_size} is not divisible by the {batch_devices} devices of the '
+        f"mesh's batch axes (data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']})"
+    )
   abstract, shardings = model_param_layout(config, mesh)
   model = CaptureModel(config.model)
 
@@ -148,14 +182,25 @@ def make_embedder(config: ml_collections.ConfigDict, mesh, kind: str | None = No
 
   batch_sharding = sharding.batch_sharding(mesh)
   jitted = jax.jit(step, in_shardings=(shardings, batch_sharding), out_shardings=batch_sharding)
-  abstract_params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                 abstract, shardings)
-  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
-           for k, v in abstract_batch(config, batch_size).items()}
+  abstract_params = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+  )
+  batch = {
+      k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
+      for k, v in abstract_batch(config, batch_size).items()
+  }
   start = time.perf_counter()
   compiled = jitted.lower(abstract_params, batch).compile()
-  return Embedder(mesh, kind, embedding_dim(config.model, kind), batch_size, shardings, abstract_params, compiled,
-                  time.perf_counter() - start)
+  return Embedder(
+      mesh,
+      kind,
+      embedding_dim(config.model, kind),
+      batch_size,
+      shardings,
+      abstract_params,
+      compiled,
+      time.perf_counter() - start,
+  )
 
 
 # --------------------------------------------------------------------------
@@ -207,7 +252,11 @@ def identity_diffs(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
     if a.get(k) != b.get(k):
       if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
         keys = sorted(set(a[k]) | set(b[k]))
-        diffs += [f'{k}.{kk}: {a[k].get(kk)!r} vs {b[k].get(kk)!r}' for kk in keys if a[k].get(kk) != b[k].get(kk)]
+        diffs += [
+            f'{k}.{kk}: {a[k].get(kk)!r} vs {b[k].get(kk)!r}'
+            for kk in keys
+            if a[k].get(kk) != b[k].get(kk)
+        ]
       else:
         diffs.append(f'{k}: {a.get(k)!r} vs {b.get(k)!r}')
   return diffs
@@ -216,6 +265,7 @@ def identity_diffs(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
 @dataclasses.dataclass
 class Embeddings:
   """An export read back: `vectors [N, D]` float32 with per-row ids, in row order."""
+
   vectors: np.ndarray
   item_id: list[str]
   row: np.ndarray
@@ -241,20 +291,28 @@ def read_embeddings(out_dir: str | Path) -> Embeddings:
   out_dir = Path(out_dir)
   meta = read_metadata(out_dir)
   if meta is None:
-    raise FileNotFoundError(f'{out_dir} holds no exported embeddings ({METADATA_FILE} is missing); '
-                            'run `python -m capture_jax.export` first')
+    raise FileNotFoundError(
+        f'{out_dir} holds no exported embeddings ({METADATA_FILE} is missing); '
+        'run `python -m capture_jax.export` first'
+    )
   if not meta.get('complete'):
-    raise ValueError(f'the export in {out_dir} is incomplete; run the same export command again to finish it')
+    raise ValueError(
+        f'the export in {out_dir} is incomplete; run the same export command again to finish it'
+    )
   dim, count = int(meta['dimension']), int(meta['count'])
   vectors, ids, rows, labels, indices = [], [], [], [], []
   for s in range(int(meta['num_shards'])):
     path = out_dir / shard_name(s, int(meta['num_shards']))
     if not path.is_file():
-      raise FileNotFoundError(f'{path} is missing from the export in {out_dir}; run the export again to rewrite it')
+      raise FileNotFoundError(
+          f'{path} is missing from the export in {out_dir}; run the export again to rewrite it'
+      )
     with np.load(path, allow_pickle=False) as z:
       emb = z['embeddings']
       if emb.ndim != 2 or emb.shape[1] != dim:
-        raise ValueError(f'{path}: embeddings of shape {emb.shape}, but {METADATA_FILE} says dimension {dim}')
+        raise ValueError(
+            f'{path}: embeddings of shape {emb.shape}, but {METADATA_FILE} says dimension {dim}'
+        )
       vectors.append(emb.astype(np.float32, copy=False))
       ids += [str(x) for x in z['item_id']]
       rows.append(z['row'])
@@ -263,9 +321,16 @@ def read_embeddings(out_dir: str | Path) -> Embeddings:
         indices.append(z['instance_index'])
   vectors = np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32)
   if len(vectors) != count:
-    raise ValueError(f'the export in {out_dir} has {len(vectors)} rows, but {METADATA_FILE} says {count}')
+    raise ValueError(
+        f'the export in {out_dir} has {len(vectors)} rows, but {METADATA_FILE} says {count}'
+    )
   instances = meta.get('rows') == 'instances'
-  return Embeddings(vectors, ids, np.concatenate(rows) if rows else np.zeros(0, np.int64),
-                    labels if instances else None,
-                    (np.concatenate(indices) if indices else np.zeros(0, np.int32)) if instances else None,
-                    meta, out_dir)
+  return Embeddings(
+      vectors,
+      ids,
+      np.concatenate(rows) if rows else np.zeros(0, np.int64),
+      labels if instances else None,
+      (np.concatenate(indices) if indices else np.zeros(0, np.int32)) if instances else None,
+      meta,
+      out_dir,
+  )

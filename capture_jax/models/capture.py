@@ -56,7 +56,9 @@ def validate_batch(batch: Mapping[str, Any], cfg: ml_collections.ConfigDict) -> 
   b, t = shape('input_ids', 2, '[B, T]')
   for key in ('input_mask', 'segment_ids'):
     if shape(key, 2, '[B, T]') != (b, t):
-      raise ValueError(f'{key} must have shape {(b, t)} like input_ids, got {jnp.shape(batch[key])}')
+      raise ValueError(
+          f'{key} must have shape {(b, t)} like input_ids, got {jnp.shape(batch[key])}'
+      )
   fb, r1, f = shape('image_feat', 3, '[B, R+1, F]')
   if fb != b:
     raise ValueError(f'image_feat has batch {fb} but input_ids has batch {b}')
@@ -65,37 +67,48 @@ def validate_batch(batch: Mapping[str, Any], cfg: ml_collections.ConfigDict) -> 
   if shape('image_loc', 3, '[B, R+1, 5]') != (b, r1, 5):
     raise ValueError(f'image_loc must have shape {(b, r1, 5)}, got {jnp.shape(batch["image_loc"])}')
   if shape('image_mask', 2, '[B, R+1]') != (b, r1):
-    raise ValueError(f'image_mask must have shape {(b, r1)} like image_feat, got {jnp.shape(batch["image_mask"])}')
+    raise ValueError(
+        f'image_mask must have shape {(b, r1)} like image_feat, got {jnp.shape(batch["image_mask"])}'
+    )
   if t > cfg.max_position_embeddings:
-    raise ValueError(f'text length {t} exceeds model.max_position_embeddings={cfg.max_position_embeddings}')
+    raise ValueError(
+        f'text length {t} exceeds model.max_position_embeddings={cfg.max_position_embeddings}'
+    )
   if cfg.cross_num_layers:
     if t > cfg.max_text_len:
       raise ValueError(f'text length {t} exceeds model.max_text_len={cfg.max_text_len}')
     if cfg.max_text_len + r1 > cfg.cross_max_position_embeddings:
-      raise ValueError(f'model.max_text_len + regions = {cfg.max_text_len} + {r1} exceeds '
-                       f'model.cross_max_position_embeddings={cfg.cross_max_position_embeddings}')
+      raise ValueError(
+          f'model.max_text_len + regions = {cfg.max_text_len} + {r1} exceeds '
+          f'model.cross_max_position_embeddings={cfg.cross_max_position_embeddings}'
+      )
 
 
 class TextEmbeddings(nn.Module):
   """`[B, T]` ids -> `[B, T, W]`: word + position + token type, then LN and dropout."""
+
   cfg: ml_collections.ConfigDict
   train: bool
 
   @nn.compact
   def __call__(self, word_embeds: Array, segment_ids: Array) -> Array:
     cfg = self.cfg
-    embed = functools.partial(nn.Embed, features=cfg.hidden_size,
-                              embedding_init=layers.dense_init(cfg.initializer_range))
+    embed = functools.partial(
+        nn.Embed, features=cfg.hidden_size, embedding_init=layers.dense_init(cfg.initializer_range)
+    )
     t = word_embeds.shape[1]
-    x = (word_embeds
-         + embed(cfg.max_position_embeddings, name='position_embeddings')(jnp.arange(t))[None]
-         + embed(cfg.type_vocab_size, name='token_type_embeddings')(segment_ids))
+    x = (
+        word_embeds
+        + embed(cfg.max_position_embeddings, name='position_embeddings')(jnp.arange(t))[None]
+        + embed(cfg.type_vocab_size, name='token_type_embeddings')(segment_ids)
+    )
     x = nn.LayerNorm(cfg.layer_norm_eps, name='layer_norm')(x)
     return nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=not self.train)
 
 
 class VisualEmbeddings(nn.Module):
   """`[B, R+1, F]` features and `[B, R+1, 5]` boxes -> `[B, R+1, Wv]`."""
+
   cfg: ml_collections.ConfigDict
   dtype: Any
   train: bool
@@ -103,8 +116,12 @@ class VisualEmbeddings(nn.Module):
   @nn.compact
   def __call__(self, feat: Array, loc: Array) -> Array:
     cfg = self.cfg
-    dense = functools.partial(nn.Dense, cfg.v_hidden_size, dtype=self.dtype,
-                              kernel_init=layers.dense_init(cfg.initializer_range))
+    dense = functools.partial(
+        nn.Dense,
+        cfg.v_hidden_size,
+        dtype=self.dtype,
+        kernel_init=layers.dense_init(cfg.initializer_range),
+    )
     x = dense(name='image_embeddings')(feat) + dense(name='location_embeddings')(loc)
     x = nn.LayerNorm(cfg.layer_norm_eps, dtype=self.dtype, name='layer_norm')(x)
     return nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=not self.train)
@@ -112,14 +129,19 @@ class VisualEmbeddings(nn.Module):
 
 class PredictionHead(nn.Module):
   """`Dense(bi -> W)`, then BERT's transform (Dense, GELU, LN) `[.., W]`."""
+
   width: int
   cfg: ml_collections.ConfigDict
   dtype: Any
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    dense = functools.partial(nn.Dense, self.width, dtype=self.dtype,
-                              kernel_init=layers.dense_init(self.cfg.initializer_range))
+    dense = functools.partial(
+        nn.Dense,
+        self.width,
+        dtype=self.dtype,
+        kernel_init=layers.dense_init(self.cfg.initializer_range),
+    )
     x = dense(name='input_projection')(x)
     x = layers.gelu_exact(dense(name='transform')(x))
     return nn.LayerNorm(self.cfg.layer_norm_eps, dtype=self.dtype, name='layer_norm')(x)
@@ -142,6 +164,7 @@ class CaptureModel(nn.Module):
   | `enc_pooled_text`, `enc_pooled_visual` | `[B, bi]` encoder poolers (contrastive loss) |
   | `text_after_coattention`, `visual_after_coattention` | `[B, T, W]`, `[B, R+1, Wv]` |
   """
+
   config: ml_collections.ConfigDict  # the `model` section
 
   @nn.compact
@@ -151,8 +174,13 @@ class CaptureModel(nn.Module):
     dtype = compute_dtype(cfg.dtype)
     init_std = cfg.initializer_range
     stack = functools.partial(layers.LayerStack, scan=cfg.scan_layers, remat=cfg.remat)
-    common = dict(layer_norm_eps=cfg.layer_norm_eps, init_std=init_std, dtype=dtype,
-                  attention_impl=cfg.attention_impl, train=train)
+    common = dict(
+        layer_norm_eps=cfg.layer_norm_eps,
+        init_std=init_std,
+        dtype=dtype,
+        attention_impl=cfg.attention_impl,
+        train=train,
+    )
 
     input_mask = batch['input_mask']
     image_mask = batch['image_mask']
@@ -160,60 +188,106 @@ class CaptureModel(nn.Module):
     v_bias = layers.additive_key_mask(image_mask, layers.BERT_MASK_VALUE)
 
     # 1-2. Embeddings. The word embedding matrix is shared with the MLM decoder.
-    word_embeddings = nn.Embed(cfg.vocab_size, cfg.hidden_size, name='word_embeddings',
-                               embedding_init=layers.dense_init(init_std))
+    word_embeddings = nn.Embed(
+        cfg.vocab_size,
+        cfg.hidden_size,
+        name='word_embeddings',
+        embedding_init=layers.dense_init(init_std),
+    )
     t = TextEmbeddings(cfg, train, name='text_embeddings')(
-        word_embeddings(batch['input_ids']), batch['segment_ids']).astype(dtype)
+        word_embeddings(batch['input_ids']), batch['segment_ids']
+    ).astype(dtype)
     v = VisualEmbeddings(cfg, dtype, train, name='visual_embeddings')(
-        batch['image_feat'].astype(dtype), batch['image_loc'].astype(dtype))
+        batch['image_feat'].astype(dtype), batch['image_loc'].astype(dtype)
+    )
 
     # 3. The two streams, each with its own layer count.
-    t = stack(layers.PostLNLayer, cfg.num_hidden_layers, dict(
-        num_heads=cfg.num_attention_heads, intermediate_size=cfg.intermediate_size,
-        hidden_dropout=cfg.hidden_dropout_prob, attention_dropout=cfg.attention_probs_dropout_prob,
-        **common), name='text_stream')(t, t_bias)
-    v = stack(layers.PostLNLayer, cfg.v_num_hidden_layers, dict(
-        num_heads=cfg.v_num_attention_heads, intermediate_size=cfg.v_intermediate_size,
-        hidden_dropout=cfg.hidden_dropout_prob, attention_dropout=cfg.attention_probs_dropout_prob,
-        **common), name='visual_stream')(v, v_bias)
+    t = stack(
+        layers.PostLNLayer,
+        cfg.num_hidden_layers,
+        dict(
+            num_heads=cfg.num_attention_heads,
+            intermediate_size=cfg.intermediate_size,
+            hidden_dropout=cfg.hidden_dropout_prob,
+            attention_dropout=cfg.attention_probs_dropout_prob,
+            **common,
+        ),
+        name='text_stream',
+    )(t, t_bias)
+    v = stack(
+        layers.PostLNLayer,
+        cfg.v_num_hidden_layers,
+        dict(
+            num_heads=cfg.v_num_attention_heads,
+            intermediate_size=cfg.v_intermediate_size,
+            hidden_dropout=cfg.hidden_dropout_prob,
+            attention_dropout=cfg.attention_probs_dropout_prob,
+            **common,
+        ),
+        name='visual_stream',
+    )(v, v_bias)
 
     # 4. Encoder poolers: first token of each stream -> Dense -> ReLU.
-    pooler = functools.partial(nn.Dense, cfg.bi_hidden_size, dtype=dtype,
-                               kernel_init=layers.dense_init(init_std))
+    pooler = functools.partial(
+        nn.Dense, cfg.bi_hidden_size, dtype=dtype, kernel_init=layers.dense_init(init_std)
+    )
     enc_pooled_text = nn.relu(pooler(name='text_encoder_pooler')(t[:, 0]))
     enc_pooled_visual = nn.relu(pooler(name='visual_encoder_pooler')(v[:, 0]))
 
     # 5. Co-attention between the streams.
-    v, t = stack(layers.CoAttentionLayer, cfg.co_num_layers, dict(
-        bi_hidden_size=cfg.bi_hidden_size, num_heads=cfg.bi_num_attention_heads,
-        v_intermediate_size=cfg.v_intermediate_size, t_intermediate_size=cfg.intermediate_size,
-        hidden_dropout=cfg.hidden_dropout_prob, attention_dropout=cfg.attention_probs_dropout_prob,
-        **common), name='coattention')((v, t), v_bias, t_bias)
+    v, t = stack(
+        layers.CoAttentionLayer,
+        cfg.co_num_layers,
+        dict(
+            bi_hidden_size=cfg.bi_hidden_size,
+            num_heads=cfg.bi_num_attention_heads,
+            v_intermediate_size=cfg.v_intermediate_size,
+            t_intermediate_size=cfg.intermediate_size,
+            hidden_dropout=cfg.hidden_dropout_prob,
+            attention_dropout=cfg.attention_probs_dropout_prob,
+            **common,
+        ),
+        name='coattention',
+    )((v, t), v_bias, t_bias)
     text_after_coattention, visual_after_coattention = t, v
 
     # 6. Joint co-transformer over [text ; visual].
     num_text = t.shape[1]
     if cfg.cross_num_layers:
       if cfg.hidden_size != cfg.v_hidden_size or cfg.hidden_size != cfg.cross_hidden_size:
-        raise ValueError('the co-transformer concatenates the streams: hidden_size, v_hidden_size and '
-                         f'cross_hidden_size must be equal, got {cfg.hidden_size}, {cfg.v_hidden_size}, '
-                         f'{cfg.cross_hidden_size}')
+        raise ValueError(
+            'the co-transformer concatenates the streams: hidden_size, v_hidden_size and '
+            f'cross_hidden_size must be equal, got {cfg.hidden_size}, {cfg.v_hidden_size}, '
+            f'{cfg.cross_hidden_size}'
+        )
       x = jnp.concatenate([t, v], axis=1)
       # Visual tokens start at position max_text_len whatever the padded text
       # length (equal to the release, which always pads text to max_text_len).
-      position_ids = jnp.concatenate([jnp.arange(num_text), cfg.max_text_len + jnp.arange(v.shape[1])])
-      positions = nn.Embed(cfg.cross_max_position_embeddings, cfg.cross_hidden_size,
-                           embedding_init=layers.dense_init(init_std),
-                           name='cross_position_embeddings')(position_ids)
-      x = nn.Dropout(cfg.hidden_dropout_prob)(x + positions[None].astype(dtype), deterministic=not train)
+      position_ids = jnp.concatenate(
+          [jnp.arange(num_text), cfg.max_text_len + jnp.arange(v.shape[1])]
+      )
+      positions = nn.Embed(
+          cfg.cross_max_position_embeddings,
+          cfg.cross_hidden_size,
+          embedding_init=layers.dense_init(init_std),
+          name='cross_position_embeddings',
+      )(position_ids)
+      x = nn.Dropout(cfg.hidden_dropout_prob)(
+          x + positions[None].astype(dtype), deterministic=not train
+      )
       joint_mask = jnp.concatenate([input_mask, image_mask], axis=1)
-      x = stack(layers.PreLNBlock, cfg.cross_num_layers, dict(
-          num_heads=cfg.cross_num_attention_heads, mlp_ratio=cfg.cross_mlp_ratio, **common),
-          name='co_transformer')(x, layers.additive_key_mask(joint_mask, layers.CLIP_MASK_VALUE))
+      x = stack(
+          layers.PreLNBlock,
+          cfg.cross_num_layers,
+          dict(num_heads=cfg.cross_num_attention_heads, mlp_ratio=cfg.cross_mlp_ratio, **common),
+          name='co_transformer',
+      )(x, layers.additive_key_mask(joint_mask, layers.CLIP_MASK_VALUE))
       t, v = x[:, :num_text], x[:, num_text:]
 
     # 7. Per-modality projections; pooled output = first token.
-    proj = functools.partial(nn.Dense, cfg.bi_hidden_size, dtype=dtype, kernel_init=layers.dense_init(init_std))
+    proj = functools.partial(
+        nn.Dense, cfg.bi_hidden_size, dtype=dtype, kernel_init=layers.dense_init(init_std)
+    )
     sequence_text = nn.relu(proj(name='text_projection')(t))
     sequence_visual = nn.relu(proj(name='visual_projection')(v))
 
@@ -222,8 +296,9 @@ class CaptureModel(nn.Module):
     mlm_bias = self.param('mlm_bias', nn.initializers.zeros, (cfg.vocab_size,))
     mlm_logits = word_embeddings.attend(h.astype(jnp.float32)) + mlm_bias
     h = PredictionHead(cfg.v_hidden_size, cfg, dtype, name='mrm_head')(sequence_visual[:, 1:])
-    mrm_pred = nn.Dense(cfg.v_target_size, dtype=dtype, kernel_init=layers.dense_init(init_std),
-                        name='mrm_decoder')(h)
+    mrm_pred = nn.Dense(
+        cfg.v_target_size, dtype=dtype, kernel_init=layers.dense_init(init_std), name='mrm_decoder'
+    )(h)
 
     f32 = lambda a: a.astype(jnp.float32)
     return {
@@ -245,7 +320,9 @@ def init_params(model: CaptureModel, rng: jax.Array, batch: Mapping[str, Array])
   return model.init({'params': rng}, batch, train=False)['params']
 
 
-def dummy_batch(cfg: ml_collections.ConfigDict, batch_size: int, text_len: int, regions: int) -> dict[str, Array]:
+def dummy_batch(
+    cfg: ml_collections.ConfigDict, batch_size: int, text_len: int, regions: int
+) -> dict[str, Array]:
   """All-valid inputs of the right shapes, for `init` and `jax.eval_shape`."""
   return {
       'input_ids': jnp.zeros((batch_size, text_len), jnp.int32),

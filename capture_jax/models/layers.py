@@ -55,8 +55,16 @@ def gelu_exact(x: Array) -> Array:
   return nn.gelu(x, approximate=False)
 
 
-def attend(q: Array, k: Array, v: Array, bias: Array, *, impl: str,
-           dropout: nn.Dropout | None = None, deterministic: bool = True) -> Array:
+def attend(
+    q: Array,
+    k: Array,
+    v: Array,
+    bias: Array,
+    *,
+    impl: str,
+    dropout: nn.Dropout | None = None,
+    deterministic: bool = True,
+) -> Array:
   """Scaled dot-product attention with an additive key bias.
 
   Args:
@@ -73,7 +81,9 @@ def attend(q: Array, k: Array, v: Array, bias: Array, *, impl: str,
   depth = q.shape[-1]
   if impl == 'dot_product_attention':
     # Boolean key mask: the fused kernel's bias path adds a [B,H,Q,K] operand.
-    key_valid = jnp.broadcast_to(bias > (BERT_MASK_VALUE / 2), (q.shape[0], 1, q.shape[1], k.shape[1]))
+    key_valid = jnp.broadcast_to(
+        bias > (BERT_MASK_VALUE / 2), (q.shape[0], 1, q.shape[1], k.shape[1])
+    )
     return jax.nn.dot_product_attention(q, k, v, mask=key_valid)
   if impl != 'xla':
     raise ValueError(f"model.attention_impl must be 'xla' or 'dot_product_attention', got {impl!r}")
@@ -87,6 +97,7 @@ def attend(q: Array, k: Array, v: Array, bias: Array, *, impl: str,
 
 class MultiHeadProjection(nn.Module):
   """Dense `[..., in] -> [..., heads, width/heads]` (a split of one Dense)."""
+
   width: int
   num_heads: int
   dtype: Dtype
@@ -96,12 +107,15 @@ class MultiHeadProjection(nn.Module):
   def __call__(self, x: Array) -> Array:
     if self.width % self.num_heads:
       raise ValueError(f'attention width {self.width} is not divisible by {self.num_heads} heads')
-    y = nn.Dense(self.width, dtype=self.dtype, kernel_init=dense_init(self.init_std), name='dense')(x)
+    y = nn.Dense(self.width, dtype=self.dtype, kernel_init=dense_init(self.init_std), name='dense')(
+        x
+    )
     return y.reshape(y.shape[:-1] + (self.num_heads, self.width // self.num_heads))
 
 
 class FeedForward(nn.Module):
   """`Dense(width -> hidden) -> act -> Dense(hidden -> width)`."""
+
   hidden: int
   activation: Callable[[Array], Array]
   dtype: Dtype
@@ -119,6 +133,7 @@ class PostLNLayer(nn.Module):
 
   Carry: `[B, L, W]` hidden states; broadcast: `[B, 1, 1, L]` additive key bias.
   """
+
   num_heads: int
   intermediate_size: int
   hidden_dropout: float
@@ -133,11 +148,19 @@ class PostLNLayer(nn.Module):
   def __call__(self, x: Array, bias: Array) -> tuple[Array, None]:
     width = x.shape[-1]
     heads = functools.partial(MultiHeadProjection, width, self.num_heads, self.dtype, self.init_std)
-    ctx = attend(heads(name='query')(x), heads(name='key')(x), heads(name='value')(x), bias,
-                 impl=self.attention_impl, dropout=nn.Dropout(self.attention_dropout),
-                 deterministic=not self.train)
+    ctx = attend(
+        heads(name='query')(x),
+        heads(name='key')(x),
+        heads(name='value')(x),
+        bias,
+        impl=self.attention_impl,
+        dropout=nn.Dropout(self.attention_dropout),
+        deterministic=not self.train,
+    )
     ctx = ctx.reshape(ctx.shape[:2] + (width,))
-    h = nn.Dense(width, dtype=self.dtype, kernel_init=dense_init(self.init_std), name='attention_output')(ctx)
+    h = nn.Dense(
+        width, dtype=self.dtype, kernel_init=dense_init(self.init_std), name='attention_output'
+    )(ctx)
     h = nn.Dropout(self.hidden_dropout)(h, deterministic=not self.train)
     x = nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, name='attention_layer_norm')(x + h)
     h = FeedForward(self.intermediate_size, gelu_exact, self.dtype, self.init_std, name='ffn')(x)
@@ -153,6 +176,7 @@ class CoAttentionLayer(nn.Module):
   additive key biases. Queries, keys and values are projected to
   `bi_hidden_size`; the text side attends to visual keys and vice versa.
   """
+
   bi_hidden_size: int
   num_heads: int
   v_intermediate_size: int
@@ -166,27 +190,41 @@ class CoAttentionLayer(nn.Module):
   train: bool
 
   @nn.compact
-  def __call__(self, carry: tuple[Array, Array], v_bias: Array, t_bias: Array) -> tuple[tuple[Array, Array], None]:
+  def __call__(
+      self, carry: tuple[Array, Array], v_bias: Array, t_bias: Array
+  ) -> tuple[tuple[Array, Array], None]:
     v, t = carry
     det = not self.train
-    heads = functools.partial(MultiHeadProjection, self.bi_hidden_size, self.num_heads, self.dtype, self.init_std)
+    heads = functools.partial(
+        MultiHeadProjection, self.bi_hidden_size, self.num_heads, self.dtype, self.init_std
+    )
     q1, k1, v1 = heads(name='query1')(v), heads(name='key1')(v), heads(name='value1')(v)
     q2, k2, v2 = heads(name='query2')(t), heads(name='key2')(t), heads(name='value2')(t)
     drop = nn.Dropout(self.attention_dropout)
     text_ctx = attend(q2, k1, v1, v_bias, impl=self.attention_impl, dropout=drop, deterministic=det)
-    visual_ctx = attend(q1, k2, v2, t_bias, impl=self.attention_impl, dropout=drop, deterministic=det)
+    visual_ctx = attend(
+        q1, k2, v2, t_bias, impl=self.attention_impl, dropout=drop, deterministic=det
+    )
     text_ctx = text_ctx.reshape(text_ctx.shape[:2] + (self.bi_hidden_size,))
     visual_ctx = visual_ctx.reshape(visual_ctx.shape[:2] + (self.bi_hidden_size,))
 
     dense = functools.partial(nn.Dense, dtype=self.dtype, kernel_init=dense_init(self.init_std))
     norm = functools.partial(nn.LayerNorm, self.layer_norm_eps, dtype=self.dtype)
     hidden_drop = nn.Dropout(self.hidden_dropout)
-    v = norm(name='layer_norm1')(v + hidden_drop(dense(v.shape[-1], name='dense1')(visual_ctx), deterministic=det))
-    t = norm(name='layer_norm2')(t + hidden_drop(dense(t.shape[-1], name='dense2')(text_ctx), deterministic=det))
+    v = norm(name='layer_norm1')(
+        v + hidden_drop(dense(v.shape[-1], name='dense1')(visual_ctx), deterministic=det)
+    )
+    t = norm(name='layer_norm2')(
+        t + hidden_drop(dense(t.shape[-1], name='dense2')(text_ctx), deterministic=det)
+    )
 
-    hv = FeedForward(self.v_intermediate_size, gelu_exact, self.dtype, self.init_std, name='v_ffn')(v)
+    hv = FeedForward(self.v_intermediate_size, gelu_exact, self.dtype, self.init_std, name='v_ffn')(
+        v
+    )
     v = norm(name='v_ffn_layer_norm')(v + hidden_drop(hv, deterministic=det))
-    ht = FeedForward(self.t_intermediate_size, gelu_exact, self.dtype, self.init_std, name='t_ffn')(t)
+    ht = FeedForward(self.t_intermediate_size, gelu_exact, self.dtype, self.init_std, name='t_ffn')(
+        t
+    )
     t = norm(name='t_ffn_layer_norm')(t + hidden_drop(ht, deterministic=det))
     return (v, t), None
 
@@ -196,6 +234,7 @@ class PreLNBlock(nn.Module):
 
   Carry: `[B, L, W]`; broadcast: `[B, 1, 1, L]` additive key bias (-1e6 at padding).
   """
+
   num_heads: int
   mlp_ratio: int
   layer_norm_eps: float
@@ -210,11 +249,20 @@ class PreLNBlock(nn.Module):
     norm = functools.partial(nn.LayerNorm, self.layer_norm_eps, dtype=self.dtype)
     h = norm(name='ln_1')(x)
     heads = functools.partial(MultiHeadProjection, width, self.num_heads, self.dtype, self.init_std)
-    ctx = attend(heads(name='query')(h), heads(name='key')(h), heads(name='value')(h), bias,
-                 impl=self.attention_impl)
+    ctx = attend(
+        heads(name='query')(h),
+        heads(name='key')(h),
+        heads(name='value')(h),
+        bias,
+        impl=self.attention_impl,
+    )
     ctx = ctx.reshape(ctx.shape[:2] + (width,))
-    x = x + nn.Dense(width, dtype=self.dtype, kernel_init=dense_init(self.init_std), name='out_proj')(ctx)
-    h = FeedForward(width * self.mlp_ratio, quick_gelu, self.dtype, self.init_std, name='mlp')(norm(name='ln_2')(x))
+    x = x + nn.Dense(
+        width, dtype=self.dtype, kernel_init=dense_init(self.init_std), name='out_proj'
+    )(ctx)
+    h = FeedForward(width * self.mlp_ratio, quick_gelu, self.dtype, self.init_std, name='mlp')(
+        norm(name='ln_2')(x)
+    )
     return x + h, None
 
 
@@ -228,6 +276,7 @@ class LayerStack(nn.Module):
   the backward pass. `layer_kwargs` are the layer's attributes; the call
   arguments are `(carry, *broadcast)`.
   """
+
   layer: type[nn.Module]
   num_layers: int
   layer_kwargs: dict

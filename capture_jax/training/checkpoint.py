@@ -18,7 +18,13 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 # Model fields that change numerics or speed but not the parameter tree.
-LAYOUT_NEUTRAL_FIELDS = ('dtype', 'attention_impl', 'remat', 'hidden_dropout_prob', 'attention_probs_dropout_prob')
+LAYOUT_NEUTRAL_FIELDS = (
+    'dtype',
+    'attention_impl',
+    'remat',
+    'hidden_dropout_prob',
+    'attention_probs_dropout_prob',
+)
 
 
 class IncompatibleCheckpointError(ValueError):
@@ -37,12 +43,19 @@ def make_manager(workdir: str | Path, ckpt_cfg: ml_collections.ConfigDict) -> oc
       enable_async_checkpointing=ckpt_cfg.async_save,
       create=True,
   )
-  return ocp.CheckpointManager(checkpoint_dir(workdir).absolute(), options=options,
-                               item_names=('state', 'data', 'config'))
+  return ocp.CheckpointManager(
+      checkpoint_dir(workdir).absolute(), options=options, item_names=('state', 'data', 'config')
+  )
 
 
-def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator: Any,
-         config: ml_collections.ConfigDict, force: bool = False) -> bool:
+def save(
+    manager: ocp.CheckpointManager,
+    step: int,
+    state: Any,
+    data_iterator: Any,
+    config: ml_collections.ConfigDict,
+    force: bool = False,
+) -> bool:
   """Saves (asynchronously) if `step` is due, or always with `force`. Returns whether it saved."""
   items = {'state': ocp.args.StandardSave(state), 'config': ocp.args.JsonSave(config.to_dict())}
   if data_iterator is not None:
@@ -65,20 +78,27 @@ def check_compatible(manager: ocp.CheckpointManager, config: ml_collections.Conf
   except Exception:  # pylint: disable=broad-except
     return  # unreadable: `restore_latest` reports it and falls back
   ours = config.model.to_dict()
-  diffs = [f'model.{k}: checkpoint {saved.get(k)!r}, config {v!r}' for k, v in ours.items()
-           if k not in LAYOUT_NEUTRAL_FIELDS and saved.get(k) != v]
+  diffs = [
+      f'model.{k}: checkpoint {saved.get(k)!r}, config {v!r}'
+      for k, v in ours.items()
+      if k not in LAYOUT_NEUTRAL_FIELDS and saved.get(k) != v
+  ]
   if diffs:
     raise IncompatibleCheckpointError(
         f'{checkpoint_dir(manager.directory.parent)} holds checkpoints of a different model '
-        f'(step {step}): ' + '; '.join(diffs) + '. Use another --workdir or the matching config.')
+        f'(step {step}): ' + '; '.join(diffs) + '. Use another --workdir or the matching config.'
+    )
 
 
 def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  return jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+  )
 
 
-def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, data_iterator: Any
-                   ) -> tuple[Any, int] | None:
+def restore_latest(
+    manager: ocp.CheckpointManager, abstract_state: Any, data_iterator: Any
+) -> tuple[Any, int] | None:
   """Restores the newest readable checkpoint (state onto `abstract_state`'s shardings, and the iterator).
 
   Returns `(state, step)`, or None when there is no readable checkpoint.
@@ -90,8 +110,11 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, data_ite
     try:
       restored = manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # pylint: disable=broad-except
-      print(f'WARNING: checkpoint {step} in {manager.directory} cannot be read '
-            f'({type(e).__name__}: {str(e)[:200]}); trying the previous one', flush=True)
+      print(
+          f'WARNING: checkpoint {step} in {manager.directory} cannot be read '
+          f'({type(e).__name__}: {str(e)[:200]}); trying the previous one',
+          flush=True,
+      )
       continue
     return restored['state'], step
   return None

@@ -53,6 +53,7 @@ class _Ring:
   axes: the mesh axes flattened into the ring; n_dev: their total size.
   chunk: keys per block processed at once (0: the whole block).
   """
+
   mode: str
   groups: int
   axes: tuple[str, ...]
@@ -63,8 +64,10 @@ class _Ring:
     if self.chunk <= 0 or self.chunk >= rows:
       return 1
     if rows % self.chunk:
-      raise ValueError(f'loss.contrastive_chunk={self.chunk} must divide the per-device key block of '
-                       f'{rows} rows (the local batch, twice it for ntxent)')
+      raise ValueError(
+          f'loss.contrastive_chunk={self.chunk} must divide the per-device key block of '
+          f'{rows} rows (the local batch, twice it for ntxent)'
+      )
     return rows // self.chunk
 
   def ids(self, device: Array, rows: int) -> Array:
@@ -199,7 +202,8 @@ def _ring_reduce_bwd(ring, res, g):
       dq = dq + scale * (dlogits @ kc)
       dkc = scale * (dlogits.T @ q)
       dk_blk = lax.dynamic_update_slice_in_dim(
-          dk_blk, lax.dynamic_slice_in_dim(dk_blk, start, c) + dkc.astype(dk_blk.dtype), start, 0)
+          dk_blk, lax.dynamic_slice_in_dim(dk_blk, start, c) + dkc.astype(dk_blk.dtype), start, 0
+      )
       dscale = dscale + jnp.sum(dlogits * raw)
       return dk_blk, (dq, dscale, dbias)
 
@@ -223,8 +227,18 @@ def _ring_reduce_bwd(ring, res, g):
 _ring_reduce.defvjp(_ring_reduce_fwd, _ring_reduce_bwd)
 
 
-def _local_loss(text, visual, scale, bias, *, kind: str, axes: tuple[str, ...], n_dev: int, chunk: int,
-                global_batch: int):
+def _local_loss(
+    text,
+    visual,
+    scale,
+    bias,
+    *,
+    kind: str,
+    axes: tuple[str, ...],
+    n_dev: int,
+    chunk: int,
+    global_batch: int,
+):
   """One device's share of the global loss (inside shard_map), psum'ed."""
   t, v = losses.l2_normalize(text), losses.l2_normalize(visual)
   ring = functools.partial(_Ring, axes=axes, n_dev=n_dev, chunk=chunk)
@@ -256,9 +270,14 @@ def _scale_and_bias(loss_cfg: ml_collections.ConfigDict, loss_params: Mapping[st
   return jnp.exp(lit), jnp.asarray(loss_params['bias'], jnp.float32)
 
 
-def global_contrastive_loss(text: Array, visual: Array, loss_cfg: ml_collections.ConfigDict,
-                            loss_params: Mapping[str, Array], mesh: Mesh,
-                            batch_axes: Sequence[str] = ('data', 'fsdp')) -> Array:
+def global_contrastive_loss(
+    text: Array,
+    visual: Array,
+    loss_cfg: ml_collections.ConfigDict,
+    loss_params: Mapping[str, Array],
+    mesh: Mesh,
+    batch_axes: Sequence[str] = ('data', 'fsdp'),
+) -> Array:
   """`losses.contrastive_loss` over the global batch, computed as a ring over devices.
 
   Args:
@@ -288,11 +307,15 @@ def global_contrastive_loss(text: Array, visual: Array, loss_cfg: ml_collections
   n_dev = math.prod(mesh.shape[a] for a in axes)
   global_batch = text.shape[0]
   if global_batch % n_dev:
-    raise ValueError(f'global batch {global_batch} is not divisible by the {n_dev} devices of axes {axes}')
+    raise ValueError(
+        f'global batch {global_batch} is not divisible by the {n_dev} devices of axes {axes}'
+    )
   chunk = int(loss_cfg.get('contrastive_chunk', 0) or 0)
   scale, bias = _scale_and_bias(loss_cfg, loss_params)
-  fn = functools.partial(_local_loss, kind=kind, axes=axes, n_dev=n_dev, chunk=chunk,
-                         global_batch=global_batch)
+  fn = functools.partial(
+      _local_loss, kind=kind, axes=axes, n_dev=n_dev, chunk=chunk, global_batch=global_batch
+  )
   rows = P(axes, None)
   return jax.shard_map(fn, mesh=mesh, in_specs=(rows, rows, P(), P()), out_specs=P())(
-      text, visual, scale, bias)
+      text, visual, scale, bias
+  )

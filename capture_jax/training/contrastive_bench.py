@@ -57,7 +57,7 @@ def main(argv=None) -> None:
   from capture_jax import losses
   from capture_jax.training.contrastive import global_contrastive_loss
 
-  devices = jax.devices()[:args.devices]
+  devices = jax.devices()[: args.devices]
   if len(devices) < args.devices:
     raise SystemExit(f'need {args.devices} devices, found {len(jax.devices())}')
   mesh = Mesh(np.array(devices).reshape(len(devices), 1, 1), ('data', 'fsdp', 'tensor'))
@@ -65,16 +65,22 @@ def main(argv=None) -> None:
   replicated = NamedSharding(mesh, P())
   mib = 2.0**20
 
-  print(f'# {len(devices)} x {devices[0].platform} devices ({devices[0].device_kind}), D = {args.dim}, '
-        f'float32; per-device MiB of the compiled forward+backward; jax {jax.__version__}')
-  print(f'{"kind":7} {"global B":>9} {"local B":>8} {"variant":16} {"temp":>10} {"args":>8} {"output":>8} '
-        f'{"compile s":>9}')
+  print(
+      f'# {len(devices)} x {devices[0].platform} devices ({devices[0].device_kind}), D = {args.dim}, '
+      f'float32; per-device MiB of the compiled forward+backward; jax {jax.__version__}'
+  )
+  print(
+      f'{"kind":7} {"global B":>9} {"local B":>8} {"variant":16} {"temp":>10} {"args":>8} {"output":>8} '
+      f'{"compile s":>9}'
+  )
   for kind in args.kinds.split(','):
     for gb in [int(b) for b in args.batches.split(',')]:
       cfg = config_lib.loss_config()
       cfg.contrastive = kind
       params = losses.init_loss_params(cfg)
-      spec_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), params)
+      spec_params = jax.tree.map(
+          lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), params
+      )
       vec = jax.ShapeDtypeStruct((gb, args.dim), jnp.float32, sharding=rows)
       variants = [('dense', None), ('ring chunk=0', 0), (f'ring chunk={args.chunk}', args.chunk)]
       for name, chunk in variants:
@@ -84,15 +90,19 @@ def main(argv=None) -> None:
         else:
           c.contrastive_chunk = chunk
           loss = lambda t, v, p, c=c: global_contrastive_loss(t, v, c, p, mesh)
-        step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)),
-                       out_shardings=(replicated, (rows, rows, jax.tree.map(lambda _: replicated, params))))
+        step = jax.jit(
+            jax.value_and_grad(loss, argnums=(0, 1, 2)),
+            out_shardings=(replicated, (rows, rows, jax.tree.map(lambda _: replicated, params))),
+        )
         start = time.perf_counter()
         compiled = step.lower(vec, vec, spec_params).compile()
         seconds = time.perf_counter() - start
         m = compiled.memory_analysis()
-        print(f'{kind:7} {gb:9d} {gb // len(devices):8d} {name:16} {m.temp_size_in_bytes / mib:10.1f} '
-              f'{m.argument_size_in_bytes / mib:8.1f} {m.output_size_in_bytes / mib:8.1f} {seconds:9.1f}',
-              flush=True)
+        print(
+            f'{kind:7} {gb:9d} {gb // len(devices):8d} {name:16} {m.temp_size_in_bytes / mib:10.1f} '
+            f'{m.argument_size_in_bytes / mib:8.1f} {m.output_size_in_bytes / mib:8.1f} {seconds:9.1f}',
+            flush=True,
+        )
 
 
 if __name__ == '__main__':

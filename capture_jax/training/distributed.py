@@ -61,6 +61,7 @@ class Plan:
   The other fields are the arguments given to `jax.distributed.initialize`
   (None: left to JAX's detection).
   """
+
   method: str
   coordinator_address: str | None = None
   num_processes: int | None = None
@@ -69,12 +70,17 @@ class Plan:
 
   def initialize_kwargs(self) -> dict:
     if self.method == 'explicit':
-      return dict(coordinator_address=self.coordinator_address, num_processes=self.num_processes,
-                  process_id=self.process_id,
-                  local_device_ids=list(self.local_device_ids) if self.local_device_ids is not None else None,
-                  # Everything is given: do not let a surrounding SLURM / TPU
-                  # environment restrict the visible devices.
-                  cluster_detection_method='deactivate')
+      return dict(
+          coordinator_address=self.coordinator_address,
+          num_processes=self.num_processes,
+          process_id=self.process_id,
+          local_device_ids=list(self.local_device_ids)
+          if self.local_device_ids is not None
+          else None,
+          # Everything is given: do not let a surrounding SLURM / TPU
+          # environment restrict the visible devices.
+          cluster_detection_method='deactivate',
+      )
     if self.method == 'slurm':
       kw = dict(cluster_detection_method='slurm')
       if self.local_device_ids is not None:
@@ -99,7 +105,9 @@ def _device_ids(env: Mapping[str, str]) -> tuple[int, ...] | None:
   try:
     return tuple(int(x) for x in raw.split(',') if x.strip())
   except ValueError:
-    raise ValueError(f"CAPTURE_LOCAL_DEVICE_IDS must be comma-separated integers or 'all', got {raw!r}") from None
+    raise ValueError(
+        f"CAPTURE_LOCAL_DEVICE_IDS must be comma-separated integers or 'all', got {raw!r}"
+    ) from None
 
 
 def _slurm_tasks(env: Mapping[str, str]) -> int:
@@ -131,16 +139,24 @@ def resolve(env: Mapping[str, str] | None = None, on_tpu_vm: bool = False) -> Pl
   explicit_vars = ('CAPTURE_COORDINATOR', 'CAPTURE_NUM_PROCESSES', 'CAPTURE_PROCESS_ID')
   if mode == 'explicit' or (mode == 'auto' and any(env.get(v) for v in explicit_vars)):
     coordinator = env.get('CAPTURE_COORDINATOR') or env.get('JAX_COORDINATOR_ADDRESS')
-    missing = [v for v, ok in (('CAPTURE_COORDINATOR (or JAX_COORDINATOR_ADDRESS)', coordinator),
-                               ('CAPTURE_NUM_PROCESSES', env.get('CAPTURE_NUM_PROCESSES')),
-                               ('CAPTURE_PROCESS_ID', env.get('CAPTURE_PROCESS_ID'))) if not ok]
+    missing = [
+        v
+        for v, ok in (
+            ('CAPTURE_COORDINATOR (or JAX_COORDINATOR_ADDRESS)', coordinator),
+            ('CAPTURE_NUM_PROCESSES', env.get('CAPTURE_NUM_PROCESSES')),
+            ('CAPTURE_PROCESS_ID', env.get('CAPTURE_PROCESS_ID')),
+        )
+        if not ok
+    ]
     num = _int(env, 'CAPTURE_NUM_PROCESSES') if env.get('CAPTURE_NUM_PROCESSES') else None
     pid = _int(env, 'CAPTURE_PROCESS_ID') if env.get('CAPTURE_PROCESS_ID') else None
     if num == 1 and pid in (None, 0):
       return Plan('single', num_processes=1, process_id=0)
     if missing:
-      raise ValueError(f'multi-process start-up needs {missing} as well (set: '
-                       f'{[v for v in explicit_vars if env.get(v)]})')
+      raise ValueError(
+          f'multi-process start-up needs {missing} as well (set: '
+          f'{[v for v in explicit_vars if env.get(v)]})'
+      )
     if num < 1 or not 0 <= pid < num:
       raise ValueError(f'CAPTURE_PROCESS_ID={pid} must be in [0, CAPTURE_NUM_PROCESSES={num})')
     if ':' not in coordinator:
@@ -148,7 +164,8 @@ def resolve(env: Mapping[str, str] | None = None, on_tpu_vm: bool = False) -> Pl
     return Plan('explicit', coordinator, num, pid, _device_ids(env))
 
   slurm = all(v in env for v in ('SLURM_JOB_ID', 'SLURM_PROCID')) and (
-      'SLURM_STEP_NUM_TASKS' in env or 'SLURM_NTASKS' in env)
+      'SLURM_STEP_NUM_TASKS' in env or 'SLURM_NTASKS' in env
+  )
   if mode == 'slurm' or (mode == 'auto' and slurm and _slurm_tasks(env) > 1):
     if not slurm:
       raise ValueError('CAPTURE_CLUSTER=slurm but this is not a SLURM step (run it under srun)')
@@ -158,10 +175,14 @@ def resolve(env: Mapping[str, str] | None = None, on_tpu_vm: bool = False) -> Pl
     if ids is None and tasks == nodes:  # one task per node: every local GPU
       ids = _slurm_local_gpus(env)
       if ids is None:
-        logger.warning('one SLURM task per node but the local GPUs cannot be counted (no CUDA_VISIBLE_DEVICES '
-                       'or SLURM_GPUS_ON_NODE); JAX will use GPU SLURM_LOCALID only. Set '
-                       'CAPTURE_LOCAL_DEVICE_IDS=0,1,... to use them all.')
-    return Plan('slurm', num_processes=tasks, process_id=_int(env, 'SLURM_PROCID'), local_device_ids=ids)
+        logger.warning(
+            'one SLURM task per node but the local GPUs cannot be counted (no CUDA_VISIBLE_DEVICES '
+            'or SLURM_GPUS_ON_NODE); JAX will use GPU SLURM_LOCALID only. Set '
+            'CAPTURE_LOCAL_DEVICE_IDS=0,1,... to use them all.'
+        )
+    return Plan(
+        'slurm', num_processes=tasks, process_id=_int(env, 'SLURM_PROCID'), local_device_ids=ids
+    )
 
   if mode == 'tpu' or (mode == 'auto' and (on_tpu_vm or any(env.get(v) for v in _TPU_ENV))):
     hosts = [h for h in env.get('TPU_WORKER_HOSTNAMES', '').split(',') if h.strip()]
@@ -211,8 +232,10 @@ def is_main_process() -> bool:
 
 def process_summary() -> str:
   """`process i/N, L local of D devices (platform)`, for start-up logs."""
-  return (f'process {jax.process_index()}/{jax.process_count()}, {jax.local_device_count()} local of '
-          f'{jax.device_count()} devices ({jax.default_backend()})')
+  return (
+      f'process {jax.process_index()}/{jax.process_count()}, {jax.local_device_count()} local of '
+      f'{jax.device_count()} devices ({jax.default_backend()})'
+  )
 
 
 __all__ = ('Plan', 'resolve', 'initialize', 'is_main_process', 'process_summary')

@@ -11,8 +11,15 @@ import jax
 
 # Peak dense bf16 FLOP/s per device, for model FLOP utilisation.
 PEAK_FLOPS = {
-    'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L4': 121e12,
-    'TPU v4': 275e12, 'TPU v5 lite': 197e12, 'TPU v5e': 197e12, 'TPU v5p': 459e12, 'TPU v6 lite': 918e12,
+    'H100': 989e12,
+    'H200': 989e12,
+    'A100': 312e12,
+    'L4': 121e12,
+    'TPU v4': 275e12,
+    'TPU v5 lite': 197e12,
+    'TPU v5e': 197e12,
+    'TPU v5p': 459e12,
+    'TPU v6 lite': 918e12,
 }
 
 
@@ -35,6 +42,7 @@ class MetricWriter:
       Path(workdir).mkdir(parents=True, exist_ok=True)
       self._jsonl = open(Path(workdir) / 'metrics.jsonl', 'a', encoding='utf-8')
       from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+
       self._tb = SummaryWriter(str(Path(workdir) / 'tensorboard'))
 
   def write(self, step: int, metrics: Mapping[str, float]) -> None:

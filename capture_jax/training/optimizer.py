@@ -25,8 +25,13 @@ import optax
 Params = Any
 
 # What a BERT checkpoint initialises (see `convert.from_hf_bert`).
-BERT_INITIALISED = (r'^model/word_embeddings/', r'^model/text_embeddings/', r'^model/text_stream/',
-                    r'^model/mlm_head/(transform|layer_norm)/', r'^model/mlm_bias$')
+BERT_INITIALISED = (
+    r'^model/word_embeddings/',
+    r'^model/text_embeddings/',
+    r'^model/text_stream/',
+    r'^model/mlm_head/(transform|layer_norm)/',
+    r'^model/mlm_bias$',
+)
 
 
 def path_str(path) -> str:
@@ -35,10 +40,13 @@ def path_str(path) -> str:
 
 def learning_rate_schedule(t: ml_collections.ConfigDict) -> optax.Schedule:
   warmup = int(round(t.warmup_fraction * t.num_steps))
-  return optax.join_schedules([
-      optax.linear_schedule(0.0, t.learning_rate, max(warmup, 1)),
-      optax.linear_schedule(t.learning_rate, 0.0, max(t.num_steps - warmup, 1)),
-  ], [warmup])
+  return optax.join_schedules(
+      [
+          optax.linear_schedule(0.0, t.learning_rate, max(warmup, 1)),
+          optax.linear_schedule(t.learning_rate, 0.0, max(t.num_steps - warmup, 1)),
+      ],
+      [warmup],
+  )
 
 
 def is_decayed(path: str) -> bool:
@@ -49,25 +57,38 @@ def is_decayed(path: str) -> bool:
 
 def scale_by_tree(multipliers: Params) -> optax.GradientTransformation:
   """Multiplies each update by a per-leaf constant."""
+
   def update(updates, state, params=None):
     del params
     return jax.tree.map(lambda u, m: u * m, updates, multipliers), state
+
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
-def make_optimizer(t: ml_collections.ConfigDict, params: Params,
-                   pretrained_patterns: Sequence[str] = ()) -> optax.GradientTransformation:
+def make_optimizer(
+    t: ml_collections.ConfigDict, params: Params, pretrained_patterns: Sequence[str] = ()
+) -> optax.GradientTransformation:
   """The optax chain for the trainable tree `params` (arrays or ShapeDtypeStructs)."""
   decay_mask = jax.tree_util.tree_map_with_path(lambda p, _: is_decayed(path_str(p)), params)
   chain = [
       optax.clip_by_global_norm(t.grad_clip_norm) if t.grad_clip_norm > 0 else optax.identity(),
-      optax.adamw(learning_rate_schedule(t), b1=t.adam_b1, b2=t.adam_b2, eps=t.adam_eps,
-                  weight_decay=t.weight_decay, mask=decay_mask),
+      optax.adamw(
+          learning_rate_schedule(t),
+          b1=t.adam_b1,
+          b2=t.adam_b2,
+          eps=t.adam_eps,
+          weight_decay=t.weight_decay,
+          mask=decay_mask,
+      ),
   ]
   if pretrained_patterns and t.pretrained_lr_multiplier != 1.0:
     compiled = [re.compile(p) for p in pretrained_patterns]
     multipliers = jax.tree_util.tree_map_with_path(
-        lambda p, _: t.pretrained_lr_multiplier if any(c.search(path_str(p)) for c in compiled) else 1.0, params)
+        lambda p, _: (
+            t.pretrained_lr_multiplier if any(c.search(path_str(p)) for c in compiled) else 1.0
+        ),
+        params,
+    )
     chain.append(scale_by_tree(multipliers))
   return optax.chain(*chain)
 

@@ -65,6 +65,7 @@ SCAN_LEVEL = 'scanned'  # `layers.LayerStack`'s nn.scan module name
 # ----------------------------------------------------------------------------
 # Mesh.
 
+
 def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:
   """`(data, fsdp, tensor)` sizes for `num_devices`, with the -1 filled in.
 
@@ -83,8 +84,10 @@ def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[i
   known = math.prod(s for s in sizes.values() if s != -1)
   if fill:
     if num_devices % known:
-      raise ValueError(f'mesh ({given}): the fixed axes need a multiple of {known} devices, '
-                       f'but there are {num_devices}')
+      raise ValueError(
+          f'mesh ({given}): the fixed axes need a multiple of {known} devices, '
+          f'but there are {num_devices}'
+      )
     sizes[fill[0]] = num_devices // known
   elif known != num_devices:
     raise ValueError(f'mesh ({given}) needs {known} devices, but there are {num_devices}')
@@ -101,7 +104,9 @@ def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices: Sequence[Any] | None
   """
   devices = list(jax.devices() if devices is None else devices)
   shape = mesh_shape(mesh_cfg, len(devices))
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+  return jax.make_mesh(
+      shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
+  )
 
 
 def _axis_sizes(mesh) -> dict[str, int]:
@@ -115,6 +120,7 @@ def _axis_sizes(mesh) -> dict[str, int]:
 # ----------------------------------------------------------------------------
 # Parameter sharding rules.
 
+
 def parse_rules(rules: str) -> tuple[str, ...]:
   """`'fsdp,tensor'` -> `('fsdp', 'tensor')`; ValueError on an unknown, empty or repeated rule."""
   names = tuple(r.strip() for r in str(rules).split(',') if r.strip())
@@ -122,8 +128,10 @@ def parse_rules(rules: str) -> tuple[str, ...]:
     raise ValueError(f'mesh.rules is empty; give a comma-separated list of {list(KNOWN_RULES)}')
   unknown = [r for r in names if r not in KNOWN_RULES]
   if unknown:
-    raise ValueError(f'unknown sharding rule(s) {unknown} in mesh.rules={rules!r}; '
-                     f'known rules: {list(KNOWN_RULES)}')
+    raise ValueError(
+        f'unknown sharding rule(s) {unknown} in mesh.rules={rules!r}; '
+        f'known rules: {list(KNOWN_RULES)}'
+    )
   if len(set(names)) != len(names):
     raise ValueError(f'mesh.rules={rules!r} names a rule twice')
   return names
@@ -149,8 +157,13 @@ def _tensor_dims(path: str, rank: int) -> tuple[int, ...]:
   return ()
 
 
-def leaf_spec(path: str, shape: Sequence[int], sizes: Mapping[str, int], rules: Sequence[str],
-              fsdp_min_size: int) -> P:
+def leaf_spec(
+    path: str,
+    shape: Sequence[int],
+    sizes: Mapping[str, int],
+    rules: Sequence[str],
+    fsdp_min_size: int,
+) -> P:
   """The `PartitionSpec` of one parameter (one entry per dimension)."""
   shape = tuple(int(d) for d in shape)
   lead = 1 if (SCAN_LEVEL in path.split('/') and shape) else 0  # the scan's layer axis
@@ -178,14 +191,17 @@ def param_specs(abstract_params: Any, mesh, mesh_cfg: ml_collections.ConfigDict)
   rules = parse_rules(mesh_cfg.rules)
   min_size = int(mesh_cfg.fsdp_min_size)
   return jax.tree_util.tree_map_with_path(
-      lambda path, x: leaf_spec(path_str(path), np.shape(x), sizes, rules, min_size), abstract_params)
+      lambda path, x: leaf_spec(path_str(path), np.shape(x), sizes, rules, min_size),
+      abstract_params,
+  )
 
 
 def param_shardings(abstract_params: Any, mesh: Mesh, mesh_cfg: ml_collections.ConfigDict) -> Any:
   """A tree of `NamedSharding`s like `abstract_params`, e.g. for `jax.jit(init, out_shardings=...)`."""
   specs = param_specs(abstract_params, mesh, mesh_cfg)
-  return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), specs,
-                                is_leaf=lambda x: isinstance(x, P))
+  return jax.tree_util.tree_map(
+      lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P)
+  )
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -196,7 +212,9 @@ def _key_tuple(path: Sequence[Any]) -> tuple[str, ...]:
   return tuple(path_str([k]) for k in path)
 
 
-def state_shardings_like(abstract_state: Any, abstract_params: Any, param_shardings_tree: Any) -> Any:
+def state_shardings_like(
+    abstract_state: Any, abstract_params: Any, param_shardings_tree: Any
+) -> Any:
   """Shardings for an optimizer state (e.g. `jax.eval_shape(tx.init, abstract_params)`).
 
   Optax states mirror the parameters (`mu`, `nu`, ... hold a params-shaped
@@ -211,7 +229,9 @@ def state_shardings_like(abstract_state: Any, abstract_params: Any, param_shardi
     raise ValueError(f'{len(flat_params)} parameters but {len(flat_shardings)} shardings')
   if not flat_shardings:
     raise ValueError('no parameters: cannot tell the mesh of the optimizer state')
-  by_path = {_key_tuple(path): (tuple(np.shape(x)), s) for (path, x), s in zip(flat_params, flat_shardings)}
+  by_path = {
+      _key_tuple(path): (tuple(np.shape(x)), s) for (path, x), s in zip(flat_params, flat_shardings)
+  }
   longest = max(len(k) for k in by_path)
   rep = replicated(flat_shardings[0].mesh)
 
@@ -239,7 +259,7 @@ def spec_table(abstract_params: Any, specs: Any, mesh=None, pattern: str = '') -
     shape = tuple(np.shape(x))
     local = list(shape)
     for d, axes in enumerate(spec):
-      for a in (axes if isinstance(axes, tuple) else (axes,)):
+      for a in axes if isinstance(axes, tuple) else (axes,):
         if a is not None and a in sizes:
           local[d] //= sizes[a]
     rows.append((name, str(shape), str(spec), str(tuple(local))))
@@ -252,12 +272,15 @@ def spec_table(abstract_params: Any, specs: Any, mesh=None, pattern: str = '') -
 # ----------------------------------------------------------------------------
 # The global batch.
 
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Leading (batch) dimension split over `('data', 'fsdp')`, the rest replicated."""
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
-def global_batch_from_local(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+def global_batch_from_local(
+    local_batch: Mapping[str, np.ndarray], mesh: Mesh
+) -> dict[str, jax.Array]:
   """Every process's share of the batch -> global `jax.Array`s split over `('data', 'fsdp')`.
 
   Each process passes only its own `[B / num_processes, ...]` rows (the data
@@ -273,8 +296,10 @@ def global_batch_from_local(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -
   shards = sizes['data'] * sizes['fsdp']
   local_rows = {k: (np.shape(v)[0] if np.ndim(v) else None) for k, v in local_batch.items()}
   if None in local_rows.values():
-    raise ValueError(f'every batch array needs a leading batch dimension; got shapes '
-                     f'{ {k: np.shape(v) for k, v in local_batch.items()} }')
+    raise ValueError(
+        f'every batch array needs a leading batch dimension; got shapes '
+        f'{ {k: np.shape(v) for k, v in local_batch.items()} }'
+    )
   if len(set(local_rows.values())) != 1:
     raise ValueError(f'batch arrays disagree on the local batch size: {local_rows}')
   local = next(iter(local_rows.values()))
@@ -286,11 +311,19 @@ def global_batch_from_local(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -
   if local % len(mine):
     processes = jax.process_count()
     if len(mine) * processes == shards:
-      raise ValueError(f'global batch {local * processes} (= {local} per process x {processes} processes) is not '
-                       f'divisible by mesh data x fsdp = {sizes["data"]} x {sizes["fsdp"]} = {shards}')
-    raise ValueError(f'the local batch {local} of process {jax.process_index()} does not split over the '
-                     f'{len(mine)} batch shards of its devices (mesh data x fsdp = {shards})')
+      raise ValueError(
+          f'global batch {local * processes} (= {local} per process x {processes} processes) is not '
+          f'divisible by mesh data x fsdp = {sizes["data"]} x {sizes["fsdp"]} = {shards}'
+      )
+    raise ValueError(
+        f'the local batch {local} of process {jax.process_index()} does not split over the '
+        f'{len(mine)} batch shards of its devices (mesh data x fsdp = {shards})'
+    )
   global_rows = local // len(mine) * shards
   sharding = batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v), (global_rows,) + np.shape(v)[1:])
-          for k, v in local_batch.items()}
+  return {
+      k: jax.make_array_from_process_local_data(
+          sharding, np.asarray(v), (global_rows,) + np.shape(v)[1:]
+      )
+      for k, v in local_batch.items()
+  }

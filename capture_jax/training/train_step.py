@@ -38,6 +38,7 @@ class TrainState:
   rng: uint32[2] base key; step `s` uses `fold_in(rng, s)`.
   skipped: int32 scalar, updates skipped because the loss or gradients were not finite.
   """
+
   step: Array
   params: Any
   opt_state: Any
@@ -46,8 +47,13 @@ class TrainState:
 
 
 def init_train_state(params: Any, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
-                    rng=jax.random.PRNGKey(seed), skipped=jnp.zeros((), jnp.int32))
+  return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      opt_state=optimizer.init(params),
+      rng=jax.random.PRNGKey(seed),
+      skipped=jnp.zeros((), jnp.int32),
+  )
 
 
 def split_microbatches(batch: Mapping[str, Array], num: int, mesh: Mesh) -> dict[str, Array]:
@@ -56,16 +62,19 @@ def split_microbatches(batch: Mapping[str, Array], num: int, mesh: Mesh) -> dict
   Strided so that every device keeps its own rows: a device's contiguous
   block of the global batch holds an equal share of every micro-batch.
   """
+
   def split(x):
     gb = x.shape[0]
     y = x.reshape((gb // num, num) + x.shape[1:])
     y = jnp.moveaxis(y, 1, 0)
     return jax.lax.with_sharding_constraint(y, NamedSharding(mesh, P(None, BATCH_AXES)))
+
   return {k: split(v) for k, v in batch.items()}
 
 
-def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh,
-                    optimizer: optax.GradientTransformation) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+def make_train_step(
+    config: ml_collections.ConfigDict, mesh: Mesh, optimizer: optax.GradientTransformation
+) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """The (unjitted) train step; `jax.jit` it with the state and batch shardings."""
   model = CaptureModel(config.model)
   schedule = optimizer_lib.learning_rate_schedule(config.train)
@@ -74,7 +83,13 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh,
   def loss_fn(params, batch, rng):
     out = model.apply({'params': params['model']}, batch, train=True, rngs={'dropout': rng})
     contrastive = contrastive_lib.global_contrastive_loss(
-        out['enc_pooled_text'], out['enc_pooled_visual'], config.loss, params['loss'], mesh, batch_axes=BATCH_AXES)
+        out['enc_pooled_text'],
+        out['enc_pooled_visual'],
+        config.loss,
+        params['loss'],
+        mesh,
+        batch_axes=BATCH_AXES,
+    )
     terms = losses.pretraining_losses(out, batch, config, params['loss'], contrastive=contrastive)
     return terms['total'], terms
 
@@ -91,7 +106,10 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh,
 
     def accumulate(carry, xs):
       index, mb = xs
-      return jax.tree.map(jnp.add, carry, grads_and_terms(params, mb, jax.random.fold_in(rng, index))), None
+      return (
+          jax.tree.map(jnp.add, carry, grads_and_terms(params, mb, jax.random.fold_in(rng, index))),
+          None,
+      )
 
     shapes = jax.eval_shape(grads_and_terms, params, jax.tree.map(lambda x: x[0], micro), rng)
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
@@ -109,11 +127,19 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh,
       updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
       return optax.apply_updates(state.params, updates), new_opt_state
 
-    params, opt_state = jax.lax.cond(finite, update, lambda _: (state.params, state.opt_state), None)
+    params, opt_state = jax.lax.cond(
+        finite, update, lambda _: (state.params, state.opt_state), None
+    )
     skipped = state.skipped + (~finite).astype(jnp.int32)
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, skipped=skipped)
-    metrics = {**{f'loss/{k}': v for k, v in terms.items()},
-               'grad_norm': grad_norm, 'learning_rate': schedule(state.step), 'skipped_updates': skipped}
+    new_state = state.replace(
+        step=state.step + 1, params=params, opt_state=opt_state, skipped=skipped
+    )
+    metrics = {
+        **{f'loss/{k}': v for k, v in terms.items()},
+        'grad_norm': grad_norm,
+        'learning_rate': schedule(state.step),
+        'skipped_updates': skipped,
+    }
     return new_state, metrics
 
   return train_step

@@ -64,7 +64,11 @@ def rel_err(got, ref) -> float:
 
 def errors(got, ref) -> dict[str, float]:
   (loss_g, (dt_g, dv_g, dp_g)), (loss_r, (dt_r, dv_r, dp_r)) = got, ref
-  out = {'loss': rel_err(loss_g, loss_r), 'd_text': rel_err(dt_g, dt_r), 'd_visual': rel_err(dv_g, dv_r)}
+  out = {
+      'loss': rel_err(loss_g, loss_r),
+      'd_text': rel_err(dt_g, dt_r),
+      'd_visual': rel_err(dv_g, dv_r),
+  }
   for k in dp_r:
     out[f'd_{k}'] = rel_err(dp_g[k], dp_r[k])
   return out
@@ -81,11 +85,16 @@ def main():
   result = {'cases': [], 'controls': {}, 'errors_raised': []}
   for kind in losses.CONTRASTIVE_KINDS:
     cfg, params = loss_setup(kind)
-    dense = jax.jit(jax.value_and_grad(lambda t, v, p, c=cfg: losses.contrastive_loss(t, v, c, p),
-                                       argnums=(0, 1, 2)))
+    dense = jax.jit(
+        jax.value_and_grad(
+            lambda t, v, p, c=cfg: losses.contrastive_loss(t, v, c, p), argnums=(0, 1, 2)
+        )
+    )
     ref = jax.device_get(dense(text, visual, params))
     # Control: the mean of per-device losses on 8 local batches is not the global loss.
-    local = np.mean([float(losses.contrastive_loss(text[i::8], visual[i::8], cfg, params)) for i in range(8)])
+    local = np.mean(
+        [float(losses.contrastive_loss(text[i::8], visual[i::8], cfg, params)) for i in range(8)]
+    )
     result['controls'][kind] = {'global': float(ref[0]), 'mean_of_local': float(local)}
     for shape in MESHES:
       mesh = Mesh(np.array(jax.devices()).reshape(shape), AXES)
@@ -95,10 +104,16 @@ def main():
       for chunk in chunks:
         c = cfg.copy_and_resolve_references()
         c.contrastive_chunk = chunk
-        step = jax.jit(jax.value_and_grad(
-            lambda t, v, p, c=c, mesh=mesh: global_contrastive_loss(t, v, c, p, mesh), argnums=(0, 1, 2)))
+        step = jax.jit(
+            jax.value_and_grad(
+                lambda t, v, p, c=c, mesh=mesh: global_contrastive_loss(t, v, c, p, mesh),
+                argnums=(0, 1, 2),
+            )
+        )
         got = jax.device_get(step(t, v, p))
-        result['cases'].append({'mesh': list(shape), 'kind': kind, 'chunk': chunk, **errors(got, ref)})
+        result['cases'].append(
+            {'mesh': list(shape), 'kind': kind, 'chunk': chunk, **errors(got, ref)}
+        )
   # Bad shapes are refused with a clear error.
   mesh = Mesh(np.array(jax.devices()).reshape(8, 1, 1), AXES)
   cfg, params = loss_setup('clip')

@@ -31,7 +31,8 @@ def restore_on(config, workdir, devices, mesh_shape):
   _, _, abstract_state, shardings = train.train_state_layout(config, mesh)
   manager = checkpoint_lib.make_manager(workdir, config.checkpoint)
   state, step = checkpoint_lib.restore_latest(
-      manager, checkpoint_lib.abstract_with_shardings(abstract_state, shardings), None)
+      manager, checkpoint_lib.abstract_with_shardings(abstract_state, shardings), None
+  )
   manager.close()
   return state, step
 
@@ -48,7 +49,9 @@ def main(config_json: str, workdir: str) -> None:
     state, step = restore_on(config, workdir, devices, shape)
     assert step == 2, step
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(state), jax.tree.leaves(expected)):
-      assert {d.id for d in a.sharding.device_set} <= {d.id for d in devices}, jax.tree_util.keystr(path)
+      assert {d.id for d in a.sharding.device_set} <= {d.id for d in devices}, jax.tree_util.keystr(
+          path
+      )
       np.testing.assert_array_equal(np.asarray(a), b, err_msg=jax.tree_util.keystr(path))
   print('OK')
 

@@ -86,8 +86,14 @@ def check_specs() -> dict:
           local = list(NamedSharding(mesh, spec).shard_shape(leaf.shape))
         except Exception as e:  # noqa: BLE001 - reported to the test
           local = f'{type(e).__name__}: {e}'
-        rows.append({'path': sharding.path_str(path), 'shape': list(leaf.shape),
-                     'spec': spec_json(spec), 'local': local})
+        rows.append(
+            {
+                'path': sharding.path_str(path),
+                'shape': list(leaf.shape),
+                'spec': spec_json(spec),
+                'local': local,
+            }
+        )
       out[f'{"scan" if scan else "plain"}/{shape}'] = rows
   return {'specs': out}
 
@@ -127,9 +133,9 @@ def check_demo() -> dict:
   rng = np.random.default_rng(0)
   b, t, r1 = 8, m.max_text_len, regions + 1
   input_mask = np.ones((b, t), np.int32)
-  input_mask[:, t // 2:] = rng.integers(0, 2, (b, t - t // 2))
+  input_mask[:, t // 2 :] = rng.integers(0, 2, (b, t - t // 2))
   image_mask = np.ones((b, r1), np.int32)
-  image_mask[:, r1 // 2:] = rng.integers(0, 2, (b, r1 - r1 // 2))
+  image_mask[:, r1 // 2 :] = rng.integers(0, 2, (b, r1 - r1 // 2))
   batch = {
       'input_ids': rng.integers(0, m.vocab_size, (b, t)).astype(np.int32),
       'input_mask': input_mask,
@@ -163,11 +169,16 @@ def check_demo() -> dict:
       others_replicated &= leaf.sharding.is_fully_replicated
 
   # global_batch_from_local in one process.
-  local = {'a': np.arange(16 * 3, dtype=np.float32).reshape(16, 3), 'b': np.arange(16, dtype=np.int32)}
+  local = {
+      'a': np.arange(16 * 3, dtype=np.float32).reshape(16, 3),
+      'b': np.arange(16, dtype=np.int32),
+  }
   g = sharding.global_batch_from_local(local, mesh)
   gb = {
       'shapes': {k: list(v.shape) for k, v in g.items()},
-      'sharding_ok': all(v.sharding.is_equivalent_to(sharding.batch_sharding(mesh), v.ndim) for v in g.values()),
+      'sharding_ok': all(
+          v.sharding.is_equivalent_to(sharding.batch_sharding(mesh), v.ndim) for v in g.values()
+      ),
       'shard_rows': sorted({s.data.shape[0] for v in g.values() for s in v.addressable_shards}),
       'values_ok': all(np.array_equal(np.asarray(g[k]), local[k]) for k in local),
   }
@@ -177,13 +188,21 @@ def check_demo() -> dict:
   except ValueError as e:
     gb['indivisible_error'] = str(e)
 
-  return {'demo': {
-      'num_params': len(flat), 'placed': sum(placed), 'sharded_fsdp': sharded_fsdp,
-      'sharded_tensor': sharded_tensor,
-      'forward_rel_err': forward, 'out_devices': out_devices, 'ref_devices': ref_devices,
-      'opt_mirrored': mirrored, 'opt_mirrored_ok': mirrored_ok, 'opt_others_replicated': bool(others_replicated),
-      'global_batch': gb,
-  }}
+  return {
+      'demo': {
+          'num_params': len(flat),
+          'placed': sum(placed),
+          'sharded_fsdp': sharded_fsdp,
+          'sharded_tensor': sharded_tensor,
+          'forward_rel_err': forward,
+          'out_devices': out_devices,
+          'ref_devices': ref_devices,
+          'opt_mirrored': mirrored,
+          'opt_mirrored_ok': mirrored_ok,
+          'opt_others_replicated': bool(others_replicated),
+          'global_batch': gb,
+      }
+  }
 
 
 if __name__ == '__main__':

@@ -46,8 +46,12 @@ def main(out_dir: Path) -> None:
   replicated = sharding.replicated(mesh)
 
   total = jax.jit(lambda b: jnp.sum(b['x']), out_shardings=replicated)(batch)
-  psum = jax.shard_map(lambda x: jax.lax.psum(jnp.sum(x), sharding.BATCH_AXES), mesh=mesh,
-                       in_specs=P(sharding.BATCH_AXES), out_specs=P())(batch['x'])
+  psum = jax.shard_map(
+      lambda x: jax.lax.psum(jnp.sum(x), sharding.BATCH_AXES),
+      mesh=mesh,
+      in_specs=P(sharding.BATCH_AXES),
+      out_specs=P(),
+  )(batch['x'])
   gathered = jax.jit(lambda b: b['ids'], out_shardings=replicated)(batch)
   result = {
       'plan': plan.method,
