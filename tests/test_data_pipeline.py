@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from capture_jax.data import benchmark
+from capture_jax.bench import input as input_bench
 from capture_jax.data import formats
 from capture_jax.data import pipeline
 from capture_jax.data import testing
@@ -47,7 +47,7 @@ def _same(a, b):
 
 def _records(config, split):
   src = pipeline.make_source(config, split)
-  return src._getitems(range(len(src)))
+  return src.read_records(range(len(src)))
 
 
 def _fingerprint(regions: np.ndarray) -> bytes:
@@ -375,7 +375,7 @@ def test_config_mismatches_are_clear_errors(config, tmp_path):
 
 
 def test_benchmark_measures_throughput(config):
-  res = benchmark.measure(config, warmup=1, batches=3, repeats=2)
+  res = input_bench.measure(config, warmup=1, batches=3, repeats=2)
   assert res['wall_samples_per_s'] > 0 and res['samples_per_cpu_s'] > 0
 
 

@@ -232,7 +232,7 @@ def test_skip_bad_counts_every_kind_and_builds_the_rest(world, tmp_path):
   assert gallery['examples'] == len(_lines(world, 'gallery')) - len(CASES)
   built_ids = {
       r['item_id']
-      for r in pipeline.Product1MSource(str(tmp_path / 'out'), 'gallery')._getitems(
+      for r in pipeline.Product1MSource(str(tmp_path / 'out'), 'gallery').read_records(
           range(gallery['examples'])
       )
   }

@@ -305,7 +305,8 @@ class Product1MSource:
   def __getitem__(self, index: int) -> dict[str, Any]:
     return self._decode(self._raw[index])
 
-  def _getitems(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+  def read_records(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+    """The decoded records at `indices`, in that order (one batched ArrayRecord read)."""
     return [self._decode(r) for r in self._raw.__getitems__(list(indices))]
 
   def __repr__(self) -> str:
@@ -442,7 +443,7 @@ class _TrainBatchLoader:
   def __call__(self, batch_index: int) -> dict[str, np.ndarray]:
     j = np.arange(self.batch_size, dtype=np.int64)
     positions = (int(batch_index) * self.batch_size + j) * self.process_count + self.process_index
-    records = self.source._getitems(self.indices.take(positions).tolist())
+    records = self.source.read_records(self.indices.take(positions).tolist())
     return collate(records, positions, self.spec)
 
 
@@ -705,11 +706,11 @@ def _load_eval_rows(
   """Reads the records of one batch plan ([B] row ids, -1 = padding)."""
   valid = plan[plan >= 0]
   if regions is None:
-    records = source._getitems([int(i) for i in valid]) if len(valid) else []
+    records = source.read_records([int(i) for i in valid]) if len(valid) else []
     rows = iter((rec, '', -1) for rec in records)
   else:
     wanted = [regions[int(i)] for i in valid]
-    records = source._getitems([w[1] for w in wanted]) if wanted else []
+    records = source.read_records([w[1] for w in wanted]) if wanted else []
     rows = iter((restrict_regions(rec, w[2]), w[0], w[3]) for rec, w in zip(records, wanted))
   return _eval_batch([next(rows) if i >= 0 else None for i in plan], spec)
 
@@ -792,7 +793,9 @@ def read_split_item_ids(source: Product1MSource, chunk: int = 1024) -> list[str]
   """Item ids of a split in record order."""
   ids: list[str] = []
   for start in range(0, len(source), chunk):
-    ids += [r['item_id'] for r in source._getitems(range(start, min(start + chunk, len(source))))]
+    ids += [
+        r['item_id'] for r in source.read_records(range(start, min(start + chunk, len(source))))
+    ]
   return ids
 
 

@@ -18,8 +18,8 @@ a checkpoint), on the data `make demo` builds in `--data_workdir` (built first
 if missing); median samples/s of `--repeats` exports after one warm-up export.
 
 Other parts have their own benchmark modules, which this command runs with
-`--what`: `input` (`capture_jax.data.benchmark`), `search`
-(`capture_jax.evaluation.benchmark`).
+`--what`: `input` (`capture_jax.bench.input`), `search`
+(`capture_jax.bench.search`).
 """
 
 from __future__ import annotations
@@ -259,8 +259,8 @@ def main(argv=None) -> None:
     if not args.no_record:
       append_rows(EXPORT_SECTION, EXPORT_HEADER, rows, EXPORT_NOTE)
   for part, module in (
-      ('input', 'capture_jax.data.benchmark'),
-      ('search', 'capture_jax.evaluation.benchmark'),
+      ('input', 'capture_jax.bench.input'),
+      ('search', 'capture_jax.bench.search'),
   ):
     if part in what:
       print(f'running python -m {module}', flush=True)

@@ -1,6 +1,6 @@
 """Per-device memory of the contrastive loss step, dense versus ring.
 
-    python -m capture_jax.training.contrastive_bench [--kinds ntxent,clip,siglip]
+    python -m capture_jax.bench.contrastive [--kinds ntxent,clip,siglip]
         [--batches 8192,65536] [--dim 512] [--chunk 1024] [--devices 8]
 
 Compiles (without running) the forward and backward pass of the contrastive

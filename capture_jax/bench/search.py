@@ -1,6 +1,6 @@
 """Times retrieval search at the Product1M dev size.
 
-``python -m capture_jax.evaluation.benchmark`` searches 2,673 queries against
+``python -m capture_jax.bench.search`` searches 2,673 queries against
 40,033 gallery items of width 1,024 (the fused CAPTURE embedding: 512 text +
 512 visual), top-100 by cosine:
 

@@ -8,7 +8,7 @@ of `--batches` training batches and prints the medians: samples/s per core
 by the wall clock, and samples per CPU-second (user + system time of the
 process, robust to other load on the machine).
 
-    python -m capture_jax.data.benchmark [--config configs/demo.py] [--cores 1]
+    python -m capture_jax.bench.input [--config configs/demo.py] [--cores 1]
 
 Target: 2,000 samples/s per core (one 16-core host feeding 8 accelerators at
 batch 256 each).
