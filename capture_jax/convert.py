@@ -28,6 +28,7 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
+from capture_jax import batch as batch_lib
 from capture_jax.models import capture
 
 Params = dict[str, Any]
@@ -234,7 +235,7 @@ def param_shapes(cfg: ml_collections.ConfigDict) -> dict[PathTuple, tuple[int, .
   unscanned = cfg.copy_and_resolve_references()
   unscanned.scan_layers = False
   model = capture.CaptureModel(unscanned)
-  batch = capture.dummy_batch(unscanned, 1, 2, 1)
+  batch = batch_lib.BatchLayout.for_model(unscanned, text_len=2, regions=1).dummy()
   tree = jax.eval_shape(lambda: capture.init_params(model, jax.random.key(0), batch))
   return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(tree).items()}
 

@@ -46,13 +46,15 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from capture_jax import export as export_lib
-from capture_jax.data import pipeline
+from capture_jax.data import eval_input
+from capture_jax.data import source as source_lib
 from capture_jax.evaluation import baselines
 from capture_jax.evaluation import embeddings as emb_lib
 from capture_jax.evaluation import instance_merge
 from capture_jax.evaluation import metrics as metrics_lib
 from capture_jax.evaluation import report as report_lib
 from capture_jax.evaluation import search as search_lib
+from capture_jax.training import checkpoint as checkpoint_lib
 from capture_jax.training import sharding
 
 SEARCH_KINDS = ('exact', 'faiss')
@@ -140,13 +142,97 @@ def check_pair(queries: emb_lib.Embeddings, gallery: emb_lib.Embeddings) -> None
 
 @dataclasses.dataclass
 class ExportJob:
+  """One export an evaluation reads: its rows and weights, and where it lives."""
+
   name: str  # 'gallery', 'queries', 'instances' (+ ' random weights')
-  split: str
-  rows: str
   step: int | None  # None: random initialisation
   out_dir: Path
-  plan_rows: export_lib.SplitRows
-  source: Any
+  rows: eval_input.EvalRows
+  source: source_lib.Product1MSource
+
+  def plan(self, config: ml_collections.ConfigDict) -> dict[str, Any]:
+    return export_lib.export_plan(
+        config, self.rows.split, self.rows.kind, config.eval.embedding, self.step, len(self.rows)
+    )
+
+
+@dataclasses.dataclass
+class EvalPlan:
+  """What an evaluation reads, decided (and checked) before anything compiles."""
+
+  split: str
+  step: int | None  # the checkpoint (None: only given exports, or random weights)
+  query_ids: list[str]
+  jobs: list[ExportJob]  # exports to make or reuse
+  given: dict[str, emb_lib.Embeddings]  # exports passed on the command line
+  with_instances: bool
+  sources: dict[str, source_lib.Product1MSource]
+
+
+def plan_exports(
+    config: ml_collections.ConfigDict,
+    workdir: Path,
+    split: str,
+    gt: metrics_lib.GroundTruth,
+    *,
+    step: int | None,
+    explicit: Mapping[str, Path],
+) -> tuple[EvalPlan, Any]:
+  """Checks the request and lists the exports to read; returns the plan and the open checkpoint
+  manager (None when every export is given). Raises before anything compiles."""
+  e = config.eval
+  gt_dir = config.data.data_dir
+  sources = {s: source_lib.make_source(config, s) for s in ('gallery', split)}
+  query_rows = eval_input.sample_rows(sources[split])
+  check_query_ids(query_rows.item_id, gt, f'split {split!r}', gt_dir)
+  if explicit and not {'gallery', 'queries'} <= set(explicit):
+    raise ValueError(
+        'pass both --gallery_embeddings and --query_embeddings (and --instance_embeddings for '
+        'instance-level queries), or none of them'
+    )
+  sidecar = Path(eval_input.sidecar_path(config, split))
+  with_instances = 'instances' in explicit if explicit else sidecar.is_file()
+  if not with_instances and e.query_mode != 'whole':
+    raise FileNotFoundError(
+        f'eval.query_mode={e.query_mode!r} needs instance queries, but '
+        + (
+            'no --instance_embeddings was given'
+            if explicit
+            else f'the sidecar {sidecar} does not exist'
+        )
+        + ' (use --config.eval.query_mode=whole)'
+    )
+  given = {name: emb_lib.read_embeddings(path) for name, path in explicit.items()}
+  for name in ('queries', 'instances'):
+    if name in given:
+      check_pair(given[name], given['gallery'])
+      check_query_ids(given[name].item_id, gt, str(given[name].path), gt_dir)
+  manager = None
+  if not explicit:
+    manager, step = checkpoint_lib.open_step(workdir, config, step)
+  where = {'gallery': 'gallery', 'queries': split, 'instances': split}
+  planned_rows: dict[str, eval_input.EvalRows] = {'queries': query_rows}
+
+  def rows_of(name: str) -> eval_input.EvalRows:
+    if name not in planned_rows:
+      kind = 'instances' if name == 'instances' else 'samples'
+      planned_rows[name] = export_lib.plan_rows(config, sources[where[name]], kind)
+    return planned_rows[name]
+
+  def job(name: str, job_step: int | None, suffix: str = '') -> ExportJob:
+    rows = rows_of(name)
+    out_dir = export_lib.default_out_dir(workdir, e.embedding, rows.split, rows.kind, job_step)
+    return ExportJob(name + suffix, job_step, out_dir, rows, sources[where[name]])
+
+  names = ['gallery', 'queries'] + (['instances'] if with_instances else [])
+  jobs = [job(name, step) for name in names if name not in explicit]
+  if e.baselines:
+    random_names = ['gallery', 'queries'] + (['instances'] if e.query_mode != 'whole' else [])
+    jobs += [job(name, None, ' random weights') for name in random_names]
+  plan = EvalPlan(
+      split, step, list(dict.fromkeys(query_rows.item_id)), jobs, given, with_instances, sources
+  )
+  return plan, manager
 
 
 def ensure_exports(
@@ -158,43 +244,34 @@ def ensure_exports(
     progress: bool | None = None,
 ) -> tuple[dict[str, emb_lib.Embeddings], dict[str, float]]:
   """Runs the exports that are not complete yet (one compiled step for all), then reads every job's."""
-  kind = config.eval.embedding
-  todo = [
-      j
-      for j in jobs
-      if export_lib.completed_export(
-          j.out_dir, export_lib.export_plan(config, j.split, j.rows, kind, j.step, len(j.plan_rows))
-      )
-      is None
-  ]
+  todo = [j for j in jobs if export_lib.completed_export(j.out_dir, j.plan(config)) is None]
   rates: dict[str, float] = {}
   if todo:
     mesh = sharding.make_mesh(config.mesh, devices)
-    embedder = emb_lib.make_embedder(config, mesh, kind)
+    embedder = emb_lib.make_embedder(config, mesh, config.eval.embedding)
     params: dict[int | None, Any] = {}
     for job in todo:
       if job.step not in params:
         params[job.step] = (
             export_lib.random_model_params(config, embedder)
             if job.step is None
-            else export_lib.restore_model_params(manager, job.step, embedder)
+            else checkpoint_lib.restore_model_params(manager, job.step, embedder.abstract_params)
         )
       if jax.process_index() == 0:
         print(
-            f'exporting {job.name}: {len(job.plan_rows)} {job.rows} rows of {job.split} -> {job.out_dir}',
+            f'exporting {job.name}: {len(job.rows)} {job.rows.kind} rows of {job.rows.split} '
+            f'-> {job.out_dir}',
             flush=True,
         )
       result = export_lib.export_split(
           config,
-          job.split,
           job.out_dir,
           embedder,
           params[job.step],
-          rows=job.rows,
+          job.source,
+          job.rows,
           checkpoint_step=job.step,
           progress=progress,
-          source=job.source,
-          plan_rows=job.plan_rows,
       )
       if result.samples_per_s:
         rates[job.name] = result.samples_per_s
@@ -236,6 +313,24 @@ def search(
   return approx, search_lib.recall_at_k(approx, exact())
 
 
+class Searcher:
+  """`search` with the time and, with FAISS, the recall@100 of each named search recorded."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.config = config
+    self.devices = jax.local_devices()
+    self.seconds: dict[str, float] = {}
+    self.recall: dict[str, float] = {}
+
+  def __call__(self, name: str, queries: np.ndarray, gallery: np.ndarray) -> np.ndarray:
+    start = time.perf_counter()
+    indices, recall = search(queries, gallery, self.config, devices=self.devices)
+    self.seconds[name] = time.perf_counter() - start
+    if recall is not None:
+      self.recall[name] = recall
+    return indices
+
+
 def instance_lists(
     instances: emb_lib.Embeddings, indices: np.ndarray, gallery_ids: Sequence[str]
 ) -> dict[str, list[list[str]]]:
@@ -260,6 +355,31 @@ def merged_lists(
   }
 
 
+def rank_model(
+    searcher: Searcher,
+    query_ids: Sequence[str],
+    queries: emb_lib.Embeddings,
+    gallery: emb_lib.Embeddings,
+    instances: emb_lib.Embeddings | None,
+    modes: Sequence[str],
+    suffix: str = '',
+) -> dict[str, dict[str, list[str]]]:
+  """Mode -> query id -> the model's ranked list: whole-sample, and merged with the instances'."""
+  whole = search_lib.indices_to_ranked_lists(
+      queries.item_id,
+      gallery.item_id,
+      searcher('queries' + suffix, queries.vectors, gallery.vectors),
+  )
+  per_instance = None
+  if instances is not None:
+    per_instance = instance_lists(
+        instances,
+        searcher('instances' + suffix, instances.vectors, gallery.vectors),
+        gallery.item_id,
+    )
+  return {mode: merged_lists(query_ids, whole, per_instance, mode) for mode in modes}
+
+
 # --------------------------------------------------------------------------
 # Baselines.
 
@@ -269,7 +389,7 @@ def mean_region_vectors(
 ) -> np.ndarray:
   """[len(ids), F] masked mean of the region features (the model's visual input, global token
   excluded) of the items `ids` of `split`, read through the evaluation pipeline."""
-  it = pipeline.make_eval_iterator(config, split, process_index=0, process_count=1, source=source)
+  it = eval_input.make_eval_iterator(config, split, process_index=0, process_count=1, source=source)
   found: dict[str, np.ndarray] = {}
   for batch in it:
     valid = batch.is_valid.astype(bool)
@@ -289,196 +409,77 @@ def mean_region_vectors(
   )
 
 
+def rank_baselines(
+    config: ml_collections.ConfigDict,
+    plan: EvalPlan,
+    exports: Mapping[str, emb_lib.Embeddings],
+    gt: metrics_lib.GroundTruth,
+    searcher: Searcher,
+) -> dict[str, dict[str, list[str]]]:
+  """Method -> ranked lists of the baselines on the same queries and gallery: the model with
+  random weights (in `eval.query_mode`), TF-IDF over titles and the mean region feature."""
+  e = config.eval
+  query_ids = plan.query_ids
+  rg, rq = exports['gallery random weights'], exports['queries random weights']
+  check_pair(rq, rg)
+  mode = e.query_mode
+  random_lists = rank_model(
+      searcher,
+      query_ids,
+      rq,
+      rg,
+      exports.get('instances random weights'),
+      [mode],
+      suffix=' random weights',
+  )
+  gallery = exports['gallery']
+  titles = lambda ids: [gt.titles.get(i, '') for i in ids]
+  tq, tg = baselines.tfidf_embeddings(
+      titles(query_ids), titles(gallery.item_id), max_features=e.tfidf_max_features
+  )
+  mq = mean_region_vectors(config, plan.split, query_ids, plan.sources[plan.split])
+  mg = mean_region_vectors(config, 'gallery', gallery.item_id, plan.sources['gallery'])
+  return {
+      capture_method(mode, random_init=True): random_lists[mode],
+      TFIDF: search_lib.indices_to_ranked_lists(
+          query_ids, gallery.item_id, searcher(TFIDF, tq, tg)
+      ),
+      MEAN_REGION: search_lib.indices_to_ranked_lists(
+          query_ids, gallery.item_id, searcher(MEAN_REGION, mq, mg)
+      ),
+  }
+
+
 # --------------------------------------------------------------------------
-# The evaluation.
+# The report.
 
 
 def _slug(method: str) -> str:
   return re.sub(r'[^a-z0-9]+', '_', method.lower()).strip('_')
 
 
-def evaluate(
+def write_outputs(
     config: ml_collections.ConfigDict,
-    workdir: str | Path,
-    split: str = 'dev',
-    *,
-    step: int | None = None,
-    out_dir: str | Path | None = None,
-    gallery_embeddings: str | Path | None = None,
-    query_embeddings: str | Path | None = None,
-    instance_embeddings: str | Path | None = None,
-    devices=None,
-    progress: bool | None = None,
-) -> EvalResult | None:
-  """The `capture_jax.evaluate` command (see the module docstring). Returns None on processes other than 0."""
-  workdir = Path(workdir)
+    out_dir: Path,
+    workdir: Path,
+    plan: EvalPlan,
+    exports: Mapping[str, emb_lib.Embeddings],
+    ranked: Mapping[str, dict[str, list[str]]],
+    metrics: Mapping[str, dict[str, float]],
+    modes: Sequence[str],
+    gt: metrics_lib.GroundTruth,
+    searcher: Searcher,
+    rates: Mapping[str, float],
+) -> EvalResult:
+  """Ranked lists, `report.md`, `metrics.json`, the plot and `evaluation.json` in `out_dir`."""
   e = config.eval
-  validate_eval_config(config)
-  export_lib.validate_request(config, split, 'samples')
-  is_main = jax.process_index() == 0
-  gt_dir = config.data.data_dir
-  gt = metrics_lib.read_ground_truth(gt_dir)
   kind = e.embedding
-  explicit = {
-      'gallery': gallery_embeddings,
-      'queries': query_embeddings,
-      'instances': instance_embeddings,
-  }
-  explicit = {k: Path(v) for k, v in explicit.items() if v}
-
-  # 1. Checks, and what to export, before anything compiles.
-  sources = {s: pipeline.make_source(config, s) for s in ('gallery', split)}
-  query_plan = export_lib.split_rows(config, sources[split], 'samples')
-  check_query_ids(query_plan.item_id, gt, f'split {split!r}', gt_dir)
-  if explicit and not {'gallery', 'queries'} <= set(explicit):
-    raise ValueError(
-        'pass both --gallery_embeddings and --query_embeddings (and --instance_embeddings for '
-        'instance-level queries), or none of them'
-    )
-  sidecar = export_lib.instances_path(config, split)
-  with_instances = 'instances' in explicit if explicit else sidecar.is_file()
-  if not with_instances and e.query_mode != 'whole':
-    raise FileNotFoundError(
-        f'eval.query_mode={e.query_mode!r} needs instance queries, but '
-        + (
-            'no --instance_embeddings was given'
-            if explicit
-            else f'the sidecar {sidecar} does not exist'
-        )
-        + ' (use --config.eval.query_mode=whole)'
-    )
-  given = {name: emb_lib.read_embeddings(path) for name, path in explicit.items()}
-  for name in ('queries', 'instances'):
-    if name in given:
-      check_pair(given[name], given['gallery'])
-      check_query_ids(given[name].item_id, gt, str(given[name].path), gt_dir)
-  manager = None
-  if not explicit:
-    manager, step = export_lib.open_checkpoints(workdir, config, step)
-  plans = {
-      'gallery': ('gallery', 'samples'),
-      'queries': (split, 'samples'),
-      'instances': (split, 'instances'),
-  }
-  names = ['gallery', 'queries'] + (['instances'] if with_instances else [])
-  jobs = []
-  for name in names:
-    if name in explicit:
-      continue
-    s, rows = plans[name]
-    plan_rows = query_plan if name == 'queries' else export_lib.split_rows(config, sources[s], rows)
-    jobs.append(
-        ExportJob(
-            name,
-            s,
-            rows,
-            step,
-            export_lib.default_out_dir(workdir, kind, s, rows, step),
-            plan_rows,
-            sources[s],
-        )
-    )
-  if e.baselines:
-    random_names = ['gallery', 'queries'] + (['instances'] if e.query_mode != 'whole' else [])
-    for name in random_names:
-      s, rows = plans[name]
-      plan_rows = next((j.plan_rows for j in jobs if j.name == name), None)
-      if plan_rows is None:
-        plan_rows = export_lib.split_rows(config, sources[s], rows)
-      jobs.append(
-          ExportJob(
-              f'{name} random weights',
-              s,
-              rows,
-              None,
-              export_lib.default_out_dir(workdir, kind, s, rows, None),
-              plan_rows,
-              sources[s],
-          )
-      )
-
-  # 2. Exports (only what is missing).
-  exports, rates = ensure_exports(config, jobs, manager, devices=devices, progress=progress)
-  if manager is not None:
-    manager.close()
-  exports.update(given)
-  if not is_main:
-    return None
-  gallery, queries = exports['gallery'], exports['queries']
-  check_pair(queries, gallery)
-  check_query_ids(queries.item_id, gt, str(queries.path), gt_dir)
-  instances = exports.get('instances')
-  if instances is not None:
-    check_pair(instances, gallery)
-    check_query_ids(instances.item_id, gt, str(instances.path), gt_dir)
-  if step is None:
-    step = gallery.metadata.get('checkpoint_step')
-
-  # 3-4. Search and ranked lists of every method, in query order.
-  local = jax.local_devices()
-  query_ids = list(dict.fromkeys(queries.item_id))
-  ranked: dict[str, dict[str, list[str]]] = {}
-  recall: dict[str, float] = {}
-  timing: dict[str, float] = {}
-
-  def run_search(name, q, g):
-    start = time.perf_counter()
-    indices, r = search(q, g, config, devices=local)
-    timing[name] = time.perf_counter() - start
-    if r is not None:
-      recall[name] = r
-    return indices
-
-  whole = search_lib.indices_to_ranked_lists(
-      queries.item_id, gallery.item_id, run_search('queries', queries.vectors, gallery.vectors)
-  )
-  per_instance = None
-  if instances is not None:
-    per_instance = instance_lists(
-        instances, run_search('instances', instances.vectors, gallery.vectors), gallery.item_id
-    )
-  modes = instance_merge.MERGE_MODES if instances is not None else ('whole',)
-  for mode in modes:
-    ranked[capture_method(mode)] = merged_lists(query_ids, whole, per_instance, mode)
-
-  if e.baselines:
-    rg, rq = exports['gallery random weights'], exports['queries random weights']
-    check_pair(rq, rg)
-    r_whole = search_lib.indices_to_ranked_lists(
-        rq.item_id, rg.item_id, run_search('queries random weights', rq.vectors, rg.vectors)
-    )
-    r_inst = None
-    if 'instances random weights' in exports:
-      ri = exports['instances random weights']
-      r_inst = instance_lists(
-          ri, run_search('instances random weights', ri.vectors, rg.vectors), rg.item_id
-      )
-    ranked[capture_method(e.query_mode, random_init=True)] = merged_lists(
-        query_ids, r_whole, r_inst, e.query_mode
-    )
-    titles = lambda ids: [gt.titles.get(i, '') for i in ids]
-    tq, tg = baselines.tfidf_embeddings(
-        titles(query_ids), titles(gallery.item_id), max_features=e.tfidf_max_features
-    )
-    ranked[TFIDF] = search_lib.indices_to_ranked_lists(
-        query_ids, gallery.item_id, run_search(TFIDF, tq, tg)
-    )
-    mq = mean_region_vectors(config, split, query_ids, sources[split])
-    mg = mean_region_vectors(config, 'gallery', gallery.item_id, sources['gallery'])
-    ranked[MEAN_REGION] = search_lib.indices_to_ranked_lists(
-        query_ids, gallery.item_id, run_search(MEAN_REGION, mq, mg)
-    )
-
-  # 5. Metrics, files, report.
-  metrics = {
-      m: metrics_lib.evaluate_ranked_lists(lists, gt.query_labels, gt.gallery_labels)
-      for m, lists in ranked.items()
-  }
+  split, step, query_ids = plan.split, plan.step, plan.query_ids
+  gallery, instances = exports['gallery'], exports.get('instances')
   capture_modes = {mode: metrics[capture_method(mode)] for mode in modes}
   best_mode = max(capture_modes, key=lambda m: capture_modes[m]['mAP@10'])
   main_method = capture_method(e.query_mode if e.query_mode in modes else 'whole')
 
-  out_dir = Path(out_dir) if out_dir else workdir / f'eval_{split}'
   out_dir.mkdir(parents=True, exist_ok=True)
   metrics_lib.write_ranked_lists(out_dir / metrics_lib.RANKED_FILE, ranked[main_method])
   (out_dir / 'ranked_lists').mkdir(exist_ok=True)
@@ -493,10 +494,11 @@ def evaluate(
       ]
   }
   weights = 'random initialisation' if step is None else f'checkpoint step {step}'
+  recall = searcher.recall
   notes = [
       f'- Queries: {len(query_ids)} of split `{split}`'
       + (f' ({len(instances)} product instances)' if instances is not None else '')
-      + f'; gallery: {len(gallery)} items. Ground truth: `{gt_dir}`.',
+      + f'; gallery: {len(gallery)} items. Ground truth: `{config.data.data_dir}`.',
       f'- CAPTURE: {weights} of `{workdir}`; embedding `{kind}` ({gallery.dimension}-d).',
       f'- Search: '
       + (
@@ -539,21 +541,90 @@ def evaluate(
       'best_query_mode': best_mode,
       'search': e.search,
       'faiss_recall_at_100': recall or None,
-      'search_seconds': timing,
-      'export_samples_per_s': rates,
+      'search_seconds': searcher.seconds,
+      'export_samples_per_s': dict(rates),
       'counts': {
           'queries': len(query_ids),
           'instances': len(instances) if instances is not None else 0,
           'gallery': len(gallery),
       },
       'exports': {k: str(v.path) for k, v in exports.items()},
-      'metrics': metrics,
+      'metrics': dict(metrics),
   }
   (out_dir / EVALUATION_FILE).write_text(
       json.dumps(summary, indent=2, ensure_ascii=False) + '\n', encoding='utf-8'
   )
   table = report_lib.metrics_table(metrics)
-  return EvalResult(out_dir, metrics, table, best_mode, summary)
+  return EvalResult(out_dir, dict(metrics), table, best_mode, summary)
+
+
+# --------------------------------------------------------------------------
+# The evaluation.
+
+
+def evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str | Path,
+    split: str = 'dev',
+    *,
+    step: int | None = None,
+    out_dir: str | Path | None = None,
+    gallery_embeddings: str | Path | None = None,
+    query_embeddings: str | Path | None = None,
+    instance_embeddings: str | Path | None = None,
+    devices=None,
+    progress: bool | None = None,
+) -> EvalResult | None:
+  """The `capture_jax.evaluate` command (see the module docstring). Returns None on processes other than 0."""
+  workdir = Path(workdir)
+  validate_eval_config(config)
+  export_lib.validate_request(config, split, 'samples')
+  gt = metrics_lib.read_ground_truth(config.data.data_dir)
+  explicit = {
+      'gallery': gallery_embeddings,
+      'queries': query_embeddings,
+      'instances': instance_embeddings,
+  }
+  explicit = {k: Path(v) for k, v in explicit.items() if v}
+
+  # 1. Checks, and what to export, before anything compiles.
+  plan, manager = plan_exports(config, workdir, split, gt, step=step, explicit=explicit)
+
+  # 2. Exports (only what is missing).
+  try:
+    exports, rates = ensure_exports(config, plan.jobs, manager, devices=devices, progress=progress)
+  finally:
+    if manager is not None:
+      manager.close()
+  exports.update(plan.given)
+  if jax.process_index() != 0:
+    return None
+  gallery, queries = exports['gallery'], exports['queries']
+  for name in ('queries', 'instances'):
+    if name in exports:
+      check_pair(exports[name], gallery)
+      check_query_ids(exports[name].item_id, gt, str(exports[name].path), config.data.data_dir)
+  if plan.step is None:
+    plan.step = gallery.metadata.get('checkpoint_step')
+
+  # 3-4. Search and ranked lists of every method, in query order.
+  searcher = Searcher(config)
+  instances = exports.get('instances')
+  modes = instance_merge.MERGE_MODES if instances is not None else ('whole',)
+  lists = rank_model(searcher, plan.query_ids, queries, gallery, instances, modes)
+  ranked = {capture_method(mode): lists[mode] for mode in modes}
+  if config.eval.baselines:
+    ranked.update(rank_baselines(config, plan, exports, gt, searcher))
+
+  # 5. Metrics, files, report.
+  metrics = {
+      m: metrics_lib.evaluate_ranked_lists(lists, gt.query_labels, gt.gallery_labels)
+      for m, lists in ranked.items()
+  }
+  out_dir = Path(out_dir) if out_dir else workdir / f'eval_{split}'
+  return write_outputs(
+      config, out_dir, workdir, plan, exports, ranked, metrics, modes, gt, searcher, rates
+  )
 
 
 # --------------------------------------------------------------------------

@@ -11,10 +11,11 @@ step compiled with explicit shardings; the checkpoint's model parameters
 restored onto the mesh (only the parameters, not the optimizer state); then
 the loop over the shards still missing. Evaluation batches are unmasked and
 the model runs with train=False (no dropout); the last batch is padded and
-its padding rows are dropped. Rows are written in split order whatever the
-number of devices or processes (process p reads rows p, p + n, ...; rows are
-put back in order by their position before writing). Re-running the same
-command skips shards already written, so an interrupted export resumes.
+its padding rows are dropped. Rows are written in the order of their plan
+(`eval_input.EvalRows`) whatever the number of devices or processes: every
+batch says which rows of the plan it holds, and a shard's rows are put back
+in order before it is written. Re-running the same command skips shards
+already written, so an interrupted export resumes.
 
 Output (default `{workdir}/embeddings/step_{STEP}/{kind}/{split}`, with a
 `-instances` suffix for instance rows and `random_init` for `--random_init`):
@@ -25,24 +26,26 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator
 
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import app, flags
 from ml_collections import config_flags
 
+from capture_jax import batch as batch_lib
+from capture_jax.data import eval_input
 from capture_jax.data import formats
-from capture_jax.data import pipeline
+from capture_jax.data import source as source_lib
 from capture_jax.evaluation import embeddings as emb_lib
-from capture_jax.models.capture import BATCH_KEYS
 from capture_jax.training import checkpoint as checkpoint_lib
 from capture_jax.training import sharding
+from capture_jax.training import state as state_lib
 
 
 @dataclasses.dataclass
@@ -55,15 +58,15 @@ class ExportResult:
 
 
 # --------------------------------------------------------------------------
-# Checks and the checkpoint.
+# Checks, the rows to embed, and the weights.
 
 
 def validate_request(config: ml_collections.ConfigDict, split: str, rows: str) -> None:
   problems = []
   if split not in formats.SPLITS:
     problems.append(f'split must be one of {formats.SPLITS}, got {split!r}')
-  if rows not in emb_lib.ROW_KINDS:
-    problems.append(f'rows must be one of {emb_lib.ROW_KINDS}, got {rows!r}')
+  if rows not in eval_input.ROW_KINDS:
+    problems.append(f'rows must be one of {eval_input.ROW_KINDS}, got {rows!r}')
   if config.eval.embedding not in emb_lib.EMBEDDING_KINDS:
     problems.append(
         f'eval.embedding must be one of {emb_lib.EMBEDDING_KINDS}, got {config.eval.embedding!r}'
@@ -79,77 +82,26 @@ def validate_request(config: ml_collections.ConfigDict, split: str, rows: str) -
     raise ValueError('bad export request:\n  - ' + '\n  - '.join(problems))
 
 
-def open_checkpoints(
-    workdir: str | Path, config: ml_collections.ConfigDict, step: int | None = None
-) -> tuple[ocp.CheckpointManager, int]:
-  """The workdir's checkpoint manager and the step to load (latest by default).
-
-  Raises FileNotFoundError when there is no checkpoint (or not that step) and
-  `checkpoint.IncompatibleCheckpointError` when the checkpoint is of another
-  model, both before anything compiles.
-  """
-  ckpt_dir = checkpoint_lib.checkpoint_dir(workdir)
-  if not ckpt_dir.is_dir():
+def plan_rows(
+    config: ml_collections.ConfigDict, source: source_lib.Product1MSource, rows: str
+) -> eval_input.EvalRows:
+  """The rows to embed: every sample of the split, or every product instance of its samples."""
+  if rows == 'samples':
+    return eval_input.sample_rows(source)
+  path = eval_input.sidecar_path(config, source.split)
+  if not os.path.isfile(path):
     raise FileNotFoundError(
-        f'no checkpoint in {Path(workdir)}: {ckpt_dir} does not exist. Train first '
-        f"(python -m capture_jax.train --workdir={workdir}), or pass the run's --workdir."
+        f'instance-level rows need the instance sidecar {path}, which does not exist '
+        "(set eval.query_mode='whole' to evaluate whole-sample queries only)"
     )
-  manager = checkpoint_lib.make_manager(workdir, config.checkpoint)
-  steps = sorted(manager.all_steps())
-  if not steps:
-    manager.close()
-    raise FileNotFoundError(
-        f'no checkpoint in {ckpt_dir}; train first (python -m capture_jax.train)'
-    )
-  if step is None:
-    step = steps[-1]
-  elif step not in steps:
-    manager.close()
-    raise FileNotFoundError(f'no checkpoint of step {step} in {ckpt_dir}; it holds steps {steps}')
-  check_step_compatible(manager, config, step)
-  return manager, int(step)
-
-
-def check_step_compatible(
-    manager: ocp.CheckpointManager, config: ml_collections.ConfigDict, step: int
-) -> None:
-  """`checkpoint.check_compatible` for a given step (not only the latest)."""
-  saved = checkpoint_lib.saved_model_config(manager, step)
-  ours = config.model.to_dict()
-  diffs = [
-      f'model.{k}: checkpoint {saved.get(k)!r}, config {v!r}'
-      for k, v in ours.items()
-      if k not in checkpoint_lib.LAYOUT_NEUTRAL_FIELDS and saved.get(k) != v
-  ]
-  if diffs:
-    raise checkpoint_lib.IncompatibleCheckpointError(
-        f'the checkpoint of step {step} in {manager.directory} is of a different model: '
-        + '; '.join(diffs)
-        + '. Pass the config the run was trained with.'
-    )
-
-
-def restore_model_params(
-    manager: ocp.CheckpointManager, step: int, embedder: emb_lib.Embedder
-) -> Any:
-  """Only `state.params['model']` of a checkpoint, placed in the embedder's shardings (Orbax partial
-  restore: the optimizer state is not read)."""
-  target = {'params': {'model': embedder.abstract_params}}
-  restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding), target)
-  restored = manager.restore(
-      step,
-      args=ocp.args.Composite(
-          state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
-      ),
-  )
-  return restored['state']['params']['model']
+  return eval_input.instance_rows(source, formats.read_instances(path), config.data.max_regions)
 
 
 def random_model_params(config: ml_collections.ConfigDict, embedder: emb_lib.Embedder) -> Any:
-  """The untrained model (`train.initial_params(config, PRNGKey(config.seed))['model']`), created
+  """The untrained model (`state.initial_params(config, PRNGKey(config.seed))['model']`), created
   directly in its shardings."""
   init = jax.jit(
-      lambda k: emb_lib.initial_model_params(config, k), out_shardings=embedder.param_shardings
+      lambda k: state_lib.initial_params(config, k)['model'], out_shardings=embedder.param_shardings
   )
   return init(jax.random.PRNGKey(config.seed))
 
@@ -168,218 +120,7 @@ def default_out_dir(
 
 
 # --------------------------------------------------------------------------
-# Rows of a split.
-
-
-@dataclasses.dataclass
-class SplitRows:
-  """What the iterator will yield, row by row: item ids (and instance labels and indices)."""
-
-  item_id: list[str]
-  instance_label: list[str] | None = None
-  instance_index: list[int] | None = None
-
-  def __len__(self) -> int:
-    return len(self.item_id)
-
-
-def instances_path(config: ml_collections.ConfigDict, split: str) -> Path:
-  return Path(config.data.data_dir) / formats.instances_filename(split)
-
-
-def split_rows(
-    config: ml_collections.ConfigDict, source: pipeline.Product1MSource, rows: str
-) -> SplitRows:
-  """The rows of `make_eval_iterator` or `make_instance_eval_iterator`, in order.
-
-  For instances this restates the iterator's rule (samples of the sidecar,
-  instances with at least one region below data.max_regions); the export
-  checks every batch against it, so a change in the pipeline cannot go
-  unnoticed.
-  """
-  item_ids = pipeline.read_split_item_ids(source)
-  if rows == 'samples':
-    return SplitRows(item_ids)
-  path = instances_path(config, source.split)
-  if not path.is_file():
-    raise FileNotFoundError(
-        f'instance-level rows need the instance sidecar {path}, which does not exist '
-        f"(set eval.query_mode='whole' to evaluate whole-sample queries only)"
-    )
-  instances = formats.read_instances(str(path))
-  out = SplitRows([], [], [])
-  for item_id in item_ids:
-    for k, inst in enumerate(instances.get(item_id, ())):
-      if any(r < config.data.max_regions for r in inst.regions):
-        out.item_id.append(item_id)
-        out.instance_label.append(inst.label)
-        out.instance_index.append(k)
-  return out
-
-
-def make_iterator(
-    config: ml_collections.ConfigDict,
-    split: str,
-    rows: str,
-    source,
-    process_index: int,
-    process_count: int,
-):
-  kwargs = dict(
-      process_index=process_index,
-      process_count=process_count,
-      batch_size=config.data.eval_batch_size,
-      source=source,
-  )
-  if rows == 'instances':
-    return pipeline.make_instance_eval_iterator(
-        config, split, instances=str(instances_path(config, split)), **kwargs
-    )
-  return pipeline.make_eval_iterator(config, split, **kwargs)
-
-
-# --------------------------------------------------------------------------
-# The export.
-
-
-def export_split(
-    config: ml_collections.ConfigDict,
-    split: str,
-    out_dir: str | Path,
-    embedder: emb_lib.Embedder,
-    model_params: Any,
-    *,
-    rows: str = 'samples',
-    checkpoint_step: int | None = None,
-    overwrite: bool = False,
-    progress: bool | None = None,
-    source: pipeline.Product1MSource | None = None,
-    plan_rows: SplitRows | None = None,
-) -> ExportResult:
-  """Embeds one split with `model_params` into `out_dir`, computing only the shards not written yet.
-
-  Args:
-    checkpoint_step: recorded in the metadata; None means the random
-      initialisation (`weights: random_init`, with the config seed).
-    overwrite: recompute every shard, replacing whatever export `out_dir`
-      holds (otherwise an export of something else there is an error, and
-      the shards of the same export are kept).
-  Returns:
-    what was written; an export that was complete already is left as it is
-    (`reused=True`).
-  """
-  validate_request(config, split, rows)
-  out_dir = Path(out_dir)
-  is_main = jax.process_index() == 0
-  mesh = embedder.mesh
-  source = source or pipeline.make_source(config, split)
-  plan_rows = plan_rows if plan_rows is not None else split_rows(config, source, rows)
-  n = len(plan_rows)
-  b = embedder.batch_size
-  plan = export_plan(config, split, rows, embedder.kind, checkpoint_step, n)
-  shard_rows, num_shards = plan['shard_rows'], plan['num_shards']
-  existing = emb_lib.read_metadata(out_dir)
-  if existing is not None and not overwrite:
-    done = completed_export(out_dir, plan)
-    if done is not None:
-      return ExportResult(out_dir, done, [], True, None)
-    diffs = emb_lib.identity_diffs(existing, plan)
-    if diffs:
-      raise ValueError(
-          f'{out_dir} holds another export ({"; ".join(diffs)}; existing vs requested); '
-          'pass --overwrite to replace it, or another --out'
-      )
-  if is_main:
-    if existing is not None and overwrite:  # start afresh: remove this folder's export files only
-      for path in out_dir.glob('shard-*-of-*.npz'):
-        path.unlink()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    emb_lib.write_metadata(out_dir, {**plan, 'complete': False})
-
-  p, nproc = jax.process_index(), jax.process_count()
-  if nproc > 1:  # every process sees the same shard files from here on
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-
-    multihost_utils.sync_global_devices(f'export start {out_dir}')
-  missing = [
-      s for s in range(num_shards) if not (out_dir / emb_lib.shard_name(s, num_shards)).is_file()
-  ]
-  per = b // nproc
-  batches_per_shard = shard_rows // b
-  num_batches = pipeline.num_eval_batches(n, per, nproc) if n else 0
-  iterator = make_iterator(config, split, rows, source, p, nproc) if missing else None
-  next_batch = 0
-  show = config.eval.progress_bar if progress is None else progress
-  bar = None
-  if is_main and show and missing:
-    from tqdm import tqdm  # pylint: disable=import-outside-toplevel
-
-    to_do = sum(min((s + 1) * shard_rows, n) - s * shard_rows for s in missing)
-    bar = tqdm(total=to_do, desc=f'embedding {split} {rows}', unit='row', dynamic_ncols=True)
-  start = time.perf_counter()
-  for s in missing:
-    first, last = s * batches_per_shard, min((s + 1) * batches_per_shard, num_batches)
-    if next_batch != first:
-      _seek(iterator, next_batch, first)
-    outputs = []
-    for batch_index in range(first, last):
-      local = next(iterator)
-      ordinal = (p + nproc * (batch_index * per + np.arange(per))).astype(np.int32)
-      _check_batch(local, ordinal, plan_rows, split)
-      global_batch = sharding.global_batch_from_local(
-          {**{k: local.inputs[k] for k in BATCH_KEYS}, 'ordinal': ordinal}, mesh
-      )
-      ordinals = global_batch.pop('ordinal')
-      outputs.append((embedder(model_params, global_batch), ordinals))  # dispatched asynchronously
-    next_batch = last
-    vectors, ordinals = _to_host(outputs)
-    keep = ordinals < n
-    vectors, ordinals = vectors[keep], ordinals[keep]
-    order = np.argsort(ordinals, kind='stable')
-    vectors, ordinals = vectors[order], ordinals[order]
-    expected = np.arange(s * shard_rows, min((s + 1) * shard_rows, n))
-    if not np.array_equal(ordinals, expected):
-      raise RuntimeError(f'shard {s}: got rows {ordinals[:5]}..., expected {expected[:5]}...')
-    if is_main:
-      arrays = {
-          'embeddings': vectors.astype(np.float32),
-          'row': ordinals,
-          'item_id': np.array([plan_rows.item_id[i] for i in ordinals], dtype=str),
-      }
-      if rows == 'instances':
-        arrays['instance_label'] = np.array(
-            [plan_rows.instance_label[i] for i in ordinals], dtype=str
-        )
-        arrays['instance_index'] = np.array(
-            [plan_rows.instance_index[i] for i in ordinals], np.int32
-        )
-      emb_lib.write_shard(out_dir / emb_lib.shard_name(s, num_shards), arrays)
-    if bar is not None:
-      bar.update(len(expected))
-  elapsed = time.perf_counter() - start
-  if bar is not None:
-    bar.close()
-  computed = sum(min((s + 1) * shard_rows, n) - s * shard_rows for s in missing)
-  rate = computed / elapsed if computed and elapsed > 0 else None
-  if nproc > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-
-    multihost_utils.sync_global_devices(f'export {out_dir}')
-  metadata = {
-      **plan,
-      'complete': True,
-      'samples_per_s': rate,
-      'devices': jax.device_count(),
-      'processes': nproc,
-      'eval_batch_size': b,
-      'data': {'tfds_dir': config.data.tfds_dir, 'data_dir': config.data.data_dir},
-      'created': time.strftime('%Y-%m-%dT%H:%M:%S'),
-  }
-  if is_main:
-    if n == 0:
-      print(f'WARNING: split {split!r} has no {rows} rows: the export is empty', flush=True)
-    emb_lib.write_metadata(out_dir, metadata)
-  return ExportResult(out_dir, metadata, missing, False, rate)
+# What is in the output folder already.
 
 
 def export_plan(
@@ -426,51 +167,193 @@ def completed_export(out_dir: str | Path, plan: dict[str, Any]) -> dict[str, Any
   return meta
 
 
-def _seek(iterator, current: int, target: int) -> None:
-  """Moves a Grain iterator to batch `target` without reading the batches in between when it can."""
-  if hasattr(iterator, 'set_state'):
-    iterator.set_state({'next_index': target})
-    return
-  if target < current:
-    raise RuntimeError('cannot rewind this iterator')
-  for _ in range(target - current):
-    next(iterator)
+def reusable_export(out_dir: Path, plan: dict[str, Any], overwrite: bool) -> dict[str, Any] | None:
+  """What to do with `out_dir` before embedding into it, decided before anything compiles.
 
-
-def _check_batch(
-    local: pipeline.EvalBatch, ordinal: np.ndarray, plan_rows: SplitRows, split: str
-) -> None:
-  """The batch holds the rows the export expects (validity, item ids, instances)."""
-  n = len(plan_rows)
-  valid = ordinal < n
-  if not np.array_equal(local.is_valid.astype(bool), valid):
-    raise RuntimeError(f'{split}: the evaluation iterator padded other rows than expected')
-  got = [str(x) for x in local.item_id[valid]]
-  want = [plan_rows.item_id[i] for i in ordinal[valid]]
-  if got != want:
-    raise RuntimeError(
-        f'{split}: the evaluation iterator yielded items {got[:3]}..., expected {want[:3]}...'
+  Returns the metadata of a complete export of the same plan (nothing to
+  compute), or None (compute the missing shards, or all with `overwrite`).
+  Raises ValueError when the folder holds another export and `overwrite` is off.
+  """
+  existing = emb_lib.read_metadata(out_dir)
+  if existing is None or overwrite:
+    return None
+  done = completed_export(out_dir, plan)
+  if done is not None:
+    return done
+  diffs = emb_lib.identity_diffs(existing, plan)
+  if diffs:
+    raise ValueError(
+        f'{out_dir} holds another export ({"; ".join(diffs)}; existing vs requested); '
+        'pass --overwrite to replace it, or another --out'
     )
-  if plan_rows.instance_label is not None:
-    got = list(zip(map(str, local.instance_label[valid]), map(int, local.instance_index[valid])))
-    want = [(plan_rows.instance_label[i], plan_rows.instance_index[i]) for i in ordinal[valid]]
-    if got != want:
-      raise RuntimeError(
-          f'{split}: the instance iterator yielded {got[:3]}..., expected {want[:3]}...'
+  return None
+
+
+# --------------------------------------------------------------------------
+# The export.
+
+
+def export_split(
+    config: ml_collections.ConfigDict,
+    out_dir: str | Path,
+    embedder: emb_lib.Embedder,
+    model_params: Any,
+    source: source_lib.Product1MSource,
+    rows: eval_input.EvalRows,
+    *,
+    checkpoint_step: int | None = None,
+    overwrite: bool = False,
+    progress: bool | None = None,
+) -> ExportResult:
+  """Embeds `rows` of `source` with `model_params` into `out_dir`, computing only the shards
+  not written yet.
+
+  Args:
+    checkpoint_step: recorded in the metadata; None means the random
+      initialisation (`weights: random_init`, with the config seed).
+    overwrite: recompute every shard, replacing whatever export `out_dir`
+      holds (otherwise an export of something else there is an error, and
+      the shards of the same export are kept).
+  Returns:
+    what was written; an export that was complete already is left as it is
+    (`reused=True`).
+  """
+  validate_request(config, rows.split, rows.kind)
+  out_dir = Path(out_dir)
+  is_main = jax.process_index() == 0
+  n = len(rows)
+  plan = export_plan(config, rows.split, rows.kind, embedder.kind, checkpoint_step, n)
+  done = reusable_export(out_dir, plan, overwrite)
+  if done is not None:
+    return ExportResult(out_dir, done, [], True, None)
+  shard_rows, num_shards = plan['shard_rows'], plan['num_shards']
+  if is_main:
+    if overwrite:  # start afresh: remove this folder's export files only
+      for path in out_dir.glob('shard-*-of-*.npz'):
+        path.unlink()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    emb_lib.write_metadata(out_dir, {**plan, 'complete': False})
+  _sync(f'export start {out_dir}')  # every process sees the same shard files from here on
+
+  missing = [
+      s for s in range(num_shards) if not (out_dir / emb_lib.shard_name(s, num_shards)).is_file()
+  ]
+  batches_per_shard = shard_rows // embedder.batch_size
+  iterator = None
+  if missing:
+    iterator = eval_input.iterate_rows(config, source, rows, batch_size=embedder.batch_size)
+  show = config.eval.progress_bar if progress is None else progress
+  bar = None
+  shard_sizes = {s: min((s + 1) * shard_rows, n) - s * shard_rows for s in missing}
+  if is_main and show and missing:
+    from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+
+    bar = tqdm(
+        total=sum(shard_sizes.values()),
+        desc=f'embedding {rows.split} {rows.kind}',
+        unit='row',
+        dynamic_ncols=True,
+    )
+  start = time.perf_counter()
+  next_batch = 0
+  for s in missing:
+    first = s * batches_per_shard
+    if next_batch != first:
+      iterator.set_state({'next_index': first})  # Grain: seek without reading the batches between
+    vectors, row_ids = _embed_batches(iterator, batches_per_shard, embedder, model_params)
+    next_batch = first + batches_per_shard
+    keep = row_ids >= 0
+    order = np.argsort(row_ids[keep], kind='stable')
+    vectors, row_ids = vectors[keep][order], row_ids[keep][order]
+    expected = np.arange(s * shard_rows, s * shard_rows + shard_sizes[s])
+    if not np.array_equal(row_ids, expected):
+      raise RuntimeError(f'shard {s}: got rows {row_ids[:5]}..., expected {expected[:5]}...')
+    if is_main:
+      emb_lib.write_shard(
+          out_dir / emb_lib.shard_name(s, num_shards), _shard_arrays(rows, row_ids, vectors)
       )
+    if bar is not None:
+      bar.update(len(expected))
+  elapsed = time.perf_counter() - start
+  if bar is not None:
+    bar.close()
+  computed = sum(shard_sizes.values())
+  rate = computed / elapsed if computed and elapsed > 0 else None
+  _sync(f'export {out_dir}')
+  metadata = {
+      **plan,
+      'complete': True,
+      'samples_per_s': rate,
+      'devices': jax.device_count(),
+      'processes': jax.process_count(),
+      'eval_batch_size': embedder.batch_size,
+      'data': {'tfds_dir': config.data.tfds_dir, 'data_dir': config.data.data_dir},
+      'created': time.strftime('%Y-%m-%dT%H:%M:%S'),
+  }
+  if is_main:
+    if n == 0:
+      print(
+          f'WARNING: split {rows.split!r} has no {rows.kind} rows: the export is empty', flush=True
+      )
+    emb_lib.write_metadata(out_dir, metadata)
+  return ExportResult(out_dir, metadata, missing, False, rate)
 
 
-def _to_host(outputs: Sequence[tuple[jax.Array, jax.Array]]) -> tuple[np.ndarray, np.ndarray]:
-  """Global `[B, D]` embeddings and `[B]` row positions -> host numpy on every process."""
+def _embed_batches(
+    iterator: Iterator[eval_input.EvalBatch],
+    num_batches: int,
+    embedder: emb_lib.Embedder,
+    model_params: Any,
+) -> tuple[np.ndarray, np.ndarray]:
+  """The next `num_batches` global batches -> host `[N, D]` embeddings and `[N]` row ids (-1 at
+  padding), gathered from every process in global-batch order."""
+  outputs, row_ids = [], []
+  for _ in range(num_batches):
+    try:
+      local = next(iterator)
+    except StopIteration:  # the last shard ends before its last whole batch
+      break
+    global_batch = sharding.global_batch_from_local(
+        batch_lib.model_inputs(local.inputs), embedder.mesh
+    )
+    outputs.append(embedder(model_params, global_batch))  # dispatched asynchronously
+    row_ids.append(local.row)
   if not outputs:
-    return np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
+    return np.zeros((0, embedder.dimension), np.float32), np.zeros(0, np.int64)
+  if jax.process_count() > 1:
+    # Process p's rows are the p-th block of each global batch (`global_batch_from_local`), so
+    # gathering the host row ids in process order lines them up with the gathered embeddings.
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
+    outputs = multihost_utils.process_allgather(outputs, tiled=True)
+    row_ids = [
+        np.asarray(multihost_utils.process_allgather(r, tiled=True)).reshape(-1) for r in row_ids
+    ]
+  vectors = np.concatenate([np.asarray(v) for v in outputs]).astype(np.float32)
+  return vectors, np.concatenate(row_ids).astype(np.int64)
+
+
+def _shard_arrays(
+    rows: eval_input.EvalRows, row_ids: np.ndarray, vectors: np.ndarray
+) -> dict[str, np.ndarray]:
+  """A shard's arrays (see `capture_jax.evaluation.embeddings`), named from the row plan."""
+  arrays = {
+      'embeddings': vectors,
+      'row': row_ids,
+      'item_id': np.array([rows.item_id[i] for i in row_ids], dtype=str),
+  }
+  if rows.kind == 'instances':
+    arrays['instance_label'] = np.array([rows.instance_label[i] for i in row_ids], dtype=str)
+    arrays['instance_index'] = np.array([rows.instance_index[i] for i in row_ids], np.int32)
+  return arrays
+
+
+def _sync(name: str) -> None:
+  """A barrier across processes (nothing to do in a single-process run)."""
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
 
-    outputs = multihost_utils.process_allgather(list(outputs), tiled=True)
-  vectors = np.concatenate([np.asarray(v) for v, _ in outputs])
-  ordinals = np.concatenate([np.asarray(o) for _, o in outputs]).astype(np.int64)
-  return vectors, ordinals
+    multihost_utils.sync_global_devices(name)
 
 
 def export(
@@ -494,60 +377,49 @@ def export(
   """
   validate_request(config, split, rows)
   is_main = jax.process_index() == 0
-  source = pipeline.make_source(config, split)  # a split that was not built fails here
-  plan_rows = split_rows(config, source, rows)  # and a missing instance sidecar here
+  source = source_lib.make_source(config, split)  # a split that was not built fails here
+  planned = plan_rows(config, source, rows)  # and a missing instance sidecar here
   manager = None
   if not random_init:
-    manager, step = open_checkpoints(workdir, config, step)
+    manager, step = checkpoint_lib.open_step(workdir, config, step)
   else:
     step = None
-  kind = config.eval.embedding
-  out_dir = Path(out) if out else default_out_dir(workdir, kind, split, rows, step)
-  what = 'random initialisation' if step is None else f'checkpoint step {step}'
-  plan = export_plan(config, split, rows, kind, step, len(plan_rows))
-  existing = emb_lib.read_metadata(out_dir)
-  if existing is not None and not overwrite:
-    done = completed_export(out_dir, plan)
+  try:
+    kind = config.eval.embedding
+    out_dir = Path(out) if out else default_out_dir(workdir, kind, split, rows, step)
+    what = 'random initialisation' if step is None else f'checkpoint step {step}'
+    plan = export_plan(config, split, rows, kind, step, len(planned))
+    done = reusable_export(out_dir, plan, overwrite)
     if done is not None:
-      if manager is not None:
-        manager.close()
       if is_main:
         print(f'{out_dir} already holds this export ({what}); nothing to do', flush=True)
       return ExportResult(out_dir, done, [], True, None)
-    diffs = emb_lib.identity_diffs(existing, plan)
-    if diffs:
-      if manager is not None:
-        manager.close()
-      raise ValueError(
-          f'{out_dir} holds another export ({"; ".join(diffs)}; existing vs requested); '
-          'pass --overwrite to replace it, or another --out'
-      )
 
-  mesh = sharding.make_mesh(config.mesh, devices)
-  embedder = emb_lib.make_embedder(config, mesh)
-  if is_main:
-    print(
-        f'compiled the embedding step ({embedder.kind}, {embedder.dimension}-d, global batch '
-        f'{embedder.batch_size}, {jax.device_count()} devices) in {embedder.compile_s:.1f} s',
-        flush=True,
-    )
-  if random_init:
-    params = random_model_params(config, embedder)
-  else:
-    params = restore_model_params(manager, step, embedder)
-    manager.close()
+    mesh = sharding.make_mesh(config.mesh, devices)
+    embedder = emb_lib.make_embedder(config, mesh)
+    if is_main:
+      print(
+          f'compiled the embedding step ({embedder.kind}, {embedder.dimension}-d, global batch '
+          f'{embedder.batch_size}, {jax.device_count()} devices) in {embedder.compile_s:.1f} s',
+          flush=True,
+      )
+    if random_init:
+      params = random_model_params(config, embedder)
+    else:
+      params = checkpoint_lib.restore_model_params(manager, step, embedder.abstract_params)
+  finally:
+    if manager is not None:
+      manager.close()
   result = export_split(
       config,
-      split,
       out_dir,
       embedder,
       params,
-      rows=rows,
+      source,
+      planned,
       checkpoint_step=step,
       overwrite=overwrite,
       progress=progress,
-      source=source,
-      plan_rows=plan_rows,
   )
   if is_main:
     rate = f'; {result.samples_per_s:.1f} samples/s' if result.samples_per_s else ''

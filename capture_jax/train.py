@@ -23,20 +23,16 @@ import jax
 import ml_collections
 import numpy as np
 from absl import app, flags
-from flax import traverse_util
 from ml_collections import config_flags
 
-from capture_jax import convert, losses
-from capture_jax.data import pipeline
-from capture_jax.models import CaptureModel, dummy_batch
+from capture_jax import batch as batch_lib
+from capture_jax.data import train_input
 from capture_jax.training import checkpoint as checkpoint_lib
 from capture_jax.training import distributed
 from capture_jax.training import metrics as metrics_lib
-from capture_jax.training import optimizer as optimizer_lib
 from capture_jax.training import sharding
+from capture_jax.training import state as state_lib
 from capture_jax.training import train_step as train_step_lib
-
-INIT_KINDS = ('scratch', 'bert', 'release')
 
 
 @dataclasses.dataclass
@@ -85,94 +81,24 @@ class Preemption:
 
 def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
   d, t, m = config.data, config.train, config.model
-  batch_devices = mesh.shape['data'] * mesh.shape['fsdp']
-  problems = []
-  if d.batch_size % batch_devices:
+  problems = sharding.batch_split_problems(d.batch_size, mesh, 'data.batch_size')
+  per_device = d.batch_size // sharding.batch_devices(mesh)
+  if not problems and (t.microbatches < 1 or per_device % t.microbatches):
     problems.append(
-        f'data.batch_size={d.batch_size} is not divisible by the {batch_devices} devices of the '
-        f"mesh's batch axes (data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']})"
-    )
-  if d.batch_size % jax.process_count():
-    problems.append(
-        f'data.batch_size={d.batch_size} is not divisible by the {jax.process_count()} processes'
-    )
-  if t.microbatches < 1 or d.batch_size % (t.microbatches * batch_devices):
-    problems.append(
-        f'train.microbatches={t.microbatches} must divide the per-device batch '
-        f'{d.batch_size // max(batch_devices, 1)}'
+        f'train.microbatches={t.microbatches} must divide the per-device batch {per_device}'
     )
   if d.feature_dim != m.v_feature_size:
     problems.append(
         f'data.feature_dim={d.feature_dim} differs from model.v_feature_size={m.v_feature_size}'
     )
-  if t.init not in INIT_KINDS:
-    problems.append(f'train.init must be one of {INIT_KINDS}, got {t.init!r}')
+  if t.init not in state_lib.INIT_KINDS:
+    problems.append(f'train.init must be one of {state_lib.INIT_KINDS}, got {t.init!r}')
   if t.init != 'scratch' and not t.init_path:
     problems.append(f'train.init={t.init!r} needs train.init_path')
   if t.num_steps < 1:
     problems.append(f'train.num_steps must be positive, got {t.num_steps}')
   if problems:
     raise ValueError('bad configuration:\n  - ' + '\n  - '.join(problems))
-
-
-# --------------------------------------------------------------------------
-# Parameters.
-
-
-def initial_params(config: ml_collections.ConfigDict, key: jax.Array) -> dict:
-  """`{'model', 'loss'}` parameters from scratch (traceable: used under jit for sharded init)."""
-  model = CaptureModel(config.model)
-  batch = dummy_batch(config.model, 1, config.data.max_text_len, config.data.max_regions)
-  return {
-      'model': model.init({'params': key}, batch, train=False)['params'],
-      'loss': losses.init_loss_params(config.loss),
-  }
-
-
-def pretrained_params(config: ml_collections.ConfigDict) -> dict:
-  """Host arrays to place over the scratch initialisation (empty for `train.init='scratch'`)."""
-  t = config.train
-  if t.init == 'bert':
-    params, report = convert.from_hf_bert(t.init_path, config.model)
-    print(f'initialised the text stream from BERT {t.init_path}: {report.summary()}', flush=True)
-    return params
-  if t.init == 'release':
-    params, report = convert.from_release_state_dict(t.init_path, config.model)
-    print(f'initialised from the released checkpoint {t.init_path}: {report.summary()}', flush=True)
-    return params
-  return {}
-
-
-def place_pretrained(params: dict, pretrained: dict, shardings: dict) -> dict:
-  """Replaces leaves of the sharded `params['model']` with host arrays, each put in its sharding."""
-  if not pretrained:
-    return params
-  flat_shardings = traverse_util.flatten_dict(shardings['model'])
-  placed = {
-      path: jax.device_put(np.asarray(value), flat_shardings[path])
-      for path, value in traverse_util.flatten_dict(pretrained).items()
-  }
-  return {
-      **params,
-      'model': convert.merge_params(params['model'], traverse_util.unflatten_dict(placed)),
-  }
-
-
-def train_state_layout(config: ml_collections.ConfigDict, mesh):
-  """The optimizer, the state initialiser, and the abstract train state with its shardings."""
-  key = jax.random.PRNGKey(config.seed)
-  abstract_params = jax.eval_shape(lambda k: initial_params(config, k), key)
-  param_shardings = sharding.param_shardings(abstract_params, mesh, config.mesh)
-  # BERT-initialised parameters keep their lr multiplier after a resume too.
-  pretrained_patterns = optimizer_lib.BERT_INITIALISED if config.train.init == 'bert' else ()
-  optimizer = optimizer_lib.make_optimizer(config.train, abstract_params, pretrained_patterns)
-
-  def init_state(key):
-    return train_step_lib.init_train_state(initial_params(config, key), optimizer, config.seed)
-
-  abstract_state = jax.eval_shape(init_state, key)
-  state_shardings = sharding.state_shardings_like(abstract_state, abstract_params, param_shardings)
-  return optimizer, init_state, abstract_state, state_shardings
 
 
 # --------------------------------------------------------------------------
@@ -197,11 +123,13 @@ def run(
   checkpoint_lib.check_compatible(manager, config)
 
   # Input: this process's share of every global batch.
-  data_iterator = pipeline.make_train_iterator(config)
+  data_iterator = train_input.make_train_iterator(config)
 
   # Parameters and optimizer state, created directly in their shardings.
   key = jax.random.PRNGKey(config.seed)
-  optimizer, init_state, abstract_state, state_shardings = train_state_layout(config, mesh)
+  optimizer, init_state, abstract_state, state_shardings = state_lib.train_state_layout(
+      config, mesh
+  )
 
   restored = checkpoint_lib.restore_latest(
       manager,
@@ -217,9 +145,9 @@ def run(
       )
   else:
     state = jax.jit(init_state, out_shardings=state_shardings)(key)
-    pretrained = pretrained_params(config)
+    pretrained = state_lib.pretrained_params(config)
     if pretrained:
-      params = place_pretrained(state.params, pretrained, state_shardings.params)
+      params = state_lib.place_pretrained(state.params, pretrained, state_shardings.params)
       state = state.replace(
           params=params,
           opt_state=jax.jit(optimizer.init, out_shardings=state_shardings.opt_state)(params),
@@ -234,13 +162,12 @@ def run(
       out_shardings=(state_shardings, None),
       donate_argnums=(0,),
   )
-  abstract_batch = {
-      k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
-      for k, v in abstract_global_batch(config).items()
-  }
+  abstract_batch = batch_lib.BatchLayout.from_config(config).abstract(
+      config.data.batch_size, sharding=batch_sharding
+  )
   compile_start = time.perf_counter()
   step_fn = jitted.lower(state, abstract_batch).compile()
-  flops_per_step = _count_flops(step_fn)
+  flops_per_step = state_lib.count_flops(step_fn)
   if is_main:
     print(
         f'compiled the train step in {time.perf_counter() - compile_start:.1f} s'
@@ -272,7 +199,7 @@ def run(
         jax.profiler.start_trace(str(workdir / 'profile'))
         profiling = True
       local = next(data_iterator)
-      batch = sharding.global_batch_from_local({k: local[k] for k in pipeline.MODEL_KEYS}, mesh)
+      batch = sharding.global_batch_from_local({k: local[k] for k in batch_lib.TRAIN_KEYS}, mesh)
       state, metrics = step_fn(state, batch)
       step += 1
       window_steps += 1
@@ -317,36 +244,6 @@ def run(
         flush=True,
     )
   return RunResult(state=state, last_metrics=last_metrics, preempted=preempted)
-
-
-def abstract_global_batch(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]:
-  """Shapes and dtypes of one global training batch (`pipeline.MODEL_KEYS`)."""
-  d, m = config.data, config.model
-  b, t, r = d.batch_size, d.max_text_len, d.max_regions
-  target = m.v_target_size if m.mrm_target == 'class' else d.feature_dim
-  i32, f32 = np.int32, np.float32
-  return {
-      'input_ids': jax.ShapeDtypeStruct((b, t), i32),
-      'input_mask': jax.ShapeDtypeStruct((b, t), i32),
-      'segment_ids': jax.ShapeDtypeStruct((b, t), i32),
-      'image_feat': jax.ShapeDtypeStruct((b, r + 1, d.feature_dim), f32),
-      'image_loc': jax.ShapeDtypeStruct((b, r + 1, 5), f32),
-      'image_mask': jax.ShapeDtypeStruct((b, r + 1), i32),
-      'lm_label_ids': jax.ShapeDtypeStruct((b, t), i32),
-      'image_label': jax.ShapeDtypeStruct((b, r), i32),
-      'image_target': jax.ShapeDtypeStruct((b, r, target), f32),
-  }
-
-
-def _count_flops(compiled) -> float | None:
-  """FLOPs of one step, counted by XLA on the compiled program (for MFU)."""
-  try:
-    analysis = compiled.cost_analysis()
-  except Exception:  # pylint: disable=broad-except
-    return None
-  if isinstance(analysis, (list, tuple)):
-    analysis = analysis[0] if analysis else {}
-  return float(analysis.get('flops', 0.0)) or None
 
 
 # --------------------------------------------------------------------------

@@ -10,7 +10,12 @@ import pytest
 
 from capture_jax.bench import input as input_bench
 from capture_jax.data import formats
-from capture_jax.data import pipeline
+from capture_jax import batch as batch_lib
+from capture_jax.data import collate as collate_lib
+from capture_jax.data import eval_input
+from capture_jax.data import masking as masking_lib
+from capture_jax.data import source as source_lib
+from capture_jax.data import train_input
 from capture_jax.data import testing
 from capture_jax.data import tokenizer as tokenizer_lib
 
@@ -32,7 +37,7 @@ def _copy(config, **data):
 
 
 def _train(config, n, **kw):
-  it = pipeline.make_train_iterator(
+  it = train_input.make_train_iterator(
       config,
       process_index=kw.pop('process_index', 0),
       process_count=kw.pop('process_count', 1),
@@ -46,7 +51,7 @@ def _same(a, b):
 
 
 def _records(config, split):
-  src = pipeline.make_source(config, split)
+  src = source_lib.make_source(config, split)
   return src.read_records(range(len(src)))
 
 
@@ -57,7 +62,7 @@ def _fingerprint(regions: np.ndarray) -> bytes:
 
 def _record_fingerprints(config, split):
   return {
-      _fingerprint(pipeline.pack_regions([r], R, F)[0][0]): r['item_id']
+      _fingerprint(collate_lib.pack_regions([r], R, F)[0][0]): r['item_id']
       for r in _records(config, split)
   }
 
@@ -79,7 +84,7 @@ def test_train_batch_keys_shapes_dtypes(config):
       'image_label': ((b, R), np.int32),
       'image_target': ((b, R, F), np.float32),
   }
-  assert set(batch) == set(expected) == set(pipeline.MODEL_KEYS)
+  assert set(batch) == set(expected) == set(batch_lib.TRAIN_KEYS)
   for key, (shape, dtype) in expected.items():
     assert batch[key].shape == shape and batch[key].dtype == dtype, key
   assert (batch['segment_ids'] == 0).all()
@@ -97,7 +102,7 @@ def test_eval_batches_hold_exactly_what_the_files_hold(config):
   store = formats.FeatureStore(os.path.join(config.data.data_dir, 'features'))
   rows = [
       (b, i)
-      for b in pipeline.make_eval_iterator(config, 'dev', process_index=0, process_count=1)
+      for b in eval_input.make_eval_iterator(config, 'dev', process_index=0, process_count=1)
       for i in range(len(b.is_valid))
       if b.is_valid[i]
   ]
@@ -135,7 +140,7 @@ def test_eval_batches_hold_exactly_what_the_files_hold(config):
 
 
 def test_training_masks_follow_the_recipe(config):
-  spec = pipeline.make_batch_spec(config)
+  spec = collate_lib.make_batch_spec(config)
   _, batches = _train(config, 6)
   for batch in batches:
     ids, labels, mask = batch['input_ids'], batch['lm_label_ids'], batch['input_mask']
@@ -164,9 +169,9 @@ def test_training_masks_follow_the_recipe(config):
 def test_masking_rates_within_one_percent(config):
   """Over 20,480 training samples: 15% of tokens / regions chosen; tokens
   80/10/10 [MASK]/random/kept; regions 90% zeroed."""
-  spec = pipeline.make_batch_spec(config)
+  spec = collate_lib.make_batch_spec(config)
   c = _copy(config, batch_size=512)
-  it = pipeline.make_train_iterator(c, process_index=0, process_count=1)
+  it = train_input.make_train_iterator(c, process_index=0, process_count=1)
   eligible = chosen = to_mask = to_random = kept = 0
   regions = r_chosen = r_zero = 0
   for _ in range(40):
@@ -197,26 +202,26 @@ def test_masking_rates_within_one_percent(config):
 def test_shuffled_indices_permute_every_epoch():
   import pickle
 
-  idx = pipeline.ShuffledIndices(10, seed=3, num_epochs=2)
+  idx = train_input.ShuffledIndices(10, seed=3, num_epochs=2)
   assert len(idx) == 20
   epochs = [[idx[p] for p in range(e * 10, (e + 1) * 10)] for e in range(3)]
   assert all(sorted(e) == list(range(10)) for e in epochs)
   assert epochs[0] != epochs[1] != epochs[2]
   again = pickle.loads(pickle.dumps(idx))
   assert [again[p] for p in range(30)] == sum(epochs, [])
-  assert [pipeline.ShuffledIndices(10, 4)[p] for p in range(10)] != epochs[0]
-  assert len(pipeline.ShuffledIndices(10, 3)) > 10**12  # forever
+  assert [train_input.ShuffledIndices(10, 4)[p] for p in range(10)] != epochs[0]
+  assert len(train_input.ShuffledIndices(10, 3)) > 10**12  # forever
 
 
 def test_fused_collate_equals_mask_then_global_token(config):
   """`collate` masks in place; it must equal the two reference steps."""
-  spec = pipeline.make_batch_spec(config)
+  spec = collate_lib.make_batch_spec(config)
   records = _records(config, 'train')[:32]
   positions = np.arange(1000, 1032)
-  batch = pipeline.collate(records, positions, spec)
-  feat, loc, mask = pipeline.pack_regions(records, R, F)
-  keys = pipeline.record_keys(spec.seed, positions)
-  masked, image_label = pipeline.mask_regions(feat, mask, keys, spec.masking)
+  batch = collate_lib.collate(records, positions, spec)
+  feat, loc, mask = collate_lib.pack_regions(records, R, F)
+  keys = masking_lib.record_keys(spec.seed, positions)
+  masked, image_label = masking_lib.mask_regions(feat, mask, keys, spec.masking)
   image_feat, image_loc, image_mask = formats.add_global_token(masked, loc, mask)
   np.testing.assert_array_equal(batch['image_label'], image_label)
   np.testing.assert_array_equal(batch['image_feat'][:, 1:], image_feat[:, 1:])
@@ -225,19 +230,19 @@ def test_fused_collate_equals_mask_then_global_token(config):
   np.testing.assert_array_equal(batch['image_mask'], image_mask)
   np.testing.assert_array_equal(batch['image_target'], feat)
   ids, input_mask = spec.encoder([r['title'] for r in records])
-  masked_ids, lm = pipeline.mask_tokens(ids, input_mask, keys, spec.masking)
+  masked_ids, lm = masking_lib.mask_tokens(ids, input_mask, keys, spec.masking)
   np.testing.assert_array_equal(batch['input_ids'], masked_ids)
   np.testing.assert_array_equal(batch['lm_label_ids'], lm)
 
 
 def test_masks_are_a_function_of_seed_and_position():
-  keys = pipeline.record_keys(0, np.arange(4))
-  np.testing.assert_array_equal(keys, pipeline.record_keys(0, np.arange(4)))
+  keys = masking_lib.record_keys(0, np.arange(4))
+  np.testing.assert_array_equal(keys, masking_lib.record_keys(0, np.arange(4)))
   assert len(set(keys.tolist())) == 4
-  assert not np.array_equal(keys, pipeline.record_keys(1, np.arange(4)))
-  u = pipeline.uniforms(keys, 1, 50)
-  np.testing.assert_array_equal(u[2], pipeline.uniforms(keys[2:3], 1, 50)[0])  # per record
-  assert not np.array_equal(u, pipeline.uniforms(keys, 2, 50))  # independent streams
+  assert not np.array_equal(keys, masking_lib.record_keys(1, np.arange(4)))
+  u = masking_lib.uniforms(keys, 1, 50)
+  np.testing.assert_array_equal(u[2], masking_lib.uniforms(keys[2:3], 1, 50)[0])  # per record
+  assert not np.array_equal(u, masking_lib.uniforms(keys, 2, 50))  # independent streams
   assert 0 <= u.min() and u.max() < 1
 
 
@@ -258,7 +263,7 @@ def test_resume_from_saved_state_gives_identical_batches(config, threads):
   it, _ = _train(c, 5)
   state = json.loads(json.dumps(it.get_state()))  # checkpointable as JSON
   uninterrupted = [next(it) for _ in range(4)]
-  fresh = pipeline.make_train_iterator(c, process_index=0, process_count=1)
+  fresh = train_input.make_train_iterator(c, process_index=0, process_count=1)
   fresh.set_state(state)
   resumed = [next(fresh) for _ in range(4)]
   assert all(_same(x, y) for x, y in zip(uninterrupted, resumed))
@@ -279,7 +284,7 @@ def test_two_processes_get_disjoint_shards_covering_the_split(config):
   c = _copy(config, num_epochs=1, batch_size=16)  # 96 records = 6 global batches
   shards = []
   for p in range(2):
-    it = pipeline.make_train_iterator(c, process_index=p, process_count=2)
+    it = train_input.make_train_iterator(c, process_index=p, process_count=2)
     batches = list(it)
     assert len(batches) == 6 and all(b['input_ids'].shape[0] == 8 for b in batches)
     shards.append([[_fingerprint(t) for t in b['image_target']] for b in batches])
@@ -287,16 +292,16 @@ def test_two_processes_get_disjoint_shards_covering_the_split(config):
   assert flat[0].isdisjoint(flat[1])
   assert flat[0] | flat[1] == set(_record_fingerprints(config, 'train'))
   # Global batch b is the same records whatever the number of processes.
-  single = list(pipeline.make_train_iterator(c, process_index=0, process_count=1))
+  single = list(train_input.make_train_iterator(c, process_index=0, process_count=1))
   for b, whole in enumerate(single):
     assert {_fingerprint(t) for t in whole['image_target']} == set(shards[0][b] + shards[1][b])
 
 
 def test_default_shard_comes_from_jax():
-  assert pipeline.process_shard(None, None) == (0, 1)
-  assert pipeline.process_shard(1, 4) == (1, 4)
+  assert source_lib.process_shard(None, None) == (0, 1)
+  assert source_lib.process_shard(1, 4) == (1, 4)
   with pytest.raises(ValueError):
-    pipeline.process_shard(4, 4)
+    source_lib.process_shard(4, 4)
 
 
 # ---------------------------------------------------------------- evaluation
@@ -305,17 +310,19 @@ def test_default_shard_comes_from_jax():
 def test_eval_pads_the_last_batch_and_shards_evenly(config):
   ids = [r['item_id'] for r in _records(config, 'dev')]  # 16
   batches = list(
-      pipeline.make_eval_iterator(config, 'dev', process_index=0, process_count=1, batch_size=6)
+      eval_input.make_eval_iterator(config, 'dev', process_index=0, process_count=1, batch_size=6)
   )
   assert [b.is_valid.tolist() for b in batches] == [[1] * 6, [1] * 6, [1] * 4 + [0] * 2]
   pad = batches[-1]
   assert list(pad.item_id[4:]) == ['', ''] and pad.labels[4:] == [(), ()]
   assert (pad.inputs['input_mask'][4:] == 0).all() and (pad.inputs['image_feat'][4:] == 0).all()
   assert (pad.inputs['lm_label_ids'][4:] == -1).all()
-  assert set(pad.inputs) == set(pipeline.MODEL_KEYS)
+  assert set(pad.inputs) == set(batch_lib.TRAIN_KEYS)
   per_process = [
       list(
-          pipeline.make_eval_iterator(config, 'dev', process_index=p, process_count=2, batch_size=6)
+          eval_input.make_eval_iterator(
+              config, 'dev', process_index=p, process_count=2, batch_size=6
+          )
       )
       for p in range(2)
   ]
@@ -332,7 +339,9 @@ def test_instance_batches_restrict_the_visual_input(config):
   records = {r['item_id']: r for r in _records(config, 'dev')}
   rows = [
       (b, i)
-      for b in pipeline.make_instance_eval_iterator(config, 'dev', process_index=0, process_count=1)
+      for b in eval_input.make_instance_eval_iterator(
+          config, 'dev', process_index=0, process_count=1
+      )
       for i in range(len(b.is_valid))
       if b.is_valid[i]
   ]
@@ -346,9 +355,9 @@ def test_instance_batches_restrict_the_visual_input(config):
     assert b.inputs['image_mask'][i].sum() == n + 1
     np.testing.assert_array_equal(b.inputs['image_feat'][i, 1 : n + 1], feats)
     np.testing.assert_allclose(b.inputs['image_feat'][i, 0], feats.mean(0), rtol=1e-5)
-  spec = pipeline.make_batch_spec(config)
+  spec = collate_lib.make_batch_spec(config)
   item = next(iter(sidecar))
-  single = pipeline.instance_inputs(records[item], sidecar[item][0].regions, spec)
+  single = collate_lib.instance_inputs(records[item], sidecar[item][0].regions, spec)
   assert single['image_mask'][0].sum() == len(sidecar[item][0].regions) + 1
 
 
@@ -358,18 +367,18 @@ def test_instance_batches_restrict_the_visual_input(config):
 def test_config_mismatches_are_clear_errors(config, tmp_path):
   with pytest.raises(ValueError, match='features width 32 in the dataset, expected 64'):
     next(
-        pipeline.make_train_iterator(
+        train_input.make_train_iterator(
             _copy(config, feature_dim=64), process_index=0, process_count=1
         )
     )
   with pytest.raises(ValueError, match='does not split over 3 processes'):
-    pipeline.make_train_iterator(config, process_index=0, process_count=3)
+    train_input.make_train_iterator(config, process_index=0, process_count=3)
   small = config.copy_and_resolve_references()
   small.model.vocab_size = 10
   with pytest.raises(ValueError, match='model.vocab_size 10 <'):
-    pipeline.make_train_iterator(small, process_index=0, process_count=1)
+    train_input.make_train_iterator(small, process_index=0, process_count=1)
   with pytest.raises(FileNotFoundError, match='build it with'):
-    pipeline.make_train_iterator(
+    train_input.make_train_iterator(
         _copy(config, tfds_dir=str(tmp_path)), process_index=0, process_count=1
     )
 
@@ -387,7 +396,7 @@ def test_worker_processes_give_the_same_batches(config):
   state = it.get_state()
   batches += [next(it) for _ in range(2)]
   assert all(_same(x, y) for x, y in zip(batches, reference))
-  fresh = pipeline.make_train_iterator(c, process_index=0, process_count=1)
+  fresh = train_input.make_train_iterator(c, process_index=0, process_count=1)
   fresh.set_state(state)
   assert _same(next(fresh), reference[2])
   it.close()

@@ -12,7 +12,8 @@ import pytest
 import tensorflow_datasets as tfds
 
 from capture_jax.data import formats
-from capture_jax.data import pipeline
+from capture_jax.data import source as source_lib
+from capture_jax.data import train_input
 from capture_jax.data import product1m_tfds
 from capture_jax.data import synthetic
 
@@ -81,11 +82,11 @@ def test_read_back_with_tfds_data_source(built, world):
 
 def test_fast_decoder_matches_tfds_decoding(built):
   out, _ = built
-  src = pipeline.Product1MSource(out, 'train')
+  src = source_lib.Product1MSource(out, 'train')
   assert src._use_fast  # the layout check passed
   ref = tfds.data_source('product1m/float16', data_dir=out)['train']
   for i in range(len(src)):
-    assert pipeline._records_equal(src[i], pipeline._tfds_to_record(ref[i]))
+    assert source_lib._records_equal(src[i], source_lib._tfds_to_record(ref[i]))
 
 
 def test_float32_storage_and_absent_split(world, tmp_path):
@@ -106,7 +107,7 @@ def test_float32_storage_and_absent_split(world, tmp_path):
   rf = formats.read_npz(os.path.join(world, 'features', f'{ann.item_id}.npz'))
   np.testing.assert_array_equal(sources['gallery'][0]['features'], rf.features)  # exact
   with pytest.raises(ValueError, match="split 'test' was not built"):
-    pipeline.Product1MSource(str(tmp_path / 'out'), 'test', 'float32')
+    source_lib.Product1MSource(str(tmp_path / 'out'), 'test', 'float32')
 
 
 def _corrupt_npz(data, item_id, **changes):
@@ -232,7 +233,7 @@ def test_skip_bad_counts_every_kind_and_builds_the_rest(world, tmp_path):
   assert gallery['examples'] == len(_lines(world, 'gallery')) - len(CASES)
   built_ids = {
       r['item_id']
-      for r in pipeline.Product1MSource(str(tmp_path / 'out'), 'gallery').read_records(
+      for r in source_lib.Product1MSource(str(tmp_path / 'out'), 'gallery').read_records(
           range(gallery['examples'])
       )
   }
@@ -241,7 +242,7 @@ def test_skip_bad_counts_every_kind_and_builds_the_rest(world, tmp_path):
 
 def test_more_regions_than_the_maximum_are_truncated_and_counted(world, tmp_path):
   report = product1m_tfds.build(world, str(tmp_path / 'out'), max_regions=4, progress=False)
-  src = pipeline.Product1MSource(str(tmp_path / 'out'), 'dev')
+  src = source_lib.Product1MSource(str(tmp_path / 'out'), 'dev')
   expected = 0
   for i, ann in enumerate(_lines(world, 'dev')):
     n = formats.read_npz(os.path.join(world, 'features', f'{ann.item_id}.npz')).num_boxes
@@ -311,7 +312,7 @@ def test_detector_class_distributions_feed_the_class_target(world, tmp_path):
 
   tokenizer.train_vocab(tokenizer.iter_titles(data), 300, c.data.vocab_file)
   c.model.update(dict(mrm_target='class', v_target_size=6, max_text_len=24))
-  batch = next(pipeline.make_train_iterator(c, process_index=0, process_count=1))
+  batch = next(train_input.make_train_iterator(c, process_index=0, process_count=1))
   assert batch['image_target'].shape == (4, 8, 6)
   valid = batch['image_mask'][:, 1:] == 1
   np.testing.assert_allclose(batch['image_target'][valid].sum(-1), 1.0, rtol=1e-5)

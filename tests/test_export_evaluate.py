@@ -14,11 +14,14 @@ import numpy as np
 import pytest
 
 from capture_jax import evaluate, export, train
-from capture_jax.data import pipeline, product1m_tfds
+from capture_jax.data import product1m_tfds
+from capture_jax.data import eval_input
+from capture_jax.data import source as source_lib
 from capture_jax.evaluation import embeddings as emb_lib
 from capture_jax.evaluation import instance_merge, metrics, official_eval, search
 from capture_jax.models import CaptureModel
-from capture_jax.models.capture import BATCH_KEYS
+from capture_jax import batch as batch_lib
+from capture_jax.training import state as state_lib
 from capture_jax.training import checkpoint as checkpoint_lib
 from capture_jax.training import sharding
 from tests.test_train import trainer_config
@@ -59,7 +62,7 @@ def test_export_writes_shards_and_metadata_and_resumes(trained, tmp_path):
   out = tmp_path / 'gallery'
   first = export.export(cfg, workdir, 'gallery', out=out)
   meta = json.loads((out / 'metadata.json').read_text())
-  ids = pipeline.read_split_item_ids(pipeline.make_source(cfg, 'gallery'))
+  ids = source_lib.read_split_item_ids(source_lib.make_source(cfg, 'gallery'))
   assert len(ids) == 54  # 6 full batches of 8 and one of 6 rows + 2 padding rows
   assert meta['complete'] and meta['count'] == 54 and meta['split'] == 'gallery'
   assert meta['kind'] == 'fused' and meta['dimension'] == 2 * cfg.model.bi_hidden_size
@@ -100,7 +103,7 @@ def test_exported_embeddings_equal_a_direct_model_apply(trained, tmp_path):
 
   # Parameters through the trainer's own restore path (the whole state), not the export's partial restore.
   mesh = sharding.make_mesh(cfg.mesh)
-  _, _, abstract, shardings = train.train_state_layout(cfg, mesh)
+  _, _, abstract, shardings = state_lib.train_state_layout(cfg, mesh)
   manager = checkpoint_lib.make_manager(workdir, cfg.checkpoint)
   state, step = checkpoint_lib.restore_latest(
       manager, checkpoint_lib.abstract_with_shardings(abstract, shardings), None
@@ -109,9 +112,9 @@ def test_exported_embeddings_equal_a_direct_model_apply(trained, tmp_path):
   assert step == 2
   apply = jax.jit(lambda p, b: CaptureModel(cfg.model).apply({'params': p}, b, train=False))
   rows, ids = [], []
-  for batch in pipeline.make_eval_iterator(cfg, 'dev', process_index=0, process_count=1):
+  for batch in eval_input.make_eval_iterator(cfg, 'dev', process_index=0, process_count=1):
     valid = batch.is_valid.astype(bool)
-    outputs = jax.device_get(apply(state.params['model'], {k: batch.inputs[k] for k in BATCH_KEYS}))
+    outputs = jax.device_get(apply(state.params['model'], batch_lib.model_inputs(batch.inputs)))
     rows.append({k: v[valid] for k, v in outputs.items() if k.startswith(('pooled', 'enc_pooled'))})
     ids += list(batch.item_id[valid])
   outputs = {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
@@ -138,7 +141,9 @@ def test_random_weights_are_the_trainers_initialisation(trained):
   cfg, _ = trained
   embedder = emb_lib.make_embedder(cfg, sharding.make_mesh(cfg.mesh))
   ours = export.random_model_params(cfg, embedder)  # what the random-weights baseline embeds with
-  theirs = jax.jit(lambda k: train.initial_params(cfg, k)['model'])(jax.random.PRNGKey(cfg.seed))
+  theirs = jax.jit(lambda k: state_lib.initial_params(cfg, k)['model'])(
+      jax.random.PRNGKey(cfg.seed)
+  )
   assert jax.tree.structure(ours) == jax.tree.structure(theirs)
   for (path, a), (_, b) in zip(
       jax.tree_util.tree_leaves_with_path(ours), jax.tree_util.tree_leaves_with_path(theirs)

@@ -9,7 +9,8 @@ import pytest
 
 from capture_jax import config as config_lib
 from capture_jax import convert, losses
-from capture_jax.models import CaptureModel, dummy_batch
+from capture_jax import batch as batch_lib
+from capture_jax.models import CaptureModel
 
 B, T, R = 3, 10, 6
 
@@ -46,31 +47,16 @@ def tiny_config(**overrides):
 
 def random_batch(cfg, key=0, text_valid=None, regions_valid=None):
   """Random inputs; sample i has `text_valid[i]` tokens and `regions_valid[i]` regions (+ global token)."""
-  rng = np.random.default_rng(key)
-  text_valid = text_valid or [T] * B
-  regions_valid = regions_valid or [R] * B
-  input_mask = np.array([[1] * n + [0] * (T - n) for n in text_valid], np.int32)
-  image_mask = np.array([[1] * (n + 1) + [0] * (R - n) for n in regions_valid], np.int32)
-  feat = (
-      rng.normal(size=(B, R + 1, cfg.model.v_feature_size)).astype(np.float32)
-      * image_mask[..., None]
+  layout = batch_lib.BatchLayout.for_model(cfg.model, T, R)
+  batch = layout.random(
+      B,
+      cfg.model.vocab_size,
+      seed=key,
+      text_valid=text_valid,
+      regions_valid=regions_valid,
+      label_fraction=0.3,
   )
-  return {
-      'input_ids': jnp.asarray(rng.integers(1, cfg.model.vocab_size, (B, T)) * input_mask),
-      'input_mask': jnp.asarray(input_mask),
-      'segment_ids': jnp.zeros((B, T), jnp.int32),
-      'image_feat': jnp.asarray(feat),
-      'image_loc': jnp.asarray(rng.uniform(size=(B, R + 1, 5)).astype(np.float32)),
-      'image_mask': jnp.asarray(image_mask),
-      'lm_label_ids': jnp.asarray(
-          np.where(rng.uniform(size=(B, T)) < 0.3, rng.integers(0, 97, (B, T)), -1) * input_mask
-          - (1 - input_mask)
-      ),
-      'image_label': jnp.asarray(np.where(rng.uniform(size=(B, R)) < 0.3, 1, -1)),
-      'image_target': jnp.asarray(
-          rng.normal(size=(B, R, cfg.model.v_feature_size)).astype(np.float32)
-      ),
-  }
+  return {k: jnp.asarray(v) for k, v in batch.items()}
 
 
 class Jitted:
@@ -121,9 +107,9 @@ def test_paper_parameter_count():
   """148,192,136: the release's 151,936,136 minus its unused q_dense1/2 and cross_encoder.pooler."""
   cfg = config_lib.base_config().model
   shapes = jax.eval_shape(
-      lambda: CaptureModel(cfg).init({'params': jax.random.key(0)}, dummy_batch(cfg, 1, 36, 36))[
-          'params'
-      ]
+      lambda: CaptureModel(cfg).init(
+          {'params': jax.random.key(0)}, batch_lib.BatchLayout.for_model(cfg, 36, 36).dummy(1)
+      )['params']
   )
   assert sum(x.size for x in jax.tree.leaves(shapes)) == 148_192_136
 

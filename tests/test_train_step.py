@@ -5,9 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
-from capture_jax import train
+from capture_jax.training import state as state_lib
 from capture_jax.training import optimizer as optimizer_lib
 from capture_jax.training import sharding
 from capture_jax.training import train_step as train_step_lib
@@ -24,7 +23,7 @@ def setup(microbatches=1, **loss):
   cfg.train.warmup_fraction = 0.0  # a non-zero learning rate at step 0
   cfg.loss.update(loss)
   mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
-  params = jax.jit(lambda k: train.initial_params(cfg, k))(jax.random.PRNGKey(0))
+  params = jax.jit(lambda k: state_lib.initial_params(cfg, k))(jax.random.PRNGKey(0))
   optimizer = optimizer_lib.make_optimizer(cfg.train, params)
   state = train_step_lib.init_train_state(params, optimizer, seed=0)
   step = jax.jit(train_step_lib.make_train_step(cfg, mesh, optimizer))
@@ -95,7 +94,7 @@ def test_weight_decay_groups_and_learning_rate_schedule():
 def test_bert_initialised_parameters_take_the_lr_multiplier():
   cfg = tiny_config(**ONE_LAYER)
   cfg.data.max_regions = 6
-  params = jax.jit(lambda k: train.initial_params(cfg, k))(jax.random.PRNGKey(0))
+  params = jax.jit(lambda k: state_lib.initial_params(cfg, k))(jax.random.PRNGKey(0))
   grads = jax.tree.map(jnp.ones_like, params)
   plain = optimizer_lib.make_optimizer(cfg.train, params)
   scaled = optimizer_lib.make_optimizer(cfg.train, params, optimizer_lib.BERT_INITIALISED)

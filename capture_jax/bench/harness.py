@@ -34,12 +34,13 @@ import time
 from pathlib import Path
 
 import jax
-import numpy as np
 
+from capture_jax import batch as batch_lib
 from capture_jax import demo as demo_lib
 from capture_jax import train
 from capture_jax.training import metrics as metrics_lib
 from capture_jax.training import sharding
+from capture_jax.training import state as state_lib
 from capture_jax.training import train_step as train_step_lib
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,27 +52,6 @@ def machine() -> str:
   devices = jax.devices()
   kind = devices[0].device_kind
   return f'{len(devices)} x {kind} ({devices[0].platform}), {os.cpu_count()} CPU cores'
-
-
-def random_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
-  """A global batch of the config's shapes with valid masks and ~15% labels."""
-  rng = np.random.default_rng(seed)
-  shapes = train.abstract_global_batch(config)
-  b, t = shapes['input_ids'].shape
-  r1 = shapes['image_mask'].shape[1]
-  return {
-      'input_ids': rng.integers(1, config.model.vocab_size, (b, t)).astype(np.int32),
-      'input_mask': np.ones((b, t), np.int32),
-      'segment_ids': np.zeros((b, t), np.int32),
-      'image_feat': rng.normal(size=shapes['image_feat'].shape).astype(np.float32),
-      'image_loc': rng.uniform(size=(b, r1, 5)).astype(np.float32),
-      'image_mask': np.ones((b, r1), np.int32),
-      'lm_label_ids': np.where(
-          rng.uniform(size=(b, t)) < 0.15, rng.integers(1, 100, (b, t)), -1
-      ).astype(np.int32),
-      'image_label': np.where(rng.uniform(size=(b, r1 - 1)) < 0.15, 1, -1).astype(np.int32),
-      'image_target': rng.normal(size=shapes['image_target'].shape).astype(np.float32),
-  }
 
 
 def peak_memory_bytes(compiled) -> tuple[float, str]:
@@ -93,10 +73,13 @@ def bench_train_step(config, batch_size: int, repeats: int, warmup: int) -> dict
   config.data.batch_size = batch_size
   mesh = sharding.make_mesh(config.mesh)
   train.validate_config(config, mesh)
-  optimizer, init_state, abstract_state, state_shardings = train.train_state_layout(config, mesh)
+  optimizer, init_state, abstract_state, state_shardings = state_lib.train_state_layout(
+      config, mesh
+  )
   state = jax.jit(init_state, out_shardings=state_shardings)(jax.random.PRNGKey(config.seed))
   batch_sharding = sharding.batch_sharding(mesh)
-  batch = jax.device_put(random_batch(config), batch_sharding)
+  layout = batch_lib.BatchLayout.from_config(config)
+  batch = jax.device_put(layout.random(batch_size, config.model.vocab_size), batch_sharding)
   jitted = jax.jit(
       train_step_lib.make_train_step(config, mesh, optimizer),
       in_shardings=(state_shardings, batch_sharding),
@@ -116,7 +99,7 @@ def bench_train_step(config, batch_size: int, repeats: int, warmup: int) -> dict
     jax.block_until_ready((state, metrics))
     times.append(time.perf_counter() - start)
   step = statistics.median(times)
-  flops = train._count_flops(compiled)  # pylint: disable=protected-access
+  flops = state_lib.count_flops(compiled)
   peak = metrics_lib.peak_flops(jax.devices()[0])
   memory, memory_kind = peak_memory_bytes(compiled)
   return {

@@ -28,7 +28,7 @@ from typing import Sequence
 import ml_collections
 
 from capture_jax import config as config_lib
-from capture_jax.data import pipeline
+from capture_jax.data import train_input
 from capture_jax.data import product1m_tfds
 from capture_jax.data import synthetic
 from capture_jax.data import tokenizer as tokenizer_lib
@@ -75,7 +75,7 @@ def measure(
     config: ml_collections.ConfigDict, *, warmup: int, batches: int, repeats: int
 ) -> dict[str, float]:
   """Times training batches; returns median samples/s (wall) and per CPU-second."""
-  it = pipeline.make_train_iterator(config, process_index=0, process_count=1)
+  it = train_input.make_train_iterator(config, process_index=0, process_count=1)
   batch = config.data.batch_size
   for _ in range(warmup):
     next(it)

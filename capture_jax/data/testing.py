@@ -1,7 +1,7 @@
 """A complete tiny dataset on disk, for tests of anything that reads data.
 
     config = testing.tiny_dataset(tmp_path)           # ~1 s
-    batch = next(pipeline.make_train_iterator(config, process_index=0, process_count=1))
+    batch = next(train_input.make_train_iterator(config, process_index=0, process_count=1))
 
 Runs the real chain (synthetic world -> annotation files + features -> WordPiece
 vocab -> TFDS ArrayRecords) and returns a config whose `data` fields point at

@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -42,10 +43,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from capture_jax import batch as batch_lib
 from capture_jax.losses import l2_normalize
 from capture_jax.models import CaptureModel
-from capture_jax.models.capture import BATCH_KEYS
 from capture_jax.training import sharding
+from capture_jax.training import state as state_lib
 
 EMBEDDING_KINDS = ('fused', 'text', 'visual', 'encoder')
 ROW_KINDS = ('samples', 'instances')  # one row per sample, or one per product instance
@@ -102,24 +104,6 @@ def embed_outputs(outputs: Mapping[str, jax.Array], kind: str) -> jax.Array:
   )
 
 
-def abstract_batch(
-    config: ml_collections.ConfigDict, batch_size: int
-) -> dict[str, jax.ShapeDtypeStruct]:
-  """Shapes of one global evaluation batch of the model inputs (`BATCH_KEYS`)."""
-  d = config.data
-  t, r, f = d.max_text_len, d.max_regions, d.feature_dim
-  i32, f32 = np.int32, np.float32
-  shapes = {
-      'input_ids': ((t,), i32),
-      'input_mask': ((t,), i32),
-      'segment_ids': ((t,), i32),
-      'image_feat': ((r + 1, f), f32),
-      'image_loc': ((r + 1, 5), f32),
-      'image_mask': ((r + 1,), i32),
-  }
-  return {k: jax.ShapeDtypeStruct((batch_size,) + s, dt) for k, (s, dt) in shapes.items()}
-
-
 @dataclasses.dataclass
 class Embedder:
   """A compiled inference step: `params['model']` and a global batch -> `[B, D]` embeddings.
@@ -138,23 +122,7 @@ class Embedder:
   compile_s: float
 
   def __call__(self, model_params: Any, batch: Mapping[str, jax.Array]) -> jax.Array:
-    return self.step(model_params, {k: batch[k] for k in BATCH_KEYS})
-
-
-def initial_model_params(config: ml_collections.ConfigDict, key: jax.Array) -> Any:
-  """The untrained model's parameters, as the trainer initialises them (traceable, for sharded init)."""
-  from capture_jax import train  # pylint: disable=import-outside-toplevel
-
-  return train.initial_params(config, key)['model']
-
-
-def model_param_layout(config: ml_collections.ConfigDict, mesh) -> tuple[Any, Any]:
-  """Abstract `params['model']` and its shardings on `mesh` (the trainer's rules, which
-  depend only on each parameter's path and shape)."""
-  abstract = jax.eval_shape(
-      lambda k: initial_model_params(config, k), jax.random.PRNGKey(config.seed)
-  )
-  return abstract, sharding.param_shardings(abstract, mesh, config.mesh)
+    return self.step(model_params, batch_lib.model_inputs(batch))
 
 
 def make_embedder(config: ml_collections.ConfigDict, mesh, kind: str | None = None) -> Embedder:
@@ -163,18 +131,14 @@ def make_embedder(config: ml_collections.ConfigDict, mesh, kind: str | None = No
   Parameters keep the trainer's sharding rules on `mesh`; the batch is split
   over `('data', 'fsdp')` and so are the output rows.
   """
-  import time
 
   kind = kind or config.eval.embedding
   check_kind(kind)
   batch_size = config.data.eval_batch_size
-  batch_devices = mesh.shape['data'] * mesh.shape['fsdp']
-  if batch_size % batch_devices:
-    raise ValueError(
-        f'data.eval_batch_size={batch_size} is not divisible by the {batch_devices} devices of the '
-        f"mesh's batch axes (data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']})"
-    )
-  abstract, shardings = model_param_layout(config, mesh)
+  problems = sharding.batch_split_problems(batch_size, mesh, 'data.eval_batch_size')
+  if problems:
+    raise ValueError('; '.join(problems))
+  abstract, shardings = state_lib.model_param_layout(config, mesh)
   model = CaptureModel(config.model)
 
   def step(model_params, batch):
@@ -185,10 +149,9 @@ def make_embedder(config: ml_collections.ConfigDict, mesh, kind: str | None = No
   abstract_params = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
   )
-  batch = {
-      k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
-      for k, v in abstract_batch(config, batch_size).items()
-  }
+  batch = batch_lib.BatchLayout.from_config(config).abstract(
+      batch_size, batch_lib.MODEL_INPUTS, sharding=batch_sharding
+  )
   start = time.perf_counter()
   compiled = jitted.lower(abstract_params, batch).compile()
   return Embedder(
@@ -239,10 +202,6 @@ def read_metadata(out_dir: str | Path) -> dict[str, Any] | None:
   if not path.is_file():
     return None
   return json.loads(path.read_text(encoding='utf-8'))
-
-
-def identity(metadata: Mapping[str, Any]) -> dict[str, Any]:
-  return {k: metadata.get(k) for k in IDENTITY_FIELDS}
 
 
 def identity_diffs(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:

@@ -1,5 +1,5 @@
 """Flax modules of CAPTURE."""
 
-from capture_jax.models.capture import CaptureModel, dummy_batch, init_params
+from capture_jax.models.capture import CaptureModel, init_params
 
-__all__ = ['CaptureModel', 'dummy_batch', 'init_params']
+__all__ = ['CaptureModel', 'init_params']

@@ -27,11 +27,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from capture_jax import batch as batch_lib
 from capture_jax.models import layers
 
 Array = jax.Array
-
-BATCH_KEYS = ('input_ids', 'input_mask', 'segment_ids', 'image_feat', 'image_loc', 'image_mask')
 
 
 def compute_dtype(name: str):
@@ -39,49 +38,6 @@ def compute_dtype(name: str):
     return {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[name]
   except KeyError:
     raise ValueError(f"model.dtype must be 'float32' or 'bfloat16', got {name!r}") from None
-
-
-def validate_batch(batch: Mapping[str, Any], cfg: ml_collections.ConfigDict) -> None:
-  """Checks ranks and sizes of the model inputs; raises ValueError saying what was expected."""
-  missing = [k for k in BATCH_KEYS if k not in batch]
-  if missing:
-    raise ValueError(f'batch is missing {missing}; the model takes {list(BATCH_KEYS)}')
-
-  def shape(key: str, rank: int, what: str) -> tuple[int, ...]:
-    s = tuple(jnp.shape(batch[key]))
-    if len(s) != rank:
-      raise ValueError(f'{key} must have rank {rank} ({what}), got shape {s}')
-    return s
-
-  b, t = shape('input_ids', 2, '[B, T]')
-  for key in ('input_mask', 'segment_ids'):
-    if shape(key, 2, '[B, T]') != (b, t):
-      raise ValueError(
-          f'{key} must have shape {(b, t)} like input_ids, got {jnp.shape(batch[key])}'
-      )
-  fb, r1, f = shape('image_feat', 3, '[B, R+1, F]')
-  if fb != b:
-    raise ValueError(f'image_feat has batch {fb} but input_ids has batch {b}')
-  if f != cfg.v_feature_size:
-    raise ValueError(f'image_feat width must be model.v_feature_size={cfg.v_feature_size}, got {f}')
-  if shape('image_loc', 3, '[B, R+1, 5]') != (b, r1, 5):
-    raise ValueError(f'image_loc must have shape {(b, r1, 5)}, got {jnp.shape(batch["image_loc"])}')
-  if shape('image_mask', 2, '[B, R+1]') != (b, r1):
-    raise ValueError(
-        f'image_mask must have shape {(b, r1)} like image_feat, got {jnp.shape(batch["image_mask"])}'
-    )
-  if t > cfg.max_position_embeddings:
-    raise ValueError(
-        f'text length {t} exceeds model.max_position_embeddings={cfg.max_position_embeddings}'
-    )
-  if cfg.cross_num_layers:
-    if t > cfg.max_text_len:
-      raise ValueError(f'text length {t} exceeds model.max_text_len={cfg.max_text_len}')
-    if cfg.max_text_len + r1 > cfg.cross_max_position_embeddings:
-      raise ValueError(
-          f'model.max_text_len + regions = {cfg.max_text_len} + {r1} exceeds '
-          f'model.cross_max_position_embeddings={cfg.cross_max_position_embeddings}'
-      )
 
 
 class TextEmbeddings(nn.Module):
@@ -170,7 +126,7 @@ class CaptureModel(nn.Module):
   @nn.compact
   def __call__(self, batch: Mapping[str, Array], train: bool = False) -> dict[str, Array]:
     cfg = self.config
-    validate_batch(batch, cfg)
+    batch_lib.validate_model_inputs(batch, cfg)
     dtype = compute_dtype(cfg.dtype)
     init_std = cfg.initializer_range
     stack = functools.partial(layers.LayerStack, scan=cfg.scan_layers, remat=cfg.remat)
@@ -318,17 +274,3 @@ class CaptureModel(nn.Module):
 def init_params(model: CaptureModel, rng: jax.Array, batch: Mapping[str, Array]):
   """Parameters of `model` for inputs shaped like `batch` (float32)."""
   return model.init({'params': rng}, batch, train=False)['params']
-
-
-def dummy_batch(
-    cfg: ml_collections.ConfigDict, batch_size: int, text_len: int, regions: int
-) -> dict[str, Array]:
-  """All-valid inputs of the right shapes, for `init` and `jax.eval_shape`."""
-  return {
-      'input_ids': jnp.zeros((batch_size, text_len), jnp.int32),
-      'input_mask': jnp.ones((batch_size, text_len), jnp.int32),
-      'segment_ids': jnp.zeros((batch_size, text_len), jnp.int32),
-      'image_feat': jnp.zeros((batch_size, regions + 1, cfg.v_feature_size), jnp.float32),
-      'image_loc': jnp.zeros((batch_size, regions + 1, 5), jnp.float32),
-      'image_mask': jnp.ones((batch_size, regions + 1), jnp.int32),
-  }

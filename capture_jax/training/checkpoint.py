@@ -68,26 +68,89 @@ def saved_model_config(manager: ocp.CheckpointManager, step: int) -> dict:
   return restored['config']['model']
 
 
-def check_compatible(manager: ocp.CheckpointManager, config: ml_collections.ConfigDict) -> None:
-  """Raises before any compilation if the latest checkpoint is of a different model."""
-  step = manager.latest_step()
+def model_config_diffs(saved: dict, config: ml_collections.ConfigDict) -> list[str]:
+  """The `model` fields that change the parameter tree and differ between a checkpoint and a config."""
+  return [
+      f'model.{k}: checkpoint {saved.get(k)!r}, config {v!r}'
+      for k, v in config.model.to_dict().items()
+      if k not in LAYOUT_NEUTRAL_FIELDS and saved.get(k) != v
+  ]
+
+
+def check_compatible(
+    manager: ocp.CheckpointManager, config: ml_collections.ConfigDict, step: int | None = None
+) -> None:
+  """Raises IncompatibleCheckpointError, before any compilation, if the checkpoint of `step`
+  is of a different model.
+
+  With `step=None` (the trainer: the latest checkpoint) an unreadable
+  checkpoint passes here, as `restore_latest` reports it and falls back; a
+  given step must be readable.
+  """
+  latest = step is None
+  step = manager.latest_step() if latest else step
   if step is None:
     return
   try:
     saved = saved_model_config(manager, step)
   except Exception:  # pylint: disable=broad-except
-    return  # unreadable: `restore_latest` reports it and falls back
-  ours = config.model.to_dict()
-  diffs = [
-      f'model.{k}: checkpoint {saved.get(k)!r}, config {v!r}'
-      for k, v in ours.items()
-      if k not in LAYOUT_NEUTRAL_FIELDS and saved.get(k) != v
-  ]
+    if latest:
+      return
+    raise
+  diffs = model_config_diffs(saved, config)
   if diffs:
     raise IncompatibleCheckpointError(
-        f'{checkpoint_dir(manager.directory.parent)} holds checkpoints of a different model '
-        f'(step {step}): ' + '; '.join(diffs) + '. Use another --workdir or the matching config.'
+        f'{manager.directory} holds checkpoints of a different model (step {step}): '
+        + '; '.join(diffs)
+        + '. Use another --workdir or the config the run was trained with.'
     )
+
+
+def open_step(
+    workdir: str | Path, config: ml_collections.ConfigDict, step: int | None = None
+) -> tuple[ocp.CheckpointManager, int]:
+  """A run's checkpoint manager and the step to read (default: the latest), for export.
+
+  Raises FileNotFoundError when there is no checkpoint (or not that step) and
+  IncompatibleCheckpointError when it is of another model, both before
+  anything compiles.
+  """
+  ckpt_dir = checkpoint_dir(workdir)
+  if not ckpt_dir.is_dir():
+    raise FileNotFoundError(
+        f'no checkpoint in {Path(workdir)}: {ckpt_dir} does not exist. Train first '
+        f"(python -m capture_jax.train --workdir={workdir}), or pass the run's --workdir."
+    )
+  manager = make_manager(workdir, config.checkpoint)
+  steps = sorted(manager.all_steps())
+  try:
+    if not steps:
+      raise FileNotFoundError(
+          f'no checkpoint in {ckpt_dir}; train first (python -m capture_jax.train)'
+      )
+    if step is None:
+      step = steps[-1]
+    elif step not in steps:
+      raise FileNotFoundError(f'no checkpoint of step {step} in {ckpt_dir}; it holds steps {steps}')
+    check_compatible(manager, config, step)
+  except Exception:
+    manager.close()
+    raise
+  return manager, int(step)
+
+
+def restore_model_params(manager: ocp.CheckpointManager, step: int, abstract_params: Any) -> Any:
+  """Only `state.params['model']` of a checkpoint, placed in the shardings that
+  `abstract_params`' leaves carry (Orbax partial restore: the optimizer state is not read)."""
+  target = {'params': {'model': abstract_params}}
+  restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding), target)
+  restored = manager.restore(
+      step,
+      args=ocp.args.Composite(
+          state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
+      ),
+  )
+  return restored['state']['params']['model']
 
 
 def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:

@@ -273,6 +273,28 @@ def spec_table(abstract_params: Any, specs: Any, mesh=None, pattern: str = '') -
 # The global batch.
 
 
+def batch_devices(mesh: Mesh) -> int:
+  """How many ways the batch axes `('data', 'fsdp')` split a batch."""
+  return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def batch_split_problems(batch_size: int, mesh: Mesh, field: str) -> list[str]:
+  """Why a global batch of `batch_size` (the config field `field`) cannot be split evenly
+  over the mesh's batch axes and the processes; empty when it can."""
+  if batch_size < 1:
+    return [f'{field}={batch_size} must be a positive number of samples']
+  n = batch_devices(mesh)
+  problems = []
+  if batch_size % n:
+    problems.append(
+        f"{field}={batch_size} is not divisible by the {n} devices of the mesh's batch axes "
+        f"(data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']})"
+    )
+  if batch_size % jax.process_count():
+    problems.append(f'{field}={batch_size} is not divisible by the {jax.process_count()} processes')
+  return problems
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Leading (batch) dimension split over `('data', 'fsdp')`, the rest replicated."""
   return NamedSharding(mesh, P(BATCH_AXES))

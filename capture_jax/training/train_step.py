@@ -23,9 +23,10 @@ from capture_jax import losses
 from capture_jax.models import CaptureModel
 from capture_jax.training import contrastive as contrastive_lib
 from capture_jax.training import optimizer as optimizer_lib
+from capture_jax.training import sharding
 
 Array = jax.Array
-BATCH_AXES = ('data', 'fsdp')
+BATCH_AXES = sharding.BATCH_AXES
 
 
 @flax.struct.dataclass

@@ -20,6 +20,7 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from capture_jax import train  # noqa: E402
+from capture_jax.training import state as state_lib  # noqa: E402
 from capture_jax.training import checkpoint as checkpoint_lib  # noqa: E402
 from capture_jax.training import sharding  # noqa: E402
 
@@ -28,7 +29,7 @@ def restore_on(config, workdir, devices, mesh_shape):
   config = config.copy_and_resolve_references()
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = mesh_shape
   mesh = sharding.make_mesh(config.mesh, devices)
-  _, _, abstract_state, shardings = train.train_state_layout(config, mesh)
+  _, _, abstract_state, shardings = state_lib.train_state_layout(config, mesh)
   manager = checkpoint_lib.make_manager(workdir, config.checkpoint)
   state, step = checkpoint_lib.restore_latest(
       manager, checkpoint_lib.abstract_with_shardings(abstract_state, shardings), None

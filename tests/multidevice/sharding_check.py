@@ -35,6 +35,7 @@ import optax  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
+from capture_jax import batch as batch_lib  # noqa: E402
 from capture_jax import config as config_lib  # noqa: E402
 from capture_jax.models import capture  # noqa: E402
 from capture_jax.training import sharding  # noqa: E402
@@ -60,7 +61,7 @@ def mesh_cfg(shape, **overrides):
 
 def abstract_params(model_cfg, batch_size=2):
   model = capture.CaptureModel(model_cfg)
-  batch = capture.dummy_batch(model_cfg, batch_size, model_cfg.max_text_len, 4)
+  batch = batch_lib.BatchLayout.for_model(model_cfg, model_cfg.max_text_len, 4).dummy(batch_size)
   return jax.eval_shape(lambda r: capture.init_params(model, r, batch), jax.random.key(0))
 
 
@@ -111,7 +112,7 @@ def check_demo() -> dict:
   mesh = sharding.make_mesh(mc)
   model = capture.CaptureModel(m)
   regions = cfg.data.max_regions
-  init_batch = capture.dummy_batch(m, 2, m.max_text_len, regions)
+  init_batch = batch_lib.BatchLayout.for_model(m, m.max_text_len, regions).dummy(2)
   init = lambda rng: capture.init_params(model, rng, init_batch)
   key = jax.random.key(0)
   abstract = jax.eval_shape(init, key)

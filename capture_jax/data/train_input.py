@@ -1,0 +1,170 @@
+"""The training iterator: the product1m train split -> masked batches, resumable.
+
+    source (tfds.data_source, one split)
+      -> global shuffle by seed, a new permutation every epoch, repeated
+         forever or for data.num_epochs (`ShuffledIndices`)
+      -> tag every record with its position in that global stream
+      -> this process's shard: positions p, p + n, p + 2n, ... (n processes)
+      -> batch, and per batch: tokenise, MLM + MRM masking, pad, global token
+
+Because process p takes every n-th position and batches are cut after
+sharding, global batch b is exactly the positions [b*B, (b+1)*B) of the
+stream whatever the number of processes. Masking draws come from a
+counter-based hash of (seed, position) (`masking`). The iterator is a Grain
+`DatasetIterator`; `get_state()` / `set_state()` checkpoint and restore the
+exact position. Batches have the layout of `capture_jax.batch` (`TRAIN_KEYS`,
+B = the per-process batch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from typing import Any
+
+import grain
+import ml_collections
+import numpy as np
+
+from capture_jax.data import collate as collate_lib
+from capture_jax.data import source as source_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class _TrainBatchLoader:
+  """Batch index -> this process's training batch (a Grain map function).
+
+  Process p of n takes stream positions p, p + n, p + 2n, ...; its batch b
+  holds the positions (b * B + j) * n + p, j < B, so global batch b is
+  positions [b * B * n, (b + 1) * B * n) whatever n is. Grain's element is
+  the whole batch: its per-element bookkeeping (~60 us) is paid once per
+  batch, and the records are fetched in one batched ArrayRecord read.
+  """
+
+  source: source_lib.Product1MSource
+  indices: 'ShuffledIndices'
+  spec: collate_lib.BatchSpec
+  batch_size: int  # per process
+  process_index: int
+  process_count: int
+
+  def __call__(self, batch_index: int) -> dict[str, np.ndarray]:
+    j = np.arange(self.batch_size, dtype=np.int64)
+    positions = (int(batch_index) * self.batch_size + j) * self.process_count + self.process_index
+    records = self.source.read_records(self.indices.take(positions).tolist())
+    return collate_lib.collate(records, positions, self.spec)
+
+
+class ShuffledIndices:
+  """The record index at each position of the global training stream.
+
+  Epoch e (positions [e*N, (e+1)*N)) is a permutation of range(N) drawn from
+  (seed, e), so every epoch is shuffled anew and any position can be read
+  directly (what resuming and sharding need). A Grain source of ints.
+
+  Why not `MapDataset.shuffle`: Grain's index_shuffle costs 7 us per element
+  on large splits and ~550 us on a 100-record split; a cached numpy
+  permutation costs well under 1 us, for 4 bytes per record.
+  """
+
+  def __init__(self, num_records: int, seed: int, num_epochs: int = 0):
+    if num_records <= 0:
+      raise ValueError(f'cannot shuffle {num_records} records')
+    self.num_records, self.seed, self.num_epochs = num_records, seed, num_epochs
+    self._cache: dict[int, np.ndarray] = {}
+
+  def __len__(self) -> int:
+    return self.num_records * self.num_epochs if self.num_epochs else sys.maxsize
+
+  def permutation(self, epoch: int) -> np.ndarray:
+    perm = self._cache.get(epoch)
+    if perm is None:  # two threads may both compute it: same result, no lock needed
+      perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_records)
+      perm = perm.astype(np.int32 if self.num_records < 2**31 else np.int64)
+      self._cache = {e: p for e, p in self._cache.items() if e >= epoch - 1}
+      self._cache[epoch] = perm
+    return perm
+
+  def __getitem__(self, position: int) -> int:
+    epoch, i = divmod(int(position), self.num_records)
+    return int(self.permutation(epoch)[i])
+
+  def take(self, positions: np.ndarray) -> np.ndarray:
+    """[B] record indices at [B] stream positions (vectorised)."""
+    positions = np.asarray(positions, np.int64)
+    epochs, within = np.divmod(positions, self.num_records)
+    out = np.empty(len(positions), np.int64)
+    for e in np.unique(epochs):  # a batch spans one or two epochs
+      sel = epochs == e
+      out[sel] = self.permutation(int(e))[within[sel]]
+    return out
+
+  def __getstate__(self) -> dict[str, Any]:
+    return {'num_records': self.num_records, 'seed': self.seed, 'num_epochs': self.num_epochs}
+
+  def __setstate__(self, state: dict[str, Any]) -> None:
+    self.__init__(**state)
+
+
+# --------------------------------------------------------------------------
+# Training.
+
+
+def make_train_dataset(
+    config: ml_collections.ConfigDict,
+    *,
+    split: str = 'train',
+    process_index: int | None = None,
+    process_count: int | None = None,
+    batch_size: int | None = None,
+    source: source_lib.Product1MSource | None = None,
+) -> grain.IterDataset:
+  """The training `IterDataset` of this process (see the module docstring).
+
+  Args:
+    config: the run config (`config.data`, and `config.model` for vocab and
+      MRM-target checks).
+    split: which split to train on.
+    process_index, process_count: this process's shard; default
+      jax.process_index() / jax.process_count().
+    batch_size: global batch (default config.data.batch_size); each process
+      gets batch_size / process_count.
+    source: an already opened source (default: opened from config).
+  """
+  d = config.data
+  index, count = source_lib.process_shard(process_index, process_count)
+  per_process = source_lib.per_process_batch(batch_size or d.batch_size, count)
+  spec = collate_lib.make_batch_spec(config)
+  source = source or source_lib.make_source(config, split)
+  if len(source) == 0:
+    raise ValueError(f'{source} is empty')
+  indices = ShuffledIndices(len(source), d.shuffle_seed, d.num_epochs)
+  # Every process yields the same number of full batches: a finite stream is
+  # cut to a multiple of the global batch.
+  num_batches = len(indices) // (per_process * count)
+  loader = _TrainBatchLoader(source, indices, spec, per_process, index, count)
+  ds = grain.MapDataset.range(num_batches).map(loader)
+  it = ds.to_iter_dataset(source_lib.read_options(config))
+  if d.num_workers > 0:
+    _ensure_absl_flags_parsed()
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.num_workers))
+  return it
+
+
+def _ensure_absl_flags_parsed() -> None:
+  """Grain's worker processes read its absl flags, which raises outside an
+  `absl.app` program unless the flags are parsed; use their defaults then."""
+  from absl import flags
+
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+def make_train_iterator(config: ml_collections.ConfigDict, **kwargs: Any) -> grain.DatasetIterator:
+  """A checkpointable iterator of training batches (dicts of `batch.TRAIN_KEYS`).
+
+  `it.get_state()` returns a small JSON-able dict; `it.set_state(state)` on a
+  fresh iterator of the same config continues with exactly the batches the
+  original would have produced next. Keyword arguments as `make_train_dataset`.
+  """
+  return iter(make_train_dataset(config, **kwargs))
