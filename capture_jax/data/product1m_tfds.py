@@ -15,6 +15,11 @@ halves the disk of 1M+ samples; the pipeline computes in float32). Examples
 keep the annotation file's order (`disable_shuffling`), so evaluation reads
 splits in file order.
 
+A split whose annotation file holds no usable sample (an empty file, only
+blank lines, or only bad samples skipped with `skip_bad`) is not built: the
+build logs why, lists it under `empty_splits` in its report, and builds the
+other splits (TFDS itself would fail the whole build on an empty split).
+
 One example::
 
     item_id  Text        title  Text        labels  Sequence(Text) (empty for train)
@@ -77,8 +82,10 @@ def dataset_dir(tfds_dir: str, storage_dtype: str = 'float16', with_cls_prob: bo
 
 def _infer_feature_dim(store: formats.FeatureStore, ann_paths: Sequence[str]) -> int:
   """Width of the first image that has features, to check all others against."""
+  n_samples = 0
   for path in ann_paths:
     for _, ann in formats.read_annotations(path, counter=formats.BadInputCounter(True)):
+      n_samples += 1
       if ann.item_id in store:
         try:
           rf, _ = store.get(ann.item_id)
@@ -86,7 +93,9 @@ def _infer_feature_dim(store: formats.FeatureStore, ann_paths: Sequence[str]) ->
           continue
         if rf.features.ndim == 2:
           return int(rf.features.shape[1])
-  raise FileNotFoundError(f'no annotated image has region features in {store.path}')
+  if not n_samples:
+    raise ValueError(f'no annotation file holds a readable sample: {", ".join(ann_paths)}')
+  raise FileNotFoundError(f'no annotated image has readable region features in {store.path}')
 
 
 class Product1M(tfds.core.GeneratorBasedBuilder):
@@ -144,6 +153,8 @@ class Product1M(tfds.core.GeneratorBasedBuilder):
     self._skip_bad = skip_bad
     self._store: formats.FeatureStore | None = None
     self.reports: dict[str, dict] = {}
+    # split -> why it was not built (no usable sample).
+    self.empty_splits: dict[str, str] = {}
     kwargs.setdefault('file_format', 'array_record')
     super().__init__(**kwargs)
 
@@ -198,7 +209,40 @@ class Product1M(tfds.core.GeneratorBasedBuilder):
     self._store = formats.FeatureStore(self._features_path)
     if self._feature_dim is None:
       self._feature_dim = _infer_feature_dim(self._store, list(paths.values()))
-    return {split: self._generate_examples(split, path) for split, path in paths.items()}
+    generators = {}
+    for split, path in paths.items():
+      why = self._why_empty(split, path)
+      if why is None:
+        generators[split] = self._generate_examples(split, path)
+      else:
+        self.empty_splits[split] = why
+        logging.warning('product1m: split %s is not built: %s', split, why)
+    if not generators:
+      raise ValueError(
+          'no split has a usable sample, nothing to build: ' + '; '.join(self.empty_splits.values())
+      )
+    return generators
+
+  def _why_empty(self, split: str, path: str) -> str | None:
+    """None if `split` has a usable sample, else why not.
+
+    Stops at the first sample that makes an example, so it costs one feature
+    read for a normal split. Without `skip_bad` a bad sample raises here, as
+    the build would, before anything is written.
+    """
+    counter = formats.BadInputCounter(self._skip_bad)
+    dtype = STORAGE_DTYPES[self._storage_dtype]
+    for lineno, ann in formats.read_annotations(
+        path, require_labels=split in formats.LABELLED_SPLITS, counter=counter
+    ):
+      try:
+        self._example(ann, dtype)
+        return None
+      except formats.BadInputError as err:
+        counter.handle(formats.BadInputError(err.kind, f'{path}:{lineno}: {err}'))
+    if not counter.total:
+      return f'{path} holds no sample (empty, or blank lines only)'
+    return f'{path}: every sample is bad and was skipped ({counter.summary()})'
 
   def _generate_examples(self, split: str, path: str) -> Iterator[tuple[str, dict]]:
     counter = formats.BadInputCounter(self._skip_bad)
@@ -272,8 +316,9 @@ def build(
 
   Returns:
     {'dataset_dir': ..., 'splits': {split: {'examples', 'skipped', 'by_kind',
-    'truncated'}}} for the splits built now (empty if the dataset existed and
-    `overwrite` is False).
+    'truncated'}}, 'empty_splits': {split: why}} for the splits built (or
+    found empty) now; both empty if the dataset existed and `overwrite` is
+    False.
   """
   builder = Product1M(
       source_dir=data_dir,
@@ -308,6 +353,7 @@ def build(
       'max_regions': max_regions,
       'storage_dtype': storage_dtype,
       'splits': builder.reports,
+      'empty_splits': builder.empty_splits,
   }
   if builder.reports:
     with open(os.path.join(os.fspath(builder.data_dir), REPORT_NAME), 'w') as f:
@@ -377,6 +423,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   )
   if not report['splits']:
     print(f'{report["dataset_dir"]} exists; pass --overwrite to rebuild', file=sys.stderr)
+  for split, why in report['empty_splits'].items():
+    print(f'{split}: not built, {why}', file=sys.stderr)
   for split, r in report['splits'].items():
     print(
         f'{split}: {r["examples"]} examples, {r["skipped"]} bad skipped '
