@@ -119,6 +119,7 @@ def test_build_stops_on_non_utf8_line_and_skip_bad_counts_it(data, tmp_path):
         (lambda raw: b'', 'EOFError'),  # zero-byte file (disk full)
         (lambda raw: raw[:60] + bytes(16) + raw[76:], 'BadZipFile: Bad CRC-32'),  # bit rot
     ],
+    ids=['truncated', 'zero_bytes', 'bad_crc'],
 )
 def test_corrupted_npz_names_file_and_image(data, tmp_path, damage, cause):
   item = _ids(data, 'gallery')[2]
@@ -179,6 +180,7 @@ def _row(image_id: str) -> bytes:
         # A non-ASCII byte (was a bare UnicodeDecodeError).
         (lambda row: row[:-6] + b'\xc3\xa9' + row[-4:], 'bad_encoding', 'byte 0xc3 at column'),
     ],
+    ids=['bad_base64_char', 'cut_short', 'non_ascii_byte'],
 )
 def test_corrupted_tsv_row_names_file_and_line(tmp_path, corrupt, kind, fragment):
   path = _tsv(tmp_path, [_row('1'), corrupt(_row('2')), _row('3')])
@@ -353,9 +355,10 @@ def _official(gt_dir: Path, ranked: Path) -> tuple[dict, list[str]]:
 
 def test_unknown_query_id_scores_zero_with_a_counted_warning(gt_dir, tmp_path):
   ranked = tmp_path / metrics.RANKED_FILE
-  ranked.write_text('q1,a1,x1\nnope,a1\nq2,b1,a1\nzilch,x2\n')
+  ranked.write_text('q1,a1,x1,zz\nnope,a1\nq2,b1,a1\nzilch,x2\n')
   rc, out, err = _cli('--gt_dir', str(gt_dir), '--ranked', str(ranked))
   assert rc == 0
+  assert '1 ranked id(s) are not gallery ids' in err  # 'zz': a miss, as upstream
   assert '2 of 4 query id(s) are absent from product1m_test_ossurl_v2.txt, ' in err
   assert "'nope' (line 2), 'zilch' (line 4)" in err and 'Traceback' not in err
   official, printed = _official(gt_dir, ranked)
@@ -395,6 +398,7 @@ def test_repeated_gallery_id_in_a_list_is_refused(gt_dir, tmp_path):
         ('q1,a1\nq2,b1\n\n', ':3: malformed ranked-list line (no query id; a blank line'),
         ('q1,a1\nq1,b1\n', ":2: query id 'q1' appears twice"),
     ],
+    ids=['blank_line_inside', 'trailing_blank_line', 'repeated_query'],
 )
 def test_malformed_ranked_file_is_refused_naming_the_line(gt_dir, tmp_path, content, fragment):
   ranked = tmp_path / metrics.RANKED_FILE
@@ -439,3 +443,18 @@ def test_command_exits_1_without_a_traceback(gt_dir, tmp_path):
   )
   assert proc.returncode == 1 and 'Traceback' not in proc.stderr
   assert f"{ranked}:1: query 'q1' ranks gallery id 'a1' twice" in proc.stderr
+
+
+def test_build_command_refuses_bad_input_with_one_line_and_status_1(data, tmp_path, capsys):
+  item = _ids(data, 'dev')[0]
+  npz = os.path.join(data, 'features', f'{item}.npz')
+  _edit_bytes(npz, lambda raw: raw[:50])
+  out = str(tmp_path / 'out')
+  assert product1m_tfds.main(['--data_dir', data, '--out', out]) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err[-1].startswith(f'error: {_ann_path(data, "dev")}:1: {npz}: image {item}: cannot read')
+  assert _no_dataset_left(out)
+  assert product1m_tfds.main(['--data_dir', data, '--out', out, '--skip_bad']) == 0
+  want = f"dev: {TINY.num_dev - 1} examples, 1 bad skipped {{'malformed_features': 1}}"
+  assert want in capsys.readouterr().err
+  assert product1m_tfds.main(['--data_dir', data]) == 2  # --out is required

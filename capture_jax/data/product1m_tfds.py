@@ -28,7 +28,8 @@ One example::
     features [N, F] storage dtype
     cls_prob [N, C] storage dtype (only in the `*_cls_prob` configs)
 
-Command line (with a progress bar per split)::
+Command line (absl flags; a progress bar per split; exit status 1 with one
+`error:` line when the input is refused)::
 
     python -m capture_jax.data.product1m_tfds --data_dir DIR --out TFDS_DIR
         [--features PATH] [--storage_dtype float16] [--max_regions 36]
@@ -37,7 +38,6 @@ Command line (with a progress bar per split)::
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import logging
@@ -45,6 +45,7 @@ import os
 import sys
 from typing import Any, Iterator, Sequence
 
+from absl import flags
 from etils import epath
 import ml_collections
 import numpy as np
@@ -385,43 +386,93 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
   return module.get_config()
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-  defaults = config_lib.data_config()
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--data_dir', required=True, help='annotation files (+ features/)')
-  parser.add_argument('--out', required=True, help='TFDS data_dir to write into')
-  parser.add_argument(
-      '--config', default=None, help='config file whose data.* fields give the defaults below'
-  )
-  parser.add_argument('--features', default=None, help='default: DATA_DIR/features')
-  parser.add_argument('--storage_dtype', default=None, choices=sorted(STORAGE_DTYPES))
-  parser.add_argument('--max_regions', type=int, default=None)
-  parser.add_argument(
-      '--feature_dim',
-      type=int,
-      default=None,
-      help="expected width (default: the config's, else the first image's)",
-  )
-  parser.add_argument('--with_cls_prob', action='store_true')
-  parser.add_argument(
-      '--skip_bad', action='store_true', help='skip and count bad samples instead of stopping'
-  )
-  parser.add_argument('--overwrite', action='store_true')
-  args = parser.parse_args(argv)
-  d = load_config_file(args.config).data if args.config else defaults
-  feature_dim = args.feature_dim or (d.feature_dim if args.config else None)
-  report = build(
-      args.data_dir,
-      args.out,
-      features=args.features,
-      storage_dtype=args.storage_dtype or d.storage_dtype,
-      max_regions=args.max_regions or d.max_regions,
-      feature_dim=feature_dim,
-      skip_bad=args.skip_bad or d.skip_bad,
-      overwrite=args.overwrite,
-      with_cls_prob=args.with_cls_prob,
-  )
-  if not report['splits']:
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> dict[str, flags.FlagHolder]:
+  """The command's absl flags, defined into `flag_values` when the command runs."""
+  fv = flag_values
+  holders = {
+      'data_dir': flags.DEFINE_string(
+          'data_dir', None, 'Annotation files (+ features/).', flag_values=fv
+      ),
+      'out': flags.DEFINE_string('out', None, 'TFDS data_dir to write into.', flag_values=fv),
+      'config': flags.DEFINE_string(
+          'config',
+          None,
+          'Config file whose data.* fields give the defaults of the flags below.',
+          flag_values=fv,
+      ),
+      'features': flags.DEFINE_string(
+          'features', None, 'Feature store; default: DATA_DIR/features.', flag_values=fv
+      ),
+      'storage_dtype': flags.DEFINE_enum(
+          'storage_dtype', None, sorted(STORAGE_DTYPES), 'Storage dtype.', flag_values=fv
+      ),
+      'max_regions': flags.DEFINE_integer(
+          'max_regions', None, 'Regions kept per image.', flag_values=fv
+      ),
+      'feature_dim': flags.DEFINE_integer(
+          'feature_dim',
+          None,
+          "Expected width (default: the config's, else the first image's).",
+          flag_values=fv,
+      ),
+      'with_cls_prob': flags.DEFINE_bool(
+          'with_cls_prob', False, 'Store the detector class distributions.', flag_values=fv
+      ),
+      'skip_bad': flags.DEFINE_bool(
+          'skip_bad', False, 'Skip and count bad samples instead of stopping.', flag_values=fv
+      ),
+      'overwrite': flags.DEFINE_bool(
+          'overwrite', False, 'Rebuild an existing dataset.', flag_values=fv
+      ),
+  }
+  flags.mark_flags_as_required(['data_dir', 'out'], flag_values=fv)
+  return holders
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """`python -m capture_jax.data.product1m_tfds` (and `capture-build-tfds`).
+
+  The flags are parsed into a `FlagValues` of their own, so the command can be
+  run from Python with an `argv` (tests) and never collides with the flags of
+  a program that imports this module.
+
+  Returns:
+    0 on success; 1 when the input is refused (one `error:` line naming the
+    file and line or image id, no traceback); 2 on bad flags.
+  """
+  argv = list(sys.argv if argv is None else ['product1m_tfds', *argv])
+  fv = flags.FlagValues()
+  args = define_flags(fv)
+  if any(a in ('-h', '--help', '--helpshort', '-?') for a in argv[1:]):
+    summary = __doc__.split('\n\n')[0]
+    print(f'{summary}\n\n{fv.get_help()}')
+    return 0
+  try:
+    rest = fv(argv)
+  except flags.Error as err:
+    print(f'error: {err} (see --help)', file=sys.stderr)
+    return 2
+  if len(rest) > 1:
+    print(f'error: unexpected arguments {rest[1:]} (see --help)', file=sys.stderr)
+    return 2
+  config_file = args['config'].value
+  d = load_config_file(config_file).data if config_file else config_lib.data_config()
+  try:
+    report = build(
+        args['data_dir'].value,
+        args['out'].value,
+        features=args['features'].value,
+        storage_dtype=args['storage_dtype'].value or d.storage_dtype,
+        max_regions=args['max_regions'].value or d.max_regions,
+        feature_dim=args['feature_dim'].value or (d.feature_dim if config_file else None),
+        skip_bad=args['skip_bad'].value or d.skip_bad,
+        overwrite=args['overwrite'].value,
+        with_cls_prob=args['with_cls_prob'].value,
+    )
+  except (OSError, ValueError) as err:  # BadInputError is a ValueError
+    print(f'error: {err}', file=sys.stderr)
+    return 1
+  if not report['splits'] and not report['empty_splits']:
     print(f'{report["dataset_dir"]} exists; pass --overwrite to rebuild', file=sys.stderr)
   for split, why in report['empty_splits'].items():
     print(f'{split}: not built, {why}', file=sys.stderr)
@@ -432,7 +483,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         file=sys.stderr,
     )
   print(report['dataset_dir'])
+  return 0
 
 
 if __name__ == '__main__':
-  main()
+  sys.exit(main())
