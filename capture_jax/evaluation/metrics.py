@@ -1,8 +1,9 @@
 """The official Product1M retrieval metrics, vectorised over queries.
 
-Ground truth is the three annotation files of the official release
-(``product1m_gallery_ossurl_v2.txt``, ``product1m_dev_ossurl_v2.txt``,
-``product1m_test_ossurl_v2.txt``) in one folder; ranked lists are the official
+Ground truth is the annotation files of the official release in one folder
+(``product1m_gallery_ossurl_v2.txt`` and ``product1m_dev_ossurl_v2.txt`` and/or
+``product1m_test_ossurl_v2.txt``), read by the one annotation reader,
+``capture_jax.data.formats.read_annotations``; ranked lists are the official
 ``retrieval_id_list.txt`` (``query_id,gid_1,...,gid_100`` per line).
 
 The numbers are those of ``CAPTURE/evaluate_suit.py`` in zhanxlin/Product1M
