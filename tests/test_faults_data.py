@@ -234,6 +234,7 @@ def test_split_of_only_bad_samples_is_not_built_with_skip_bad(data, tmp_path):
     os.remove(os.path.join(data, 'features', f'{item}.npz'))
   with pytest.raises(formats.BadInputError, match=rf'{dev}:1: image .* has no region features'):
     _build(data, str(tmp_path / 'out'))
+  assert _no_dataset_left(str(tmp_path / 'out'))
   report = _build(data, str(tmp_path / 'out2'), skip_bad=True)
   assert 'dev' not in report['splits']
   assert report['empty_splits']['dev'].startswith(f'{dev}: every sample is bad and was skipped')
@@ -298,6 +299,16 @@ def test_bom_and_blank_lines_read_the_same_by_build_evaluator_and_metrics(data, 
   _edit_bytes(str(ranked), lambda raw: BOM + raw)
   rc, out_text, err = _cli('--gt_dir', data, '--ranked', str(ranked), '--split', 'dev')
   assert rc == 0 and 'warning' not in err, err  # the BOM did not make an unknown query
+
+
+def test_non_utf8_instance_sidecar_names_file_and_line(tmp_path):
+  path = tmp_path / formats.instances_filename('dev')
+  good = formats.format_instances('q1', [formats.Instance('A', (0, 1))])
+  path.write_bytes(BOM + good.encode() + b'\n' + b'{"item_id": "q\xff"}\n')
+  with pytest.raises(formats.BadInputError, match=rf'{path}:2: byte 0xff at column 15 '):
+    formats.read_instances(str(path))
+  path.write_bytes(BOM + good.encode() + b'\n\n')
+  assert list(formats.read_instances(str(path))) == ['q1']
 
 
 def test_bom_inside_a_file_is_an_error_naming_the_line(tmp_path):
