@@ -171,7 +171,7 @@ def _check_against_official(gt_dir: Path, ranked: dict[str, list[str]], tmp: Pat
       assert repr(ours[f'{name}@{r}']) == repr(official[f'top{r}'][name]), (name, r)
   out = io.StringIO()
   with redirect_stdout(out):
-    metrics.main(['--gt_dir', str(gt_dir), '--ranked', str(ranked_path)])
+    assert metrics.main(['--gt_dir', str(gt_dir), '--ranked', str(ranked_path)]) == 0
   assert out.getvalue().splitlines()[: len(printed)] == printed
 
 
@@ -188,9 +188,11 @@ def _random_ranked(
     length = rng.choice([0, 1, 5, 37, 100, 100, 100])
     pool = positives * 3 + ids[: max(1, len(ids) // 4)]
     picked = rng.sample(ids, min(length, len(ids)))
-    # Mix positives in at random ranks; allow a repeated id now and then.
+    # Mix positives in at random ranks. A ranked-list file may not repeat an
+    # id (read_ranked_lists refuses it); test_equals_official_property covers
+    # repeats in the arithmetic.
     lst = [rng.choice(pool) if rng.random() < 0.4 else g for g in picked]
-    ranked[q] = lst[:100]
+    ranked[q] = list(dict.fromkeys(lst))[:100]
   return ranked
 
 
@@ -304,11 +306,23 @@ def test_ranked_file_round_trip(tmp_path):
     metrics.write_ranked_lists(path, {'q': [str(i) for i in range(101)]})
   with pytest.raises(ValueError, match='comma'):
     metrics.write_ranked_lists(path, {'q': ['a,b']})
+  with pytest.raises(ValueError, match='ranked twice'):
+    metrics.write_ranked_lists(path, {'q': ['a', 'b', 'a']})
 
 
 def test_query_id_absent_from_annotations():
   with pytest.raises(KeyError, match="absent from the annotations.*'nope'"):
     evaluate_ranked_lists({'q': ['a1'], 'nope': ['a1']}, {'q': ['A']}, GALLERY)
+  # 'zero': as the official script, the unknown query scores 0 and counts.
+  per_query = score_queries(
+      {'q': ['a1'], 'nope': ['a1']}, {'q': ['A']}, GALLERY, (3,), unknown_queries='zero'
+  )
+  assert per_query['AP@3'].tolist() == [1.0, 0.0] and per_query['failed@3'].tolist() == [
+      False,
+      True,
+  ]
+  with pytest.raises(ValueError, match='unknown_queries'):
+    score_queries({'q': ['a1']}, {'q': ['A']}, GALLERY, unknown_queries='skip')
 
 
 def test_empty_gallery_and_empty_ranked():
@@ -321,7 +335,7 @@ def test_empty_gallery_and_empty_ranked():
 def test_malformed_lines_name_file_and_line(tmp_path):
   bad = tmp_path / 'ann.txt'
   bad.write_text(_annotation_line('g1', ['A']) + 'g2#####title#####u\n', encoding='utf-8')
-  with pytest.raises(ValueError, match=r'ann\.txt:2: malformed annotation line'):
+  with pytest.raises(ValueError, match=r'ann\.txt:2: expected 5 fields'):
     metrics.read_annotations(bad)
   ranked = tmp_path / 'retrieval_id_list.txt'
   ranked.write_text('q1,a,b\nq2,a,,b\n')
@@ -347,8 +361,17 @@ def test_ground_truth_folder(tmp_path):
   assert gt.gallery_labels == {'g1': 'A', 'g2': 'B'}
   assert gt.titles['g1'] == 't'
   (gt_dir / metrics.TEST_FILE).unlink()
-  with pytest.raises(FileNotFoundError, match='product1m_test_ossurl_v2.txt'):
+  with pytest.raises(FileNotFoundError, match='missing: .*product1m_test_ossurl_v2.txt'):
     metrics.read_ground_truth(gt_dir)
+  # Gallery + one query split: the other file is not needed.
+  gt = metrics.read_ground_truth(gt_dir, 'dev')
+  assert gt.query_labels == {'q1': ['A', 'B']} and gt.query_files == (
+      str(gt_dir / metrics.DEV_FILE),
+  )
+  with pytest.raises(FileNotFoundError, match='missing: .*product1m_test_ossurl_v2.txt'):
+    metrics.read_ground_truth(gt_dir, 'test')
+  with pytest.raises(ValueError, match='split must be one of'):
+    metrics.read_ground_truth(gt_dir, 'gallery')
 
 
 def test_means_are_sequential_sums():

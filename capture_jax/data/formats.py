@@ -16,17 +16,28 @@ stored either as one `.npz` per image or as rows of a base64 TSV
 Bad input raises `BadInputError` naming the file and line or image id and
 what was expected. Callers that prefer to skip bad samples pass a
 `BadInputCounter` and count instead (the `skip_bad` mode).
+
+Text files (annotations, instance sidecars, feature TSVs) are read as bytes
+and decoded line by line (`decode_line`), so a byte that is not valid UTF-8
+(ASCII for TSVs) is an error naming the file, line and column, not a bare
+`UnicodeDecodeError`; a UTF-8 byte-order mark at the start of a file is
+dropped (editors on Windows write one); blank (whitespace-only) lines are
+skipped wherever they are. `read_annotations` is the one annotation reader:
+the TFDS build, the tokenizer, the evaluator and the metrics tool all use it.
 """
 
 from __future__ import annotations
 
 import base64
+import codecs
 import collections
 import dataclasses
 import glob
 import json
 import os
 from typing import IO, Iterable, Iterator, Mapping, Sequence
+import zipfile
+import zlib
 
 import numpy as np
 
@@ -105,6 +116,31 @@ class BadInputCounter:
     return {'skipped': self.total, 'by_kind': dict(self.counts), 'truncated': self.truncated}
 
 
+def decode_line(raw: bytes, *, path: str, lineno: int, encoding: str = 'utf-8') -> str:
+  """Decodes one line of a text file read as bytes.
+
+  Args:
+    raw: the line as read (newline included or not).
+    path, lineno: where it came from, for the error message.
+    encoding: 'utf-8' for annotations, 'ascii' for feature TSVs.
+  Returns:
+    The text; on line 1 a UTF-8 byte-order mark is dropped (it would
+    otherwise become part of the first item id).
+  Raises:
+    BadInputError('bad_encoding'): naming the file, line, column and byte.
+  """
+  if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
+    raw = raw[len(codecs.BOM_UTF8) :]
+  try:
+    return raw.decode(encoding)
+  except UnicodeDecodeError as err:
+    raise BadInputError(
+        'bad_encoding',
+        f'{path}:{lineno}: byte 0x{raw[err.start]:02x} at column {err.start + 1} is not valid '
+        f'{encoding}; expected {encoding} text',
+    ) from None
+
+
 # --------------------------------------------------------------------------
 # Annotation files.
 
@@ -134,8 +170,13 @@ def parse_annotation_line(
         f'(item_id, title, url, url, labels), found {len(fields)}: {line[:120]!r}',
     )
   item_id, title, url, url_mirror, label_field = (f.strip() for f in fields)
-  if not item_id or any(c.isspace() for c in item_id):
-    raise BadInputError('malformed_line', f'{where}: empty or blank-containing item_id {item_id!r}')
+  # Not printable: a control character, or a byte-order mark in the middle of
+  # a file (two files concatenated), which would silently change the id.
+  if not item_id or not item_id.isprintable() or any(c.isspace() for c in item_id):
+    raise BadInputError(
+        'malformed_line',
+        f'{where}: empty, blank-containing or unprintable item_id {item_id!r}',
+    )
   if not title:
     raise BadInputError('empty_title', f'{where}: item {item_id} has an empty title')
   labels = tuple(l.strip() for l in label_field.split(LABEL_SEP)) if label_field else ()
@@ -167,17 +208,27 @@ def read_annotations(
     counter: decides whether bad lines raise (default) or are skipped and
       counted (`BadInputCounter(skip_bad=True)`).
 
-  Blank lines are ignored; a repeated item_id is an error (the evaluator
-  looks ids up in a dict, so a duplicate would silently shadow a sample).
+  The one annotation reader of the code base (build, tokenizer, evaluator,
+  metrics tool), so they all accept and refuse the same files:
+
+  * a UTF-8 byte-order mark at the start of the file is dropped;
+  * blank (whitespace-only) lines are skipped wherever they are, a trailing
+    one included: they carry no sample, and line numbers stay those of the
+    file;
+  * a line that is not valid UTF-8 is a `bad_encoding` error naming the file,
+    line and column (skipped and counted with `skip_bad`);
+  * a repeated item_id is an error (the evaluator looks ids up in a dict, so
+    a duplicate would silently shadow a sample).
   """
   if require_labels is None:
     require_labels = any(os.path.basename(path) == annotation_filename(s) for s in LABELLED_SPLITS)
   seen: set[str] = set()
-  with open(path, encoding='utf-8') as f:
-    for lineno, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
+  with open(path, 'rb') as f:
+    for lineno, raw in enumerate(f, start=1):
       try:
+        line = decode_line(raw, path=path, lineno=lineno)
+        if not line.strip():
+          continue
         ann = parse_annotation_line(line, path=path, lineno=lineno, require_labels=require_labels)
         if ann.item_id in seen:
           raise BadInputError(
@@ -391,19 +442,45 @@ def _npz_get(data: Mapping[str, np.ndarray], key: str, path: str) -> np.ndarray:
   )
 
 
+# What numpy and zipfile raise on a truncated or corrupted npz: a missing
+# zip directory (BadZipFile), an empty file (EOFError), a bad CRC
+# (BadZipFile), a damaged deflate stream (zlib.error), a bad array header
+# (ValueError), an array of the wrong kind (TypeError), an unreadable file
+# (OSError).
+_NPZ_ERRORS = (OSError, ValueError, TypeError, EOFError, KeyError, zipfile.BadZipFile, zlib.error)
+
+
 def read_npz(path: str, image_id: str | None = None) -> RegionFeatures:
-  """Reads one image's `.npz` (image id = file stem unless given)."""
+  """Reads one image's `.npz` (image id = file stem unless given).
+
+  Raises:
+    BadInputError: `malformed_features` naming the file and image id when the
+      file is truncated or corrupted or lacks an array.
+  """
   image_id = image_id or os.path.splitext(os.path.basename(path))[0]
   try:
+    # Every array is read inside the try: np.load is lazy, and a corrupted
+    # member only fails when it is decompressed.
     data = np.load(path, allow_pickle=False)
-  except (OSError, ValueError) as err:
-    raise BadInputError('malformed_features', f'{path}: cannot read npz: {err}') from err
-  with data:
-    feats = _npz_get(data, 'features', path)
-    boxes = _npz_get(data, 'boxes', path)
-    num = int(_npz_get(data, 'num_boxes', path))
-    w, h = int(_npz_get(data, 'image_w', path)), int(_npz_get(data, 'image_h', path))
-    cls_prob = data['cls_prob'] if 'cls_prob' in data else None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+      raise BadInputError(
+          'malformed_features',
+          f'{path}: image {image_id}: holds one bare array, expected an npz archive',
+      )
+    with data:
+      feats = np.asarray(_npz_get(data, 'features', path))
+      boxes = np.asarray(_npz_get(data, 'boxes', path))
+      num = int(_npz_get(data, 'num_boxes', path))
+      w, h = int(_npz_get(data, 'image_w', path)), int(_npz_get(data, 'image_h', path))
+      cls_prob = np.asarray(data['cls_prob']) if 'cls_prob' in data else None
+  except BadInputError:
+    raise
+  except _NPZ_ERRORS as err:
+    raise BadInputError(
+        'malformed_features',
+        f'{path}: image {image_id}: cannot read npz, truncated or corrupted? '
+        f'({type(err).__name__}: {err})',
+    ) from err
   if num != feats.shape[0]:
     raise BadInputError(
         'bad_shape',
@@ -454,9 +531,11 @@ def parse_tsv_row(line: str, *, path: str = '<string>', lineno: int = 0) -> Regi
   image_id = cols[0]
   try:
     w, h, n = int(float(cols[1])), int(float(cols[2])), int(cols[3])
-    boxes = np.frombuffer(base64.b64decode(cols[4]), np.float32)
-    feats = np.frombuffer(base64.b64decode(cols[5]), np.float32)
-  except ValueError as err:
+    # validate=True: a corrupted character is an error, not silently dropped
+    # (which would shift every later float by a few bytes).
+    boxes = np.frombuffer(base64.b64decode(cols[4], validate=True), np.float32)
+    feats = np.frombuffer(base64.b64decode(cols[5], validate=True), np.float32)
+  except ValueError as err:  # includes binascii.Error
     raise BadInputError(
         'malformed_features', f'{where}: image {image_id}: cannot decode row: {err}'
     ) from err
@@ -474,9 +553,10 @@ def parse_tsv_row(line: str, *, path: str = '<string>', lineno: int = 0) -> Regi
 
 
 def iter_tsv(path: str) -> Iterator[tuple[int, RegionFeatures]]:
-  """Streams `(line_number, RegionFeatures)` of a feature TSV."""
-  with open(path, encoding='ascii') as f:
-    for lineno, line in enumerate(f, start=1):
+  """Streams `(line_number, RegionFeatures)` of a feature TSV (ASCII)."""
+  with open(path, 'rb') as f:
+    for lineno, raw in enumerate(f, start=1):
+      line = decode_line(raw, path=path, lineno=lineno, encoding='ascii')
       if line.strip():
         yield lineno, parse_tsv_row(line, path=path, lineno=lineno)
 
@@ -485,9 +565,9 @@ class FeatureStore:
   """Random access to region features by image id, over TSVs or npz files.
 
   `path` is a `.tsv` file, an `.npz` file, or a folder holding either kind
-  (searched recursively). TSVs are indexed once (image id -> file, byte offset)
-  into numpy arrays, so a million images cost tens of MB, not a dict of
-  Python objects per image.
+  (searched recursively). TSVs are indexed once (image id -> file, byte offset
+  and line number into numpy arrays, so a million images cost tens of MB, not
+  a dict of Python objects per image. Errors name the TSV and its line.
   """
 
   def __init__(self, path: str):
@@ -504,27 +584,37 @@ class FeatureStore:
       raise FileNotFoundError(f'no .tsv or .npz region features under {path}')
     self._npz = {os.path.splitext(os.path.basename(p))[0]: p for p in npzs}
     self._tsv_files = tsvs
-    self._tsv_ids, self._tsv_file, self._tsv_offset = self._index_tsvs(tsvs)
+    self._tsv_ids, self._tsv_file, self._tsv_offset, self._tsv_line = self._index_tsvs(tsvs)
     self._handles: dict[int, IO[bytes]] = {}
 
   @staticmethod
-  def _index_tsvs(tsvs: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    ids, files, offsets = [], [], []
+  def _index_tsvs(
+      tsvs: Sequence[str],
+  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    ids, files, offsets, lines = [], [], [], []
     for fi, p in enumerate(tsvs):
       offset = 0
       with open(p, 'rb') as f:
-        for line in f:
+        for lineno, line in enumerate(f, start=1):
+          # Line 1 may start with a byte-order mark, which `decode_line` drops.
+          start = len(codecs.BOM_UTF8) if lineno == 1 and line.startswith(codecs.BOM_UTF8) else 0
           tab = line.find(b'\t')
-          if tab > 0:
-            ids.append(line[:tab])
+          if tab > start:
+            ids.append(line[start:tab])
             files.append(fi)
             offsets.append(offset)
+            lines.append(lineno)
           offset += len(line)
     if not ids:
-      return np.zeros(0, 'S1'), np.zeros(0, np.int32), np.zeros(0, np.int64)
+      return np.zeros(0, 'S1'), np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros(0, np.int64)
     ids_arr = np.array(ids)
     order = np.argsort(ids_arr, kind='stable')
-    return ids_arr[order], np.array(files, np.int32)[order], np.array(offsets, np.int64)[order]
+    return (
+        ids_arr[order],
+        np.array(files, np.int32)[order],
+        np.array(offsets, np.int64)[order],
+        np.array(lines, np.int64)[order],
+    )
 
   def _tsv_pos(self, image_id: str) -> int:
     key = image_id.encode()
@@ -552,9 +642,9 @@ class FeatureStore:
     if f is None:
       f = self._handles[fi] = open(self._tsv_files[fi], 'rb')
     f.seek(offset)
-    line = f.readline().decode('ascii')
-    source = f'{self._tsv_files[fi]} (byte {offset})'
-    return parse_tsv_row(line, path=source), source
+    path, lineno = self._tsv_files[fi], int(self._tsv_line[i])
+    line = decode_line(f.readline(), path=path, lineno=lineno, encoding='ascii')
+    return parse_tsv_row(line, path=path, lineno=lineno), f'{path}:{lineno}'
 
   def close(self) -> None:
     for f in self._handles.values():
@@ -593,8 +683,9 @@ def format_instances(item_id: str, instances: Sequence[Instance]) -> str:
 def read_instances(path: str) -> dict[str, list[Instance]]:
   """Reads an `instances_{split}.jsonl` sidecar into item_id -> instances."""
   out: dict[str, list[Instance]] = {}
-  with open(path, encoding='utf-8') as f:
-    for lineno, line in enumerate(f, start=1):
+  with open(path, 'rb') as f:
+    for lineno, raw in enumerate(f, start=1):
+      line = decode_line(raw, path=path, lineno=lineno)
       if not line.strip():
         continue
       try:

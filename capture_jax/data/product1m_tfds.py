@@ -15,6 +15,11 @@ halves the disk of 1M+ samples; the pipeline computes in float32). Examples
 keep the annotation file's order (`disable_shuffling`), so evaluation reads
 splits in file order.
 
+A split whose annotation file holds no usable sample (an empty file, only
+blank lines, or only bad samples skipped with `skip_bad`) is not built: the
+build logs why, lists it under `empty_splits` in its report, and builds the
+other splits (TFDS itself would fail the whole build on an empty split).
+
 One example::
 
     item_id  Text        title  Text        labels  Sequence(Text) (empty for train)
@@ -23,7 +28,8 @@ One example::
     features [N, F] storage dtype
     cls_prob [N, C] storage dtype (only in the `*_cls_prob` configs)
 
-Command line (with a progress bar per split)::
+Command line (absl flags; a progress bar per split; exit status 1 with one
+`error:` line when the input is refused)::
 
     python -m capture_jax.data.product1m_tfds --data_dir DIR --out TFDS_DIR
         [--features PATH] [--storage_dtype float16] [--max_regions 36]
@@ -32,7 +38,6 @@ Command line (with a progress bar per split)::
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import logging
@@ -40,6 +45,7 @@ import os
 import sys
 from typing import Any, Iterator, Sequence
 
+from absl import flags
 from etils import epath
 import ml_collections
 import numpy as np
@@ -77,8 +83,10 @@ def dataset_dir(tfds_dir: str, storage_dtype: str = 'float16', with_cls_prob: bo
 
 def _infer_feature_dim(store: formats.FeatureStore, ann_paths: Sequence[str]) -> int:
   """Width of the first image that has features, to check all others against."""
+  n_samples = 0
   for path in ann_paths:
     for _, ann in formats.read_annotations(path, counter=formats.BadInputCounter(True)):
+      n_samples += 1
       if ann.item_id in store:
         try:
           rf, _ = store.get(ann.item_id)
@@ -86,7 +94,9 @@ def _infer_feature_dim(store: formats.FeatureStore, ann_paths: Sequence[str]) ->
           continue
         if rf.features.ndim == 2:
           return int(rf.features.shape[1])
-  raise FileNotFoundError(f'no annotated image has region features in {store.path}')
+  if not n_samples:
+    raise ValueError(f'no annotation file holds a readable sample: {", ".join(ann_paths)}')
+  raise FileNotFoundError(f'no annotated image has readable region features in {store.path}')
 
 
 class Product1M(tfds.core.GeneratorBasedBuilder):
@@ -144,6 +154,8 @@ class Product1M(tfds.core.GeneratorBasedBuilder):
     self._skip_bad = skip_bad
     self._store: formats.FeatureStore | None = None
     self.reports: dict[str, dict] = {}
+    # split -> why it was not built (no usable sample).
+    self.empty_splits: dict[str, str] = {}
     kwargs.setdefault('file_format', 'array_record')
     super().__init__(**kwargs)
 
@@ -198,7 +210,40 @@ class Product1M(tfds.core.GeneratorBasedBuilder):
     self._store = formats.FeatureStore(self._features_path)
     if self._feature_dim is None:
       self._feature_dim = _infer_feature_dim(self._store, list(paths.values()))
-    return {split: self._generate_examples(split, path) for split, path in paths.items()}
+    generators = {}
+    for split, path in paths.items():
+      why = self._why_empty(split, path)
+      if why is None:
+        generators[split] = self._generate_examples(split, path)
+      else:
+        self.empty_splits[split] = why
+        logging.warning('product1m: split %s is not built: %s', split, why)
+    if not generators:
+      raise ValueError(
+          'no split has a usable sample, nothing to build: ' + '; '.join(self.empty_splits.values())
+      )
+    return generators
+
+  def _why_empty(self, split: str, path: str) -> str | None:
+    """None if `split` has a usable sample, else why not.
+
+    Stops at the first sample that makes an example, so it costs one feature
+    read for a normal split. Without `skip_bad` a bad sample raises here, as
+    the build would, before anything is written.
+    """
+    counter = formats.BadInputCounter(self._skip_bad)
+    dtype = STORAGE_DTYPES[self._storage_dtype]
+    for lineno, ann in formats.read_annotations(
+        path, require_labels=split in formats.LABELLED_SPLITS, counter=counter
+    ):
+      try:
+        self._example(ann, dtype)
+        return None
+      except formats.BadInputError as err:
+        counter.handle(formats.BadInputError(err.kind, f'{path}:{lineno}: {err}'))
+    if not counter.total:
+      return f'{path} holds no sample (empty, or blank lines only)'
+    return f'{path}: every sample is bad and was skipped ({counter.summary()})'
 
   def _generate_examples(self, split: str, path: str) -> Iterator[tuple[str, dict]]:
     counter = formats.BadInputCounter(self._skip_bad)
@@ -272,8 +317,9 @@ def build(
 
   Returns:
     {'dataset_dir': ..., 'splits': {split: {'examples', 'skipped', 'by_kind',
-    'truncated'}}} for the splits built now (empty if the dataset existed and
-    `overwrite` is False).
+    'truncated'}}, 'empty_splits': {split: why}} for the splits built (or
+    found empty) now; both empty if the dataset existed and `overwrite` is
+    False.
   """
   builder = Product1M(
       source_dir=data_dir,
@@ -308,6 +354,7 @@ def build(
       'max_regions': max_regions,
       'storage_dtype': storage_dtype,
       'splits': builder.reports,
+      'empty_splits': builder.empty_splits,
   }
   if builder.reports:
     with open(os.path.join(os.fspath(builder.data_dir), REPORT_NAME), 'w') as f:
@@ -339,44 +386,96 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
   return module.get_config()
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-  defaults = config_lib.data_config()
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--data_dir', required=True, help='annotation files (+ features/)')
-  parser.add_argument('--out', required=True, help='TFDS data_dir to write into')
-  parser.add_argument(
-      '--config', default=None, help='config file whose data.* fields give the defaults below'
-  )
-  parser.add_argument('--features', default=None, help='default: DATA_DIR/features')
-  parser.add_argument('--storage_dtype', default=None, choices=sorted(STORAGE_DTYPES))
-  parser.add_argument('--max_regions', type=int, default=None)
-  parser.add_argument(
-      '--feature_dim',
-      type=int,
-      default=None,
-      help="expected width (default: the config's, else the first image's)",
-  )
-  parser.add_argument('--with_cls_prob', action='store_true')
-  parser.add_argument(
-      '--skip_bad', action='store_true', help='skip and count bad samples instead of stopping'
-  )
-  parser.add_argument('--overwrite', action='store_true')
-  args = parser.parse_args(argv)
-  d = load_config_file(args.config).data if args.config else defaults
-  feature_dim = args.feature_dim or (d.feature_dim if args.config else None)
-  report = build(
-      args.data_dir,
-      args.out,
-      features=args.features,
-      storage_dtype=args.storage_dtype or d.storage_dtype,
-      max_regions=args.max_regions or d.max_regions,
-      feature_dim=feature_dim,
-      skip_bad=args.skip_bad or d.skip_bad,
-      overwrite=args.overwrite,
-      with_cls_prob=args.with_cls_prob,
-  )
-  if not report['splits']:
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> dict[str, flags.FlagHolder]:
+  """The command's absl flags, defined into `flag_values` when the command runs."""
+  fv = flag_values
+  holders = {
+      'data_dir': flags.DEFINE_string(
+          'data_dir', None, 'Annotation files (+ features/).', flag_values=fv
+      ),
+      'out': flags.DEFINE_string('out', None, 'TFDS data_dir to write into.', flag_values=fv),
+      'config': flags.DEFINE_string(
+          'config',
+          None,
+          'Config file whose data.* fields give the defaults of the flags below.',
+          flag_values=fv,
+      ),
+      'features': flags.DEFINE_string(
+          'features', None, 'Feature store; default: DATA_DIR/features.', flag_values=fv
+      ),
+      'storage_dtype': flags.DEFINE_enum(
+          'storage_dtype', None, sorted(STORAGE_DTYPES), 'Storage dtype.', flag_values=fv
+      ),
+      'max_regions': flags.DEFINE_integer(
+          'max_regions', None, 'Regions kept per image.', flag_values=fv
+      ),
+      'feature_dim': flags.DEFINE_integer(
+          'feature_dim',
+          None,
+          "Expected width (default: the config's, else the first image's).",
+          flag_values=fv,
+      ),
+      'with_cls_prob': flags.DEFINE_bool(
+          'with_cls_prob', False, 'Store the detector class distributions.', flag_values=fv
+      ),
+      'skip_bad': flags.DEFINE_bool(
+          'skip_bad', False, 'Skip and count bad samples instead of stopping.', flag_values=fv
+      ),
+      'overwrite': flags.DEFINE_bool(
+          'overwrite', False, 'Rebuild an existing dataset.', flag_values=fv
+      ),
+  }
+  flags.mark_flags_as_required(['data_dir', 'out'], flag_values=fv)
+  return holders
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """`python -m capture_jax.data.product1m_tfds` (and `capture-build-tfds`).
+
+  The flags are parsed into a `FlagValues` of their own, so the command can be
+  run from Python with an `argv` (tests) and never collides with the flags of
+  a program that imports this module.
+
+  Returns:
+    0 on success; 1 when the input is refused (one `error:` line naming the
+    file and line or image id, no traceback); 2 on bad flags.
+  """
+  argv = list(sys.argv if argv is None else ['product1m_tfds', *argv])
+  fv = flags.FlagValues()
+  args = define_flags(fv)
+  if any(a in ('-h', '--help', '--helpshort', '-?') for a in argv[1:]):
+    summary = __doc__.split('\n\n')[0]
+    print(f'{summary}\n\n{fv.get_help()}')
+    return 0
+  try:
+    rest = fv(argv)
+  except flags.Error as err:
+    print(f'error: {err} (see --help)', file=sys.stderr)
+    return 2
+  if len(rest) > 1:
+    print(f'error: unexpected arguments {rest[1:]} (see --help)', file=sys.stderr)
+    return 2
+  config_file = args['config'].value
+  d = load_config_file(config_file).data if config_file else config_lib.data_config()
+  try:
+    report = build(
+        args['data_dir'].value,
+        args['out'].value,
+        features=args['features'].value,
+        storage_dtype=args['storage_dtype'].value or d.storage_dtype,
+        max_regions=args['max_regions'].value or d.max_regions,
+        feature_dim=args['feature_dim'].value or (d.feature_dim if config_file else None),
+        skip_bad=args['skip_bad'].value or d.skip_bad,
+        overwrite=args['overwrite'].value,
+        with_cls_prob=args['with_cls_prob'].value,
+    )
+  except (OSError, ValueError) as err:  # BadInputError is a ValueError
+    print(f'error: {err}', file=sys.stderr)
+    return 1
+  if not report['splits'] and not report['empty_splits']:
     print(f'{report["dataset_dir"]} exists; pass --overwrite to rebuild', file=sys.stderr)
+  for split, why in report['empty_splits'].items():
+    print(f'{split}: not built, {why}', file=sys.stderr)
   for split, r in report['splits'].items():
     print(
         f'{split}: {r["examples"]} examples, {r["skipped"]} bad skipped '
@@ -384,7 +483,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         file=sys.stderr,
     )
   print(report['dataset_dir'])
+  return 0
 
 
 if __name__ == '__main__':
-  main()
+  sys.exit(main())

@@ -1,8 +1,9 @@
 """The official Product1M retrieval metrics, vectorised over queries.
 
-Ground truth is the three annotation files of the official release
-(``product1m_gallery_ossurl_v2.txt``, ``product1m_dev_ossurl_v2.txt``,
-``product1m_test_ossurl_v2.txt``) in one folder; ranked lists are the official
+Ground truth is the annotation files of the official release in one folder
+(``product1m_gallery_ossurl_v2.txt`` and ``product1m_dev_ossurl_v2.txt`` and/or
+``product1m_test_ossurl_v2.txt``), read by the one annotation reader,
+``capture_jax.data.formats.read_annotations``; ranked lists are the official
 ``retrieval_id_list.txt`` (``query_id,gid_1,...,gid_100`` per line).
 
 The numbers are those of ``CAPTURE/evaluate_suit.py`` in zhanxlin/Product1M
@@ -29,28 +30,48 @@ code iterates a dict filled in that order).
 Where the official script swallows an exception, the query keeps whatever it
 had already added (see ``_score_queries``): a label absent from the gallery
 scores 0 everywhere; a ranked id absent from the gallery among the first R
-zeroes AR@R only. Unlike the official script, a query id absent from the
-annotations is an error here, not a silent zero.
+zeroes AR@R only.
+
+Input the official script takes silently, and what happens here instead
+(the command's choices; ``--strict`` turns every warning into a refusal):
+
+* a ranked query id absent from the ground truth: the official script prints
+  it and scores it 0 in the means; the command does the same and warns with
+  the count and the first ids and lines. The library (``score_queries``)
+  refuses it unless ``unknown_queries='zero'``.
+* a ranked list longer than 100 ids: the official script ignores the ids after
+  the 100th (no R reaches them); the command does the same and warns.
+* a gallery id that appears twice in one ranked list: the official script
+  counts each copy as a hit, which inflates Prec and AP; ``read_ranked_lists``
+  refuses the file, naming the line and the id.
+* a ranked id absent from the gallery: a miss, as upstream, with a warning.
+* a blank line in ``retrieval_id_list.txt``: the official script scores it as
+  one more zero query; refused, naming the line. (Blank lines in annotation
+  files are skipped: the official script crashes on them, so no official
+  number depends on them; see ``formats.read_annotations``.)
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
+import json
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from absl import flags
 import numpy as np
 
+from capture_jax.data import formats
+
 DEFAULT_RANKS: tuple[int, ...] = (10, 50, 100)
-GALLERY_FILE = 'product1m_gallery_ossurl_v2.txt'
-DEV_FILE = 'product1m_dev_ossurl_v2.txt'
-TEST_FILE = 'product1m_test_ossurl_v2.txt'
+GALLERY_FILE = formats.annotation_filename('gallery')
+DEV_FILE = formats.annotation_filename('dev')
+TEST_FILE = formats.annotation_filename('test')
 RANKED_FILE = 'retrieval_id_list.txt'
-FIELD_SEP = '#####'
-LABEL_SEP = '#;#'
 MAX_RANKED = 100
+# How many example ids a warning or an error names.
+_EXAMPLES = 5
 
 
 # ----------------------------------------------------------------------------
@@ -59,111 +80,183 @@ MAX_RANKED = 100
 
 
 @dataclasses.dataclass(frozen=True)
-class Annotation:
-  """One line of an annotation file."""
-
-  item_id: str
-  title: str
-  labels: list[str]
-
-
-@dataclasses.dataclass(frozen=True)
 class GroundTruth:
-  """Labels of the queries (dev and test together) and of the gallery.
+  """Labels of the queries and of the gallery.
 
   Attributes:
     query_labels: query id -> label list, repeats kept, file order.
     gallery_labels: gallery id -> its (first) label.
     titles: item id -> title, for queries and gallery items.
+    query_files: the query annotation files read (for messages).
   """
 
   query_labels: dict[str, list[str]]
   gallery_labels: dict[str, str]
   titles: dict[str, str]
+  query_files: tuple[str, ...] = ()
 
 
-def read_annotations(path: str | Path) -> list[Annotation]:
-  """Parses ``item_id#####title#####url#####url#####l1#;#l2...`` lines.
+def read_annotations(path: str | Path) -> list[formats.Annotation]:
+  """The samples of an annotation file: ``formats.read_annotations``, as a list.
 
-  Like the official script, each line is stripped, split on ``#####`` and
-  field 4 is split on ``#;#`` (so a label may repeat, and fields after the
-  fifth are ignored). A line with fewer than five fields, an empty id, or a
-  blank line is an error naming the file and the line.
+  A convenience for callers that need no line numbers; the parsing, and what
+  is accepted or refused (BOM, blank lines, encoding), is that of the one
+  annotation reader in ``capture_jax.data.formats``.
   """
-  path = Path(path)
-  out = []
-  with path.open(encoding='utf-8') as f:
-    for lineno, line in enumerate(f, start=1):
-      fields = line.strip().split(FIELD_SEP)
-      if len(fields) < 5 or not fields[0]:
-        raise ValueError(
-            f'{path}:{lineno}: malformed annotation line, expected '
-            f"'item_id{FIELD_SEP}title{FIELD_SEP}url{FIELD_SEP}url"
-            f"{FIELD_SEP}labels' (5 fields), got {len(fields)} field(s): "
-            f'{line.strip()[:80]!r}'
-        )
-      out.append(Annotation(fields[0], fields[1], fields[4].split(LABEL_SEP)))
-  return out
+  return [a for _, a in formats.read_annotations(str(path))]
 
 
-def read_ground_truth(gt_dir: str | Path) -> GroundTruth:
-  """Reads the three official annotation files from one folder.
+def read_ground_truth(
+    gt_dir: str | Path,
+    split: str | None = None,
+    *,
+    counter: formats.BadInputCounter | None = None,
+) -> GroundTruth:
+  """Reads the gallery and the query annotations from one folder.
 
-  Dev and test queries are looked up together; as in the official script the
-  test file is read first and the dev file second, so on a repeated query id
-  the dev line wins. A gallery line with several labels keeps its first one;
-  a repeated gallery id keeps its last line (dict semantics, as upstream).
+  Args:
+    gt_dir: folder with the official ``product1m_{split}_ossurl_v2.txt`` files.
+    split: 'dev' or 'test' reads the gallery and that query file only (the
+      other may be absent); None reads the gallery, test and dev, all three
+      required, as the official script does.
+    counter: as in ``formats.read_annotations``: raise on the first bad line
+      (default), or skip and count bad lines (``BadInputCounter(True)``, as a
+      ``skip_bad`` build did).
+
+  Returns:
+    The labels. With ``split=None`` dev and test queries are looked up
+    together; as in the official script the test file is read first and the
+    dev file second, so on a query id in both the dev line wins. A gallery
+    line with several labels keeps its first one.
+
+  Raises:
+    FileNotFoundError: a needed file is missing (all missing ones are named).
+    ValueError: the gallery or the requested query split holds no sample.
+    formats.BadInputError: a bad line (file and line named).
   """
+  if split is not None and split not in formats.QUERY_SPLITS:
+    raise ValueError(f'split must be one of {formats.QUERY_SPLITS} or None, got {split!r}')
   gt_dir = Path(gt_dir)
-  paths = {name: gt_dir / name for name in (GALLERY_FILE, TEST_FILE, DEV_FILE)}
+  query_names = (TEST_FILE, DEV_FILE) if split is None else (formats.annotation_filename(split),)
+  paths = {name: gt_dir / name for name in (GALLERY_FILE, *query_names)}
   missing = [str(p) for p in paths.values() if not p.is_file()]
   if missing:
+    needed = ', '.join(paths)
     raise FileNotFoundError(
-        f'ground-truth folder {gt_dir} must hold {GALLERY_FILE}, {DEV_FILE} and '
-        f'{TEST_FILE} (an empty file is fine for an unused split); missing: ' + ', '.join(missing)
+        f'ground-truth folder {gt_dir} must hold {needed}'
+        + (' (an empty file is fine for an unused split)' if split is None else '')
+        + '; missing: '
+        + ', '.join(missing)
     )
   titles: dict[str, str] = {}
   gallery_labels: dict[str, str] = {}
-  for a in read_annotations(paths[GALLERY_FILE]):
+  for _, a in formats.read_annotations(str(paths[GALLERY_FILE]), counter=counter):
     gallery_labels[a.item_id] = a.labels[0]
     titles[a.item_id] = a.title
+  if not gallery_labels:
+    raise ValueError(f'the gallery file {paths[GALLERY_FILE]} holds no sample')
   query_labels: dict[str, list[str]] = {}
-  for name in (TEST_FILE, DEV_FILE):
-    for a in read_annotations(paths[name]):
-      query_labels[a.item_id] = a.labels
+  for name in query_names:
+    for _, a in formats.read_annotations(str(paths[name]), counter=counter):
+      query_labels[a.item_id] = list(a.labels)
       titles[a.item_id] = a.title
-  return GroundTruth(query_labels, gallery_labels, titles)
+  if split is not None and not query_labels:
+    raise ValueError(f'the {split} query file {paths[query_names[0]]} holds no sample')
+  return GroundTruth(
+      query_labels, gallery_labels, titles, tuple(str(paths[n]) for n in query_names)
+  )
 
 
 def read_ranked_lists(path: str | Path) -> dict[str, list[str]]:
   """Reads ``retrieval_id_list.txt`` into query id -> ranked gallery ids.
 
-  File order is kept (the means are sums in that order). A blank line, an
-  empty id (``q,,g`` or a trailing comma) or a repeated query id is an error
-  naming the file and line: the official script would score a blank line as
-  a zero query and a repeated query twice, which is never what was meant.
+  File order is kept (the means are sums in that order), so the query at
+  position i is on line i + 1. A UTF-8 byte-order mark is dropped. Refused,
+  naming the file and line (the official script would score these silently,
+  never as meant):
+
+  * a blank line (it would be one more zero query);
+  * an empty id (``q,,g`` or a trailing comma);
+  * a repeated query id (it would be scored twice);
+  * a gallery id repeated within a list (each copy would count as a hit).
+
+  Raises:
+    formats.BadInputError (a ValueError): as above, or a line that is not
+      UTF-8.
   """
   path = Path(path)
   ranked: dict[str, list[str]] = {}
-  with path.open(encoding='utf-8') as f:
-    for lineno, line in enumerate(f, start=1):
-      parts = line.strip().split(',')
+  with path.open('rb') as f:
+    for lineno, raw in enumerate(f, start=1):
+      line = formats.decode_line(raw, path=str(path), lineno=lineno).strip()
+      where = f'{path}:{lineno}'
+      parts = line.split(',')
       if not parts[0]:
-        raise ValueError(
-            f'{path}:{lineno}: malformed ranked-list line (no query id): {line.strip()[:80]!r}'
+        raise formats.BadInputError(
+            'malformed_line',
+            f'{where}: malformed ranked-list line (no query id; a blank line would count as '
+            f'one more query scoring 0): {line[:80]!r}',
         )
       if any(not p for p in parts[1:]):
-        raise ValueError(
-            f'{path}:{lineno}: malformed ranked-list line (empty gallery id): {line.strip()[:80]!r}'
+        raise formats.BadInputError(
+            'malformed_line',
+            f'{where}: malformed ranked-list line (empty gallery id): {line[:80]!r}',
         )
       if parts[0] in ranked:
-        raise ValueError(f'{path}:{lineno}: query id {parts[0]!r} appears twice')
-      ranked[parts[0]] = parts[1:]
+        raise formats.BadInputError('duplicate_id', f'{where}: query id {parts[0]!r} appears twice')
+      ids = parts[1:]
+      if len(set(ids)) != len(ids):
+        first: dict[str, int] = {}
+        for pos, g in enumerate(ids, start=1):
+          if g in first:
+            raise formats.BadInputError(
+                'duplicate_id',
+                f'{where}: query {parts[0]!r} ranks gallery id {g!r} twice (positions '
+                f'{first[g]} and {pos}); each copy would count as a hit, expected distinct ids',
+            )
+          first[g] = pos
+      ranked[parts[0]] = ids
   return ranked
 
 
+def check_ranked_lists(ranked: Mapping[str, Sequence[str]], gt: GroundTruth) -> list[str]:
+  """What the official script would take silently; one message per problem.
+
+  Each message gives a count and the first few ids with their lines (query i
+  of ``ranked`` is on line i + 1 of its file, see ``read_ranked_lists``):
+  query ids absent from the ground truth, lists longer than 100 ids, ranked
+  ids absent from the gallery. Nothing here changes a number the official
+  script would compute from the same files.
+  """
+  messages = []
+  unknown = [(i + 1, q) for i, q in enumerate(ranked) if q not in gt.query_labels]
+  if unknown:
+    files = ', '.join(Path(f).name for f in gt.query_files) or 'the query annotations'
+    messages.append(
+        f'{len(unknown)} of {len(ranked)} query id(s) are absent from {files}, e.g. '
+        + ', '.join(f'{q!r} (line {n})' for n, q in unknown[:_EXAMPLES])
+        + '; each scores 0 and counts in the means, as the official evaluator does'
+    )
+  long = [
+      (i + 1, q, len(ids)) for i, (q, ids) in enumerate(ranked.items()) if len(ids) > MAX_RANKED
+  ]
+  if long:
+    messages.append(
+        f'{len(long)} ranked list(s) hold more than {MAX_RANKED} ids, e.g. '
+        + ', '.join(f'{q!r} ({n} ids, line {line})' for line, q, n in long[:_EXAMPLES])
+        + f'; ids after the {MAX_RANKED}th are ignored, as the official evaluator does'
+    )
+  n_unknown = sum(g not in gt.gallery_labels for ids in ranked.values() for g in ids[:MAX_RANKED])
+  if n_unknown:
+    messages.append(
+        f'{n_unknown} ranked id(s) are not gallery ids; as upstream they count as misses and '
+        'zero AR@R where they fall in the first R'
+    )
+  return messages
+
+
 def write_ranked_lists(path: str | Path, ranked: Mapping[str, Sequence[str]]) -> None:
-  """Writes ``query_id,gid_1,...`` lines (at most 100 ids each), in dict order."""
+  """Writes ``query_id,gid_1,...`` lines (at most 100 distinct ids each), in dict order."""
   lines = []
   for qid, ids in ranked.items():
     ids = [str(i) for i in ids]
@@ -171,6 +264,8 @@ def write_ranked_lists(path: str | Path, ranked: Mapping[str, Sequence[str]]) ->
       raise ValueError(
           f'query {qid!r}: {len(ids)} ranked ids, the format allows at most {MAX_RANKED}'
       )
+    if len(set(ids)) != len(ids):
+      raise ValueError(f'query {qid!r}: a gallery id is ranked twice; expected distinct ids')
     for item in [str(qid), *ids]:
       if not item or ',' in item or '\n' in item or item != item.strip():
         raise ValueError(
@@ -236,7 +331,9 @@ def _encode(
     ids = list(ids)[:max_rank]
     rank_len[row] = len(ids)
     rank_labels[row, : len(ids)] = [gallery_label_int.get(g, _UNKNOWN) for g in ids]
-    labels = list(query_labels[qid])
+    # An unknown query (allowed by `unknown_queries='zero'`) has no label; it
+    # is marked missing below and scores 0, as upstream's KeyError did.
+    labels = list(query_labels.get(qid, ()))
     distinct = list(dict.fromkeys(labels))
     per_query.append((labels, distinct))
   n_j = max([len(d) for _, d in per_query] + [1])
@@ -250,7 +347,7 @@ def _encode(
   for row, (labels, distinct) in enumerate(per_query):
     n_labels[row] = len(labels)
     n_distinct[row] = len(distinct)
-    label_missing[row] = any(lab not in label_index for lab in distinct)
+    label_missing[row] = not labels or any(lab not in label_index for lab in distinct)
     for j, lab in enumerate(distinct):
       ulabels[row, j] = label_index.get(lab, _NO_LABEL)
       uocc[row, j] = labels.count(lab)
@@ -302,7 +399,10 @@ def _check_inputs(
     query_labels: Mapping[str, Sequence[str]],
     gallery_labels: Mapping[str, str],
     ranks: Sequence[int],
+    unknown_queries: str,
 ) -> None:
+  if unknown_queries not in ('error', 'zero'):
+    raise ValueError(f"unknown_queries must be 'error' or 'zero', got {unknown_queries!r}")
   if not gallery_labels:
     raise ValueError('the gallery is empty: no gallery labels were given')
   if not ranked:
@@ -310,10 +410,10 @@ def _check_inputs(
   if not ranks or any(int(r) < 1 for r in ranks):
     raise ValueError(f'ranks must be positive integers, got {tuple(ranks)}')
   missing = [q for q in ranked if q not in query_labels]
-  if missing:
+  if missing and unknown_queries == 'error':
     raise KeyError(
         f'{len(missing)} query id(s) of the ranked lists are absent from the '
-        f'annotations (dev and test files), e.g. {missing[:5]}'
+        f'annotations (dev and test files), e.g. {missing[:_EXAMPLES]}'
     )
 
 
@@ -322,15 +422,26 @@ def score_queries(
     query_labels: Mapping[str, Sequence[str]],
     gallery_labels: Mapping[str, str],
     ranks: Sequence[int] = DEFAULT_RANKS,
+    *,
+    unknown_queries: str = 'error',
 ) -> dict[str, np.ndarray]:
   """Per-query metrics, in the order of ``ranked``.
+
+  Args:
+    ranked: query id -> ranked gallery ids (the first max(ranks) are used).
+    query_labels: query id -> label list (repeats kept).
+    gallery_labels: gallery id -> label.
+    ranks: the cut-offs R.
+    unknown_queries: a query id absent from ``query_labels`` raises KeyError
+      ('error'), or scores 0 and counts in the means ('zero', the official
+      script's behaviour).
 
   Returns:
     ``{"AP@R", "Prec@R", "AR@R": float64 [Q]}`` for each R, and
     ``"failed@R": bool [Q]``: the queries for which the official script
     caught an exception at R (and printed the query id).
   """
-  _check_inputs(ranked, query_labels, gallery_labels, ranks)
+  _check_inputs(ranked, query_labels, gallery_labels, ranks, unknown_queries)
   enc = _encode(ranked, query_labels, gallery_labels, max(int(r) for r in ranks))
   hit = (enc.rank_labels[:, :, None] == enc.ulabels[:, None, :]).any(axis=2)  # [Q, P]
   out: dict[str, np.ndarray] = {}
@@ -364,6 +475,8 @@ def evaluate_ranked_lists(
     query_labels: dict[str, list[str]],
     gallery_labels: dict[str, str],
     ranks: Sequence[int] = DEFAULT_RANKS,
+    *,
+    unknown_queries: str = 'error',
 ) -> dict[str, float]:
   """The official mAP@R, Prec@R and mAR@R of ranked lists.
 
@@ -372,16 +485,20 @@ def evaluate_ranked_lists(
     query_labels: query id -> label list (repeats kept).
     gallery_labels: gallery id -> label.
     ranks: the cut-offs R.
+    unknown_queries: as in ``score_queries``.
 
   Returns:
     ``{"mAP@10": ..., "Prec@10": ..., "mAR@10": ..., ...}`` as fractions in
     [0, 1], bit-identical to the official evaluator's.
 
   Raises:
-    KeyError: a query id is absent from ``query_labels``.
+    KeyError: a query id is absent from ``query_labels`` (by default).
     ValueError: the gallery or the ranked lists are empty.
   """
-  return mean_metrics(score_queries(ranked, query_labels, gallery_labels, ranks), ranks)
+  per_query = score_queries(
+      ranked, query_labels, gallery_labels, ranks, unknown_queries=unknown_queries
+  )
+  return mean_metrics(per_query, ranks)
 
 
 def official_lines(
@@ -400,25 +517,74 @@ def official_lines(
   return lines
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  """CLI: ``python -m capture_jax.evaluation.metrics --gt_dir DIR --ranked FILE``."""
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument(
-      '--gt_dir', required=True, help=f'folder with {GALLERY_FILE}, {DEV_FILE}, {TEST_FILE}'
-  )
-  parser.add_argument('--ranked', required=True, help=f'a {RANKED_FILE}')
-  parser.add_argument('--output_json', default=None, help='write the metrics here')
-  args = parser.parse_args(argv)
-  gt = read_ground_truth(args.gt_dir)
-  ranked = read_ranked_lists(args.ranked)
-  unknown = sum(g not in gt.gallery_labels for ids in ranked.values() for g in ids)
-  if unknown:
-    print(
-        f'warning: {unknown} ranked id(s) are not gallery ids; as upstream they '
-        'count as misses and zero AR@R where they fall in the first R',
-        file=sys.stderr,
-    )
-  per_query = score_queries(ranked, gt.query_labels, gt.gallery_labels)
+# ----------------------------------------------------------------------------
+# Command line.
+# ----------------------------------------------------------------------------
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> dict[str, flags.FlagHolder]:
+  """The command's absl flags, defined into ``flag_values`` when the command runs."""
+  fv = flag_values
+  holders = {
+      'gt_dir': flags.DEFINE_string(
+          'gt_dir',
+          None,
+          f'Folder with {GALLERY_FILE} and the query files ({DEV_FILE}, {TEST_FILE}).',
+          flag_values=fv,
+      ),
+      'ranked': flags.DEFINE_string('ranked', None, f'A {RANKED_FILE}.', flag_values=fv),
+      'split': flags.DEFINE_enum(
+          'split',
+          None,
+          list(formats.QUERY_SPLITS),
+          'Read only the gallery and this query file; default: dev and test together, all '
+          'three files required, as the official evaluator does.',
+          flag_values=fv,
+      ),
+      'strict': flags.DEFINE_bool(
+          'strict',
+          False,
+          'Refuse (exit 1) what is otherwise a warning: unknown query ids, lists over '
+          f'{MAX_RANKED} ids, ranked ids absent from the gallery.',
+          flag_values=fv,
+      ),
+      'output_json': flags.DEFINE_string(
+          'output_json', None, 'Write the metrics here.', flag_values=fv
+      ),
+  }
+  flags.mark_flags_as_required(['gt_dir', 'ranked'], flag_values=fv)
+  return holders
+
+
+def run(
+    gt_dir: str,
+    ranked_path: str,
+    *,
+    split: str | None = None,
+    strict: bool = False,
+    output_json: str | None = None,
+) -> int:
+  """Scores a ranked-list file; prints the official lines and a table.
+
+  Returns:
+    The exit status: 0, or 1 when the input is refused (the reason goes to
+    stderr as one ``error:`` line naming the file and line or id, no
+    traceback).
+  """
+  try:
+    gt = read_ground_truth(gt_dir, split)
+    ranked = read_ranked_lists(ranked_path)
+    if not ranked:
+      raise ValueError(f'{ranked_path} holds no ranked list')
+    warnings = check_ranked_lists(ranked, gt)
+    if warnings and strict:
+      raise ValueError(f'{ranked_path} refused (--strict): ' + '; '.join(warnings))
+    per_query = score_queries(ranked, gt.query_labels, gt.gallery_labels, unknown_queries='zero')
+  except (OSError, ValueError, KeyError) as err:  # BadInputError is a ValueError
+    print(f'error: {err}', file=sys.stderr)
+    return 1
+  for message in warnings:
+    print(f'warning: {ranked_path}: {message}', file=sys.stderr)
   metrics = mean_metrics(per_query)
   print('\n'.join(official_lines(ranked, per_query, metrics)))
   for r in DEFAULT_RANKS:
@@ -426,11 +592,46 @@ def main(argv: Sequence[str] | None = None) -> int:
         f'R={r:<3d} mAP {100 * metrics[f"mAP@{r}"]:6.2f}  '
         f'Prec {100 * metrics[f"Prec@{r}"]:6.2f}  mAR {100 * metrics[f"mAR@{r}"]:6.2f}'
     )
-  if args.output_json:
-    import json
-
-    Path(args.output_json).write_text(json.dumps(metrics, indent=2) + '\n')
+  if output_json:
+    Path(output_json).write_text(json.dumps(metrics, indent=2) + '\n')
   return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """``python -m capture_jax.evaluation.metrics --gt_dir DIR --ranked FILE`` (and
+  ``capture-metrics``).
+
+  The flags are parsed into a ``FlagValues`` of their own, so the command can
+  be run from Python with an ``argv`` (tests) and never collides with the
+  flags of a program that imports this module (``--split`` of evaluate).
+
+  Returns:
+    0 on success, 1 when the input is refused, 2 on bad flags.
+  """
+  argv = list(sys.argv if argv is None else ['metrics', *argv])
+  fv = flags.FlagValues()
+  holders = define_flags(fv)
+  if any(a in ('-h', '--help', '--helpshort', '-?') for a in argv[1:]):
+    print(
+        f'usage: python -m capture_jax.evaluation.metrics --gt_dir DIR --ranked FILE\n'
+        f'{__doc__.splitlines()[0]}\n\n{fv.get_help()}'
+    )
+    return 0
+  try:
+    rest = fv(argv)
+  except flags.Error as err:
+    print(f'error: {err} (see --help)', file=sys.stderr)
+    return 2
+  if len(rest) > 1:
+    print(f'error: unexpected arguments {rest[1:]} (see --help)', file=sys.stderr)
+    return 2
+  return run(
+      holders['gt_dir'].value,
+      holders['ranked'].value,
+      split=holders['split'].value,
+      strict=holders['strict'].value,
+      output_json=holders['output_json'].value,
+  )
 
 
 if __name__ == '__main__':
