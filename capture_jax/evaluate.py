@@ -47,6 +47,7 @@ from ml_collections import config_flags
 
 from capture_jax import export as export_lib
 from capture_jax.data import eval_input
+from capture_jax.data import formats
 from capture_jax.data import source as source_lib
 from capture_jax.evaluation import baselines
 from capture_jax.evaluation import embeddings as emb_lib
@@ -101,12 +102,12 @@ def validate_eval_config(config: ml_collections.ConfigDict) -> None:
 def check_query_ids(
     ids: Sequence[str], gt: metrics_lib.GroundTruth, where: str, gt_dir: str
 ) -> None:
-  """Every query must have labels in the dev or test annotation file."""
+  """Every query must have labels in the query annotation file the ground truth read."""
   missing = [q for q in dict.fromkeys(ids) if q not in gt.query_labels]
   if missing:
     raise ValueError(
         f'{len(missing)} query id(s) of {where} are absent from the annotations '
-        f'({metrics_lib.DEV_FILE} and {metrics_lib.TEST_FILE} in {gt_dir}), e.g. {missing[:5]}'
+        f'({" and ".join(gt.query_files)} in {gt_dir}), e.g. {missing[:5]}'
     )
 
 
@@ -579,7 +580,11 @@ def evaluate(
   workdir = Path(workdir)
   validate_eval_config(config)
   export_lib.validate_request(config, split, 'samples')
-  gt = metrics_lib.read_ground_truth(config.data.data_dir)
+  # Only the gallery and this split's annotations; bad lines are skipped exactly when the
+  # dataset build skipped them (data.skip_bad).
+  gt = metrics_lib.read_ground_truth(
+      config.data.data_dir, split, counter=formats.BadInputCounter(config.data.skip_bad)
+  )
   explicit = {
       'gallery': gallery_embeddings,
       'queries': query_embeddings,

@@ -1,6 +1,6 @@
 """Retrieval evaluation: search, the official Product1M metrics, baselines, reports.
 
-Modules (imported on demand; ``metrics`` and ``official_eval`` need only numpy):
+Modules (imported on demand):
 
 * ``metrics``: ground truth and ``retrieval_id_list.txt`` I/O, official mAP/Prec/mAR.
 * ``official_eval``: the release's ``evaluate_suit.py`` restated, as the reference.
@@ -8,5 +8,4 @@ Modules (imported on demand; ``metrics`` and ``official_eval`` need only numpy):
 * ``baselines``: TF-IDF over titles and mean-region-feature embeddings.
 * ``instance_merge``: round-robin merge of per-instance ranked lists.
 * ``report``: ``report.md``, ``metrics.json`` and the metrics plot.
-* ``benchmark``: search timings at the Product1M dev size.
 """
