@@ -29,6 +29,7 @@ import numpy as np
 from flax import traverse_util
 
 from capture_jax import batch as batch_lib
+from capture_jax.param_paths import path_str
 from capture_jax.models import capture
 
 Params = dict[str, Any]
@@ -269,10 +270,6 @@ def unscan_layout(params: Params) -> Params:
   return visit(params)
 
 
-def _path_str(path: PathTuple) -> str:
-  return '/'.join(path)
-
-
 def _convert(
     source: Mapping[str, np.ndarray],
     name_map: Mapping[PathTuple, tuple[str, Transform]],
@@ -289,7 +286,7 @@ def _convert(
   for path, (src, fn) in name_map.items():
     value = np.asarray(fn(source[src]), dtype=np.float32)
     if value.shape != shapes[path]:
-      wrong.append(f'{src} gives {value.shape} for {_path_str(path)}, expected {shapes[path]}')
+      wrong.append(f'{src} gives {value.shape} for {path_str(path)}, expected {shapes[path]}')
     out[path] = value
   if wrong:
     raise ConversionError(f'{what} does not fit the model config: ' + '; '.join(wrong))
@@ -335,7 +332,7 @@ def from_release_state_dict(
         'CAPTURE ties the MLM decoder to the word embeddings'
     )
   unused = sorted(k for k in source if k not in used)
-  not_loaded = sorted(_path_str(p) for p in shapes if p not in flat)
+  not_loaded = sorted(path_str(p) for p in shapes if p not in flat)
   if not_loaded:
     raise ConversionError('no release tensor maps to: ' + ', '.join(not_loaded))
   params = traverse_util.unflatten_dict(flat)
@@ -421,9 +418,9 @@ def from_hf_bert(
   used = {src for src, _ in name_map.values()}
   params = traverse_util.unflatten_dict(flat)
   report = ImportReport(
-      loaded=sorted(_path_str(p) for p in flat),
+      loaded=sorted(path_str(p) for p in flat),
       unused=sorted(k for k in source if k not in used),
-      not_loaded=sorted(_path_str(p) for p in shapes if p not in flat),
+      not_loaded=sorted(path_str(p) for p in shapes if p not in flat),
   )
   if cfg.scan_layers:
     params = scan_layout(params)
@@ -435,10 +432,10 @@ def merge_params(base: Params, update: Params) -> Params:
   flat = traverse_util.flatten_dict(base)
   for path, value in traverse_util.flatten_dict(update).items():
     if path not in flat:
-      raise ConversionError(f'{_path_str(path)} is not a parameter of the model')
+      raise ConversionError(f'{path_str(path)} is not a parameter of the model')
     if tuple(np.shape(value)) != tuple(np.shape(flat[path])):
       raise ConversionError(
-          f'{_path_str(path)}: imported shape {np.shape(value)}, model shape {np.shape(flat[path])}'
+          f'{path_str(path)}: imported shape {np.shape(value)}, model shape {np.shape(flat[path])}'
       )
     flat[path] = value
   return traverse_util.unflatten_dict(flat)

@@ -55,6 +55,7 @@ from capture_jax.evaluation import instance_merge
 from capture_jax.evaluation import metrics as metrics_lib
 from capture_jax.evaluation import report as report_lib
 from capture_jax.evaluation import search as search_lib
+from capture_jax.training import distributed
 from capture_jax.training import checkpoint as checkpoint_lib
 from capture_jax.training import sharding
 
@@ -258,7 +259,7 @@ def ensure_exports(
             if job.step is None
             else checkpoint_lib.restore_model_params(manager, job.step, embedder.abstract_params)
         )
-      if jax.process_index() == 0:
+      if distributed.is_main_process():
         print(
             f'exporting {job.name}: {len(job.rows)} {job.rows.kind} rows of {job.rows.split} '
             f'-> {job.out_dir}',
@@ -276,7 +277,7 @@ def ensure_exports(
       )
       if result.samples_per_s:
         rates[job.name] = result.samples_per_s
-  elif jax.process_index() == 0:
+  elif distributed.is_main_process():
     print('reusing the exports in ' + ', '.join(str(j.out_dir) for j in jobs), flush=True)
   return {j.name: emb_lib.read_embeddings(j.out_dir) for j in jobs}, rates
 
@@ -501,7 +502,7 @@ def write_outputs(
       + (f' ({len(instances)} product instances)' if instances is not None else '')
       + f'; gallery: {len(gallery)} items. Ground truth: `{config.data.data_dir}`.',
       f'- CAPTURE: {weights} of `{workdir}`; embedding `{kind}` ({gallery.dimension}-d).',
-      f'- Search: '
+      '- Search: '
       + (
           'exact top-100 by cosine.'
           if e.search == 'exact'
@@ -509,7 +510,7 @@ def write_outputs(
           + ', '.join(f'{k} {v:.4f}' for k, v in recall.items())
           + '.'
       ),
-      f'- Query modes: `whole` = the whole-sample query; `instances` = one query per product instance '
+      '- Query modes: `whole` = the whole-sample query; `instances` = one query per product instance '
       "(caption + that instance's regions), lists merged round-robin with de-duplication; `both` = the "
       'whole-sample list first, then the instances.',
       f'- Best query mode on mAP@10: **{best_mode}** '
@@ -602,7 +603,7 @@ def evaluate(
     if manager is not None:
       manager.close()
   exports.update(plan.given)
-  if jax.process_index() != 0:
+  if not distributed.is_main_process():
     return None
   gallery, queries = exports['gallery'], exports['queries']
   for name in ('queries', 'instances'):
@@ -661,7 +662,6 @@ def define_flags() -> dict[str, Any]:
 
 
 def main(args: dict[str, Any]) -> None:
-  from capture_jax.training import distributed  # pylint: disable=import-outside-toplevel
 
   distributed.initialize()
   try:

@@ -43,6 +43,7 @@ from capture_jax.data import eval_input
 from capture_jax.data import formats
 from capture_jax.data import source as source_lib
 from capture_jax.evaluation import embeddings as emb_lib
+from capture_jax.training import distributed
 from capture_jax.training import checkpoint as checkpoint_lib
 from capture_jax.training import sharding
 from capture_jax.training import state as state_lib
@@ -220,7 +221,7 @@ def export_split(
   """
   validate_request(config, rows.split, rows.kind)
   out_dir = Path(out_dir)
-  is_main = jax.process_index() == 0
+  is_main = distributed.is_main_process()
   n = len(rows)
   plan = export_plan(config, rows.split, rows.kind, embedder.kind, checkpoint_step, n)
   done = reusable_export(out_dir, plan, overwrite)
@@ -376,7 +377,7 @@ def export(
   same rows, kind and weights is left as it is without compiling.
   """
   validate_request(config, split, rows)
-  is_main = jax.process_index() == 0
+  is_main = distributed.is_main_process()
   source = source_lib.make_source(config, split)  # a split that was not built fails here
   planned = plan_rows(config, source, rows)  # and a missing instance sidecar here
   manager = None
@@ -467,7 +468,6 @@ def define_flags() -> dict[str, Any]:
 
 
 def main(args: dict[str, Any]) -> None:
-  from capture_jax.training import distributed  # pylint: disable=import-outside-toplevel
 
   distributed.initialize()
   try:

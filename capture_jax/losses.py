@@ -96,6 +96,12 @@ def ntxent_loss(text: Array, visual: Array, temperature: float) -> Array:
   return -jnp.mean(logp[jnp.arange(n), positive])
 
 
+def clip_logit_scale(log_inv_temperature: Array) -> Array:
+  """CLIP's logit scale: exp of the learnable log inverse temperature, clipped at 100 (CLIP's
+  own bound, which keeps the learnable temperature from collapsing the softmax)."""
+  return jnp.exp(jnp.minimum(log_inv_temperature, jnp.log(100.0)))
+
+
 def clip_loss(text: Array, visual: Array, log_inv_temperature: Array) -> Array:
   """Symmetric InfoNCE (CLIP): mean of text->visual and visual->text cross entropy.
 
@@ -103,7 +109,7 @@ def clip_loss(text: Array, visual: Array, log_inv_temperature: Array) -> Array:
   log(100) as in CLIP).
   """
   t, v = l2_normalize(text), l2_normalize(visual)
-  scale = jnp.exp(jnp.minimum(log_inv_temperature, jnp.log(100.0)))
+  scale = clip_logit_scale(log_inv_temperature)
   logits = scale * t @ v.T
   idx = jnp.arange(t.shape[0])
   t2v = -jnp.mean(jax.nn.log_softmax(logits, axis=1)[idx, idx])

@@ -116,7 +116,7 @@ def run(
   workdir = Path(workdir)
   mesh = sharding.make_mesh(config.mesh, devices)
   validate_config(config, mesh)
-  is_main = jax.process_index() == 0
+  is_main = distributed.is_main_process()
 
   # Checkpoints: refuse a workdir of another model before compiling anything.
   manager = checkpoint_lib.make_manager(workdir, config.checkpoint)

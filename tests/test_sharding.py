@@ -28,6 +28,7 @@ import pytest
 from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
 
+from capture_jax import param_paths
 from capture_jax import config as config_lib
 from capture_jax.training import distributed
 from capture_jax.training import sharding
@@ -255,7 +256,7 @@ def test_state_shardings_like_mirrors_params():
   state = jax.eval_shape(tx.init, params)
   out = sharding.state_shardings_like(state, params, shardings)
   leaves = jax.tree_util.tree_flatten_with_path(out)[0]
-  specs = {sharding.path_str(p): s.spec for p, s in leaves}
+  specs = {param_paths.path_str(p): s.spec for p, s in leaves}
   mu = {k: v for k, v in specs.items() if '/mu/' in k}
   assert len(mu) == 3 and all(
       v == shardings['dense']['kernel'].spec for k, v in mu.items() if 'kernel' in k

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from capture_jax import param_paths
 from capture_jax.training import state as state_lib
 from capture_jax.training import optimizer as optimizer_lib
 from capture_jax.training import sharding
@@ -101,7 +102,7 @@ def test_bert_initialised_parameters_take_the_lr_multiplier():
   first_update = lambda tx: jax.jit(lambda g, p: tx.update(g, tx.init(p), p)[0])(grads, params)
   u_plain, u_scaled = first_update(plain), first_update(scaled)
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(u_plain), jax.tree.leaves(u_scaled)):
-    name = optimizer_lib.path_str(path)
+    name = param_paths.path_str(path)
     expected = 0.1 if name.startswith(('model/text_stream/', 'model/word_embeddings/')) else 1.0
     if np.any(np.asarray(a) != 0):
       np.testing.assert_allclose(b, expected * np.asarray(a), rtol=1e-6, err_msg=name)

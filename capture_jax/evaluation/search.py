@@ -39,11 +39,9 @@ from capture_jax import losses
 _AXIS = 'g'
 
 
-def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
-  """Rows of ``x`` [N, D] scaled to unit L2 norm (zero rows stay zero), float32."""
-  x = np.asarray(x, np.float32)
-  norm = np.linalg.norm(x, axis=-1, keepdims=True)
-  return x / np.maximum(norm, eps)
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+  """`losses.l2_normalize` of host rows, as the float32 numpy array FAISS takes."""
+  return np.asarray(losses.l2_normalize(np.asarray(x, np.float32)), np.float32)
 
 
 def _validate(queries: np.ndarray, gallery: np.ndarray, k: int) -> None:
@@ -298,14 +296,14 @@ def build_faiss_index(
     index.cp.seed = seed
     train_size = min(n, int(train_size or 64 * nlist))
     rows = np.sort(np.random.default_rng(seed).choice(n, train_size, replace=False))
-    index.train(l2_normalize(gallery[rows]))
+    index.train(_unit_rows(gallery[rows]))
   elif kind == 'hnsw':
     index = faiss.IndexHNSWFlat(d, hnsw_m, faiss.METRIC_INNER_PRODUCT)
     index.hnsw.efConstruction = ef_construction
   else:
     raise ValueError(f"unknown FAISS index kind {kind!r}; use 'ivf' or 'hnsw'")
   for start in range(0, n, add_chunk):
-    index.add(l2_normalize(gallery[start : start + add_chunk]))
+    index.add(_unit_rows(gallery[start : start + add_chunk]))
   return index
 
 
@@ -326,7 +324,7 @@ def faiss_search(
     ivf.nprobe = min(nprobe, ivf.nlist)
   if hasattr(index, 'hnsw'):
     index.hnsw.efSearch = max(ef_search, k)
-  scores, indices = index.search(l2_normalize(queries), min(k, index.ntotal))
+  scores, indices = index.search(_unit_rows(queries), min(k, index.ntotal))
   return scores, indices.astype(np.int64)
 
 

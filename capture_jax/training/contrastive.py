@@ -266,7 +266,7 @@ def _scale_and_bias(loss_cfg: ml_collections.ConfigDict, loss_params: Mapping[st
     return jnp.asarray(1.0 / loss_cfg.temperature, jnp.float32), zero
   lit = jnp.asarray(loss_params['log_inv_temperature'], jnp.float32)
   if kind == 'clip':
-    return jnp.exp(jnp.minimum(lit, jnp.log(100.0))), zero
+    return losses.clip_logit_scale(lit), zero
   return jnp.exp(lit), jnp.asarray(loss_params['bias'], jnp.float32)
 
 

@@ -9,6 +9,8 @@ from typing import Mapping
 
 import jax
 
+from capture_jax.training import distributed
+
 # Peak dense bf16 FLOP/s per device, for model FLOP utilisation.
 PEAK_FLOPS = {
     'H100': 989e12,
@@ -35,7 +37,7 @@ class MetricWriter:
   """Writes `{workdir}/metrics.jsonl` and TensorBoard events under `{workdir}/tensorboard` on process 0."""
 
   def __init__(self, workdir: str | Path, enabled: bool | None = None):
-    self.enabled = jax.process_index() == 0 if enabled is None else enabled
+    self.enabled = distributed.is_main_process() if enabled is None else enabled
     self._jsonl = None
     self._tb = None
     if self.enabled:

@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from capture_jax.param_paths import path_str
+
 Params = Any
 
 # What a BERT checkpoint initialises (see `convert.from_hf_bert`).
@@ -32,10 +34,6 @@ BERT_INITIALISED = (
     r'^model/mlm_head/(transform|layer_norm)/',
     r'^model/mlm_bias$',
 )
-
-
-def path_str(path) -> str:
-  return '/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path)
 
 
 def learning_rate_schedule(t: ml_collections.ConfigDict) -> optax.Schedule:

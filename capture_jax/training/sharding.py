@@ -41,6 +41,8 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from capture_jax.param_paths import path_str
+
 MESH_AXES = ('data', 'fsdp', 'tensor')
 BATCH_AXES = ('data', 'fsdp')
 KNOWN_RULES = ('replicated', 'fsdp', 'tensor')
@@ -135,19 +137,6 @@ def parse_rules(rules: str) -> tuple[str, ...]:
   if len(set(names)) != len(names):
     raise ValueError(f'mesh.rules={rules!r} names a rule twice')
   return names
-
-
-def path_str(path: Sequence[Any]) -> str:
-  """A key path as `text_stream/layer_0/query/dense/kernel`."""
-  parts = []
-  for k in path:
-    for attr in ('key', 'name', 'idx'):
-      if hasattr(k, attr):
-        parts.append(str(getattr(k, attr)))
-        break
-    else:
-      parts.append(str(k))
-  return '/'.join(parts)
 
 
 def _tensor_dims(path: str, rank: int) -> tuple[int, ...]:

@@ -35,6 +35,7 @@ import optax  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
+from capture_jax import param_paths  # noqa: E402
 from capture_jax import batch as batch_lib  # noqa: E402
 from capture_jax import config as config_lib  # noqa: E402
 from capture_jax.models import capture  # noqa: E402
@@ -89,7 +90,7 @@ def check_specs() -> dict:
           local = f'{type(e).__name__}: {e}'
         rows.append(
             {
-                'path': sharding.path_str(path),
+                'path': param_paths.path_str(path),
                 'shape': list(leaf.shape),
                 'spec': spec_json(spec),
                 'local': local,
@@ -158,10 +159,10 @@ def check_demo() -> dict:
   abstract_state = jax.eval_shape(tx.init, abstract)
   state_shardings = sharding.state_shardings_like(abstract_state, abstract, shardings)
   state = jax.jit(tx.init, out_shardings=state_shardings)(params)
-  param_spec = {sharding.path_str(p): s.spec for (p, _), s in zip(flat, flat_target)}
+  param_spec = {param_paths.path_str(p): s.spec for (p, _), s in zip(flat, flat_target)}
   mirrored, mirrored_ok, others_replicated = 0, 0, True
   for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
-    name = sharding.path_str(path)
+    name = param_paths.path_str(path)
     owner = [k for k in param_spec if name.endswith('/' + k)]
     if owner and ('/mu/' in f'/{name}' or '/nu/' in f'/{name}'):
       mirrored += 1
