@@ -41,23 +41,33 @@ def test_title_tokens():
   assert baselines.title_tokens('!! --') == []
 
 
-def test_tfidf_matches_scikit_learn():
-  sklearn_text = pytest.importorskip('sklearn.feature_extraction.text')
+def test_tfidf_weights_by_the_definition():
+  """Counts x smoothed idf, L2-normalised, written out by hand for one title."""
   model = baselines.fit_tfidf(TITLES, max_features=None)
-  ours = baselines.tfidf_embed(model, TITLES[::-1], dtype=np.float64)
-  ref = sklearn_text.TfidfVectorizer(analyzer=baselines.title_tokens, vocabulary=model.vocabulary)
-  ref.fit(TITLES)
-  np.testing.assert_allclose(ours, ref.transform(TITLES[::-1]).toarray(), atol=1e-12)
+  emb = baselines.tfidf_embed(model, ['AHC 水乳 水'], dtype=np.float64)[0]
+  vocab = model.vocabulary_
+  df = {t: sum(t in baselines.title_tokens(x) for x in TITLES) for t in ('ahc', '水', '乳', '水乳')}
+  idf = {t: np.log((1 + len(TITLES)) / (1 + d)) + 1 for t, d in df.items()}
+  raw = {'ahc': idf['ahc'], '水': 2 * idf['水'], '乳': idf['乳'], '水乳': idf['水乳']}
+  norm = np.sqrt(sum(v * v for v in raw.values()))
+  for term, weight in raw.items():
+    assert emb[vocab[term]] == pytest.approx(weight / norm, abs=1e-12)
+  assert np.count_nonzero(emb) == 4
 
 
 def test_tfidf_vocabulary_cap_keeps_most_frequent_terms():
   model = baselines.fit_tfidf(TITLES, max_features=3)
-  # Only "ahc", "霜" and "兰" are in three titles; every other term in at most two.
-  assert model.vocabulary == {'ahc': 0, '兰': 1, '霜': 2}
+  # Only "ahc", "霜" and "兰" occur three times; every other term at most twice.
+  assert model.vocabulary_ == {'ahc': 0, '兰': 1, '霜': 2}
   # idf = ln((1 + 7) / (1 + 3)) + 1 for each of them.
-  np.testing.assert_allclose(model.idf, np.log(8 / 4) + 1)
+  np.testing.assert_allclose(model.idf_, np.log(8 / 4) + 1)
   emb = baselines.tfidf_embed(model, ['没有 词'])
   assert emb.shape == (1, 3) and not emb.any()  # unknown terms: a zero row
+
+
+def test_tfidf_refuses_titles_without_tokens():
+  with pytest.raises(ValueError, match='TF-IDF vocabulary is empty'):
+    baselines.fit_tfidf(['!! --', '...'])
 
 
 def test_tfidf_retrieval_end_to_end():

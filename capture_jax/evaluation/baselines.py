@@ -9,22 +9,21 @@
 
 Both return dense, L2-normalised float arrays, so cosine search is a dot
 product and ``exact_topk`` needs nothing special. The TF-IDF vocabulary is
-capped (``max_features`` most frequent terms by document frequency) to keep
-the dense matrix small: 40,033 gallery titles x 8,192 terms is 1.3 GB as
+capped (``max_features`` most frequent terms) to keep the dense matrix small: 40,033 gallery titles x 8,192 terms is 1.3 GB as
 float32, 0.66 GB as float16.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import unicodedata
-from collections import Counter
 from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from capture_jax.evaluation.search import l2_normalize
+from sklearn.feature_extraction import text
+
+from capture_jax import losses
 
 # CJK Unified Ideographs (+ extension A, compatibility ideographs).
 _TOKEN_RE = re.compile(r'([\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]+)|([0-9a-z]+)')
@@ -47,68 +46,29 @@ def title_tokens(title: str) -> list[str]:
   return tokens
 
 
-@dataclasses.dataclass(frozen=True)
-class TfidfModel:
-  """A fitted vocabulary (term -> column) and its idf weights [V]."""
+def fit_tfidf(titles: Sequence[str], *, max_features: int | None = 8192) -> text.TfidfVectorizer:
+  """scikit-learn's `TfidfVectorizer` over `title_tokens`, fitted on `titles` (the gallery:
+  the documents searched).
 
-  vocabulary: dict[str, int]
-  idf: np.ndarray
-
-
-def fit_tfidf(
-    titles: Sequence[str], *, max_features: int | None = 8192, min_df: int = 1
-) -> TfidfModel:
-  """Fits idf on ``titles`` (the gallery: the documents searched).
-
-  idf(t) = ln((1 + n) / (1 + df(t))) + 1, the smoothed form used by
-  scikit-learn, so that a term in every document keeps a small weight.
-  The vocabulary keeps the ``max_features`` terms of highest document
-  frequency (ties by term, for determinism), then orders columns by term.
+  Its defaults are the baseline's definition: raw term counts, smoothed
+  idf(t) = ln((1 + n) / (1 + df(t))) + 1, L2-normalised rows; the vocabulary
+  keeps the `max_features` terms most frequent over the titles.
   """
   if not titles:
     raise ValueError('cannot fit TF-IDF on an empty list of titles')
-  df: Counter[str] = Counter()
-  for title in titles:
-    df.update(set(title_tokens(title)))
-  terms = [t for t, c in df.items() if c >= min_df]
-  if max_features is not None and len(terms) > max_features:
-    terms = sorted(terms, key=lambda t: (-df[t], t))[:max_features]
-  terms.sort()
-  if not terms:
-    raise ValueError('the titles hold no token: the TF-IDF vocabulary is empty')
-  vocabulary = {t: i for i, t in enumerate(terms)}
-  counts = np.array([df[t] for t in terms], np.float64)
-  idf = np.log((1.0 + len(titles)) / (1.0 + counts)) + 1.0
-  return TfidfModel(vocabulary, idf)
+  vectorizer = text.TfidfVectorizer(analyzer=title_tokens, max_features=max_features)
+  try:
+    return vectorizer.fit(titles)
+  except ValueError as err:  # scikit-learn: 'empty vocabulary'
+    raise ValueError(f'the titles hold no token: the TF-IDF vocabulary is empty ({err})') from None
 
 
 def tfidf_embed(
-    model: TfidfModel, titles: Sequence[str], *, dtype: np.dtype = np.float32, chunk: int = 4096
+    model: text.TfidfVectorizer, titles: Sequence[str], *, dtype: np.dtype = np.float32
 ) -> np.ndarray:
-  """Dense L2-normalised TF-IDF rows [len(titles), V] (raw term counts x idf).
-
-  Computed sparsely, ``chunk`` titles at a time: the (row, term) pairs are
-  counted with ``np.unique``, weighted, normalised per row in float64 and
-  scattered into the zero-initialised result, which is the only large array.
-  A title with no known term is a zero row (it scores 0 with everything).
-  """
-  n_terms = len(model.vocabulary)
-  out = np.zeros((len(titles), n_terms), dtype)
-  flat_out = out.reshape(-1)
-  for start in range(0, len(titles), chunk):
-    rows = min(chunk, len(titles) - start)
-    flat = [
-        row * n_terms + model.vocabulary[t]
-        for row, title in enumerate(titles[start : start + rows])
-        for t in title_tokens(title)
-        if t in model.vocabulary
-    ]
-    cells, counts = np.unique(np.asarray(flat, np.int64), return_counts=True)
-    row, col = np.divmod(cells, n_terms)
-    weight = counts * model.idf[col]
-    norm = np.sqrt(np.bincount(row, weights=weight * weight, minlength=rows))
-    flat_out[start * n_terms + cells] = weight / norm[row]
-  return out
+  """Dense L2-normalised TF-IDF rows [len(titles), V]; a title with no known term is a zero
+  row (it scores 0 with everything)."""
+  return model.transform(titles).toarray().astype(dtype, copy=False)
 
 
 def tfidf_embeddings(
@@ -145,7 +105,7 @@ def mean_region_embedding(features: np.ndarray, mask: np.ndarray | None = None) 
     raise ValueError(f'mask shape {mask.shape} does not match features {features.shape[:2]}')
   total = np.einsum('brf,br->bf', features, mask)
   mean = total / np.maximum(mask.sum(axis=1, keepdims=True), 1.0)
-  return l2_normalize(mean)
+  return np.asarray(losses.l2_normalize(mean), np.float32)
 
 
 def mean_region_embeddings(
