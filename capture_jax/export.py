@@ -39,6 +39,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from capture_jax import batch as batch_lib
+from capture_jax import progress as progress_lib
 from capture_jax.data import eval_input
 from capture_jax.data import formats
 from capture_jax.data import source as source_lib
@@ -244,17 +245,13 @@ def export_split(
   if missing:
     iterator = eval_input.iterate_rows(config, source, rows, batch_size=embedder.batch_size)
   show = config.eval.progress_bar if progress is None else progress
-  bar = None
   shard_sizes = {s: min((s + 1) * shard_rows, n) - s * shard_rows for s in missing}
-  if is_main and show and missing:
-    from tqdm import tqdm  # pylint: disable=import-outside-toplevel
-
-    bar = tqdm(
-        total=sum(shard_sizes.values()),
-        desc=f'embedding {rows.split} {rows.kind}',
-        unit='row',
-        dynamic_ncols=True,
-    )
+  bar = progress_lib.Progress(
+      sum(shard_sizes.values()),
+      f'embedding {rows.split} {rows.kind}',
+      'row',
+      enabled=is_main and show and bool(missing),
+  )
   start = time.perf_counter()
   next_batch = 0
   for s in missing:
@@ -273,11 +270,9 @@ def export_split(
       emb_lib.write_shard(
           out_dir / emb_lib.shard_name(s, num_shards), _shard_arrays(rows, row_ids, vectors)
       )
-    if bar is not None:
-      bar.update(len(expected))
+    bar.update(len(expected))
   elapsed = time.perf_counter() - start
-  if bar is not None:
-    bar.close()
+  bar.close()
   computed = sum(shard_sizes.values())
   rate = computed / elapsed if computed and elapsed > 0 else None
   _sync(f'export {out_dir}')

@@ -26,6 +26,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from capture_jax import batch as batch_lib
+from capture_jax import progress as progress_lib
 from capture_jax.data import train_input
 from capture_jax.training import checkpoint as checkpoint_lib
 from capture_jax.training import distributed
@@ -181,11 +182,13 @@ def run(
       else min(config.train.num_steps, start + stop_after_steps)
   )
   writer = metrics_lib.MetricWriter(workdir)
-  progress = None
-  if is_main and config.train.progress_bar and end > start:
-    from tqdm import tqdm  # pylint: disable=import-outside-toplevel
-
-    progress = tqdm(total=end - start, desc='pretraining', unit='step', dynamic_ncols=True)
+  progress = progress_lib.Progress(
+      end - start,
+      'pretraining',
+      'step',
+      enabled=is_main and config.train.progress_bar and end > start,
+      log_every=config.train.log_every,
+  )
 
   peak = metrics_lib.peak_flops(jax.devices()[0])
   last_metrics: dict[str, float] = {}
@@ -218,19 +221,16 @@ def run(
         if flops_per_step and peak:
           last_metrics['mfu'] = flops_per_step / step_time / (peak * jax.device_count())
         writer.write(step, last_metrics)
-        if progress is not None:
-          progress.set_postfix(
-              loss=f'{last_metrics["loss/total"]:.3f}', skipped=int(last_metrics['skipped_updates'])
-          )
+        progress.set_postfix(
+            loss=f'{last_metrics["loss/total"]:.3f}', skipped=int(last_metrics['skipped_updates'])
+        )
         window_start, window_steps = time.perf_counter(), 0
-      if progress is not None:
-        progress.update(1)
+      progress.update(1)
       checkpoint_lib.save(manager, step, state, data_iterator, config)
       if preemption.agreed():
         preempted = True
         break
-  if progress is not None:
-    progress.close()
+  progress.close()
   # A final checkpoint (forced: also when the interval is not due), then wait for async saves.
   if manager.latest_step() != step:
     checkpoint_lib.save(manager, step, state, data_iterator, config, force=True)
