@@ -1,6 +1,6 @@
 """`make ablation`: the paper's claims as one command, on the demo data and budget.
 
-    python -m capture_jax.ablation [--config configs/demo.py] [--workdir runs/ablation]
+    python -m capture_jax.ablation [--config=configs/demo.py] [--workdir=runs/ablation]
         [--data_workdir runs/demo] [--variants full,mlm,...]
 
 Trains every variant below with the demo configuration (same data, steps,
@@ -15,7 +15,6 @@ variant is reused, an interrupted one continues from its last checkpoint.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import json
@@ -24,6 +23,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import ml_collections
+from absl import app, flags
+from ml_collections import config_flags
 
 from capture_jax import demo as demo_lib
 
@@ -126,23 +127,21 @@ def run_variant(config: ml_collections.ConfigDict, name: str, workdir: Path):
   return result
 
 
-def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--config', default=str(demo_lib.REPO / 'configs' / 'demo.py'))
-  parser.add_argument('--workdir', default='runs/ablation')
-  parser.add_argument(
-      '--data_workdir', default='runs/demo', help='where the demo data set is (or goes)'
-  )
-  parser.add_argument('--variants', default=','.join(VARIANTS))
-  args = parser.parse_args(argv)
-  names = [n for n in args.variants.split(',') if n]
-  for n in names:
-    if n not in VARIANTS:
-      parser.error(f'unknown variant {n!r}; known: {", ".join(VARIANTS)}')
-  base = demo_lib.load_config(args.config)
-  demo_lib.fill_data_paths(base, Path(args.data_workdir))
+def run(
+    base: ml_collections.ConfigDict,
+    workdir: str | Path,
+    data_workdir: str | Path,
+    variants: str = ','.join(VARIANTS),
+) -> None:
+  """Trains and evaluates `variants` (comma-separated names of `VARIANTS`) on the demo data in
+  `data_workdir`, each in `workdir/NAME`, and writes the table."""
+  names = [n for n in variants.split(',') if n]
+  unknown = [n for n in names if n not in VARIANTS]
+  if unknown:
+    raise ValueError(f'unknown variant(s) {unknown}; known: {", ".join(VARIANTS)}')
+  demo_lib.fill_data_paths(base, Path(data_workdir))
   demo_lib.prepare_data(base)
-  workdir = Path(args.workdir)
+  workdir = Path(workdir)
   rows, baselines, main_method = {}, {}, None
   if any(same_run(base, n) for n in names) or 'full' in names:  # `full` first: others may reuse it
     names = ['full'] + [n for n in names if n != 'full']
@@ -173,6 +172,22 @@ def main(argv=None) -> None:
   )
   print('\n' + header + '\n\n' + text, flush=True)
   print(f'\nwrote {workdir / "ablation.md"} and {workdir / "ablation.json"}', flush=True)
+
+
+def main() -> None:
+  """`python -m capture_jax.ablation [--config=...] [--workdir=...] [--variants=full,mlm,...]`."""
+  config_flag = config_flags.DEFINE_config_file(
+      'config',
+      str(demo_lib.REPO / 'configs' / 'demo.py'),
+      'A configs/*.py file.',
+      lock_config=False,
+  )
+  workdir = flags.DEFINE_string('workdir', 'runs/ablation', 'One folder per variant under it.')
+  data_workdir = flags.DEFINE_string(
+      'data_workdir', 'runs/demo', 'Where the demo data set is (or goes).'
+  )
+  variants = flags.DEFINE_string('variants', ','.join(VARIANTS), 'Comma-separated variants.')
+  app.run(lambda argv: run(config_flag.value, workdir.value, data_workdir.value, variants.value))
 
 
 if __name__ == '__main__':

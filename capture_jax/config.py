@@ -8,6 +8,9 @@ from the `ConfigDict` it is given: no module keeps its own defaults.
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import ml_collections
 
 
@@ -212,3 +215,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.max_text_len = c.model.get_ref('max_text_len')
   c.data.feature_dim = c.model.get_ref('v_feature_size')
   return c
+
+
+def load_config_file(path: str | os.PathLike) -> ml_collections.ConfigDict:
+  """`get_config()` of a config file such as `configs/demo.py` (for code that takes a config
+  path; commands take `--config` through `ml_collections.config_flags`, which loads the same)."""
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'no config file {path}')
+  spec = importlib.util.spec_from_file_location('_capture_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, 'get_config'):
+    raise ValueError(f'{path} defines no get_config()')
+  return module.get_config()

@@ -14,22 +14,15 @@ Stages (each says what it does; re-running reuses what exists and says so):
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
 import os
 import time
 from pathlib import Path
 
 import ml_collections
+from absl import app, flags
+from ml_collections import config_flags
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def load_config(path: str | os.PathLike) -> ml_collections.ConfigDict:
-  spec = importlib.util.spec_from_file_location('capture_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 def stage(number: int | None, text: str) -> float:
@@ -178,13 +171,9 @@ def print_report(result, workdir: Path) -> None:
   )
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--config', default=str(REPO / 'configs' / 'demo.py'))
-  parser.add_argument('--workdir', default='runs/demo')
-  args = parser.parse_args()
-  config = load_config(args.config)
-  workdir = Path(args.workdir)
+def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:
+  """The five stages on `config` in `workdir` (data paths filled in under it)."""
+  workdir = Path(workdir)
   fill_data_paths(config, workdir)
   print(
       'capture_jax demo: synthetic data -> TFDS -> pretraining -> retrieval evaluation -> report',
@@ -196,6 +185,15 @@ def main() -> None:
   result = evaluate(config, workdir)
   print_report(result, workdir)
   print(f'\ndemo finished in {time.perf_counter() - start:.0f} s', flush=True)
+
+
+def main() -> None:
+  """`python -m capture_jax.demo [--config=configs/demo.py] [--workdir=runs/demo] [--config.X=...]`."""
+  config_flag = config_flags.DEFINE_config_file(
+      'config', str(REPO / 'configs' / 'demo.py'), 'A configs/*.py file.', lock_config=False
+  )
+  workdir_flag = flags.DEFINE_string('workdir', 'runs/demo', 'Where the demo writes everything.')
+  app.run(lambda argv: run(config_flag.value, workdir_flag.value))
 
 
 if __name__ == '__main__':

@@ -36,6 +36,7 @@ from pathlib import Path
 import jax
 
 from capture_jax import batch as batch_lib
+from capture_jax import config as config_lib
 from capture_jax import demo as demo_lib
 from capture_jax import train
 from capture_jax.training import metrics as metrics_lib
@@ -163,7 +164,7 @@ def bench_export(data_workdir: Path, repeats: int) -> list[dict]:
 
 def load_named_config(name: str):
   path = Path(name) if name.endswith('.py') else REPO / 'configs' / f'{name}.py'
-  return demo_lib.load_config(path)
+  return config_lib.load_config_file(path)
 
 
 def append_rows(section: str, header: str, rows: list[str], note: str) -> None:

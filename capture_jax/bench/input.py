@@ -113,13 +113,11 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument('--num_train', type=int, default=None)
   args = parser.parse_args(argv)
   if args.config:
-    config = product1m_tfds.load_config_file(args.config)
+    config = config_lib.load_config_file(args.config)
   else:
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     demo = os.path.join(repo, 'configs', 'demo.py')
-    config = (
-        product1m_tfds.load_config_file(demo) if os.path.exists(demo) else config_lib.base_config()
-    )
+    config = config_lib.load_config_file(demo) if os.path.exists(demo) else config_lib.base_config()
   d = config.data
   if args.preset:
     d.synthetic_preset = args.preset

@@ -38,7 +38,6 @@ Command line (absl flags; a progress bar per split; exit status 1 with one
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -378,14 +377,6 @@ def build_from_config(config: ml_collections.ConfigDict, overwrite: bool = False
   )
 
 
-def load_config_file(path: str) -> ml_collections.ConfigDict:
-  """Loads `get_config()` of a config file such as `configs/demo.py`."""
-  spec = importlib.util.spec_from_file_location('_capture_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> dict[str, flags.FlagHolder]:
   """The command's absl flags, defined into `flag_values` when the command runs."""
   fv = flag_values
@@ -456,7 +447,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f'error: unexpected arguments {rest[1:]} (see --help)', file=sys.stderr)
     return 2
   config_file = args['config'].value
-  d = load_config_file(config_file).data if config_file else config_lib.data_config()
+  d = config_lib.load_config_file(config_file).data if config_file else config_lib.data_config()
   try:
     report = build(
         args['data_dir'].value,

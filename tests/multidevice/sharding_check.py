@@ -20,7 +20,6 @@ Prints one JSON object on its last line:
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
@@ -46,10 +45,7 @@ MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 1, 8)]
 
 
 def load_config(name: str):
-  spec = importlib.util.spec_from_file_location(name, REPO / 'configs' / f'{name}.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return config_lib.load_config_file(REPO / 'configs' / f'{name}.py')
 
 
 def mesh_cfg(shape, **overrides):
