@@ -264,15 +264,16 @@ def toy_proposer(tmp_path_factory):
   feature direction, clutter is weak noise."""
   c = _config()
   c.instances.update(
-      hidden_size=32, num_layers=1, num_heads=2, batch_size=16, num_steps=150, learning_rate=3e-3
+      hidden_size=32, num_layers=1, num_heads=2, batch_size=16, num_steps=120, learning_rate=3e-3
   )
-  c.instances.checkpoint_every = 100
+  c.instances.checkpoint_every = 1000
   pool, _ = _pool(c, num=24)
   workdir = tmp_path_factory.mktemp('proposer')
   result = instances.train(c, workdir, pool=pool)
   return c, pool, workdir, result
 
 
+@pytest.mark.slow  # ~10-30 s: compiling and training a small proposer
 def test_learned_proposer_learns_a_separable_toy_case(toy_proposer):
   c, pool, workdir, result = toy_proposer
   assert result.step == c.instances.num_steps
@@ -298,6 +299,7 @@ def test_learned_proposer_learns_a_separable_toy_case(toy_proposer):
   assert q['recall'] > 0.9 and q['precision'] > 0.9, q
 
 
+@pytest.mark.slow  # shares the trained toy proposer
 def test_learned_proposer_checks_width_and_config(toy_proposer):
   c, pool, workdir, _ = toy_proposer
   proposer = instances.LearnedProposer(workdir, c)
@@ -327,6 +329,7 @@ def test_learned_proposer_checks_width_and_config(toy_proposer):
     instances.LearnedProposer(workdir / 'nothing', c)
 
 
+@pytest.mark.slow
 def test_training_resumes_where_it_stopped(tmp_path):
   c = _config()
   c.instances.update(hidden_size=16, num_layers=1, num_heads=2, batch_size=4, num_steps=6)
@@ -357,3 +360,40 @@ def test_donors_of_another_width_are_refused():
       ValueError, match=r'sample 42: region features have shape \(2, 8\), expected \[2, 16\]'
   ):
     compose.make_pool([rec], c)
+
+
+def test_split_proposals_feed_the_instance_pipeline(tmp_path):
+  """On a built tiny dataset: proposals files for boxes and oracle, the quality
+  table, and `propose_split`'s result taken by the instance eval iterator."""
+  from capture_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  from capture_jax.data import testing  # pylint: disable=import-outside-toplevel
+
+  c = testing.tiny_dataset(tmp_path / 'tiny')
+  out = tmp_path / 'proposals'
+  results = instances.evaluate_proposers(c, 'dev', ('boxes', 'learned', 'oracle'), None, out)
+  assert set(results) == {'boxes', 'oracle'}  # no trained proposer: learned is skipped
+  assert results['oracle']['recall'] == results['oracle']['precision'] == 1.0
+  assert results['boxes']['recall'] < 1.0 and results['boxes']['background_assigned'] > 0
+  written = formats.read_instances(str(out / 'boxes' / 'proposals_dev.jsonl'))
+  assert all(i.label == '' for v in written.values() for i in v)
+  props = instances.propose_split(c, 'dev', 'boxes')
+  assert props == written and len(props) == synthetic_dev_size()
+  batches = list(
+      pipeline.make_instance_eval_iterator(
+          c, 'dev', instances=props, process_index=0, process_count=1, batch_size=8
+      )
+  )
+  rows = sum(int(np.sum(b.is_valid)) for b in batches)
+  assert rows == sum(len(v) for v in props.values())
+  with pytest.raises(FileNotFoundError, match='no trained proposer'):
+    instances.propose_split(c, 'dev', 'learned', tmp_path / 'no_run')
+  c.data.data_dir = str(tmp_path / 'elsewhere')  # real data: no sidecar
+  with pytest.raises(FileNotFoundError, match='instances_dev.jsonl, which does not exist'):
+    instances.propose_split(c, 'dev', 'oracle')
+  assert instances.default_method(tmp_path / 'no_run') == 'boxes'
+
+
+def synthetic_dev_size():
+  from capture_jax.data import synthetic  # pylint: disable=import-outside-toplevel
+
+  return synthetic.PRESETS['tiny'].num_dev

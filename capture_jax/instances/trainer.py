@@ -180,7 +180,8 @@ def train(
       jnp.tile(jnp.array([0.1, 0.1, 0.5, 0.5]), (1, r, 1)),
       jnp.ones((1, r), bool),
   )
-  params = model.init(jax.random.PRNGKey(config.seed), *init_batch)['params']
+  # Jitted: eager Flax init compiles every op separately (seconds on CPU).
+  params = jax.jit(model.init)(jax.random.PRNGKey(config.seed), *init_batch)['params']
   opt_state = tx.init(params)
   step = 0
   if latest is not None:
@@ -223,7 +224,14 @@ def train(
   t0 = time.time()
   while step < end:
     batch = compose.make_batch(pool, config.seed, step, config)
-    params, opt_state, m = train_step(params, opt_state, batch)
+    try:
+      params, opt_state, m = train_step(params, opt_state, batch)
+    except KeyboardInterrupt:  # Ctrl-C: keep what was trained; a rerun resumes from here
+      if step:
+        save(step, force=True)
+        manager.wait_until_finished()
+        print(f'\ninterrupted: proposer saved at step {step}', flush=True)
+      raise
     step += 1
     running.append(m)
     if step % cfg.log_every == 0 or step == end:
@@ -236,7 +244,8 @@ def train(
         print(f'proposer step {step}: {line} ({time.time() - t0:.0f}s)', flush=True)
     if bar is not None:
       bar.update(1)
-    save(step, force=step == end)
+    if step % cfg.checkpoint_every == 0 or step == end:  # (Orbax would also save the first step)
+      save(step, force=True)
   if bar is not None:
     bar.close()
   manager.wait_until_finished()
@@ -283,7 +292,8 @@ class LearnedProposer:
     self.batch_size = int(cfg.propose_batch_size)
     self._model = model_lib.make_model(saved['signature'])
     r = int(saved['max_regions'])
-    abstract = self._model.init(
+    abstract = jax.eval_shape(
+        self._model.init,
         jax.random.PRNGKey(0),
         jnp.zeros((1, r, self.feature_dim)),
         jnp.tile(jnp.array([0.1, 0.1, 0.5, 0.5]), (1, r, 1)),
