@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import ml_collections
 
@@ -28,16 +28,19 @@ def proposals_path(workdir: str | Path, split: str, method: str) -> Path:
   return train_lib.proposer_dir(workdir) / method / proposals_lib.proposals_filename(split)
 
 
-def read_split(config: ml_collections.ConfigDict, split: str, source=None) -> list[dict[str, Any]]:
-  """Every record of a split (item_id, image size, boxes, features), in record order."""
+def iter_split(
+    config: ml_collections.ConfigDict, split: str, source=None, chunk: int = 1024
+) -> Iterator[list[dict[str, Any]]]:
+  """The records of a split (item_id, image size, boxes, features), `chunk` at a time,
+  in record order: a split is never held in memory whole."""
   from capture_jax.data import pipeline  # pylint: disable=import-outside-toplevel
 
   source = source or pipeline.make_source(config, split)
-  out = []
-  for start in range(0, len(source), 1024):
-    for rec in source.read_records(range(start, min(start + 1024, len(source)))):
-      out.append({k: rec[k] for k in ('item_id', 'image_w', 'image_h', 'boxes', 'features')})
-  return out
+  for start in range(0, len(source), chunk):
+    yield [
+        {k: rec[k] for k in ('item_id', 'image_w', 'image_h', 'boxes', 'features')}
+        for rec in source.read_records(range(start, min(start + chunk, len(source))))
+    ]
 
 
 def propose_records(
@@ -103,6 +106,8 @@ def propose_split(
     IncompatibleProposerError: the proposer was trained for another feature
       width or architecture than the config's.
   """
+  if method not in proposals_lib.METHODS:
+    raise ValueError(f'unknown proposer {method!r}; expected one of {proposals_lib.METHODS}')
   if method == 'oracle':
     path = sidecar_path(config, split)
     if not path.is_file():
@@ -111,19 +116,21 @@ def propose_split(
           "(real data has none: use eval.instances='learned' or 'boxes')"
       )
     sidecar = formats.read_instances(str(path))
-    # Labels kept: the oracle is the sidecar, restricted to the stored regions.
-    records = read_split(config, split, source)
-    out = {}
-    for r in records:
-      n = len(r['boxes'])
-      out[r['item_id']] = [
-          formats.Instance(i.label, tuple(x for x in i.regions if 0 <= x < n))
-          for i in sidecar.get(r['item_id'], ())
-          if any(0 <= x < n for x in i.regions)
-      ]
-    return out
-  records = read_split(config, split, source)
-  return proposals_lib.as_instances(propose_records(records, method, config, workdir))
+  proposer = train_lib.LearnedProposer(workdir, config) if method == 'learned' else None
+  out: dict[str, list[formats.Instance]] = {}
+  for records in iter_split(config, split, source):
+    if method == 'oracle':  # labels kept: the sidecar, restricted to the stored regions
+      for r in records:
+        n = len(r['boxes'])
+        out[r['item_id']] = [
+            formats.Instance(i.label, tuple(x for x in i.regions if 0 <= x < n))
+            for i in sidecar.get(r['item_id'], ())
+            if any(0 <= x < n for x in i.regions)
+        ]
+    else:
+      props = propose_records(records, method, config, workdir, proposer)
+      out.update(proposals_lib.as_instances(props))
+  return out
 
 
 def evaluate_proposers(
@@ -145,30 +152,41 @@ def evaluate_proposers(
   Returns:
     method -> quality metrics (`proposals.proposal_quality`).
   """
-  records = read_split(config, split, source)
-  num_regions = {r['item_id']: len(r['boxes']) for r in records}
-  ids = [r['item_id'] for r in records]
   path = sidecar_path(config, split)
   sidecar = formats.read_instances(str(path)) if path.is_file() else None
   if out_dir is None:
     if workdir is None:
       raise ValueError('evaluate_proposers needs out_dir or workdir to write proposals to')
     out_dir = train_lib.proposer_dir(workdir)
-  results = {}
+  active = []
   for method in methods:
     if method == 'learned' and not train_lib.has_trained_proposer(workdir):
       print(f'learned: no trained proposer in {workdir}; skipped', flush=True)
-      continue
-    if method == 'oracle' and sidecar is None:
+    elif method == 'oracle' and sidecar is None:
       print(f'oracle: no sidecar {path}; skipped', flush=True)
-      continue
-    props = propose_records(records, method, config, workdir, sidecar=sidecar)
+    elif method not in proposals_lib.METHODS:
+      raise ValueError(f'unknown proposer {method!r}; expected one of {proposals_lib.METHODS}')
+    else:
+      active.append(method)
+  proposer = train_lib.LearnedProposer(workdir, config) if 'learned' in active else None
+  props: dict[str, dict[str, list[proposals_lib.Proposal]]] = {m: {} for m in active}
+  num_regions: dict[str, int] = {}
+  ids: list[str] = []
+  for records in iter_split(config, split, source):
+    ids += [r['item_id'] for r in records]
+    num_regions.update({r['item_id']: len(r['boxes']) for r in records})
+    for method in active:
+      props[method].update(
+          propose_records(records, method, config, workdir, proposer, sidecar=sidecar)
+      )
+  results = {}
+  for method in active:
     proposals_lib.write_proposals(
-        os.path.join(out_dir, method, proposals_lib.proposals_filename(split)), props, ids
+        os.path.join(out_dir, method, proposals_lib.proposals_filename(split)), props[method], ids
     )
     if sidecar is not None:
-      results[method] = proposals_lib.proposal_quality(props, sidecar, num_regions)
+      results[method] = proposals_lib.proposal_quality(props[method], sidecar, num_regions)
     else:
-      n = sum(len(v) for v in props.values())
+      n = sum(len(v) for v in props[method].values())
       results[method] = {'proposals_per_sample': n / max(len(ids), 1), 'samples': len(ids)}
   return results

@@ -10,6 +10,8 @@ a resumed run trains on the same batches as an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -123,6 +125,28 @@ def load_donor_records(config: ml_collections.ConfigDict) -> list[dict[str, Any]
   return records
 
 
+class _StopRequest:
+  """Turns SIGTERM / SIGINT into a flag the loop checks once per step (main thread only)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
 @dataclasses.dataclass
 class TrainResult:
   params: Any
@@ -222,30 +246,28 @@ def train(
   metrics: dict[str, float] = {}
   running: list[dict] = []
   t0 = time.time()
-  while step < end:
-    batch = compose.make_batch(pool, config.seed, step, config)
-    try:
+  stop = _StopRequest()
+  with stop:
+    while step < end:
+      batch = compose.make_batch(pool, config.seed, step, config)
       params, opt_state, m = train_step(params, opt_state, batch)
-    except KeyboardInterrupt:  # Ctrl-C: keep what was trained; a rerun resumes from here
-      if step:
-        save(step, force=True)
-        manager.wait_until_finished()
-        print(f'\ninterrupted: proposer saved at step {step}', flush=True)
-      raise
-    step += 1
-    running.append(m)
-    if step % cfg.log_every == 0 or step == end:
-      metrics = {k: float(np.mean([float(x[k]) for x in running])) for k in running[0]}
-      running = []
-      line = ' '.join(f'{k}={v:.4f}' for k, v in metrics.items())
+      step += 1
+      running.append(m)
+      if step % cfg.log_every == 0 or step == end:
+        metrics = {k: float(np.mean([float(x[k]) for x in running])) for k in running[0]}
+        running = []
+        line = ' '.join(f'{k}={v:.4f}' for k, v in metrics.items())
+        if bar is not None:
+          bar.set_postfix_str(f'loss={metrics["loss"]:.3f} pair_acc={metrics["pair_accuracy"]:.3f}')
+        else:
+          print(f'proposer step {step}: {line} ({time.time() - t0:.0f}s)', flush=True)
       if bar is not None:
-        bar.set_postfix_str(f'loss={metrics["loss"]:.3f} pair_acc={metrics["pair_accuracy"]:.3f}')
-      else:
-        print(f'proposer step {step}: {line} ({time.time() - t0:.0f}s)', flush=True)
-    if bar is not None:
-      bar.update(1)
-    if step % cfg.checkpoint_every == 0 or step == end:  # (Orbax would also save the first step)
-      save(step, force=True)
+        bar.update(1)
+      if step % cfg.checkpoint_every == 0 or step == end or stop.requested:
+        save(step, force=True)  # (Orbax alone would also save the first step)
+      if stop.requested:
+        print(f'\nstopped by a signal: proposer saved at step {step}; rerun to resume', flush=True)
+        break
   if bar is not None:
     bar.close()
   manager.wait_until_finished()
