@@ -391,6 +391,12 @@ def test_split_proposals_feed_the_instance_pipeline(tmp_path):
   with pytest.raises(FileNotFoundError, match='instances_dev.jsonl, which does not exist'):
     instances.propose_split(c, 'dev', 'oracle')
   assert instances.default_method(tmp_path / 'no_run') == 'boxes'
+  assert instances.resolve_method(None, tmp_path / 'no_run') == 'boxes'
+  assert instances.resolve_method('oracle', tmp_path / 'no_run') == 'oracle'
+  with pytest.raises(FileNotFoundError, match='holds no trained proposer'):
+    instances.resolve_method('learned', tmp_path / 'no_run')
+  with pytest.raises(ValueError, match="unknown proposer 'rpn'"):
+    instances.resolve_method('rpn', None)
 
 
 def synthetic_dev_size():

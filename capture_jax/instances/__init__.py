@@ -16,7 +16,8 @@ proposed from the detector regions (boxes + features + image size):
 API for export / evaluation:
 
     from capture_jax import instances
-    method = instances.default_method(workdir)        # 'learned' or 'boxes'
+    method = instances.resolve_method(config.eval.instances or None, workdir)
+    # (None -> default_method(workdir): 'learned' if trained there, else 'boxes')
     inst = instances.propose_split(config, 'dev', method, workdir)
     # item_id -> [formats.Instance(label, regions)], the sidecar's type:
     it = pipeline.make_instance_eval_iterator(config, 'dev', instances=inst, ...)
@@ -39,6 +40,8 @@ dev; test is held out:
     test   learned                 0.954   0.843      3.47              0.513
     test   oracle (upper bound)    1.000   1.000      3.07              0.000
 
+A second training seed (`--config.seed=1`, stopped at step 200 and resumed)
+gives dev recall 0.937, precision 0.837, background assigned 0.514.
 With `affinity_threshold=0.5` the learned proposer over-merges (dev recall
 0.83-0.88): pasted instances differ in lighting as well as in product, real
 instances of one photo do not, so pseudo-trained affinities are
@@ -58,6 +61,7 @@ from capture_jax.instances.propose import evaluate_proposers
 from capture_jax.instances.propose import propose_records
 from capture_jax.instances.propose import propose_split
 from capture_jax.instances.propose import proposals_path
+from capture_jax.instances.propose import resolve_method
 from capture_jax.instances.trainer import IncompatibleProposerError
 from capture_jax.instances.trainer import LearnedProposer
 from capture_jax.instances.trainer import checkpoint_dir

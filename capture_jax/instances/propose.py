@@ -19,6 +19,26 @@ def default_method(workdir: str | Path | None) -> str:
   return 'learned' if train_lib.has_trained_proposer(workdir) else 'boxes'
 
 
+def resolve_method(method: str | None, workdir: str | Path | None) -> str:
+  """The proposer to use: `method`, or `default_method(workdir)` when it is None or ''.
+
+  Raises:
+    ValueError: an unknown method.
+    FileNotFoundError: 'learned' when `workdir` holds no trained proposer.
+  """
+  if not method:
+    return default_method(workdir)
+  if method not in proposals_lib.METHODS:
+    raise ValueError(f'unknown proposer {method!r}; expected one of {proposals_lib.METHODS}')
+  if method == 'learned' and not train_lib.has_trained_proposer(workdir):
+    raise FileNotFoundError(
+        f'eval.instances=learned but {train_lib.checkpoint_dir(workdir or ".")} holds no trained '
+        'proposer; train one with `python -m capture_jax.instances train --config=... '
+        f'--workdir={workdir}` or use boxes'
+    )
+  return method
+
+
 def sidecar_path(config: ml_collections.ConfigDict, split: str) -> Path:
   return Path(config.data.data_dir) / formats.instances_filename(split)
 
