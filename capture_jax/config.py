@@ -200,6 +200,51 @@ def eval_config() -> ml_collections.ConfigDict:
   return e
 
 
+def instances_config() -> ml_collections.ConfigDict:
+  """Product-instance proposals (`capture_jax.instances`): the `boxes` rule and the
+  `learned` proposer trained on copy-and-paste pseudo-labels."""
+  i = ml_collections.ConfigDict()
+  # Training-free `boxes` proposer (geometry.propose_boxes).
+  i.boxes_iou = 0.5  # a box with this IoU with a group's anchor is a duplicate of it
+  i.boxes_containment = 0.8  # a box this much inside an anchor is a part of it
+  i.boxes_min_area = 0.005  # boxes smaller than this fraction of the image are specks ...
+  i.boxes_max_area = 0.9  # ... larger ones the scene, not a product: both background
+  # Pseudo-samples (compose.py): donors, products per canvas, clutter.
+  i.donor_splits = 'gallery'  # comma-separated; single-product splits only
+  i.train_is_single_product = False  # allow 'train' as a donor split (its pairs are mixed)
+  i.max_donors = 20000  # donors read into memory, at most (a seeded subset)
+  i.donor_outliers = 'background'  # 'background' or 'instance' (see compose.py)
+  i.min_products = 2
+  i.max_products = 7
+  i.max_clutter = 3  # clutter regions per pseudo-sample, at most
+  i.hard_fraction = 0.9  # other donors drawn among the first's look-alikes ...
+  i.hard_neighbours = 10  # ... its nearest donors in mean region feature
+  # Model (model.ProposerModel).
+  i.hidden_size = 128
+  i.num_layers = 2
+  i.num_heads = 4
+  # Training (`python -m capture_jax.instances train`).
+  i.batch_size = 32
+  i.num_steps = 400
+  i.learning_rate = 2e-3
+  i.warmup_steps = 50
+  i.weight_decay = 1e-4
+  i.checkpoint_every = 200
+  i.keep_last = 2
+  i.log_every = 50
+  i.progress_bar = True
+  # Grouping rule of the learned proposer (model.group_regions).
+  i.objectness_threshold = 0.5
+  # Pasted instances come from different photos and so also differ in lighting,
+  # which real instances of one photo share: affinities learned on pseudo-samples
+  # are over-confident on real ones, so groups merge only on confident affinity.
+  # 0.8 was chosen on the demo world's dev split (0.5 over-merges); see
+  # docs in capture_jax/instances/__init__.py for the measured figures.
+  i.affinity_threshold = 0.8
+  i.propose_batch_size = 256  # samples scored together at inference
+  return i
+
+
 def base_config() -> ml_collections.ConfigDict:
   """Every field of a run; `configs/*.py` override from here."""
   c = ml_collections.ConfigDict()
@@ -211,6 +256,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train = train_config()
   c.checkpoint = checkpoint_config()
   c.eval = eval_config()
+  c.instances = instances_config()
   # One source of truth for the text length: the pipeline pads to the model's.
   c.data.max_text_len = c.model.get_ref('max_text_len')
   c.data.feature_dim = c.model.get_ref('v_feature_size')

@@ -1,0 +1,365 @@
+"""Training the learned proposer on copy-and-paste pseudo-labels, and loading it.
+
+Layout: `{workdir}/instances/checkpoints/{step}/{params,opt_state,config}`
+(Orbax). The saved config holds the `instances` block and the feature width
+the proposer was trained for. Starting in a workdir that has checkpoints
+resumes from the latest one; batches are a pure function of (seed, step), so
+a resumed run trains on the same batches as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+from capture_jax.instances import compose
+from capture_jax.instances import model as model_lib
+from capture_jax.instances import proposals as proposals_lib
+
+
+class IncompatibleProposerError(ValueError):
+  """A proposer checkpoint of another architecture or feature width than the config's."""
+
+
+def proposer_dir(workdir: str | Path) -> Path:
+  """Where a workdir keeps its learned proposer (and proposals files)."""
+  return Path(workdir) / 'instances'
+
+
+def checkpoint_dir(workdir: str | Path) -> Path:
+  return proposer_dir(workdir) / 'checkpoints'
+
+
+def _manager(workdir: str | Path, config: ml_collections.ConfigDict | None = None):
+  cfg = config.instances if config is not None else None
+  options = ocp.CheckpointManagerOptions(
+      save_interval_steps=cfg.checkpoint_every if cfg else 1,
+      max_to_keep=cfg.keep_last if cfg else None,
+      enable_async_checkpointing=False,
+      create=config is not None,
+  )
+  return ocp.CheckpointManager(
+      checkpoint_dir(workdir).absolute(),
+      options=options,
+      item_names=('params', 'opt_state', 'config'),
+  )
+
+
+def has_trained_proposer(workdir: str | Path | None) -> bool:
+  """Whether `workdir` holds a learned proposer checkpoint (for `eval.instances`' default)."""
+  if not workdir:
+    return False
+  d = checkpoint_dir(workdir)
+  return d.is_dir() and any(p.name.isdigit() for p in d.iterdir())
+
+
+def saved_signature(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """What a checkpoint records about the proposer: its architecture and input width."""
+  sig = {k: int(config.instances[k]) for k in model_lib.ARCHITECTURE_FIELDS}
+  sig['feature_dim'] = int(config.data.feature_dim)
+  return sig
+
+
+def _check_signature(saved: dict, ours: dict, where: Path) -> None:
+  diffs = [
+      f'{k}: checkpoint {saved.get(k)!r}, config {v!r}'
+      for k, v in ours.items()
+      if saved.get(k) != v
+  ]
+  if diffs:
+    raise IncompatibleProposerError(
+        f'{where} holds a proposer of another configuration: '
+        + '; '.join(diffs)
+        + ' (instances.* fields / data.feature_dim). Use another --workdir or the matching config.'
+    )
+
+
+def load_donor_records(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
+  """The donor samples of `instances.donor_splits`, at most `instances.max_donors` (a seeded subset).
+
+  Only regions, boxes and image sizes are used: labels are never read.
+  """
+  from capture_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+
+  cfg = config.instances
+  splits = [s.strip() for s in cfg.donor_splits.split(',') if s.strip()]
+  if not splits:
+    raise ValueError('instances.donor_splits is empty; expected e.g. "gallery"')
+  if 'train' in splits and not cfg.train_is_single_product:
+    raise ValueError(
+        "instances.donor_splits includes 'train', whose pairs carry no labels and mix single- and "
+        'multi-product images; set instances.train_is_single_product=True only if every training '
+        'image shows one product'
+    )
+  for s in splits:
+    if s in ('dev', 'test'):
+      raise ValueError(
+          f'instances.donor_splits includes {s!r}: query splits are multi-product and must not '
+          'be read to train a proposer; expected single-product splits such as "gallery"'
+      )
+  refs = []
+  sources = {}
+  for s in splits:
+    sources[s] = pipeline.make_source(config, s)
+    refs += [(s, i) for i in range(len(sources[s]))]
+  if len(refs) > cfg.max_donors:
+    pick = np.random.default_rng([config.seed, 0xD0]).choice(len(refs), cfg.max_donors, False)
+    refs = [refs[i] for i in np.sort(pick)]
+  records = []
+  for s in splits:
+    idx = [i for split, i in refs if split == s]
+    for start in range(0, len(idx), 1024):
+      for rec in sources[s].read_records(idx[start : start + 1024]):
+        records.append({k: rec[k] for k in ('item_id', 'image_w', 'image_h', 'boxes', 'features')})
+  return records
+
+
+class _StopRequest:
+  """Turns SIGTERM / SIGINT into a flag the loop checks once per step (main thread only)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+@dataclasses.dataclass
+class TrainResult:
+  params: Any
+  step: int
+  metrics: dict[str, float]
+
+
+def _optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, cfg.learning_rate, max(cfg.warmup_steps, 1), max(cfg.num_steps, cfg.warmup_steps + 1)
+  )
+  return optax.chain(
+      optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=cfg.weight_decay)
+  )
+
+
+def train(
+    config: ml_collections.ConfigDict,
+    workdir: str | Path,
+    pool: compose.DonorPool | None = None,
+    stop_after: int | None = None,
+) -> TrainResult:
+  """Trains (or resumes training) the learned proposer; checkpoints in `workdir`.
+
+  Args:
+    config: reads `instances.*`, `data.feature_dim`, `data.max_regions`,
+      `seed`, and the data fields of `pipeline.make_source` (unless `pool`).
+    workdir: the run folder; the proposer goes to `{workdir}/instances/`.
+    pool: donors (default: read from `instances.donor_splits`).
+    stop_after: stop (and checkpoint) after this many steps of this call.
+  Raises:
+    IncompatibleProposerError: the workdir's checkpoint is of another
+      architecture or feature width.
+    ValueError: donors of another feature width than `data.feature_dim`.
+  """
+  cfg = config.instances
+  manager = _manager(workdir, config)
+  sig = saved_signature(config)
+  latest = manager.latest_step()
+  if latest is not None:  # before reading any data: a wrong workdir fails fast
+    saved = manager.restore(latest, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    _check_signature(saved['config']['signature'], sig, checkpoint_dir(workdir))
+  if pool is None:
+    pool = compose.make_pool(load_donor_records(config), config)
+  if pool.feature_dim != config.data.feature_dim:
+    raise ValueError(
+        f'donor features have width {pool.feature_dim}, expected data.feature_dim='
+        f'{config.data.feature_dim}'
+    )
+  model = model_lib.make_model(cfg)
+  tx = _optimizer(cfg)
+  r = int(config.data.max_regions)
+  init_batch = (
+      jnp.zeros((1, r, config.data.feature_dim)),
+      jnp.tile(jnp.array([0.1, 0.1, 0.5, 0.5]), (1, r, 1)),
+      jnp.ones((1, r), bool),
+  )
+  # Jitted: eager Flax init compiles every op separately (seconds on CPU).
+  params = jax.jit(model.init)(jax.random.PRNGKey(config.seed), *init_batch)['params']
+  opt_state = tx.init(params)
+  step = 0
+  if latest is not None:
+    restored = manager.restore(
+        latest,
+        args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(params), opt_state=ocp.args.StandardRestore(opt_state)
+        ),
+    )
+    params, opt_state, step = restored['params'], restored['opt_state'], int(latest)
+    print(f'resuming the proposer from step {step} ({checkpoint_dir(workdir)})', flush=True)
+
+  @jax.jit
+  def train_step(params, opt_state, batch):
+    grads, metrics = jax.grad(lambda p: model_lib.loss_fn(model, p, batch), has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, metrics
+
+  saved_config = {'signature': sig, 'instances': cfg.to_dict(), 'max_regions': r}
+
+  def save(s: int, force: bool = False) -> None:
+    manager.save(
+        s,
+        args=ocp.args.Composite(
+            params=ocp.args.StandardSave(params),
+            opt_state=ocp.args.StandardSave(opt_state),
+            config=ocp.args.JsonSave(saved_config),
+        ),
+        force=force,
+    )
+
+  end = cfg.num_steps if stop_after is None else min(cfg.num_steps, step + stop_after)
+  bar = None
+  if cfg.progress_bar and end > step:
+    from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+
+    bar = tqdm(total=end - step, desc='proposer', unit='step', dynamic_ncols=True)
+  metrics: dict[str, float] = {}
+  running: list[dict] = []
+  t0 = time.time()
+  stop = _StopRequest()
+  with stop:
+    while step < end:
+      batch = compose.make_batch(pool, config.seed, step, config)
+      params, opt_state, m = train_step(params, opt_state, batch)
+      step += 1
+      running.append(m)
+      if step % cfg.log_every == 0 or step == end:
+        metrics = {k: float(np.mean([float(x[k]) for x in running])) for k in running[0]}
+        running = []
+        line = ' '.join(f'{k}={v:.4f}' for k, v in metrics.items())
+        if bar is not None:
+          bar.set_postfix_str(f'loss={metrics["loss"]:.3f} pair_acc={metrics["pair_accuracy"]:.3f}')
+        else:
+          print(f'proposer step {step}: {line} ({time.time() - t0:.0f}s)', flush=True)
+      if bar is not None:
+        bar.update(1)
+      if step % cfg.checkpoint_every == 0 or step == end or stop.requested:
+        save(step, force=True)  # (Orbax alone would also save the first step)
+      if stop.requested:
+        print(f'\nstopped by a signal: proposer saved at step {step}; rerun to resume', flush=True)
+        break
+  if bar is not None:
+    bar.close()
+  manager.wait_until_finished()
+  manager.close()
+  return TrainResult(params, step, metrics)
+
+
+class LearnedProposer:
+  """A trained proposer, restored from a workdir: `propose(records)`.
+
+  Attributes:
+    feature_dim: the feature width it was trained for.
+    step: the checkpoint step.
+  """
+
+  def __init__(self, workdir: str | Path, config: ml_collections.ConfigDict | None = None):
+    """Restores the latest checkpoint of `{workdir}/instances/checkpoints`.
+
+    Args:
+      workdir: the run folder the proposer was trained in.
+      config: if given, its architecture and `data.feature_dim` must match the
+        checkpoint's (else `IncompatibleProposerError`); its grouping
+        thresholds and `propose_batch_size` are used (default: the saved ones).
+    Raises:
+      FileNotFoundError: no checkpoint in the workdir.
+    """
+    if not has_trained_proposer(workdir):
+      raise FileNotFoundError(
+          f'no trained proposer in {checkpoint_dir(workdir)}; train one with `python -m '
+          f'capture_jax.instances train --config=... --workdir={workdir}`'
+      )
+    manager = _manager(workdir)
+    step = manager.latest_step()
+    saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
+    if config is not None:
+      _check_signature(saved['signature'], saved_signature(config), checkpoint_dir(workdir))
+      cfg = config.instances
+    else:
+      cfg = ml_collections.ConfigDict(saved['instances'])
+    self.feature_dim = int(saved['signature']['feature_dim'])
+    self.step = int(step)
+    self.objectness_threshold = float(cfg.objectness_threshold)
+    self.affinity_threshold = float(cfg.affinity_threshold)
+    self.batch_size = int(cfg.propose_batch_size)
+    self._model = model_lib.make_model(saved['signature'])
+    r = int(saved['max_regions'])
+    abstract = jax.eval_shape(
+        self._model.init,
+        jax.random.PRNGKey(0),
+        jnp.zeros((1, r, self.feature_dim)),
+        jnp.tile(jnp.array([0.1, 0.1, 0.5, 0.5]), (1, r, 1)),
+        jnp.ones((1, r), bool),
+    )['params']
+    self.params = manager.restore(
+        step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract))
+    )['params']
+    manager.close()
+    self._apply = jax.jit(
+        lambda p, f, b, m: jax.tree.map(jax.nn.sigmoid, self._model.apply({'params': p}, f, b, m))
+    )
+
+  def scores(self, records: Sequence[dict[str, Any]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per record, ([n, n] affinity probabilities, [n] objectness probabilities).
+
+    Raises:
+      ValueError: a record with no regions or features of another width than
+        the proposer's (naming the item and the expected width).
+    """
+    out = []
+    for start in range(0, len(records), self.batch_size):
+      chunk = records[start : start + self.batch_size]
+      checked = [proposals_lib.check_record(r, self.feature_dim) for r in chunk]
+      # Pad to a multiple of 8 regions: few shapes, few compilations.
+      r = max(len(c['boxes']) for c in checked)
+      r = -(-r // 8) * 8
+      batch = compose.pad_samples(
+          [
+              (c['features'], c['boxes'], rec['image_w'], rec['image_h'])
+              for c, rec in zip(checked, chunk)
+          ],
+          r,
+      )
+      aff, obj = self._apply(self.params, batch['features'], batch['boxes'], batch['mask'])
+      aff, obj = np.asarray(aff), np.asarray(obj)
+      for i, c in enumerate(checked):
+        n = len(c['boxes'])
+        out.append((aff[i, :n, :n], obj[i, :n]))
+    return out
+
+  def propose(self, records: Sequence[dict[str, Any]]) -> list[list[proposals_lib.Proposal]]:
+    """Proposals of each record (see `model.group_regions` for the rule)."""
+    return [
+        model_lib.group_regions(a, o, self.objectness_threshold, self.affinity_threshold)
+        for a, o in self.scores(records)
+    ]
