@@ -365,7 +365,7 @@ def test_donors_of_another_width_are_refused():
 def test_split_proposals_feed_the_instance_pipeline(tmp_path):
   """On a built tiny dataset: proposals files for boxes and oracle, the quality
   table, and `propose_split`'s result taken by the instance eval iterator."""
-  from capture_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  from capture_jax.data import eval_input  # pylint: disable=import-outside-toplevel
   from capture_jax.data import testing  # pylint: disable=import-outside-toplevel
 
   c = testing.tiny_dataset(tmp_path / 'tiny')
@@ -379,7 +379,7 @@ def test_split_proposals_feed_the_instance_pipeline(tmp_path):
   props = instances.propose_split(c, 'dev', 'boxes')
   assert props == written and len(props) == synthetic_dev_size()
   batches = list(
-      pipeline.make_instance_eval_iterator(
+      eval_input.make_instance_eval_iterator(
           c, 'dev', instances=props, process_index=0, process_count=1, batch_size=8
       )
   )

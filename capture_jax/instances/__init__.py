@@ -20,7 +20,7 @@ API for export / evaluation:
     # (None -> default_method(workdir): 'learned' if trained there, else 'boxes')
     inst = instances.propose_split(config, 'dev', method, workdir)
     # item_id -> [formats.Instance(label, regions)], the sidecar's type:
-    it = pipeline.make_instance_eval_iterator(config, 'dev', instances=inst, ...)
+    it = eval_input.make_instance_eval_iterator(config, 'dev', instances=inst, ...)
 
 Proposal quality against a sidecar: `proposal_quality`, or for all proposers
 with their proposals files written: `evaluate_proposers` /

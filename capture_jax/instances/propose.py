@@ -53,9 +53,9 @@ def iter_split(
 ) -> Iterator[list[dict[str, Any]]]:
   """The records of a split (item_id, image size, boxes, features), `chunk` at a time,
   in record order: a split is never held in memory whole."""
-  from capture_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  from capture_jax.data import source as source_lib  # pylint: disable=import-outside-toplevel
 
-  source = source or pipeline.make_source(config, split)
+  source = source or source_lib.make_source(config, split)
   for start in range(0, len(source), chunk):
     yield [
         {k: rec[k] for k in ('item_id', 'image_w', 'image_h', 'boxes', 'features')}
@@ -110,7 +110,7 @@ def propose_split(
 
   The result has the sidecar's type (`formats.Instance`, label '' for
   proposals; by decreasing score) and is what
-  `pipeline.make_instance_eval_iterator(config, split, instances=...)` takes.
+  `eval_input.make_instance_eval_iterator(config, split, instances=...)` takes.
 
   Args:
     config: reads `data.*` (TFDS dataset, data_dir for the oracle) and

@@ -90,7 +90,7 @@ def load_donor_records(config: ml_collections.ConfigDict) -> list[dict[str, Any]
 
   Only regions, boxes and image sizes are used: labels are never read.
   """
-  from capture_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  from capture_jax.data import source as source_lib  # pylint: disable=import-outside-toplevel
 
   cfg = config.instances
   splits = [s.strip() for s in cfg.donor_splits.split(',') if s.strip()]
@@ -111,7 +111,7 @@ def load_donor_records(config: ml_collections.ConfigDict) -> list[dict[str, Any]
   refs = []
   sources = {}
   for s in splits:
-    sources[s] = pipeline.make_source(config, s)
+    sources[s] = source_lib.make_source(config, s)
     refs += [(s, i) for i in range(len(sources[s]))]
   if len(refs) > cfg.max_donors:
     pick = np.random.default_rng([config.seed, 0xD0]).choice(len(refs), cfg.max_donors, False)
@@ -173,7 +173,7 @@ def train(
 
   Args:
     config: reads `instances.*`, `data.feature_dim`, `data.max_regions`,
-      `seed`, and the data fields of `pipeline.make_source` (unless `pool`).
+      `seed`, and the data fields of `source.make_source` (unless `pool`).
     workdir: the run folder; the proposer goes to `{workdir}/instances/`.
     pool: donors (default: read from `instances.donor_splits`).
     stop_after: stop (and checkpoint) after this many steps of this call.
