@@ -184,6 +184,15 @@ def eval_config() -> ml_collections.ConfigDict:
   # query), 'instances' (one query per product instance, merged round-robin) or
   # 'both' (the whole-sample list first, then the instances); all three are reported.
   e.query_mode = 'both'
+  # Where instance queries come from (`capture_jax.instances`): 'learned' (the proposer
+  # trained on copy-and-paste pseudo-samples, `python -m capture_jax.instances train`),
+  # 'boxes' (training-free box geometry) or 'oracle' (the synthetic world's sidecar: an
+  # upper bound, never the default). '' = 'learned' when the workdir holds a trained
+  # proposer, else 'boxes'.
+  e.instances = ''
+  # Also evaluate instance queries of the other available proposers (boxes; learned when
+  # trained; oracle when a sidecar exists), as extra rows of the report.
+  e.compare_proposers = False
   e.search = 'exact'  # 'exact' (chunked JAX) or 'faiss' (approximate; recall@100 against exact is reported)
   e.faiss_index = 'ivf'  # 'ivf' or 'hnsw'
   e.faiss_nlist = 0  # IVF lists; 0 = round(sqrt(gallery size))

@@ -6,10 +6,12 @@ Stages (each says what it does; re-running reuses what exists and says so):
 2. build the TFDS `product1m` dataset (ArrayRecord);
 3. pretrain `configs/demo.py` (MLM + MRM + contrastive), checkpoints in runs/demo/;
    an interrupted run continues from its last checkpoint;
-4. evaluate instance-level retrieval on the dev queries against the gallery
-   (`capture_jax.evaluate`: embedding export, exact search, the official
-   metrics, the baselines, report and plot);
-5. print the report table and the paths of the report, plot and embeddings.
+4. train the product-instance proposer on copy-and-paste pseudo-samples of
+   the gallery (`capture_jax.instances`);
+5. evaluate instance-level retrieval on the dev queries against the gallery
+   (`capture_jax.evaluate`: proposals, embedding export, exact search, the
+   official metrics, the baselines, report and plot);
+6. print the report table and the paths of the report, plot and embeddings.
 """
 
 from __future__ import annotations
@@ -121,8 +123,28 @@ def pretrain(config: ml_collections.ConfigDict, workdir: Path, number: int | Non
   done(t, 'pretraining finished')
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: Path, number: int | None = 4):
-  """Stage 4: `capture_jax.evaluate` on the dev split (exports already written are reused)."""
+def train_proposer(
+    config: ml_collections.ConfigDict, workdir: Path, number: int | None = 4
+) -> None:
+  """Stage 4: the learned product-instance proposer, on copy-and-paste pseudo-samples of the
+  gallery (`capture_jax.instances`); resumes, and is reused once trained."""
+  from capture_jax import instances as instances_lib  # pylint: disable=import-outside-toplevel
+
+  i = config.instances
+  t = stage(
+      number,
+      f'training the product-instance proposer for {i.num_steps} steps on copy-and-paste '
+      f'pseudo-samples of {i.donor_splits} (2-{i.max_products} products per canvas), '
+      f'checkpoints in {instances_lib.checkpoint_dir(workdir)}',
+  )
+  result = instances_lib.train(config, workdir)
+  if result.step < i.num_steps:  # stopped by SIGTERM/SIGINT, with a checkpoint
+    raise SystemExit('interrupted: run the same command again to continue from the last checkpoint')
+  done(t, f'proposer ready (step {result.step})')
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: Path, number: int | None = 5):
+  """Stage 5: `capture_jax.evaluate` on the dev split (exports already written are reused)."""
   from capture_jax import evaluate as evaluate_lib  # pylint: disable=import-outside-toplevel
 
   baselines = (
@@ -132,9 +154,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Path, number: int | Non
   )
   t = stage(
       number,
-      'evaluating instance-level retrieval: dev queries (whole samples and one query per product '
-      f'instance) against the gallery; embedding export, exact cosine search, the official '
-      f'mAP/Prec/mAR@R{baselines}',
+      'evaluating instance-level retrieval: dev queries (whole samples and one query per proposed '
+      'product instance) against the gallery; proposals, embedding export, exact cosine search, '
+      f'the official mAP/Prec/mAR@R{baselines}',
   )
   result = evaluate_lib.evaluate(config, workdir, 'dev')
   done(t, 'evaluation finished')
@@ -142,11 +164,11 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Path, number: int | Non
 
 
 def print_report(result, workdir: Path) -> None:
-  """Stage 5: the table and where everything is."""
+  """Stage 6: the table and where everything is."""
   from capture_jax.evaluation import metrics as metrics_lib  # pylint: disable=import-outside-toplevel
   from capture_jax.evaluation import report as report_lib  # pylint: disable=import-outside-toplevel
 
-  stage(5, 'the report')
+  stage(6, 'the report')
   print(result.table, flush=True)
   print(f'\nbest CAPTURE query mode on mAP@10: {result.best_query_mode}')
   capture = {m: v['mAP@10'] for m, v in result.metrics.items() if m.startswith('CAPTURE (')}
@@ -172,7 +194,7 @@ def print_report(result, workdir: Path) -> None:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:
-  """The five stages on `config` in `workdir` (data paths filled in under it)."""
+  """The six stages on `config` in `workdir` (data paths filled in under it)."""
   workdir = Path(workdir)
   fill_data_paths(config, workdir)
   print(
@@ -182,6 +204,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:
   start = time.perf_counter()
   prepare_data(config)
   pretrain(config, workdir)
+  train_proposer(config, workdir)
   result = evaluate(config, workdir)
   print_report(result, workdir)
   print(f'\ndemo finished in {time.perf_counter() - start:.0f} s', flush=True)

@@ -46,6 +46,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from capture_jax import export as export_lib
+from capture_jax import instances as instances_lib
 from capture_jax.data import eval_input
 from capture_jax.data import formats
 from capture_jax.data import source as source_lib
@@ -66,8 +67,20 @@ MEAN_REGION = 'Mean region feature (visual only)'
 EVALUATION_FILE = 'evaluation.json'
 
 
-def capture_method(mode: str, random_init: bool = False) -> str:
-  return f'CAPTURE{", random weights" if random_init else ""} ({mode})'
+# How each proposer's instance queries are named in the report; the oracle is the synthetic
+# world's own grouping, which real data does not have: always marked as an upper bound.
+PROPOSER_LABELS = {
+    'learned': 'learned proposals',
+    'boxes': 'box proposals',
+    'oracle': 'oracle instances, upper bound',
+}
+
+
+def capture_method(mode: str, random_init: bool = False, proposer: str = '') -> str:
+  """The report's name of a CAPTURE row: query mode, weights and, for instance queries, where
+  the instances came from (`capture_jax.instances`)."""
+  where = f', {PROPOSER_LABELS[proposer]}' if proposer and mode != 'whole' else ''
+  return f'CAPTURE{", random weights" if random_init else ""} ({mode}{where})'
 
 
 @dataclasses.dataclass
@@ -169,6 +182,8 @@ class EvalPlan:
   given: dict[str, emb_lib.Embeddings]  # exports passed on the command line
   with_instances: bool
   sources: dict[str, source_lib.Product1MSource]
+  proposers: list[str]  # the headline proposer first, then those compared with it
+  instance_rows: dict[str, eval_input.EvalRows]  # proposer -> its instance rows of the split
 
 
 def plan_exports(
@@ -192,17 +207,11 @@ def plan_exports(
         'pass both --gallery_embeddings and --query_embeddings (and --instance_embeddings for '
         'instance-level queries), or none of them'
     )
-  sidecar = Path(eval_input.sidecar_path(config, split))
-  with_instances = 'instances' in explicit if explicit else sidecar.is_file()
+  with_instances = 'instances' in explicit if explicit else True
   if not with_instances and e.query_mode != 'whole':
     raise FileNotFoundError(
-        f'eval.query_mode={e.query_mode!r} needs instance queries, but '
-        + (
-            'no --instance_embeddings was given'
-            if explicit
-            else f'the sidecar {sidecar} does not exist'
-        )
-        + ' (use --config.eval.query_mode=whole)'
+        f'eval.query_mode={e.query_mode!r} needs instance queries, but no '
+        '--instance_embeddings was given (use --config.eval.query_mode=whole)'
     )
   given = {name: emb_lib.read_embeddings(path) for name, path in explicit.items()}
   for name in ('queries', 'instances'):
@@ -212,29 +221,60 @@ def plan_exports(
   manager = None
   if not explicit:
     manager, step = checkpoint_lib.open_step(workdir, config, step)
-  where = {'gallery': 'gallery', 'queries': split, 'instances': split}
-  planned_rows: dict[str, eval_input.EvalRows] = {'queries': query_rows}
-
-  def rows_of(name: str) -> eval_input.EvalRows:
-    if name not in planned_rows:
-      kind = 'instances' if name == 'instances' else 'samples'
-      planned_rows[name] = export_lib.plan_rows(config, sources[where[name]], kind)
-    return planned_rows[name]
+  where = {'gallery': 'gallery', 'queries': split}
+  rows = {'queries': query_rows}
+  proposers: list[str] = []
+  instance_rows: dict[str, eval_input.EvalRows] = {}
+  if with_instances and 'instances' not in explicit:
+    headline = instances_lib.resolve_method(e.instances, workdir)
+    proposers = [headline]
+    if e.compare_proposers:
+      proposers += [p for p in available_proposers(config, split, workdir) if p != headline]
+    for p in proposers:
+      instance_rows[p] = export_lib.plan_rows(
+          config, sources[split], 'instances', workdir=workdir, proposer=p
+      )
+      name = 'instances' if p == headline else f'instances {p}'
+      where[name], rows[name] = split, instance_rows[p]
 
   def job(name: str, job_step: int | None, suffix: str = '') -> ExportJob:
-    rows = rows_of(name)
-    out_dir = export_lib.default_out_dir(workdir, e.embedding, rows.split, rows.kind, job_step)
-    return ExportJob(name + suffix, job_step, out_dir, rows, sources[where[name]])
+    if name not in rows:
+      where.setdefault(name, 'gallery')
+      rows[name] = export_lib.plan_rows(config, sources[where[name]], 'samples')
+    r = rows[name]
+    out_dir = export_lib.default_out_dir(
+        workdir, e.embedding, r.split, r.kind, job_step, r.proposer
+    )
+    return ExportJob(name + suffix, job_step, out_dir, r, sources[where[name]])
 
-  names = ['gallery', 'queries'] + (['instances'] if with_instances else [])
+  names = ['gallery', 'queries'] + [n for n in rows if n.startswith('instances')]
   jobs = [job(name, step) for name in names if name not in explicit]
   if e.baselines:
-    random_names = ['gallery', 'queries'] + (['instances'] if e.query_mode != 'whole' else [])
+    random_names = ['gallery', 'queries'] + (['instances'] if 'instances' in rows else [])
     jobs += [job(name, None, ' random weights') for name in random_names]
   plan = EvalPlan(
-      split, step, list(dict.fromkeys(query_rows.item_id)), jobs, given, with_instances, sources
+      split,
+      step,
+      list(dict.fromkeys(query_rows.item_id)),
+      jobs,
+      given,
+      with_instances,
+      sources,
+      proposers,
+      instance_rows,
   )
   return plan, manager
+
+
+def available_proposers(config: ml_collections.ConfigDict, split: str, workdir: Path) -> list[str]:
+  """The proposers that can run here: boxes always, learned when the workdir holds a trained
+  one, oracle when the data has an instance sidecar."""
+  out = ['boxes']
+  if instances_lib.has_trained_proposer(workdir):
+    out.insert(0, 'learned')
+  if Path(eval_input.sidecar_path(config, split)).is_file():
+    out.append('oracle')
+  return out
 
 
 def ensure_exports(
@@ -362,24 +402,51 @@ def rank_model(
     query_ids: Sequence[str],
     queries: emb_lib.Embeddings,
     gallery: emb_lib.Embeddings,
-    instances: emb_lib.Embeddings | None,
-    modes: Sequence[str],
+    instances: Mapping[str, emb_lib.Embeddings],
+    headline: str,
     suffix: str = '',
 ) -> dict[str, dict[str, list[str]]]:
-  """Mode -> query id -> the model's ranked list: whole-sample, and merged with the instances'."""
+  """Method name -> query id -> the model's ranked list.
+
+  The whole-sample list, and for each proposer's instance queries
+  (`instances`: proposer -> export) the per-instance lists merged with it in
+  the `instances` and `both` modes (`headline` first).
+  """
   whole = search_lib.indices_to_ranked_lists(
       queries.item_id,
       gallery.item_id,
       searcher('queries' + suffix, queries.vectors, gallery.vectors),
   )
-  per_instance = None
-  if instances is not None:
+  random_init = bool(suffix)
+  out = {capture_method('whole', random_init): merged_lists(query_ids, whole, None, 'whole')}
+  for proposer in sorted(instances, key=lambda p: p != headline):
+    export = instances[proposer]
     per_instance = instance_lists(
-        instances,
-        searcher('instances' + suffix, instances.vectors, gallery.vectors),
+        export,
+        searcher(f'instances {proposer}{suffix}', export.vectors, gallery.vectors),
         gallery.item_id,
     )
-  return {mode: merged_lists(query_ids, whole, per_instance, mode) for mode in modes}
+    for mode in ('instances', 'both'):
+      out[capture_method(mode, random_init, proposer)] = merged_lists(
+          query_ids, whole, per_instance, mode
+      )
+  return out
+
+
+def instance_exports(
+    exports: Mapping[str, emb_lib.Embeddings], plan: EvalPlan, suffix: str = ''
+) -> dict[str, emb_lib.Embeddings]:
+  """Proposer -> the export of its instance queries (`suffix`: ' random weights')."""
+  out = {}
+  for name, export in exports.items():
+    if name.startswith('instances') and name.endswith(suffix) and (suffix or 'random' not in name):
+      out[proposer_method(export.metadata.get('proposer') or '')] = export
+  return out
+
+
+def proposer_method(tag: str) -> str:
+  """An export's proposer tag ('learned-400', 'boxes', ...) -> the proposer's name ('' if none)."""
+  return tag.split('-')[0]
 
 
 # --------------------------------------------------------------------------
@@ -425,15 +492,17 @@ def rank_baselines(
   rg, rq = exports['gallery random weights'], exports['queries random weights']
   check_pair(rq, rg)
   mode = e.query_mode
+  headline = plan.proposers[0] if plan.proposers else ''
   random_lists = rank_model(
       searcher,
       query_ids,
       rq,
       rg,
-      exports.get('instances random weights'),
-      [mode],
+      instance_exports(exports, plan, ' random weights'),
+      headline,
       suffix=' random weights',
   )
+  random_method = capture_method(mode, random_init=True, proposer=headline)
   gallery = exports['gallery']
   titles = lambda ids: [gt.titles.get(i, '') for i in ids]
   tq, tg = baselines.tfidf_embeddings(
@@ -442,7 +511,7 @@ def rank_baselines(
   mq = mean_region_vectors(config, plan.split, query_ids, plan.sources[plan.split])
   mg = mean_region_vectors(config, 'gallery', gallery.item_id, plan.sources['gallery'])
   return {
-      capture_method(mode, random_init=True): random_lists[mode],
+      random_method: random_lists[random_method],
       TFIDF: search_lib.indices_to_ranked_lists(
           query_ids, gallery.item_id, searcher(TFIDF, tq, tg)
       ),
@@ -454,6 +523,29 @@ def rank_baselines(
 
 # --------------------------------------------------------------------------
 # The report.
+
+
+def proposal_quality(
+    config: ml_collections.ConfigDict, plan: EvalPlan
+) -> dict[str, dict[str, float]]:
+  """Proposer -> quality of its instances against the sidecar (empty without a sidecar: real
+  data has none); see `capture_jax.instances.proposal_quality`."""
+  path = Path(eval_input.sidecar_path(config, plan.split))
+  if not plan.instance_rows or not path.is_file():
+    return {}
+  truth = formats.read_instances(str(path))
+  source = plan.sources[plan.split]
+  num_regions = {
+      r['item_id']: min(len(r['boxes']), config.data.max_regions)
+      for r in source.read_records(range(len(source)))
+  }
+  out = {}
+  for proposer, rows in plan.instance_rows.items():
+    found: dict[str, list[formats.Instance]] = {item: [] for item in num_regions}
+    for item, regions in zip(rows.item_id, rows.regions):
+      found[item].append(formats.Instance('', regions))
+    out[proposer] = instances_lib.proposal_quality(found, truth, num_regions)
+  return out
 
 
 def _slug(method: str) -> str:
@@ -472,15 +564,19 @@ def write_outputs(
     gt: metrics_lib.GroundTruth,
     searcher: Searcher,
     rates: Mapping[str, float],
+    quality: Mapping[str, Mapping[str, float]],
 ) -> EvalResult:
   """Ranked lists, `report.md`, `metrics.json`, the plot and `evaluation.json` in `out_dir`."""
   e = config.eval
   kind = e.embedding
   split, step, query_ids = plan.split, plan.step, plan.query_ids
   gallery, instances = exports['gallery'], exports.get('instances')
-  capture_modes = {mode: metrics[capture_method(mode)] for mode in modes}
+  headline = plan.proposers[0] if plan.proposers else ''
+  capture_modes = {mode: metrics[capture_method(mode, proposer=headline)] for mode in modes}
   best_mode = max(capture_modes, key=lambda m: capture_modes[m]['mAP@10'])
-  main_method = capture_method(e.query_mode if e.query_mode in modes else 'whole')
+  main_method = capture_method(
+      e.query_mode if e.query_mode in modes else 'whole', proposer=headline
+  )
 
   out_dir.mkdir(parents=True, exist_ok=True)
   metrics_lib.write_ranked_lists(out_dir / metrics_lib.RANKED_FILE, ranked[main_method])
@@ -525,6 +621,18 @@ def write_outputs(
         f'- Baselines on the same queries and gallery: {TFIDF}, {MEAN_REGION}, and the same model '
         f'with random weights (seed {config.seed}, query mode {e.query_mode}).'
     )
+  if plan.proposers:
+    notes.append(
+        f'- Instance queries: {", ".join(PROPOSER_LABELS[p] for p in plan.proposers)} '
+        f'(`capture_jax.instances`; headline: {PROPOSER_LABELS[headline]}, eval.instances='
+        f"{e.instances!r}). The oracle is the synthetic world's own grouping: an upper bound that "
+        'real data does not have.'
+    )
+  if quality:
+    notes.append(
+        '- Proposal quality against the instance sidecar (a proposal matches an instance when '
+        'their region sets overlap with IoU >= 0.5):\n\n' + instances_lib.quality_table(quality)
+    )
   if rates:
     notes.append(
         '- Export throughput: '
@@ -544,6 +652,8 @@ def write_outputs(
       'search': e.search,
       'faiss_recall_at_100': recall or None,
       'search_seconds': searcher.seconds,
+      'proposers': list(plan.proposers),
+      'proposal_quality': dict(quality) or None,
       'export_samples_per_s': dict(rates),
       'counts': {
           'queries': len(query_ids),
@@ -615,10 +725,10 @@ def evaluate(
 
   # 3-4. Search and ranked lists of every method, in query order.
   searcher = Searcher(config)
-  instances = exports.get('instances')
-  modes = instance_merge.MERGE_MODES if instances is not None else ('whole',)
-  lists = rank_model(searcher, plan.query_ids, queries, gallery, instances, modes)
-  ranked = {capture_method(mode): lists[mode] for mode in modes}
+  by_proposer = instance_exports(exports, plan)
+  headline = plan.proposers[0] if plan.proposers else next(iter(by_proposer), '')
+  ranked = rank_model(searcher, plan.query_ids, queries, gallery, by_proposer, headline)
+  modes = instance_merge.MERGE_MODES if by_proposer else ('whole',)
   if config.eval.baselines:
     ranked.update(rank_baselines(config, plan, exports, gt, searcher))
 
@@ -628,8 +738,9 @@ def evaluate(
       for m, lists in ranked.items()
   }
   out_dir = Path(out_dir) if out_dir else workdir / f'eval_{split}'
+  quality = proposal_quality(config, plan)
   return write_outputs(
-      config, out_dir, workdir, plan, exports, ranked, metrics, modes, gt, searcher, rates
+      config, out_dir, workdir, plan, exports, ranked, metrics, modes, gt, searcher, rates, quality
   )
 
 

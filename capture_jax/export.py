@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -39,6 +38,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from capture_jax import batch as batch_lib
+from capture_jax import instances as instances_lib
 from capture_jax import progress as progress_lib
 from capture_jax.data import eval_input
 from capture_jax.data import formats
@@ -85,18 +85,33 @@ def validate_request(config: ml_collections.ConfigDict, split: str, rows: str) -
 
 
 def plan_rows(
-    config: ml_collections.ConfigDict, source: source_lib.Product1MSource, rows: str
+    config: ml_collections.ConfigDict,
+    source: source_lib.Product1MSource,
+    rows: str,
+    *,
+    workdir: str | Path | None = None,
+    proposer: str | None = None,
 ) -> eval_input.EvalRows:
-  """The rows to embed: every sample of the split, or every product instance of its samples."""
+  """The rows to embed: every sample of the split, or every product instance of its samples.
+
+  Instances come from `proposer` (default `eval.instances`; see
+  `capture_jax.instances.resolve_method`): the learned proposer of `workdir`,
+  the box rule, or the synthetic world's sidecar (`oracle`, an upper bound).
+  """
   if rows == 'samples':
     return eval_input.sample_rows(source)
-  path = eval_input.sidecar_path(config, source.split)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(
-        f'instance-level rows need the instance sidecar {path}, which does not exist '
-        "(set eval.query_mode='whole' to evaluate whole-sample queries only)"
-    )
-  return eval_input.instance_rows(source, formats.read_instances(path), config.data.max_regions)
+  method = instances_lib.resolve_method(proposer or config.eval.instances, workdir)
+  found = instances_lib.propose_split(config, source.split, method, workdir, source)
+  planned = eval_input.instance_rows(source, found, config.data.max_regions)
+  return dataclasses.replace(planned, proposer=proposer_tag(method, workdir))
+
+
+def proposer_tag(method: str, workdir: str | Path | None) -> str:
+  """What identifies a proposer's instances: its name, with the checkpoint step for `learned`
+  (a retrained proposer groups regions differently: its exports are other exports)."""
+  if method != 'learned':
+    return method
+  return f'learned-{instances_lib.LearnedProposer(workdir).step}'
 
 
 def random_model_params(config: ml_collections.ConfigDict, embedder: emb_lib.Embedder) -> Any:
@@ -109,16 +124,12 @@ def random_model_params(config: ml_collections.ConfigDict, embedder: emb_lib.Emb
 
 
 def default_out_dir(
-    workdir: str | Path, kind: str, split: str, rows: str, step: int | None
+    workdir: str | Path, kind: str, split: str, rows: str, step: int | None, proposer: str = ''
 ) -> Path:
+  """`{workdir}/embeddings/{step_S|random_init}/{kind}/{split}[-instances-{proposer}]`."""
   tag = 'random_init' if step is None else f'step_{step}'
-  return (
-      Path(workdir)
-      / 'embeddings'
-      / tag
-      / kind
-      / (split + ('-instances' if rows == 'instances' else ''))
-  )
+  name = split + (f'-instances-{proposer}' if rows == 'instances' else '')
+  return Path(workdir) / 'embeddings' / tag / kind / name
 
 
 # --------------------------------------------------------------------------
@@ -132,6 +143,7 @@ def export_plan(
     kind: str,
     checkpoint_step: int | None,
     count: int,
+    proposer: str = '',
 ) -> dict[str, Any]:
   """The identity of an export (`embeddings.IDENTITY_FIELDS`): what is embedded, with what, how it is cut."""
   b = config.data.eval_batch_size
@@ -147,6 +159,7 @@ def export_plan(
       'seed': config.seed if checkpoint_step is None else None,
       'model': config.model.to_dict(),
       'count': count,
+      'proposer': proposer or None,  # None for sample rows (as in exports before proposers)
       'shard_rows': shard_rows,
       'num_shards': math.ceil(count / shard_rows),
   }
@@ -224,7 +237,9 @@ def export_split(
   out_dir = Path(out_dir)
   is_main = distributed.is_main_process()
   n = len(rows)
-  plan = export_plan(config, rows.split, rows.kind, embedder.kind, checkpoint_step, n)
+  plan = export_plan(
+      config, rows.split, rows.kind, embedder.kind, checkpoint_step, n, rows.proposer
+  )
   done = reusable_export(out_dir, plan, overwrite)
   if done is not None:
     return ExportResult(out_dir, done, [], True, None)
@@ -374,7 +389,7 @@ def export(
   validate_request(config, split, rows)
   is_main = distributed.is_main_process()
   source = source_lib.make_source(config, split)  # a split that was not built fails here
-  planned = plan_rows(config, source, rows)  # and a missing instance sidecar here
+  planned = plan_rows(config, source, rows, workdir=workdir)  # and a proposer that is missing
   manager = None
   if not random_init:
     manager, step = checkpoint_lib.open_step(workdir, config, step)
@@ -382,9 +397,11 @@ def export(
     step = None
   try:
     kind = config.eval.embedding
-    out_dir = Path(out) if out else default_out_dir(workdir, kind, split, rows, step)
+    out_dir = (
+        Path(out) if out else default_out_dir(workdir, kind, split, rows, step, planned.proposer)
+    )
     what = 'random initialisation' if step is None else f'checkpoint step {step}'
-    plan = export_plan(config, split, rows, kind, step, len(planned))
+    plan = export_plan(config, split, rows, kind, step, len(planned), planned.proposer)
     done = reusable_export(out_dir, plan, overwrite)
     if done is not None:
       if is_main:
@@ -449,7 +466,10 @@ def define_flags() -> dict[str, Any]:
           'out', None, 'Output folder (default {workdir}/embeddings/step_{STEP}/{kind}/{split}).'
       ),
       'instances': flags.DEFINE_bool(
-          'instances', False, 'One row per product instance (instance queries).'
+          'instances',
+          False,
+          'One row per product instance (instance queries), from the proposer of '
+          '--config.eval.instances (default: learned if trained in the workdir, else boxes).',
       ),
       'random_init': flags.DEFINE_bool(
           'random_init', False, 'Embed with the untrained model (config seed).'

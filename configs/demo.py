@@ -41,6 +41,9 @@ def get_config(arg=None):
   # Retrieve with the vectors the contrastive loss trains (the encoder poolers);
   # the default `fused` embedding is reported beside it in docs/BENCHMARKS.md.
   c.eval.embedding = 'encoder'
+  # Instance queries from the learned proposer (trained by the demo's stage 4), with the box
+  # rule and the oracle sidecar (an upper bound) as extra rows of the report.
+  c.eval.compare_proposers = True
   c.train.num_steps = 600
   c.train.learning_rate = 1e-3  # a tiny model trained briefly: 10x the paper's lr
   c.train.warmup_fraction = 0.05

@@ -39,6 +39,8 @@ REDUCED_DEMO = textwrap.dedent("""
       c.train.num_steps = int(os.environ['DEMO_TEST_STEPS'])
       c.train.log_every = 2
       c.checkpoint.every_steps = 2
+      c.instances.update(num_steps=6, batch_size=4, hidden_size=16, num_layers=1, num_heads=2,
+                         warmup_steps=2, checkpoint_every=3, log_every=2)
       return c
 """)
 
@@ -72,7 +74,7 @@ def test_demo_runs_every_stage_resumes_then_reuses_them(tmp_path):
   workdir = tmp_path / 'run'
 
   first = run_demo(config_file, workdir, steps=4)
-  for n in range(1, 6):
+  for n in range(1, 7):
     assert f'== stage {n}:' in first
   assert (workdir / 'data' / 'synthetic_world.json').is_file()
   assert (workdir / 'checkpoints' / '4').is_dir()

@@ -35,12 +35,17 @@ def trained(tmp_path_factory):
   cfg = trainer_config(tmp_path_factory.mktemp('data'))
   cfg.model.update(num_hidden_layers=1, v_num_hidden_layers=1, co_num_layers=1, cross_num_layers=1)
   cfg.train.num_steps = 2
-  cfg.eval.update(
-      shard_size=16, progress_bar=False
-  )  # 54 gallery items -> 4 shards of 16, 16, 16, 6
+  # 54 gallery items -> 4 shards of 16, 16, 16, 6. Instance queries from the sidecar, whose
+  # rows these tests check (proposers have their own tests in test_instances.py).
+  cfg.eval.update(shard_size=16, progress_bar=False, instances='oracle')
   workdir = tmp_path_factory.mktemp('run')
   train.run(cfg, workdir)
   return cfg, workdir
+
+
+def method(mode, random_init=False):
+  """The report's name of a CAPTURE row of the fixture (instances from the oracle sidecar)."""
+  return evaluate.capture_method(mode, random_init, proposer='oracle')
 
 
 def copy_config(cfg, **eval_overrides):
@@ -252,10 +257,10 @@ def test_evaluate_writes_the_report_and_official_metrics(trained, evaluated):
   assert (out / 'metrics.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
   saved = json.loads((out / 'metrics.json').read_text())
   methods = [
-      'CAPTURE (whole)',
-      'CAPTURE (instances)',
-      'CAPTURE (both)',
-      'CAPTURE, random weights (both)',
+      method('whole'),
+      method('instances'),
+      method('both'),
+      method('both', random_init=True),
       evaluate.TFIDF,
       evaluate.MEAN_REGION,
   ]
@@ -268,18 +273,18 @@ def test_evaluate_writes_the_report_and_official_metrics(trained, evaluated):
   official, _ = official_eval.evaluate(cfg.data.data_dir, lines)
   for r in metrics.DEFAULT_RANKS:
     for name, key in (('mAP', 'mAP'), ('Prec', 'Prec'), ('mAR', 'mAR')):
-      assert saved['CAPTURE (both)'][f'{name}@{r}'] == official[f'top{r}'][key]
+      assert saved[method('both')][f'{name}@{r}'] == official[f'top{r}'][key]
   # So are every other method's, from its own ranked lists.
-  for method in methods:
-    path = out / 'ranked_lists' / f'{evaluate._slug(method)}.txt'
+  for name in methods:
+    path = out / 'ranked_lists' / f'{evaluate._slug(name)}.txt'
     official, _ = official_eval.evaluate(
         cfg.data.data_dir, path.read_text().splitlines(keepends=True)
     )
-    assert saved[method]['mAP@10'] == official['top10']['mAP'], method
+    assert saved[name]['mAP@10'] == official['top10']['mAP'], name
   report = (out / 'report.md').read_text()
   assert report.count('| CAPTURE') == 4 and '![metrics against R](metrics.png)' in report
   assert f'Best query mode on mAP@10: **{evaluated.best_query_mode}**' in report
-  best = max(('whole', 'instances', 'both'), key=lambda m: saved[f'CAPTURE ({m})']['mAP@10'])
+  best = max(('whole', 'instances', 'both'), key=lambda m: saved[method(m)]['mAP@10'])
   assert evaluated.best_query_mode == best
   assert (
       report.count('### Query ') == cfg.eval.num_listings
@@ -310,14 +315,14 @@ def test_instance_queries_are_searched_and_merged_round_robin(trained, evaluated
     per_instance.setdefault(q, []).append(lst)
   out = evaluated.out_dir / 'ranked_lists'
   for mode in ('whole', 'instances', 'both'):
-    written = metrics.read_ranked_lists(out / f'capture_{mode}.txt')
+    written = metrics.read_ranked_lists(out / f'{evaluate._slug(method(mode))}.txt')
     assert list(written) == queries.item_id
     for q in queries.item_id:
       assert written[q] == instance_merge.merge_query_lists(whole[q], per_instance[q], mode), (
           mode,
           q,
       )
-  both = metrics.read_ranked_lists(out / 'capture_both.txt')
+  both = metrics.read_ranked_lists(out / f'{evaluate._slug(method("both"))}.txt')
   assert any(both[q][:10] != whole[q][:10] for q in queries.item_id)  # the merge changes the lists
   assert metrics.read_ranked_lists(evaluated.out_dir / 'retrieval_id_list.txt') == both
 

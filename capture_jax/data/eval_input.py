@@ -49,6 +49,8 @@ class EvalRows:
     instance_label: for instance rows, the instance's label ('' for proposals).
     instance_index: for instance rows, the instance's position in its
       sample's list of instances.
+    proposer: for instance rows, what grouped the regions into instances
+      (`capture_jax.instances`: e.g. 'boxes', 'learned-400', 'oracle').
   """
 
   kind: str
@@ -58,6 +60,7 @@ class EvalRows:
   regions: list[tuple[int, ...]] | None = None
   instance_label: list[str] | None = None
   instance_index: list[int] | None = None
+  proposer: str = ''
 
   def __len__(self) -> int:
     return len(self.item_id)

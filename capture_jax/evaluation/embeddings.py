@@ -65,6 +65,7 @@ IDENTITY_FIELDS = (
     'seed',
     'model',
     'count',
+    'proposer',
     'shard_rows',
     'num_shards',
 )

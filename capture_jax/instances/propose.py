@@ -8,6 +8,7 @@ from typing import Any, Iterator, Sequence
 
 import ml_collections
 
+from capture_jax.data import eval_input
 from capture_jax.data import formats
 from capture_jax.instances import geometry
 from capture_jax.instances import proposals as proposals_lib
@@ -40,7 +41,7 @@ def resolve_method(method: str | None, workdir: str | Path | None) -> str:
 
 
 def sidecar_path(config: ml_collections.ConfigDict, split: str) -> Path:
-  return Path(config.data.data_dir) / formats.instances_filename(split)
+  return Path(eval_input.sidecar_path(config, split))
 
 
 def proposals_path(workdir: str | Path, split: str, method: str) -> Path:
