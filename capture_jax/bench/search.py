@@ -31,11 +31,11 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 
+from capture_jax import losses
 from capture_jax.evaluation.search import (
     build_faiss_index,
     exact_topk,
     faiss_search,
-    l2_normalize,
     recall_at_k,
 )
 
@@ -66,7 +66,7 @@ def make_embeddings(
     x = rng.standard_normal((n, dim), np.float32)
     if centres is not None:
       x = centres[rng.integers(n_centres, size=n)] + spread * x
-    return l2_normalize(x)
+    return np.asarray(losses.l2_normalize(x), np.float32)
 
   q = draw(n_query)
   g = np.empty((n_gallery, dim), dtype)
