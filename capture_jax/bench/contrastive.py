@@ -19,34 +19,39 @@ before JAX is imported).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
+from collections.abc import Sequence
+
+from absl import app, flags
+
+# losses.CONTRASTIVE_KINDS, restated: importing capture_jax.losses would import JAX.
+KINDS = ('ntxent', 'clip', 'siglip')
 
 
 def _simulate_devices(n: int) -> None:
-  flags = os.environ.get('XLA_FLAGS', '')
-  if '--xla_force_host_platform_device_count' not in flags:
-    os.environ['XLA_FLAGS'] = f'{flags} --xla_force_host_platform_device_count={n}'.strip()
+  xla_flags = os.environ.get('XLA_FLAGS', '')
+  if '--xla_force_host_platform_device_count' not in xla_flags:
+    os.environ['XLA_FLAGS'] = f'{xla_flags} --xla_force_host_platform_device_count={n}'.strip()
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 
-def _parse(argv):
-  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  p.add_argument('--kinds', default='ntxent,clip,siglip')
-  p.add_argument('--batches', default='8192,65536')
-  p.add_argument('--dim', type=int, default=512)  # the paper's pooler width (bi_hidden_size)
-  p.add_argument('--chunk', type=int, default=1024)
-  p.add_argument('--devices', type=int, default=8)
-  return p.parse_args(argv)
+def _int_list(values: Sequence[str]) -> list[int]:
+  return [int(v) for v in values]
 
 
-def main(argv=None) -> None:
-  args = _parse(argv)
-  if 'jax' not in sys.modules:
-    _simulate_devices(args.devices)
+def _are_positive_ints(values: Sequence[str]) -> bool:
+  try:
+    return bool(values) and all(v > 0 for v in _int_list(values))
+  except ValueError:
+    return False
 
+
+def measure(
+    kinds: Sequence[str], batches: Sequence[int], dim: int, chunk: int, num_devices: int
+) -> None:
+  """Compiles each variant for each kind and global batch; prints one row each."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -57,38 +62,38 @@ def main(argv=None) -> None:
   from capture_jax import losses
   from capture_jax.training.contrastive import global_contrastive_loss
 
-  devices = jax.devices()[: args.devices]
-  if len(devices) < args.devices:
-    raise SystemExit(f'need {args.devices} devices, found {len(jax.devices())}')
+  devices = jax.devices()[:num_devices]
+  if len(devices) < num_devices:
+    raise SystemExit(f'need {num_devices} devices, found {len(jax.devices())}')
   mesh = Mesh(np.array(devices).reshape(len(devices), 1, 1), ('data', 'fsdp', 'tensor'))
   rows = NamedSharding(mesh, P(('data', 'fsdp'), None))
   replicated = NamedSharding(mesh, P())
   mib = 2.0**20
 
   print(
-      f'# {len(devices)} x {devices[0].platform} devices ({devices[0].device_kind}), D = {args.dim}, '
+      f'# {len(devices)} x {devices[0].platform} devices ({devices[0].device_kind}), D = {dim}, '
       f'float32; per-device MiB of the compiled forward+backward; jax {jax.__version__}'
   )
   print(
       f'{"kind":7} {"global B":>9} {"local B":>8} {"variant":16} {"temp":>10} {"args":>8} {"output":>8} '
       f'{"compile s":>9}'
   )
-  for kind in args.kinds.split(','):
-    for gb in [int(b) for b in args.batches.split(',')]:
+  for kind in kinds:
+    for gb in batches:
       cfg = config_lib.loss_config()
       cfg.contrastive = kind
       params = losses.init_loss_params(cfg)
       spec_params = jax.tree.map(
           lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), params
       )
-      vec = jax.ShapeDtypeStruct((gb, args.dim), jnp.float32, sharding=rows)
-      variants = [('dense', None), ('ring chunk=0', 0), (f'ring chunk={args.chunk}', args.chunk)]
-      for name, chunk in variants:
+      vec = jax.ShapeDtypeStruct((gb, dim), jnp.float32, sharding=rows)
+      variants = [('dense', None), ('ring chunk=0', 0), (f'ring chunk={chunk}', chunk)]
+      for name, block in variants:
         c = cfg.copy_and_resolve_references()
-        if chunk is None:
+        if block is None:
           loss = lambda t, v, p, c=c: losses.contrastive_loss(t, v, c, p)
         else:
-          c.contrastive_chunk = chunk
+          c.contrastive_chunk = block
           loss = lambda t, v, p, c=c: global_contrastive_loss(t, v, c, p, mesh)
         step = jax.jit(
             jax.value_and_grad(loss, argnums=(0, 1, 2)),
@@ -103,6 +108,37 @@ def main(argv=None) -> None:
             f'{m.argument_size_in_bytes / mib:8.1f} {m.output_size_in_bytes / mib:8.1f} {seconds:9.1f}',
             flush=True,
         )
+
+
+def main() -> None:
+  """`python -m capture_jax.bench.contrastive`. Flags are defined here, not on import, so that
+  other modules can import this one; JAX is imported only after they are read."""
+  kinds = flags.DEFINE_list('kinds', list(KINDS), 'Comma-separated contrastive losses.')
+  batches = flags.DEFINE_list('batches', ['8192', '65536'], 'Comma-separated global batch sizes.')
+  dim = flags.DEFINE_integer(
+      'dim', 512, "Embedding width (the paper's pooler width, bi_hidden_size)."
+  )
+  chunk = flags.DEFINE_integer('chunk', 1024, 'Keys per block of the chunked ring variant.')
+  num_devices = flags.DEFINE_integer(
+      'devices', 8, 'Devices to shard over (simulated CPU devices when JAX is not yet imported).'
+  )
+  flags.register_validator(
+      'kinds',
+      lambda v: bool(v) and set(v) <= set(KINDS),
+      message=f'--kinds takes a comma-separated subset of {",".join(KINDS)}',
+  )
+  flags.register_validator(
+      'batches', _are_positive_ints, message='--batches takes comma-separated positive integers'
+  )
+
+  def run(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+      raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+    if 'jax' not in sys.modules:
+      _simulate_devices(num_devices.value)
+    measure(kinds.value, _int_list(batches.value), dim.value, chunk.value, num_devices.value)
+
+  app.run(run)
 
 
 if __name__ == '__main__':

@@ -8,7 +8,7 @@ of `--batches` training batches and prints the medians: samples/s per core
 by the wall clock, and samples per CPU-second (user + system time of the
 process, robust to other load on the machine).
 
-    python -m capture_jax.bench.input [--config configs/demo.py] [--cores 1]
+    python -m capture_jax.bench.input [--config=configs/demo.py] [--cores=1]
 
 Target: 2,000 samples/s per core (one 16-core host feeding 8 accelerators at
 batch 256 each).
@@ -16,7 +16,6 @@ batch 256 each).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import platform
@@ -26,6 +25,8 @@ import time
 from typing import Sequence
 
 import ml_collections
+from absl import app, flags
+from ml_collections import config_flags
 
 from capture_jax import config as config_lib
 from capture_jax.data import train_input
@@ -96,61 +97,80 @@ def measure(
   }
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--config', default=None, help='default: configs/demo.py')
-  parser.add_argument('--work_dir', default='/tmp/capture_jax_data_benchmark')
-  parser.add_argument('--batch_size', type=int, default=256)
-  parser.add_argument('--cores', type=int, default=1)
-  parser.add_argument('--warmup', type=int, default=5)
-  parser.add_argument('--batches', type=int, default=20)
-  parser.add_argument('--repeats', type=int, default=7)
-  # Other data sizes, e.g. the paper's: --preset small --feature_dim 2048
-  # --max_regions 36 --num_train 2000 (use a separate --work_dir).
-  parser.add_argument('--preset', default=None, choices=sorted(synthetic.PRESETS))
-  parser.add_argument('--feature_dim', type=int, default=None)
-  parser.add_argument('--max_regions', type=int, default=None)
-  parser.add_argument('--num_train', type=int, default=None)
-  args = parser.parse_args(argv)
-  if args.config:
-    config = config_lib.load_config_file(args.config)
-  else:
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    demo = os.path.join(repo, 'configs', 'demo.py')
-    config = config_lib.load_config_file(demo) if os.path.exists(demo) else config_lib.base_config()
-  d = config.data
-  if args.preset:
-    d.synthetic_preset = args.preset
-  if args.feature_dim:
-    d.feature_dim = config.model.v_feature_size = args.feature_dim
-  if args.max_regions:
-    d.max_regions = args.max_regions
-  prepare_data(config, args.work_dir, args.num_train)
-  d.batch_size = args.batch_size
-  d.num_workers = 0
-  # One core: reader threads cannot run in parallel with the main thread, so
-  # read synchronously; with more cores, one reader thread per extra core.
-  d.read_threads = max(0, args.cores - 1)
-  d.prefetch_batches = max(1, args.cores - 1) if args.cores > 1 else 0
-  cores = pin_to_cores(args.cores)
-  res = measure(config, warmup=args.warmup, batches=args.batches, repeats=args.repeats)
-  per_core = res['wall_samples_per_s'] / args.cores
-  print(
-      f'machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs '
-      f'visible, pinned to {cores}'
+def main() -> None:
+  """`python -m capture_jax.bench.input`. Flags are defined here, not on import, so that other
+  modules can import this one."""
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  demo = os.path.join(repo, 'configs', 'demo.py')
+  config_flag = config_flags.DEFINE_config_file(
+      'config',
+      demo if os.path.exists(demo) else None,
+      'A configs/*.py file (default: configs/demo.py; the base config where that is absent).',
+      lock_config=False,
   )
-  print(
-      f'data: {d.tfds_dir} (train, {d.storage_dtype}), T={d.max_text_len} '
-      f'R={d.max_regions} F={d.feature_dim}, batch {d.batch_size}, '
-      f'{args.repeats} x {args.batches} batches after {args.warmup} warm-up'
+  work_dir = flags.DEFINE_string(
+      'work_dir', '/tmp/capture_jax_data_benchmark', 'Where the benchmark data is (or goes).'
   )
-  print(
-      f'samples/s per core (wall, median): {per_core:,.0f} '
-      f'[min {res["wall_min"] / args.cores:,.0f}, max {res["wall_max"] / args.cores:,.0f}]'
+  batch_size = flags.DEFINE_integer('batch_size', 256, 'Training batch size.')
+  num_cores = flags.DEFINE_integer('cores', 1, 'CPU cores to pin this process to.')
+  warmup = flags.DEFINE_integer('warmup', 5, 'Untimed batches first.')
+  batches = flags.DEFINE_integer('batches', 20, 'Batches per timed window.')
+  repeats = flags.DEFINE_integer('repeats', 7, 'Timed windows (the median is reported).')
+  # Other data sizes, e.g. the paper's: --preset=small --feature_dim=2048
+  # --max_regions=36 --num_train=2000 (use a separate --work_dir).
+  preset = flags.DEFINE_enum(
+      'preset', None, sorted(synthetic.PRESETS), "Synthetic world (default: the config's)."
   )
-  print(f'samples per CPU-second (median):   {res["samples_per_cpu_s"]:,.0f}')
-  verdict = 'meets' if per_core >= TARGET_PER_CORE else 'BELOW'
-  print(f'target {TARGET_PER_CORE:,.0f} samples/s per core: {verdict}')
+  feature_dim = flags.DEFINE_integer(
+      'feature_dim', None, "Region feature width (default: the config's)."
+  )
+  max_regions = flags.DEFINE_integer(
+      'max_regions', None, "Regions per image (default: the config's)."
+  )
+  num_train = flags.DEFINE_integer(
+      'num_train', None, "Training pairs of the world (default: the preset's)."
+  )
+
+  def run(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+      raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+    config = config_flag.value if config_flag.value is not None else config_lib.base_config()
+    d = config.data
+    if preset.value:
+      d.synthetic_preset = preset.value
+    if feature_dim.value:
+      d.feature_dim = config.model.v_feature_size = feature_dim.value
+    if max_regions.value:
+      d.max_regions = max_regions.value
+    prepare_data(config, work_dir.value, num_train.value)
+    d.batch_size = batch_size.value
+    d.num_workers = 0
+    n = num_cores.value
+    # One core: reader threads cannot run in parallel with the main thread, so
+    # read synchronously; with more cores, one reader thread per extra core.
+    d.read_threads = max(0, n - 1)
+    d.prefetch_batches = max(1, n - 1) if n > 1 else 0
+    cores = pin_to_cores(n)
+    res = measure(config, warmup=warmup.value, batches=batches.value, repeats=repeats.value)
+    per_core = res['wall_samples_per_s'] / n
+    print(
+        f'machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs '
+        f'visible, pinned to {cores}'
+    )
+    print(
+        f'data: {d.tfds_dir} (train, {d.storage_dtype}), T={d.max_text_len} '
+        f'R={d.max_regions} F={d.feature_dim}, batch {d.batch_size}, '
+        f'{repeats.value} x {batches.value} batches after {warmup.value} warm-up'
+    )
+    print(
+        f'samples/s per core (wall, median): {per_core:,.0f} '
+        f'[min {res["wall_min"] / n:,.0f}, max {res["wall_max"] / n:,.0f}]'
+    )
+    print(f'samples per CPU-second (median):   {res["samples_per_cpu_s"]:,.0f}')
+    verdict = 'meets' if per_core >= TARGET_PER_CORE else 'BELOW'
+    print(f'target {TARGET_PER_CORE:,.0f} samples/s per core: {verdict}')
+
+  app.run(run)
 
 
 if __name__ == '__main__':

@@ -18,24 +18,24 @@ embeddings.
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import os
 import platform
 import resource
 import statistics
-import sys
 import time
 from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
+from absl import app, flags
 
+from capture_jax import losses
 from capture_jax.evaluation.search import (
     build_faiss_index,
     exact_topk,
     faiss_search,
-    l2_normalize,
     recall_at_k,
 )
 
@@ -66,7 +66,7 @@ def make_embeddings(
     x = rng.standard_normal((n, dim), np.float32)
     if centres is not None:
       x = centres[rng.integers(n_centres, size=n)] + spread * x
-    return l2_normalize(x)
+    return np.asarray(losses.l2_normalize(x), np.float32)
 
   q = draw(n_query)
   g = np.empty((n_gallery, dim), dtype)
@@ -88,20 +88,55 @@ def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> tupl
   return statistics.median(times), out
 
 
-def run(args: argparse.Namespace) -> dict:
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """What ``run`` measures; the defaults are the command's (the Product1M dev size)."""
+
+  queries: int = 2673
+  gallery: int = 40033
+  dim: int = 1024
+  k: int = 100
+  repeats: int = 3
+  warmup: int = 1  # untimed runs first
+  data: str = 'random'  # 'random' or 'clustered'
+  query_chunk: int = 1024
+  gallery_chunk: int = 65536
+  gallery_dtype: str = 'float32'  # 'float32' or 'float16'
+  faiss: tuple[str, ...] = ('ivf', 'hnsw')  # approximate indexes, each of FAISS_KINDS
+  faiss_flat: bool = True  # the FAISS IndexFlatIP exact reference
+  nlist: int | None = None
+  nprobe: tuple[int, ...] = (16, 64)
+  hnsw_m: int = 32
+  ef_construction: int = 100
+  ef_search: tuple[int, ...] = (128, 512)
+  seed: int = 0
+
+
+DATA_KINDS = ('random', 'clustered')
+GALLERY_DTYPES = ('float32', 'float16')
+FAISS_KINDS = ('ivf', 'hnsw')
+
+
+def run(settings: Settings = Settings()) -> dict:
+  """Runs the searches of ``settings``; returns the settings, the machine and one row per method."""
   import faiss
 
   q, g = make_embeddings(
-      args.queries, args.gallery, args.dim, kind=args.data, dtype=args.gallery_dtype, seed=args.seed
+      settings.queries,
+      settings.gallery,
+      settings.dim,
+      kind=settings.data,
+      dtype=settings.gallery_dtype,
+      seed=settings.seed,
   )
   results: dict = {
-      'queries': args.queries,
-      'gallery': args.gallery,
-      'dim': args.dim,
-      'k': args.k,
-      'data': args.data,
-      'gallery_dtype': args.gallery_dtype,
-      'repeats': args.repeats,
+      'queries': settings.queries,
+      'gallery': settings.gallery,
+      'dim': settings.dim,
+      'k': settings.k,
+      'data': settings.data,
+      'gallery_dtype': settings.gallery_dtype,
+      'repeats': settings.repeats,
       'machine': {
           'cpu_count': os.cpu_count(),
           'platform': platform.platform(),
@@ -113,23 +148,25 @@ def run(args: argparse.Namespace) -> dict:
   }
   exact_s, (_, exact_idx) = median_time(
       lambda: exact_topk(
-          q, g, args.k, query_chunk=args.query_chunk, gallery_chunk=args.gallery_chunk
+          q, g, settings.k, query_chunk=settings.query_chunk, gallery_chunk=settings.gallery_chunk
       ),
-      args.repeats,
-      args.warmup,
+      settings.repeats,
+      settings.warmup,
   )
   results['rows'].append(
       {
-          'method': f'exact_topk (JAX, {args.gallery_dtype} gallery)',
+          'method': f'exact_topk (JAX, {settings.gallery_dtype} gallery)',
           'build_s': 0.0,
           'search_s': exact_s,
           'recall': 1.0,
       }
   )
-  if args.faiss_flat:
-    flat = faiss.IndexFlatIP(args.dim)
+  if settings.faiss_flat:
+    flat = faiss.IndexFlatIP(settings.dim)
     flat.add(np.asarray(g, np.float32))
-    flat_s, (_, flat_idx) = median_time(lambda: flat.search(q, args.k), args.repeats, args.warmup)
+    flat_s, (_, flat_idx) = median_time(
+        lambda: flat.search(q, settings.k), settings.repeats, settings.warmup
+    )
     results['rows'].append(
         {
             'method': 'FAISS IndexFlatIP (exact)',
@@ -139,30 +176,30 @@ def run(args: argparse.Namespace) -> dict:
         }
     )
     del flat
-  for kind in args.faiss:
+  for kind in settings.faiss:
     t0 = time.perf_counter()
     index = build_faiss_index(
         g,
         kind=kind,
-        nlist=args.nlist,
-        hnsw_m=args.hnsw_m,
-        ef_construction=args.ef_construction,
-        seed=args.seed,
+        nlist=settings.nlist,
+        hnsw_m=settings.hnsw_m,
+        ef_construction=settings.ef_construction,
+        seed=settings.seed,
     )
     build_s = time.perf_counter() - t0
     if kind == 'ivf':
-      settings = [('nprobe', p) for p in args.nprobe]
+      searches = [('nprobe', p) for p in settings.nprobe]
     else:
-      settings = [('efSearch', e) for e in args.ef_search]
-    for name, value in settings:
+      searches = [('efSearch', e) for e in settings.ef_search]
+    for name, value in searches:
       opts = {'nprobe': value} if name == 'nprobe' else {'ef_search': value}
       search_s, (_, idx) = median_time(
-          lambda: faiss_search(index, q, args.k, **opts), args.repeats, args.warmup
+          lambda: faiss_search(index, q, settings.k, **opts), settings.repeats, settings.warmup
       )
       label = (
           f'FAISS IVF-flat (nlist={faiss.extract_index_ivf(index).nlist}, nprobe={value})'
           if kind == 'ivf'
-          else f'FAISS HNSW (M={args.hnsw_m}, efSearch={value})'
+          else f'FAISS HNSW (M={settings.hnsw_m}, efSearch={value})'
       )
       results['rows'].append(
           {
@@ -191,48 +228,88 @@ def markdown_rows(results: dict) -> str:
   return '\n'.join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--queries', type=int, default=2673)
-  parser.add_argument('--gallery', type=int, default=40033)
-  parser.add_argument('--dim', type=int, default=1024)
-  parser.add_argument('--k', type=int, default=100)
-  parser.add_argument('--repeats', type=int, default=3)
-  parser.add_argument('--warmup', type=int, default=1, help='untimed runs first')
-  parser.add_argument('--data', choices=('random', 'clustered'), default='random')
-  parser.add_argument('--query_chunk', type=int, default=1024)
-  parser.add_argument('--gallery_chunk', type=int, default=65536)
-  parser.add_argument('--gallery_dtype', choices=('float32', 'float16'), default='float32')
-  parser.add_argument(
-      '--faiss',
-      nargs='*',
-      default=['ivf', 'hnsw'],
-      choices=('ivf', 'hnsw'),
-      help='approximate indexes (none: no flag value)',
+def _int_list(values: Sequence[str]) -> tuple[int, ...]:
+  return tuple(int(v) for v in values)
+
+
+def _is_int_list(values: Sequence[str]) -> bool:
+  try:
+    return bool(_int_list(values))
+  except ValueError:
+    return False
+
+
+def main() -> None:
+  """`python -m capture_jax.bench.search`. Flags are defined here, not on import, so that other
+  modules can import this one."""
+  d = Settings()
+  fl = {
+      'queries': flags.DEFINE_integer('queries', d.queries, 'Query vectors.'),
+      'gallery': flags.DEFINE_integer('gallery', d.gallery, 'Gallery vectors.'),
+      'dim': flags.DEFINE_integer('dim', d.dim, 'Embedding width.'),
+      'k': flags.DEFINE_integer('k', d.k, 'Top-k searched (recall@k reported).'),
+      'repeats': flags.DEFINE_integer('repeats', d.repeats, 'Timed runs (median reported).'),
+      'warmup': flags.DEFINE_integer('warmup', d.warmup, 'Untimed runs first.'),
+      'data': flags.DEFINE_enum('data', d.data, DATA_KINDS, 'Vector distribution.'),
+      'query_chunk': flags.DEFINE_integer('query_chunk', d.query_chunk, 'exact_topk query chunk.'),
+      'gallery_chunk': flags.DEFINE_integer(
+          'gallery_chunk', d.gallery_chunk, 'exact_topk gallery chunk.'
+      ),
+      'gallery_dtype': flags.DEFINE_enum(
+          'gallery_dtype', d.gallery_dtype, GALLERY_DTYPES, 'Host dtype of the gallery.'
+      ),
+      'faiss': flags.DEFINE_list(
+          'faiss',
+          list(d.faiss),
+          f'Comma-separated approximate indexes of {",".join(FAISS_KINDS)} (none: --faiss=).',
+      ),
+      'faiss_flat': flags.DEFINE_bool(
+          'faiss_flat',
+          d.faiss_flat,
+          'Also time the FAISS IndexFlatIP exact reference (skip it: --nofaiss_flat).',
+      ),
+      'nlist': flags.DEFINE_integer('nlist', d.nlist, 'IVF lists (default: chosen by size).'),
+      'nprobe': flags.DEFINE_list(
+          'nprobe', [str(v) for v in d.nprobe], 'Comma-separated IVF nprobe values.'
+      ),
+      'hnsw_m': flags.DEFINE_integer('hnsw_m', d.hnsw_m, 'HNSW M.'),
+      'ef_construction': flags.DEFINE_integer(
+          'ef_construction', d.ef_construction, 'HNSW efConstruction.'
+      ),
+      'ef_search': flags.DEFINE_list(
+          'ef_search', [str(v) for v in d.ef_search], 'Comma-separated HNSW efSearch values.'
+      ),
+      'seed': flags.DEFINE_integer('seed', d.seed, 'Random seed of the vectors and indexes.'),
+  }
+  json_out = flags.DEFINE_string('json', None, 'Also write the results here.')
+  flags.register_validator(
+      'faiss',
+      lambda v: set(v) <= set(FAISS_KINDS),
+      message=f'--faiss takes a comma-separated subset of {",".join(FAISS_KINDS)}',
   )
-  parser.add_argument(
-      '--no_faiss_flat',
-      dest='faiss_flat',
-      action='store_false',
-      help='skip the FAISS IndexFlatIP exact reference',
-  )
-  parser.add_argument('--nlist', type=int, default=None)
-  parser.add_argument('--nprobe', type=int, nargs='+', default=[16, 64])
-  parser.add_argument('--hnsw_m', type=int, default=32)
-  parser.add_argument('--ef_construction', type=int, default=100)
-  parser.add_argument('--ef_search', type=int, nargs='+', default=[128, 512])
-  parser.add_argument('--seed', type=int, default=0)
-  parser.add_argument('--json', default=None, help='also write the results here')
-  args = parser.parse_args(argv)
-  results = run(args)
-  print(json.dumps(results['machine']))
-  print(f'peak RSS {results["peak_rss_gib"]:.2f} GiB')
-  print(markdown_rows(results))
-  if args.json:
-    with open(args.json, 'w') as f:
-      json.dump(results, f, indent=2)
-  return 0
+  for name in ('nprobe', 'ef_search'):
+    flags.register_validator(
+        name, _is_int_list, message=f'--{name} takes one or more comma-separated integers'
+    )
+
+  def run_command(argv: Sequence[str]) -> int:
+    if len(argv) > 1:
+      raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+    values = {name: flag.value for name, flag in fl.items()}
+    values['faiss'] = tuple(values['faiss'])
+    values['nprobe'] = _int_list(values['nprobe'])
+    values['ef_search'] = _int_list(values['ef_search'])
+    results = run(Settings(**values))
+    print(json.dumps(results['machine']))
+    print(f'peak RSS {results["peak_rss_gib"]:.2f} GiB')
+    print(markdown_rows(results))
+    if json_out.value:
+      with open(json_out.value, 'w') as f:
+        json.dump(results, f, indent=2)
+    return 0
+
+  app.run(run_command)
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  main()

@@ -6,6 +6,8 @@ Modules (imported on demand):
 * ``official_eval``: the release's ``evaluate_suit.py`` restated, as the reference.
 * ``search``: exact chunked/sharded top-k (JAX) and FAISS IVF/HNSW with recall@k.
 * ``baselines``: TF-IDF over titles and mean-region-feature embeddings.
+* ``calibration``: those baselines' mAP@R read straight from a Product1M folder (the
+  synthetic world's calibration; ``python -m capture_jax.evaluation.calibration``).
 * ``instance_merge``: round-robin merge of per-instance ranked lists.
 * ``report``: ``report.md``, ``metrics.json`` and the metrics plot.
 """

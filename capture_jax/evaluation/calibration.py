@@ -1,4 +1,4 @@
-"""Single-modality retrieval baselines, read straight from a Product1M folder.
+"""Synthetic-world calibration: single-modality baselines read straight from a Product1M folder.
 
 A thin layer over the evaluation package, so that the project's baselines are
 computed one way only:
@@ -18,17 +18,17 @@ clear.
 
 Command line::
 
-    python -m capture_jax.data.baselines --data_dir DIR [--split dev]
+    python -m capture_jax.evaluation.calibration --data_dir=DIR [--split=dev]
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 from typing import Sequence
 
 import numpy as np
+from absl import app, flags
 
 from capture_jax.data import formats
 from capture_jax.evaluation import baselines as eval_baselines
@@ -166,25 +166,32 @@ def evaluate_baselines(
   return out
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--data_dir', required=True)
-  parser.add_argument('--split', default='dev', choices=formats.QUERY_SPLITS)
-  parser.add_argument('--r', type=int, default=10)
-  parser.add_argument('--max_regions', type=int, default=36)
-  parser.add_argument(
-      '--tfidf_max_features', type=int, default=8192, help='TF-IDF vocabulary cap (0: no cap)'
+def main() -> None:
+  """`python -m capture_jax.evaluation.calibration`. Flags are defined here, not on import, so
+  that other modules can import this one."""
+  data_dir = flags.DEFINE_string('data_dir', None, 'A Product1M folder (e.g. a synthetic world).')
+  split = flags.DEFINE_enum('split', 'dev', list(formats.QUERY_SPLITS), 'Query split.')
+  r = flags.DEFINE_integer('r', 10, 'The R of mAP@R (ranked lists of R items).')
+  max_regions = flags.DEFINE_integer('max_regions', 36, 'Regions averaged per image.')
+  tfidf_max_features = flags.DEFINE_integer(
+      'tfidf_max_features', 8192, 'TF-IDF vocabulary cap (0: no cap).'
   )
-  args = parser.parse_args(argv)
-  res = evaluate_baselines(
-      args.data_dir,
-      args.split,
-      args.r,
-      args.max_regions,
-      tfidf_max_features=args.tfidf_max_features or None,
-  )
-  for name, v in res.items():
-    print(f'{args.split} mAP@{args.r} {name:12s} {100 * v:6.2f}')
+  flags.mark_flag_as_required('data_dir')
+
+  def run(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+      raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+    res = evaluate_baselines(
+        data_dir.value,
+        split.value,
+        r.value,
+        max_regions.value,
+        tfidf_max_features=tfidf_max_features.value or None,
+    )
+    for name, v in res.items():
+      print(f'{split.value} mAP@{r.value} {name:12s} {100 * v:6.2f}')
+
+  app.run(run)
 
 
 if __name__ == '__main__':
