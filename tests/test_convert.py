@@ -8,28 +8,7 @@ import pytest
 from flax import traverse_util
 
 from capture_jax import convert
-from tests.test_model import tiny_config
-
-
-def release_state_dict(model_cfg, seed=0):
-  """A complete release-format state_dict for `model_cfg`, built by inverting the name map."""
-  shapes = convert.param_shapes(model_cfg)
-  r = np.random.default_rng(seed)
-  out = {}
-  for path, (name, _) in convert.release_name_map(model_cfg).items():
-    shape = shapes[path]
-    if name.endswith('in_proj_weight'):
-      out[name] = r.normal(
-          size=(3 * model_cfg.cross_hidden_size, model_cfg.cross_hidden_size)
-      ).astype(np.float32)
-    elif name.endswith('in_proj_bias'):
-      out[name] = r.normal(size=(3 * model_cfg.cross_hidden_size,)).astype(np.float32)
-    elif path[-1] == 'kernel':
-      out[name] = r.normal(size=shape[::-1]).astype(np.float32)
-    else:
-      out[name] = r.normal(size=shape).astype(np.float32)
-  out['cls.predictions.decoder.weight'] = out['bert.embeddings.word_embeddings.weight'].copy()
-  return out
+from tests.helpers import release_state_dict, tiny_config
 
 
 @pytest.fixture

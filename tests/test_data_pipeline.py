@@ -16,7 +16,7 @@ from capture_jax.data import eval_input
 from capture_jax.data import masking as masking_lib
 from capture_jax.data import source as source_lib
 from capture_jax.data import train_input
-from capture_jax.data import testing
+from tests import helpers
 from capture_jax.data import tokenizer as tokenizer_lib
 
 R, F = 8, 32  # the tiny preset
@@ -24,7 +24,7 @@ R, F = 8, 32  # the tiny preset
 
 @pytest.fixture(scope='module')
 def config(tmp_path_factory):
-  c = testing.tiny_dataset(tmp_path_factory.mktemp('tiny'))
+  c = helpers.tiny_dataset(tmp_path_factory.mktemp('tiny'))
   c.model.max_text_len = 24  # data.max_text_len follows the model's
   return c
 
@@ -221,7 +221,7 @@ def test_fused_collate_equals_mask_then_global_token(config):
   batch = collate_lib.collate(records, positions, spec)
   feat, loc, mask = collate_lib.pack_regions(records, R, F)
   keys = masking_lib.record_keys(spec.seed, positions)
-  masked, image_label = masking_lib.mask_regions(feat, mask, keys, spec.masking)
+  masked, image_label = helpers.reference_mask_regions(feat, mask, keys, spec.masking)
   image_feat, image_loc, image_mask = formats.add_global_token(masked, loc, mask)
   np.testing.assert_array_equal(batch['image_label'], image_label)
   np.testing.assert_array_equal(batch['image_feat'][:, 1:], image_feat[:, 1:])
@@ -357,7 +357,7 @@ def test_instance_batches_restrict_the_visual_input(config):
     np.testing.assert_allclose(b.inputs['image_feat'][i, 0], feats.mean(0), rtol=1e-5)
   spec = collate_lib.make_batch_spec(config)
   item = next(iter(sidecar))
-  single = collate_lib.instance_inputs(records[item], sidecar[item][0].regions, spec)
+  single = helpers.reference_instance_inputs(records[item], sidecar[item][0].regions, spec)
   assert single['image_mask'][0].sum() == len(sidecar[item][0].regions) + 1
 
 

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from capture_jax.evaluation import metrics, official_eval
+from capture_jax.evaluation import metrics
+from tests import official_eval
 from capture_jax.evaluation.metrics import evaluate_ranked_lists, score_queries
 
 SHARED = Path(__file__).resolve().parents[1].parent / 'shared'

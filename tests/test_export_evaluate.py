@@ -18,13 +18,14 @@ from capture_jax.data import product1m_tfds
 from capture_jax.data import eval_input
 from capture_jax.data import source as source_lib
 from capture_jax.evaluation import embeddings as emb_lib
-from capture_jax.evaluation import instance_merge, metrics, official_eval, search
+from capture_jax.evaluation import instance_merge, metrics, search
+from tests import official_eval
 from capture_jax.models import CaptureModel
 from capture_jax import batch as batch_lib
 from capture_jax.training import state as state_lib
 from capture_jax.training import checkpoint as checkpoint_lib
 from capture_jax.training import sharding
-from tests.test_train import trainer_config
+from tests.helpers import trainer_config
 
 REPO = Path(__file__).resolve().parents[1]
 

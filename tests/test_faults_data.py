@@ -22,7 +22,7 @@ from capture_jax.data import formats
 from capture_jax.data import product1m_tfds
 from capture_jax.data import synthetic
 from capture_jax.evaluation import metrics
-from capture_jax.evaluation import official_eval
+from tests import official_eval
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = synthetic.PRESETS['tiny']

@@ -366,7 +366,7 @@ def test_split_proposals_feed_the_instance_pipeline(tmp_path):
   """On a built tiny dataset: proposals files for boxes and oracle, the quality
   table, and `propose_split`'s result taken by the instance eval iterator."""
   from capture_jax.data import eval_input  # pylint: disable=import-outside-toplevel
-  from capture_jax.data import testing  # pylint: disable=import-outside-toplevel
+  from tests import helpers as testing  # pylint: disable=import-outside-toplevel
 
   c = testing.tiny_dataset(tmp_path / 'tiny')
   out = tmp_path / 'proposals'

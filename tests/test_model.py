@@ -12,51 +12,7 @@ from capture_jax import convert, losses
 from capture_jax import batch as batch_lib
 from capture_jax.models import CaptureModel
 
-B, T, R = 3, 10, 6
-
-
-def tiny_config(**overrides):
-  """A small model of the demo's architecture (fast on CPU)."""
-  cfg = config_lib.base_config()
-  m = cfg.model
-  m.update(
-      vocab_size=97,
-      max_position_embeddings=32,
-      hidden_size=32,
-      num_attention_heads=4,
-      intermediate_size=48,
-      num_hidden_layers=2,
-      v_feature_size=24,
-      v_target_size=24,
-      v_hidden_size=32,
-      v_num_attention_heads=2,
-      v_intermediate_size=40,
-      v_num_hidden_layers=2,
-      bi_hidden_size=16,
-      bi_num_attention_heads=2,
-      co_num_layers=2,
-      cross_hidden_size=32,
-      cross_num_attention_heads=4,
-      cross_num_layers=2,
-      cross_max_position_embeddings=32,
-      max_text_len=16,
-  )
-  m.update(overrides)
-  return cfg
-
-
-def random_batch(cfg, key=0, text_valid=None, regions_valid=None):
-  """Random inputs; sample i has `text_valid[i]` tokens and `regions_valid[i]` regions (+ global token)."""
-  layout = batch_lib.BatchLayout.for_model(cfg.model, T, R)
-  batch = layout.random(
-      B,
-      cfg.model.vocab_size,
-      seed=key,
-      text_valid=text_valid,
-      regions_valid=regions_valid,
-      label_fraction=0.3,
-  )
-  return {k: jnp.asarray(v) for k, v in batch.items()}
+from tests.helpers import B, R, T, random_batch, tiny_config
 
 
 class Jitted:

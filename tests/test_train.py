@@ -16,23 +16,10 @@ import numpy as np
 import pytest
 
 from capture_jax import train
-from capture_jax.data import testing as data_testing
 from capture_jax.training import checkpoint as checkpoint_lib
-from tests.test_model import tiny_config
+from tests.helpers import trainer_config
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def trainer_config(data_root: Path, **train_overrides):
-  """The tiny model (one layer per stack: these tests are compile-bound) on the tiny synthetic
-  dataset, checkpointing every 2 steps."""
-  cfg = tiny_config(num_hidden_layers=1, v_num_hidden_layers=1, co_num_layers=1, cross_num_layers=1)
-  data_testing.tiny_dataset(data_root, config=cfg)
-  cfg.model.vocab_size = 500
-  cfg.model.max_text_len = cfg.data.max_text_len = 16
-  cfg.train.update(num_steps=6, log_every=1, progress_bar=False, **train_overrides)
-  cfg.checkpoint.update(every_steps=2, keep_last=5, async_save=True)
-  return cfg
 
 
 @pytest.fixture(scope='module')
@@ -236,7 +223,7 @@ def test_checkpoint_restores_onto_a_different_mesh(dataset_config, tmp_path):
 
 def test_initialise_from_a_released_checkpoint(dataset_config, tmp_path):
   """`train.init=release` places the converted weights, already sharded, as step 0's parameters."""
-  from tests.test_convert import release_state_dict  # pylint: disable=import-outside-toplevel
+  from tests.helpers import release_state_dict  # pylint: disable=import-outside-toplevel
   from capture_jax import convert  # pylint: disable=import-outside-toplevel
 
   cfg = dataset_config.copy_and_resolve_references()

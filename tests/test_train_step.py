@@ -11,7 +11,7 @@ from capture_jax.training import state as state_lib
 from capture_jax.training import optimizer as optimizer_lib
 from capture_jax.training import sharding
 from capture_jax.training import train_step as train_step_lib
-from tests.test_model import random_batch, tiny_config
+from tests.helpers import random_batch, tiny_config
 
 ONE_LAYER = dict(num_hidden_layers=1, v_num_hidden_layers=1, co_num_layers=1, cross_num_layers=1)
 

@@ -86,7 +86,7 @@ def collate(
 ) -> dict[str, np.ndarray]:
   """Records -> the model's batch dict; masked iff `positions` is given.
 
-  Equivalent to `mask_regions` followed by `formats.add_global_token`, but
+  Equivalent to `tests.helpers.reference_mask_regions` followed by `formats.add_global_token`, but
   the features are written once into the final `[B, R+1, F]` buffer and
   masked in place (this is the pipeline's hot loop).
 
@@ -172,12 +172,3 @@ def restrict_regions(record: dict[str, Any], region_indices: Sequence[int]) -> d
   if 'cls_prob' in record:
     out['cls_prob'] = record['cls_prob'][keep]
   return out
-
-
-def instance_inputs(
-    record: dict[str, Any], region_indices: Sequence[int], spec: BatchSpec
-) -> dict[str, np.ndarray]:
-  """The unmasked model inputs (batch of 1) of one instance of a sample: the
-  full title, and as visual input only that instance's regions (their mean as
-  the global token)."""
-  return collate([restrict_regions(record, region_indices)], None, spec)

@@ -104,23 +104,6 @@ def mask_tokens(
   return out.astype(np.int32), labels.astype(np.int32)
 
 
-def mask_regions(
-    feat: np.ndarray, region_mask: np.ndarray, keys: np.ndarray, spec: MaskingSpec
-) -> tuple[np.ndarray, np.ndarray]:
-  """MRM: each valid region is chosen with p; a chosen region is zeroed with p0.
-
-  Args:
-    feat: [B, R, F] float32 region features (not modified).
-    region_mask: [B, R] 1 for valid regions.
-    keys: [B] uint64 record keys.
-  Returns:
-    masked features [B, R, F] float32 and image_label [B, R] int32 (1 where
-    chosen, -1 elsewhere). The regression target is `feat` itself.
-  """
-  zero, image_label = choose_regions(region_mask, keys, spec)
-  return feat * (~zero)[..., None].astype(feat.dtype), image_label
-
-
 def choose_regions(
     region_mask: np.ndarray, keys: np.ndarray, spec: MaskingSpec
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -3,7 +3,6 @@
 Modules (imported on demand):
 
 * ``metrics``: ground truth and ``retrieval_id_list.txt`` I/O, official mAP/Prec/mAR.
-* ``official_eval``: the release's ``evaluate_suit.py`` restated, as the reference.
 * ``search``: exact chunked/sharded top-k (JAX) and FAISS IVF/HNSW with recall@k.
 * ``baselines``: TF-IDF over titles and mean-region-feature embeddings.
 * ``calibration``: those baselines' mAP@R read straight from a Product1M folder (the

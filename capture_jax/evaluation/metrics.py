@@ -8,7 +8,7 @@ Ground truth is the annotation files of the official release in one folder
 
 The numbers are those of ``CAPTURE/evaluate_suit.py`` in zhanxlin/Product1M
 (after the ``label_ap +=`` fix of its issue #3), restated in
-``capture_jax/evaluation/official_eval.py``. For a query with label list ``L``
+``tests/official_eval.py`` (the test oracle). For a query with label list ``L``
 (repeats kept) and ranked list ``rank``:
 
 * ``n_pos``: sum over the entries of ``L`` of that label's gallery size;

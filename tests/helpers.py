@@ -1,0 +1,194 @@
+"""Helpers the tests share: tiny configs, random batches, datasets and reference implementations.
+
+A complete tiny dataset on disk, for tests of anything that reads data:
+
+    config = testing.tiny_dataset(tmp_path)           # ~1 s
+    batch = next(train_input.make_train_iterator(config, process_index=0, process_count=1))
+
+Runs the real chain (synthetic world -> annotation files + features -> WordPiece
+vocab -> TFDS ArrayRecords) and returns a config whose `data` fields point at
+the result; the caller keeps model sizes consistent (`feature_dim` is the
+preset's, 32 for `tiny`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from capture_jax import batch as batch_lib
+from capture_jax import config as config_lib
+from capture_jax import convert
+from capture_jax.data import collate as collate_lib
+from capture_jax.data import masking as masking_lib
+from capture_jax.data import product1m_tfds
+from capture_jax.data import synthetic
+from capture_jax.data import tokenizer as tokenizer_lib
+
+
+def tiny_dataset(
+    root: str | os.PathLike,
+    *,
+    preset: str = 'tiny',
+    seed: int = 0,
+    feature_format: str = 'tsv',
+    storage_dtype: str = 'float16',
+    config: ml_collections.ConfigDict | None = None,
+    vocab_size: int = 500,
+) -> ml_collections.ConfigDict:
+  """Generates, tokenises and builds a dataset under `root`; returns its config.
+
+  Args:
+    root: folder for `data/`, `vocab.txt` and `tfds/`.
+    preset: synthetic preset ('tiny' for unit tests).
+    config: a config to fill in (default `base_config()`); its `data`
+      fields are overwritten, and model.v_feature_size / v_target_size are
+      set to the world's feature width.
+  """
+  root = os.fspath(root)
+  p = synthetic.PRESETS[preset]
+  c = config if config is not None else config_lib.base_config()
+  d = c.data
+  d.data_dir = os.path.join(root, 'data')
+  d.tfds_dir = os.path.join(root, 'tfds')
+  d.vocab_file = os.path.join(root, 'vocab.txt')
+  d.feature_dim = p.feature_dim
+  d.max_regions = p.max_regions
+  d.storage_dtype = storage_dtype
+  d.synthetic_preset = preset
+  d.synthetic_seed = seed
+  d.feature_format = feature_format
+  d.batch_size = 8
+  d.eval_batch_size = 8
+  if 'model' in c:
+    c.model.v_feature_size = p.feature_dim
+    c.model.v_target_size = p.feature_dim
+  synthetic.generate(d.data_dir, preset, seed=seed, feature_format=feature_format, progress=False)
+  tokenizer_lib.train_vocab(tokenizer_lib.iter_titles(d.data_dir), vocab_size, d.vocab_file)
+  product1m_tfds.build(
+      d.data_dir,
+      d.tfds_dir,
+      storage_dtype=storage_dtype,
+      max_regions=p.max_regions,
+      feature_dim=p.feature_dim,
+      progress=False,
+  )
+  return c
+
+
+# --------------------------------------------------------------------------
+# Tiny models and batches.
+
+B, T, R = 3, 10, 6  # `random_batch`: batch, text length, regions
+
+
+def tiny_config(**overrides):
+  """A small model of the demo's architecture (fast on CPU)."""
+  cfg = config_lib.base_config()
+  m = cfg.model
+  m.update(
+      vocab_size=97,
+      max_position_embeddings=32,
+      hidden_size=32,
+      num_attention_heads=4,
+      intermediate_size=48,
+      num_hidden_layers=2,
+      v_feature_size=24,
+      v_target_size=24,
+      v_hidden_size=32,
+      v_num_attention_heads=2,
+      v_intermediate_size=40,
+      v_num_hidden_layers=2,
+      bi_hidden_size=16,
+      bi_num_attention_heads=2,
+      co_num_layers=2,
+      cross_hidden_size=32,
+      cross_num_attention_heads=4,
+      cross_num_layers=2,
+      cross_max_position_embeddings=32,
+      max_text_len=16,
+  )
+  m.update(overrides)
+  return cfg
+
+
+def random_batch(cfg, key=0, text_valid=None, regions_valid=None):
+  """Random inputs; sample i has `text_valid[i]` tokens and `regions_valid[i]` regions (+ global token)."""
+  layout = batch_lib.BatchLayout.for_model(cfg.model, T, R)
+  batch = layout.random(
+      B,
+      cfg.model.vocab_size,
+      seed=key,
+      text_valid=text_valid,
+      regions_valid=regions_valid,
+      label_fraction=0.3,
+  )
+  return {k: jnp.asarray(v) for k, v in batch.items()}
+
+
+def trainer_config(data_root: Path, **train_overrides):
+  """The tiny model (one layer per stack: these tests are compile-bound) on the tiny synthetic
+  dataset, checkpointing every 2 steps."""
+  cfg = tiny_config(num_hidden_layers=1, v_num_hidden_layers=1, co_num_layers=1, cross_num_layers=1)
+  tiny_dataset(data_root, config=cfg)
+  cfg.model.vocab_size = 500
+  cfg.model.max_text_len = cfg.data.max_text_len = 16
+  cfg.train.update(num_steps=6, log_every=1, progress_bar=False, **train_overrides)
+  cfg.checkpoint.update(every_steps=2, keep_last=5, async_save=True)
+  return cfg
+
+
+def release_state_dict(model_cfg, seed=0):
+  """A complete release-format state_dict for `model_cfg`, built by inverting the name map."""
+  shapes = convert.param_shapes(model_cfg)
+  r = np.random.default_rng(seed)
+  out = {}
+  for path, (name, _) in convert.release_name_map(model_cfg).items():
+    shape = shapes[path]
+    if name.endswith('in_proj_weight'):
+      out[name] = r.normal(
+          size=(3 * model_cfg.cross_hidden_size, model_cfg.cross_hidden_size)
+      ).astype(np.float32)
+    elif name.endswith('in_proj_bias'):
+      out[name] = r.normal(size=(3 * model_cfg.cross_hidden_size,)).astype(np.float32)
+    elif path[-1] == 'kernel':
+      out[name] = r.normal(size=shape[::-1]).astype(np.float32)
+    else:
+      out[name] = r.normal(size=shape).astype(np.float32)
+  out['cls.predictions.decoder.weight'] = out['bert.embeddings.word_embeddings.weight'].copy()
+  return out
+
+
+# --------------------------------------------------------------------------
+# Reference implementations (what the fused library code must equal).
+
+
+def reference_mask_regions(
+    feat: np.ndarray, region_mask: np.ndarray, keys: np.ndarray, spec: masking_lib.MaskingSpec
+) -> tuple[np.ndarray, np.ndarray]:
+  """MRM: each valid region is chosen with p; a chosen region is zeroed with p0.
+
+  Args:
+    feat: [B, R, F] float32 region features (not modified).
+    region_mask: [B, R] 1 for valid regions.
+    keys: [B] uint64 record keys.
+  Returns:
+    masked features [B, R, F] float32 and image_label [B, R] int32 (1 where
+    chosen, -1 elsewhere). The regression target is `feat` itself.
+  """
+  zero, image_label = masking_lib.choose_regions(region_mask, keys, spec)
+  return feat * (~zero)[..., None].astype(feat.dtype), image_label
+
+
+def reference_instance_inputs(
+    record: dict[str, Any], region_indices: Sequence[int], spec: collate_lib.BatchSpec
+) -> dict[str, np.ndarray]:
+  """The unmasked model inputs (batch of 1) of one instance of a sample: the
+  full title, and as visual input only that instance's regions (their mean as
+  the global token)."""
+  return collate_lib.collate([collate_lib.restrict_regions(record, region_indices)], None, spec)
