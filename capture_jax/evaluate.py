@@ -166,9 +166,7 @@ class ExportJob:
   source: source_lib.Product1MSource
 
   def plan(self, config: ml_collections.ConfigDict) -> dict[str, Any]:
-    return export_lib.export_plan(
-        config, self.rows.split, self.rows.kind, config.eval.embedding, self.step, len(self.rows)
-    )
+    return export_lib.rows_plan(config, self.rows, config.eval.embedding, self.step)
 
 
 @dataclasses.dataclass

@@ -165,6 +165,16 @@ def export_plan(
   }
 
 
+def rows_plan(
+    config: ml_collections.ConfigDict,
+    rows: eval_input.EvalRows,
+    kind: str,
+    checkpoint_step: int | None,
+) -> dict[str, Any]:
+  """`export_plan` of planned rows."""
+  return export_plan(config, rows.split, rows.kind, kind, checkpoint_step, len(rows), rows.proposer)
+
+
 def completed_export(out_dir: str | Path, plan: dict[str, Any]) -> dict[str, Any] | None:
   """The metadata of a complete export in `out_dir` of the same rows, kind and weights, else None.
 
@@ -237,9 +247,7 @@ def export_split(
   out_dir = Path(out_dir)
   is_main = distributed.is_main_process()
   n = len(rows)
-  plan = export_plan(
-      config, rows.split, rows.kind, embedder.kind, checkpoint_step, n, rows.proposer
-  )
+  plan = rows_plan(config, rows, embedder.kind, checkpoint_step)
   done = reusable_export(out_dir, plan, overwrite)
   if done is not None:
     return ExportResult(out_dir, done, [], True, None)
@@ -401,7 +409,7 @@ def export(
         Path(out) if out else default_out_dir(workdir, kind, split, rows, step, planned.proposer)
     )
     what = 'random initialisation' if step is None else f'checkpoint step {step}'
-    plan = export_plan(config, split, rows, kind, step, len(planned), planned.proposer)
+    plan = rows_plan(config, planned, kind, step)
     done = reusable_export(out_dir, plan, overwrite)
     if done is not None:
       if is_main:
