@@ -168,6 +168,8 @@ def test_cli_bad_input_names_it(data_dir, tmp_path):
   assert proc.returncode == 1 and 'nowhere: no titles' in proc.stderr
   proc = run_cli('--data_dir', data_dir, '--out', tmp_path / 'v.txt', '--splits', 'train,val')
   assert proc.returncode == 1 and "unknown split(s) ['val']" in proc.stderr
+  proc = run_cli('--data_dir', data_dir, '--out', data_dir)
+  assert proc.returncode == 1 and f'{data_dir}: is a folder' in proc.stderr
   with pytest.raises(tokenizer.VocabExistsError, match='v.txt: already exists'):
     (tmp_path / 'v.txt').write_text('[PAD]\n')
     tokenizer.train_vocab(TITLES, 50, str(tmp_path / 'v.txt'))

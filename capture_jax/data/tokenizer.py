@@ -333,6 +333,8 @@ def train_vocab(
       'texts': len(texts),
       'texts_sha256': _texts_sha256(texts),
   }
+  if os.path.isdir(out_path):
+    raise VocabExistsError(f'{out_path}: is a folder; expected the path of a vocab.txt file')
   if os.path.lexists(out_path) and not overwrite:
     own = _own_unchanged_vocab(out_path)
     if own is None:
