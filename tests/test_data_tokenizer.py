@@ -138,6 +138,9 @@ def test_cli_trains_on_a_data_folder_and_guards_existing_files(data_dir):
   manifest = json.loads((data_dir / 'out' / 'vocab.txt.manifest.json').read_text())
   assert manifest['settings']['vocab_size'] == 100 and manifest['tokens'] == len(vocab)
 
+  assert tokenizer.is_up_to_date(str(out), TITLES, vocab_size=100)
+  assert not tokenizer.is_up_to_date(str(out), TITLES, vocab_size=50)
+  assert not tokenizer.is_up_to_date(str(out), TITLES[1:], vocab_size=100)
   # Its own vocab, same titles and settings: rewritten, byte-identical.
   proc = run_cli('--data_dir', data_dir, '--vocab_size', 100, '--out', out)
   assert proc.returncode == 0, proc.stderr
@@ -146,7 +149,7 @@ def test_cli_trains_on_a_data_folder_and_guards_existing_files(data_dir):
   # Its own vocab but other settings: the token ids would change under trained models.
   proc = run_cli('--data_dir', data_dir, '--vocab_size', 50, '--out', out)
   assert proc.returncode == 1
-  assert f'{out}: holds a vocab this trainer wrote from other settings' in proc.stderr
+  assert f'{out}: holds a vocab this trainer wrote with different settings' in proc.stderr
   assert '--overwrite' in proc.stderr and 'Traceback' not in proc.stderr
   assert out.read_bytes() == first
 

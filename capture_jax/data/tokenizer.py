@@ -293,6 +293,47 @@ def _write_atomically(path: str, text: str) -> None:
   os.replace(tmp, path)
 
 
+# What a vocab is a function of: manifest key -> what an error message calls it.
+_INPUTS = {'builder': 'builder version', 'settings': 'settings', 'texts_sha256': 'titles'}
+
+
+def _manifest(texts: Sequence[str], vocab_size: int, min_frequency: int, do_lower_case: bool):
+  """The inputs of a vocab, as recorded beside it (the vocab's own digest is added on write)."""
+  return {
+      'builder': BUILDER,
+      'settings': {
+          'vocab_size': vocab_size,
+          'min_frequency': min_frequency,
+          'do_lower_case': do_lower_case,
+      },
+      'texts': len(texts),
+      'texts_sha256': _texts_sha256(texts),
+  }
+
+
+def is_up_to_date(
+    vocab_path: str,
+    texts: Iterable[str],
+    vocab_size: int,
+    min_frequency: int = 2,
+    do_lower_case: bool = True,
+) -> bool:
+  """Whether `vocab_path` is exactly what `train_vocab` would write for these arguments.
+
+  True only for an unedited file this trainer wrote from the same titles and
+  settings with the current builder: a caller may then reuse it instead of
+  rebuilding. A vocab from an older builder (such as the hash-ordered one
+  before v2), from other data, or from elsewhere gives False.
+  """
+  if not os.path.isfile(vocab_path):
+    return False
+  own = _own_unchanged_vocab(vocab_path)
+  if own is None:
+    return False
+  expected = _manifest(list(texts), vocab_size, min_frequency, do_lower_case)
+  return all(own.get(k) == expected[k] for k in _INPUTS)
+
+
 def train_vocab(
     texts: Iterable[str],
     vocab_size: int,
@@ -322,17 +363,7 @@ def train_vocab(
     VocabExistsError: `out_path` exists and may not be replaced (see above).
   """
   texts = list(texts)
-  settings = {
-      'vocab_size': vocab_size,
-      'min_frequency': min_frequency,
-      'do_lower_case': do_lower_case,
-  }
-  manifest = {
-      'builder': BUILDER,
-      'settings': settings,
-      'texts': len(texts),
-      'texts_sha256': _texts_sha256(texts),
-  }
+  manifest = _manifest(texts, vocab_size, min_frequency, do_lower_case)
   if os.path.isdir(out_path):
     raise VocabExistsError(f'{out_path}: is a folder; expected the path of a vocab.txt file')
   if os.path.lexists(out_path) and not overwrite:
@@ -343,10 +374,10 @@ def train_vocab(
           f'{os.path.basename(manifest_path(out_path))}); refusing to replace it: pass '
           '--overwrite to replace it, or choose another --out'
       )
-    differ = [k for k in ('builder', 'settings', 'texts_sha256') if own.get(k) != manifest[k]]
+    differ = [name for key, name in _INPUTS.items() if own.get(key) != manifest[key]]
     if differ:
       raise VocabExistsError(
-          f'{out_path}: holds a vocab this trainer wrote from other {" and ".join(differ)} '
+          f'{out_path}: holds a vocab this trainer wrote with different {" and ".join(differ)} '
           f'(recorded in {manifest_path(out_path)}); replacing it would change the token ids of '
           'models trained on it: pass --overwrite to replace it, or choose another --out'
       )
