@@ -174,10 +174,11 @@ def build_vocab(word_counts: dict[str, int], vocab_size: int, min_frequency: int
   it is never merged), then `##c` for every character seen inside a longer word
   (so any word made of seen characters tokenises without [UNK], also in text
   the vocab was not trained on), then WordPiece pieces learnt by BPE merges
-  over the words of Latin letters and digits: the `tokenizers` WordPiece
-  trainer's algorithm, but it breaks ties between equally frequent pairs in
-  hash order (a different vocab on every run), where this takes the pair with
-  the highest (count, then smallest (left, right) in code-point order).
+  over the words of Latin letters and digits. That is the algorithm of the
+  `tokenizers` WordPiece trainer, which breaks ties between equally frequent
+  pairs in hash order (a different vocab on every run); here the next merge
+  is always the pair with the highest count, then the smallest (left, right)
+  in code-point order.
 
   Merging stops at `vocab_size` tokens or when no pair occurs `min_frequency`
   times; characters are always kept, so a data set with more distinct
