@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from capture_jax.data import formats
 from capture_jax.data import tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
 
 TITLES = [
     '韩国AHC黄金面霜正品',
@@ -73,10 +81,98 @@ def test_bad_vocab_files(tmp_path):
     tokenizer.load_tokenizer(str(path))
 
 
-def test_cli_trains_on_a_data_folder(tmp_path):
+def test_vocab_is_a_deterministic_function_of_the_data(tmp_path):
+  # The `tokenizers` trainer broke ties in hash order: 3 runs, 3 different files.
+  a, b = tmp_path / 'a' / 'vocab.txt', tmp_path / 'b' / 'vocab.txt'
+  assert tokenizer.train_vocab(TITLES, 60, str(a), min_frequency=1) == 60
+  tokenizer.train_vocab(TITLES, 60, str(b), min_frequency=1)
+  assert a.read_bytes() == b.read_bytes()
+  # Nor does the order words are first seen in matter (only the counts do).
+  counts = tokenizer.count_words(TITLES)
+  reordered = dict(sorted(counts.items(), key=lambda kv: kv[0], reverse=True))
+  assert tokenizer.build_vocab(reordered, 60, 1) == a.read_text(encoding='utf-8').splitlines()
+
+
+def test_build_vocab_breaks_ties_by_pair_then_stops_at_min_frequency():
+  # ('a', '##b') occurs 4 times, ('x', '##y') 3; with 'ab1' gone both occur 3 times and the
+  # smaller pair, ('a', '##b'), still merges first.
+  vocab = tokenizer.build_vocab({'xy': 3, 'ab': 3, 'ab1': 1}, vocab_size=100, min_frequency=2)
+  specials = list(tokenizer.SPECIAL_TOKENS)
+  chars = ['1', 'a', 'b', 'x', 'y', '##1', '##a', '##b', '##x', '##y']
+  # 'ab' (3+1 = 4) first, then 'xy' (3); 'ab1' occurs once, under min_frequency.
+  assert vocab == specials + chars + ['ab', 'xy']
+  assert tokenizer.build_vocab({'xy': 3, 'ab': 3}, vocab_size=5 + 8 + 1)[-1] == 'ab'
+
+
+def test_every_character_seen_inside_a_word_has_a_continuation_piece(vocab):
+  # A new word of seen characters splits into pieces, never a whole-word [UNK].
+  tok = tokenizer.load_tokenizer(vocab)
+  assert '[UNK]' not in tok.tokenize('mulivaha')
+
+
+def run_cli(*args):
+  return subprocess.run(
+      [sys.executable, '-m', 'capture_jax.data.tokenizer', 'train', *map(str, args)],
+      capture_output=True,
+      text=True,
+      cwd=REPO,
+      env={**os.environ, 'PYTHONPATH': str(REPO)},
+      timeout=120,
+  )
+
+
+@pytest.fixture
+def data_dir(tmp_path):
   ann = [formats.Annotation(str(i), t) for i, t in enumerate(TITLES)]
   formats.write_annotations(str(tmp_path / formats.annotation_filename('train')), ann)
-  out = tmp_path / 'out' / 'vocab.txt'
-  tokenizer.main(['train', '--data_dir', str(tmp_path), '--vocab_size', '100', '--out', str(out)])
+  return tmp_path
+
+
+def test_cli_trains_on_a_data_folder_and_guards_existing_files(data_dir):
+  out = data_dir / 'out' / 'vocab.txt'
+  proc = run_cli('--data_dir', data_dir, '--vocab_size', 100, '--out', out)
+  assert proc.returncode == 0, proc.stderr
   vocab = tokenizer.read_vocab(str(out))
   assert 5 < len(vocab) <= 100 and vocab['[PAD]'] == 0
+  first = out.read_bytes()
+  manifest = json.loads((data_dir / 'out' / 'vocab.txt.manifest.json').read_text())
+  assert manifest['settings']['vocab_size'] == 100 and manifest['tokens'] == len(vocab)
+
+  assert tokenizer.is_up_to_date(str(out), TITLES, vocab_size=100)
+  assert not tokenizer.is_up_to_date(str(out), TITLES, vocab_size=50)
+  assert not tokenizer.is_up_to_date(str(out), TITLES[1:], vocab_size=100)
+  # Its own vocab, same titles and settings: rewritten, byte-identical.
+  proc = run_cli('--data_dir', data_dir, '--vocab_size', 100, '--out', out)
+  assert proc.returncode == 0, proc.stderr
+  assert out.read_bytes() == first
+
+  # Its own vocab but other settings: the token ids would change under trained models.
+  proc = run_cli('--data_dir', data_dir, '--vocab_size', 50, '--out', out)
+  assert proc.returncode == 1
+  assert f'{out}: holds a vocab this trainer wrote with different settings' in proc.stderr
+  assert '--overwrite' in proc.stderr and 'Traceback' not in proc.stderr
+  assert out.read_bytes() == first
+
+  # A file it did not write (here: its vocab, edited by hand) is never replaced silently...
+  out.write_text(out.read_text(encoding='utf-8') + 'extra\n', encoding='utf-8')
+  edited = out.read_bytes()
+  proc = run_cli('--data_dir', data_dir, '--vocab_size', 100, '--out', out)
+  assert proc.returncode == 1
+  assert f'{out}: already exists and was not written by this trainer' in proc.stderr
+  assert out.read_bytes() == edited
+  # ... unless asked to.
+  proc = run_cli('--data_dir', data_dir, '--vocab_size', 60, '--out', out, '--overwrite')
+  assert proc.returncode == 0, proc.stderr
+  assert len(tokenizer.read_vocab(str(out))) == 60
+
+
+def test_cli_bad_input_names_it(data_dir, tmp_path):
+  proc = run_cli('--data_dir', tmp_path / 'nowhere', '--out', tmp_path / 'v.txt')
+  assert proc.returncode == 1 and 'nowhere: no titles' in proc.stderr
+  proc = run_cli('--data_dir', data_dir, '--out', tmp_path / 'v.txt', '--splits', 'train,val')
+  assert proc.returncode == 1 and "unknown split(s) ['val']" in proc.stderr
+  proc = run_cli('--data_dir', data_dir, '--out', data_dir)
+  assert proc.returncode == 1 and f'{data_dir}: is a folder' in proc.stderr
+  with pytest.raises(tokenizer.VocabExistsError, match='v.txt: already exists'):
+    (tmp_path / 'v.txt').write_text('[PAD]\n')
+    tokenizer.train_vocab(TITLES, 50, str(tmp_path / 'v.txt'))

@@ -9,7 +9,15 @@ Rust backend in one call.
 
 Command line (train a WordPiece vocab on the captions of a Product1M folder)::
 
-    python -m capture_jax.data.tokenizer train --data_dir DIR --vocab_size 2000 --out vocab.txt
+    python -m capture_jax.data.tokenizer train --data_dir DIR --vocab_size 2000 --out vocab.txt \
+        [--min_frequency 2 --splits train,gallery,dev,test --overwrite]
+
+The vocab is a deterministic function of the titles and the settings (same
+data, same file, byte for byte: see `build_vocab`). `--out` is written with
+a manifest beside it (`vocab.txt.manifest.json`); an existing `--out` is
+replaced only when that manifest shows this trainer wrote it from the same
+titles and settings (the result is then identical), otherwise the command
+refuses (exit 1, naming the file) unless `--overwrite`.
 
 Note: with transformers 5, `BertTokenizerFast(vocab_file=...)` silently
 ignores the file and yields a 5-token vocabulary; the vocab must be passed as
@@ -18,7 +26,10 @@ ignores the file and yields a 5-token vocabulary; the vocab must be passed as
 
 from __future__ import annotations
 
-import argparse
+import collections
+import hashlib
+import heapq
+import json
 import os
 import sys
 from typing import Iterable, Iterator, Sequence
@@ -26,6 +37,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import tokenizers
 import transformers
+from absl import app, flags
 
 from capture_jax.data import formats
 
@@ -112,60 +124,332 @@ def iter_titles(data_dir: str, splits: Sequence[str] = formats.SPLITS) -> Iterat
         yield ann.title
 
 
+# Bumped whenever `build_vocab` would give different tokens for the same input,
+# so a manifest written by an older builder never passes for this one.
+BUILDER = 'capture_jax.data.tokenizer/wordpiece-v2'
+MANIFEST_SUFFIX = '.manifest.json'
+
+
+class VocabExistsError(FileExistsError):
+  """The vocab target holds a file this trainer did not write with the same data and settings."""
+
+
+def _bert_splitter(do_lower_case: bool):
+  """text -> words, exactly as `load_tokenizer`'s tokenizer splits text before WordPiece.
+
+  The same `tokenizers` normaliser (clean-up, lower-casing and accent
+  stripping, a space around every CJK character) and pre-tokeniser
+  (whitespace, then each punctuation character alone) as `BertTokenizerFast`,
+  so the words counted here are the words the vocab will be applied to.
+  """
+  normalizer = tokenizers.normalizers.BertNormalizer(
+      clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=do_lower_case
+  )
+  pre_tokenizer = tokenizers.pre_tokenizers.BertPreTokenizer()
+
+  def split(text: str) -> list[str]:
+    return [w for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text))]
+
+  return split
+
+
+def count_words(texts: Iterable[str], do_lower_case: bool = True) -> collections.Counter:
+  """word -> number of occurrences over `texts` (BERT's normalisation and splitting)."""
+  split = _bert_splitter(do_lower_case)
+  counts: collections.Counter = collections.Counter()
+  for text in texts:
+    counts.update(split(text))
+  return counts
+
+
+def _pairs(symbols: Sequence[str]) -> Iterator[tuple[str, str]]:
+  return zip(symbols, symbols[1:])
+
+
+def build_vocab(word_counts: dict[str, int], vocab_size: int, min_frequency: int = 2) -> list[str]:
+  """A WordPiece vocab (tokens in id order) that is a pure function of its arguments.
+
+  bert-base-chinese's convention: the special tokens, then every character seen
+  as a token of its own (a CJK character is always a word of one character, so
+  it is never merged), then `##c` for every character seen inside a longer word
+  (so any word made of seen characters tokenises without [UNK], also in text
+  the vocab was not trained on), then WordPiece pieces learnt by BPE merges
+  over the words of Latin letters and digits. That is the algorithm of the
+  `tokenizers` WordPiece trainer, which breaks ties between equally frequent
+  pairs in hash order (a different vocab on every run); here the next merge
+  is always the pair with the highest count, then the smallest (left, right)
+  in code-point order.
+
+  Merging stops at `vocab_size` tokens or when no pair occurs `min_frequency`
+  times; characters are always kept, so a data set with more distinct
+  characters than `vocab_size` gives a larger vocab.
+
+  Args:
+    word_counts: word -> occurrences, from `count_words`.
+    vocab_size: the largest number of tokens wanted, special tokens included.
+    min_frequency: a merged piece must occur at least this often.
+
+  Returns:
+    The tokens, [PAD] first (id = position).
+  """
+  words = sorted(w for w in word_counts if w and w not in SPECIAL_TOKENS)
+  chars = sorted({c for w in words for c in w})
+  inner = sorted({c for w in words if len(w) > 1 for c in w})
+  tokens = list(SPECIAL_TOKENS) + [c for c in chars if c not in SPECIAL_TOKENS]
+  tokens += ['##' + c for c in inner]
+  seen = set(tokens)
+
+  # Each word as its current pieces; pair -> occurrences and pair -> words
+  # holding it (a superset: a word that lost the pair is skipped on merge).
+  pieces = [[w[0]] + ['##' + c for c in w[1:]] for w in words if len(w) > 1]
+  counts = [word_counts[w] for w in words if len(w) > 1]
+  pair_count: dict[tuple[str, str], int] = collections.defaultdict(int)
+  pair_words: dict[tuple[str, str], set[int]] = collections.defaultdict(set)
+  for i, symbols in enumerate(pieces):
+    for pair in _pairs(symbols):
+      pair_count[pair] += counts[i]
+      pair_words[pair].add(i)
+  # A max-heap on (count, smallest pair): entries go stale when a count
+  # changes and are dropped when popped (the current count is pushed anew).
+  heap = [(-n, pair) for pair, n in pair_count.items()]
+  heapq.heapify(heap)
+  while len(tokens) < vocab_size and heap:
+    neg, pair = heapq.heappop(heap)
+    if -neg != pair_count.get(pair, 0):
+      continue
+    if -neg < min_frequency:
+      break
+    left, right = pair
+    merged = left + right[2:]  # `right` is never word-initial, so it has the ## prefix
+    if merged not in seen:
+      tokens.append(merged)
+      seen.add(merged)
+    touched = set()
+    for i in sorted(pair_words.pop(pair)):
+      old = pieces[i]
+      new, j = [], 0
+      while j < len(old):
+        if j + 1 < len(old) and old[j] == left and old[j + 1] == right:
+          new.append(merged)
+          j += 2
+        else:
+          new.append(old[j])
+          j += 1
+      if len(new) == len(old):
+        continue
+      for p in _pairs(old):
+        pair_count[p] -= counts[i]
+        touched.add(p)
+      for p in _pairs(new):
+        pair_count[p] += counts[i]
+        pair_words[p].add(i)
+        touched.add(p)
+      pieces[i] = new
+    for p in sorted(touched):
+      n = pair_count[p]
+      if n > 0:
+        heapq.heappush(heap, (-n, p))
+      else:
+        del pair_count[p]
+  return tokens
+
+
+def _sha256_file(path: str) -> str:
+  with open(path, 'rb') as f:
+    return hashlib.sha256(f.read()).hexdigest()
+
+
+def _texts_sha256(texts: Sequence[str]) -> str:
+  """A digest of the training text, in order (titles joined by newlines)."""
+  h = hashlib.sha256()
+  for t in texts:
+    h.update(t.encode('utf-8'))
+    h.update(b'\n')
+  return h.hexdigest()
+
+
+def manifest_path(vocab_path: str) -> str:
+  """Where `train_vocab` records what it wrote: `vocab.txt` -> `vocab.txt.manifest.json`."""
+  return vocab_path + MANIFEST_SUFFIX
+
+
+def _own_unchanged_vocab(out_path: str) -> dict | None:
+  """The manifest of `out_path` when this trainer wrote it and nobody edited it since, else None."""
+  try:
+    with open(manifest_path(out_path), encoding='utf-8') as f:
+      manifest = json.load(f)
+  except (OSError, ValueError):
+    return None
+  if not isinstance(manifest, dict) or manifest.get('vocab_sha256') != _sha256_file(out_path):
+    return None
+  return manifest
+
+
+def _write_atomically(path: str, text: str) -> None:
+  """Writes via a temporary file and a rename: an interrupted run never leaves half a vocab."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f'{path}.tmp{os.getpid()}'
+  with open(tmp, 'w', encoding='utf-8') as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+# What a vocab is a function of: manifest key -> what an error message calls it.
+_INPUTS = {'builder': 'builder version', 'settings': 'settings', 'texts_sha256': 'titles'}
+
+
+def _manifest(texts: Sequence[str], vocab_size: int, min_frequency: int, do_lower_case: bool):
+  """The inputs of a vocab, as recorded beside it (the vocab's own digest is added on write)."""
+  return {
+      'builder': BUILDER,
+      'settings': {
+          'vocab_size': vocab_size,
+          'min_frequency': min_frequency,
+          'do_lower_case': do_lower_case,
+      },
+      'texts': len(texts),
+      'texts_sha256': _texts_sha256(texts),
+  }
+
+
+def is_up_to_date(
+    vocab_path: str,
+    texts: Iterable[str],
+    vocab_size: int,
+    min_frequency: int = 2,
+    do_lower_case: bool = True,
+) -> bool:
+  """Whether `vocab_path` is exactly what `train_vocab` would write for these arguments.
+
+  True only for an unedited file this trainer wrote from the same titles and
+  settings with the current builder: a caller may then reuse it instead of
+  rebuilding. A vocab from an older builder (such as the hash-ordered one
+  before v2), from other data, or from elsewhere gives False.
+  """
+  if not os.path.isfile(vocab_path):
+    return False
+  own = _own_unchanged_vocab(vocab_path)
+  if own is None:
+    return False
+  expected = _manifest(list(texts), vocab_size, min_frequency, do_lower_case)
+  return all(own.get(k) == expected[k] for k in _INPUTS)
+
+
 def train_vocab(
     texts: Iterable[str],
     vocab_size: int,
     out_path: str,
     min_frequency: int = 2,
     do_lower_case: bool = True,
+    overwrite: bool = False,
 ) -> int:
-  """Trains a BERT WordPiece vocab with `tokenizers` and writes `vocab.txt`.
+  """Builds a BERT WordPiece vocab from `texts` and writes `out_path` (`vocab.txt`).
 
-  Every character seen is kept (no alphabet limit), so no caption character
-  of the training text becomes [UNK]; CJK characters are split one per token
-  before WordPiece, as bert-base-chinese does. Returns the vocab size.
+  The file is a deterministic function of the texts (in order) and the
+  settings: see `build_vocab`. Beside it goes `out_path + '.manifest.json'`
+  (builder, settings, digests of the text and of the vocab), which is how a
+  later call knows the file is its own.
+
+  An existing `out_path` is replaced only when this trainer wrote it (its
+  manifest matches the file's bytes): with the same text and settings the
+  new file is byte-identical, so rewriting it is harmless; with other text or
+  settings it would silently change every token id of the models trained on
+  it, so that needs `overwrite=True`, as does any file with no (or a
+  mismatching) manifest.
+
+  Returns:
+    The number of tokens written.
+
+  Raises:
+    VocabExistsError: `out_path` exists and may not be replaced (see above).
   """
-  wp = tokenizers.BertWordPieceTokenizer(
-      clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=do_lower_case
-  )
-  wp.train_from_iterator(
-      texts,
-      vocab_size=vocab_size,
-      min_frequency=min_frequency,
-      limit_alphabet=1_000_000,
-      special_tokens=list(SPECIAL_TOKENS),
-      show_progress=False,
-      wordpieces_prefix='##',
-  )
-  vocab = wp.get_vocab()
-  tokens = sorted(vocab, key=vocab.get)
-  if tokens[: len(SPECIAL_TOKENS)] != list(SPECIAL_TOKENS):
-    raise RuntimeError(f'special tokens not first: {tokens[: len(SPECIAL_TOKENS)]}')
-  os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-  with open(out_path, 'w', encoding='utf-8') as f:
-    f.write('\n'.join(tokens) + '\n')
+  texts = list(texts)
+  manifest = _manifest(texts, vocab_size, min_frequency, do_lower_case)
+  if os.path.isdir(out_path):
+    raise VocabExistsError(f'{out_path}: is a folder; expected the path of a vocab.txt file')
+  if os.path.lexists(out_path) and not overwrite:
+    own = _own_unchanged_vocab(out_path)
+    if own is None:
+      raise VocabExistsError(
+          f'{out_path}: already exists and was not written by this trainer (no matching '
+          f'{os.path.basename(manifest_path(out_path))}); refusing to replace it: pass '
+          '--overwrite to replace it, or choose another --out'
+      )
+    differ = [name for key, name in _INPUTS.items() if own.get(key) != manifest[key]]
+    if differ:
+      raise VocabExistsError(
+          f'{out_path}: holds a vocab this trainer wrote with different {" and ".join(differ)} '
+          f'(recorded in {manifest_path(out_path)}); replacing it would change the token ids of '
+          'models trained on it: pass --overwrite to replace it, or choose another --out'
+      )
+  tokens = build_vocab(count_words(texts, do_lower_case), vocab_size, min_frequency)
+  text = '\n'.join(tokens) + '\n'
+  _write_atomically(out_path, text)
+  manifest['vocab_sha256'] = hashlib.sha256(text.encode('utf-8')).hexdigest()
+  manifest['tokens'] = len(tokens)
+  _write_atomically(manifest_path(out_path), json.dumps(manifest, indent=1, sort_keys=True) + '\n')
   return len(tokens)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  sub = parser.add_subparsers(dest='command', required=True)
-  train = sub.add_parser('train', help='train a WordPiece vocab on the captions')
-  train.add_argument('--data_dir', required=True, help='folder with product1m_*_ossurl_v2.txt')
-  train.add_argument('--vocab_size', type=int, default=2000)
-  train.add_argument('--out', required=True, help='vocab.txt to write')
-  train.add_argument('--min_frequency', type=int, default=2)
-  # Titles are model inputs, not labels: including the query titles only
-  # avoids [UNK] for characters that appear in queries alone.
-  train.add_argument('--splits', default=','.join(formats.SPLITS))
-  args = parser.parse_args(argv)
-  n = train_vocab(
-      iter_titles(args.data_dir, args.splits.split(',')),
-      args.vocab_size,
-      args.out,
-      args.min_frequency,
-  )
-  print(f'wrote {args.out}: {n} tokens', file=sys.stderr)
+def define_flags() -> dict[str, flags.FlagHolder]:
+  """The command's flags (defined when the command runs, not on import)."""
+  return {
+      'data_dir': flags.DEFINE_string(
+          'data_dir', None, 'Folder with the product1m_{split}_ossurl_v2.txt annotation files.'
+      ),
+      'out': flags.DEFINE_string('out', None, 'The vocab.txt to write.'),
+      'vocab_size': flags.DEFINE_integer(
+          'vocab_size', 2000, 'Largest vocab wanted (every character seen is kept).'
+      ),
+      'min_frequency': flags.DEFINE_integer(
+          'min_frequency', 2, 'A merged WordPiece piece must occur this often.'
+      ),
+      # Titles are model inputs, not labels: including the query titles only
+      # avoids [UNK] for characters that appear in queries alone.
+      'splits': flags.DEFINE_list('splits', list(formats.SPLITS), 'Splits whose titles to use.'),
+      'overwrite': flags.DEFINE_bool(
+          'overwrite',
+          False,
+          'Replace an existing --out that this trainer did not write from the same titles '
+          'and settings.',
+      ),
+  }
+
+
+def run_command(argv: Sequence[str], args: dict[str, flags.FlagHolder]) -> None:
+  """`train`: the vocab of the titles of `--data_dir` into `--out`; bad input exits 1 with one line."""
+  if list(argv[1:]) != ['train']:
+    raise app.UsageError(f'expected the command `train`, got {list(argv[1:])}')
+  data_dir, out = args['data_dir'].value, args['out'].value
+  splits = args['splits'].value
+  try:
+    unknown = sorted(set(splits) - set(formats.SPLITS))
+    if unknown:
+      raise ValueError(f'--splits: unknown split(s) {unknown}, expected some of {formats.SPLITS}')
+    titles = list(iter_titles(data_dir, splits))
+    if not titles:
+      raise FileNotFoundError(
+          f'{data_dir}: no titles: none of '
+          f'{[formats.annotation_filename(s) for s in splits]} exists or has a line'
+      )
+    n = train_vocab(
+        titles,
+        args['vocab_size'].value,
+        out,
+        args['min_frequency'].value,
+        overwrite=args['overwrite'].value,
+    )
+  except (FileExistsError, FileNotFoundError, ValueError) as e:  # one clear line, no traceback
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
+  print(f'wrote {out}: {n} tokens from {len(titles)} titles', file=sys.stderr)
+
+
+def main() -> None:
+  """The `capture-tokenizer` console script and `python -m capture_jax.data.tokenizer`."""
+  args = define_flags()
+  flags.mark_flags_as_required(['data_dir', 'out'])
+  app.run(lambda argv: run_command(argv, args))
 
 
 if __name__ == '__main__':
