@@ -60,12 +60,11 @@ def prepare_data(config: ml_collections.ConfigDict) -> None:
         feature_dim=d.feature_dim,
     )
     print('   ' + ', '.join(f'{k}: {v}' for k, v in summary['counts'].items()))
-  if Path(d.vocab_file).exists():
+  titles = list(tokenizer_lib.iter_titles(d.data_dir))
+  if tokenizer_lib.is_up_to_date(d.vocab_file, titles, d.vocab_size):
     print(f'   reusing the vocab {d.vocab_file}')
-  else:
-    size = tokenizer_lib.train_vocab(
-        tokenizer_lib.iter_titles(d.data_dir), d.vocab_size, d.vocab_file
-    )
+  else:  # refuses, naming it, a vocab of other data or settings that it did not write
+    size = tokenizer_lib.train_vocab(titles, d.vocab_size, d.vocab_file)
     print(f'   trained a WordPiece vocab of {size} tokens: {d.vocab_file}')
   done(t, 'data ready')
 

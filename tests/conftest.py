@@ -6,7 +6,8 @@ import os
 from pathlib import Path
 
 # Tests are dominated by XLA compile time on CPU: skip LLVM's expensive optimisations
-# (4x faster compiles, same numerics). Set before JAX starts; subprocesses inherit it.
+# (4x faster compiles; still deterministic, but the last bits differ from a default run such
+# as `make demo`). Set before JAX starts; subprocesses inherit it.
 if '--xla_backend_optimization_level' not in os.environ.get('XLA_FLAGS', ''):
   os.environ['XLA_FLAGS'] = (
       os.environ.get('XLA_FLAGS', '') + ' --xla_backend_optimization_level=0'
