@@ -50,6 +50,7 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
+from capture_jax import cli
 from capture_jax import config as config_lib
 from capture_jax.data import formats
 
@@ -434,18 +435,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv if argv is None else ['product1m_tfds', *argv])
   fv = flags.FlagValues()
   args = define_flags(fv)
-  if any(a in ('-h', '--help', '--helpshort', '-?') for a in argv[1:]):
-    summary = __doc__.split('\n\n')[0]
-    print(f'{summary}\n\n{fv.get_help()}')
-    return 0
-  try:
-    rest = fv(argv)
-  except flags.Error as err:
-    print(f'error: {err} (see --help)', file=sys.stderr)
-    return 2
-  if len(rest) > 1:
-    print(f'error: unexpected arguments {rest[1:]} (see --help)', file=sys.stderr)
-    return 2
+  code = cli.parse(fv, argv, __doc__.split('\n\n')[0])
+  if code is not None:
+    return code
   config_file = args['config'].value
   d = config_lib.load_config_file(config_file).data if config_file else config_lib.data_config()
   try:

@@ -62,6 +62,7 @@ from pathlib import Path
 from absl import flags
 import numpy as np
 
+from capture_jax import cli
 from capture_jax.data import formats
 
 DEFAULT_RANKS: tuple[int, ...] = (10, 50, 100)
@@ -611,20 +612,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv if argv is None else ['metrics', *argv])
   fv = flags.FlagValues()
   holders = define_flags(fv)
-  if any(a in ('-h', '--help', '--helpshort', '-?') for a in argv[1:]):
-    print(
-        f'usage: python -m capture_jax.evaluation.metrics --gt_dir DIR --ranked FILE\n'
-        f'{__doc__.splitlines()[0]}\n\n{fv.get_help()}'
-    )
-    return 0
-  try:
-    rest = fv(argv)
-  except flags.Error as err:
-    print(f'error: {err} (see --help)', file=sys.stderr)
-    return 2
-  if len(rest) > 1:
-    print(f'error: unexpected arguments {rest[1:]} (see --help)', file=sys.stderr)
-    return 2
+  code = cli.parse(
+      fv,
+      argv,
+      'usage: python -m capture_jax.evaluation.metrics --gt_dir DIR --ranked FILE\n'
+      + __doc__.splitlines()[0],
+  )
+  if code is not None:
+    return code
   return run(
       holders['gt_dir'].value,
       holders['ranked'].value,
