@@ -153,10 +153,14 @@ def checksum_problems(folder: Path) -> list[str] | None:
 
 
 def checkpoint_fingerprint(manager: ocp.CheckpointManager, step: int) -> str:
-  """A short id of one save of `step` (its checksums, else Orbax's commit metadata): exports
-  made from it record it, so that embeddings from two runs (or from a step saved again) differ."""
+  """A short id of one save of `step`: exports made from it record it, so that embeddings from two
+  runs (or from a step saved again) differ.
+
+  The hash of Orbax's `_CHECKPOINT_METADATA` (written once at commit, with the
+  save's timestamps), else of our checksums, else of the folder's path.
+  """
   folder = step_dir(manager, step)
-  for name in (CHECKSUMS_FILE, '_CHECKPOINT_METADATA'):
+  for name in ('_CHECKPOINT_METADATA', CHECKSUMS_FILE):
     if (folder / name).is_file():
       return hashlib.sha256((folder / name).read_bytes()).hexdigest()[:16]
   return hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:16]
