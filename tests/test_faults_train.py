@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from capture_jax import train
@@ -52,16 +53,7 @@ def logged_steps(workdir: Path) -> list[int]:
 
 
 def saved_params_finite(cfg, workdir: Path, step: int) -> bool:
-  manager = checkpoint_lib.make_manager(workdir, cfg.checkpoint)
-  try:
-    mesh = sharding.make_mesh(cfg.mesh)
-    abstract, shardings = state_lib.model_param_layout(cfg, mesh)
-    params = checkpoint_lib.restore_model_params(
-        manager, step, checkpoint_lib.abstract_with_shardings(abstract, shardings)
-    )
-  finally:
-    manager.close()
-  return all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+  return all(np.isfinite(x).all() for x in jax.tree.leaves(model_params(cfg, workdir, step)))
 
 
 def flip_a_byte(path: Path) -> None:
@@ -245,3 +237,50 @@ def test_lock_left_by_a_dead_process_is_taken_over(tmp_path, capfd):
         in out
     )
     assert json.loads((tmp_path / 'train.lock').read_text())['pid'] == os.getpid()
+
+
+def model_params(cfg, workdir: Path, step: int):
+  manager = checkpoint_lib.make_manager(workdir, cfg.checkpoint)
+  try:
+    mesh = sharding.make_mesh(cfg.mesh)
+    abstract, shardings = state_lib.model_param_layout(cfg, mesh)
+    params = checkpoint_lib.restore_model_params(
+        manager, step, checkpoint_lib.abstract_with_shardings(abstract, shardings)
+    )
+  finally:
+    manager.close()
+  return jax.tree.map(np.asarray, params)
+
+
+def test_kill_9_then_resume_is_bitwise_and_logs_each_step_once(config, trained, tmp_path):
+  """A trainer killed with SIGKILL after step 3 (slowed down so that the kill lands mid-run)
+  resumes to the parameters of the uninterrupted run, with one metrics row per step."""
+  (tmp_path / 'config.json').write_text(config.to_json())
+  script = (
+      'import json, time, ml_collections; from capture_jax import train; '
+      'from capture_jax.training import sharding; '
+      'slow = sharding.global_batch_from_local; '
+      'sharding.global_batch_from_local = lambda *a: (time.sleep(1.0), slow(*a))[1]; '
+      f'cfg = ml_collections.ConfigDict(json.load(open({str(tmp_path / "config.json")!r}))); '
+      f'train.run(cfg, {str(tmp_path / "run")!r})'
+  )
+  proc = subprocess.Popen(
+      [sys.executable, '-c', script],
+      cwd=REPO,
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.DEVNULL,
+      env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
+  )
+  metrics = tmp_path / 'run' / 'metrics.jsonl'
+  deadline = time.time() + 300
+  while time.time() < deadline and not (metrics.exists() and metrics.read_text().count('\n') >= 3):
+    time.sleep(0.05)
+  proc.kill()
+  proc.wait(timeout=60)
+  assert proc.returncode == -signal.SIGKILL
+  result = train.run(config, tmp_path / 'run')
+  assert int(result.state.step) == 4
+  assert logged_steps(tmp_path / 'run') == [1, 2, 3, 4]
+  a, b = model_params(config, trained, 4), model_params(config, tmp_path / 'run', 4)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)

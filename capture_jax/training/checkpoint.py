@@ -105,7 +105,7 @@ def step_dir(manager: ocp.CheckpointManager, step: int) -> Path:
 def _file_digests(folder: Path) -> dict[str, dict[str, Any]]:
   digests = {}
   for path in sorted(folder.rglob('*')):
-    if path.is_file() and path.name != CHECKSUMS_FILE:
+    if path.is_file() and not path.name.lstrip('.').startswith(CHECKSUMS_FILE):
       with open(path, 'rb') as f:
         digest = hashlib.file_digest(f, 'sha256').hexdigest()
       digests[path.relative_to(folder).as_posix()] = {
