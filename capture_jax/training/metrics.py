@@ -93,7 +93,7 @@ class MetricWriter:
       from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
 
       # purge_step: TensorBoard hides the earlier run's events from this step on.
-      purge = start_step + 1 if start_step else None
+      purge = None if start_step is None else start_step + 1
       self._tb = SummaryWriter(str(Path(workdir) / 'tensorboard'), purge_step=purge)
 
   def write(self, step: int, metrics: Mapping[str, float]) -> None:
