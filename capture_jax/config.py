@@ -140,6 +140,9 @@ def train_config() -> ml_collections.ConfigDict:
   t.init = 'scratch'
   t.init_path = ''
   t.log_every = 10
+  # Stop with an error after this many consecutive skipped (non-finite) updates: the run has
+  # diverged. 0 = never stop. Checked from the metrics every min(log_every, this) steps.
+  t.max_consecutive_skipped = 20
   t.progress_bar = True
   t.profile_start_step = (
       -1
@@ -154,6 +157,9 @@ def checkpoint_config() -> ml_collections.ConfigDict:
   k.keep_last = 3  # keep the last K ...
   k.keep_every = 0  # ... plus every M-th step (0: none)
   k.async_save = True
+  # When the workdir has checkpoints but none is readable (all moved aside to
+  # checkpoints/corrupt-*), start from step 0 only if this is set.
+  k.restart_if_unreadable = False
   return k
 
 

@@ -58,6 +58,7 @@ from capture_jax.evaluation import report as report_lib
 from capture_jax.evaluation import search as search_lib
 from capture_jax.training import distributed
 from capture_jax.training import checkpoint as checkpoint_lib
+from capture_jax.training import lock as lock_lib
 from capture_jax.training import sharding
 
 SEARCH_KINDS = ('exact', 'faiss')
@@ -142,12 +143,12 @@ def check_pair(queries: emb_lib.Embeddings, gallery: emb_lib.Embeddings) -> None
         f'embedding kinds differ: queries {queries.kind!r} ({queries.path}), gallery '
         f'{gallery.kind!r} ({gallery.path})'
     )
-  qw = (queries.metadata.get('weights'), queries.metadata.get('checkpoint_step'))
-  gw = (gallery.metadata.get('weights'), gallery.metadata.get('checkpoint_step'))
-  if qw != gw:
+  diffs = emb_lib.pair_diffs(queries.metadata, gallery.metadata)
+  if diffs:
     raise ValueError(
-        f'queries ({queries.path}: {qw}) and gallery ({gallery.path}: {gw}) were exported '
-        'with different weights'
+        f'queries ({queries.path}) and gallery ({gallery.path}) were not exported from the same '
+        f'checkpoint, config and data ({"; ".join(diffs)}; queries vs gallery); export both from '
+        'one run'
     )
 
 
@@ -164,9 +165,12 @@ class ExportJob:
   out_dir: Path
   rows: eval_input.EvalRows
   source: source_lib.Product1MSource
+  checkpoint_id: str | None = None  # the checkpoint save's fingerprint
 
   def plan(self, config: ml_collections.ConfigDict) -> dict[str, Any]:
-    return export_lib.rows_plan(config, self.rows, config.eval.embedding, self.step)
+    return export_lib.rows_plan(
+        config, self.rows, config.eval.embedding, self.step, self.checkpoint_id
+    )
 
 
 @dataclasses.dataclass
@@ -237,13 +241,15 @@ def plan_exports(
 
   def job(name: str, job_step: int | None, suffix: str = '') -> ExportJob:
     if name not in rows:
-      where.setdefault(name, 'gallery')
       rows[name] = export_lib.plan_rows(config, sources[where[name]], 'samples')
     r = rows[name]
     out_dir = export_lib.default_out_dir(
         workdir, e.embedding, r.split, r.kind, job_step, r.proposer
     )
-    return ExportJob(name + suffix, job_step, out_dir, r, sources[where[name]])
+    checkpoint_id = (
+        None if job_step is None else checkpoint_lib.checkpoint_fingerprint(manager, job_step)
+    )
+    return ExportJob(name + suffix, job_step, out_dir, r, sources[where[name]], checkpoint_id)
 
   names = ['gallery', 'queries'] + [n for n in rows if n.startswith('instances')]
   jobs = [job(name, step) for name in names if name not in explicit]
@@ -311,6 +317,9 @@ def ensure_exports(
           job.source,
           job.rows,
           checkpoint_step=job.step,
+          checkpoint_id=job.checkpoint_id,
+          # The default folders are ours: an export of other data or another save is replaced.
+          replace_other=True,
           progress=progress,
       )
       if result.samples_per_s:
@@ -784,7 +793,12 @@ def main(args: dict[str, Any]) -> None:
         query_embeddings=args['query_embeddings'].value,
         instance_embeddings=args['instance_embeddings'].value,
     )
-  except (FileNotFoundError, ValueError, KeyError) as e:  # bad input: one clear line, no traceback
+  except (
+      FileNotFoundError,
+      ValueError,
+      KeyError,
+      lock_lib.LockedError,
+  ) as e:  # bad input: one clear line, no traceback
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
   if result is not None:

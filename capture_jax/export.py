@@ -17,6 +17,17 @@ batch says which rows of the plan it holds, and a shard's rows are put back
 in order before it is written. Re-running the same command skips shards
 already written, so an interrupted export resumes.
 
+What identifies an export (`export_plan`) includes a fingerprint of what it
+embedded (`inputs_fingerprint`: the built split's files, the vocab, the
+sidecar, the input sizes) and of the checkpoint save (`checkpoint_id`). When
+the output folder holds an export of something else: in the default folder
+(ours, under `{workdir}/embeddings`) it is replaced, saying what changed; in
+a folder given with `--out` it is refused unless `--overwrite`. A shard that
+no longer reads (truncated) is redone; temporary files left by a killed
+export are removed. The output folder is locked while an export writes
+into it (a second export into it is refused, naming the first), and
+non-finite embeddings are refused, naming the split and how many rows.
+
 Output (default `{workdir}/embeddings/step_{STEP}/{kind}/{split}`, with a
 `-instances` suffix for instance rows and `random_init` for `--random_init`):
 see `capture_jax.evaluation.embeddings` for the format.
@@ -25,9 +36,12 @@ see `capture_jax.evaluation.embeddings` for the format.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import os
 import math
 import sys
 import time
+import zipfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -42,12 +56,20 @@ from capture_jax import instances as instances_lib
 from capture_jax import progress as progress_lib
 from capture_jax.data import eval_input
 from capture_jax.data import formats
+from capture_jax.data import product1m_tfds
 from capture_jax.data import source as source_lib
 from capture_jax.evaluation import embeddings as emb_lib
 from capture_jax.training import distributed
 from capture_jax.training import checkpoint as checkpoint_lib
+from capture_jax.training import lock as lock_lib
 from capture_jax.training import sharding
 from capture_jax.training import state as state_lib
+
+LOCK_FILE = '.export.lock'
+
+
+class NonFiniteEmbeddingsError(ValueError):
+  """The model produced NaN or inf embeddings: its parameters are not usable."""
 
 
 @dataclasses.dataclass
@@ -136,6 +158,40 @@ def default_out_dir(
 # What is in the output folder already.
 
 
+def _sha256_file(path: str | Path) -> str | None:
+  if not path or not os.path.isfile(path):
+    return None
+  with open(path, 'rb') as f:
+    return hashlib.file_digest(f, 'sha256').hexdigest()
+
+
+def inputs_fingerprint(config: ml_collections.ConfigDict, split: str, rows: str) -> dict[str, Any]:
+  """What an export embedded, besides the model: the fields that change its rows or vectors.
+
+  The built split is identified by its ArrayRecord files' names, sizes and
+  modification times (a rebuild rewrites them) and the hash of the build's
+  `dataset_info.json`; hashing the files themselves would read the whole
+  dataset (hundreds of GB of features at full scale) on every evaluation.
+  The vocab and the instance sidecar are small: their SHA-256 is used.
+  """
+  d = config.data
+  classes = config.model.mrm_target == 'class'
+  built = Path(product1m_tfds.dataset_dir(d.tfds_dir, d.storage_dtype, classes))
+  files = sorted(built.glob(f'*-{split}.array_record-*')) if built.is_dir() else []
+  listing = '\n'.join(f'{p.name} {p.stat().st_size} {p.stat().st_mtime_ns}' for p in files)
+  return {
+      'max_text_len': d.max_text_len,
+      'max_regions': d.max_regions,
+      'storage_dtype': d.storage_dtype,
+      'vocab_sha256': _sha256_file(d.vocab_file),
+      'dataset_info_sha256': _sha256_file(built / 'dataset_info.json'),
+      'split_files': hashlib.sha256(listing.encode()).hexdigest(),
+      'sidecar_sha256': (
+          _sha256_file(eval_input.sidecar_path(config, split)) if rows == 'instances' else None
+      ),
+  }
+
+
 def export_plan(
     config: ml_collections.ConfigDict,
     split: str,
@@ -144,8 +200,13 @@ def export_plan(
     checkpoint_step: int | None,
     count: int,
     proposer: str = '',
+    checkpoint_id: str | None = None,
 ) -> dict[str, Any]:
-  """The identity of an export (`embeddings.IDENTITY_FIELDS`): what is embedded, with what, how it is cut."""
+  """The identity of an export (`embeddings.IDENTITY_FIELDS`): what is embedded, with what, how it is cut.
+
+  `checkpoint_id` (`checkpoint.checkpoint_fingerprint`) tells apart two saves
+  of the same step (two runs, or a step saved again after a corrupt one).
+  """
   b = config.data.eval_batch_size
   shard_rows = math.ceil(config.eval.shard_size / b) * b  # whole batches per shard
   return {
@@ -156,8 +217,10 @@ def export_plan(
       'dimension': emb_lib.embedding_dim(config.model, kind),
       'weights': 'random_init' if checkpoint_step is None else 'checkpoint',
       'checkpoint_step': checkpoint_step,
+      'checkpoint_id': checkpoint_id,
       'seed': config.seed if checkpoint_step is None else None,
       'model': config.model.to_dict(),
+      'inputs': inputs_fingerprint(config, split, rows),
       'count': count,
       'proposer': proposer or None,  # None for sample rows (as in exports before proposers)
       'shard_rows': shard_rows,
@@ -170,9 +233,29 @@ def rows_plan(
     rows: eval_input.EvalRows,
     kind: str,
     checkpoint_step: int | None,
+    checkpoint_id: str | None = None,
 ) -> dict[str, Any]:
   """`export_plan` of planned rows."""
-  return export_plan(config, rows.split, rows.kind, kind, checkpoint_step, len(rows), rows.proposer)
+  return export_plan(
+      config,
+      rows.split,
+      rows.kind,
+      kind,
+      checkpoint_step,
+      len(rows),
+      rows.proposer,
+      checkpoint_id,
+  )
+
+
+def shard_readable(path: Path) -> bool:
+  """Whether a shard file is there and opens as a whole `.npz` (a truncated zip has no central
+  directory). Bytes flipped inside are caught by the zip CRC when the export is read."""
+  try:
+    with zipfile.ZipFile(path) as z:
+      return 'embeddings.npy' in z.namelist()
+  except (OSError, zipfile.BadZipFile):
+    return False
 
 
 def completed_export(out_dir: str | Path, plan: dict[str, Any]) -> dict[str, Any] | None:
@@ -187,17 +270,23 @@ def completed_export(out_dir: str | Path, plan: dict[str, Any]) -> dict[str, Any
   if any(meta.get(k) != plan.get(k) for k in emb_lib.IDENTITY_FIELDS if k not in ignore):
     return None
   shards = int(meta['num_shards'])
-  if not all((Path(out_dir) / emb_lib.shard_name(s, shards)).is_file() for s in range(shards)):
+  if not all(shard_readable(Path(out_dir) / emb_lib.shard_name(s, shards)) for s in range(shards)):
     return None
   return meta
 
 
-def reusable_export(out_dir: Path, plan: dict[str, Any], overwrite: bool) -> dict[str, Any] | None:
+def reusable_export(
+    out_dir: Path, plan: dict[str, Any], overwrite: bool, replace_other: bool = False
+) -> dict[str, Any] | None:
   """What to do with `out_dir` before embedding into it, decided before anything compiles.
 
   Returns the metadata of a complete export of the same plan (nothing to
-  compute), or None (compute the missing shards, or all with `overwrite`).
-  Raises ValueError when the folder holds another export and `overwrite` is off.
+  compute), or None (compute the missing shards, or all when the folder is
+  to be replaced). A folder holding another export is replaced with
+  `overwrite` or `replace_other` (the default folder of this checkpoint,
+  split and kind: ours, so what differs is the data or the checkpoint save,
+  and the old vectors are stale), saying what differs; otherwise it is a
+  ValueError naming the differences.
   """
   existing = emb_lib.read_metadata(out_dir)
   if existing is None or overwrite:
@@ -206,12 +295,34 @@ def reusable_export(out_dir: Path, plan: dict[str, Any], overwrite: bool) -> dic
   if done is not None:
     return done
   diffs = emb_lib.identity_diffs(existing, plan)
-  if diffs:
+  if diffs and not replace_other:
     raise ValueError(
         f'{out_dir} holds another export ({"; ".join(diffs)}; existing vs requested); '
         'pass --overwrite to replace it, or another --out'
     )
+  if diffs and distributed.is_main_process():
+    print(
+        f'{out_dir} holds an export of something else ({"; ".join(diffs)}; existing vs now): '
+        'exporting again',
+        flush=True,
+    )
   return None
+
+
+def stale_export(out_dir: Path, plan: dict[str, Any]) -> bool:
+  """Whether `out_dir` holds an export whose identity differs from `plan` (it is replaced)."""
+  existing = emb_lib.read_metadata(out_dir)
+  return existing is not None and bool(emb_lib.identity_diffs(existing, plan))
+
+
+def _remove_leftovers(out_dir: Path, remove_shards: bool) -> None:
+  """Temporary files of a killed export (and with `remove_shards` the shards of a replaced one)."""
+  patterns = ['.shard-*.tmp-*', f'.{emb_lib.METADATA_FILE}.tmp-*']
+  if remove_shards:
+    patterns.append('shard-*-of-*.npz')
+  for pattern in patterns:
+    for path in out_dir.glob(pattern):
+      path.unlink()
 
 
 # --------------------------------------------------------------------------
@@ -227,7 +338,9 @@ def export_split(
     rows: eval_input.EvalRows,
     *,
     checkpoint_step: int | None = None,
+    checkpoint_id: str | None = None,
     overwrite: bool = False,
+    replace_other: bool = False,
     progress: bool | None = None,
 ) -> ExportResult:
   """Embeds `rows` of `source` with `model_params` into `out_dir`, computing only the shards
@@ -236,32 +349,47 @@ def export_split(
   Args:
     checkpoint_step: recorded in the metadata; None means the random
       initialisation (`weights: random_init`, with the config seed).
+    checkpoint_id: the checkpoint save's fingerprint, recorded in the metadata.
     overwrite: recompute every shard, replacing whatever export `out_dir`
       holds (otherwise an export of something else there is an error, and
       the shards of the same export are kept).
+    replace_other: replace an export of something else (see `reusable_export`).
   Returns:
     what was written; an export that was complete already is left as it is
     (`reused=True`).
   """
   validate_request(config, rows.split, rows.kind)
   out_dir = Path(out_dir)
+  plan = rows_plan(config, rows, embedder.kind, checkpoint_step, checkpoint_id)
+  with lock_lib.FolderLock(out_dir, LOCK_FILE, 'export'):
+    done = reusable_export(out_dir, plan, overwrite, replace_other)
+    if done is not None:
+      return ExportResult(out_dir, done, [], True, None)
+    return _export_locked(
+        config, out_dir, embedder, model_params, source, rows, plan, overwrite, progress
+    )
+
+
+def _export_locked(
+    config, out_dir, embedder, model_params, source, rows, plan, overwrite, progress
+) -> ExportResult:
+  """`export_split` once the folder is locked and known to need (some) shards."""
   is_main = distributed.is_main_process()
   n = len(rows)
-  plan = rows_plan(config, rows, embedder.kind, checkpoint_step)
-  done = reusable_export(out_dir, plan, overwrite)
-  if done is not None:
-    return ExportResult(out_dir, done, [], True, None)
   shard_rows, num_shards = plan['shard_rows'], plan['num_shards']
   if is_main:
-    if overwrite:  # start afresh: remove this folder's export files only
-      for path in out_dir.glob('shard-*-of-*.npz'):
-        path.unlink()
     out_dir.mkdir(parents=True, exist_ok=True)
+    # Start afresh when asked or when the folder holds an export of something else; always
+    # drop temporary files a killed export left (the lock says no other export is writing).
+    _remove_leftovers(out_dir, remove_shards=overwrite or stale_export(out_dir, plan))
     emb_lib.write_metadata(out_dir, {**plan, 'complete': False})
   _sync(f'export start {out_dir}')  # every process sees the same shard files from here on
 
+  # A shard that does not read as a whole file (truncated) is computed again.
   missing = [
-      s for s in range(num_shards) if not (out_dir / emb_lib.shard_name(s, num_shards)).is_file()
+      s
+      for s in range(num_shards)
+      if not shard_readable(out_dir / emb_lib.shard_name(s, num_shards))
   ]
   batches_per_shard = shard_rows // embedder.batch_size
   iterator = None
@@ -289,6 +417,14 @@ def export_split(
     expected = np.arange(s * shard_rows, s * shard_rows + shard_sizes[s])
     if not np.array_equal(row_ids, expected):
       raise RuntimeError(f'shard {s}: got rows {row_ids[:5]}..., expected {expected[:5]}...')
+    bad = int(np.count_nonzero(~np.isfinite(vectors).all(axis=1)))
+    if bad:
+      weights = 'random' if plan['checkpoint_step'] is None else f'step {plan["checkpoint_step"]}'
+      raise NonFiniteEmbeddingsError(
+          f'split {rows.split!r} ({rows.kind}): {bad} of {len(vectors)} rows of shard {s} have '
+          f'non-finite (NaN or inf) embeddings with the {weights} weights; the checkpoint is '
+          f'not usable (diverged training?). Nothing was written for this shard in {out_dir}.'
+      )
     if is_main:
       emb_lib.write_shard(
           out_dir / emb_lib.shard_name(s, num_shards), _shard_arrays(rows, row_ids, vectors)
@@ -409,8 +545,11 @@ def export(
         Path(out) if out else default_out_dir(workdir, kind, split, rows, step, planned.proposer)
     )
     what = 'random initialisation' if step is None else f'checkpoint step {step}'
-    plan = rows_plan(config, planned, kind, step)
-    done = reusable_export(out_dir, plan, overwrite)
+    checkpoint_id = (
+        None if manager is None else checkpoint_lib.checkpoint_fingerprint(manager, step)
+    )
+    plan = rows_plan(config, planned, kind, step, checkpoint_id)
+    done = reusable_export(out_dir, plan, overwrite, replace_other=not out)
     if done is not None:
       if is_main:
         print(f'{out_dir} already holds this export ({what}); nothing to do', flush=True)
@@ -439,7 +578,9 @@ def export(
       source,
       planned,
       checkpoint_step=step,
+      checkpoint_id=checkpoint_id,
       overwrite=overwrite,
+      replace_other=not out,
       progress=progress,
   )
   if is_main:
@@ -504,7 +645,11 @@ def main(args: dict[str, Any]) -> None:
         random_init=args['random_init'].value,
         overwrite=args['overwrite'].value,
     )
-  except (FileNotFoundError, ValueError) as e:  # bad input: one clear line, no traceback
+  except (
+      FileNotFoundError,
+      ValueError,
+      lock_lib.LockedError,
+  ) as e:  # bad input: one clear line, no traceback
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
 

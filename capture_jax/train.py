@@ -8,6 +8,13 @@ any compilation), mesh, input, model and sharded initialisation (or restore
 from the workdir's latest checkpoint), the jitted train step, and the loop
 with metrics, checkpoints and preemption handling. Starting in a workdir
 that has checkpoints resumes from the latest one, data position included.
+
+Faults: the workdir is locked for the run (a second trainer is refused,
+naming the first); a run whose updates are skipped as non-finite
+`train.max_consecutive_skipped` times in a row stops with
+`TrainingDivergedError`, and a state with non-finite parameters is never
+checkpointed; `metrics.jsonl` keeps one row per step of the run the
+checkpoints describe. The command exits 1 with one `error:` line on these.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import app, flags
@@ -30,10 +38,17 @@ from capture_jax import progress as progress_lib
 from capture_jax.data import train_input
 from capture_jax.training import checkpoint as checkpoint_lib
 from capture_jax.training import distributed
+from capture_jax.training import lock as lock_lib
 from capture_jax.training import metrics as metrics_lib
 from capture_jax.training import sharding
 from capture_jax.training import state as state_lib
 from capture_jax.training import train_step as train_step_lib
+
+LOCK_FILE = 'train.lock'
+
+
+class TrainingDivergedError(RuntimeError):
+  """Updates are non-finite: continuing would train, save and evaluate garbage."""
 
 
 @dataclasses.dataclass
@@ -98,8 +113,72 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
     problems.append(f'train.init={t.init!r} needs train.init_path')
   if t.num_steps < 1:
     problems.append(f'train.num_steps must be positive, got {t.num_steps}')
+  if t.max_consecutive_skipped < 0:
+    problems.append(
+        f'train.max_consecutive_skipped must be >= 0 (0: never stop), got {t.max_consecutive_skipped}'
+    )
   if problems:
     raise ValueError('bad configuration:\n  - ' + '\n  - '.join(problems))
+
+
+# --------------------------------------------------------------------------
+# Divergence: consecutive skipped updates, non-finite parameters.
+
+
+class SkipMonitor:
+  """Counts consecutive skipped updates from the cumulative `skipped_updates` metric.
+
+  Each step's count stays on the device (no sync per step); `check` fetches
+  the pending ones in one transfer, every `min(log_every, limit)` steps and
+  before every save, so a diverged run stops at most that many steps late.
+  A step is skipped exactly when the cumulative count grew.
+  """
+
+  def __init__(self, limit: int, skipped_before: int):
+    self.limit = limit
+    self.last = skipped_before
+    self.consecutive = 0
+    self.pending: list[tuple[int, Any]] = []
+
+  def add(self, step: int, skipped_updates: Any) -> None:
+    self.pending.append((step, skipped_updates))
+
+  def check(self) -> None:
+    """Raises TrainingDivergedError once `limit` updates in a row were skipped."""
+    if not self.pending:
+      return
+    values = jax.device_get([v for _, v in self.pending])
+    steps = [s for s, _ in self.pending]
+    self.pending = []
+    for step, value in zip(steps, values):
+      value = int(value)
+      self.consecutive = self.consecutive + 1 if value > self.last else 0
+      self.last = value
+      if self.limit and self.consecutive >= self.limit:
+        raise TrainingDivergedError(
+            f'training diverged: the last {self.consecutive} updates (to step {step}) were '
+            f'skipped because the loss or gradients were not finite ({value} skipped in all; '
+            f'train.max_consecutive_skipped={self.limit}). Lower train.learning_rate or check '
+            'the data; the last checkpoint saved before is kept.'
+        )
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  return jax.tree.reduce(
+      lambda a, b: a & b, jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)), tree), jnp.bool_(True)
+  )
+
+
+def check_before_save(state: Any, step: int, skips: SkipMonitor) -> None:
+  """Raises TrainingDivergedError instead of checkpointing a diverged state."""
+  skips.check()
+  if not bool(_all_finite(state.params)):
+    raise TrainingDivergedError(
+        f'training diverged: the parameters at step {step} are not finite; this state is not '
+        'checkpointed (the last checkpoint saved before is kept). Lower train.learning_rate or '
+        'check the data.'
+    )
 
 
 # --------------------------------------------------------------------------
@@ -117,11 +196,35 @@ def run(
   workdir = Path(workdir)
   mesh = sharding.make_mesh(config.mesh, devices)
   validate_config(config, mesh)
-  is_main = distributed.is_main_process()
+  # One trainer per workdir (process 0 holds the lock for the whole run).
+  with lock_lib.FolderLock(workdir, LOCK_FILE, 'trainer'):
+    return _run_locked(config, workdir, mesh, stop_after_steps)
 
-  # Checkpoints: refuse a workdir of another model before compiling anything.
+
+def _run_locked(
+    config: ml_collections.ConfigDict, workdir: Path, mesh, stop_after_steps: int | None
+) -> RunResult:
+  # Checkpoints: refuse a workdir of another model (or another batch size, or num_steps below
+  # the saved step) before compiling anything.
   manager = checkpoint_lib.make_manager(workdir, config.checkpoint)
-  checkpoint_lib.check_compatible(manager, config)
+  closers = []
+  try:
+    checkpoint_lib.check_compatible(manager, config)
+    return _train(config, workdir, mesh, stop_after_steps, manager, closers)
+  finally:
+    for close in closers:
+      close()
+    # Wait for the saves in flight (also when stopping on an error: they hold good states),
+    # then checksum them.
+    manager.wait_until_finished()
+    checkpoint_lib.record_checksums(manager)
+    manager.close()
+
+
+def _train(config, workdir: Path, mesh, stop_after_steps, manager, closers: list) -> RunResult:
+  """Restore or initialise, compile, and the loop; `closers` collects what `_run_locked` closes
+  however the run ends."""
+  is_main = distributed.is_main_process()
 
   # Input: this process's share of every global batch.
   data_iterator = train_input.make_train_iterator(config)
@@ -132,11 +235,28 @@ def run(
       config, mesh
   )
 
+  had_checkpoints = bool(manager.all_steps())
   restored = checkpoint_lib.restore_latest(
       manager,
       checkpoint_lib.abstract_with_shardings(abstract_state, state_shardings),
       data_iterator,
+      move_unreadable=True,
   )
+  corrupt = checkpoint_lib.corrupt_checkpoints(workdir)
+  if restored is None and (had_checkpoints or corrupt):
+    if not config.checkpoint.restart_if_unreadable:
+      raise checkpoint_lib.UnreadableCheckpointsError(
+          f'no readable checkpoint in {checkpoint_lib.checkpoint_dir(workdir)}: '
+          f'{", ".join(p.name for p in corrupt)} could not be read (moved aside, kept for '
+          'inspection). To train again from step 0 in this workdir, pass '
+          '--config.checkpoint.restart_if_unreadable=True; or use another --workdir.'
+      )
+    if is_main:
+      print(
+          f'WARNING: no readable checkpoint in {checkpoint_lib.checkpoint_dir(workdir)} '
+          '(checkpoint.restart_if_unreadable=True): training from step 0',
+          flush=True,
+      )
   if restored is not None:
     state, start = restored
     if is_main:
@@ -154,6 +274,11 @@ def run(
           opt_state=jax.jit(optimizer.init, out_shardings=state_shardings.opt_state)(params),
       )
     start = 0
+  if start > config.train.num_steps:
+    raise checkpoint_lib.IncompatibleCheckpointError(
+        f'train.num_steps={config.train.num_steps} is below the restored checkpoint step {start} '
+        f'in {checkpoint_lib.checkpoint_dir(workdir)}; raise num_steps or use another --workdir'
+    )
 
   # The step, compiled ahead of time with explicit shardings and the state donated.
   batch_sharding = sharding.batch_sharding(mesh)
@@ -181,7 +306,11 @@ def run(
       if stop_after_steps is None
       else min(config.train.num_steps, start + stop_after_steps)
   )
-  writer = metrics_lib.MetricWriter(workdir)
+  writer = metrics_lib.MetricWriter(workdir, start_step=start)
+  closers.append(writer.close)
+  skips = SkipMonitor(config.train.max_consecutive_skipped, int(jax.device_get(state.skipped)))
+  limit = config.train.max_consecutive_skipped
+  check_every = min(config.train.log_every, limit) if limit else config.train.log_every
   progress = progress_lib.Progress(
       end - start,
       'pretraining',
@@ -206,6 +335,9 @@ def run(
       state, metrics = step_fn(state, batch)
       step += 1
       window_steps += 1
+      skips.add(step, metrics['skipped_updates'])
+      if step % check_every == 0:
+        skips.check()
       if profiling and step >= config.train.profile_start_step + config.train.profile_num_steps:
         jax.block_until_ready(state.params)
         jax.profiler.stop_trace()
@@ -226,17 +358,17 @@ def run(
         )
         window_start, window_steps = time.perf_counter(), 0
       progress.update(1)
-      checkpoint_lib.save(manager, step, state, data_iterator, config)
+      if manager.should_save(step):
+        check_before_save(state, step, skips)
+        checkpoint_lib.save(manager, step, state, data_iterator, config)
       if preemption.agreed():
         preempted = True
         break
   progress.close()
   # A final checkpoint (forced: also when the interval is not due), then wait for async saves.
   if manager.latest_step() != step:
+    check_before_save(state, step, skips)
     checkpoint_lib.save(manager, step, state, data_iterator, config, force=True)
-  manager.wait_until_finished()
-  manager.close()
-  writer.close()
   if preempted and is_main:
     print(
         f'stopped at step {step} on request; checkpoint saved in {checkpoint_lib.checkpoint_dir(workdir)}. '
@@ -267,7 +399,17 @@ def console_main() -> None:
   def main(argv) -> None:
     del argv
     distributed.initialize()
-    result = run(config_flag.value, workdir_flag.value, stop_after_steps=stop_flag.value)
+    try:
+      result = run(config_flag.value, workdir_flag.value, stop_after_steps=stop_flag.value)
+    except (
+        ValueError,
+        FileNotFoundError,
+        TrainingDivergedError,
+        checkpoint_lib.UnreadableCheckpointsError,
+        lock_lib.LockedError,
+    ) as e:  # refused or stopped: one clear line, exit status 1, no traceback
+      print(f'error: {e}', file=sys.stderr, flush=True)
+      sys.exit(1)
     if result.preempted:
       sys.exit(0)
 

@@ -27,6 +27,12 @@ complete: an interrupted export resumes by computing only the missing shards.
 `metadata.json` is written first with `complete: false` and the plan (which
 identifies the export: model config, weights, kind, split, row count, shard
 size) and rewritten with `complete: true` once every shard is there.
+
+Reading an export refuses a shard that does not read (truncated, or a zip
+CRC error from flipped bytes) and non-finite vectors, naming the shard or
+the split and how many rows; two exports searched against each other must
+come from the same weights, checkpoint save, model and data build
+(`pair_diffs`).
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import dataclasses
 import json
 import os
 import time
+import zipfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -62,8 +69,10 @@ IDENTITY_FIELDS = (
     'dimension',
     'weights',
     'checkpoint_step',
+    'checkpoint_id',  # which save of that step (two runs, or a step saved again, differ)
     'seed',
     'model',
+    'inputs',  # what was embedded: the built split's files, vocab, sidecar, input sizes
     'count',
     'proposer',
     'shard_rows',
@@ -222,6 +231,38 @@ def identity_diffs(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
   return diffs
 
 
+# Fields two exports searched against each other must share (the split-specific
+# `inputs` fields, its files and sidecar, naturally differ).
+PAIR_FIELDS = ('weights', 'checkpoint_step', 'checkpoint_id', 'seed', 'model')
+PAIR_INPUT_FIELDS = (
+    'max_text_len',
+    'max_regions',
+    'storage_dtype',
+    'vocab_sha256',
+    'dataset_info_sha256',
+)
+
+
+def pair_diffs(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
+  """Why two exports' vectors are not comparable (other weights, save, model or data build)."""
+  keep = lambda m: {
+      **{k: m.get(k) for k in PAIR_FIELDS},
+      'inputs': {k: (m.get('inputs') or {}).get(k) for k in PAIR_INPUT_FIELDS},
+  }
+  ka, kb = keep(a), keep(b)
+  diffs = []
+  for k in ka:
+    if isinstance(ka[k], dict) and isinstance(kb[k], dict):
+      diffs += [
+          f'{k}.{kk}: {ka[k].get(kk)!r} vs {kb[k].get(kk)!r}'
+          for kk in sorted(set(ka[k]) | set(kb[k]))
+          if ka[k].get(kk) != kb[k].get(kk)
+      ]
+    elif ka[k] != kb[k]:
+      diffs.append(f'{k}: {ka[k]!r} vs {kb[k]!r}')
+  return diffs
+
+
 @dataclasses.dataclass
 class Embeddings:
   """An export read back: `vectors [N, D]` float32 with per-row ids, in row order."""
@@ -267,22 +308,36 @@ def read_embeddings(out_dir: str | Path) -> Embeddings:
       raise FileNotFoundError(
           f'{path} is missing from the export in {out_dir}; run the export again to rewrite it'
       )
-    with np.load(path, allow_pickle=False) as z:
-      emb = z['embeddings']
-      if emb.ndim != 2 or emb.shape[1] != dim:
-        raise ValueError(
-            f'{path}: embeddings of shape {emb.shape}, but {METADATA_FILE} says dimension {dim}'
-        )
-      vectors.append(emb.astype(np.float32, copy=False))
-      ids += [str(x) for x in z['item_id']]
-      rows.append(z['row'])
-      if 'instance_label' in z:
-        labels += [str(x) for x in z['instance_label']]
-        indices.append(z['instance_index'])
+    try:
+      with np.load(path, allow_pickle=False) as z:
+        emb = z['embeddings']
+        shard_ids = [str(x) for x in z['item_id']]
+        shard_rows = z['row']
+        if 'instance_label' in z:
+          labels += [str(x) for x in z['instance_label']]
+          indices.append(z['instance_index'])
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+      raise ValueError(
+          f'{path} cannot be read ({type(e).__name__}: {e}); delete it and run the export '
+          'again to rewrite it'
+      ) from None
+    if emb.ndim != 2 or emb.shape[1] != dim:
+      raise ValueError(
+          f'{path}: embeddings of shape {emb.shape}, but {METADATA_FILE} says dimension {dim}'
+      )
+    vectors.append(emb.astype(np.float32, copy=False))
+    ids += shard_ids
+    rows.append(shard_rows)
   vectors = np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32)
   if len(vectors) != count:
     raise ValueError(
         f'the export in {out_dir} has {len(vectors)} rows, but {METADATA_FILE} says {count}'
+    )
+  bad = int(np.count_nonzero(~np.isfinite(vectors).all(axis=1))) if len(vectors) else 0
+  if bad:
+    raise ValueError(
+        f'the export in {out_dir} (split {meta.get("split")!r}, {meta.get("rows")}) has {bad} of '
+        f'{count} rows with non-finite (NaN or inf) embeddings; its weights are not usable'
     )
   instances = meta.get('rows') == 'instances'
   return Embeddings(

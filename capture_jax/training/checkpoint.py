@@ -4,11 +4,29 @@ Layout: `{workdir}/checkpoints/{step}/{state,data,config}`. Saves are
 asynchronous; the manager keeps the last `keep_last` checkpoints plus every
 `keep_every`-th step. Restoring takes an abstract state whose leaves carry
 the target shardings, so a checkpoint saved on one mesh restores onto another.
-A checkpoint that cannot be read is reported and the previous one is tried.
+
+Integrity: once a save is finalised, process 0 writes `{step}/checksums.json`
+(size and SHA-256 of every file of the step); a restore first checks them, so
+a checkpoint with flipped bytes is treated like an unreadable one. Writing
+them lazily (at the next save, and at the end of the run) keeps saves
+asynchronous; a checkpoint without the file (the run was killed before it was
+written) is restored unverified, with a note.
+
+A checkpoint that cannot be read (or fails its checksums) is moved aside to
+`checkpoints/corrupt-{step}-{time}` (Orbax ignores that name: it is kept for
+inspection, never restored nor deleted by the keep-last policy), reported, and
+the previous one is tried. Moving it frees the step, so the retrained step is
+saved again, and the keep-last policy counts only good checkpoints. When
+checkpoints existed but none is readable, starting from scratch needs
+`checkpoint.restart_if_unreadable=True`.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +45,16 @@ LAYOUT_NEUTRAL_FIELDS = (
 )
 
 
+CHECKSUMS_FILE = 'checksums.json'
+CORRUPT_PREFIX = 'corrupt-'
+
+
 class IncompatibleCheckpointError(ValueError):
   """The workdir holds checkpoints of a different model."""
+
+
+class UnreadableCheckpointsError(RuntimeError):
+  """Every checkpoint of the workdir is unreadable, and restarting from scratch was not asked for."""
 
 
 def checkpoint_dir(workdir: str | Path) -> Path:
@@ -60,12 +86,116 @@ def save(
   items = {'state': ocp.args.StandardSave(state), 'config': ocp.args.JsonSave(config.to_dict())}
   if data_iterator is not None:
     items['data'] = grain.checkpoint.CheckpointSave(data_iterator)
-  return manager.save(step, args=ocp.args.Composite(**items), force=force)
+  saved = manager.save(step, args=ocp.args.Composite(**items), force=force)
+  if saved:
+    # `manager.save` waits for the previous save to finish before starting this one: every
+    # other step is final now and can be checksummed without waiting for this one.
+    record_checksums(manager, exclude=step)
+  return saved
+
+
+# --------------------------------------------------------------------------
+# Integrity: checksums written after a save, checked before a restore.
+
+
+def step_dir(manager: ocp.CheckpointManager, step: int) -> Path:
+  return Path(manager.directory) / str(step)
+
+
+def _file_digests(folder: Path) -> dict[str, dict[str, Any]]:
+  digests = {}
+  for path in sorted(folder.rglob('*')):
+    if path.is_file() and not path.name.lstrip('.').startswith(CHECKSUMS_FILE):
+      with open(path, 'rb') as f:
+        digest = hashlib.file_digest(f, 'sha256').hexdigest()
+      digests[path.relative_to(folder).as_posix()] = {
+          'bytes': path.stat().st_size,
+          'sha256': digest,
+      }
+  return digests
+
+
+def record_checksums(manager: ocp.CheckpointManager, exclude: int | None = None) -> None:
+  """Writes `checksums.json` into every finalised step that lacks it (process 0 only).
+
+  Call when no save other than `exclude` is in flight (after `manager.save`,
+  or after `wait_until_finished`).
+  """
+  if jax.process_index() != 0:
+    return
+  for step in manager.all_steps():
+    folder = step_dir(manager, step)
+    if step == exclude or (folder / CHECKSUMS_FILE).exists() or not folder.is_dir():
+      continue
+    text = json.dumps({'step': int(step), 'files': _file_digests(folder)}, indent=1)
+    tmp = folder / f'.{CHECKSUMS_FILE}.tmp-{os.getpid()}'
+    tmp.write_text(text, encoding='utf-8')
+    os.replace(tmp, folder / CHECKSUMS_FILE)
+
+
+def checksum_problems(folder: Path) -> list[str] | None:
+  """What differs between a step's files and its `checksums.json`; None when it has none."""
+  manifest = folder / CHECKSUMS_FILE
+  if not manifest.is_file():
+    return None
+  try:
+    expected = json.loads(manifest.read_text(encoding='utf-8'))['files']
+  except (ValueError, KeyError, UnicodeDecodeError) as e:
+    return [f'{manifest} cannot be read ({type(e).__name__})']
+  actual = _file_digests(folder)
+  problems = [f'{name}: missing' for name in expected if name not in actual]
+  for name, want in expected.items():
+    got = actual.get(name)
+    if got is not None and got != want:
+      what = 'size' if got['bytes'] != want['bytes'] else 'SHA-256'
+      problems.append(f'{name}: {what} differs from {CHECKSUMS_FILE}')
+  return problems
+
+
+def checkpoint_fingerprint(manager: ocp.CheckpointManager, step: int) -> str:
+  """A short id of one save of `step`: exports made from it record it, so that embeddings from two
+  runs (or from a step saved again) differ.
+
+  The hash of Orbax's `_CHECKPOINT_METADATA` (written once at commit, with the
+  save's timestamps), else of our checksums, else of the folder's path.
+  """
+  folder = step_dir(manager, step)
+  for name in ('_CHECKPOINT_METADATA', CHECKSUMS_FILE):
+    if (folder / name).is_file():
+      return hashlib.sha256((folder / name).read_bytes()).hexdigest()[:16]
+  return hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:16]
+
+
+def saved_config(manager: ocp.CheckpointManager, step: int) -> dict:
+  restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+  return restored['config']
 
 
 def saved_model_config(manager: ocp.CheckpointManager, step: int) -> dict:
-  restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-  return restored['config']['model']
+  return saved_config(manager, step)['model']
+
+
+def resume_problems(saved: dict, step: int, config: ml_collections.ConfigDict) -> list[str]:
+  """Why resuming the checkpoint of `step` (saved with config `saved`) under `config` would be
+  silently wrong.
+
+  The data position is a count of batches (the Grain iterator state), so
+  another global batch size would resume at another sample; and a
+  `train.num_steps` below the saved step has nothing left to do.
+  """
+  problems = []
+  saved_batch = saved.get('data', {}).get('batch_size')
+  if saved_batch is not None and saved_batch != config.data.batch_size:
+    problems.append(
+        f'data.batch_size: checkpoint {saved_batch}, config {config.data.batch_size} (the data '
+        'position is counted in batches; resume with the same batch size, or use another --workdir)'
+    )
+  if config.train.num_steps < step:
+    problems.append(
+        f'train.num_steps={config.train.num_steps} is below the checkpoint step {step} '
+        '(raise num_steps to train on, or use another --workdir)'
+    )
+  return problems
 
 
 def model_config_diffs(saved: dict, config: ml_collections.ConfigDict) -> list[str]:
@@ -92,18 +222,25 @@ def check_compatible(
   if step is None:
     return
   try:
-    saved = saved_model_config(manager, step)
+    saved = saved_config(manager, step)
   except Exception:  # pylint: disable=broad-except
     if latest:
       return
     raise
-  diffs = model_config_diffs(saved, config)
+  diffs = model_config_diffs(saved['model'], config)
   if diffs:
     raise IncompatibleCheckpointError(
         f'{manager.directory} holds checkpoints of a different model (step {step}): '
         + '; '.join(diffs)
         + '. Use another --workdir or the config the run was trained with.'
     )
+  if latest:  # the trainer: resuming must continue the same run
+    problems = resume_problems(saved, step, config)
+    if problems:
+      raise IncompatibleCheckpointError(
+          f'cannot resume the checkpoint of step {step} in {manager.directory}: '
+          + '; '.join(problems)
+      )
 
 
 def open_step(
@@ -159,25 +296,65 @@ def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
   )
 
 
+def move_aside(manager: ocp.CheckpointManager, step: int) -> Path:
+  """Renames a step's folder to `corrupt-{step}-{time}` (process 0) and reloads the manager."""
+  target = Path(manager.directory) / f'{CORRUPT_PREFIX}{step}-{time.strftime("%Y%m%dT%H%M%S")}'
+  if jax.process_index() == 0:
+    os.rename(step_dir(manager, step), target)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
+    multihost_utils.sync_global_devices(f'checkpoint moved aside {step}')
+  manager.reload()
+  return target
+
+
+def corrupt_checkpoints(workdir: str | Path) -> list[Path]:
+  """The checkpoints moved aside in this workdir (oldest name first)."""
+  folder = checkpoint_dir(workdir)
+  if not folder.is_dir():
+    return []
+  return sorted(p for p in folder.iterdir() if p.name.startswith(CORRUPT_PREFIX))
+
+
 def restore_latest(
-    manager: ocp.CheckpointManager, abstract_state: Any, data_iterator: Any
+    manager: ocp.CheckpointManager,
+    abstract_state: Any,
+    data_iterator: Any,
+    *,
+    move_unreadable: bool = False,
 ) -> tuple[Any, int] | None:
   """Restores the newest readable checkpoint (state onto `abstract_state`'s shardings, and the iterator).
 
-  Returns `(state, step)`, or None when there is no readable checkpoint.
+  A checkpoint whose files fail their checksums, or that Orbax cannot read,
+  is reported and skipped; with `move_unreadable` (the trainer) it is also
+  moved aside (`move_aside`). Returns `(state, step)`, or None when there is
+  no readable checkpoint.
   """
   for step in sorted(manager.all_steps(), reverse=True):
-    items = {'state': ocp.args.StandardRestore(abstract_state)}
-    if data_iterator is not None:
-      items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
+    problems = checksum_problems(step_dir(manager, step))
     try:
+      if problems:
+        raise ValueError('checksums do not match: ' + '; '.join(problems[:3]))
+      items = {'state': ocp.args.StandardRestore(abstract_state)}
+      if data_iterator is not None:
+        items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
       restored = manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # pylint: disable=broad-except
+      where = ''
+      if move_unreadable:
+        where = f'; moved aside to {move_aside(manager, step)}'
       print(
           f'WARNING: checkpoint {step} in {manager.directory} cannot be read '
-          f'({type(e).__name__}: {str(e)[:200]}); trying the previous one',
+          f'({type(e).__name__}: {str(e)[:300]}){where}; trying the previous one',
           flush=True,
       )
       continue
+    if problems is None and jax.process_index() == 0:
+      print(
+          f'note: checkpoint {step} has no {CHECKSUMS_FILE} (the run stopped before it was '
+          'written): restored without verifying it',
+          flush=True,
+      )
     return restored['state'], step
   return None

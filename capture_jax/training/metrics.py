@@ -33,19 +33,68 @@ def peak_flops(device: jax.Device) -> float | None:
   return None
 
 
-class MetricWriter:
-  """Writes `{workdir}/metrics.jsonl` and TensorBoard events under `{workdir}/tensorboard` on process 0."""
+METRICS_FILE = 'metrics.jsonl'
 
-  def __init__(self, workdir: str | Path, enabled: bool | None = None):
+
+def truncate_after(path: str | Path, step: int) -> int:
+  """Keeps the rows of `path` with `step <= step` (and drops a torn last line); returns how many
+  rows were dropped.
+
+  A resumed run replays the steps after its checkpoint, and a run whose
+  checkpoints were deleted starts again at 1: without this the file would
+  hold those steps twice. Rewritten through a temporary file and a rename.
+  """
+  path = Path(path)
+  if not path.is_file():
+    return 0
+  kept, dropped = [], 0
+  for line in path.read_text(encoding='utf-8').splitlines():
+    try:
+      keep = int(json.loads(line)['step']) <= step
+    except (ValueError, KeyError, TypeError):
+      keep = False  # a line cut by a kill: not a row
+    if keep:
+      kept.append(line + '\n')
+    else:
+      dropped += 1
+  if dropped:
+    tmp = path.with_name(f'.{path.name}.tmp')
+    tmp.write_text(''.join(kept), encoding='utf-8')
+    tmp.replace(path)
+  return dropped
+
+
+class MetricWriter:
+  """Writes `{workdir}/metrics.jsonl` and TensorBoard events under `{workdir}/tensorboard` on process 0.
+
+  With `start_step` (the step the run starts from), rows and events of later
+  steps left by an earlier run are dropped first, so that the files hold one
+  row per step of the run the checkpoints describe.
+  """
+
+  def __init__(
+      self, workdir: str | Path, enabled: bool | None = None, start_step: int | None = None
+  ):
     self.enabled = distributed.is_main_process() if enabled is None else enabled
     self._jsonl = None
     self._tb = None
     if self.enabled:
       Path(workdir).mkdir(parents=True, exist_ok=True)
-      self._jsonl = open(Path(workdir) / 'metrics.jsonl', 'a', encoding='utf-8')
+      path = Path(workdir) / METRICS_FILE
+      if start_step is not None:
+        dropped = truncate_after(path, start_step)
+        if dropped:
+          print(
+              f'dropped {dropped} row(s) after step {start_step} from {path} (the run resumes '
+              f'from step {start_step})',
+              flush=True,
+          )
+      self._jsonl = open(path, 'a', encoding='utf-8')
       from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
 
-      self._tb = SummaryWriter(str(Path(workdir) / 'tensorboard'))
+      # purge_step: TensorBoard hides the earlier run's events from this step on.
+      purge = None if start_step is None else start_step + 1
+      self._tb = SummaryWriter(str(Path(workdir) / 'tensorboard'), purge_step=purge)
 
   def write(self, step: int, metrics: Mapping[str, float]) -> None:
     if not self.enabled:
