@@ -100,8 +100,8 @@ def _without(d: dict, keys) -> dict:
 
 
 def _report_table(stdout: str) -> str:
-  """The printed report (stage 5) from its heading to the best-mode line."""
-  start = stdout.index('== stage 5')
+  """The printed report (stage 6) from its heading to the best-mode line."""
+  start = stdout.index('== stage 6')
   return stdout[start : stdout.index('best CAPTURE query mode', start)]
 
 
