@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import ml_collections
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from capture_jax import cli
 from capture_jax import demo as demo_lib
 
 
@@ -187,7 +188,7 @@ def main() -> None:
       'data_workdir', 'runs/demo', 'Where the demo data set is (or goes).'
   )
   variants = flags.DEFINE_string('variants', ','.join(VARIANTS), 'Comma-separated variants.')
-  app.run(lambda argv: run(config_flag.value, workdir.value, data_workdir.value, variants.value))
+  cli.run(lambda argv: run(config_flag.value, workdir.value, data_workdir.value, variants.value))
 
 
 if __name__ == '__main__':

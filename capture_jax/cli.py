@@ -1,12 +1,14 @@
-"""Parsing a command's absl flags into its own `FlagValues`, for commands that return an exit
-code (so tests can run them from Python with an argv, and their flags never collide with
-those of a program that imports them)."""
+"""How commands start: `run` (absl `app.run` with library logs kept quiet) and `parse` (flags
+into a `FlagValues` of their own, for commands that return an exit code, so tests can run them
+from Python with an argv and their flags never collide with those of a program that imports
+them)."""
 
 from __future__ import annotations
 
 import sys
+from typing import Any, Callable
 
-from absl import flags
+from absl import app, flags, logging
 
 
 def parse(fv: flags.FlagValues, argv: list[str], usage: str) -> int | None:
@@ -27,3 +29,22 @@ def parse(fv: flags.FlagValues, argv: list[str], usage: str) -> int | None:
     print(f'error: unexpected arguments {rest[1:]} (see --help)', file=sys.stderr)
     return 2
   return None
+
+
+def quiet_libraries() -> None:
+  """Under `absl.app.run`, libraries' INFO logs (Orbax logs every save and delete) reach stderr
+  and bury the command's own lines in a log; keep WARNING and above unless `--verbosity` was
+  given."""
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)
+
+
+def run(main: Callable[[list[str]], Any]) -> None:
+  """`absl.app.run(main)` with library INFO logs kept quiet (`quiet_libraries`): the entry of
+  every command."""
+
+  def quiet_main(argv: list[str]) -> Any:
+    quiet_libraries()
+    return main(argv)
+
+  app.run(quiet_main)

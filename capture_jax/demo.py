@@ -21,8 +21,10 @@ import time
 from pathlib import Path
 
 import ml_collections
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
+
+from capture_jax import cli
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -217,7 +219,7 @@ def main() -> None:
       'config', str(REPO / 'configs' / 'demo.py'), 'A configs/*.py file.', lock_config=False
   )
   workdir_flag = flags.DEFINE_string('workdir', 'runs/demo', 'Where the demo writes everything.')
-  app.run(lambda argv: run(config_flag.value, workdir_flag.value))
+  cli.run(lambda argv: run(config_flag.value, workdir_flag.value))
 
 
 if __name__ == '__main__':

@@ -42,9 +42,10 @@ from typing import Any, Mapping, Sequence
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from capture_jax import cli
 from capture_jax import export as export_lib
 from capture_jax import instances as instances_lib
 from capture_jax.data import eval_input
@@ -812,7 +813,7 @@ def main(args: dict[str, Any]) -> None:
 def console_main() -> None:
   args = define_flags()
   flags.mark_flags_as_required(['config', 'workdir'])
-  app.run(lambda argv: main(args))
+  cli.run(lambda argv: main(args))
 
 
 if __name__ == '__main__':

@@ -48,9 +48,10 @@ from typing import Any, Iterator
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from capture_jax import cli
 from capture_jax import batch as batch_lib
 from capture_jax import instances as instances_lib
 from capture_jax import progress as progress_lib
@@ -657,7 +658,7 @@ def main(args: dict[str, Any]) -> None:
 def console_main() -> None:
   args = define_flags()
   flags.mark_flags_as_required(['config', 'workdir'])
-  app.run(lambda argv: main(args))
+  cli.run(lambda argv: main(args))
 
 
 if __name__ == '__main__':

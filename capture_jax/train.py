@@ -30,9 +30,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from capture_jax import cli
 from capture_jax import batch as batch_lib
 from capture_jax import progress as progress_lib
 from capture_jax.data import train_input
@@ -413,7 +414,7 @@ def console_main() -> None:
     if result.preempted:
       sys.exit(0)
 
-  app.run(main)
+  cli.run(main)
 
 
 if __name__ == '__main__':

@@ -26,6 +26,8 @@ from collections.abc import Sequence
 
 from absl import app, flags
 
+from capture_jax import cli
+
 # losses.CONTRASTIVE_KINDS, restated: importing capture_jax.losses would import JAX.
 KINDS = ('ntxent', 'clip', 'siglip')
 
@@ -138,7 +140,7 @@ def main() -> None:
       _simulate_devices(num_devices.value)
     measure(kinds.value, _int_list(batches.value), dim.value, chunk.value, num_devices.value)
 
-  app.run(run)
+  cli.run(run)
 
 
 if __name__ == '__main__':

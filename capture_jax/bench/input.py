@@ -28,6 +28,7 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
+from capture_jax import cli
 from capture_jax import config as config_lib
 from capture_jax.data import train_input
 from capture_jax.data import product1m_tfds
@@ -171,7 +172,7 @@ def main() -> None:
     verdict = 'meets' if per_core >= TARGET_PER_CORE else 'BELOW'
     print(f'target {TARGET_PER_CORE:,.0f} samples/s per core: {verdict}')
 
-  app.run(run)
+  cli.run(run)
 
 
 if __name__ == '__main__':

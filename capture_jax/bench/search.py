@@ -31,6 +31,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
+from capture_jax import cli
 from capture_jax import losses
 from capture_jax.evaluation.search import (
     build_faiss_index,
@@ -308,7 +309,7 @@ def main() -> None:
         json.dump(results, f, indent=2)
     return 0
 
-  app.run(run_command)
+  cli.run(run_command)
 
 
 if __name__ == '__main__':

@@ -39,6 +39,7 @@ import tokenizers
 import transformers
 from absl import app, flags
 
+from capture_jax import cli
 from capture_jax.data import formats
 
 # Special tokens in BERT's spelling; a vocab we train puts them first, so
@@ -449,7 +450,7 @@ def main() -> None:
   """The `capture-tokenizer` console script and `python -m capture_jax.data.tokenizer`."""
   args = define_flags()
   flags.mark_flags_as_required(['data_dir', 'out'])
-  app.run(lambda argv: run_command(argv, args))
+  cli.run(lambda argv: run_command(argv, args))
 
 
 if __name__ == '__main__':

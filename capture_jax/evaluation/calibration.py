@@ -30,6 +30,7 @@ from typing import Sequence
 import numpy as np
 from absl import app, flags
 
+from capture_jax import cli
 from capture_jax.data import formats
 from capture_jax.evaluation import baselines as eval_baselines
 from capture_jax.evaluation import metrics
@@ -191,7 +192,7 @@ def main() -> None:
     for name, v in res.items():
       print(f'{split.value} mAP@{r.value} {name:12s} {100 * v:6.2f}')
 
-  app.run(run)
+  cli.run(run)
 
 
 if __name__ == '__main__':

@@ -19,6 +19,8 @@ import json
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from capture_jax import cli
+
 COMMANDS = ('train', 'propose')
 
 
@@ -70,7 +72,7 @@ def main() -> None:
     else:
       print(json.dumps(results, indent=1))
 
-  app.run(run)
+  cli.run(run)
 
 
 if __name__ == '__main__':
