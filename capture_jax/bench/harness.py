@@ -42,7 +42,7 @@ from capture_jax.training import metrics as metrics_lib
 from capture_jax.training import sharding
 from capture_jax.training import train_step as train_step_lib
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BENCHMARKS_MD = REPO / 'docs' / 'BENCHMARKS.md'
 TRAIN_SECTION = '## Train step'
 
@@ -88,15 +88,21 @@ def peak_memory_bytes(compiled) -> tuple[float, str]:
   return float(total), 'compiled args+temp+out'
 
 
-def bench_train_step(config, batch_size: int, repeats: int, warmup: int) -> dict:
+def build_train_step(config, batch_size: int):
+  """The compiled train step, an initial state and a device batch for `config` at `batch_size`.
+
+  Returns `(compiled, state, batch, host_batch, compile_s)`; `compiled(state, batch)`
+  donates `state`.
+  """
   config = config.copy_and_resolve_references()
   config.data.batch_size = batch_size
   mesh = sharding.make_mesh(config.mesh)
   train.validate_config(config, mesh)
-  optimizer, init_state, abstract_state, state_shardings = train.train_state_layout(config, mesh)
+  optimizer, init_state, _, state_shardings = train.train_state_layout(config, mesh)
   state = jax.jit(init_state, out_shardings=state_shardings)(jax.random.PRNGKey(config.seed))
   batch_sharding = sharding.batch_sharding(mesh)
-  batch = jax.device_put(random_batch(config), batch_sharding)
+  host_batch = random_batch(config)
+  batch = jax.device_put(host_batch, batch_sharding)
   jitted = jax.jit(
       train_step_lib.make_train_step(config, mesh, optimizer),
       in_shardings=(state_shardings, batch_sharding),
@@ -105,7 +111,11 @@ def bench_train_step(config, batch_size: int, repeats: int, warmup: int) -> dict
   )
   start = time.perf_counter()
   compiled = jitted.lower(state, batch).compile()
-  compile_s = time.perf_counter() - start
+  return compiled, state, batch, host_batch, time.perf_counter() - start
+
+
+def bench_train_step(config, batch_size: int, repeats: int, warmup: int) -> dict:
+  compiled, state, batch, _, compile_s = build_train_step(config, batch_size)
   for _ in range(warmup):
     state, metrics = compiled(state, batch)
   jax.block_until_ready((state, metrics))
