@@ -199,8 +199,11 @@ class Worker:
     self.proc.wait()
 
 
-def run_case(config: str, batch: int, repeats: int, warmup: int, old_tree: Path | None) -> dict:
-  trees = [('ours', REPO), ('torch', REPO)] + ([('old', old_tree)] if old_tree else [])
+def run_case(
+    config: str, batch: int, repeats: int, warmup: int, old_tree: Path | None, torch: bool = True
+) -> dict:
+  trees = [('ours', REPO)] + ([('torch', REPO)] if torch else [])
+  trees += [('old', old_tree)] if old_tree else []
   workers, infos = [], {}
   for kind, tree in trees:  # built one after another: compiles do not overlap
     w = Worker(kind, tree, config, batch, warmup)
@@ -227,6 +230,7 @@ def main(argv=None) -> None:
   parser.add_argument('--old_tree', default='', help='another checkout to time as `old`')
   parser.add_argument('--old_cases', default='demo', help='configs for which `old` runs too')
   parser.add_argument('--load', default='', help='load conditions, recorded with the rows')
+  parser.add_argument('--without_torch', action='store_true', help='ours (and old) only; no row')
   parser.add_argument('--no_record', action='store_true')
   args = parser.parse_args(argv)
   if args.worker:
@@ -240,8 +244,11 @@ def main(argv=None) -> None:
   for case in args.cases.split(','):
     name, batch = case.split(':')
     old = Path(args.old_tree) if args.old_tree and name in args.old_cases.split(',') else None
-    r = run_case(name, int(batch), args.repeats, args.warmup, old)
+    r = run_case(name, int(batch), args.repeats, args.warmup, old, not args.without_torch)
     med, info = r['medians'], r['infos']
+    print(json.dumps({k: r[k] for k in ('config', 'batch', 'times', 'medians')}), flush=True)
+    if args.without_torch:
+      continue
     flops = info['torch']['flops']
     mm = 2 * 2048**3
     xla_rate, torch_rate = mm / info['ours']['matmul_s'], mm / info['torch']['matmul_s']
@@ -259,10 +266,9 @@ def main(argv=None) -> None:
         f'({100 * ours_rate / xla_rate:.0f}%) | {flops / med["torch"] / 1e9:.0f} / '
         f'{torch_rate / 1e9:.0f} | {args.load} |'
     )
-    print(json.dumps({k: r[k] for k in ('config', 'batch', 'times')}), flush=True)
     print(row, flush=True)
     rows.append(row)
-  if not args.no_record:
+  if rows and not args.no_record:
     from capture_jax.bench import harness  # pylint: disable=import-outside-toplevel
 
     harness.append_rows(SECTION, HEADER, rows, NOTE)
