@@ -228,7 +228,9 @@ def main(argv=None) -> None:
   parser.add_argument('--repeats', type=int, default=6)
   parser.add_argument('--warmup', type=int, default=2)
   parser.add_argument('--old_tree', default='', help='another checkout to time as `old`')
-  parser.add_argument('--old_cases', default='demo', help='configs for which `old` runs too')
+  parser.add_argument(
+      '--old_cases', default='demo', help='configs or config:batch cases for which `old` runs too'
+  )
   parser.add_argument('--load', default='', help='load conditions, recorded with the rows')
   parser.add_argument('--without_torch', action='store_true', help='ours (and old) only; no row')
   parser.add_argument('--no_record', action='store_true')
@@ -243,7 +245,8 @@ def main(argv=None) -> None:
   rows = []
   for case in args.cases.split(','):
     name, batch = case.split(':')
-    old = Path(args.old_tree) if args.old_tree and name in args.old_cases.split(',') else None
+    wanted = args.old_cases.split(',')
+    old = Path(args.old_tree) if args.old_tree and (name in wanted or case in wanted) else None
     r = run_case(name, int(batch), args.repeats, args.warmup, old, not args.without_torch)
     med, info = r['medians'], r['infos']
     print(json.dumps({k: r[k] for k in ('config', 'batch', 'times', 'medians')}), flush=True)
