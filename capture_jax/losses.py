@@ -38,6 +38,63 @@ def mlm_loss(logits: Array, labels: Array) -> Array:
   return jnp.sum(nll * valid) / jnp.maximum(jnp.sum(valid), 1)
 
 
+def mlm_prediction_budget(num_positions: int, fraction: float) -> int:
+  """Static number of positions `mlm_loss_at_labels` decodes for `num_positions` text positions.
+
+  `fraction` <= 0 or >= 1 means every position (no budget).
+  """
+  if fraction <= 0 or fraction >= 1:
+    return num_positions
+  return min(num_positions, int(np.ceil(fraction * num_positions)))
+
+
+def mlm_loss_at_labels(
+    hidden: Array, decoder: Array, decoder_bias: Array, labels: Array, budget: int
+) -> Array:
+  """`mlm_loss` of the logits `hidden @ decoder.T + decoder_bias`, decoding labelled positions only.
+
+  The same loss as `mlm_loss(hidden @ decoder.T + decoder_bias, labels)`
+  (up to float summation order) without the `[B, T, V]` logits: the labelled
+  positions are gathered into a fixed budget of `budget` rows (as BERT's
+  `max_predictions_per_seq`, but per batch), decoded, and their cross entropy
+  summed. Nothing is dropped: a batch with more labels than the budget (the
+  masking recipe does not cap them) is decoded at every position instead, in
+  the other branch of a `lax.cond`, so its loss is exact too.
+
+  Args:
+    hidden: `[B, T, W]` the MLM head's output before the decoder.
+    decoder: `[V, W]` (the tied word embeddings); decoder_bias: `[V]`.
+    labels: `[B, T]` int, -1 where no token is predicted.
+    budget: static number of rows decoded (`mlm_prediction_budget`).
+  """
+  b, t, w = hidden.shape
+  n = b * t
+  h = hidden.reshape(n, w).astype(jnp.float32)
+  labels = labels.reshape(n)
+  valid = labels != -1
+  count = jnp.sum(valid)
+
+  def nll_sum(x, y, keep):
+    logits = jnp.dot(x, decoder.T.astype(jnp.float32)) + decoder_bias
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(logp, jnp.where(keep, y, 0)[:, None], axis=-1)[:, 0]
+    return jnp.sum(nll * keep)
+
+  def decode_all(_):
+    return nll_sum(h, labels, valid)
+
+  if budget >= n:
+    total = decode_all(None)
+  else:
+
+    def decode_budget(_):
+      (idx,) = jnp.nonzero(valid, size=budget, fill_value=0)
+      return nll_sum(h[idx], labels[idx], jnp.arange(budget) < count)
+
+    total = lax.cond(count <= budget, decode_budget, decode_all, None)
+  return total / jnp.maximum(count, 1)
+
+
 def mrm_feature_loss(pred: Array, target: Array, image_label: Array) -> Array:
   """Masked-region feature regression as released.
 
@@ -176,7 +233,9 @@ def pretraining_losses(
   """Every loss term and the weighted total.
 
   Args:
-    outputs: the model's output dict.
+    outputs: the model's output dict: with `mlm_logits`, or with `mlm_hidden`,
+      `mlm_decoder` and `mlm_decoder_bias` (`mlm_logits=False`), decoded at the
+      labelled positions within `loss.mlm_prediction_budget`.
     batch: the batch dict with `lm_label_ids [B, T]`, `image_label [B, R]`,
       `image_target [B, R, F]` (or class distributions `[B, R, C]`).
     config: the full run config (reads `loss.*` and `model.mrm_target`).
@@ -187,8 +246,19 @@ def pretraining_losses(
     `{'mlm', 'mrm', 'contrastive', 'total'}` float32 scalars.
   """
   lc = config.loss
+  if 'mlm_logits' in outputs:
+    mlm = mlm_loss(outputs['mlm_logits'], batch['lm_label_ids'])
+  else:  # the model ran with mlm_logits=False: decode the labelled positions only
+    labels = batch['lm_label_ids']
+    mlm = mlm_loss_at_labels(
+        outputs['mlm_hidden'],
+        outputs['mlm_decoder'],
+        outputs['mlm_decoder_bias'],
+        labels,
+        mlm_prediction_budget(labels.size, lc.get('mlm_prediction_budget', 0.0)),
+    )
   terms = {
-      'mlm': mlm_loss(outputs['mlm_logits'], batch['lm_label_ids']),
+      'mlm': mlm,
       'mrm': mrm_loss(outputs, batch, config.model.mrm_target),
   }
   if contrastive is None:

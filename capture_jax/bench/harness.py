@@ -44,7 +44,7 @@ from capture_jax.training import sharding
 from capture_jax.training import state as state_lib
 from capture_jax.training import train_step as train_step_lib
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BENCHMARKS_MD = REPO / 'docs' / 'BENCHMARKS.md'
 TRAIN_SECTION = '## Train step'
 
@@ -69,18 +69,22 @@ def peak_memory_bytes(compiled) -> tuple[float, str]:
   return float(total), 'compiled args+temp+out'
 
 
-def bench_train_step(config, batch_size: int, repeats: int, warmup: int) -> dict:
+def build_train_step(config, batch_size: int):
+  """The compiled train step, an initial state and a device batch for `config` at `batch_size`.
+
+  Returns `(compiled, state, batch, host_batch, compile_s)`; `compiled(state, batch)`
+  donates `state`.
+  """
   config = config.copy_and_resolve_references()
   config.data.batch_size = batch_size
   mesh = sharding.make_mesh(config.mesh)
   train.validate_config(config, mesh)
-  optimizer, init_state, abstract_state, state_shardings = state_lib.train_state_layout(
-      config, mesh
-  )
+  optimizer, init_state, _, state_shardings = state_lib.train_state_layout(config, mesh)
   state = jax.jit(init_state, out_shardings=state_shardings)(jax.random.PRNGKey(config.seed))
   batch_sharding = sharding.batch_sharding(mesh)
   layout = batch_lib.BatchLayout.from_config(config)
-  batch = jax.device_put(layout.random(batch_size, config.model.vocab_size), batch_sharding)
+  host_batch = layout.random(batch_size, config.model.vocab_size)
+  batch = jax.device_put(host_batch, batch_sharding)
   jitted = jax.jit(
       train_step_lib.make_train_step(config, mesh, optimizer),
       in_shardings=(state_shardings, batch_sharding),
@@ -89,7 +93,11 @@ def bench_train_step(config, batch_size: int, repeats: int, warmup: int) -> dict
   )
   start = time.perf_counter()
   compiled = jitted.lower(state, batch).compile()
-  compile_s = time.perf_counter() - start
+  return compiled, state, batch, host_batch, time.perf_counter() - start
+
+
+def bench_train_step(config, batch_size: int, repeats: int, warmup: int) -> dict:
+  compiled, state, batch, _, compile_s = build_train_step(config, batch_size)
   for _ in range(warmup):
     state, metrics = compiled(state, batch)
   jax.block_until_ready((state, metrics))

@@ -119,12 +119,25 @@ class CaptureModel(nn.Module):
   | `sequence_text`, `sequence_visual` | `[B, T, bi]`, `[B, R+1, bi]` final outputs |
   | `enc_pooled_text`, `enc_pooled_visual` | `[B, bi]` encoder poolers (contrastive loss) |
   | `text_after_coattention`, `visual_after_coattention` | `[B, T, W]`, `[B, R+1, Wv]` |
+
+  With `mlm_logits=False` the `[B, T, vocab]` logits are not computed; instead
+  the MLM head's input to its decoder and the tied decoder itself come out, so
+  that a loss can decode only the positions that carry a label
+  (`losses.mlm_loss_at_labels`):
+
+  | key | shape |
+  | --- | --- |
+  | `mlm_hidden` | `[B, T, W]` float32, the head's transform output |
+  | `mlm_decoder` | `[vocab, W]`, the word embedding matrix (tied decoder) |
+  | `mlm_decoder_bias` | `[vocab]` |
   """
 
   config: ml_collections.ConfigDict  # the `model` section
 
   @nn.compact
-  def __call__(self, batch: Mapping[str, Array], train: bool = False) -> dict[str, Array]:
+  def __call__(
+      self, batch: Mapping[str, Array], train: bool = False, mlm_logits: bool = True
+  ) -> dict[str, Array]:
     cfg = self.config
     batch_lib.validate_model_inputs(batch, cfg)
     dtype = compute_dtype(cfg.dtype)
@@ -250,7 +263,14 @@ class CaptureModel(nn.Module):
     # 8. Heads. MLM decoder tied to the word embeddings, plus its own bias.
     h = PredictionHead(cfg.hidden_size, cfg, dtype, name='mlm_head')(sequence_text)
     mlm_bias = self.param('mlm_bias', nn.initializers.zeros, (cfg.vocab_size,))
-    mlm_logits = word_embeddings.attend(h.astype(jnp.float32)) + mlm_bias
+    if mlm_logits:
+      mlm_out = {'mlm_logits': word_embeddings.attend(h.astype(jnp.float32)) + mlm_bias}
+    else:
+      mlm_out = {
+          'mlm_hidden': h.astype(jnp.float32),
+          'mlm_decoder': word_embeddings.embedding,
+          'mlm_decoder_bias': mlm_bias,
+      }
     h = PredictionHead(cfg.v_hidden_size, cfg, dtype, name='mrm_head')(sequence_visual[:, 1:])
     mrm_pred = nn.Dense(
         cfg.v_target_size, dtype=dtype, kernel_init=layers.dense_init(init_std), name='mrm_decoder'
@@ -258,7 +278,7 @@ class CaptureModel(nn.Module):
 
     f32 = lambda a: a.astype(jnp.float32)
     return {
-        'mlm_logits': f32(mlm_logits),
+        **mlm_out,
         'mrm_pred': f32(mrm_pred),
         'pooled_text': f32(sequence_text[:, 0]),
         'pooled_visual': f32(sequence_visual[:, 0]),

@@ -82,7 +82,13 @@ def make_train_step(
   num_micro = config.train.microbatches
 
   def loss_fn(params, batch, rng):
-    out = model.apply({'params': params['model']}, batch, train=True, rngs={'dropout': rng})
+    out = model.apply(
+        {'params': params['model']},
+        batch,
+        train=True,
+        rngs={'dropout': rng},
+        mlm_logits=not 0 < config.loss.mlm_prediction_budget < 1,
+    )
     contrastive = contrastive_lib.global_contrastive_loss(
         out['enc_pooled_text'],
         out['enc_pooled_visual'],
