@@ -23,6 +23,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
+from capture_jax import progress as progress_lib
 from capture_jax.instances import compose
 from capture_jax.instances import model as model_lib
 from capture_jax.instances import proposals as proposals_lib
@@ -238,11 +239,13 @@ def train(
     )
 
   end = cfg.num_steps if stop_after is None else min(cfg.num_steps, step + stop_after)
-  bar = None
-  if cfg.progress_bar and end > step:
-    from tqdm import tqdm  # pylint: disable=import-outside-toplevel
-
-    bar = tqdm(total=end - step, desc='proposer', unit='step', dynamic_ncols=True)
+  bar = progress_lib.Progress(
+      end - step,
+      'proposer',
+      'step',
+      enabled=cfg.progress_bar and end > step,
+      log_every=cfg.log_every,
+  )
   metrics: dict[str, float] = {}
   running: list[dict] = []
   t0 = time.time()
@@ -257,19 +260,16 @@ def train(
         metrics = {k: float(np.mean([float(x[k]) for x in running])) for k in running[0]}
         running = []
         line = ' '.join(f'{k}={v:.4f}' for k, v in metrics.items())
-        if bar is not None:
-          bar.set_postfix_str(f'loss={metrics["loss"]:.3f} pair_acc={metrics["pair_accuracy"]:.3f}')
-        else:
+        bar.set_postfix(loss=f'{metrics["loss"]:.3f}', pair_acc=f'{metrics["pair_accuracy"]:.3f}')
+        if not cfg.progress_bar:
           print(f'proposer step {step}: {line} ({time.time() - t0:.0f}s)', flush=True)
-      if bar is not None:
-        bar.update(1)
+      bar.update(1)
       if step % cfg.checkpoint_every == 0 or step == end or stop.requested:
         save(step, force=True)  # (Orbax alone would also save the first step)
       if stop.requested:
         print(f'\nstopped by a signal: proposer saved at step {step}; rerun to resume', flush=True)
         break
-  if bar is not None:
-    bar.close()
+  bar.close()
   manager.wait_until_finished()
   manager.close()
   return TrainResult(params, step, metrics)
