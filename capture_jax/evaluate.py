@@ -639,7 +639,9 @@ def write_outputs(
   if quality:
     notes.append(
         '- Proposal quality against the instance sidecar (a proposal matches an instance when '
-        'their region sets overlap with IoU >= 0.5):\n\n' + instances_lib.quality_table(quality)
+        'their region sets overlap with IoU >= 0.5):\n\n'
+        + instances_lib.quality_table(quality).rstrip()
+        + '\n'
     )
   if rates:
     notes.append(
