@@ -20,7 +20,6 @@ step is printed beside it.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -28,7 +27,10 @@ import statistics
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
+
+from absl import flags
 
 THIS = Path(__file__).resolve()
 REPO = THIS.parents[2]
@@ -230,22 +232,52 @@ def run_case(
   return {'config': config, 'batch': batch, 'medians': medians, 'times': times, 'infos': infos}
 
 
+def define_flags(fv: flags.FlagValues) -> dict[str, flags.FlagHolder]:
+  """The command's absl flags (also those of a worker process: --worker, --config, --batch)."""
+  return {
+      'worker': flags.DEFINE_string('worker', '', 'Run as a worker of this kind.', flag_values=fv),
+      'config': flags.DEFINE_string('config', '', "A worker's config name.", flag_values=fv),
+      'batch': flags.DEFINE_integer('batch', 0, "A worker's batch size.", flag_values=fv),
+      'cases': flags.DEFINE_string(
+          'cases', 'capture_paper:8,capture_paper:32,demo:64', 'config:batch cases.', flag_values=fv
+      ),
+      'repeats': flags.DEFINE_integer(
+          'repeats', 6, 'Timed steps per implementation.', flag_values=fv
+      ),
+      'warmup': flags.DEFINE_integer('warmup', 2, 'Untimed steps first.', flag_values=fv),
+      'old_tree': flags.DEFINE_string(
+          'old_tree', '', 'Another checkout to time as `old`.', flag_values=fv
+      ),
+      'old_cases': flags.DEFINE_string(
+          'old_cases',
+          'demo',
+          'Configs or config:batch cases for which `old` runs too.',
+          flag_values=fv,
+      ),
+      'load': flags.DEFINE_string(
+          'load', '', 'Load conditions, recorded with the rows.', flag_values=fv
+      ),
+      'without_torch': flags.DEFINE_bool(
+          'without_torch', False, 'Ours (and old) only; no row.', flag_values=fv
+      ),
+      'no_record': flags.DEFINE_bool(
+          'no_record', False, 'Print only; do not append to docs/BENCHMARKS.md.', flag_values=fv
+      ),
+  }
+
+
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--worker', default='')
-  parser.add_argument('--config', default='')
-  parser.add_argument('--batch', type=int, default=0)
-  parser.add_argument('--cases', default='capture_paper:8,capture_paper:32,demo:64')
-  parser.add_argument('--repeats', type=int, default=6)
-  parser.add_argument('--warmup', type=int, default=2)
-  parser.add_argument('--old_tree', default='', help='another checkout to time as `old`')
-  parser.add_argument(
-      '--old_cases', default='demo', help='configs or config:batch cases for which `old` runs too'
-  )
-  parser.add_argument('--load', default='', help='load conditions, recorded with the rows')
-  parser.add_argument('--without_torch', action='store_true', help='ours (and old) only; no row')
-  parser.add_argument('--no_record', action='store_true')
-  args = parser.parse_args(argv)
+  # Flags in a FlagValues of their own and no capture_jax.cli: a worker of `--old_tree` imports
+  # that older checkout, which may not have the helpers this tree has.
+  fv = flags.FlagValues()
+  holders = define_flags(fv)
+  try:
+    rest = fv(list(sys.argv if argv is None else ['versus_torch', *argv]))
+  except flags.Error as err:
+    raise SystemExit(f'error: {err}') from None
+  if len(rest) > 1:
+    raise SystemExit(f'error: unexpected arguments {rest[1:]}')
+  args = types.SimpleNamespace(**{k: h.value for k, h in holders.items()})
   if args.worker:
     worker_main(args.worker, args.config, args.batch, args.warmup)
     return

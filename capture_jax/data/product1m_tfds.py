@@ -51,6 +51,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from capture_jax import cli
+from capture_jax import progress as progress_lib
 from capture_jax import config as config_lib
 from capture_jax.data import formats
 
@@ -375,6 +376,7 @@ def build_from_config(config: ml_collections.ConfigDict, overwrite: bool = False
       skip_bad=d.skip_bad,
       overwrite=overwrite,
       with_cls_prob=config.model.get('mrm_target', 'feature') == 'class',
+      progress=progress_lib.interactive(),  # TFDS's bars on a terminal only, not in a log
   )
 
 
