@@ -13,6 +13,7 @@ preset's, 32 for `tiny`).
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -192,3 +193,41 @@ def reference_instance_inputs(
   full title, and as visual input only that instance's regions (their mean as
   the global token)."""
   return collate_lib.collate([collate_lib.restrict_regions(record, region_indices)], None, spec)
+
+
+# --------------------------------------------------------------------------
+# The release fixture (`../shared/reference/release_fixture`).
+
+# The outputs the fixture stores for each case, in `CaptureModel`'s names.
+RELEASE_OUTPUT_KEYS = (
+    'enc_pooled_text',
+    'enc_pooled_visual',
+    'text_after_coattention',
+    'visual_after_coattention',
+    'sequence_text',
+    'sequence_visual',
+    'pooled_text',
+    'pooled_visual',
+    'mlm_logits',
+    'mrm_pred',
+)
+
+
+def rel_err(a, b) -> float:
+  """||a - b|| / ||b|| in float64."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def release_run_config(fixture_dir, state_dict):
+  """Our config of the fixture's model (`config.json` + the state_dict's shapes)."""
+  release = json.loads((Path(fixture_dir) / 'config.json').read_text())
+  cfg = config_lib.base_config()
+  cfg.model = convert.model_config_from_release(
+      release['model'],
+      release['cross_encoder'],
+      release['co_transformer_mlp_ratio'],
+      state_dict=state_dict,
+      max_text_len=release['text_len'],
+  )
+  return cfg

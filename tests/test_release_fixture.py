@@ -7,46 +7,20 @@ through the converter and compare every stored array and loss.
 
 from __future__ import annotations
 
-import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from capture_jax import config as config_lib
+from capture_jax import batch as batch_lib
 from capture_jax import convert, losses
 from capture_jax.models import CaptureModel
+from tests import helpers
 
-OUTPUT_KEYS = (
-    'enc_pooled_text',
-    'enc_pooled_visual',
-    'text_after_coattention',
-    'visual_after_coattention',
-    'sequence_text',
-    'sequence_visual',
-    'pooled_text',
-    'pooled_visual',
-    'mlm_logits',
-    'mrm_pred',
-)
+OUTPUT_KEYS = helpers.RELEASE_OUTPUT_KEYS
 LOSS_KEYS = {'mlm': 'mlm', 'mrm': 'mrm', 'clr': 'contrastive'}
-INPUT_KEYS = (
-    'input_ids',
-    'input_mask',
-    'segment_ids',
-    'image_feat',
-    'image_loc',
-    'image_mask',
-    'lm_label_ids',
-    'image_label',
-    'image_target',
-)
-
-
-def rel_err(a, b) -> float:
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+INPUT_KEYS = batch_lib.TRAIN_KEYS
 
 
 @pytest.fixture
@@ -54,25 +28,12 @@ def fixture_dir(shared):
   return shared / 'reference' / 'release_fixture'
 
 
-def release_run_config(fixture_dir, state_dict):
-  release = json.loads((fixture_dir / 'config.json').read_text())
-  cfg = config_lib.base_config()
-  cfg.model = convert.model_config_from_release(
-      release['model'],
-      release['cross_encoder'],
-      release['co_transformer_mlp_ratio'],
-      state_dict=state_dict,
-      max_text_len=release['text_len'],
-  )
-  return cfg
-
-
 @pytest.mark.parametrize('weights', ['state_dict.bin', 'state_dict.npz'])
 @pytest.mark.parametrize('case', ['case_full', 'case_shared_padding'])
 @pytest.mark.parametrize('scan_layers', [False, True])
 def test_matches_release_outputs(fixture_dir, weights, case, scan_layers):
   state_dict = convert.load_tensor_file(fixture_dir / weights)
-  cfg = release_run_config(fixture_dir, state_dict)
+  cfg = helpers.release_run_config(fixture_dir, state_dict)
   cfg.model.scan_layers = scan_layers
   params, report = convert.from_release_state_dict(fixture_dir / weights, cfg.model)
   assert any('q_dense1' in name for name in report.unused)
@@ -83,10 +44,10 @@ def test_matches_release_outputs(fixture_dir, weights, case, scan_layers):
   out = jax.jit(CaptureModel(cfg.model).apply)({'params': params}, batch)
   for key in OUTPUT_KEYS:
     assert out[key].shape == data[key].shape, key
-    assert rel_err(out[key], data[key]) < 1e-5, key
+    assert helpers.rel_err(out[key], data[key]) < 1e-5, key
   terms = losses.pretraining_losses(out, batch, cfg)
   for theirs, ours in LOSS_KEYS.items():
-    assert rel_err(terms[ours], data[theirs][0]) < 1e-5, theirs
+    assert helpers.rel_err(terms[ours], data[theirs][0]) < 1e-5, theirs
   np.testing.assert_allclose(
       terms['total'], data['mlm'][0] + data['mrm'][0] + data['clr'][0], rtol=1e-5
   )
@@ -95,7 +56,7 @@ def test_matches_release_outputs(fixture_dir, weights, case, scan_layers):
 def test_a_swapped_tensor_changes_the_outputs(fixture_dir):
   """The comparison above can fail: perturbing one LayerNorm bias moves the outputs past 1e-5."""
   state_dict = convert.load_tensor_file(fixture_dir / 'state_dict.npz')
-  cfg = release_run_config(fixture_dir, state_dict)
+  cfg = helpers.release_run_config(fixture_dir, state_dict)
   state_dict['bert.encoder.c_layer.1.biOutput.LayerNorm2.bias'] = state_dict[
       'bert.encoder.c_layer.1.biOutput.LayerNorm1.bias'
   ]
@@ -104,4 +65,4 @@ def test_a_swapped_tensor_changes_the_outputs(fixture_dir):
   out = jax.jit(CaptureModel(cfg.model).apply)(
       {'params': params}, {k: jnp.asarray(data[k]) for k in INPUT_KEYS}
   )
-  assert rel_err(out['pooled_text'], data['pooled_text']) > 1e-4
+  assert helpers.rel_err(out['pooled_text'], data['pooled_text']) > 1e-4

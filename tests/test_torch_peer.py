@@ -6,65 +6,26 @@ Fed the release fixture's weights, it matches every stored output and loss to
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
 
 torch = pytest.importorskip('torch')
 
+from capture_jax import batch as batch_lib  # noqa: E402
 from capture_jax import config as config_lib  # noqa: E402
-from capture_jax import convert  # noqa: E402
 from capture_jax.bench import torch_peer  # noqa: E402
+from tests import helpers  # noqa: E402
 
-OUTPUT_KEYS = (
-    'enc_pooled_text',
-    'enc_pooled_visual',
-    'text_after_coattention',
-    'visual_after_coattention',
-    'sequence_text',
-    'sequence_visual',
-    'pooled_text',
-    'pooled_visual',
-    'mlm_logits',
-    'mrm_pred',
-)
-INPUT_KEYS = (
-    'input_ids',
-    'input_mask',
-    'segment_ids',
-    'image_feat',
-    'image_loc',
-    'image_mask',
-    'lm_label_ids',
-    'image_label',
-    'image_target',
-)
-
-
-def rel_err(a, b) -> float:
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
-def fixture_config(fixture_dir, state_dict):
-  release = json.loads((fixture_dir / 'config.json').read_text())
-  cfg = config_lib.base_config()
-  cfg.model = convert.model_config_from_release(
-      release['model'],
-      release['cross_encoder'],
-      release['co_transformer_mlp_ratio'],
-      state_dict=state_dict,
-      max_text_len=release['text_len'],
-  )
-  return cfg
+OUTPUT_KEYS = helpers.RELEASE_OUTPUT_KEYS
+INPUT_KEYS = batch_lib.TRAIN_KEYS
 
 
 @pytest.mark.parametrize('case', ['case_full', 'case_shared_padding'])
 def test_peer_matches_release_outputs(shared, case):
   fixture_dir = shared / 'reference' / 'release_fixture'
   state_dict = dict(np.load(fixture_dir / 'state_dict.npz'))
-  cfg = fixture_config(fixture_dir, state_dict)
+  cfg = helpers.release_run_config(fixture_dir, state_dict)
   model = torch_peer.CapturePeer(cfg.model)
   torch_peer.load_release_state_dict(model, state_dict)
   model.eval()
@@ -75,9 +36,9 @@ def test_peer_matches_release_outputs(shared, case):
     terms = torch_peer.losses(out, batch, cfg.loss)
   for key in OUTPUT_KEYS:
     assert tuple(out[key].shape) == data[key].shape, key
-    assert rel_err(out[key].numpy(), data[key]) < 1e-5, key
+    assert helpers.rel_err(out[key].numpy(), data[key]) < 1e-5, key
   for theirs, ours in {'mlm': 'mlm', 'mrm': 'mrm', 'clr': 'contrastive'}.items():
-    assert rel_err(terms[ours].numpy(), data[theirs][0]) < 1e-5, theirs
+    assert helpers.rel_err(terms[ours].numpy(), data[theirs][0]) < 1e-5, theirs
 
 
 def test_peer_train_step_lowers_the_loss():
