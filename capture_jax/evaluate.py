@@ -224,6 +224,21 @@ def plan_exports(
   manager = None
   if not explicit:
     manager, step = checkpoint_lib.open_step(workdir, config, step)
+  try:
+    return _plan_jobs(
+        config, workdir, split, step, explicit, given, sources, query_rows, with_instances, manager
+    )
+  except Exception:
+    if manager is not None:  # a request refused after the checkpoint was opened
+      manager.close()
+    raise
+
+
+def _plan_jobs(
+    config, workdir, split, step, explicit, given, sources, query_rows, with_instances, manager
+):
+  """`plan_exports` once the request is checked: the proposers' rows and the export jobs."""
+  e = config.eval
   where = {'gallery': 'gallery', 'queries': split}
   rows = {'queries': query_rows}
   proposers: list[str] = []

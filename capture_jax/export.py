@@ -134,7 +134,7 @@ def proposer_tag(method: str, workdir: str | Path | None) -> str:
   (a retrained proposer groups regions differently: its exports are other exports)."""
   if method != 'learned':
     return method
-  return f'learned-{instances_lib.LearnedProposer(workdir).step}'
+  return f'learned-{instances_lib.latest_proposer_step(workdir)}'
 
 
 def random_model_params(config: ml_collections.ConfigDict, embedder: emb_lib.Embedder) -> Any:

@@ -66,5 +66,6 @@ from capture_jax.instances.trainer import IncompatibleProposerError
 from capture_jax.instances.trainer import LearnedProposer
 from capture_jax.instances.trainer import checkpoint_dir
 from capture_jax.instances.trainer import has_trained_proposer
+from capture_jax.instances.trainer import latest_proposer_step
 from capture_jax.instances.trainer import proposer_dir
 from capture_jax.instances.trainer import train

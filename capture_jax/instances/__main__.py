@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from capture_jax import cli
@@ -46,7 +46,6 @@ def main() -> None:
   def run(argv) -> None:
     if len(argv) != 2 or argv[1] not in COMMANDS:
       raise app.UsageError(f'expected one command, one of {COMMANDS}; got {argv[1:]}')
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
     # Imported here: --help stays fast and JAX starts only for a command.
     from capture_jax import instances  # pylint: disable=import-outside-toplevel
 

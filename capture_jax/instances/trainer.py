@@ -57,12 +57,19 @@ def _manager(workdir: str | Path, config: ml_collections.ConfigDict | None = Non
   )
 
 
+def latest_proposer_step(workdir: str | Path | None) -> int | None:
+  """The step of the newest learned-proposer checkpoint in `workdir` (None: none), from the
+  folder names alone: nothing is restored."""
+  if not workdir:
+    return None
+  d = checkpoint_dir(workdir)
+  steps = [int(p.name) for p in d.iterdir() if p.name.isdigit()] if d.is_dir() else []
+  return max(steps, default=None)
+
+
 def has_trained_proposer(workdir: str | Path | None) -> bool:
   """Whether `workdir` holds a learned proposer checkpoint (for `eval.instances`' default)."""
-  if not workdir:
-    return False
-  d = checkpoint_dir(workdir)
-  return d.is_dir() and any(p.name.isdigit() for p in d.iterdir())
+  return latest_proposer_step(workdir) is not None
 
 
 def saved_signature(config: ml_collections.ConfigDict) -> dict[str, Any]:
