@@ -36,7 +36,7 @@ import json
 import re
 import sys
 import time
-from pathlib import Path
+import pathlib
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -48,6 +48,7 @@ from ml_collections import config_flags
 from capture_jax import cli
 from capture_jax import export as export_lib
 from capture_jax import instances as instances_lib
+from capture_jax import storage
 from capture_jax.data import eval_input
 from capture_jax.data import formats
 from capture_jax.data import source as source_lib
@@ -87,7 +88,7 @@ def capture_method(mode: str, random_init: bool = False, proposer: str = '') -> 
 
 @dataclasses.dataclass
 class EvalResult:
-  out_dir: Path
+  out_dir: storage.Path
   metrics: dict[str, dict[str, float]]  # method -> {'mAP@10': fraction, ...}
   table: str  # markdown
   best_query_mode: str
@@ -163,7 +164,7 @@ class ExportJob:
 
   name: str  # 'gallery', 'queries', 'instances' (+ ' random weights')
   step: int | None  # None: random initialisation
-  out_dir: Path
+  out_dir: storage.Path
   rows: eval_input.EvalRows
   source: source_lib.Product1MSource
   checkpoint_id: str | None = None  # the checkpoint save's fingerprint
@@ -191,12 +192,12 @@ class EvalPlan:
 
 def plan_exports(
     config: ml_collections.ConfigDict,
-    workdir: Path,
+    workdir: storage.Path,
     split: str,
     gt: metrics_lib.GroundTruth,
     *,
     step: int | None,
-    explicit: Mapping[str, Path],
+    explicit: Mapping[str, storage.Path],
 ) -> tuple[EvalPlan, Any]:
   """Checks the request and lists the exports to read; returns the plan and the open checkpoint
   manager (None when every export is given). Raises before anything compiles."""
@@ -286,13 +287,15 @@ def _plan_jobs(
   return plan, manager
 
 
-def available_proposers(config: ml_collections.ConfigDict, split: str, workdir: Path) -> list[str]:
+def available_proposers(
+    config: ml_collections.ConfigDict, split: str, workdir: storage.Path
+) -> list[str]:
   """The proposers that can run here: boxes always, learned when the workdir holds a trained
   one, oracle when the data has an instance sidecar."""
   out = ['boxes']
   if instances_lib.has_trained_proposer(workdir):
     out.insert(0, 'learned')
-  if Path(eval_input.sidecar_path(config, split)).is_file():
+  if pathlib.Path(eval_input.sidecar_path(config, split)).is_file():
     out.append('oracle')
   return out
 
@@ -553,7 +556,7 @@ def proposal_quality(
 ) -> dict[str, dict[str, float]]:
   """Proposer -> quality of its instances against the sidecar (empty without a sidecar: real
   data has none); see `capture_jax.instances.proposal_quality`."""
-  path = Path(eval_input.sidecar_path(config, plan.split))
+  path = pathlib.Path(eval_input.sidecar_path(config, plan.split))
   if not plan.instance_rows or not path.is_file():
     return {}
   truth = formats.read_instances(str(path))
@@ -577,8 +580,8 @@ def _slug(method: str) -> str:
 
 def write_outputs(
     config: ml_collections.ConfigDict,
-    out_dir: Path,
-    workdir: Path,
+    out_dir: storage.Path,
+    workdir: storage.Path,
     plan: EvalPlan,
     exports: Mapping[str, emb_lib.Embeddings],
     ranked: Mapping[str, dict[str, list[str]]],
@@ -601,9 +604,8 @@ def write_outputs(
       e.query_mode if e.query_mode in modes else 'whole', proposer=headline
   )
 
-  out_dir.mkdir(parents=True, exist_ok=True)
+  storage.makedirs(out_dir / 'ranked_lists')
   metrics_lib.write_ranked_lists(out_dir / metrics_lib.RANKED_FILE, ranked[main_method])
-  (out_dir / 'ranked_lists').mkdir(exist_ok=True)
   for method, lists in ranked.items():
     metrics_lib.write_ranked_lists(out_dir / 'ranked_lists' / f'{_slug(method)}.txt', lists)
   listings = {
@@ -688,8 +690,8 @@ def write_outputs(
       'exports': {k: str(v.path) for k, v in exports.items()},
       'metrics': dict(metrics),
   }
-  (out_dir / EVALUATION_FILE).write_text(
-      json.dumps(summary, indent=2, ensure_ascii=False) + '\n', encoding='utf-8'
+  storage.write_text(
+      out_dir / EVALUATION_FILE, json.dumps(summary, indent=2, ensure_ascii=False) + '\n'
   )
   table = report_lib.metrics_table(metrics)
   return EvalResult(out_dir, dict(metrics), table, best_mode, summary)
@@ -701,21 +703,25 @@ def write_outputs(
 
 def evaluate(
     config: ml_collections.ConfigDict,
-    workdir: str | Path,
+    workdir: storage.PathLike,
     split: str = 'dev',
     *,
     step: int | None = None,
-    out_dir: str | Path | None = None,
-    gallery_embeddings: str | Path | None = None,
-    query_embeddings: str | Path | None = None,
-    instance_embeddings: str | Path | None = None,
+    out_dir: storage.PathLike | None = None,
+    gallery_embeddings: storage.PathLike | None = None,
+    query_embeddings: storage.PathLike | None = None,
+    instance_embeddings: storage.PathLike | None = None,
     devices=None,
     progress: bool | None = None,
 ) -> EvalResult | None:
   """The `capture_jax.evaluate` command (see the module docstring). Returns None on processes other than 0."""
-  workdir = Path(workdir)
+  workdir = storage.as_path(workdir)
+  out_dir = storage.as_path(out_dir) if out_dir else workdir / f'eval_{split}'
   validate_eval_config(config)
   export_lib.validate_request(config, split, 'samples')
+  source_lib.require_local_inputs(config)
+  for where in {str(workdir), str(out_dir)}:  # a missing bucket is named before anything compiles
+    storage.check_writable(where)
   # Only the gallery and this split's annotations; bad lines are skipped exactly when the
   # dataset build skipped them (data.skip_bad).
   gt = metrics_lib.read_ground_truth(
@@ -726,7 +732,7 @@ def evaluate(
       'queries': query_embeddings,
       'instances': instance_embeddings,
   }
-  explicit = {k: Path(v) for k, v in explicit.items() if v}
+  explicit = {k: storage.as_path(v) for k, v in explicit.items() if v}
 
   # 1. Checks, and what to export, before anything compiles.
   plan, manager = plan_exports(config, workdir, split, gt, step=step, explicit=explicit)
@@ -762,7 +768,6 @@ def evaluate(
       m: metrics_lib.evaluate_ranked_lists(lists, gt.query_labels, gt.gallery_labels)
       for m, lists in ranked.items()
   }
-  out_dir = Path(out_dir) if out_dir else workdir / f'eval_{split}'
   quality = proposal_quality(config, plan)
   return write_outputs(
       config, out_dir, workdir, plan, exports, ranked, metrics, modes, gt, searcher, rates, quality
@@ -816,6 +821,7 @@ def main(args: dict[str, Any]) -> None:
       ValueError,
       KeyError,
       lock_lib.LockedError,
+      storage.StorageError,
   ) as e:  # bad input: one clear line, no traceback
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)

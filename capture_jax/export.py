@@ -55,6 +55,7 @@ from capture_jax import cli
 from capture_jax import batch as batch_lib
 from capture_jax import instances as instances_lib
 from capture_jax import progress as progress_lib
+from capture_jax import storage
 from capture_jax.data import eval_input
 from capture_jax.data import formats
 from capture_jax.data import product1m_tfds
@@ -75,7 +76,7 @@ class NonFiniteEmbeddingsError(ValueError):
 
 @dataclasses.dataclass
 class ExportResult:
-  out_dir: Path
+  out_dir: storage.Path
   metadata: dict[str, Any]
   written: list[int]  # shard indices computed by this call
   reused: bool  # the export was complete already: nothing was computed
@@ -112,7 +113,7 @@ def plan_rows(
     source: source_lib.Product1MSource,
     rows: str,
     *,
-    workdir: str | Path | None = None,
+    workdir: storage.PathLike | None = None,
     proposer: str | None = None,
 ) -> eval_input.EvalRows:
   """The rows to embed: every sample of the split, or every product instance of its samples.
@@ -129,7 +130,7 @@ def plan_rows(
   return dataclasses.replace(planned, proposer=proposer_tag(method, workdir))
 
 
-def proposer_tag(method: str, workdir: str | Path | None) -> str:
+def proposer_tag(method: str, workdir: storage.PathLike | None) -> str:
   """What identifies a proposer's instances: its name, with the checkpoint step for `learned`
   (a retrained proposer groups regions differently: its exports are other exports)."""
   if method != 'learned':
@@ -147,12 +148,17 @@ def random_model_params(config: ml_collections.ConfigDict, embedder: emb_lib.Emb
 
 
 def default_out_dir(
-    workdir: str | Path, kind: str, split: str, rows: str, step: int | None, proposer: str = ''
-) -> Path:
+    workdir: storage.PathLike,
+    kind: str,
+    split: str,
+    rows: str,
+    step: int | None,
+    proposer: str = '',
+) -> storage.Path:
   """`{workdir}/embeddings/{step_S|random_init}/{kind}/{split}[-instances-{proposer}]`."""
   tag = 'random_init' if step is None else f'step_{step}'
   name = split + (f'-instances-{proposer}' if rows == 'instances' else '')
-  return Path(workdir) / 'embeddings' / tag / kind / name
+  return storage.as_path(workdir) / 'embeddings' / tag / kind / name
 
 
 # --------------------------------------------------------------------------
@@ -249,17 +255,18 @@ def rows_plan(
   )
 
 
-def shard_readable(path: Path) -> bool:
+def shard_readable(path: storage.PathLike) -> bool:
   """Whether a shard file is there and opens as a whole `.npz` (a truncated zip has no central
   directory). Bytes flipped inside are caught by the zip CRC when the export is read."""
+  path = storage.as_path(path)
   try:
-    with zipfile.ZipFile(path) as z:
+    with path.open('rb') as f, zipfile.ZipFile(f) as z:
       return 'embeddings.npy' in z.namelist()
   except (OSError, zipfile.BadZipFile):
     return False
 
 
-def completed_export(out_dir: str | Path, plan: dict[str, Any]) -> dict[str, Any] | None:
+def completed_export(out_dir: storage.PathLike, plan: dict[str, Any]) -> dict[str, Any] | None:
   """The metadata of a complete export in `out_dir` of the same rows, kind and weights, else None.
 
   How the rows were cut into shards does not matter once every shard is there.
@@ -271,13 +278,14 @@ def completed_export(out_dir: str | Path, plan: dict[str, Any]) -> dict[str, Any
   if any(meta.get(k) != plan.get(k) for k in emb_lib.IDENTITY_FIELDS if k not in ignore):
     return None
   shards = int(meta['num_shards'])
-  if not all(shard_readable(Path(out_dir) / emb_lib.shard_name(s, shards)) for s in range(shards)):
+  out_dir = storage.as_path(out_dir)
+  if not all(shard_readable(out_dir / emb_lib.shard_name(s, shards)) for s in range(shards)):
     return None
   return meta
 
 
 def reusable_export(
-    out_dir: Path, plan: dict[str, Any], overwrite: bool, replace_other: bool = False
+    out_dir: storage.Path, plan: dict[str, Any], overwrite: bool, replace_other: bool = False
 ) -> dict[str, Any] | None:
   """What to do with `out_dir` before embedding into it, decided before anything compiles.
 
@@ -310,13 +318,13 @@ def reusable_export(
   return None
 
 
-def stale_export(out_dir: Path, plan: dict[str, Any]) -> bool:
+def stale_export(out_dir: storage.Path, plan: dict[str, Any]) -> bool:
   """Whether `out_dir` holds an export whose identity differs from `plan` (it is replaced)."""
   existing = emb_lib.read_metadata(out_dir)
   return existing is not None and bool(emb_lib.identity_diffs(existing, plan))
 
 
-def _remove_leftovers(out_dir: Path, remove_shards: bool) -> None:
+def _remove_leftovers(out_dir: storage.Path, remove_shards: bool) -> None:
   """Temporary files of a killed export (and with `remove_shards` the shards of a replaced one)."""
   patterns = ['.shard-*.tmp-*', f'.{emb_lib.METADATA_FILE}.tmp-*']
   if remove_shards:
@@ -332,7 +340,7 @@ def _remove_leftovers(out_dir: Path, remove_shards: bool) -> None:
 
 def export_split(
     config: ml_collections.ConfigDict,
-    out_dir: str | Path,
+    out_dir: storage.PathLike,
     embedder: emb_lib.Embedder,
     model_params: Any,
     source: source_lib.Product1MSource,
@@ -360,7 +368,7 @@ def export_split(
     (`reused=True`).
   """
   validate_request(config, rows.split, rows.kind)
-  out_dir = Path(out_dir)
+  out_dir = storage.as_path(out_dir)
   plan = rows_plan(config, rows, embedder.kind, checkpoint_step, checkpoint_id)
   with lock_lib.FolderLock(out_dir, LOCK_FILE, 'export'):
     done = reusable_export(out_dir, plan, overwrite, replace_other)
@@ -379,7 +387,7 @@ def _export_locked(
   n = len(rows)
   shard_rows, num_shards = plan['shard_rows'], plan['num_shards']
   if is_main:
-    out_dir.mkdir(parents=True, exist_ok=True)
+    storage.makedirs(out_dir)
     # Start afresh when asked or when the folder holds an export of something else; always
     # drop temporary files a killed export left (the lock says no other export is writing).
     _remove_leftovers(out_dir, remove_shards=overwrite or stale_export(out_dir, plan))
@@ -514,11 +522,11 @@ def _sync(name: str) -> None:
 
 def export(
     config: ml_collections.ConfigDict,
-    workdir: str | Path,
+    workdir: storage.PathLike,
     split: str,
     *,
     step: int | None = None,
-    out: str | Path | None = None,
+    out: storage.PathLike | None = None,
     rows: str = 'samples',
     random_init: bool = False,
     overwrite: bool = False,
@@ -533,6 +541,7 @@ def export(
   """
   validate_request(config, split, rows)
   is_main = distributed.is_main_process()
+  storage.check_writable(out or workdir)  # a missing bucket is named before anything compiles
   source = source_lib.make_source(config, split)  # a split that was not built fails here
   planned = plan_rows(config, source, rows, workdir=workdir)  # and a proposer that is missing
   manager = None
@@ -543,7 +552,7 @@ def export(
   try:
     kind = config.eval.embedding
     out_dir = (
-        Path(out) if out else default_out_dir(workdir, kind, split, rows, step, planned.proposer)
+        storage.as_path(out) if out else default_out_dir(workdir, kind, split, rows, step, planned.proposer)
     )
     what = 'random initialisation' if step is None else f'checkpoint step {step}'
     checkpoint_id = (
@@ -650,6 +659,7 @@ def main(args: dict[str, Any]) -> None:
       FileNotFoundError,
       ValueError,
       lock_lib.LockedError,
+      storage.StorageError,
   ) as e:  # bad input: one clear line, no traceback
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)

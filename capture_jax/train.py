@@ -23,7 +23,6 @@ import dataclasses
 import signal
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -36,6 +35,8 @@ from ml_collections import config_flags
 from capture_jax import cli
 from capture_jax import batch as batch_lib
 from capture_jax import progress as progress_lib
+from capture_jax import storage
+from capture_jax.data import source as source_lib
 from capture_jax.data import train_input
 from capture_jax.training import checkpoint as checkpoint_lib
 from capture_jax.training import distributed
@@ -188,22 +189,25 @@ def check_before_save(state: Any, step: int, skips: SkipMonitor) -> None:
 
 def run(
     config: ml_collections.ConfigDict,
-    workdir: str | Path,
+    workdir: storage.PathLike,
     *,
     stop_after_steps: int | None = None,
     devices=None,
 ) -> RunResult:
   """Trains until `train.num_steps` (or `stop_after_steps` more steps, or a preemption signal)."""
-  workdir = Path(workdir)
+  workdir = storage.as_path(workdir)
   mesh = sharding.make_mesh(config.mesh, devices)
   validate_config(config, mesh)
+  source_lib.require_local_inputs(config)
+  # A bucket that is missing or unreachable is named now, not after compiling.
+  storage.check_writable(workdir)
   # One trainer per workdir (process 0 holds the lock for the whole run).
   with lock_lib.FolderLock(workdir, LOCK_FILE, 'trainer'):
     return _run_locked(config, workdir, mesh, stop_after_steps)
 
 
 def _run_locked(
-    config: ml_collections.ConfigDict, workdir: Path, mesh, stop_after_steps: int | None
+    config: ml_collections.ConfigDict, workdir: storage.Path, mesh, stop_after_steps: int | None
 ) -> RunResult:
   # Checkpoints: refuse a workdir of another model (or another batch size, or num_steps below
   # the saved step) before compiling anything.
@@ -222,7 +226,7 @@ def _run_locked(
     manager.close()
 
 
-def _train(config, workdir: Path, mesh, stop_after_steps, manager, closers: list) -> RunResult:
+def _train(config, workdir: storage.Path, mesh, stop_after_steps, manager, closers: list) -> RunResult:
   """Restore or initialise, compile, and the loop; `closers` collects what `_run_locked` closes
   however the run ends."""
   is_main = distributed.is_main_process()
@@ -361,6 +365,7 @@ def _train(config, workdir: Path, mesh, stop_after_steps, manager, closers: list
       progress.update(1)
       if manager.should_save(step):
         check_before_save(state, step, skips)
+        writer.flush()  # the rows up to a checkpoint are durable before it
         checkpoint_lib.save(manager, step, state, data_iterator, config)
       if preemption.agreed():
         preempted = True
@@ -369,6 +374,7 @@ def _train(config, workdir: Path, mesh, stop_after_steps, manager, closers: list
   # A final checkpoint (forced: also when the interval is not due), then wait for async saves.
   if manager.latest_step() != step:
     check_before_save(state, step, skips)
+    writer.flush()
     checkpoint_lib.save(manager, step, state, data_iterator, config, force=True)
   if preempted and is_main:
     print(
@@ -408,6 +414,7 @@ def console_main() -> None:
         TrainingDivergedError,
         checkpoint_lib.UnreadableCheckpointsError,
         lock_lib.LockedError,
+        storage.StorageError,
     ) as e:  # refused or stopped: one clear line, exit status 1, no traceback
       print(f'error: {e}', file=sys.stderr, flush=True)
       sys.exit(1)

@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
+from capture_jax import storage
 from capture_jax.data import product1m_tfds
 
 
@@ -150,9 +151,23 @@ class Product1MSource:
     return f'Product1MSource({self.name}, split={self.split!r}, {len(self)} records)'
 
 
+INPUT_PATH_FIELDS = ('data.data_dir', 'data.features', 'data.tfds_dir', 'data.vocab_file', 'train.init_path')
+
+
+def require_local_inputs(config: ml_collections.ConfigDict) -> None:
+  """Refuses a `gs://` input path before anything starts: inputs are read from local disk (or a
+  mounted bucket); only outputs (workdir, export and evaluation folders) can be in a bucket."""
+  for field in INPUT_PATH_FIELDS:
+    section, name = field.split('.')
+    value = config.get(section, ml_collections.ConfigDict()).get(name)
+    if value:
+      storage.require_local(value, f'--config.{field}')
+
+
 def make_source(config: ml_collections.ConfigDict, split: str) -> Product1MSource:
   """The split's source as the config reads it (storage dtype; `cls_prob` for the class MRM target)."""
   d = config.data
+  require_local_inputs(config)
   classes = config.get('model', ml_collections.ConfigDict()).get('mrm_target') == 'class'
   return Product1MSource(d.tfds_dir, split, d.storage_dtype, with_cls_prob=classes)
 

@@ -38,11 +38,10 @@ come from the same weights, checkpoint save, model and data build
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
-import os
 import time
 import zipfile
-from pathlib import Path
 from typing import Any, Mapping
 
 import jax
@@ -51,6 +50,7 @@ import ml_collections
 import numpy as np
 
 from capture_jax import batch as batch_lib
+from capture_jax import storage
 from capture_jax.losses import l2_normalize
 from capture_jax.models import CaptureModel
 from capture_jax.training import sharding
@@ -184,31 +184,21 @@ def shard_name(index: int, num_shards: int) -> str:
   return f'shard-{index:05d}-of-{num_shards:05d}.npz'
 
 
-def _atomic_write(path: Path, write) -> None:
-  """Writes through `write(file)` into a temporary file beside `path`, then renames it."""
-  tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
-  try:
-    with open(tmp, 'wb') as f:
-      write(f)
-    os.replace(tmp, path)
-  finally:
-    if tmp.exists():
-      tmp.unlink()
+def write_shard(path: storage.PathLike, arrays: Mapping[str, np.ndarray]) -> None:
+  """One `.npz` shard, atomically (never a partial file under `path`, on disk or in a bucket)."""
+  buffer = io.BytesIO()
+  np.savez(buffer, **{k: np.asarray(v) for k, v in arrays.items()})
+  storage.write_bytes(path, buffer.getvalue())
 
 
-def write_shard(path: str | Path, arrays: Mapping[str, np.ndarray]) -> None:
-  """One `.npz` shard, atomically (never a partial file under `path`)."""
-  _atomic_write(Path(path), lambda f: np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()}))
-
-
-def write_metadata(out_dir: str | Path, metadata: Mapping[str, Any]) -> None:
+def write_metadata(out_dir: storage.PathLike, metadata: Mapping[str, Any]) -> None:
   text = json.dumps(dict(metadata), indent=2, ensure_ascii=False, sort_keys=True) + '\n'
-  _atomic_write(Path(out_dir) / METADATA_FILE, lambda f: f.write(text.encode('utf-8')))
+  storage.write_text(storage.as_path(out_dir) / METADATA_FILE, text)
 
 
-def read_metadata(out_dir: str | Path) -> dict[str, Any] | None:
+def read_metadata(out_dir: storage.PathLike) -> dict[str, Any] | None:
   """The folder's metadata, or None when it has none."""
-  path = Path(out_dir) / METADATA_FILE
+  path = storage.as_path(out_dir) / METADATA_FILE
   if not path.is_file():
     return None
   return json.loads(path.read_text(encoding='utf-8'))
@@ -273,7 +263,7 @@ class Embeddings:
   instance_label: list[str] | None
   instance_index: np.ndarray | None
   metadata: dict[str, Any]
-  path: Path
+  path: storage.Path
 
   @property
   def dimension(self) -> int:
@@ -287,9 +277,9 @@ class Embeddings:
     return int(self.vectors.shape[0])
 
 
-def read_embeddings(out_dir: str | Path) -> Embeddings:
+def read_embeddings(out_dir: storage.PathLike) -> Embeddings:
   """Reads a complete export; raises ValueError/FileNotFoundError saying what is wrong with it."""
-  out_dir = Path(out_dir)
+  out_dir = storage.as_path(out_dir)
   meta = read_metadata(out_dir)
   if meta is None:
     raise FileNotFoundError(
@@ -309,7 +299,7 @@ def read_embeddings(out_dir: str | Path) -> Embeddings:
           f'{path} is missing from the export in {out_dir}; run the export again to rewrite it'
       )
     try:
-      with np.load(path, allow_pickle=False) as z:
+      with path.open('rb') as f, np.load(f, allow_pickle=False) as z:
         emb = z['embeddings']
         shard_ids = [str(x) for x in z['item_id']]
         shard_rows = z['row']

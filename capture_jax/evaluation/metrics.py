@@ -63,6 +63,7 @@ from absl import flags
 import numpy as np
 
 from capture_jax import cli
+from capture_jax import storage
 from capture_jax.data import formats
 
 DEFAULT_RANKS: tuple[int, ...] = (10, 50, 100)
@@ -185,7 +186,7 @@ def read_ranked_lists(path: str | Path) -> dict[str, list[str]]:
     formats.BadInputError (a ValueError): as above, or a line that is not
       UTF-8.
   """
-  path = Path(path)
+  path = storage.as_path(path)
   ranked: dict[str, list[str]] = {}
   with path.open('rb') as f:
     for lineno, raw in enumerate(f, start=1):
@@ -256,7 +257,7 @@ def check_ranked_lists(ranked: Mapping[str, Sequence[str]], gt: GroundTruth) -> 
   return messages
 
 
-def write_ranked_lists(path: str | Path, ranked: Mapping[str, Sequence[str]]) -> None:
+def write_ranked_lists(path: storage.PathLike, ranked: Mapping[str, Sequence[str]]) -> None:
   """Writes ``query_id,gid_1,...`` lines (at most 100 distinct ids each), in dict order."""
   lines = []
   for qid, ids in ranked.items():
@@ -274,7 +275,7 @@ def write_ranked_lists(path: str | Path, ranked: Mapping[str, Sequence[str]]) ->
             '(empty, or holds a comma, newline or edge space)'
         )
     lines.append(','.join([str(qid), *ids]) + '\n')
-  Path(path).write_text(''.join(lines), encoding='utf-8')
+  storage.write_text(path, ''.join(lines))
 
 
 # ----------------------------------------------------------------------------
@@ -594,7 +595,7 @@ def run(
         f'Prec {100 * metrics[f"Prec@{r}"]:6.2f}  mAR {100 * metrics[f"mAR@{r}"]:6.2f}'
     )
   if output_json:
-    Path(output_json).write_text(json.dumps(metrics, indent=2) + '\n')
+    storage.write_text(output_json, json.dumps(metrics, indent=2) + '\n')
   return 0
 
 

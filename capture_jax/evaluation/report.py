@@ -11,10 +11,11 @@ matplotlib's object API on an Agg canvas, so no global backend is switched.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
+from capture_jax import storage
 from capture_jax.evaluation.metrics import DEFAULT_RANKS
 
 METRIC_NAMES = ('mAP', 'Prec', 'mAR')
@@ -145,9 +146,9 @@ def format_listing(listing: QueryListing, method: str | None = None) -> str:
 
 def plot_metrics(
     metrics: Mapping[str, Mapping[str, float]],
-    path: str | Path,
+    path: storage.PathLike,
     ranks: Sequence[int] = DEFAULT_RANKS,
-) -> Path:
+) -> storage.Path:
   """One panel per metric, each method a line over R (values in percent)."""
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
@@ -164,20 +165,21 @@ def plot_metrics(
     ax.set_ylabel('%')
     ax.grid(alpha=0.3)
   axes[0].legend(fontsize='small')
-  path = Path(path)
-  fig.savefig(path, dpi=100)
-  return path
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format='png', dpi=100)
+  storage.write_bytes(path, buffer.getvalue())
+  return storage.as_path(path)
 
 
 def write_report(
-    out_dir: str | Path,
+    out_dir: storage.PathLike,
     metrics: Mapping[str, Mapping[str, float]],
     listings: Mapping[str, Sequence[QueryListing]] | None = None,
     *,
     title: str = 'Product1M instance-level retrieval',
     notes: Sequence[str] = (),
     ranks: Sequence[int] = DEFAULT_RANKS,
-) -> dict[str, Path]:
+) -> dict[str, storage.Path]:
   """Writes ``report.md``, ``metrics.json`` and ``metrics.png`` into ``out_dir``.
 
   Args:
@@ -190,8 +192,8 @@ def write_report(
   """
   if not metrics:
     raise ValueError('no methods to report')
-  out_dir = Path(out_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
+  out_dir = storage.as_path(out_dir)
+  storage.makedirs(out_dir)
   paths = {
       'report': out_dir / REPORT_FILE,
       'metrics': out_dir / METRICS_FILE,
@@ -217,9 +219,9 @@ def write_report(
       parts += [f'## Example queries: {method}', '']
       for listing in items:
         parts += [format_listing(listing, method), '']
-  paths['report'].write_text('\n'.join(parts), encoding='utf-8')
-  paths['metrics'].write_text(
+  storage.write_text(paths['report'], '\n'.join(parts))
+  storage.write_text(
+      paths['metrics'],
       json.dumps({m: dict(v) for m, v in metrics.items()}, indent=2, ensure_ascii=False) + '\n',
-      encoding='utf-8',
   )
   return paths

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from capture_jax import storage
 from capture_jax.data import formats
 
 METHODS = ('learned', 'boxes', 'oracle')
@@ -91,15 +91,17 @@ def proposals_filename(split: str) -> str:
 
 
 def write_proposals(
-    path: str, proposals: Mapping[str, Sequence[Proposal]], item_ids: Sequence[str] | None = None
+    path: storage.PathLike,
+    proposals: Mapping[str, Sequence[Proposal]],
+    item_ids: Sequence[str] | None = None,
 ) -> None:
-  """Writes a proposals file (readable with `formats.read_instances`), in `item_ids` order."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + '.tmp'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    for item_id in item_ids if item_ids is not None else proposals:
-      f.write(format_proposals(item_id, proposals[item_id]) + '\n')
-  os.replace(tmp, path)
+  """Writes a proposals file (readable with `formats.read_instances`), in `item_ids` order,
+  atomically (on disk or in a bucket)."""
+  lines = [
+      format_proposals(item_id, proposals[item_id]) + '\n'
+      for item_id in (item_ids if item_ids is not None else proposals)
+  ]
+  storage.write_text(path, ''.join(lines))
 
 
 def as_instances(proposals: Mapping[str, Sequence[Proposal]]) -> dict[str, list[formats.Instance]]:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
+import pathlib
 from typing import Any, Iterator, Sequence
 
 import ml_collections
 
+from capture_jax import storage
 from capture_jax.data import eval_input
 from capture_jax.data import formats
 from capture_jax.instances import geometry
@@ -15,12 +15,12 @@ from capture_jax.instances import proposals as proposals_lib
 from capture_jax.instances import trainer as train_lib
 
 
-def default_method(workdir: str | Path | None) -> str:
+def default_method(workdir: storage.PathLike | None) -> str:
   """`learned` when the workdir holds a trained proposer, else `boxes` (never `oracle`)."""
   return 'learned' if train_lib.has_trained_proposer(workdir) else 'boxes'
 
 
-def resolve_method(method: str | None, workdir: str | Path | None) -> str:
+def resolve_method(method: str | None, workdir: storage.PathLike | None) -> str:
   """The proposer to use: `method`, or `default_method(workdir)` when it is None or ''.
 
   Raises:
@@ -40,11 +40,12 @@ def resolve_method(method: str | None, workdir: str | Path | None) -> str:
   return method
 
 
-def sidecar_path(config: ml_collections.ConfigDict, split: str) -> Path:
-  return Path(eval_input.sidecar_path(config, split))
+def sidecar_path(config: ml_collections.ConfigDict, split: str) -> pathlib.Path:
+  """The data's instance sidecar (an input: on local disk)."""
+  return pathlib.Path(eval_input.sidecar_path(config, split))
 
 
-def proposals_path(workdir: str | Path, split: str, method: str) -> Path:
+def proposals_path(workdir: storage.PathLike, split: str, method: str) -> storage.Path:
   """`{workdir}/instances/{method}/proposals_{split}.jsonl`."""
   return train_lib.proposer_dir(workdir) / method / proposals_lib.proposals_filename(split)
 
@@ -68,7 +69,7 @@ def propose_records(
     records: Sequence[dict[str, Any]],
     method: str,
     config: ml_collections.ConfigDict,
-    workdir: str | Path | None = None,
+    workdir: storage.PathLike | None = None,
     proposer: train_lib.LearnedProposer | None = None,
     sidecar: dict[str, list[formats.Instance]] | None = None,
 ) -> dict[str, list[proposals_lib.Proposal]]:
@@ -104,7 +105,7 @@ def propose_split(
     config: ml_collections.ConfigDict,
     split: str,
     method: str,
-    workdir: str | Path | None = None,
+    workdir: storage.PathLike | None = None,
     source=None,
 ) -> dict[str, list[formats.Instance]]:
   """item_id -> product instances of every sample of a split (the lead's entry point).
@@ -158,8 +159,8 @@ def evaluate_proposers(
     config: ml_collections.ConfigDict,
     split: str,
     methods: Sequence[str] = ('boxes', 'learned', 'oracle'),
-    workdir: str | Path | None = None,
-    out_dir: str | Path | None = None,
+    workdir: storage.PathLike | None = None,
+    out_dir: storage.PathLike | None = None,
     source=None,
 ) -> dict[str, dict[str, float]]:
   """Proposes a split with each method, writes the proposals files, and measures them.
@@ -179,6 +180,7 @@ def evaluate_proposers(
     if workdir is None:
       raise ValueError('evaluate_proposers needs out_dir or workdir to write proposals to')
     out_dir = train_lib.proposer_dir(workdir)
+  out_dir = storage.as_path(out_dir)
   active = []
   for method in methods:
     if method == 'learned' and not train_lib.has_trained_proposer(workdir):
@@ -203,7 +205,7 @@ def evaluate_proposers(
   results = {}
   for method in active:
     proposals_lib.write_proposals(
-        os.path.join(out_dir, method, proposals_lib.proposals_filename(split)), props[method], ids
+        out_dir / method / proposals_lib.proposals_filename(split), props[method], ids
     )
     if sidecar is not None:
       results[method] = proposals_lib.proposal_quality(props[method], sidecar, num_regions)

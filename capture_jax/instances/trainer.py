@@ -13,7 +13,6 @@ import dataclasses
 import signal
 import threading
 import time
-from pathlib import Path
 from typing import Any, Sequence
 
 import jax
@@ -24,25 +23,29 @@ import optax
 import orbax.checkpoint as ocp
 
 from capture_jax import progress as progress_lib
+from capture_jax import storage
 from capture_jax.instances import compose
 from capture_jax.instances import model as model_lib
 from capture_jax.instances import proposals as proposals_lib
+from capture_jax.training import lock as lock_lib
+
+LOCK_FILE = 'train.lock'
 
 
 class IncompatibleProposerError(ValueError):
   """A proposer checkpoint of another architecture or feature width than the config's."""
 
 
-def proposer_dir(workdir: str | Path) -> Path:
+def proposer_dir(workdir: storage.PathLike) -> storage.Path:
   """Where a workdir keeps its learned proposer (and proposals files)."""
-  return Path(workdir) / 'instances'
+  return storage.as_path(workdir) / 'instances'
 
 
-def checkpoint_dir(workdir: str | Path) -> Path:
+def checkpoint_dir(workdir: storage.PathLike) -> storage.Path:
   return proposer_dir(workdir) / 'checkpoints'
 
 
-def _manager(workdir: str | Path, config: ml_collections.ConfigDict | None = None):
+def _manager(workdir: storage.PathLike, config: ml_collections.ConfigDict | None = None):
   cfg = config.instances if config is not None else None
   options = ocp.CheckpointManagerOptions(
       save_interval_steps=cfg.checkpoint_every if cfg else 1,
@@ -51,23 +54,31 @@ def _manager(workdir: str | Path, config: ml_collections.ConfigDict | None = Non
       create=config is not None,
   )
   return ocp.CheckpointManager(
-      checkpoint_dir(workdir).absolute(),
+      storage.absolute(checkpoint_dir(workdir)),
       options=options,
       item_names=('params', 'opt_state', 'config'),
   )
 
 
-def latest_proposer_step(workdir: str | Path | None) -> int | None:
+def latest_proposer_step(workdir: storage.PathLike | None) -> int | None:
   """The step of the newest learned-proposer checkpoint in `workdir` (None: none), from the
-  folder names alone: nothing is restored."""
+  folder names (and, on GCS, Orbax's commit marker): nothing is restored."""
   if not workdir:
     return None
   d = checkpoint_dir(workdir)
-  steps = [int(p.name) for p in d.iterdir() if p.name.isdigit()] if d.is_dir() else []
+  steps = (
+      [
+          int(p.name)
+          for p in d.iterdir()
+          if p.name.isdigit() and ocp.utils.is_checkpoint_finalized(p)
+      ]
+      if d.is_dir()
+      else []
+  )
   return max(steps, default=None)
 
 
-def has_trained_proposer(workdir: str | Path | None) -> bool:
+def has_trained_proposer(workdir: storage.PathLike | None) -> bool:
   """Whether `workdir` holds a learned proposer checkpoint (for `eval.instances`' default)."""
   return latest_proposer_step(workdir) is not None
 
@@ -79,7 +90,7 @@ def saved_signature(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return sig
 
 
-def _check_signature(saved: dict, ours: dict, where: Path) -> None:
+def _check_signature(saved: dict, ours: dict, where: storage.Path) -> None:
   diffs = [
       f'{k}: checkpoint {saved.get(k)!r}, config {v!r}'
       for k, v in ours.items()
@@ -173,7 +184,7 @@ def _optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
 
 def train(
     config: ml_collections.ConfigDict,
-    workdir: str | Path,
+    workdir: storage.PathLike,
     pool: compose.DonorPool | None = None,
     stop_after: int | None = None,
 ) -> TrainResult:
@@ -189,7 +200,20 @@ def train(
     IncompatibleProposerError: the workdir's checkpoint is of another
       architecture or feature width.
     ValueError: donors of another feature width than `data.feature_dim`.
+    lock.LockedError: another command trains a proposer in this workdir.
   """
+  storage.check_writable(workdir)
+  with lock_lib.FolderLock(proposer_dir(workdir), LOCK_FILE, 'proposer training'):
+    return _train_locked(config, workdir, pool, stop_after)
+
+
+def _train_locked(
+    config: ml_collections.ConfigDict,
+    workdir: storage.PathLike,
+    pool: compose.DonorPool | None,
+    stop_after: int | None,
+) -> TrainResult:
+  """`train` once the workdir's proposer folder is locked."""
   cfg = config.instances
   manager = _manager(workdir, config)
   sig = saved_signature(config)
@@ -290,7 +314,7 @@ class LearnedProposer:
     step: the checkpoint step.
   """
 
-  def __init__(self, workdir: str | Path, config: ml_collections.ConfigDict | None = None):
+  def __init__(self, workdir: storage.PathLike, config: ml_collections.ConfigDict | None = None):
     """Restores the latest checkpoint of `{workdir}/instances/checkpoints`.
 
     Args:

@@ -6,7 +6,9 @@ asynchronous; the manager keeps the last `keep_last` checkpoints plus every
 the target shardings, so a checkpoint saved on one mesh restores onto another.
 
 Integrity: once a save is finalised, process 0 writes `{step}/checksums.json`
-(size and SHA-256 of every file of the step); a restore first checks them, so
+(size and SHA-256 of every file of the step; in a `gs://` workdir the size
+and the CRC32C that GCS keeps for every object, read from one listing, so
+that nothing is downloaded); a restore first checks them, so
 a checkpoint with flipped bytes is treated like an unreadable one. Writing
 them lazily (at the next save, and at the end of the run) keeps saves
 asynchronous; a checkpoint without the file (the run was killed before it was
@@ -25,15 +27,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
-from pathlib import Path
 from typing import Any
 
 import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+
+from capture_jax import storage
 
 # Model fields that change numerics or speed but not the parameter tree.
 LAYOUT_NEUTRAL_FIELDS = (
@@ -57,11 +59,11 @@ class UnreadableCheckpointsError(RuntimeError):
   """Every checkpoint of the workdir is unreadable, and restarting from scratch was not asked for."""
 
 
-def checkpoint_dir(workdir: str | Path) -> Path:
-  return Path(workdir) / 'checkpoints'
+def checkpoint_dir(workdir: storage.PathLike) -> storage.Path:
+  return storage.as_path(workdir) / 'checkpoints'
 
 
-def make_manager(workdir: str | Path, ckpt_cfg: ml_collections.ConfigDict) -> ocp.CheckpointManager:
+def make_manager(workdir: storage.PathLike, ckpt_cfg: ml_collections.ConfigDict) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
       save_interval_steps=ckpt_cfg.every_steps,
       max_to_keep=ckpt_cfg.keep_last,
@@ -70,7 +72,7 @@ def make_manager(workdir: str | Path, ckpt_cfg: ml_collections.ConfigDict) -> oc
       create=True,
   )
   return ocp.CheckpointManager(
-      checkpoint_dir(workdir).absolute(), options=options, item_names=('state', 'data', 'config')
+      storage.absolute(checkpoint_dir(workdir)), options=options, item_names=('state', 'data', 'config')
   )
 
 
@@ -98,20 +100,28 @@ def save(
 # Integrity: checksums written after a save, checked before a restore.
 
 
-def step_dir(manager: ocp.CheckpointManager, step: int) -> Path:
-  return Path(manager.directory) / str(step)
+def step_dir(manager: ocp.CheckpointManager, step: int) -> storage.Path:
+  return storage.as_path(manager.directory) / str(step)
 
 
-def _file_digests(folder: Path) -> dict[str, dict[str, Any]]:
+def _sha256(path: storage.Path) -> str:
+  with path.open('rb') as f:
+    return hashlib.file_digest(f, 'sha256').hexdigest()
+
+
+def _file_digests(folder: storage.Path, like: dict[str, dict] | None = None) -> dict[str, dict]:
+  """Name -> {'bytes', 'sha256'} (on disk) or {'bytes', 'crc32c'} (GCS, from the listing) of the
+  files of a step. With `like` (a manifest), a file is hashed the way the manifest hashed it
+  where that is possible (a checkpoint copied from disk to a bucket is checked by SHA-256)."""
   digests = {}
-  for path in sorted(folder.rglob('*')):
-    if path.is_file() and not path.name.lstrip('.').startswith(CHECKSUMS_FILE):
-      with open(path, 'rb') as f:
-        digest = hashlib.file_digest(f, 'sha256').hexdigest()
-      digests[path.relative_to(folder).as_posix()] = {
-          'bytes': path.stat().st_size,
-          'sha256': digest,
-      }
+  for name, entry in storage.file_listing(folder).items():
+    if name.rsplit('/', 1)[-1].lstrip('.').startswith(CHECKSUMS_FILE):
+      continue
+    want = (like or {}).get(name, {})
+    if 'crc32c' in entry and 'sha256' not in want:
+      digests[name] = entry
+    else:
+      digests[name] = {'bytes': entry['bytes'], 'sha256': _sha256(folder / name)}
   return digests
 
 
@@ -128,12 +138,10 @@ def record_checksums(manager: ocp.CheckpointManager, exclude: int | None = None)
     if step == exclude or (folder / CHECKSUMS_FILE).exists() or not folder.is_dir():
       continue
     text = json.dumps({'step': int(step), 'files': _file_digests(folder)}, indent=1)
-    tmp = folder / f'.{CHECKSUMS_FILE}.tmp-{os.getpid()}'
-    tmp.write_text(text, encoding='utf-8')
-    os.replace(tmp, folder / CHECKSUMS_FILE)
+    storage.write_text(folder / CHECKSUMS_FILE, text)
 
 
-def checksum_problems(folder: Path) -> list[str] | None:
+def checksum_problems(folder: storage.Path) -> list[str] | None:
   """What differs between a step's files and its `checksums.json`; None when it has none."""
   manifest = folder / CHECKSUMS_FILE
   if not manifest.is_file():
@@ -142,13 +150,16 @@ def checksum_problems(folder: Path) -> list[str] | None:
     expected = json.loads(manifest.read_text(encoding='utf-8'))['files']
   except (ValueError, KeyError, UnicodeDecodeError) as e:
     return [f'{manifest} cannot be read ({type(e).__name__})']
-  actual = _file_digests(folder)
+  actual = _file_digests(folder, like=expected)
   problems = [f'{name}: missing' for name in expected if name not in actual]
   for name, want in expected.items():
     got = actual.get(name)
-    if got is not None and got != want:
-      what = 'size' if got['bytes'] != want['bytes'] else 'SHA-256'
-      problems.append(f'{name}: {what} differs from {CHECKSUMS_FILE}')
+    if got is None:
+      continue
+    if got['bytes'] != want['bytes']:
+      problems.append(f'{name}: size differs from {CHECKSUMS_FILE}')
+    elif any(got[k] != want[k] for k in ('sha256', 'crc32c') if k in got and k in want):
+      problems.append(f'{name}: checksum differs from {CHECKSUMS_FILE}')
   return problems
 
 
@@ -163,7 +174,7 @@ def checkpoint_fingerprint(manager: ocp.CheckpointManager, step: int) -> str:
   for name in ('_CHECKPOINT_METADATA', CHECKSUMS_FILE):
     if (folder / name).is_file():
       return hashlib.sha256((folder / name).read_bytes()).hexdigest()[:16]
-  return hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:16]
+  return hashlib.sha256(str(storage.absolute(folder)).encode()).hexdigest()[:16]
 
 
 def saved_config(manager: ocp.CheckpointManager, step: int) -> dict:
@@ -244,7 +255,7 @@ def check_compatible(
 
 
 def open_step(
-    workdir: str | Path, config: ml_collections.ConfigDict, step: int | None = None
+    workdir: storage.PathLike, config: ml_collections.ConfigDict, step: int | None = None
 ) -> tuple[ocp.CheckpointManager, int]:
   """A run's checkpoint manager and the step to read (default: the latest), for export.
 
@@ -255,7 +266,7 @@ def open_step(
   ckpt_dir = checkpoint_dir(workdir)
   if not ckpt_dir.is_dir():
     raise FileNotFoundError(
-        f'no checkpoint in {Path(workdir)}: {ckpt_dir} does not exist. Train first '
+        f'no checkpoint in {workdir}: {ckpt_dir} does not exist. Train first '
         f"(python -m capture_jax.train --workdir={workdir}), or pass the run's --workdir."
     )
   manager = make_manager(workdir, config.checkpoint)
@@ -296,11 +307,11 @@ def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
   )
 
 
-def move_aside(manager: ocp.CheckpointManager, step: int) -> Path:
+def move_aside(manager: ocp.CheckpointManager, step: int) -> storage.Path:
   """Renames a step's folder to `corrupt-{step}-{time}` (process 0) and reloads the manager."""
-  target = Path(manager.directory) / f'{CORRUPT_PREFIX}{step}-{time.strftime("%Y%m%dT%H%M%S")}'
+  target = storage.as_path(manager.directory) / f'{CORRUPT_PREFIX}{step}-{time.strftime("%Y%m%dT%H%M%S")}'
   if jax.process_index() == 0:
-    os.rename(step_dir(manager, step), target)
+    storage.rename_tree(step_dir(manager, step), target)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
 
@@ -309,7 +320,7 @@ def move_aside(manager: ocp.CheckpointManager, step: int) -> Path:
   return target
 
 
-def corrupt_checkpoints(workdir: str | Path) -> list[Path]:
+def corrupt_checkpoints(workdir: storage.PathLike) -> list[storage.Path]:
   """The checkpoints moved aside in this workdir (oldest name first)."""
   folder = checkpoint_dir(workdir)
   if not folder.is_dir():

@@ -1,12 +1,21 @@
 """A lock on a folder, so that two commands never write into one run (or one export) at once.
 
-`fcntl.flock` on `{folder}/{name}`: the kernel releases it when the holder
-exits, however it exits, so a lock left by a dead process is free to take
-(and is reported as taken over). The file holds the holder's host, pid and
-start time, for the message that refuses a second writer. Only process 0 of
-a multi-process run takes it (the other processes of the same run write
-into the same folder and must not be blocked). flock needs a filesystem that
-supports it (local disks and NFSv4 do).
+On disk: `fcntl.flock` on `{folder}/{name}`. The kernel releases it when the
+holder exits, however it exits, so a lock left by a dead process is free to
+take (and is reported as taken over). flock needs a filesystem that supports
+it (local disks and NFSv4 do).
+
+On GCS (`gs://` folders, where there is no flock): the lock is an object
+created only if absent (`ifGenerationMatch=0`) and read back to confirm the
+holder's token. The holder rewrites it every `HEARTBEAT_S` seconds; a lock
+whose heartbeat is older than `STALE_AFTER_S` (its holder was killed, or its
+VM preempted without a signal), or that names a process of this host that
+no longer runs, is taken over with a note. A clean exit deletes it.
+
+The lock holds the holder's host, pid and start time, for the message that
+refuses a second writer. Only process 0 of a multi-process run takes it (the
+other processes of the same run write into the same folder and must not be
+blocked).
 """
 
 from __future__ import annotations
@@ -15,10 +24,17 @@ import fcntl
 import json
 import os
 import socket
+import threading
 import time
+import uuid
 from pathlib import Path
 
 import jax
+
+from capture_jax import storage
+
+HEARTBEAT_S = 60.0
+STALE_AFTER_S = 300.0
 
 
 class LockedError(RuntimeError):
@@ -28,39 +44,37 @@ class LockedError(RuntimeError):
 class FolderLock:
   """`with FolderLock(folder, 'train.lock', 'training'):` holds the lock for the block."""
 
-  def __init__(self, folder: str | Path, name: str, what: str, enabled: bool | None = None):
-    self.path = Path(folder) / name
+  def __init__(
+      self,
+      folder: storage.PathLike,
+      name: str,
+      what: str,
+      enabled: bool | None = None,
+      *,
+      heartbeat_s: float = HEARTBEAT_S,
+      stale_after_s: float = STALE_AFTER_S,
+  ):
+    self.path = storage.as_path(folder) / name
     self.what = what
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
+    self.heartbeat_s = heartbeat_s
+    self.stale_after_s = stale_after_s
     self._fd = None
+    self._token = None
+    self._stop = threading.Event()
+    self._thread = None
 
   def acquire(self) -> None:
     if not self.enabled:
       return
-    self.path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      holder = _describe(_read(fd))
-      os.close(fd)
-      raise LockedError(
-          f'{self.path.parent} is in use by another {self.what} ({holder}); wait for it to '
-          f'finish or stop it, or use another folder (lock file {self.path})'
-      ) from None
-    previous = _read(fd)
-    if previous:
-      print(
-          f'note: taking over the lock {self.path} left by a {self.what} that is no longer '
-          f'running ({_describe(previous)})',
-          flush=True,
-      )
-    info = {'host': socket.gethostname(), 'pid': os.getpid(), 'started': time.time()}
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps(info).encode(), 0)
-    self._fd = fd
+    if storage.is_remote(self.path):
+      self._acquire_object()
+    else:
+      self._acquire_flock()
 
   def release(self) -> None:
+    if self._token is not None:
+      self._release_object()
     if self._fd is None:
       return
     # Emptied before unlocking: a clean exit leaves no holder to report.
@@ -76,8 +90,139 @@ class FolderLock:
   def __exit__(self, *exc) -> None:
     self.release()
 
+  def _refuse(self, holder: dict) -> LockedError:
+    return LockedError(
+        f'{self.path.parent} is in use by another {self.what} ({_describe(holder)}); wait for it '
+        f'to finish or stop it, or use another folder (lock file {self.path})'
+    )
 
-def _read(fd: int) -> dict:
+  def _note_takeover(self, previous: dict, why: str = 'that is no longer running') -> None:
+    print(
+        f'note: taking over the lock {self.path} left by a {self.what} {why} '
+        f'({_describe(previous)})',
+        flush=True,
+    )
+
+  # -- on disk ---------------------------------------------------------------
+
+  def _acquire_flock(self) -> None:
+    local = Path(self.path)
+    local.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(local, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = _read_fd(fd)
+      os.close(fd)
+      raise self._refuse(holder) from None
+    previous = _read_fd(fd)
+    if previous:
+      self._note_takeover(previous)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(_holder()).encode(), 0)
+    self._fd = fd
+
+  # -- on GCS ----------------------------------------------------------------
+
+  def _acquire_object(self) -> None:
+    previous = self._read_object()
+    if previous:
+      why = self._stale(previous)
+      if why is None:
+        raise self._refuse(previous)
+      self._note_takeover(previous, why)
+    token = uuid.uuid4().hex
+    try:
+      self._write_object(token, create_only=not previous)
+    except FileExistsError:  # another command created it since we looked
+      raise self._refuse(self._read_object()) from None
+    # Two takers of a stale lock both write; the object keeps one of them.
+    time.sleep(0.2)
+    now = self._read_object()
+    if now.get('token') != token:
+      raise self._refuse(now)
+    self._token = token
+    self._stop.clear()
+    self._thread = threading.Thread(target=self._heartbeat, name='lock-heartbeat', daemon=True)
+    self._thread.start()
+
+  def _release_object(self) -> None:
+    self._stop.set()
+    if self._thread is not None:
+      self._thread.join()
+      self._thread = None
+    try:
+      if self._read_object().get('token') == self._token:
+        self.path.unlink()
+    except FileNotFoundError:
+      pass
+    self._token = None
+
+  def _heartbeat(self) -> None:
+    while not self._stop.wait(self.heartbeat_s):
+      try:
+        holder = self._read_object()
+        if holder.get('token') != self._token:
+          print(
+              f'WARNING: the lock {self.path} was taken over by {_describe(holder)} while this '
+              f'{self.what} runs; two commands may now write into {self.path.parent}',
+              flush=True,
+          )
+          return
+        self._write_object(self._token, started=holder.get('started'))
+      except Exception as e:  # pylint: disable=broad-except
+        # A missed heartbeat is not fatal; STALE_AFTER_S spans several of them.
+        print(f'WARNING: could not refresh the lock {self.path}: {e}', flush=True)
+
+  def _stale(self, holder: dict) -> str | None:
+    """Why a holder may be replaced (a phrase), or None while it is alive."""
+    if 'heartbeat' not in holder:
+      return 'whose lock cannot be read'
+    if holder.get('host') == socket.gethostname() and not _pid_alive(holder.get('pid')):
+      return 'that is no longer running'
+    age = time.time() - float(holder['heartbeat'])
+    if age > self.stale_after_s:
+      return f'whose last heartbeat is {age:.0f} s old (limit {self.stale_after_s:.0f} s)'
+    return None
+
+  def _read_object(self) -> dict:
+    try:
+      text = self.path.read_text(encoding='utf-8')
+    except FileNotFoundError:
+      return {}
+    try:
+      return json.loads(text) if text.strip() else {'unreadable': True}
+    except ValueError:
+      return {'unreadable': True}
+
+  def _write_object(self, token: str, create_only: bool = False, started=None) -> None:
+    info = {**_holder(), 'token': token, 'heartbeat': time.time()}
+    if started is not None:
+      info['started'] = started
+    data = json.dumps(info).encode()
+    if create_only:
+      import fsspec  # pylint: disable=import-outside-toplevel
+
+      fsspec.filesystem('gs').pipe_file(str(self.path), data, mode='create')
+    else:
+      storage.write_bytes(self.path, data)
+
+
+def _holder() -> dict:
+  return {'host': socket.gethostname(), 'pid': os.getpid(), 'started': time.time()}
+
+
+def _pid_alive(pid) -> bool:
+  try:
+    os.kill(int(pid), 0)
+  except (ProcessLookupError, TypeError, ValueError):
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+def _read_fd(fd: int) -> dict:
   try:
     text = os.pread(fd, 4096, 0).decode('utf-8')
     return json.loads(text) if text.strip() else {}

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 import time
-from pathlib import Path
 from typing import Mapping
 
 import jax
 
+from capture_jax import storage
 from capture_jax.training import distributed
 
 # Peak dense bf16 FLOP/s per device, for model FLOP utilisation.
@@ -36,15 +37,16 @@ def peak_flops(device: jax.Device) -> float | None:
 METRICS_FILE = 'metrics.jsonl'
 
 
-def truncate_after(path: str | Path, step: int) -> int:
+def truncate_after(path: storage.PathLike, step: int) -> int:
   """Keeps the rows of `path` with `step <= step` (and drops a torn last line); returns how many
   rows were dropped.
 
   A resumed run replays the steps after its checkpoint, and a run whose
   checkpoints were deleted starts again at 1: without this the file would
-  hold those steps twice. Rewritten through a temporary file and a rename.
+  hold those steps twice. Rewritten whole (`storage.write_text`: a temporary
+  file and a rename on disk, one upload on GCS).
   """
-  path = Path(path)
+  path = storage.as_path(path)
   if not path.is_file():
     return 0
   kept, dropped = [], 0
@@ -58,10 +60,46 @@ def truncate_after(path: str | Path, step: int) -> int:
     else:
       dropped += 1
   if dropped:
-    tmp = path.with_name(f'.{path.name}.tmp')
-    tmp.write_text(''.join(kept), encoding='utf-8')
-    tmp.replace(path)
+    storage.write_text(path, ''.join(kept))
   return dropped
+
+
+class _ObjectEventWriter:
+  """tensorboardX's record writer for `gs://` logdirs, through `storage` (gcsfs): the event file
+  is kept in memory and uploaded whole at each flush (tensorboardX flushes every 120 s, and the
+  trainer at every checkpoint). Registered instead of tensorboardX's own GCS writer, which
+  needs the google-cloud-storage client and its own credentials setup."""
+
+  def __init__(self, path: str):
+    self.path = path
+    self.buffer = io.BytesIO()
+
+  def write(self, data: bytes) -> None:
+    self.buffer.write(data)
+
+  def flush(self) -> None:
+    storage.write_bytes(self.path, self.buffer.getvalue())
+
+  def close(self) -> None:
+    self.flush()
+
+
+class _ObjectEventWriterFactory:
+
+  def open(self, path: str) -> _ObjectEventWriter:
+    return _ObjectEventWriter(path)
+
+  def directory_check(self, path: str) -> None:
+    del path  # GCS has no folders to create
+
+
+def _summary_writer(logdir: storage.Path, purge_step: int | None):
+  from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+  from tensorboardX import record_writer  # pylint: disable=import-outside-toplevel
+
+  if storage.is_remote(logdir):
+    record_writer.register_writer_factory('gs', _ObjectEventWriterFactory())
+  return SummaryWriter(str(logdir), purge_step=purge_step)
 
 
 class MetricWriter:
@@ -73,14 +111,14 @@ class MetricWriter:
   """
 
   def __init__(
-      self, workdir: str | Path, enabled: bool | None = None, start_step: int | None = None
+      self, workdir: storage.PathLike, enabled: bool | None = None, start_step: int | None = None
   ):
     self.enabled = distributed.is_main_process() if enabled is None else enabled
     self._jsonl = None
     self._tb = None
     if self.enabled:
-      Path(workdir).mkdir(parents=True, exist_ok=True)
-      path = Path(workdir) / METRICS_FILE
+      workdir = storage.as_path(workdir)
+      path = workdir / METRICS_FILE
       if start_step is not None:
         dropped = truncate_after(path, start_step)
         if dropped:
@@ -89,12 +127,10 @@ class MetricWriter:
               f'from step {start_step})',
               flush=True,
           )
-      self._jsonl = open(path, 'a', encoding='utf-8')
-      from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-
+      self._jsonl = storage.AppendFile(path)
       # purge_step: TensorBoard hides the earlier run's events from this step on.
       purge = None if start_step is None else start_step + 1
-      self._tb = SummaryWriter(str(Path(workdir) / 'tensorboard'), purge_step=purge)
+      self._tb = _summary_writer(workdir / 'tensorboard', purge)
 
   def write(self, step: int, metrics: Mapping[str, float]) -> None:
     if not self.enabled:
@@ -104,6 +140,12 @@ class MetricWriter:
     self._jsonl.flush()
     for key, value in metrics.items():
       self._tb.add_scalar(key, float(value), int(step))
+
+  def flush(self) -> None:
+    """Makes every row written so far durable (on GCS: uploaded); called at each checkpoint."""
+    if self.enabled:
+      self._jsonl.flush(force=True)
+      self._tb.flush()
 
   def close(self) -> None:
     if self.enabled:

@@ -1,0 +1,299 @@
+"""Where outputs live: local folders and `gs://` buckets through one path type.
+
+Every path that names a workdir, a checkpoint, an export or an evaluation
+output is an `etils.epath.Path` (what Orbax uses too): local paths go to the
+OS, `gs://` to fsspec's `gcsfs`. The few operations where object storage
+differs from a disk are here, with the same guarantee on both:
+
+- `write_bytes` / `write_text`: a reader sees the old file or the new one,
+  never a part. On disk: a temporary file beside it, fsync, rename. On GCS an
+  object upload is atomic already (the object appears when the upload is
+  finalised), so it is written in place.
+- `AppendFile`: a growing text file (`metrics.jsonl`). GCS objects cannot be
+  appended to: the whole object is uploaded again, at most every
+  `upload_every_s` seconds and on `flush(force=True)` (the trainer forces it
+  at every checkpoint, so the rows up to a checkpoint are in the bucket
+  before it).
+- `rename_tree`: one `rename` on disk; copy then delete on GCS (not atomic:
+  used only to move an unreadable checkpoint aside).
+- `file_listing`: the files under a folder with their sizes (and GCS's CRC32C
+  from the listing, so verifying a checkpoint in a bucket needs no download).
+- `check_writable`: a bucket that does not exist, or cannot be reached or
+  written with the credentials at hand, is named before anything compiles.
+
+Inputs (the data folder, ArrayRecord files, the vocab) stay on local disk or
+on a mounted bucket: `require_local` says so for a `gs://` input.
+
+Tests point the clients at a local emulator through their documented
+endpoint settings (`STORAGE_EMULATOR_HOST` for gcsfs,
+`TENSORSTORE_GCS_HTTP_URL` for Orbax's tensorstore); nothing here knows.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pathlib
+import threading
+import time
+import uuid
+from typing import Iterator, Union
+
+from etils import epath
+
+Path = epath.Path
+PathLike = Union[str, os.PathLike]
+
+REMOTE_PREFIXES = ('gs://',)
+# How long `check_writable` waits for a bucket to answer (gcsfs retries a refused connection for
+# about a minute before it gives up).
+REACH_TIMEOUT_S = float(os.environ.get('CAPTURE_STORAGE_TIMEOUT_S', '120'))
+
+
+def _no_listing_cache() -> None:
+  """gcsfs caches folder listings for the life of the process by default; other processes (the
+  other hosts of a pod, a resumed run) and tensorstore (Orbax's arrays) write objects it does not
+  see, so a cached listing would miss checkpoints and shards. Listings are read fresh."""
+  import fsspec.config  # pylint: disable=import-outside-toplevel
+
+  for protocol in ('gs', 'gcs'):
+    fsspec.config.conf.setdefault(protocol, {}).setdefault('use_listings_cache', False)
+
+
+_no_listing_cache()
+
+
+class StorageError(RuntimeError):
+  """An output location that cannot be used (no such bucket, no access, unreachable)."""
+
+
+def as_path(path: PathLike) -> epath.Path:
+  return epath.Path(path)
+
+
+def absolute(path: PathLike) -> epath.Path:
+  """`path` made absolute (a `gs://` path is already; epath's `absolute()` would prepend the
+  working directory to it)."""
+  return as_path(path) if is_remote(path) else as_path(os.path.abspath(path))
+
+
+def is_remote(path: PathLike) -> bool:
+  """Whether `path` is in object storage (`gs://...`), where there is no rename, append or flock."""
+  return str(path).startswith(REMOTE_PREFIXES)
+
+
+def require_local(path: PathLike, what: str) -> pathlib.Path:
+  """`path` as a local path; a `gs://` input is refused with what to do instead."""
+  if is_remote(path):
+    raise ValueError(
+        f'{what}={path}: inputs are read from local disk (ArrayRecord and the region-feature '
+        'readers open local files). Copy them to the host (gcloud storage cp -r) or mount the '
+        'bucket (gcsfuse) and pass the local path; outputs (--workdir, --out) can be gs://.'
+    )
+  return pathlib.Path(path)
+
+
+def _filesystem(path: PathLike):
+  import fsspec  # pylint: disable=import-outside-toplevel
+
+  return fsspec.filesystem(str(path).split('://', 1)[0])
+
+
+def _bucket(path: PathLike) -> str:
+  return str(path).split('://', 1)[1].split('/', 1)[0]
+
+
+# --------------------------------------------------------------------------
+# Reachability.
+
+
+def check_writable(path: PathLike, timeout_s: float | None = None) -> None:
+  """Raises StorageError naming `path` when it is in a bucket that does not exist, cannot be
+  reached within `timeout_s` (default `$CAPTURE_STORAGE_TIMEOUT_S`, 120 s), or cannot be written
+  (a small probe object is written and deleted). Local paths pass (their folders are created
+  when written)."""
+  if not is_remote(path):
+    return
+  timeout_s = REACH_TIMEOUT_S if timeout_s is None else timeout_s
+  bucket = f'gs://{_bucket(path)}'
+
+  def probe() -> None:
+    fs = _filesystem(path)
+    if not fs.exists(bucket):
+      raise StorageError(
+          f'{path}: the bucket {bucket} does not exist (or these credentials cannot see it); '
+          'create it (gcloud storage buckets create) or fix --workdir/--out'
+      )
+    name = str(as_path(path) / f'.write-probe-{uuid.uuid4().hex}')
+    fs.pipe_file(name, b'')
+    fs.rm_file(name)
+
+  # A daemon thread: a probe stuck on a silent endpoint must not keep the process alive after
+  # the error is reported.
+  outcome: list[BaseException | None] = []
+  thread = threading.Thread(target=lambda: outcome.append(_capture(probe)), daemon=True)
+  thread.start()
+  thread.join(timeout_s)
+  if not outcome:
+    raise StorageError(
+        f'{path}: no answer from Google Cloud Storage within {timeout_s:.0f} s (network, '
+        'endpoint or credentials; $CAPTURE_STORAGE_TIMEOUT_S sets the wait); nothing was started'
+    )
+  error = outcome[0]
+  if isinstance(error, StorageError):
+    raise error
+  if error is not None:
+    raise StorageError(
+        f'{path} cannot be written ({type(error).__name__}: {str(error)[:300]}); check the '
+        'bucket, its permissions and the credentials (gcloud auth application-default login)'
+    )
+
+
+def _capture(fn) -> BaseException | None:
+  try:
+    fn()
+  except Exception as e:  # pylint: disable=broad-except
+    return e
+  return None
+
+
+# --------------------------------------------------------------------------
+# Whole-file writes.
+
+
+def write_bytes(path: PathLike, data: bytes) -> None:
+  """Writes `data` to `path` so that a reader never sees a partial file."""
+  path = as_path(path)
+  if is_remote(path):
+    path.write_bytes(data)  # one object upload: all or nothing
+    return
+  local = pathlib.Path(path)
+  local.parent.mkdir(parents=True, exist_ok=True)
+  tmp = local.with_name(f'.{local.name}.tmp-{os.getpid()}')
+  try:
+    with open(tmp, 'wb') as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, local)
+  finally:
+    if tmp.exists():
+      tmp.unlink()
+
+
+def write_text(path: PathLike, text: str) -> None:
+  write_bytes(path, text.encode('utf-8'))
+
+
+def read_bytes(path: PathLike) -> bytes:
+  return as_path(path).read_bytes()
+
+
+def open_bytes(path: PathLike) -> io.BytesIO:
+  """The whole file in memory, for readers that seek (zip/npz) on any storage."""
+  return io.BytesIO(read_bytes(path))
+
+
+def temporary_name(path: PathLike) -> str:
+  """The prefix of the temporary files `write_bytes` leaves when killed (removed by cleanups)."""
+  return f'.{as_path(path).name}.tmp-'
+
+
+# --------------------------------------------------------------------------
+# Folders.
+
+
+def makedirs(path: PathLike) -> None:
+  """Creates a local folder (and its parents); GCS has no folders to create."""
+  if not is_remote(path):
+    pathlib.Path(path).mkdir(parents=True, exist_ok=True)
+
+
+def rename_tree(source: PathLike, target: PathLike) -> None:
+  """Moves a folder: `os.rename` on disk, copy and delete on GCS."""
+  if is_remote(source):
+    _filesystem(source).mv(str(source), str(target), recursive=True)
+  else:
+    os.rename(source, target)
+
+
+def file_listing(folder: PathLike) -> dict[str, dict[str, object]]:
+  """Relative POSIX name -> {'bytes': size[, 'crc32c': GCS's checksum]} of every file under
+  `folder` (recursively; empty when it does not exist)."""
+  folder = as_path(folder)
+  if not is_remote(folder):
+    root = pathlib.Path(folder)
+    if not root.is_dir():
+      return {}
+    return {
+        p.relative_to(root).as_posix(): {'bytes': p.stat().st_size}
+        for p in sorted(root.rglob('*'))
+        if p.is_file()
+    }
+  fs = _filesystem(folder)
+  prefix = str(folder).split('://', 1)[1].rstrip('/') + '/'
+  out = {}
+  for name, info in sorted(fs.find(str(folder), detail=True).items()):
+    if info.get('type') == 'directory' or not name.startswith(prefix):
+      continue
+    entry = {'bytes': int(info['size'])}
+    if info.get('crc32c'):
+      entry['crc32c'] = info['crc32c']
+    out[name[len(prefix) :]] = entry
+  return out
+
+
+def iter_files(folder: PathLike) -> Iterator[tuple[str, epath.Path]]:
+  """(relative POSIX name, path) of every file under `folder`."""
+  folder = as_path(folder)
+  for name in file_listing(folder):
+    yield name, folder / name
+
+
+# --------------------------------------------------------------------------
+# A growing text file.
+
+
+class AppendFile:
+  """Appends text lines to `path`; on GCS, uploads the whole file again when flushed.
+
+  `flush()` uploads if `upload_every_s` passed since the last upload (GCS
+  allows about one write per second to one object); `flush(force=True)`
+  always does. On disk every flush is an OS flush, as with `open(path, 'a')`.
+  """
+
+  def __init__(self, path: PathLike, upload_every_s: float = 10.0):
+    self.path = as_path(path)
+    self.remote = is_remote(self.path)
+    self.upload_every_s = upload_every_s
+    if self.remote:
+      self._text = self.path.read_text(encoding='utf-8') if self.path.exists() else ''
+      self._dirty = False
+      self._uploaded = 0.0
+      self._file = None
+    else:
+      makedirs(self.path.parent)
+      self._file = open(self.path, 'a', encoding='utf-8')
+
+  def write(self, text: str) -> None:
+    if self.remote:
+      self._text += text
+      self._dirty = True
+    else:
+      self._file.write(text)
+
+  def flush(self, force: bool = False) -> None:
+    if not self.remote:
+      self._file.flush()
+      return
+    if self._dirty and (force or time.monotonic() - self._uploaded >= self.upload_every_s):
+      write_text(self.path, self._text)
+      self._dirty = False
+      self._uploaded = time.monotonic()
+
+  def close(self) -> None:
+    if self.remote:
+      self.flush(force=True)
+    elif self._file is not None:
+      self._file.close()
+      self._file = None
