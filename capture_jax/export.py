@@ -552,7 +552,9 @@ def export(
   try:
     kind = config.eval.embedding
     out_dir = (
-        storage.as_path(out) if out else default_out_dir(workdir, kind, split, rows, step, planned.proposer)
+        storage.as_path(out)
+        if out
+        else default_out_dir(workdir, kind, split, rows, step, planned.proposer)
     )
     what = 'random initialisation' if step is None else f'checkpoint step {step}'
     checkpoint_id = (

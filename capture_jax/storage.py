@@ -212,7 +212,11 @@ def makedirs(path: PathLike) -> None:
 def rename_tree(source: PathLike, target: PathLike) -> None:
   """Moves a folder: `os.rename` on disk, copy and delete on GCS."""
   if is_remote(source):
-    _filesystem(source).mv(str(source), str(target), recursive=True)
+    # Copy then delete (gcsfs's own `mv` first tries the object-move API of hierarchical
+    # buckets and retries for half a minute where there is none).
+    fs = _filesystem(source)
+    fs.copy(str(source), str(target), recursive=True)
+    fs.rm(str(source), recursive=True)
   else:
     os.rename(source, target)
 

@@ -226,7 +226,9 @@ def _run_locked(
     manager.close()
 
 
-def _train(config, workdir: storage.Path, mesh, stop_after_steps, manager, closers: list) -> RunResult:
+def _train(
+    config, workdir: storage.Path, mesh, stop_after_steps, manager, closers: list
+) -> RunResult:
   """Restore or initialise, compile, and the loop; `closers` collects what `_run_locked` closes
   however the run ends."""
   is_main = distributed.is_main_process()

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Runs the same trainer command on every worker (host) of a Cloud TPU VM pod
-# slice, one process per host; JAX finds the other workers from the TPU
-# metadata (capture_jax.training.distributed, CAPTURE_CLUSTER=tpu).
+# Runs the same command (the trainer by default) on every worker (host) of a
+# Cloud TPU VM pod slice, one process per host; JAX finds the other workers
+# from the TPU metadata (capture_jax.training.distributed, CAPTURE_CLUSTER=tpu).
 #
 # Usage:
 #   TPU_NAME=capture-v4-32 ZONE=us-central2-b launch/tpu_pod.sh \
@@ -9,18 +9,25 @@
 #   TPU_NAME=capture-v4-32 ZONE=us-central2-b PROJECT=my-project SYNC=1 SETUP='pip install -e .' \
 #       launch/tpu_pod.sh --config=configs/capture_paper.py --workdir=gs://BUCKET/capture/paper \
 #       --config.data.batch_size=4096 --config.mesh.fsdp=8
+#   TPU_NAME=capture-v4-32 ZONE=us-central2-b MODULE=capture_jax.evaluate launch/tpu_pod.sh \
+#       --config=configs/capture_paper.py --workdir=gs://BUCKET/capture/paper --split=dev
 #
 # Environment:
 #   TPU_NAME, ZONE   the TPU VM (required)
 #   PROJECT          gcloud project (default: gcloud's)
 #   REMOTE_DIR       the checkout on every worker, relative to the home directory (default capture_jax)
 #   PYTHON           the interpreter on the workers (default python3)
+#   MODULE           the command to run: capture_jax.train (default), capture_jax.export,
+#                    capture_jax.evaluate, or capture_jax.instances (then the first argument
+#                    is train or propose)
 #   SETUP            a command run in REMOTE_DIR on every worker before training (e.g. 'pip install -e .')
 #   SYNC=1           first copy this checkout (tracked and untracked, not ignored, files) to every worker
 #   DRY_RUN=1        print the gcloud commands instead of running them
 #
 # The workdir must be storage that every worker reaches (gs://...): every
-# worker writes its share of each checkpoint, and process 0 writes the logs.
+# worker writes its share of each checkpoint, and process 0 writes the logs,
+# exports and reports. The input data (--config.data.*) is read from each
+# worker's local disk or a gcsfuse mount, never from gs:// directly.
 set -euo pipefail
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//' >&2; }
@@ -31,6 +38,7 @@ if [[ -z "${TPU_NAME:-}" || -z "${ZONE:-}" || $# -eq 0 ]]; then
 fi
 REMOTE_DIR=${REMOTE_DIR:-capture_jax}
 PYTHON=${PYTHON:-python3}
+MODULE=${MODULE:-capture_jax.train}
 gcloud_args=(compute tpus tpu-vm)
 where=(--zone="$ZONE" --worker=all)
 [[ -n "${PROJECT:-}" ]] && where+=(--project="$PROJECT")
@@ -57,5 +65,5 @@ fi
 # The same command on every worker; arguments are quoted for the remote shell.
 remote="cd $(printf '%q' "$REMOTE_DIR")"
 [[ -n "${SETUP:-}" ]] && remote+=" && $SETUP"
-remote+=" && CAPTURE_CLUSTER=tpu $(printf '%q' "$PYTHON") -m capture_jax.train$(printf ' %q' "$@")"
+remote+=" && CAPTURE_CLUSTER=tpu $(printf '%q' "$PYTHON") -m $(printf '%q' "$MODULE")$(printf ' %q' "$@")"
 run gcloud "${gcloud_args[@]}" ssh "$TPU_NAME" "${where[@]}" --command="$remote"

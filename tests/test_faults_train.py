@@ -62,8 +62,8 @@ def flip_a_byte(path: Path) -> None:
   path.write_bytes(bytes(data))
 
 
-def largest_file(folder: Path) -> Path:
-  return max((p for p in folder.rglob('*') if p.is_file()), key=lambda p: p.stat().st_size)
+def largest_file(folder) -> Path:
+  return max((p for p in Path(folder).rglob('*') if p.is_file()), key=lambda p: p.stat().st_size)
 
 
 # --------------------------------------------------------------------------

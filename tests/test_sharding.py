@@ -627,6 +627,20 @@ def test_tpu_pod_script_runs_the_same_command_on_every_worker(tmp_path):
       check=True,
   ).stdout.splitlines()
   assert echoed == args
+  # The other commands (export, evaluate, the proposer) run the same way.
+  env['MODULE'] = 'capture_jax.evaluate'
+  proc = subprocess.run(
+      [str(LAUNCH / 'tpu_pod.sh'), '--workdir=gs://b/run', '--split=dev'],
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=60,
+  )
+  assert proc.returncode == 0, proc.stderr
+  command = next(a for a in json.loads(out.read_text()) if a.startswith('--command='))
+  assert command.endswith(
+      'CAPTURE_CLUSTER=tpu python3 -m capture_jax.evaluate --workdir=gs://b/run --split=dev'
+  )
   usage = subprocess.run(
       [str(LAUNCH / 'tpu_pod.sh')], env=_launch_env(), capture_output=True, text=True
   )
@@ -634,6 +648,54 @@ def test_tpu_pod_script_runs_the_same_command_on_every_worker(tmp_path):
       usage.returncode == 2
       and 'TPU_NAME=capture-v4-32 ZONE=us-central2-b launch/tpu_pod.sh' in usage.stderr
   )
+
+
+def test_readme_tpu_commands_run_as_written_through_the_pod_script(tmp_path):
+  """The README's TPU block, run by bash with a recording `gcloud`: the pod script turns it into
+  one ssh per command, each running the named module with exactly the README's arguments."""
+  readme = (REPO / 'README.md').read_text()
+  section = readme[readme.index('### Workdirs in a bucket') :]
+  block = section[section.index('    gcloud storage buckets create') :]
+  lines = []
+  for line in block.splitlines():
+    if not line.startswith('    '):
+      break
+    lines.append(line[4:])
+  bin_dir = tmp_path / 'bin'
+  bin_dir.mkdir()
+  calls = tmp_path / 'gcloud.jsonl'
+  _write_exe(
+      bin_dir / 'gcloud',
+      '#!/usr/bin/env python3\nimport json, os, sys\n'
+      'open(os.environ["FAKE_OUT"], "a").write(json.dumps(sys.argv[1:]) + "\\n")\n',
+  )
+  env = _launch_env(PATH=f'{bin_dir}:{os.environ["PATH"]}', FAKE_OUT=str(calls))
+  del env['PYTHON']
+  script = '\n'.join(['set -euo pipefail', f'cd {REPO}', *lines])
+  proc = subprocess.run(['bash', '-c', script], env=env, capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 0, proc.stderr
+  recorded = [json.loads(l) for l in calls.read_text().splitlines()]
+  ssh = [
+      c for c in recorded if c[:4] == ['compute', 'tpus', 'tpu-vm', 'ssh'] and '--worker=all' in c
+  ]
+  remote = [next(a for a in c if a.startswith('--command='))[len('--command=') :] for c in ssh]
+  runs = [r for r in remote if ' -m capture_jax.' in r]
+  data = (
+      '--config.data.data_dir=../product1m/data --config.data.tfds_dir=../product1m/tfds '
+      '--config.data.vocab_file=../product1m/vocab.txt'
+  )
+  workdir = '--config=configs/capture_paper.py --workdir=gs://BUCKET/capture/paper'
+  assert [r.split(' -m ', 1)[1] for r in runs] == [
+      f'capture_jax.train {workdir} {data}',
+      f'capture_jax.instances train {workdir} {data}',
+      f'capture_jax.evaluate {workdir} --split=dev {data}',
+  ]
+  assert 'pip install' in runs[0] and 'gcloud storage cp -r gs://BUCKET/product1m ..' in runs[0]
+  assert any(c[:4] == ['compute', 'tpus', 'tpu-vm', 'scp'] for c in recorded)  # SYNC=1
+  # Every module and flag the README uses exists.
+  for module in ('train', 'export', 'evaluate'):
+    assert (REPO / 'capture_jax' / f'{module}.py').is_file()
+  assert (REPO / 'capture_jax' / 'instances' / '__main__.py').is_file()
 
 
 # ----------------------------------------------------------------------------

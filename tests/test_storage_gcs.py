@@ -25,6 +25,7 @@ import pytest
 
 from capture_jax import evaluate
 from capture_jax import export
+from capture_jax import instances
 from capture_jax import storage
 from capture_jax import train
 from capture_jax.data import source as source_lib
@@ -225,7 +226,13 @@ def test_lock_in_a_bucket_refuses_a_second_writer_and_takes_over_a_dead_one(gcs,
 
   lock_path = storage.as_path(folder + '/train.lock')
   # A holder on another host whose heartbeat stopped long ago (a preempted VM).
-  stale = {'host': 'other-vm', 'pid': 1, 'started': 0, 'heartbeat': time.time() - 3600, 'token': 'x'}
+  stale = {
+      'host': 'other-vm',
+      'pid': 1,
+      'started': 0,
+      'heartbeat': time.time() - 3600,
+      'token': 'x',
+  }
   storage.write_text(lock_path, json.dumps(stale))
   with lock_lib.FolderLock(folder, 'train.lock', 'trainer', enabled=True):
     assert json.loads(lock_path.read_text())['pid'] == os.getpid()
@@ -262,7 +269,9 @@ def finalized_steps(workdir: str) -> list[int]:
   if not folder.exists():
     return []
   return sorted(
-      int(p.name) for p in folder.iterdir() if p.name.isdigit() and (p / 'commit_success.txt').exists()
+      int(p.name)
+      for p in folder.iterdir()
+      if p.name.isdigit() and (p / 'commit_success.txt').exists()
   )
 
 
@@ -317,23 +326,50 @@ def test_train_sigterm_resume_export_evaluate_in_a_bucket(gcs, config, tmp_path)
   assert checkpoint_lib.checksum_problems(last) == []
   assert not (root / train.LOCK_FILE).exists()
 
-  # 3. Export a split into the bucket; a second call reuses it.
-  result = export.export(config, workdir, 'gallery')
-  assert str(result.out_dir).startswith(workdir) and len(result.written) == result.metadata['num_shards']
-  assert export.export(config, workdir, 'gallery').reused
-
-  # 4. Evaluate; the report is read back from the bucket and equals a local evaluation of the
-  # local uninterrupted run.
+  # 3. Train the instance proposer into the bucket (and the same one locally).
   cfg = config.copy_and_resolve_references()
-  cfg.eval.baselines = False
+  cfg.instances.update(
+      hidden_size=16, num_layers=1, num_heads=2, batch_size=4, num_steps=4, checkpoint_every=2
+  )
+  cfg.eval.update(baselines=False, instances='learned')
+  assert instances.train(cfg, workdir).step == 4
+  assert instances.train(cfg, tmp_path / 'straight').step == 4
+  assert instances.latest_proposer_step(workdir) == 4
+  assert not (root / 'instances' / instances.trainer.LOCK_FILE).exists()
+
+  # 4. Export a split into the bucket; a second call reuses it.
+  result = export.export(cfg, workdir, 'gallery')
+  assert str(result.out_dir).startswith(workdir)
+  assert len(result.written) == result.metadata['num_shards']
+  assert export.export(cfg, workdir, 'gallery').reused
+
+  # 5. Evaluate with the learned proposals; the report is read back from the bucket and equals
+  # a local evaluation of the local uninterrupted run.
   remote = evaluate.evaluate(cfg, workdir, 'dev')
   out_dir = root / 'eval_dev'
   assert remote.out_dir == out_dir
   report = (out_dir / 'report.md').read_text()
-  assert 'Official Product1M metrics' in report
+  assert 'Official Product1M metrics' in report and 'learned proposals' in report
   saved = json.loads((out_dir / 'metrics.json').read_text())
   assert saved == json.loads(json.dumps(remote.metrics))
   assert (out_dir / 'metrics.png').read_bytes()[:4] == b'\x89PNG'
   assert (out_dir / 'retrieval_id_list.txt').read_text().count('\n') > 0
   local = evaluate.evaluate(cfg, tmp_path / 'straight', 'dev')
   assert local.metrics == remote.metrics
+
+  # 6. A checkpoint object replaced in the bucket (same size, other bytes: GCS's CRC32C differs)
+  # is moved aside and the run resumes from the previous step, to the same parameters.
+  state_files = {
+      n: e for n, e in storage.file_listing(last).items() if n.startswith('state/') and e['bytes']
+  }
+  victim = max(state_files, key=lambda n: state_files[n]['bytes'])
+  data = bytearray((last / victim).read_bytes())
+  data[len(data) // 2] ^= 0xFF
+  storage.write_bytes(last / victim, bytes(data))
+  again = train.run(config, workdir)
+  assert int(again.state.step) == config.train.num_steps
+  for a, b in zip(jax.tree.leaves(straight.state.params), jax.tree.leaves(again.state.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  moved = checkpoint_lib.corrupt_checkpoints(workdir)
+  assert [p.name.split('-')[1] for p in moved] == [str(config.train.num_steps)]
+  assert victim in storage.file_listing(moved[0])  # kept for inspection

@@ -60,7 +60,7 @@ def test_exact_resume_is_bitwise_identical(dataset_config, tmp_path):
   ckpts = checkpoint_lib.checkpoint_dir(tmp_path / 'resumed')
   steps = sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
   assert steps[-1] == 6 and 4 in steps
-  for f in (ckpts / '6' / 'state').rglob('*'):
+  for f in Path(ckpts / '6' / 'state').rglob('*'):
     if f.is_file():
       f.write_bytes(b'garbage')
   again = train.run(dataset_config, tmp_path / 'resumed', stop_after_steps=1)

@@ -151,7 +151,13 @@ class Product1MSource:
     return f'Product1MSource({self.name}, split={self.split!r}, {len(self)} records)'
 
 
-INPUT_PATH_FIELDS = ('data.data_dir', 'data.features', 'data.tfds_dir', 'data.vocab_file', 'train.init_path')
+INPUT_PATH_FIELDS = (
+    'data.data_dir',
+    'data.features',
+    'data.tfds_dir',
+    'data.vocab_file',
+    'train.init_path',
+)
 
 
 def require_local_inputs(config: ml_collections.ConfigDict) -> None:

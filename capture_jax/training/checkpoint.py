@@ -63,7 +63,9 @@ def checkpoint_dir(workdir: storage.PathLike) -> storage.Path:
   return storage.as_path(workdir) / 'checkpoints'
 
 
-def make_manager(workdir: storage.PathLike, ckpt_cfg: ml_collections.ConfigDict) -> ocp.CheckpointManager:
+def make_manager(
+    workdir: storage.PathLike, ckpt_cfg: ml_collections.ConfigDict
+) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
       save_interval_steps=ckpt_cfg.every_steps,
       max_to_keep=ckpt_cfg.keep_last,
@@ -72,7 +74,9 @@ def make_manager(workdir: storage.PathLike, ckpt_cfg: ml_collections.ConfigDict)
       create=True,
   )
   return ocp.CheckpointManager(
-      storage.absolute(checkpoint_dir(workdir)), options=options, item_names=('state', 'data', 'config')
+      storage.absolute(checkpoint_dir(workdir)),
+      options=options,
+      item_names=('state', 'data', 'config'),
   )
 
 
@@ -309,7 +313,10 @@ def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
 
 def move_aside(manager: ocp.CheckpointManager, step: int) -> storage.Path:
   """Renames a step's folder to `corrupt-{step}-{time}` (process 0) and reloads the manager."""
-  target = storage.as_path(manager.directory) / f'{CORRUPT_PREFIX}{step}-{time.strftime("%Y%m%dT%H%M%S")}'
+  target = (
+      storage.as_path(manager.directory)
+      / f'{CORRUPT_PREFIX}{step}-{time.strftime("%Y%m%dT%H%M%S")}'
+  )
   if jax.process_index() == 0:
     storage.rename_tree(step_dir(manager, step), target)
   if jax.process_count() > 1:
