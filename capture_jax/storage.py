@@ -68,6 +68,10 @@ class StorageError(RuntimeError):
 
 
 def as_path(path: PathLike) -> epath.Path:
+  text = os.fspath(path)
+  if text.startswith('gs:/') and not text.startswith('gs://'):
+    # What pathlib makes of 'gs://b/x': written as is, it would become a local folder 'gs:'.
+    raise ValueError(f'{text!r}: a gs:// path that went through pathlib; pass it as a string')
   return epath.Path(path)
 
 
@@ -118,14 +122,17 @@ def check_writable(path: PathLike, timeout_s: float | None = None) -> None:
   bucket = f'gs://{_bucket(path)}'
 
   def probe() -> None:
+    # A probe object written and deleted: needs only object permissions (checking the bucket
+    # itself would need storage.buckets.get, which a writer may lack).
     fs = _filesystem(path)
-    if not fs.exists(bucket):
+    name = str(as_path(path) / f'.write-probe-{uuid.uuid4().hex}')
+    try:
+      fs.pipe_file(name, b'')
+    except FileNotFoundError:
       raise StorageError(
           f'{path}: the bucket {bucket} does not exist (or these credentials cannot see it); '
           'create it (gcloud storage buckets create) or fix --workdir/--out'
-      )
-    name = str(as_path(path) / f'.write-probe-{uuid.uuid4().hex}')
-    fs.pipe_file(name, b'')
+      ) from None
     fs.rm_file(name)
 
   # A daemon thread: a probe stuck on a silent endpoint must not keep the process alive after
@@ -291,7 +298,18 @@ class AppendFile:
       self._file.flush()
       return
     if self._dirty and (force or time.monotonic() - self._uploaded >= self.upload_every_s):
-      write_text(self.path, self._text)
+      try:
+        write_text(self.path, self._text)
+      except Exception as e:  # pylint: disable=broad-except
+        if force:
+          raise
+        # A periodic upload that fails is retried at the next flush (the rows stay in memory);
+        # only the forced one before a checkpoint must succeed.
+        print(
+            f'WARNING: could not upload {self.path} ({type(e).__name__}: {e}); retrying', flush=True
+        )
+        self._uploaded = time.monotonic()
+        return
       self._dirty = False
       self._uploaded = time.monotonic()
 

@@ -199,6 +199,12 @@ def run(
   mesh = sharding.make_mesh(config.mesh, devices)
   validate_config(config, mesh)
   source_lib.require_local_inputs(config)
+  if storage.is_remote(workdir) and config.train.profile_start_step >= 0:
+    raise ValueError(
+        f'train.profile_start_step={config.train.profile_start_step}: the profiler trace is '
+        f'written through JAX profiler to local disk, and --workdir={workdir} is a bucket; '
+        'profile a run with a local --workdir'
+    )
   # A bucket that is missing or unreachable is named now, not after compiling.
   storage.check_writable(workdir)
   # One trainer per workdir (process 0 holds the lock for the whole run).

@@ -21,6 +21,8 @@
 #                    capture_jax.evaluate, or capture_jax.instances (then the first argument
 #                    is train or propose)
 #   SETUP            a command run in REMOTE_DIR on every worker before training (e.g. 'pip install -e .')
+#   WORKER           the workers to run on (default all; 0 for a one-host command such as
+#                    MODULE=capture_jax.instances train, whose small model trains on one host)
 #   SYNC=1           first copy this checkout (tracked and untracked, not ignored, files) to every worker
 #   DRY_RUN=1        print the gcloud commands instead of running them
 #
@@ -40,7 +42,7 @@ REMOTE_DIR=${REMOTE_DIR:-capture_jax}
 PYTHON=${PYTHON:-python3}
 MODULE=${MODULE:-capture_jax.train}
 gcloud_args=(compute tpus tpu-vm)
-where=(--zone="$ZONE" --worker=all)
+where=(--zone="$ZONE" --worker="${WORKER:-all}")
 [[ -n "${PROJECT:-}" ]] && where+=(--project="$PROJECT")
 
 run() {

@@ -675,9 +675,7 @@ def test_readme_tpu_commands_run_as_written_through_the_pod_script(tmp_path):
   proc = subprocess.run(['bash', '-c', script], env=env, capture_output=True, text=True, timeout=60)
   assert proc.returncode == 0, proc.stderr
   recorded = [json.loads(l) for l in calls.read_text().splitlines()]
-  ssh = [
-      c for c in recorded if c[:4] == ['compute', 'tpus', 'tpu-vm', 'ssh'] and '--worker=all' in c
-  ]
+  ssh = [c for c in recorded if c[:4] == ['compute', 'tpus', 'tpu-vm', 'ssh']]
   remote = [next(a for a in c if a.startswith('--command='))[len('--command=') :] for c in ssh]
   runs = [r for r in remote if ' -m capture_jax.' in r]
   data = (
@@ -690,6 +688,8 @@ def test_readme_tpu_commands_run_as_written_through_the_pod_script(tmp_path):
       f'capture_jax.instances train {workdir} {data}',
       f'capture_jax.evaluate {workdir} --split=dev {data}',
   ]
+  workers = [next(a for a in c if a.startswith('--worker=')) for c in ssh if ' -m ' in str(c)]
+  assert workers == ['--worker=all', '--worker=0', '--worker=all']
   assert 'pip install' in runs[0] and 'gcloud storage cp -r gs://BUCKET/product1m ..' in runs[0]
   assert any(c[:4] == ['compute', 'tpus', 'tpu-vm', 'scp'] for c in recorded)  # SYNC=1
   # Every module and flag the README uses exists.

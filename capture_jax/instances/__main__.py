@@ -15,6 +15,7 @@ quality table when the data folder has an instance sidecar.
 from __future__ import annotations
 
 import json
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -49,9 +50,16 @@ def main() -> None:
     # Imported here: --help stays fast and JAX starts only for a command.
     from capture_jax import instances  # pylint: disable=import-outside-toplevel
 
+    from capture_jax import storage  # pylint: disable=import-outside-toplevel
+    from capture_jax.training import lock  # pylint: disable=import-outside-toplevel
+
     config = config_flag.value
     if argv[1] == 'train':
-      result = instances.train(config, workdir_flag.value, stop_after=stop_flag.value)
+      try:
+        result = instances.train(config, workdir_flag.value, stop_after=stop_flag.value)
+      except (ValueError, FileNotFoundError, lock.LockedError, storage.StorageError) as e:
+        print(f'error: {e}', file=sys.stderr, flush=True)  # refused: one line, exit status 1
+        sys.exit(1)
       print(
           f'proposer at step {result.step} in {instances.checkpoint_dir(workdir_flag.value)}: '
           + json.dumps({k: round(v, 4) for k, v in result.metrics.items()}),

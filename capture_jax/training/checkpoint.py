@@ -25,6 +25,7 @@ checkpoints existed but none is readable, starting from scratch needs
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import time
@@ -113,6 +114,17 @@ def _sha256(path: storage.Path) -> str:
     return hashlib.file_digest(f, 'sha256').hexdigest()
 
 
+def _crc32c(path: storage.Path) -> str:
+  """GCS's checksum of a file: base64 of the big-endian CRC32C."""
+  import google_crc32c  # pylint: disable=import-outside-toplevel  (installed with gcsfs)
+
+  checksum = google_crc32c.Checksum()
+  with path.open('rb') as f:
+    for chunk in iter(lambda: f.read(1 << 20), b''):
+      checksum.update(chunk)
+  return base64.b64encode(checksum.digest()).decode('ascii')
+
+
 def _file_digests(folder: storage.Path, like: dict[str, dict] | None = None) -> dict[str, dict]:
   """Name -> {'bytes', 'sha256'} (on disk) or {'bytes', 'crc32c'} (GCS, from the listing) of the
   files of a step. With `like` (a manifest), a file is hashed the way the manifest hashed it
@@ -124,6 +136,8 @@ def _file_digests(folder: storage.Path, like: dict[str, dict] | None = None) -> 
     want = (like or {}).get(name, {})
     if 'crc32c' in entry and 'sha256' not in want:
       digests[name] = entry
+    elif 'crc32c' in want and 'sha256' not in want:  # made in a bucket, checked on disk
+      digests[name] = {'bytes': entry['bytes'], 'crc32c': _crc32c(folder / name)}
     else:
       digests[name] = {'bytes': entry['bytes'], 'sha256': _sha256(folder / name)}
   return digests
