@@ -238,6 +238,10 @@ def test_inputs_in_a_bucket_are_refused_with_what_to_do(config):
     source_lib.require_local_inputs(cfg)
   with pytest.raises(ValueError, match=r'data.tfds_dir=gs://'):
     train.run(cfg, gs('never'))
+  profiled = config.copy_and_resolve_references()
+  profiled.train.profile_start_step = 0
+  with pytest.raises(ValueError, match=r'profiler trace is written .* to local disk'):
+    train.run(profiled, gs('never'))
 
 
 # --------------------------------------------------------------------------
