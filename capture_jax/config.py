@@ -189,7 +189,8 @@ def eval_config() -> ml_collections.ConfigDict:
   """Embedding export and retrieval evaluation (`capture_jax.export`, `capture_jax.evaluate`)."""
   e = ml_collections.ConfigDict()
   # 'fused' (L2-normalised [text ; visual] final pooled vectors), 'text', 'visual',
-  # or 'encoder' (the encoder poolers, fused the same way).
+  # 'encoder' (the encoder poolers, fused the same way) or 'encoder_t25' (the encoder
+  # poolers, text at a quarter of the cosine; see evaluation/embeddings.py).
   e.embedding = 'fused'
   # Ranked lists written to retrieval_id_list.txt: 'whole' (the whole-sample
   # query), 'instances' (one query per product instance, merged round-robin) or

@@ -8,9 +8,15 @@ Embedding kinds (`config.eval.embedding`), all L2-normalised rows:
 | `text` | `l2n(pooled_text)` | bi |
 | `visual` | `l2n(pooled_visual)` | bi |
 | `encoder` | `l2n([l2n(enc_pooled_text) ; l2n(enc_pooled_visual)])` | 2 x bi |
+| `encoder_t25` | `[0.5 l2n(enc_pooled_text) ; sqrt(0.75) l2n(enc_pooled_visual)]` | 2 x bi |
 
 (bi = `model.bi_hidden_size`.) Normalising each half before concatenating
 gives the two modalities equal weight in the cosine whatever their scales.
+`encoder_t25` weights them instead: its cosine is 0.25 x the text poolers'
+cosine + 0.75 x the visual poolers'. It is for titles unlike the training
+captions (the real dev titles beside synthetic training titles), where the
+text pooler alone retrieves far worse than the visual one; the weight was
+chosen on that world's dev split (docs/BENCHMARKS.md, "Real titles (issue 10)").
 
 An export is one folder::
 
@@ -56,7 +62,9 @@ from capture_jax.models import CaptureModel
 from capture_jax.training import sharding
 from capture_jax.training import state as state_lib
 
-EMBEDDING_KINDS = ('fused', 'text', 'visual', 'encoder')
+EMBEDDING_KINDS = ('fused', 'text', 'visual', 'encoder', 'encoder_t25')
+# `encoder_t25`: the text poolers' share of the cosine (see the module docstring).
+ENCODER_T25_TEXT_WEIGHT = 0.25
 ROW_KINDS = ('samples', 'instances')  # one row per sample, or one per product instance
 METADATA_FILE = 'metadata.json'
 FORMAT_VERSION = 1
@@ -87,7 +95,7 @@ IDENTITY_FIELDS = (
 def embedding_dim(model_cfg: ml_collections.ConfigDict, kind: str) -> int:
   """Width of the `kind` embedding of a model."""
   check_kind(kind)
-  return model_cfg.bi_hidden_size * (2 if kind in ('fused', 'encoder') else 1)
+  return model_cfg.bi_hidden_size * (2 if kind in ('fused', 'encoder', 'encoder_t25') else 1)
 
 
 def check_kind(kind: str) -> None:
@@ -102,6 +110,15 @@ def embed_outputs(outputs: Mapping[str, jax.Array], kind: str) -> jax.Array:
     return l2_normalize(outputs['pooled_text'])
   if kind == 'visual':
     return l2_normalize(outputs['pooled_visual'])
+  if kind == 'encoder_t25':
+    w = ENCODER_T25_TEXT_WEIGHT
+    return jnp.concatenate(
+        [
+            w**0.5 * l2_normalize(outputs['enc_pooled_text']),
+            (1 - w) ** 0.5 * l2_normalize(outputs['enc_pooled_visual']),
+        ],
+        axis=-1,
+    )
   prefix = 'enc_' if kind == 'encoder' else ''
   return l2_normalize(
       jnp.concatenate(
