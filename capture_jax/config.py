@@ -189,9 +189,11 @@ def eval_config() -> ml_collections.ConfigDict:
   """Embedding export and retrieval evaluation (`capture_jax.export`, `capture_jax.evaluate`)."""
   e = ml_collections.ConfigDict()
   # 'fused' (L2-normalised [text ; visual] final pooled vectors), 'text', 'visual',
-  # 'encoder' (the encoder poolers, fused the same way) or 'encoder_t25' (the encoder
-  # poolers, text at a quarter of the cosine; see evaluation/embeddings.py).
+  # or 'encoder' (the encoder poolers, fused the same way).
   e.embedding = 'fused'
+  # `encoder` only: the text poolers' share of the cosine (0.5: text and visual equally; see
+  # evaluation/embeddings.py). Lower it for titles unlike the training captions.
+  e.encoder_text_weight = 0.5
   # Ranked lists written to retrieval_id_list.txt: 'whole' (the whole-sample
   # query), 'instances' (one query per product instance, merged round-robin) or
   # 'both' (the whole-sample list first, then the instances); all three are reported.

@@ -221,6 +221,7 @@ def export_plan(
       'split': split,
       'rows': rows,
       'kind': kind,
+      'text_weight': emb_lib.text_weight(config, kind),
       'dimension': emb_lib.embedding_dim(config.model, kind),
       'weights': 'random_init' if checkpoint_step is None else 'checkpoint',
       'checkpoint_step': checkpoint_step,

@@ -141,6 +141,24 @@ def test_exported_embeddings_equal_a_direct_model_apply(trained, tmp_path):
     got = np.asarray(emb_lib.embed_outputs(outputs, kind))
     assert got.shape[1] == emb_lib.embedding_dim(cfg.model, kind)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=kind)
+  # The encoder rows with the text poolers at a quarter of the cosine: the cosine of two rows
+  # is 0.25 x the text poolers' cosine + 0.75 x the visual poolers'.
+  weighted = np.asarray(emb_lib.embed_outputs(outputs, 'encoder', 0.25))
+  t, v = l2n(outputs['enc_pooled_text']), l2n(outputs['enc_pooled_visual'])
+  np.testing.assert_allclose(
+      weighted @ weighted.T, 0.25 * t @ t.T + 0.75 * v @ v.T, rtol=1e-5, atol=1e-5
+  )
+  np.testing.assert_allclose(np.linalg.norm(weighted, axis=1), 1.0, rtol=1e-5)
+  # An export records that weight: one of another weight is not reused, nor searched with it.
+  enc = copy_config(cfg, embedding='encoder')
+  quarter = copy_config(cfg, embedding='encoder', encoder_text_weight=0.25)
+  a = export.export_plan(enc, 'dev', 'samples', 'encoder', 2, 16)
+  b = export.export_plan(quarter, 'dev', 'samples', 'encoder', 2, 16)
+  assert a['text_weight'] is None and b['text_weight'] == 0.25
+  assert emb_lib.identity_diffs(a, b) == ['text_weight: None vs 0.25']
+  assert emb_lib.pair_diffs(a, b) == ['text_weight: None vs 0.25']
+  with pytest.raises(ValueError, match=r'encoder_text_weight must be in \[0, 1\], got 1.5'):
+    emb_lib.text_weight(copy_config(cfg, encoder_text_weight=1.5), 'fused')
 
 
 def test_random_weights_are_the_trainers_initialisation(trained):

@@ -8,15 +8,16 @@ Embedding kinds (`config.eval.embedding`), all L2-normalised rows:
 | `text` | `l2n(pooled_text)` | bi |
 | `visual` | `l2n(pooled_visual)` | bi |
 | `encoder` | `l2n([l2n(enc_pooled_text) ; l2n(enc_pooled_visual)])` | 2 x bi |
-| `encoder_t25` | `[0.5 l2n(enc_pooled_text) ; sqrt(0.75) l2n(enc_pooled_visual)]` | 2 x bi |
 
 (bi = `model.bi_hidden_size`.) Normalising each half before concatenating
 gives the two modalities equal weight in the cosine whatever their scales.
-`encoder_t25` weights them instead: its cosine is 0.25 x the text poolers'
-cosine + 0.75 x the visual poolers'. It is for titles unlike the training
-captions (the real dev titles beside synthetic training titles), where the
-text pooler alone retrieves far worse than the visual one; the weight was
-chosen on that world's dev split (docs/BENCHMARKS.md, "Real titles (issue 10)").
+`eval.encoder_text_weight` = w (default 0.5, the equal weight above) makes
+the `encoder` rows `[sqrt(w) l2n(enc_pooled_text) ; sqrt(1 - w)
+l2n(enc_pooled_visual)]`, whose cosine is w x the text poolers' cosine +
+(1 - w) x the visual poolers'. It is for titles unlike the training captions
+(real titles beside a synthetic training set), where the text pooler alone
+retrieves far worse than the visual one (docs/BENCHMARKS.md, "Real titles
+(issue 10)"). An export records a weight other than 0.5 in its identity.
 
 An export is one folder::
 
@@ -62,9 +63,8 @@ from capture_jax.models import CaptureModel
 from capture_jax.training import sharding
 from capture_jax.training import state as state_lib
 
-EMBEDDING_KINDS = ('fused', 'text', 'visual', 'encoder', 'encoder_t25')
-# `encoder_t25`: the text poolers' share of the cosine (see the module docstring).
-ENCODER_T25_TEXT_WEIGHT = 0.25
+EMBEDDING_KINDS = ('fused', 'text', 'visual', 'encoder')
+EQUAL_TEXT_WEIGHT = 0.5  # `eval.encoder_text_weight` of the plain `encoder` rows
 ROW_KINDS = ('samples', 'instances')  # one row per sample, or one per product instance
 METADATA_FILE = 'metadata.json'
 FORMAT_VERSION = 1
@@ -74,6 +74,7 @@ IDENTITY_FIELDS = (
     'split',
     'rows',
     'kind',
+    'text_weight',  # eval.encoder_text_weight when not the equal one (None in older exports)
     'dimension',
     'weights',
     'checkpoint_step',
@@ -95,7 +96,7 @@ IDENTITY_FIELDS = (
 def embedding_dim(model_cfg: ml_collections.ConfigDict, kind: str) -> int:
   """Width of the `kind` embedding of a model."""
   check_kind(kind)
-  return model_cfg.bi_hidden_size * (2 if kind in ('fused', 'encoder', 'encoder_t25') else 1)
+  return model_cfg.bi_hidden_size * (2 if kind in ('fused', 'encoder') else 1)
 
 
 def check_kind(kind: str) -> None:
@@ -103,15 +104,29 @@ def check_kind(kind: str) -> None:
     raise ValueError(f'eval.embedding must be one of {EMBEDDING_KINDS}, got {kind!r}')
 
 
-def embed_outputs(outputs: Mapping[str, jax.Array], kind: str) -> jax.Array:
-  """The model's output dict -> `[B, D]` float32 embeddings of `kind` (see the module docstring)."""
+def text_weight(config: ml_collections.ConfigDict, kind: str) -> float | None:
+  """The text poolers' share of the cosine when it is not the equal one (`encoder` rows only),
+  else None: what an export records in its identity."""
+  w = float(config.eval.get('encoder_text_weight', EQUAL_TEXT_WEIGHT))
+  if not 0.0 <= w <= 1.0:
+    raise ValueError(f'eval.encoder_text_weight must be in [0, 1], got {w}')
+  return None if kind != 'encoder' or w == EQUAL_TEXT_WEIGHT else w
+
+
+def embed_outputs(
+    outputs: Mapping[str, jax.Array], kind: str, text_weight: float | None = None
+) -> jax.Array:
+  """The model's output dict -> `[B, D]` float32 embeddings of `kind` (see the module docstring).
+
+  `text_weight` (`encoder` only; None: the equal weight) is the text poolers' share of the cosine.
+  """
   check_kind(kind)
   if kind == 'text':
     return l2_normalize(outputs['pooled_text'])
   if kind == 'visual':
     return l2_normalize(outputs['pooled_visual'])
-  if kind == 'encoder_t25':
-    w = ENCODER_T25_TEXT_WEIGHT
+  if kind == 'encoder' and text_weight is not None:
+    w = text_weight
     return jnp.concatenate(
         [
             w**0.5 * l2_normalize(outputs['enc_pooled_text']),
@@ -161,6 +176,7 @@ def make_embedder(config: ml_collections.ConfigDict, mesh, kind: str | None = No
 
   kind = kind or config.eval.embedding
   check_kind(kind)
+  weight = text_weight(config, kind)
   batch_size = config.data.eval_batch_size
   problems = sharding.batch_split_problems(batch_size, mesh, 'data.eval_batch_size')
   if problems:
@@ -169,7 +185,7 @@ def make_embedder(config: ml_collections.ConfigDict, mesh, kind: str | None = No
   model = CaptureModel(config.model)
 
   def step(model_params, batch):
-    return embed_outputs(model.apply({'params': model_params}, batch, train=False), kind)
+    return embed_outputs(model.apply({'params': model_params}, batch, train=False), kind, weight)
 
   batch_sharding = sharding.batch_sharding(mesh)
   jitted = jax.jit(step, in_shardings=(shardings, batch_sharding), out_shardings=batch_sharding)
@@ -240,7 +256,7 @@ def identity_diffs(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
 
 # Fields two exports searched against each other must share (the split-specific
 # `inputs` fields, its files and sidecar, naturally differ).
-PAIR_FIELDS = ('weights', 'checkpoint_step', 'checkpoint_id', 'seed', 'model')
+PAIR_FIELDS = ('weights', 'checkpoint_step', 'checkpoint_id', 'seed', 'model', 'text_weight')
 PAIR_INPUT_FIELDS = (
     'max_text_len',
     'max_regions',
