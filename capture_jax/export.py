@@ -208,11 +208,14 @@ def export_plan(
     count: int,
     proposer: str = '',
     checkpoint_id: str | None = None,
+    instances_sha256: str | None = None,
 ) -> dict[str, Any]:
   """The identity of an export (`embeddings.IDENTITY_FIELDS`): what is embedded, with what, how it is cut.
 
   `checkpoint_id` (`checkpoint.checkpoint_fingerprint`) tells apart two saves
-  of the same step (two runs, or a step saved again after a corrupt one).
+  of the same step (two runs, or a step saved again after a corrupt one);
+  `instances_sha256` (`instances_fingerprint`) two groupings of the same
+  split by one proposer (other thresholds or rule settings).
   """
   b = config.data.eval_batch_size
   shard_rows = math.ceil(config.eval.shard_size / b) * b  # whole batches per shard
@@ -231,6 +234,7 @@ def export_plan(
       'inputs': inputs_fingerprint(config, split, rows),
       'count': count,
       'proposer': proposer or None,  # None for sample rows (as in exports before proposers)
+      'instances_sha256': instances_sha256,
       'shard_rows': shard_rows,
       'num_shards': math.ceil(count / shard_rows),
   }
@@ -253,7 +257,17 @@ def rows_plan(
       len(rows),
       rows.proposer,
       checkpoint_id,
+      instances_fingerprint(rows),
   )
+
+
+def instances_fingerprint(rows: eval_input.EvalRows) -> str | None:
+  """SHA-256 of the instance rows' (item id, regions), None for sample rows: an export of
+  instances grouped otherwise (a proposer's thresholds changed) is another export."""
+  if rows.kind != 'instances':
+    return None
+  text = '\n'.join(f'{i} {" ".join(map(str, r))}' for i, r in zip(rows.item_id, rows.regions))
+  return hashlib.sha256(text.encode()).hexdigest()
 
 
 def shard_readable(path: storage.PathLike) -> bool:

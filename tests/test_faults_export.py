@@ -173,3 +173,23 @@ def test_second_export_into_a_folder_is_refused(trained, tmp_path):
     ):
       export.export(cfg, workdir, 'gallery', out=out)
   assert not list(out.glob('shard-*'))
+
+
+def test_instances_grouped_otherwise_are_another_export():
+  """Same proposer name and row count, other groupings (a threshold changed): the export's
+  identity differs, so the old vectors are not reused for the new rows."""
+
+  def rows(regions):
+    return eval_input.EvalRows(
+        'instances', 'dev', ['q1', 'q1'], np.zeros(2, np.int64), regions, ['', ''], [0, 1], 'boxes'
+    )
+
+  a = export.instances_fingerprint(rows([(0, 1), (2,)]))
+  b = export.instances_fingerprint(rows([(0,), (1, 2)]))
+  assert a and b and a != b
+  assert a == export.instances_fingerprint(rows([(0, 1), (2,)]))
+  samples = eval_input.EvalRows('samples', 'dev', ['q1'], np.zeros(1, np.int64))
+  assert export.instances_fingerprint(samples) is None
+  assert emb_lib.identity_diffs({'instances_sha256': a}, {'instances_sha256': b}) == [
+      f'instances_sha256: {a!r} vs {b!r}'
+  ]

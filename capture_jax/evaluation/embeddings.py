@@ -84,6 +84,7 @@ IDENTITY_FIELDS = (
     'inputs',  # what was embedded: the built split's files, vocab, sidecar, input sizes
     'count',
     'proposer',
+    'instances_sha256',  # the instance rows' regions (None for sample rows and older exports)
     'shard_rows',
     'num_shards',
 )
