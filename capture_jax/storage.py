@@ -31,7 +31,6 @@ endpoint settings (`STORAGE_EMULATOR_HOST` for gcsfs,
 
 from __future__ import annotations
 
-import io
 import os
 import pathlib
 import threading
@@ -190,20 +189,6 @@ def write_bytes(path: PathLike, data: bytes) -> None:
 
 def write_text(path: PathLike, text: str) -> None:
   write_bytes(path, text.encode('utf-8'))
-
-
-def read_bytes(path: PathLike) -> bytes:
-  return as_path(path).read_bytes()
-
-
-def open_bytes(path: PathLike) -> io.BytesIO:
-  """The whole file in memory, for readers that seek (zip/npz) on any storage."""
-  return io.BytesIO(read_bytes(path))
-
-
-def temporary_name(path: PathLike) -> str:
-  """The prefix of the temporary files `write_bytes` leaves when killed (removed by cleanups)."""
-  return f'.{as_path(path).name}.tmp-'
 
 
 # --------------------------------------------------------------------------

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -231,3 +233,27 @@ def release_run_config(fixture_dir, state_dict):
       max_text_len=release['text_len'],
   )
   return cfg
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_config_module(path: Path, cfg: ml_collections.ConfigDict) -> Path:
+  """A `configs/*.py`-style file whose `get_config()` returns `cfg`, for the commands' --config."""
+  path.write_text(
+      'import json, ml_collections\n\n\ndef get_config(arg=None):\n'
+      f'  return ml_collections.ConfigDict(json.loads({cfg.to_json()!r}))\n'
+  )
+  return path
+
+
+def start_python(script: str) -> subprocess.Popen:
+  """`python -c script` from the repo root on CPU; stdout and stderr together, as text."""
+  return subprocess.Popen(
+      [sys.executable, '-c', script],
+      cwd=REPO,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+      env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
+  )

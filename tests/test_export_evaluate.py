@@ -26,6 +26,7 @@ from capture_jax.training import state as state_lib
 from capture_jax.training import checkpoint as checkpoint_lib
 from capture_jax.training import sharding
 from tests.helpers import trainer_config
+from tests.helpers import write_config_module
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -348,13 +349,7 @@ def test_instance_queries_are_searched_and_merged_round_robin(trained, evaluated
 
 def test_evaluate_command_line_reuses_the_exports(trained, evaluated, tmp_path):
   cfg, workdir = trained
-  config_json = tmp_path / 'config.json'
-  config_json.write_text(cfg.to_json())
-  config_py = tmp_path / 'config.py'
-  config_py.write_text(
-      'import json, ml_collections\n\n\ndef get_config(arg=None):\n'
-      f'  return ml_collections.ConfigDict(json.load(open({str(config_json)!r})))\n'
-  )
+  config_py = write_config_module(tmp_path / 'config.py', cfg)
   result = subprocess.run(
       [
           sys.executable,

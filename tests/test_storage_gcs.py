@@ -33,7 +33,9 @@ from capture_jax.data import source as source_lib
 from capture_jax.training import checkpoint as checkpoint_lib
 from capture_jax.training import lock as lock_lib
 from capture_jax.training import metrics as metrics_lib
+from tests.helpers import start_python
 from tests.helpers import trainer_config
+from tests.helpers import write_config_module
 
 # No GCE metadata server here: without this, google-auth and gcsfs wait for one (about 30 s)
 # before using anonymous credentials. Read when google.auth is imported, so set on collection.
@@ -178,11 +180,7 @@ def test_missing_bucket_is_named_before_anything_compiles(gcs, config):
 
 
 def test_commands_refuse_a_missing_bucket_with_one_line(gcs, config, tmp_path):
-  config_file = tmp_path / 'config.py'
-  config_file.write_text(
-      'import json, ml_collections\n\n\ndef get_config(arg=None):\n'
-      f'  return ml_collections.ConfigDict(json.loads({config.to_json()!r}))\n'
-  )
+  config_file = write_config_module(tmp_path / 'config.py', config)
   for command in (['capture_jax.train'], ['capture_jax.instances', 'train']):
     proc = subprocess.run(
         [
@@ -327,14 +325,7 @@ def test_train_sigterm_resume_export_evaluate_in_a_bucket(gcs, config, tmp_path)
       r = train.run(cfg, {workdir!r})
       sys.exit(0 if r.preempted else 3)
   """)
-  proc = subprocess.Popen(
-      [sys.executable, '-c', script],
-      cwd=REPO,
-      stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT,
-      text=True,
-      env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
-  )
+  proc = start_python(script)
   deadline = time.time() + 300
   while time.time() < deadline and not finalized_steps(workdir) and proc.poll() is None:
     time.sleep(0.5)

@@ -17,6 +17,7 @@ import pytest
 
 from capture_jax import train
 from capture_jax.training import checkpoint as checkpoint_lib
+from tests.helpers import start_python
 from tests.helpers import trainer_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -119,14 +120,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(dataset_config, tmp_path):
       f'cfg = ml_collections.ConfigDict(json.load(open({str(config_file)!r}))); '
       f'r = train.run(cfg, {str(tmp_path / "run")!r}); sys.exit(0 if r.preempted else 3)'
   )
-  proc = subprocess.Popen(
-      [sys.executable, '-c', script],
-      cwd=REPO,
-      stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT,
-      text=True,
-      env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
-  )
+  proc = start_python(script)
   metrics = tmp_path / 'run' / 'metrics.jsonl'
   deadline = time.time() + 240
   while time.time() < deadline and not (metrics.exists() and metrics.read_text().count('\n') >= 2):
