@@ -23,6 +23,7 @@ from capture_jax import losses
 from capture_jax.models import CaptureModel
 from capture_jax.training import contrastive as contrastive_lib
 from capture_jax.training import optimizer as optimizer_lib
+from capture_jax.training import rng_lowering
 from capture_jax.training import sharding
 
 Array = jax.Array
@@ -77,6 +78,8 @@ def make_train_step(
     config: ml_collections.ConfigDict, mesh: Mesh, optimizer: optax.GradientTransformation
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """The (unjitted) train step; `jax.jit` it with the state and batch shardings."""
+  if config.train.cpu_unrolled_threefry:
+    rng_lowering.unroll_threefry_on_cpu()
   model = CaptureModel(config.model)
   schedule = optimizer_lib.learning_rate_schedule(config.train)
   num_micro = config.train.microbatches

@@ -1,0 +1,43 @@
+"""Dropout's random bits on CPU: the unrolled threefry lowering, same bits, fewer thunks.
+
+JAX lowers `threefry2x32` (behind every `jax.random` draw, so behind every
+dropout mask) differently per platform: on GPU and TPU as 20 unrolled rounds,
+on CPU as a 5-iteration `fori_loop` of 4 rounds each, to keep CPU compile
+times down. XLA's CPU runtime runs such a loop as a `while` thunk whose body
+re-executes ~20 small thunks per iteration, each a full pass over the bits,
+and copies the loop carry between iterations: the demo's train step (27
+dropout sites) ran 27 while loops and 2,033 copy thunks per step, 10-15% of
+its time (`docs/BENCHMARKS.md`, "Dropout's random bits on CPU").
+
+`unroll_threefry_on_cpu` registers JAX's own unrolled lowering (the GPU/TPU
+default) for CPU too. The rounds, constants and order are the same, so every
+random bit is the same (`tests/test_rng_lowering.py` compares them); XLA
+then fuses the rounds into a few loop fusions. Cost: longer compiles of
+programs that draw random bits. It touches a private JAX module, so it
+checks what it patches and leaves JAX alone (returning False) when a JAX
+version no longer has it; a test pins that it is active on the pinned JAX.
+"""
+
+from __future__ import annotations
+
+import functools
+
+
+@functools.cache
+def unroll_threefry_on_cpu() -> bool:
+  """Registers the unrolled threefry lowering for CPU (once per process); True if active.
+
+  Affects programs lowered after the call; idempotent.
+  """
+  try:
+    from jax._src.interpreters import mlir  # pylint: disable=import-outside-toplevel
+    from jax._src.random import threefry2x32  # pylint: disable=import-outside-toplevel
+
+    primitive = threefry2x32.threefry2x32_p
+    unrolled = threefry2x32._threefry2x32_lowering_rule  # pylint: disable=protected-access
+    register = mlir.register_lowering
+  except (ImportError, AttributeError):
+    return False
+  # Out of line (as on GPU): one function called by each draw, compiled once.
+  register(primitive, unrolled, platform='cpu', inline=False)
+  return True
