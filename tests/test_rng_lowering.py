@@ -8,7 +8,7 @@ import json
 
 from tests.helpers import start_python
 
-SCRIPT = r'''
+SCRIPT = r"""
 import json
 import flax.linen as nn
 import jax
@@ -41,7 +41,7 @@ print(json.dumps({
     'equal': {k: bool(np.array_equal(before[k], after[k])) for k in before},
     'dropout_kept': float(after['dropout'].astype(bool).mean()),
 }))
-'''
+"""
 
 
 def test_unrolled_threefry_draws_the_same_bits_without_a_loop():

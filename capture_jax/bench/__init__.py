@@ -6,6 +6,7 @@
 | `input` | the Grain input pipeline, samples/s per core |
 | `search` | exact and FAISS top-100 search at gallery scale |
 | `contrastive` | the global-batch ring contrastive loss, memory and time |
+| `step_profile` | where a train step's time goes: traced ops by pass, model scope and operation |
 | `versus_torch` | our train step against the PyTorch peer (`torch_peer`), alternating in one process tree |
 | `torch_peer` | CAPTURE in PyTorch from the reference description, for `versus_torch` only |
 """
