@@ -155,8 +155,8 @@ def train_config() -> ml_collections.ConfigDict:
   t.profile_num_steps = 5
   # CPU only, same random bits either way: draw dropout masks with JAX's unrolled threefry
   # (as on GPU/TPU) instead of its rolled CPU loop. Measured alternating (docs/BENCHMARKS.md,
-  # "Dropout's random bits on CPU"): the demo step 1.13x faster, capture_paper 0.89x (slower),
-  # so off by default and on in configs/demo.py. Process-wide once set (training/rng_lowering.py).
+  # "Where the step's time goes"): the demo step 1.08-1.13x faster, capture_paper 0.89x
+  # (slower), so off by default and on in configs/demo.py (training/rng_lowering.py).
   t.cpu_unrolled_threefry = False
   return t
 

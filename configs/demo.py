@@ -49,8 +49,8 @@ def get_config(arg=None):
   c.train.learning_rate = 1e-3  # a tiny model trained briefly: 10x the paper's lr
   c.train.warmup_fraction = 0.05
   c.train.log_every = 10
-  # Dropout masks from the unrolled threefry: the same bits, a 1.13x faster demo step on CPU
-  # (capture_jax/training/rng_lowering.py; docs/BENCHMARKS.md).
+  # Dropout masks from the unrolled threefry: the same bits, a 1.08-1.13x faster demo step on
+  # CPU (capture_jax/training/rng_lowering.py; docs/BENCHMARKS.md).
   c.train.cpu_unrolled_threefry = True
   c.checkpoint.every_steps = 50
   return c

@@ -1,7 +1,7 @@
 """The unrolled CPU threefry lowering draws the same bits as JAX's rolled default.
 
 Run in a fresh process: the lowering is registered process-wide, and the
-comparison needs a process that still has JAX's default.
+comparison needs a process that starts with JAX's default.
 """
 
 import json
@@ -15,43 +15,57 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-def draws():
-  # Fresh functions per call: jit caches lowerings per function.
-  key = jax.random.PRNGKey(7)
-  out = {
-      'bits': jax.jit(lambda k: jax.random.bits(k, (64, 24, 128), jnp.uint32))(key),
-      'odd_bits': jax.jit(lambda k: jax.random.bits(k, (3, 5, 7), jnp.uint32))(key),
-      'bernoulli': jax.jit(lambda k: jax.random.bernoulli(k, 0.9, (64, 4, 24, 17)))(key),
-      'fold_in': jax.jit(lambda k: jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(k), 123)))(key),
-      'split': jax.jit(lambda k: jax.random.split(k, 5))(key),
-      'dropout': jax.jit(lambda k: nn.Dropout(0.1).apply({}, jnp.ones((8, 24, 128)), deterministic=False,
-                                                        rngs={'dropout': k}))(key),
-  }
-  hlo = jax.jit(lambda k: jax.random.bits(k, (64, 24, 128), jnp.uint32)).lower(key).compile().as_text()
-  return {k: np.asarray(v) for k, v in out.items()}, ' while(' in hlo
-
-before, before_loops = draws()
 from capture_jax.training import rng_lowering
-active = rng_lowering.unroll_threefry_on_cpu()
-again = rng_lowering.unroll_threefry_on_cpu()
-after, after_loops = draws()
-print(json.dumps({
-    'active': active, 'again': again,
-    'before_loops': before_loops, 'after_loops': after_loops,
-    'equal': {k: bool(np.array_equal(before[k], after[k])) for k in before},
-    'dropout_kept': float(after['dropout'].astype(bool).mean()),
+
+KEY = jax.random.PRNGKey(7)
+PROGRAMS = {  # every way the train step draws random bits
+    'bits': lambda k: jax.random.bits(k, (64, 24, 128), jnp.uint32),
+    'odd_bits': lambda k: jax.random.bits(k, (3, 5, 7), jnp.uint32),
+    'bernoulli': lambda k: jax.random.bernoulli(k, 0.9, (64, 4, 24, 17)),
+    'fold_in': lambda k: jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(k), 123)),
+    'split': lambda k: jax.random.split(k, 5),
+    'dropout': lambda k: nn.Dropout(0.1).apply(
+        {}, jnp.ones((8, 24, 128)), deterministic=False, rngs={'dropout': k}
+    ),
+}
+
+def draws():
+  # A fresh jit per call: jit caches lowerings per function.
+  values, loops = {}, {}
+  for name, fn in PROGRAMS.items():
+    compiled = jax.jit(lambda k, fn=fn: fn(k)).lower(KEY).compile()
+    values[name] = np.asarray(compiled(KEY))
+    loops[name] = ' while(' in compiled.as_text()
+  return values, loops
+
+default, default_loops = draws()
+active = rng_lowering.set_cpu_threefry_unrolled(True)
+unrolled, unrolled_loops = draws()
+rng_lowering.set_cpu_threefry_unrolled(False)
+rolled, rolled_loops = draws()
+print('RESULT ' + json.dumps({
+    'active': active,
+    'loops': {'default': default_loops, 'unrolled': unrolled_loops, 'rolled': rolled_loops},
+    'unrolled_equal': {k: bool(np.array_equal(default[k], unrolled[k])) for k in default},
+    'rolled_equal': {k: bool(np.array_equal(default[k], rolled[k])) for k in default},
+    'dropout_kept': float(unrolled['dropout'].astype(bool).mean()),
 }))
 """
 
 
-def test_unrolled_threefry_draws_the_same_bits_without_a_loop():
+def test_unrolled_threefry_draws_the_same_bits_without_a_loop_and_switches_back():
   proc = start_python(SCRIPT)
   out, _ = proc.communicate(timeout=300)
   assert proc.returncode == 0, out
-  result = json.loads(out.strip().splitlines()[-1])
-  # Active on the pinned JAX: a JAX upgrade that moves the private rule fails here, not silently.
-  assert result['active'] and result['again']
-  assert result['before_loops'], 'JAX default on CPU is a rolled loop; the comparison needs it'
-  assert not result['after_loops']
-  assert result['equal'] == {k: True for k in result['equal']}, result['equal']
+  lines = [line for line in out.splitlines() if line.startswith('RESULT ')]
+  assert len(lines) == 1, out
+  result = json.loads(lines[0][len('RESULT ') :])
+  # Active on the pinned JAX: a JAX upgrade that moves the private rules fails here, not silently.
+  assert result['active']
+  everywhere = {name: True for name in result['loops']['default']}
+  nowhere = {name: False for name in everywhere}
+  # Every program: JAX's CPU default loops, the unrolled one does not, and False restores the loop.
+  assert result['loops'] == {'default': everywhere, 'unrolled': nowhere, 'rolled': everywhere}
+  assert result['unrolled_equal'] == everywhere, result['unrolled_equal']
+  assert result['rolled_equal'] == everywhere, result['rolled_equal']
   assert 0.85 < result['dropout_kept'] < 0.95  # the comparison is of real dropout masks

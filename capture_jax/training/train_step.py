@@ -78,8 +78,7 @@ def make_train_step(
     config: ml_collections.ConfigDict, mesh: Mesh, optimizer: optax.GradientTransformation
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """The (unjitted) train step; `jax.jit` it with the state and batch shardings."""
-  if config.train.cpu_unrolled_threefry:
-    rng_lowering.unroll_threefry_on_cpu()
+  rng_lowering.set_cpu_threefry_unrolled(config.train.cpu_unrolled_threefry)
   model = CaptureModel(config.model)
   schedule = optimizer_lib.learning_rate_schedule(config.train)
   num_micro = config.train.microbatches
