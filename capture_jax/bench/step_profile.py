@@ -36,7 +36,6 @@ import glob
 import gzip
 import json
 import re
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -47,6 +46,7 @@ import jax.numpy as jnp
 import optax
 
 from capture_jax.bench import harness
+from capture_jax.bench.versus_torch import median_seconds
 from capture_jax.training import sharding
 from capture_jax.training import state as state_lib
 
@@ -203,17 +203,6 @@ def profile_step(config, batch_size: int, steps: int, warmup: int) -> dict:
   }
 
 
-def _median_seconds(fn, repeats: int = 5) -> float:
-  """Median wall time of `fn()` (device synchronised) over `repeats` calls after one warm-up."""
-  jax.block_until_ready(fn())
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
-
-
 def optimizer_against_bandwidth(config) -> dict:
   """The optax update alone, and the memory-bandwidth bound of the same parameters.
 
@@ -239,7 +228,7 @@ def optimizer_against_bandwidth(config) -> dict:
     holder[:] = jitted(holder[0], holder[1], grads)
     return holder
 
-  update_s = _median_seconds(step)
+  update_s = median_seconds(step)
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   add = jax.jit(lambda x, y: x + y, donate_argnums=0)
   arrays = [jnp.ones((num_params,), jnp.float32), jnp.full((num_params,), 2.0, jnp.float32)]
@@ -248,7 +237,7 @@ def optimizer_against_bandwidth(config) -> dict:
     arrays[0] = add(arrays[0], arrays[1])
     return arrays[0]
 
-  add_s = _median_seconds(stream)
+  add_s = median_seconds(stream)
   bandwidth = 3 * 4 * num_params / add_s
   return {
       'params_m': num_params / 1e6,

@@ -126,7 +126,11 @@ def _jax_worker(config, batch_size: int):
 
   a = jnp.ones((2048, 2048), jnp.float32)
   mm = jax.jit(lambda x, y: x @ y)
-  info = {'compile_s': compile_s, 'xla_flops': xla_flops, 'matmul_s': _time(lambda: mm(a, a))}
+  info = {
+      'compile_s': compile_s,
+      'xla_flops': xla_flops,
+      'matmul_s': median_seconds(lambda: mm(a, a)),
+  }
   return step, info
 
 
@@ -143,11 +147,18 @@ def _torch_worker(config, batch_size: int):
   with counter:
     step(batch)
   a = torch.ones(2048, 2048)
-  info = {'flops': float(counter.get_total_flops()), 'matmul_s': _time(lambda: (a @ a).sum())}
+  info = {
+      'flops': float(counter.get_total_flops()),
+      'matmul_s': median_seconds(lambda: (a @ a).sum()),
+  }
   return (lambda: step(batch)), info
 
 
-def _time(fn, repeats: int = 5) -> float:
+def median_seconds(fn, repeats: int = 5) -> float:
+  """Median wall time of `fn()` (device synchronised) over `repeats` calls after one warm-up.
+
+  Here, not in a shared module: a worker of `--old_tree` runs this file against an older tree.
+  """
   import jax  # pylint: disable=import-outside-toplevel
 
   jax.block_until_ready(fn())
