@@ -201,7 +201,8 @@ def eval_config() -> ml_collections.ConfigDict:
   e.encoder_text_weight = 0.5
   # Ranked lists written to retrieval_id_list.txt: 'whole' (the whole-sample
   # query), 'instances' (one query per product instance, merged round-robin) or
-  # 'both' (the whole-sample list first, then the instances); all three are reported.
+  # 'both' (the instance lists, then the whole-sample list, in every round); all three are
+  # reported.
   e.query_mode = 'both'
   # Where instance queries come from (`capture_jax.instances`): 'learned' (the proposer
   # trained on copy-and-paste pseudo-samples, `python -m capture_jax.instances train`),

@@ -633,7 +633,7 @@ def write_outputs(
       ),
       '- Query modes: `whole` = the whole-sample query; `instances` = one query per product instance '
       "(caption + that instance's regions), lists merged round-robin with de-duplication; `both` = the "
-      'whole-sample list first, then the instances.',
+      'instance lists, then the whole-sample list, in every round.',
       f'- Best query mode on mAP@10: **{best_mode}** '
       + '('
       + ', '.join(f'{m} {100 * v["mAP@10"]:.2f}' for m, v in capture_modes.items())

@@ -27,9 +27,9 @@ def test_modes():
   instances = [['s1', 'i1'], ['j1', 'j2', 'j3']]
   assert merge_query_lists(whole, instances, 'whole') == ['w1', 's1', 'w2']
   assert merge_query_lists(whole, instances, 'instances') == ['s1', 'j1', 'i1', 'j2', 'j3']
-  # "both": the whole-sample list leads every round.
-  assert merge_query_lists(whole, instances, 'both') == ['w1', 's1', 'j1', 'i1', 'j2', 'w2', 'j3']
-  assert merge_query_lists(whole, instances, 'both', max_len=3) == ['w1', 's1', 'j1']
+  # "both": the instance lists lead every round, the whole-sample list comes last in it.
+  assert merge_query_lists(whole, instances, 'both') == ['s1', 'j1', 'w1', 'i1', 'j2', 'j3', 'w2']
+  assert merge_query_lists(whole, instances, 'both', max_len=3) == ['s1', 'j1', 'w1']
 
 
 def test_modes_without_instances_and_errors():

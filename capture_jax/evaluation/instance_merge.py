@@ -8,6 +8,12 @@ places, and so on, dropping ids already taken. Round-robin rather than
 merging by score: scores from different query embeddings are not on one
 scale, and round-robin gives every instance the same share of the top ranks,
 which is what the label-recall metric (mAR) rewards.
+
+In "both" the instance lists lead every round and the whole-sample list comes
+last: each instance list names one product, while the whole-sample list mixes
+them and is the weaker list (docs/BENCHMARKS.md, "Query mode `both`: the
+whole-sample list last"), so it fills the places the instance lists leave, such
+as a product that no proposal found, rather than taking every first place.
 """
 
 from __future__ import annotations
@@ -52,8 +58,8 @@ def merge_query_lists(
     whole: the whole-sample ranked list (needed for "whole" and "both").
     instances: one ranked list per instance, in instance order.
     mode: "whole" (whole-sample list only), "instances" (round-robin over
-      the instance lists) or "both" (round-robin over the whole-sample list
-      first, then the instance lists).
+      the instance lists) or "both" (round-robin over the instance lists,
+      then the whole-sample list, last in every round).
     max_len: the length cap (100 in the official format).
 
   A query without instances (no region proposal) falls back to its
@@ -74,4 +80,4 @@ def merge_query_lists(
         )
       return round_robin_merge([whole], max_len)
     return round_robin_merge(list(instances), max_len)
-  return round_robin_merge([whole, *instances], max_len)
+  return round_robin_merge([*instances, whole], max_len)
