@@ -10,8 +10,8 @@ rendered from those labels). Then the demo's six stages on it:
 
 Everything is `configs/demo.py` except the two fields below, each chosen by
 measurement on this world's dev split (docs/BENCHMARKS.md, "Real titles (issue 10)").
-Dev mAP@10 of CAPTURE (both, learned proposals) against TF-IDF (64.20): 71.35, 68.56
-and 67.12 for seeds 0, 1 and 2 (mean +4.81; issue 10 asks for +5).
+Dev mAP@10 of CAPTURE (both, learned proposals) against TF-IDF (64.20): 72.61, 69.52
+and 68.27 for seeds 0, 1 and 2 (mean +5.93; issue 10 asks for +5).
 """
 
 import importlib.util

@@ -85,7 +85,8 @@ def test_demo_runs_every_stage_resumes_then_reuses_them(tmp_path):
   for method in ('CAPTURE (', 'CAPTURE, random weights', 'TF-IDF', 'Mean region feature'):
     assert method in first
   assert str(out / 'report.md') in first
-  assert 'the best baseline' in first
+  headline = json.loads((out / 'evaluation.json').read_text())['main_method']
+  assert f'headline: {headline} mAP@10' in first and 'the best baseline' in first
   metrics = json.loads((out / 'metrics.json').read_text())
   assert any(m.startswith('CAPTURE (') for m in metrics)
 
