@@ -3,6 +3,10 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The ahead-of-time compilers (libtpu, the CUDA PJRT plugin), installed apart so that only the
+# AOT tests (tests/test_aot.py puts this folder on their subprocesses' path) load them.
+AOT_COMPILERS := $(VENV)/aot-compilers
+AOT_STAMP := $(AOT_COMPILERS)/.installed
 
 .PHONY: demo ablation test format install clean
 
@@ -13,6 +17,12 @@ $(STAMP): requirements.txt requirements-test.txt pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e .
 	touch $(STAMP)
 
+$(AOT_STAMP): requirements-aot.txt | $(STAMP)
+	@echo ">> installing the ahead-of-time compilers into $(AOT_COMPILERS)"
+	rm -rf $(AOT_COMPILERS)
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --target $(AOT_COMPILERS) -r requirements-aot.txt
+	touch $(AOT_STAMP)
+
 install: $(STAMP)
 
 demo: $(STAMP)
@@ -21,7 +31,7 @@ demo: $(STAMP)
 ablation: $(STAMP)
 	$(PY) -m capture_jax.ablation
 
-test: $(STAMP)
+test: $(STAMP) $(AOT_STAMP)
 	@echo ">> checking the formatting (pyink, configured in pyproject.toml; 'make format' fixes it)"
 	$(PY) -m pyink --check --quiet .
 	$(PY) -m pytest -q -ra tests

@@ -10,6 +10,8 @@ from typing import Any, Callable
 
 from absl import app, flags, logging
 
+from capture_jax import accelerators
+
 
 def parse(fv: flags.FlagValues, argv: list[str], usage: str) -> int | None:
   """Parses `argv` (program name first) into `fv`.
@@ -40,11 +42,13 @@ def quiet_libraries() -> None:
 
 
 def run(main: Callable[[list[str]], Any]) -> None:
-  """`absl.app.run(main)` with library INFO logs kept quiet (`quiet_libraries`): the entry of
+  """`absl.app.run(main)` with library INFO logs kept quiet (`quiet_libraries`) and, on a host
+  without accelerators, JAX on its CPU backend without probing TPU or GPU plugins: the entry of
   every command."""
 
   def quiet_main(argv: list[str]) -> Any:
     quiet_libraries()
+    accelerators.default_to_cpu_without_accelerators()
     return main(argv)
 
   app.run(quiet_main)

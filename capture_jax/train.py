@@ -37,6 +37,7 @@ from capture_jax import batch as batch_lib
 from capture_jax import progress as progress_lib
 from capture_jax import storage
 from capture_jax.data import source as source_lib
+from capture_jax.models import layers
 from capture_jax.data import train_input
 from capture_jax.training import checkpoint as checkpoint_lib
 from capture_jax.training import distributed
@@ -44,7 +45,7 @@ from capture_jax.training import lock as lock_lib
 from capture_jax.training import metrics as metrics_lib
 from capture_jax.training import sharding
 from capture_jax.training import state as state_lib
-from capture_jax.training import train_step as train_step_lib
+from capture_jax.training import steps as steps_lib
 
 LOCK_FILE = 'train.lock'
 
@@ -109,6 +110,10 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
     problems.append(
         f'data.feature_dim={d.feature_dim} differs from model.v_feature_size={m.v_feature_size}'
     )
+  try:
+    layers.check_attention_impl(m.attention_impl, m.dtype, sharding.mesh_platform(mesh))
+  except ValueError as e:
+    problems.append(str(e))
   if t.init not in state_lib.INIT_KINDS:
     problems.append(f'train.init must be one of {state_lib.INIT_KINDS}, got {t.init!r}')
   if t.init != 'scratch' and not t.init_path:
@@ -242,16 +247,16 @@ def _train(
   # Input: this process's share of every global batch.
   data_iterator = train_input.make_train_iterator(config)
 
-  # Parameters and optimizer state, created directly in their shardings.
+  # The step (jitted with explicit shardings, the state donated), and the parameters and
+  # optimizer state it takes, created directly in their shardings.
   key = jax.random.PRNGKey(config.seed)
-  optimizer, init_state, abstract_state, state_shardings = state_lib.train_state_layout(
-      config, mesh
-  )
+  step_program = steps_lib.build_train_step(config, mesh)
+  optimizer, state_shardings = step_program.optimizer, step_program.state_shardings
 
   had_checkpoints = bool(manager.all_steps())
   restored = checkpoint_lib.restore_latest(
       manager,
-      checkpoint_lib.abstract_with_shardings(abstract_state, state_shardings),
+      step_program.abstract_state,
       data_iterator,
       move_unreadable=True,
   )
@@ -278,7 +283,7 @@ def _train(
           flush=True,
       )
   else:
-    state = jax.jit(init_state, out_shardings=state_shardings)(key)
+    state = jax.jit(step_program.init_state, out_shardings=state_shardings)(key)
     pretrained = state_lib.pretrained_params(config)
     if pretrained:
       params = state_lib.place_pretrained(state.params, pretrained, state_shardings.params)
@@ -293,23 +298,12 @@ def _train(
         f'in {checkpoint_lib.checkpoint_dir(workdir)}; raise num_steps or use another --workdir'
     )
 
-  # The step, compiled ahead of time with explicit shardings and the state donated.
-  batch_sharding = sharding.batch_sharding(mesh)
-  jitted = jax.jit(
-      train_step_lib.make_train_step(config, mesh, optimizer),
-      in_shardings=(state_shardings, batch_sharding),
-      out_shardings=(state_shardings, None),
-      donate_argnums=(0,),
-  )
-  abstract_batch = batch_lib.BatchLayout.from_config(config).abstract(
-      config.data.batch_size, sharding=batch_sharding
-  )
-  compile_start = time.perf_counter()
-  step_fn = jitted.lower(state, abstract_batch).compile()
+  # The step, compiled ahead of time.
+  step_fn, compile_s = step_program.compile()
   flops_per_step = state_lib.count_flops(step_fn)
   if is_main:
     print(
-        f'compiled the train step in {time.perf_counter() - compile_start:.1f} s'
+        f'compiled the train step in {compile_s:.1f} s'
         + (f'; {flops_per_step / 1e9:.1f} GFLOP per step' if flops_per_step else ''),
         flush=True,
     )

@@ -113,7 +113,7 @@ def test_exported_embeddings_equal_a_direct_model_apply(trained, tmp_path):
   _, _, abstract, shardings = state_lib.train_state_layout(cfg, mesh)
   manager = checkpoint_lib.make_manager(workdir, cfg.checkpoint)
   state, step = checkpoint_lib.restore_latest(
-      manager, checkpoint_lib.abstract_with_shardings(abstract, shardings), None
+      manager, sharding.abstract_with_shardings(abstract, shardings), None
   )
   manager.close()
   assert step == 2

@@ -245,7 +245,7 @@ def model_params(cfg, workdir: Path, step: int):
     mesh = sharding.make_mesh(cfg.mesh)
     abstract, shardings = state_lib.model_param_layout(cfg, mesh)
     params = checkpoint_lib.restore_model_params(
-        manager, step, checkpoint_lib.abstract_with_shardings(abstract, shardings)
+        manager, step, sharding.abstract_with_shardings(abstract, shardings)
     )
   finally:
     manager.close()

@@ -42,7 +42,7 @@ from capture_jax import train
 from capture_jax.training import metrics as metrics_lib
 from capture_jax.training import sharding
 from capture_jax.training import state as state_lib
-from capture_jax.training import train_step as train_step_lib
+from capture_jax.training import steps as steps_lib
 
 REPO = Path(__file__).resolve().parents[2]
 BENCHMARKS_MD = REPO / 'docs' / 'BENCHMARKS.md'
@@ -79,21 +79,15 @@ def build_train_step(config, batch_size: int):
   config.data.batch_size = batch_size
   mesh = sharding.make_mesh(config.mesh)
   train.validate_config(config, mesh)
-  optimizer, init_state, _, state_shardings = state_lib.train_state_layout(config, mesh)
-  state = jax.jit(init_state, out_shardings=state_shardings)(jax.random.PRNGKey(config.seed))
-  batch_sharding = sharding.batch_sharding(mesh)
+  program = steps_lib.build_train_step(config, mesh)
+  state = jax.jit(program.init_state, out_shardings=program.state_shardings)(
+      jax.random.PRNGKey(config.seed)
+  )
   layout = batch_lib.BatchLayout.from_config(config)
   host_batch = layout.random(batch_size, config.model.vocab_size)
-  batch = jax.device_put(host_batch, batch_sharding)
-  jitted = jax.jit(
-      train_step_lib.make_train_step(config, mesh, optimizer),
-      in_shardings=(state_shardings, batch_sharding),
-      out_shardings=(state_shardings, None),
-      donate_argnums=(0,),
-  )
-  start = time.perf_counter()
-  compiled = jitted.lower(state, batch).compile()
-  return compiled, state, batch, host_batch, time.perf_counter() - start
+  batch = jax.device_put(host_batch, program.batch_sharding)
+  compiled, compile_s = program.compile()
+  return compiled, state, batch, host_batch, compile_s
 
 
 def bench_train_step(config, batch_size: int, repeats: int, warmup: int) -> dict:

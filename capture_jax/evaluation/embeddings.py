@@ -59,7 +59,7 @@ import numpy as np
 from capture_jax import batch as batch_lib
 from capture_jax import storage
 from capture_jax.losses import l2_normalize
-from capture_jax.models import CaptureModel
+from capture_jax.models import CaptureModel, layers
 from capture_jax.training import sharding
 from capture_jax.training import state as state_lib
 
@@ -168,18 +168,49 @@ class Embedder:
     return self.step(model_params, batch_lib.model_inputs(batch))
 
 
-def make_embedder(config: ml_collections.ConfigDict, mesh, kind: str | None = None) -> Embedder:
-  """Compiles the jitted, sharded inference step (train=False: no dropout; inputs are unmasked).
+@dataclasses.dataclass(frozen=True)
+class ExportStep:
+  """The embedding-export step of one config on one mesh, not yet compiled.
+
+  jitted: `(params['model'], batch) -> [B, D]` float32 embeddings, the batch (the model
+    inputs, `[data.eval_batch_size, ...]`) and the rows split over `('data', 'fsdp')`.
+  abstract_params, abstract_batch: its arguments as `ShapeDtypeStruct`s with shardings, enough
+    to lower and compile it without any array (also for a topology's compile-only devices).
+  """
+
+  mesh: Any
+  kind: str
+  dimension: int
+  batch_size: int  # global
+  param_shardings: Any
+  abstract_params: Any
+  abstract_batch: dict[str, jax.ShapeDtypeStruct]
+  jitted: Any
+
+  def lower(self):
+    return self.jitted.lower(self.abstract_params, self.abstract_batch)
+
+
+def build_export_step(
+    config: ml_collections.ConfigDict, mesh, kind: str | None = None
+) -> ExportStep:
+  """The one builder of the inference step (train=False: no dropout; inputs are unmasked), for
+  the export and for `python -m capture_jax.aot`.
 
   Parameters keep the trainer's sharding rules on `mesh`; the batch is split
   over `('data', 'fsdp')` and so are the output rows.
   """
-
   kind = kind or config.eval.embedding
   check_kind(kind)
   weight = text_weight(config, kind)
   batch_size = config.data.eval_batch_size
   problems = sharding.batch_split_problems(batch_size, mesh, 'data.eval_batch_size')
+  try:
+    layers.check_attention_impl(
+        config.model.attention_impl, config.model.dtype, sharding.mesh_platform(mesh)
+    )
+  except ValueError as e:
+    problems.append(str(e))
   if problems:
     raise ValueError('; '.join(problems))
   abstract, shardings = state_lib.model_param_layout(config, mesh)
@@ -189,22 +220,32 @@ def make_embedder(config: ml_collections.ConfigDict, mesh, kind: str | None = No
     return embed_outputs(model.apply({'params': model_params}, batch, train=False), kind, weight)
 
   batch_sharding = sharding.batch_sharding(mesh)
-  jitted = jax.jit(step, in_shardings=(shardings, batch_sharding), out_shardings=batch_sharding)
-  abstract_params = jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+  return ExportStep(
+      mesh=mesh,
+      kind=kind,
+      dimension=embedding_dim(config.model, kind),
+      batch_size=batch_size,
+      param_shardings=shardings,
+      abstract_params=sharding.abstract_with_shardings(abstract, shardings),
+      abstract_batch=batch_lib.BatchLayout.from_config(config).abstract(
+          batch_size, batch_lib.MODEL_INPUTS, sharding=batch_sharding
+      ),
+      jitted=jax.jit(step, in_shardings=(shardings, batch_sharding), out_shardings=batch_sharding),
   )
-  batch = batch_lib.BatchLayout.from_config(config).abstract(
-      batch_size, batch_lib.MODEL_INPUTS, sharding=batch_sharding
-  )
+
+
+def make_embedder(config: ml_collections.ConfigDict, mesh, kind: str | None = None) -> Embedder:
+  """Compiles `build_export_step`'s step into an `Embedder`."""
+  built = build_export_step(config, mesh, kind)
   start = time.perf_counter()
-  compiled = jitted.lower(abstract_params, batch).compile()
+  compiled = built.lower().compile()
   return Embedder(
-      mesh,
-      kind,
-      embedding_dim(config.model, kind),
-      batch_size,
-      shardings,
-      abstract_params,
+      built.mesh,
+      built.kind,
+      built.dimension,
+      built.batch_size,
+      built.param_shardings,
+      built.abstract_params,
       compiled,
       time.perf_counter() - start,
   )

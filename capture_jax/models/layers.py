@@ -55,6 +55,30 @@ def gelu_exact(x: Array) -> Array:
   return nn.gelu(x, approximate=False)
 
 
+# `model.attention_impl` -> `jax.nn.dot_product_attention(implementation=...)`; 'xla' is ours.
+FUSED_ATTENTION = {'dot_product_attention': None, 'cudnn': 'cudnn'}
+ATTENTION_IMPLS = ('xla',) + tuple(FUSED_ATTENTION)
+
+
+def check_attention_impl(impl: str, dtype: str, platform: str) -> None:
+  """Raises ValueError where `model.attention_impl` cannot run: cuDNN's fused attention needs
+  an NVIDIA GPU ('gpu'/'cuda' platform) and a 16-bit compute dtype."""
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f'model.attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}')
+  if impl != 'cudnn':
+    return
+  if platform not in ('gpu', 'cuda'):
+    raise ValueError(
+        f"model.attention_impl='cudnn' runs only on NVIDIA GPUs, but the devices are {platform}; "
+        "use 'xla' (or 'dot_product_attention')"
+    )
+  if dtype not in ('bfloat16', 'float16'):
+    raise ValueError(
+        f"model.attention_impl='cudnn' needs model.dtype='bfloat16' (cuDNN's fused attention "
+        f'has no float32 kernel), got {dtype!r}'
+    )
+
+
 def attend(
     q: Array,
     k: Array,
@@ -70,23 +94,27 @@ def attend(
   Args:
     q: `[B, Q, H, D]`, k and v: `[B, K, H, D]`.
     bias: `[B, 1, 1, K]` additive float32 bias (0 at valid keys).
-    impl: 'xla' computes softmax(q k^T / sqrt(D) + bias) explicitly, in float32,
-      with dropout on the probabilities (the released numerics);
-      'dot_product_attention' calls `jax.nn.dot_product_attention`, which gives
-      GPUs the fused cuDNN kernel. Fused kernels take no dropout, so attention-
-      probability dropout is not applied on that path.
+    impl: one of `ATTENTION_IMPLS`. 'xla' computes softmax(q k^T / sqrt(D) + bias)
+      explicitly, in float32, with dropout on the probabilities (the released numerics).
+      'dot_product_attention' calls `jax.nn.dot_product_attention` with
+      `implementation=None`, which at jax 0.10.2 is XLA's own composition on every platform
+      (no cuDNN call in the compiled GPU program); 'cudnn' asks it for cuDNN's fused
+      attention (NVIDIA GPUs, bf16/fp16 only: `check_attention_impl` refuses it elsewhere).
+      The fused paths take no dropout, so attention-probability dropout is not applied there.
   Returns:
     `[B, Q, H, D]` in q's dtype.
   """
   depth = q.shape[-1]
-  if impl == 'dot_product_attention':
+  if impl in FUSED_ATTENTION:
     # Boolean key mask: the fused kernel's bias path adds a [B,H,Q,K] operand.
     key_valid = jnp.broadcast_to(
         bias > (BERT_MASK_VALUE / 2), (q.shape[0], 1, q.shape[1], k.shape[1])
     )
-    return jax.nn.dot_product_attention(q, k, v, mask=key_valid)
+    return jax.nn.dot_product_attention(
+        q, k, v, mask=key_valid, implementation=FUSED_ATTENTION[impl]
+    )
   if impl != 'xla':
-    raise ValueError(f"model.attention_impl must be 'xla' or 'dot_product_attention', got {impl!r}")
+    raise ValueError(f'model.attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}')
   scores = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
   scores = scores / jnp.sqrt(jnp.float32(depth)) + bias
   probs = jax.nn.softmax(scores, axis=-1)

@@ -37,6 +37,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from capture_jax import storage
+from capture_jax.training import sharding
 
 # Model fields that change numerics or speed but not the parameter tree.
 LAYOUT_NEUTRAL_FIELDS = (
@@ -317,12 +318,6 @@ def restore_model_params(manager: ocp.CheckpointManager, step: int, abstract_par
       ),
   )
   return restored['state']['params']['model']
-
-
-def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
-  return jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
-  )
 
 
 def move_aside(manager: ocp.CheckpointManager, step: int) -> storage.Path:

@@ -7,31 +7,12 @@ import json
 import time
 from typing import Mapping
 
-import jax
 
-from capture_jax import storage
+from capture_jax import accelerators, storage
 from capture_jax.training import distributed
 
-# Peak dense bf16 FLOP/s per device, for model FLOP utilisation.
-PEAK_FLOPS = {
-    'H100': 989e12,
-    'H200': 989e12,
-    'A100': 312e12,
-    'L4': 121e12,
-    'TPU v4': 275e12,
-    'TPU v5 lite': 197e12,
-    'TPU v5e': 197e12,
-    'TPU v5p': 459e12,
-    'TPU v6 lite': 918e12,
-}
-
-
-def peak_flops(device: jax.Device) -> float | None:
-  kind = device.device_kind
-  for name, flops in PEAK_FLOPS.items():
-    if name in kind:
-      return flops
-  return None
+# Peak dense bf16 FLOP/s of a device, for model FLOP utilisation (one table: accelerators.py).
+peak_flops = accelerators.peak_flops
 
 
 METRICS_FILE = 'metrics.jsonl'

@@ -279,9 +279,33 @@ def batch_split_problems(batch_size: int, mesh: Mesh, field: str) -> list[str]:
         f"{field}={batch_size} is not divisible by the {n} devices of the mesh's batch axes "
         f"(data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']})"
     )
-  if batch_size % jax.process_count():
-    problems.append(f'{field}={batch_size} is not divisible by the {jax.process_count()} processes')
+  processes = mesh_process_count(mesh)
+  if batch_size % processes:
+    problems.append(f'{field}={batch_size} is not divisible by the {processes} processes')
   return problems
+
+
+def mesh_process_count(mesh) -> int:
+  """How many processes (hosts) drive the mesh's devices: the target's, not this host's, when
+  the mesh is of a topology's compile-only devices (this run's for an `AbstractMesh`)."""
+  if isinstance(mesh, jax.sharding.AbstractMesh):
+    return jax.process_count()
+  return len({d.process_index for d in mesh.devices.flat})
+
+
+def mesh_platform(mesh) -> str:
+  """'cpu', 'gpu' or 'tpu': the platform of the mesh's devices (this run's default backend for
+  an `AbstractMesh`)."""
+  if isinstance(mesh, jax.sharding.AbstractMesh):
+    return jax.default_backend()
+  return mesh.devices.flat[0].platform
+
+
+def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
+  """`ShapeDtypeStruct`s of the pytree `abstract`, each carrying its leaf of `shardings`."""
+  return jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+  )
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -32,7 +32,7 @@ def restore_on(config, workdir, devices, mesh_shape):
   _, _, abstract_state, shardings = state_lib.train_state_layout(config, mesh)
   manager = checkpoint_lib.make_manager(workdir, config.checkpoint)
   state, step = checkpoint_lib.restore_latest(
-      manager, checkpoint_lib.abstract_with_shardings(abstract_state, shardings), None
+      manager, sharding.abstract_with_shardings(abstract_state, shardings), None
   )
   manager.close()
   return state, step

@@ -1,0 +1,85 @@
+"""The one builder of the jitted, sharded train step, for every command that runs or compiles it.
+
+`train.py` runs it, the benchmarks time it, and `python -m capture_jax.aot`
+compiles it for a TPU or GPU topology from a CPU host: all three call
+`build_train_step`, so training and ahead-of-time compilation cannot disagree
+about the program (MaxText's `train_compile.py` shares its step the same way).
+The embedding-export step has its builder beside its consumers
+(`evaluation/embeddings.build_export_step`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import optax
+
+from capture_jax import batch as batch_lib
+from capture_jax.training import sharding
+from capture_jax.training import state as state_lib
+from capture_jax.training import train_step as train_step_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainStep:
+  """The train step of one config on one mesh, not yet compiled.
+
+  jitted: `(state, batch) -> (state, metrics)`, in and out shardings explicit, the state
+    donated; `batch` holds `batch_lib.TRAIN_KEYS`, each `[data.batch_size, ...]` split over
+    `('data', 'fsdp')`.
+  init_state: `key -> TrainState` from scratch (jit it with `out_shardings=state_shardings`).
+  abstract_state, abstract_batch: the step's arguments as `ShapeDtypeStruct`s with shardings,
+    enough to lower and compile it without any array (and for devices this host lacks).
+  """
+
+  mesh: Any
+  optimizer: optax.GradientTransformation
+  init_state: Callable[[jax.Array], Any]
+  state_shardings: Any
+  batch_sharding: jax.sharding.NamedSharding
+  abstract_state: Any
+  abstract_batch: dict[str, jax.ShapeDtypeStruct]
+  jitted: Any
+
+  def lower(self):
+    return self.jitted.lower(self.abstract_state, self.abstract_batch)
+
+  def compile(self) -> tuple[Any, float]:
+    """The compiled step and the seconds its compilation took."""
+    start = time.perf_counter()
+    compiled = self.lower().compile()
+    return compiled, time.perf_counter() - start
+
+
+def build_train_step(config: ml_collections.ConfigDict, mesh) -> TrainStep:
+  """The train step of `config` (its `data.batch_size` is the global batch) on `mesh`.
+
+  `mesh` may be of real devices or of a topology's compile-only devices.
+  """
+  optimizer, init_state, abstract_state, state_shardings = state_lib.train_state_layout(
+      config, mesh
+  )
+  batch_sharding = sharding.batch_sharding(mesh)
+  jitted = jax.jit(
+      train_step_lib.make_train_step(config, mesh, optimizer),
+      in_shardings=(state_shardings, batch_sharding),
+      out_shardings=(state_shardings, None),
+      donate_argnums=(0,),
+  )
+  abstract_batch = batch_lib.BatchLayout.from_config(config).abstract(
+      config.data.batch_size, sharding=batch_sharding
+  )
+  return TrainStep(
+      mesh=mesh,
+      optimizer=optimizer,
+      init_state=init_state,
+      state_shardings=state_shardings,
+      batch_sharding=batch_sharding,
+      abstract_state=sharding.abstract_with_shardings(abstract_state, state_shardings),
+      abstract_batch=abstract_batch,
+      jitted=jitted,
+  )
