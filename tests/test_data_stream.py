@@ -275,3 +275,39 @@ def test_other_settings_start_over_instead_of_resuming(world, tmp_path, capsys):
   assert 'starting over' in capsys.readouterr().out
   assert not os.path.exists(work)
   assert len(_records(out)['train']) == TINY.num_train
+
+
+# ----------------------------------------------------------------------------
+# 4. Apache Beam (DirectRunner): the same dataset, the same refusals.
+
+
+def test_beam_direct_runner_gives_the_same_dataset(world, reference, tmp_path):
+  pytest.importorskip('apache_beam', reason='apache-beam is the `beam` extra (see README)')
+  ref, ref_report = reference
+  options = [
+      '--runner=DirectRunner',
+      '--direct_num_workers=2',
+      '--direct_running_mode=multi_processing',
+  ]
+  report = _build(world, str(tmp_path / 'beam'), beam_options=options)
+  assert report['splits'] == ref_report['splits'] and report['engine'] == 'beam'
+  _assert_same_dataset(ref, str(tmp_path / 'beam'))
+  # Bad input: the same one-line error naming the annotation line, nothing left behind.
+  data = str(tmp_path / 'data')
+  shutil.copytree(world, data)
+  dev = [
+      a.item_id
+      for _, a in formats.read_annotations(os.path.join(data, 'product1m_dev_ossurl_v2.txt'))
+  ]
+  os.remove(os.path.join(data, 'features', f'{dev[2]}.npz'))
+  out = str(tmp_path / 'bad')
+  with pytest.raises(
+      formats.BadInputError, match=rf'product1m_dev_ossurl_v2.txt:3: image {dev[2]} '
+  ):
+    _build(data, out, beam_options=['--runner=DirectRunner'])
+  config_dir = os.path.dirname(product1m_tfds.dataset_dir(out))
+  assert not os.path.isdir(config_dir) or not os.listdir(config_dir)
+  skipped = _build(
+      data, str(tmp_path / 'skip'), skip_bad=True, beam_options=['--runner=DirectRunner']
+  )
+  assert skipped['splits']['dev']['by_kind'] == {'missing_features': 1}

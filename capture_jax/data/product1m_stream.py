@@ -536,7 +536,18 @@ def _beam_write(task_json: dict, spec_json: dict, work: str, plan_id: str, index
   if writer is None:
     writer = _BEAM_WRITERS[key] = ShardWriter(Spec(**spec_json), work, index)
   task = ShardTask(**task_json)
-  return task.order, writer.write(task, plan_id)['examples']
+  errors = epath.Path(work, WORK_DIR).glob('error-*.json')
+  if any(int(e.name[len('error-') : -len('.json')]) < task.order for e in errors):
+    return task.order, None  # an earlier shard failed: the build stops with its error
+  try:
+    return task.order, writer.write(task, plan_id)['examples']
+  except formats.BadInputError as err:
+    # Recorded, not raised: a runner would retry the bundle (Dataflow: 4 times) and report
+    # the error of whichever shard failed last; the driver raises the earliest shard's.
+    _write_json(
+        os.path.join(work, WORK_DIR, f'error-{task.order:06d}.json'), _error_record(task, err)
+    )
+    return task.order, None
 
 
 _BEAM_WRITERS: dict = {}
@@ -561,6 +572,9 @@ def _run_beam(spec, tasks, work, plan_id, index, beam_options: Sequence[str]) ->
             index=index,
         )
     )
+  errors = sorted(epath.Path(work, WORK_DIR).glob('error-*.json'))
+  if errors:
+    _raise_error_record(json.loads(errors[0].read_text()))
 
 
 # ----------------------------------------------------------------------------
