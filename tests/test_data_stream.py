@@ -311,3 +311,17 @@ def test_beam_direct_runner_gives_the_same_dataset(world, reference, tmp_path):
       data, str(tmp_path / 'skip'), skip_bad=True, beam_options=['--runner=DirectRunner']
   )
   assert skipped['splits']['dev']['by_kind'] == {'missing_features': 1}
+
+
+def test_cli_workers_and_beam_options(world, reference, tmp_path, capsys):
+  out = str(tmp_path / 'out')
+  argv = ['--data_dir', world, '--out', out, '--max_regions', '8', '--examples_per_shard', '7']
+  assert product1m_tfds.main(argv + ['--num_workers', '2']) == 0
+  assert capsys.readouterr().out.strip().splitlines()[-1] == product1m_tfds.dataset_dir(out)
+  _assert_same_dataset(reference[0], out)
+  assert product1m_tfds._beam_options('runner=DirectRunner, --direct_num_workers=2') == [
+      '--runner=DirectRunner',
+      '--direct_num_workers=2',
+  ]
+  assert product1m_tfds.main(argv + ['--num_workers', '0', '--overwrite']) == 1
+  assert 'error: num_workers must be at least 1' in capsys.readouterr().err
