@@ -12,6 +12,8 @@ input pipeline's samples/s on the last dataset (`capture_jax.bench.input`).
         --runs inline,processes2,beam2
 
 The dataset of each run is deleted after it is measured (except the last).
+`--parts` prints the CPU time of each step of one example (and of parsing a TSV
+row); `--input` the input pipeline's samples/s on the last dataset (one core).
 """
 
 from __future__ import annotations
@@ -96,12 +98,69 @@ def run_build(data_dir: str, out: str, run: str, features: str, examples_per_sha
   return res
 
 
+def cpu_breakdown(work_dir: str) -> str:
+  """CPU microseconds per example of each build step at 36 x 2,048, and of a TSV parse."""
+  from array_record.python import array_record_module as arm  # pylint: disable=import-outside-toplevel
+  from capture_jax.data import product1m_stream as ps  # pylint: disable=import-outside-toplevel
+  from capture_jax.data import product1m_tfds  # pylint: disable=import-outside-toplevel
+
+  spec = ps.Spec(work_dir, 'generated:36x2048', 'float16', 36, 2048, False, False)
+  w = ps.ShardWriter(spec, work_dir)
+  anns = [formats.Annotation(f'item{i:07d}', 'a title', 'u', 'v') for i in range(600)]
+
+  def per(fn, xs):
+    t = time.process_time()
+    out = [fn(x) for x in xs]
+    return (time.process_time() - t) / len(xs) * 1e6, out
+
+  g, rfs = per(lambda a: w.store.get(a.item_id), anns)
+  make = lambda a: product1m_tfds.make_example(
+      w.store, a, dtype=np.float16, feature_dim=2048, max_regions=36, with_cls_prob=False
+  )
+  _, exs = per(make, anns)
+  for x in exs:
+    x.pop('_truncated')
+  s, raws = per(w.serialize, exs)
+  path = os.path.join(work_dir, 'parts.array_record')
+  wr = arm.ArrayRecordWriter(path, 'group_size:1')
+  c, _ = per(wr.write, raws)
+  wr.close()
+  os.remove(path)
+  rows = [formats.format_tsv_row(rf) for rf, _ in rfs[:200]]
+  p, _ = per(formats.parse_tsv_row, rows)
+  return (
+      f'CPU us/example: generate {g:.0f}, encode+serialize {s:.0f}, ArrayRecord write {c:.0f}; '
+      f'TSV row parse {p:.0f} (mean {np.mean([len(r) for r in rows]) / 1e3:.0f} kB/row)'
+  )
+
+
+def input_rate(work_dir: str, tfds_dir: str) -> dict:
+  """`bench.input.measure` on one core over a dataset built here (vocab from its titles)."""
+  from capture_jax import config as config_lib  # pylint: disable=import-outside-toplevel
+  from capture_jax.bench import input as bench  # pylint: disable=import-outside-toplevel
+  from capture_jax.data import tokenizer  # pylint: disable=import-outside-toplevel
+
+  c = config_lib.base_config()
+  d = c.data
+  d.data_dir, d.tfds_dir = os.path.join(work_dir, 'data'), tfds_dir
+  d.vocab_file = os.path.join(work_dir, 'vocab.txt')
+  if not os.path.exists(d.vocab_file):
+    tokenizer.train_vocab(tokenizer.iter_titles(d.data_dir), 4000, d.vocab_file)
+  d.feature_dim = c.model.v_feature_size = 2048
+  d.max_regions, d.batch_size = 36, 256
+  d.num_workers = d.read_threads = d.prefetch_batches = 0
+  bench.pin_to_cores(1)
+  return bench.measure(c, warmup=3, batches=10, repeats=5)
+
+
 def main() -> None:
   work_dir = flags.DEFINE_string('work_dir', '/tmp/capture_build_rehearsal', 'Scratch folder.')
   num_train = flags.DEFINE_integer('num_train', 100_000, 'Training pairs.')
   runs = flags.DEFINE_list('runs', ['inline', 'processes2', 'beam2'], 'Engines to time.')
   features = flags.DEFINE_string('features', 'generated:36x2048', 'Feature store or generated:RxF.')
   per_shard = flags.DEFINE_integer('examples_per_shard', 2048, 'Examples per shard.')
+  parts = flags.DEFINE_bool('parts', False, 'Also print the CPU time of each build step.')
+  input_bench = flags.DEFINE_bool('input', False, 'Also time the input pipeline on it.')
 
   def run(argv) -> None:
     del argv
@@ -134,6 +193,10 @@ def main() -> None:
       if last and last != out:
         shutil.rmtree(last, ignore_errors=True)
       last = out
+    if parts.value:
+      print(cpu_breakdown(work_dir.value), flush=True)
+    if input_bench.value and last:
+      print('input pipeline (one core):', json.dumps(input_rate(work_dir.value, last)))
 
   cli.run(run)
 
