@@ -768,7 +768,12 @@ def _build_locked(
     if index:
       store.save_index(index)
   else:
-    store = open_store(features, index)
+    try:
+      store = open_store(features, index)
+    except (OSError, ValueError) as err:  # index lost or damaged: scan the TSVs again
+      print(f'note: re-indexing the features ({err})', flush=True)
+      store = open_store(features)
+      store.save_index(index)
   if not feature_dim:
     feature_dim = (
         store.feature_dim
