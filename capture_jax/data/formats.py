@@ -570,7 +570,9 @@ class FeatureStore:
   a dict of Python objects per image. Errors name the TSV and its line.
   """
 
-  def __init__(self, path: str):
+  def __init__(self, path: str, index: str | None = None):
+    """`index`: a file written by `save_index` for this `path`, read instead of
+    scanning the TSVs again (the parallel build scans once, its workers load it)."""
     if not os.path.exists(path):
       raise FileNotFoundError(f'feature store {path} does not exist')
     self.path = path
@@ -584,8 +586,27 @@ class FeatureStore:
       raise FileNotFoundError(f'no .tsv or .npz region features under {path}')
     self._npz = {os.path.splitext(os.path.basename(p))[0]: p for p in npzs}
     self._tsv_files = tsvs
-    self._tsv_ids, self._tsv_file, self._tsv_offset, self._tsv_line = self._index_tsvs(tsvs)
+    if index is None:
+      self._tsv_ids, self._tsv_file, self._tsv_offset, self._tsv_line = self._index_tsvs(tsvs)
+    else:
+      with np.load(index, allow_pickle=False) as saved:
+        if [str(p) for p in saved['files']] != tsvs:
+          raise ValueError(f'feature index {index} was made for other TSVs than those of {path}')
+        self._tsv_ids, self._tsv_file = saved['ids'], saved['file_index']
+        self._tsv_offset, self._tsv_line = saved['offset'], saved['line']
     self._handles: dict[int, IO[bytes]] = {}
+
+  def save_index(self, index: str) -> None:
+    """Writes the TSV index (ids, file, byte offset, line) for `FeatureStore(path, index)`."""
+    with open(index, 'wb') as f:
+      np.savez(
+          f,
+          files=np.array(self._tsv_files, dtype=str),
+          ids=self._tsv_ids,
+          file_index=self._tsv_file,
+          offset=self._tsv_offset,
+          line=self._tsv_line,
+      )
 
   @staticmethod
   def _index_tsvs(

@@ -268,37 +268,61 @@ class Product1M(tfds.core.GeneratorBasedBuilder):
 
   def _example(self, ann: formats.Annotation, dtype: type) -> dict:
     assert self._store is not None
-    rf, source = self._store.get(ann.item_id)
-    rf, truncated = formats.validate_regions(
-        rf, feature_dim=self._feature_dim, max_regions=self._max_regions, source=source
+    return make_example(
+        self._store,
+        ann,
+        dtype=dtype,
+        feature_dim=self._feature_dim,
+        max_regions=self._max_regions,
+        with_cls_prob=self._with_cls_prob,
     )
-    with np.errstate(over='ignore'):  # overflow is checked (and reported) below
-      stored = np.asarray(rf.features).astype(dtype)
-    if not np.isfinite(stored).all():
+
+
+def make_example(
+    store: Any,
+    ann: formats.Annotation,
+    *,
+    dtype: type,
+    feature_dim: int | None,
+    max_regions: int,
+    with_cls_prob: bool,
+) -> dict:
+  """The example of one annotation (the builder's features, plus `_truncated`).
+
+  `store` is a `formats.FeatureStore` (or anything with its `get`). Raises
+  `formats.BadInputError` naming the feature source and the image id.
+  """
+  rf, source = store.get(ann.item_id)
+  rf, truncated = formats.validate_regions(
+      rf, feature_dim=feature_dim, max_regions=max_regions, source=source
+  )
+  with np.errstate(over='ignore'):  # overflow is checked (and reported) below
+    stored = np.asarray(rf.features).astype(dtype)
+  if not np.isfinite(stored).all():
+    raise formats.BadInputError(
+        'nonfinite_features',
+        f'{source}: image {ann.item_id}: '
+        f'features overflow {dtype.__name__} (max |x| '
+        f'{np.abs(rf.features).max():.3g}); store as float32',
+    )
+  example = {
+      'item_id': ann.item_id,
+      'title': ann.title,
+      'labels': list(ann.labels),
+      'image_w': rf.image_w,
+      'image_h': rf.image_h,
+      'boxes': rf.boxes.astype(np.float32),
+      'features': stored,
+      '_truncated': truncated,
+  }
+  if with_cls_prob:
+    if rf.cls_prob is None:
       raise formats.BadInputError(
-          'nonfinite_features',
-          f'{source}: image {ann.item_id}: '
-          f'features overflow {dtype.__name__} (max |x| '
-          f'{np.abs(rf.features).max():.3g}); store as float32',
+          'missing_cls_prob',
+          f'{source}: image {ann.item_id} has no cls_prob, expected [num_boxes, classes]',
       )
-    example = {
-        'item_id': ann.item_id,
-        'title': ann.title,
-        'labels': list(ann.labels),
-        'image_w': rf.image_w,
-        'image_h': rf.image_h,
-        'boxes': rf.boxes.astype(np.float32),
-        'features': stored,
-        '_truncated': truncated,
-    }
-    if self._with_cls_prob:
-      if rf.cls_prob is None:
-        raise formats.BadInputError(
-            'missing_cls_prob',
-            f'{source}: image {ann.item_id} has no cls_prob, expected [num_boxes, classes]',
-        )
-      example['cls_prob'] = np.asarray(rf.cls_prob).astype(dtype)
-    return example
+    example['cls_prob'] = np.asarray(rf.cls_prob).astype(dtype)
+  return example
 
 
 def build(
@@ -313,54 +337,39 @@ def build(
     overwrite: bool = False,
     with_cls_prob: bool = False,
     progress: bool = True,
+    num_workers: int = 1,
+    examples_per_shard: int | None = None,
+    beam_options: Sequence[str] | None = None,
 ) -> dict:
   """Builds the ArrayRecord splits; returns (and writes next to them) a report.
 
+  The build streams (`product1m_stream`): bounded memory and no TensorFlow at
+  any split size, `num_workers` processes or an Apache Beam pipeline
+  (`beam_options`, e.g. `['--runner=DirectRunner']`), resumable after a kill.
+
   Returns:
     {'dataset_dir': ..., 'splits': {split: {'examples', 'skipped', 'by_kind',
-    'truncated'}}, 'empty_splits': {split: why}} for the splits built (or
+    'truncated'}}, 'empty_splits': {split: why}, ...} for the splits built (or
     found empty) now; both empty if the dataset existed and `overwrite` is
     False.
   """
-  builder = Product1M(
-      source_dir=data_dir,
+  from capture_jax.data import product1m_stream  # pylint: disable=import-outside-toplevel
+
+  return product1m_stream.build(
+      data_dir,
+      tfds_dir,
       features=features,
-      feature_dim=feature_dim,
+      storage_dtype=storage_dtype,
       max_regions=max_regions,
+      feature_dim=feature_dim,
       skip_bad=skip_bad,
-      data_dir=tfds_dir,
-      config=config_name(storage_dtype, with_cls_prob),
+      overwrite=overwrite,
+      with_cls_prob=with_cls_prob,
+      progress=progress,
+      num_workers=num_workers,
+      examples_per_shard=examples_per_shard or product1m_stream.DEFAULT_EXAMPLES_PER_SHARD,
+      beam_options=beam_options,
   )
-  mode = (
-      tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS
-      if overwrite
-      else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
-  )
-  if overwrite and os.path.isdir(builder.data_dir):
-    # TFDS refuses to regenerate into an existing version folder.
-    import shutil
-
-    shutil.rmtree(builder.data_dir)
-  from tensorflow_datasets.core.utils import tqdm_utils  # TFDS's progress switch is global
-
-  shown = getattr(tqdm_utils, '_active', True)
-  tfds.display_progress_bar(progress)
-  try:
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(download_mode=mode))
-  finally:
-    tfds.display_progress_bar(shown)
-  report = {
-      'dataset_dir': os.fspath(builder.data_dir),
-      'feature_dim': builder._feature_dim,
-      'max_regions': max_regions,
-      'storage_dtype': storage_dtype,
-      'splits': builder.reports,
-      'empty_splits': builder.empty_splits,
-  }
-  if builder.reports:
-    with open(os.path.join(os.fspath(builder.data_dir), REPORT_NAME), 'w') as f:
-      json.dump(report, f, indent=1)
-  return report
 
 
 def build_from_config(config: ml_collections.ConfigDict, overwrite: bool = False) -> dict:
@@ -418,9 +427,32 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> dict[str, flags
       'overwrite': flags.DEFINE_bool(
           'overwrite', False, 'Rebuild an existing dataset.', flag_values=fv
       ),
+      'num_workers': flags.DEFINE_integer(
+          'num_workers', 1, 'Processes writing shards on this host.', flag_values=fv
+      ),
+      'examples_per_shard': flags.DEFINE_integer(
+          'examples_per_shard',
+          None,
+          'Examples per ArrayRecord shard (default 2048).',
+          flag_values=fv,
+      ),
+      'beam_pipeline_options': flags.DEFINE_string(
+          'beam_pipeline_options',
+          None,
+          'Build on Apache Beam with these comma-separated pipeline options, e.g. '
+          '"runner=DirectRunner,direct_num_workers=2" (see README).',
+          flag_values=fv,
+      ),
   }
   flags.mark_flags_as_required(['data_dir', 'out'], flag_values=fv)
   return holders
+
+
+def _beam_options(text: str | None) -> list[str] | None:
+  """'runner=DataflowRunner,project=p' -> ['--runner=DataflowRunner', '--project=p']."""
+  if text is None:
+    return None
+  return ['--' + o.strip().lstrip('-') for o in text.split(',') if o.strip()]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -440,6 +472,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   code = cli.parse(fv, argv, __doc__.split('\n\n')[0])
   if code is not None:
     return code
+  from capture_jax.training import lock as lock_lib  # pylint: disable=import-outside-toplevel
+
   config_file = args['config'].value
   d = config_lib.load_config_file(config_file).data if config_file else config_lib.data_config()
   try:
@@ -453,8 +487,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         skip_bad=args['skip_bad'].value or d.skip_bad,
         overwrite=args['overwrite'].value,
         with_cls_prob=args['with_cls_prob'].value,
+        num_workers=args['num_workers'].value,
+        examples_per_shard=args['examples_per_shard'].value,
+        beam_options=_beam_options(args['beam_pipeline_options'].value),
     )
-  except (OSError, ValueError) as err:  # BadInputError is a ValueError
+  except (OSError, ValueError, lock_lib.LockedError) as err:  # BadInputError is a ValueError
     print(f'error: {err}', file=sys.stderr)
     return 1
   if not report['splits'] and not report['empty_splits']:

@@ -1,0 +1,857 @@
+"""The product1m dataset built by streaming: bounded memory, no TensorFlow, parallel, resumable.
+
+TFDS's own `download_and_prepare` keeps a split's serialized examples in
+memory up to 1 GB (`tensorflow_datasets/core/shuffle.py`) and past that
+spills them through `tf.io.gfile`, i.e. it needs TensorFlow for any split
+above ~7,000 paper-size examples (Product1M's train split has ~1M). This
+module writes the same dataset without that shuffler:
+
+1. **Plan** (one process, seconds for 1M lines). Each annotation file is read
+   once with `formats.read_annotations` (so bad lines, duplicates and the
+   `skip_bad` counts are exactly the reader's) and its usable samples are cut
+   into shards of `examples_per_shard` consecutive samples. A shard task is a
+   byte range of the annotation file plus the line numbers it keeps. The plan
+   depends neither on the number of workers nor on the engine, so every
+   worker count and Beam write the same shards with the same examples.
+2. **Write** each shard task, in any order and on any worker: read its lines,
+   look up the region features, make and serialize the examples (TFDS's
+   feature encoding and its bundled `tf.train.Example` proto), write them to
+   the shard's ArrayRecord file as they come (`group_size:1`, as TFDS's
+   ArrayRecord adapter), read the shard back (count + first and last record),
+   then write a done marker. Memory: one example plus the writer's buffer.
+3. **Publish**: check every shard against its marker, write TFDS's metadata
+   (`dataset_info.json`, `features.json`, split shard lengths, with the
+   builder's own `DatasetInfo`), and rename the folder into place.
+
+Workers: `num_workers=1` writes in this process; N > 1 uses N spawned
+processes pulling shard tasks in order; `beam_options` runs the shard tasks as
+an Apache Beam pipeline (DirectRunner, Dataflow, Spark, Flink).
+
+Interrupted, run twice, pointed at other files:
+
+* Everything is written into `{version}.incomplete/` next to the final
+  folder, which only appears (by one rename) when the dataset is complete and
+  checked; `tfds` ignores the incomplete folder (not a version name).
+* A build that fails on bad input removes its incomplete folder (nothing left
+  that a later run could take as finished). A build that is killed (kill -9,
+  preemption) leaves it; the next run with the same inputs and settings keeps
+  the shards whose marker matches and whose file reads back, rewrites the
+  others, and reports `resumed_shards`. Other inputs or settings: it starts
+  over. A marker whose shard does not read back (truncated, corrupted) is
+  noticed and that shard rewritten.
+* One build per dataset folder at a time: `{out}/product1m/.{config}.build.lock`
+  (`training.lock.FolderLock`); a second one is refused naming the first.
+
+Bad input in a worker stops the build with the error of the earliest shard
+in annotation order, at every worker count (later workers are stopped), so
+the message is the one a one-process build gives.
+
+`features='generated:36x2048'` makes deterministic features from each item id
+on the fly (up to 36 regions of 2,048 floats) instead of reading a feature
+store: for scale rehearsals without hundreds of GB of input files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+import tempfile
+import time
+import traceback
+import zlib
+from typing import Any, Sequence
+
+from etils import epath
+import numpy as np
+
+from capture_jax import storage
+from capture_jax.data import formats
+from capture_jax.data import product1m_tfds
+
+PLAN_VERSION = 1
+DEFAULT_EXAMPLES_PER_SHARD = 2048
+INCOMPLETE_SUFFIX = '.incomplete'
+WORK_DIR = '_build'  # markers, plan and feature index, inside the incomplete folder
+GENERATED_PREFIX = 'generated:'
+# ArrayRecord options of TFDS's ArrayRecordFileAdapter: one record per chunk, for random access.
+ARRAY_RECORD_OPTIONS = 'group_size:1'
+
+
+def lock_name(config: str) -> str:
+  """The build lock of a config, in `{tfds_dir}/product1m/` (outside the dataset folder)."""
+  return f'.{config}.build.lock'
+
+
+# ----------------------------------------------------------------------------
+# Features made on the fly.
+
+
+class GeneratedFeatures:
+  """A feature store that makes each image's regions from its id (`generated:RxF`).
+
+  Deterministic (seeded by crc32 of the id), between 10 and R regions of F
+  non-negative float32 values (like ReLU detector features), boxes inside a
+  640x480 image. Every id has features.
+  """
+
+  def __init__(self, spec: str):
+    try:
+      regions, dim = spec[len(GENERATED_PREFIX) :].split('x')
+      self.max_regions, self.feature_dim = int(regions), int(dim)
+    except ValueError:
+      raise ValueError(
+          f'expected {GENERATED_PREFIX}REGIONSxDIM (e.g. generated:36x2048), got {spec!r}'
+      )
+    if self.max_regions < 1 or self.feature_dim < 1:
+      raise ValueError(f'{spec!r}: regions and dim must be at least 1')
+    self.path = spec
+
+  def __contains__(self, image_id: str) -> bool:
+    return True
+
+  def get(self, image_id: str) -> tuple[formats.RegionFeatures, str]:
+    seed = zlib.crc32(image_id.encode())
+    rng = np.random.default_rng(seed)
+    n = min(self.max_regions, 10 + seed % max(1, self.max_regions - 9))
+    xy = rng.uniform(0, 320, (n, 2)).astype(np.float32)
+    wh = rng.uniform(8, 160, (n, 2)).astype(np.float32)
+    boxes = np.concatenate([xy, xy + wh], axis=1)
+    feats = rng.random((n, self.feature_dim), dtype=np.float32) * 4.0
+    return formats.RegionFeatures(image_id, 640, 480, boxes, feats), self.path
+
+  def close(self) -> None:
+    pass
+
+
+def open_store(features: str, index: str | None = None):
+  """The feature store of `features` (a path, or `generated:RxF`)."""
+  if features.startswith(GENERATED_PREFIX):
+    return GeneratedFeatures(features)
+  return formats.FeatureStore(features, index=index)
+
+
+# ----------------------------------------------------------------------------
+# The plan.
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+  """What every shard writer needs to know (JSON-able, sent to workers and Beam)."""
+
+  tfds_dir: str
+  features: str
+  storage_dtype: str
+  max_regions: int
+  feature_dim: int
+  skip_bad: bool
+  with_cls_prob: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardTask:
+  """One shard: samples `lines` of `ann_path`, within bytes [byte_start, byte_end).
+
+  `order` is the shard's rank over all splits in annotation order (the
+  earliest failing shard's error is the one reported).
+  """
+
+  order: int
+  split: str
+  index: int
+  num_shards: int
+  ann_path: str
+  byte_start: int
+  byte_end: int
+  first_line: int
+  lines: tuple[int, ...]
+
+  @property
+  def filename(self) -> str:
+    """TFDS's default shard name, `{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}`."""
+    return (
+        f'{product1m_tfds.NAME}-{self.split}.array_record-'
+        f'{self.index:05d}-of-{self.num_shards:05d}'
+    )
+
+
+def _line_offsets(path: str) -> np.ndarray:
+  """[num_lines + 1] int64: byte offset of the start of each line (and of the end)."""
+  offsets = [0]
+  with open(path, 'rb') as f:
+    for raw in f:
+      offsets.append(offsets[-1] + len(raw))
+  return np.asarray(offsets, np.int64)
+
+
+def plan_split(
+    split: str, path: str, examples_per_shard: int, skip_bad: bool
+) -> tuple[list[dict], formats.BadInputCounter]:
+  """Shard tasks (as dicts, `order` unset) of one annotation file, and its line-level counts.
+
+  Raises the reader's `BadInputError` (without `skip_bad`) on the first bad line.
+  """
+  counter = formats.BadInputCounter(skip_bad)
+  kept = [
+      lineno
+      for lineno, _ in formats.read_annotations(
+          path, require_labels=split in formats.LABELLED_SPLITS, counter=counter
+      )
+  ]
+  if not kept:
+    return [], counter
+  offsets = _line_offsets(path)
+  groups = [kept[i : i + examples_per_shard] for i in range(0, len(kept), examples_per_shard)]
+  tasks = []
+  for i, lines in enumerate(groups):
+    tasks.append(
+        dict(
+            split=split,
+            index=i,
+            num_shards=len(groups),
+            ann_path=path,
+            byte_start=int(offsets[lines[0] - 1]),
+            byte_end=int(offsets[lines[-1]]),
+            first_line=lines[0],
+            lines=tuple(lines),
+        )
+    )
+  return tasks, counter
+
+
+def _tree_stats(path: str) -> list:
+  """(relative path, size, mtime_ns) of a file or of every file under a folder."""
+  if path.startswith(GENERATED_PREFIX):
+    return [path]
+  if os.path.isfile(path):
+    st = os.stat(path)
+    return [[os.path.basename(path), st.st_size, st.st_mtime_ns]]
+  out = []
+  for root, _, names in sorted(os.walk(path)):
+    for name in sorted(names):
+      st = os.stat(os.path.join(root, name))
+      out.append([os.path.relpath(os.path.join(root, name), path), st.st_size, st.st_mtime_ns])
+  return out
+
+
+def fingerprint(spec: Spec, ann_paths: dict[str, str], examples_per_shard: int) -> str:
+  """Identifies the inputs and settings of a build: a resumed build must match it."""
+  blob = {
+      'plan_version': PLAN_VERSION,
+      'spec': dataclasses.asdict(spec) | {'tfds_dir': None},
+      'examples_per_shard': examples_per_shard,
+      'annotations': {s: [p, _tree_stats(p)] for s, p in ann_paths.items()},
+      'features': _tree_stats(spec.features),
+  }
+  return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------
+# Writing one shard (in this process, a worker process, or a Beam worker).
+
+
+def _read_task_lines(task: ShardTask):
+  """(lineno, Annotation) of the task's kept lines (already validated by the plan)."""
+  keep = set(task.lines)
+  require = task.split in formats.LABELLED_SPLITS
+  with open(task.ann_path, 'rb') as f:
+    f.seek(task.byte_start)
+    pos, lineno = task.byte_start, task.first_line
+    while pos < task.byte_end:
+      raw = f.readline()
+      if not raw:
+        raise ValueError(f'{task.ann_path} is shorter than when the build was planned')
+      if lineno in keep:
+        line = formats.decode_line(raw, path=task.ann_path, lineno=lineno)
+        yield lineno, formats.parse_annotation_line(
+            line, path=task.ann_path, lineno=lineno, require_labels=require
+        )
+      pos += len(raw)
+      lineno += 1
+
+
+def verify_shard(path: str, num_examples: int) -> None:
+  """Raises ValueError unless the ArrayRecord file at `path` reads back `num_examples` records.
+
+  ArrayRecord opens a truncated file as one with fewer records, so the count
+  is checked, and the first and last records are read (a corrupted chunk
+  fails its checksum there).
+  """
+  from array_record.python import array_record_module  # pylint: disable=import-outside-toplevel
+
+  try:
+    reader = array_record_module.ArrayRecordReader(path)
+    try:
+      n = reader.num_records()
+      if n != num_examples:
+        raise ValueError(f'shard {path} holds {n} records, expected {num_examples}')
+      if n:
+        reader.read([0, n - 1])
+    finally:
+      reader.close()
+  except ValueError:
+    raise
+  except Exception as err:  # the reader raises RuntimeError / OSError on bad chunks
+    raise ValueError(f'shard {path} does not read back: {err}') from err
+
+
+class ShardWriter:
+  """Writes shard tasks of one build; holds the feature store and serializer of a worker."""
+
+  def __init__(self, spec: Spec, work: str, index: str | None = None):
+    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+
+    self.spec = spec
+    self.work = work
+    self.store = open_store(spec.features, index)
+    builder = product1m_tfds.Product1M(
+        data_dir=spec.tfds_dir,
+        config=product1m_tfds.config_name(spec.storage_dtype, spec.with_cls_prob),
+    )
+    self.features = builder.info.features
+    self.serializer = tfds.core.example_serializer.ExampleSerializer(
+        self.features.get_serialized_info()
+    )
+    self.dtype = product1m_tfds.STORAGE_DTYPES[spec.storage_dtype]
+
+  def serialize(self, example: dict) -> bytes:
+    return self.serializer.serialize_example(self.features.encode_example(example))
+
+  def write(self, task: ShardTask, plan_id: str) -> dict:
+    """Writes `task`'s shard and its done marker; returns the marker."""
+    from array_record.python import array_record_module  # pylint: disable=import-outside-toplevel
+
+    final = os.path.join(self.work, task.filename)
+    remote = storage.is_remote(final)
+    local = tempfile.mktemp(suffix='.array_record') if remote else final
+    counter = formats.BadInputCounter(self.spec.skip_bad)
+    n = num_bytes = 0
+    writer = array_record_module.ArrayRecordWriter(local, ARRAY_RECORD_OPTIONS)
+    try:
+      for lineno, ann in _read_task_lines(task):
+        try:
+          example = product1m_tfds.make_example(
+              self.store,
+              ann,
+              dtype=self.dtype,
+              feature_dim=self.spec.feature_dim,
+              max_regions=self.spec.max_regions,
+              with_cls_prob=self.spec.with_cls_prob,
+          )
+        except formats.BadInputError as err:
+          counter.handle(formats.BadInputError(err.kind, f'{task.ann_path}:{lineno}: {err}'))
+          continue
+        if example.pop('_truncated'):
+          counter.truncated += 1
+        raw = self.serialize(example)
+        writer.write(raw)
+        n += 1
+        num_bytes += len(raw)
+    finally:
+      writer.close()
+    verify_shard(local, n)
+    if remote:
+      epath.Path(local).copy(epath.Path(final), overwrite=True)
+      os.remove(local)
+    marker = {
+        'plan': plan_id,
+        'shard': task.filename,
+        'examples': n,
+        'num_bytes': num_bytes,
+        'file_bytes': epath.Path(final).stat().length,
+        'counts': dict(counter.counts),
+        'first': dict(counter.examples),
+        'truncated': counter.truncated,
+    }
+    _write_json(_marker_path(self.work, task), marker)
+    return marker
+
+
+def _marker_path(work: str, task: ShardTask) -> str:
+  return os.path.join(work, WORK_DIR, task.filename + '.done.json')
+
+
+def _write_json(path: str, obj: Any) -> None:
+  """Atomically where the filesystem renames (a marker is whole or absent)."""
+  p = epath.Path(path)
+  tmp = p.parent / (p.name + '.tmp')
+  tmp.write_text(json.dumps(obj, indent=1))
+  tmp.replace(p)
+
+
+def _read_marker(work: str, task: ShardTask, plan_id: str) -> dict | None:
+  """The task's marker if its shard is finished and reads back, else None (logged)."""
+  p = epath.Path(_marker_path(work, task))
+  if not p.exists():
+    return None
+  try:
+    marker = json.loads(p.read_text())
+  except ValueError:
+    return None
+  if marker.get('plan') != plan_id or marker.get('shard') != task.filename:
+    return None
+  shard = os.path.join(work, task.filename)
+  try:
+    if epath.Path(shard).stat().length != marker['file_bytes']:
+      raise ValueError(f'shard {shard} has changed size since it was written')
+    if not storage.is_remote(shard):
+      verify_shard(shard, marker['examples'])
+  except (OSError, ValueError) as err:
+    logging.warning('product1m: rewriting a finished shard that does not read back: %s', err)
+    print(f'note: rewriting {task.filename}: {err}', flush=True)
+    return None
+  return marker
+
+
+# ----------------------------------------------------------------------------
+# Running the shard tasks: here, in N processes, or on Beam.
+
+
+def _error_record(task: ShardTask, err: BaseException) -> dict:
+  return {
+      'order': task.order,
+      'kind': getattr(err, 'kind', None),
+      'type': type(err).__name__,
+      'message': str(err),
+      'traceback': traceback.format_exc(),
+  }
+
+
+def _raise_error_record(rec: dict) -> None:
+  if rec['kind']:
+    raise formats.BadInputError(rec['kind'], rec['message'])
+  if rec['type'] in ('FileNotFoundError', 'PermissionError', 'OSError', 'IsADirectoryError'):
+    raise OSError(rec['message'])
+  raise RuntimeError(f'a build worker failed:\n{rec["traceback"]}')
+
+
+def _die_with_parent(parent: int) -> None:
+  """Linux: this worker gets SIGKILL when the build process dies (kill -9 included).
+
+  Otherwise an orphaned worker would go on writing into the incomplete folder
+  while the next build, which holds the lock, resumes there.
+  """
+  import ctypes  # pylint: disable=import-outside-toplevel
+  import signal  # pylint: disable=import-outside-toplevel
+
+  try:
+    ctypes.CDLL('libc.so.6', use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+  except OSError:
+    return
+  if os.getppid() != parent:  # the parent died before prctl took effect
+    os._exit(1)
+
+
+def _worker_main(
+    spec_json, tasks_json, work, plan_id, index, w, next_task, stop_at, current, parent
+):
+  """One worker process: takes the next task in order until none is left or the build stops."""
+  _die_with_parent(parent)
+  spec = Spec(**spec_json)
+  tasks = [ShardTask(**t) for t in tasks_json]
+  writer = ShardWriter(spec, work, index)
+  while True:
+    with next_task.get_lock():
+      i = next_task.value
+      next_task.value += 1
+    if i >= len(tasks) or tasks[i].order > stop_at.value:
+      break
+    current[w] = tasks[i].order
+    try:
+      writer.write(tasks[i], plan_id)
+    except BaseException as err:  # pylint: disable=broad-except
+      _write_json(
+          os.path.join(work, WORK_DIR, f'error-{tasks[i].order:06d}.json'),
+          _error_record(tasks[i], err),
+      )
+      with stop_at.get_lock():
+        stop_at.value = min(stop_at.value, tasks[i].order)
+      break
+  current[w] = 1 << 30
+
+
+def _run_processes(spec, tasks, work, plan_id, index, num_workers, on_done) -> None:
+  ctx = multiprocessing.get_context('spawn')  # no fork of a process that may hold threads
+  next_task = ctx.Value('i', 0)
+  stop_at = ctx.Value('i', 1 << 30)
+  current = ctx.Array('i', [-1] * num_workers)
+  tasks_json = [dataclasses.asdict(t) for t in tasks]
+  procs = [
+      ctx.Process(
+          target=_worker_main,
+          args=(
+              dataclasses.asdict(spec),
+              tasks_json,
+              work,
+              plan_id,
+              index,
+              w,
+              next_task,
+              stop_at,
+              current,
+              os.getpid(),
+          ),
+          daemon=True,
+      )
+      for w in range(num_workers)
+  ]
+  for p in procs:
+    p.start()
+  done: set[int] = set()
+  try:
+    while True:
+      alive = [p.is_alive() for p in procs]
+      for t in tasks:
+        if t.order not in done and epath.Path(_marker_path(work, t)).exists():
+          done.add(t.order)
+          on_done(1)
+      stop = stop_at.value
+      for w, p in enumerate(procs):
+        if alive[w] and current[w] > stop and current[w] != 1 << 30:
+          p.terminate()  # its shard comes after the failed one: no need to finish it
+      if not any(alive):
+        break
+      time.sleep(0.2)
+  finally:
+    for p in procs:
+      if p.is_alive():
+        p.terminate()
+      p.join()
+  errors = sorted(epath.Path(work, WORK_DIR).glob('error-*.json'))
+  if errors:
+    _raise_error_record(json.loads(errors[0].read_text()))
+  for w, p in enumerate(procs):
+    if p.exitcode not in (0, None) and p.exitcode != -15:
+      raise RuntimeError(f'build worker {w} died with exit code {p.exitcode}')
+
+
+def _beam_write(task_json: dict, spec_json: dict, work: str, plan_id: str, index: str | None):
+  """Beam's Map: writes one shard (the writer is cached per Beam worker process)."""
+  key = (json.dumps(spec_json, sort_keys=True), work, index)
+  writer = _BEAM_WRITERS.get(key)
+  if writer is None:
+    writer = _BEAM_WRITERS[key] = ShardWriter(Spec(**spec_json), work, index)
+  task = ShardTask(**task_json)
+  errors = epath.Path(work, WORK_DIR).glob('error-*.json')
+  if any(int(e.name[len('error-') : -len('.json')]) < task.order for e in errors):
+    return task.order, None  # an earlier shard failed: the build stops with its error
+  try:
+    return task.order, writer.write(task, plan_id)['examples']
+  except formats.BadInputError as err:
+    # Recorded, not raised: a runner would retry the bundle (Dataflow: 4 times) and report
+    # the error of whichever shard failed last; the driver raises the earliest shard's.
+    _write_json(
+        os.path.join(work, WORK_DIR, f'error-{task.order:06d}.json'), _error_record(task, err)
+    )
+    return task.order, None
+
+
+_BEAM_WRITERS: dict = {}
+
+
+def _run_beam(spec, tasks, work, plan_id, index, beam_options: Sequence[str]) -> None:
+  import apache_beam as beam  # pylint: disable=import-outside-toplevel
+  from apache_beam.options import pipeline_options  # pylint: disable=import-outside-toplevel
+
+  options = pipeline_options.PipelineOptions(list(beam_options))
+  with beam.Pipeline(options=options) as p:
+    _ = (
+        p
+        | 'ShardTasks' >> beam.Create([dataclasses.asdict(t) for t in tasks])
+        | 'Spread' >> beam.Reshuffle()
+        | 'WriteShards'
+        >> beam.Map(
+            _beam_write,
+            spec_json=dataclasses.asdict(spec),
+            work=work,
+            plan_id=plan_id,
+            index=index,
+        )
+    )
+  errors = sorted(epath.Path(work, WORK_DIR).glob('error-*.json'))
+  if errors:
+    _raise_error_record(json.loads(errors[0].read_text()))
+
+
+# ----------------------------------------------------------------------------
+# The build.
+
+
+def _merge_counts(split_counter: formats.BadInputCounter, markers: Sequence[dict]) -> dict:
+  """The split's report: the plan's line-level counts plus every shard's."""
+  c = formats.BadInputCounter(True)
+  c.counts.update(split_counter.counts)
+  c.examples.update(split_counter.examples)
+  for m in markers:
+    c.counts.update(m['counts'])
+    for kind, msg in m['first'].items():
+      c.examples.setdefault(kind, msg)
+    c.truncated += m['truncated']
+  return c
+
+
+def _publish(
+    spec: Spec,
+    work: str,
+    final: str,
+    split_tasks: dict[str, list[ShardTask]],
+    markers: dict[int, dict],
+) -> None:
+  """Checks the shards, writes TFDS's metadata into `work`, renames it to `final`."""
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+
+  builder = product1m_tfds.Product1M(
+      data_dir=spec.tfds_dir,
+      config=product1m_tfds.config_name(spec.storage_dtype, spec.with_cls_prob),
+  )
+  info = builder.info
+  split_infos = []
+  for split, tasks in split_tasks.items():
+    for t in tasks:
+      verify_shard(os.path.join(work, t.filename), markers[t.order]['examples'])
+    template = tfds.core.naming.ShardedFileTemplate(
+        data_dir=epath.Path(final),
+        dataset_name=product1m_tfds.NAME,
+        split=split,
+        filetype_suffix='array_record',
+    )
+    split_infos.append(
+        tfds.core.SplitInfo(
+            name=split,
+            shard_lengths=[markers[t.order]['examples'] for t in tasks],
+            num_bytes=sum(markers[t.order]['num_bytes'] for t in tasks),
+            filename_template=template,
+        )
+    )
+  info.set_splits(tfds.core.SplitDict(split_infos))
+  info.write_to_directory(epath.Path(work))
+  shutil.rmtree(os.path.join(work, WORK_DIR))
+  os.replace(work, final)
+
+
+def build(
+    data_dir: str,
+    tfds_dir: str,
+    *,
+    features: str | None = None,
+    storage_dtype: str = 'float16',
+    max_regions: int = 36,
+    feature_dim: int | None = None,
+    skip_bad: bool = False,
+    overwrite: bool = False,
+    with_cls_prob: bool = False,
+    progress: bool = True,
+    num_workers: int = 1,
+    examples_per_shard: int = DEFAULT_EXAMPLES_PER_SHARD,
+    beam_options: Sequence[str] | None = None,
+) -> dict:
+  """Builds the ArrayRecord splits (see the module docstring); returns the report.
+
+  Returns:
+    {'dataset_dir', 'feature_dim', 'max_regions', 'storage_dtype', 'splits':
+    {split: {'examples', 'skipped', 'by_kind', 'truncated'}}, 'empty_splits':
+    {split: why}, 'shards': {split: count}, 'resumed_shards': int,
+    'num_workers', 'engine'}; splits and empty_splits empty if the dataset
+    existed and `overwrite` is False.
+  """
+  from capture_jax import progress as progress_lib  # pylint: disable=import-outside-toplevel
+  from capture_jax.training import lock as lock_lib  # pylint: disable=import-outside-toplevel
+
+  if num_workers < 1:
+    raise ValueError(f'num_workers must be at least 1, got {num_workers}')
+  if examples_per_shard < 1:
+    raise ValueError(f'examples_per_shard must be at least 1, got {examples_per_shard}')
+  config = product1m_tfds.config_name(storage_dtype, with_cls_prob)
+  final = product1m_tfds.dataset_dir(tfds_dir, storage_dtype, with_cls_prob)
+  features = features or os.path.join(data_dir, 'features')
+  report: dict[str, Any] = {
+      'dataset_dir': final,
+      'feature_dim': feature_dim,
+      'max_regions': max_regions,
+      'storage_dtype': storage_dtype,
+      'splits': {},
+      'empty_splits': {},
+  }
+  with lock_lib.FolderLock(
+      os.path.join(tfds_dir, product1m_tfds.NAME), lock_name(config), 'product1m build', True
+  ):
+    if os.path.isdir(final):
+      if not overwrite:
+        return report
+      shutil.rmtree(final)
+    work = final + INCOMPLETE_SUFFIX
+    try:
+      return _build_locked(
+          data_dir,
+          tfds_dir,
+          features,
+          storage_dtype,
+          max_regions,
+          feature_dim,
+          skip_bad,
+          with_cls_prob,
+          progress,
+          num_workers,
+          examples_per_shard,
+          beam_options,
+          work,
+          final,
+          report,
+          progress_lib,
+      )
+    except Exception:
+      # Bad input or a failed worker: leave nothing a later run could take as finished.
+      shutil.rmtree(work, ignore_errors=True)
+      config_dir = os.path.dirname(final)
+      if os.path.isdir(config_dir) and not os.listdir(config_dir):
+        os.rmdir(config_dir)
+      raise
+
+
+def _build_locked(
+    data_dir,
+    tfds_dir,
+    features,
+    storage_dtype,
+    max_regions,
+    feature_dim,
+    skip_bad,
+    with_cls_prob,
+    progress,
+    num_workers,
+    examples_per_shard,
+    beam_options,
+    work,
+    final,
+    report,
+    progress_lib,
+) -> dict:
+  paths = {
+      s: os.path.join(data_dir, formats.annotation_filename(s))
+      for s in formats.SPLITS
+      if os.path.exists(os.path.join(data_dir, formats.annotation_filename(s)))
+  }
+  if not paths:
+    raise FileNotFoundError(f'no product1m_{{train,gallery,dev,test}}_ossurl_v2.txt in {data_dir}')
+  # Settings and inputs identify the plan; the feature width is part of them.
+  probe = Spec(
+      tfds_dir, features, storage_dtype, max_regions, feature_dim or 0, skip_bad, with_cls_prob
+  )
+  plan_id = fingerprint(probe, paths, examples_per_shard)
+  plan_file = os.path.join(work, WORK_DIR, 'plan.json')
+  index = (
+      None if features.startswith(GENERATED_PREFIX) else os.path.join(work, WORK_DIR, 'index.npz')
+  )
+  previous = None
+  if os.path.exists(plan_file):
+    try:
+      previous = json.load(open(plan_file))
+    except ValueError:
+      previous = None
+  if previous is None or previous.get('plan') != plan_id:
+    if os.path.isdir(work):
+      print(f'note: starting over: {work} was left by a build of other inputs or settings')
+      shutil.rmtree(work)
+    previous = None
+  else:
+    print(f'note: resuming the interrupted build in {work}', flush=True)
+  os.makedirs(os.path.join(work, WORK_DIR), exist_ok=True)
+  for stale in epath.Path(work, WORK_DIR).glob('error-*.json'):
+    stale.unlink()
+
+  if previous is None:
+    store = open_store(features)
+    if index:
+      store.save_index(index)
+  else:
+    try:
+      store = open_store(features, index)
+    except (OSError, ValueError) as err:  # index lost or damaged: scan the TSVs again
+      print(f'note: re-indexing the features ({err})', flush=True)
+      store = open_store(features)
+      store.save_index(index)
+  if not feature_dim:
+    feature_dim = (
+        store.feature_dim
+        if isinstance(store, GeneratedFeatures)
+        else product1m_tfds._infer_feature_dim(store, list(paths.values()))
+    )
+  store.close()
+  spec = Spec(tfds_dir, features, storage_dtype, max_regions, feature_dim, skip_bad, with_cls_prob)
+  report['feature_dim'] = feature_dim
+
+  split_tasks: dict[str, list[ShardTask]] = {}
+  split_counters: dict[str, formats.BadInputCounter] = {}
+  order = 0
+  for split, path in paths.items():
+    planned, counter = plan_split(split, path, examples_per_shard, skip_bad)
+    split_counters[split] = counter
+    split_tasks[split] = []
+    for t in planned:
+      split_tasks[split].append(ShardTask(order=order, **t))
+      order += 1
+  _write_json(plan_file, {'plan': plan_id, 'spec': dataclasses.asdict(spec)})
+  tasks = [t for ts in split_tasks.values() for t in ts]
+
+  markers: dict[int, dict] = {}
+  for t in tasks:
+    m = _read_marker(work, t, plan_id) if previous is not None else None
+    if m is not None:
+      markers[t.order] = m
+  resumed = len(markers)
+  pending = [t for t in tasks if t.order not in markers]
+  bar = progress_lib.Progress(len(tasks), 'product1m shards', 'shard', enabled=progress)
+  bar.update(resumed)
+  engine = 'beam' if beam_options is not None else ('processes' if num_workers > 1 else 'inline')
+  if pending:
+    if beam_options is not None:
+      _run_beam(spec, pending, work, plan_id, index, beam_options)
+    elif num_workers > 1:
+      _run_processes(spec, pending, work, plan_id, index, num_workers, bar.update)
+    else:
+      writer = ShardWriter(spec, work, index)
+      for t in pending:
+        writer.write(t, plan_id)
+        bar.update(1)
+  bar.close()
+  for t in pending:
+    m = _read_marker(work, t, plan_id)
+    if m is None:
+      raise RuntimeError(f'shard {t.filename} has no done marker after its worker finished')
+    markers[t.order] = m
+
+  built: dict[str, list[ShardTask]] = {}
+  for split, ts in split_tasks.items():
+    counter = _merge_counts(split_counters[split], [markers[t.order] for t in ts])
+    n = sum(markers[t.order]['examples'] for t in ts)
+    if not n:
+      report['empty_splits'][split] = (
+          f'{paths[split]} holds no sample (empty, or blank lines only)'
+          if not counter.total
+          else f'{paths[split]}: every sample is bad and was skipped ({counter.summary()})'
+      )
+      logging.warning('product1m: split %s is not built: %s', split, report['empty_splits'][split])
+      for t in ts:
+        os.remove(os.path.join(work, t.filename))
+      continue
+    report['splits'][split] = {'examples': n, **counter.as_dict()}
+    if counter.total or counter.truncated:
+      logging.warning('product1m %s: %s', split, counter.summary())
+    built[split] = ts
+  if not built:
+    raise ValueError(
+        'no split has a usable sample, nothing to build: '
+        + '; '.join(report['empty_splits'].values())
+    )
+  report['shards'] = {s: len(ts) for s, ts in built.items()}
+  report['resumed_shards'] = resumed
+  report['num_workers'] = num_workers
+  report['engine'] = engine
+  with open(os.path.join(work, product1m_tfds.REPORT_NAME), 'w') as f:
+    json.dump(report, f, indent=1)
+  _publish(spec, work, final, built, markers)
+  return report
