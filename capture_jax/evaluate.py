@@ -46,6 +46,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from capture_jax import cli
+from capture_jax import config as config_lib
 from capture_jax import export as export_lib
 from capture_jax import instances as instances_lib
 from capture_jax import storage
@@ -803,7 +804,7 @@ def define_flags() -> dict[str, Any]:
 
 
 def main(args: dict[str, Any]) -> None:
-
+  config_lib.check_or_exit(args['config'].value)
   distributed.initialize()
   try:
     result = evaluate(

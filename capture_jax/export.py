@@ -52,6 +52,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from capture_jax import cli
+from capture_jax import config as config_lib
 from capture_jax import batch as batch_lib
 from capture_jax import instances as instances_lib
 from capture_jax import progress as progress_lib
@@ -659,7 +660,7 @@ def define_flags() -> dict[str, Any]:
 
 
 def main(args: dict[str, Any]) -> None:
-
+  config_lib.check_or_exit(args['config'].value)
   distributed.initialize()
   try:
     export(

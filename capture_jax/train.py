@@ -33,6 +33,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from capture_jax import cli
+from capture_jax import config as config_lib
 from capture_jax import batch as batch_lib
 from capture_jax import progress as progress_lib
 from capture_jax import storage
@@ -98,26 +99,13 @@ class Preemption:
 
 
 def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
-  d, t, m = config.data, config.train, config.model
+  """The checks that depend on the mesh; every field's own range is `config.validate`'s."""
+  d, t = config.data, config.train
   problems = sharding.batch_split_problems(d.batch_size, mesh, 'data.batch_size')
   per_device = d.batch_size // sharding.batch_devices(mesh)
   if not problems and (t.microbatches < 1 or per_device % t.microbatches):
     problems.append(
         f'train.microbatches={t.microbatches} must divide the per-device batch {per_device}'
-    )
-  if d.feature_dim != m.v_feature_size:
-    problems.append(
-        f'data.feature_dim={d.feature_dim} differs from model.v_feature_size={m.v_feature_size}'
-    )
-  if t.init not in state_lib.INIT_KINDS:
-    problems.append(f'train.init must be one of {state_lib.INIT_KINDS}, got {t.init!r}')
-  if t.init != 'scratch' and not t.init_path:
-    problems.append(f'train.init={t.init!r} needs train.init_path')
-  if t.num_steps < 1:
-    problems.append(f'train.num_steps must be positive, got {t.num_steps}')
-  if t.max_consecutive_skipped < 0:
-    problems.append(
-        f'train.max_consecutive_skipped must be >= 0 (0: never stop), got {t.max_consecutive_skipped}'
     )
   if problems:
     raise ValueError('bad configuration:\n  - ' + '\n  - '.join(problems))
@@ -195,6 +183,7 @@ def run(
     devices=None,
 ) -> RunResult:
   """Trains until `train.num_steps` (or `stop_after_steps` more steps, or a preemption signal)."""
+  config_lib.validate(config)  # every field's type and range, before anything else
   workdir = storage.as_path(workdir)
   mesh = sharding.make_mesh(config.mesh, devices)
   validate_config(config, mesh)

@@ -70,20 +70,34 @@ def largest_file(folder) -> Path:
 # Divergence.
 
 
+def released_weights_with_a_nan(cfg, folder: Path) -> dict:
+  """`train` overrides that start from a released state_dict one of whose tensors holds a NaN."""
+  from tests.helpers import release_state_dict  # pylint: disable=import-outside-toplevel
+
+  state_dict = release_state_dict(cfg.model, seed=3)
+  state_dict['bert.embeddings.LayerNorm.bias'][0] = np.nan
+  np.savez(folder / 'release.npz', **state_dict)
+  return {'init': 'release', 'init_path': str(folder / 'release.npz')}
+
+
 @pytest.mark.parametrize(
-    'learning_rate, message',
+    'cause, message',
     [
         # Step 2 makes the parameters huge but finite; every later update is skipped.
-        (1e30, r'the last 3 updates \(to step 5\) were skipped'),
-        # An infinite rate makes them NaN at step 1 (finite gradients: not skipped), saved first.
-        (float('inf'), r'the parameters at step 1 are not finite; this state is not checkpointed'),
+        ('learning_rate', r'the last 3 updates \(to step 5\) were skipped'),
+        # (An infinite learning rate is refused by the config schema.) Parameters that are NaN
+        # from the start: the state of step 1, saved first, is refused.
+        ('nan_weights', r'the parameters at step 1 are not finite; this state is not checkpointed'),
     ],
     ids=['skipped_updates', 'nonfinite_params'],
 )
-def test_diverged_run_stops_and_never_saves_nonfinite_parameters(
-    config, tmp_path, learning_rate, message
-):
-  cfg = copy(config, learning_rate=learning_rate, max_consecutive_skipped=3, num_steps=8)
+def test_diverged_run_stops_and_never_saves_nonfinite_parameters(config, tmp_path, cause, message):
+  overrides = (
+      {'learning_rate': 1e30}
+      if cause == 'learning_rate'
+      else released_weights_with_a_nan(config, tmp_path)
+  )
+  cfg = copy(config, max_consecutive_skipped=3, num_steps=8, **overrides)
   with pytest.raises(train.TrainingDivergedError, match=message):
     train.run(cfg, tmp_path)
   for step in steps_on_disk(tmp_path):
@@ -92,7 +106,7 @@ def test_diverged_run_stops_and_never_saves_nonfinite_parameters(
 
 
 def test_diverged_run_exits_1_from_the_command_line(config, tmp_path):
-  cfg = copy(config, learning_rate=float('inf'), max_consecutive_skipped=3)
+  cfg = copy(config, learning_rate=1e30, max_consecutive_skipped=3, num_steps=8)
   (tmp_path / 'config.json').write_text(cfg.to_json())
   (tmp_path / 'config.py').write_text(
       'import json, ml_collections\n'
