@@ -124,10 +124,12 @@ class SkipMonitor:
   A step is skipped exactly when the cumulative count grew.
   """
 
-  def __init__(self, limit: int, skipped_before: int):
+  def __init__(self, limit: int, skipped_before: int, consecutive_before: int = 0):
     self.limit = limit
     self.last = skipped_before
-    self.consecutive = 0
+    # Kept in the checkpoint (`loop`), so that a run preempted more often than `limit` steps
+    # still stops.
+    self.consecutive = consecutive_before
     self.pending: list[tuple[int, Any]] = []
 
   def add(self, step: int, skipped_updates: Any) -> None:
@@ -310,7 +312,12 @@ def _train(
   )
   writer = metrics_lib.MetricWriter(workdir, start_step=start)
   closers.append(writer.close)
-  skips = SkipMonitor(config.train.max_consecutive_skipped, int(jax.device_get(state.skipped)))
+  loop = checkpoint_lib.saved_loop(manager, start) if restored is not None else {}
+  skips = SkipMonitor(
+      config.train.max_consecutive_skipped,
+      int(jax.device_get(state.skipped)),
+      loop.get('consecutive_skipped', 0),
+  )
   limit = config.train.max_consecutive_skipped
   check_every = min(config.train.log_every, limit) if limit else config.train.log_every
   progress = progress_lib.Progress(
@@ -363,7 +370,14 @@ def _train(
       if manager.should_save(step):
         check_before_save(state, step, skips)
         writer.flush()  # the rows up to a checkpoint are durable before it
-        checkpoint_lib.save(manager, step, state, data_iterator, config)
+        checkpoint_lib.save(
+            manager,
+            step,
+            state,
+            data_iterator,
+            config,
+            loop={'consecutive_skipped': skips.consecutive},
+        )
       if preemption.agreed():
         preempted = True
         break
@@ -372,7 +386,15 @@ def _train(
   if manager.latest_step() != step:
     check_before_save(state, step, skips)
     writer.flush()
-    checkpoint_lib.save(manager, step, state, data_iterator, config, force=True)
+    checkpoint_lib.save(
+        manager,
+        step,
+        state,
+        data_iterator,
+        config,
+        force=True,
+        loop={'consecutive_skipped': skips.consecutive},
+    )
   if preempted and is_main:
     print(
         f'stopped at step {step} on request; checkpoint saved in {checkpoint_lib.checkpoint_dir(workdir)}. '

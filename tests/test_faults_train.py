@@ -105,6 +105,22 @@ def test_diverged_run_stops_and_never_saves_nonfinite_parameters(config, tmp_pat
   assert not (tmp_path / 'train.lock').read_text()  # the lock was released
 
 
+def test_consecutive_skips_survive_a_resume(config, tmp_path):
+  """A diverging run preempted more often than `max_consecutive_skipped` steps still stops: the
+  count is kept in the checkpoint (`loop`), not restarted at every resume."""
+  # lr 1e30: step 2 makes the parameters huge, steps 3, 4, ... are skipped.
+  cfg = copy(config, learning_rate=1e30, max_consecutive_skipped=4, num_steps=6)
+  first = train.run(cfg, tmp_path, stop_after_steps=3)  # steps 1-3: one skipped, saved at 3
+  assert int(first.last_metrics['skipped_updates']) == 1
+  manager = checkpoint_lib.make_manager(tmp_path, cfg.checkpoint)
+  assert checkpoint_lib.saved_loop(manager, 3) == {'consecutive_skipped': 1}
+  manager.close()
+  # Steps 4-6 are the 2nd to 4th skips in a row: restarted at 0, the count would end at 3.
+  with pytest.raises(train.TrainingDivergedError, match=r'the last 4 updates \(to step 6\)'):
+    train.run(cfg, tmp_path)
+  assert steps_on_disk(tmp_path)[-1] == 4  # saved before the 4th skip
+
+
 def test_diverged_run_exits_1_from_the_command_line(config, tmp_path):
   cfg = copy(config, learning_rate=1e30, max_consecutive_skipped=3, num_steps=8)
   (tmp_path / 'config.json').write_text(cfg.to_json())
