@@ -10,7 +10,7 @@ AOT_STAMP := $(AOT_COMPILERS)/.installed
 
 .PHONY: demo ablation test format install clean
 
-$(STAMP): requirements.txt requirements-test.txt pyproject.toml
+$(STAMP): requirements.txt requirements-test.txt requirements-beam.txt pyproject.toml
 	@echo ">> creating $(VENV) and installing the pinned requirements"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt -r requirements-test.txt

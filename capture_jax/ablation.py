@@ -27,6 +27,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from capture_jax import cli
+from capture_jax import config as config_lib
 from capture_jax import demo as demo_lib
 
 
@@ -188,7 +189,13 @@ def main() -> None:
       'data_workdir', 'runs/demo', 'Where the demo data set is (or goes).'
   )
   variants = flags.DEFINE_string('variants', ','.join(VARIANTS), 'Comma-separated variants.')
-  cli.run(lambda argv: run(config_flag.value, workdir.value, data_workdir.value, variants.value))
+
+  def checked_run(argv) -> None:
+    del argv
+    config_lib.check_or_exit(config_flag.value)
+    run(config_flag.value, workdir.value, data_workdir.value, variants.value)
+
+  cli.run(checked_run)
 
 
 if __name__ == '__main__':

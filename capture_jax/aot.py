@@ -203,12 +203,14 @@ def compile_step(
   """
   import jax  # pylint: disable=import-outside-toplevel
 
+  from capture_jax import config as config_lib  # pylint: disable=import-outside-toplevel
   from capture_jax import train  # pylint: disable=import-outside-toplevel
   from capture_jax.evaluation import embeddings  # pylint: disable=import-outside-toplevel
   from capture_jax.training import sharding  # pylint: disable=import-outside-toplevel
   from capture_jax.training import state as state_lib  # pylint: disable=import-outside-toplevel
   from capture_jax.training import steps as steps_lib  # pylint: disable=import-outside-toplevel
 
+  config_lib.validate(config)
   mesh = sharding.make_mesh(config.mesh, devices)
   check_traceable_here(config, target)
   if step == 'train':

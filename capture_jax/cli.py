@@ -41,14 +41,32 @@ def quiet_libraries() -> None:
     logging.set_verbosity(logging.WARNING)
 
 
+def parse_flags_or_exit(argv: list[str]) -> list[str]:
+  """absl's flag parsing for `app.run`, with a refused flag as one `error:` line and exit status 1
+  (no traceback): a bad value, and a `--config.X=V` override of a field that does not exist
+  (ml_collections raises AttributeError or KeyError there, with its suggestion on another line;
+  `config.unknown_override` names the field and the nearest one)."""
+  from capture_jax import config as config_lib  # pylint: disable=import-outside-toplevel
+
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as err:
+    message = str(err).replace('\n', ' ')
+  except (AttributeError, KeyError) as err:
+    unknown = [m for m in map(config_lib.unknown_override, argv[1:]) if m]
+    message = '; '.join(unknown) or ' '.join(str(err).replace('\\n', ' ').split())
+  print(f'error: {message} (see --help)', file=sys.stderr, flush=True)
+  sys.exit(1)
+
+
 def run(main: Callable[[list[str]], Any]) -> None:
-  """`absl.app.run(main)` with library INFO logs kept quiet (`quiet_libraries`) and, on a host
-  without accelerators, JAX on its CPU backend without probing TPU or GPU plugins: the entry of
-  every command."""
+  """`absl.app.run(main)` with library INFO logs kept quiet (`quiet_libraries`), flag errors
+  as one `error:` line (`parse_flags_or_exit`) and, on a host without accelerators, JAX on its
+  CPU backend without probing TPU or GPU plugins: the entry of every command."""
 
   def quiet_main(argv: list[str]) -> Any:
     quiet_libraries()
     accelerators.default_to_cpu_without_accelerators()
     return main(argv)
 
-  app.run(quiet_main)
+  app.run(quiet_main, flags_parser=parse_flags_or_exit)

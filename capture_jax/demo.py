@@ -25,6 +25,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from capture_jax import cli
+from capture_jax import config as config_lib
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -221,7 +222,13 @@ def main() -> None:
       'config', str(REPO / 'configs' / 'demo.py'), 'A configs/*.py file.', lock_config=False
   )
   workdir_flag = flags.DEFINE_string('workdir', 'runs/demo', 'Where the demo writes everything.')
-  cli.run(lambda argv: run(config_flag.value, workdir_flag.value))
+
+  def checked_run(argv) -> None:
+    del argv
+    config_lib.check_or_exit(config_flag.value)
+    run(config_flag.value, workdir_flag.value)
+
+  cli.run(checked_run)
 
 
 if __name__ == '__main__':

@@ -46,6 +46,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from capture_jax import cli
+from capture_jax import config as config_lib
 from capture_jax import export as export_lib
 from capture_jax import instances as instances_lib
 from capture_jax import storage
@@ -309,7 +310,15 @@ def ensure_exports(
     progress: bool | None = None,
 ) -> tuple[dict[str, emb_lib.Embeddings], dict[str, float]]:
   """Runs the exports that are not complete yet (one compiled step for all), then reads every job's."""
-  todo = [j for j in jobs if export_lib.completed_export(j.out_dir, j.plan(config)) is None]
+  # Decided on process 0: every process must run the same exports (collectives).
+  todo_ids = distributed.decide_on_main(
+      lambda: [
+          i
+          for i, j in enumerate(jobs)
+          if export_lib.completed_export(j.out_dir, j.plan(config)) is None
+      ]
+  )
+  todo = [jobs[i] for i in todo_ids]
   rates: dict[str, float] = {}
   if todo:
     mesh = sharding.make_mesh(config.mesh, devices)
@@ -803,7 +812,7 @@ def define_flags() -> dict[str, Any]:
 
 
 def main(args: dict[str, Any]) -> None:
-
+  config_lib.check_or_exit(args['config'].value)
   distributed.initialize()
   try:
     result = evaluate(

@@ -52,6 +52,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from capture_jax import cli
+from capture_jax import config as config_lib
 from capture_jax import batch as batch_lib
 from capture_jax import instances as instances_lib
 from capture_jax import progress as progress_lib
@@ -386,7 +387,9 @@ def export_split(
   out_dir = storage.as_path(out_dir)
   plan = rows_plan(config, rows, embedder.kind, checkpoint_step, checkpoint_id)
   with lock_lib.FolderLock(out_dir, LOCK_FILE, 'export'):
-    done = reusable_export(out_dir, plan, overwrite, replace_other)
+    done = distributed.decide_on_main(
+        lambda: reusable_export(out_dir, plan, overwrite, replace_other)
+    )
     if done is not None:
       return ExportResult(out_dir, done, [], True, None)
     return _export_locked(
@@ -409,12 +412,16 @@ def _export_locked(
     emb_lib.write_metadata(out_dir, {**plan, 'complete': False})
   _sync(f'export start {out_dir}')  # every process sees the same shard files from here on
 
-  # A shard that does not read as a whole file (truncated) is computed again.
-  missing = [
-      s
-      for s in range(num_shards)
-      if not shard_readable(out_dir / emb_lib.shard_name(s, num_shards))
-  ]
+  # A shard that does not read as a whole file (truncated) is computed again. Decided on
+  # process 0 (it writes the shards): a read error on another process must not give it another
+  # list, and so other collectives.
+  missing = distributed.decide_on_main(
+      lambda: [
+          s
+          for s in range(num_shards)
+          if not shard_readable(out_dir / emb_lib.shard_name(s, num_shards))
+      ]
+  )
   batches_per_shard = shard_rows // embedder.batch_size
   iterator = None
   if missing:
@@ -576,7 +583,9 @@ def export(
         None if manager is None else checkpoint_lib.checkpoint_fingerprint(manager, step)
     )
     plan = rows_plan(config, planned, kind, step, checkpoint_id)
-    done = reusable_export(out_dir, plan, overwrite, replace_other=not out)
+    done = distributed.decide_on_main(
+        lambda: reusable_export(out_dir, plan, overwrite, replace_other=not out)
+    )  # decided on process 0 (as below), so that every process takes the same path
     if done is not None:
       if is_main:
         print(f'{out_dir} already holds this export ({what}); nothing to do', flush=True)
@@ -659,7 +668,7 @@ def define_flags() -> dict[str, Any]:
 
 
 def main(args: dict[str, Any]) -> None:
-
+  config_lib.check_or_exit(args['config'].value)
   distributed.initialize()
   try:
     export(

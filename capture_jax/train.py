@@ -33,6 +33,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from capture_jax import cli
+from capture_jax import config as config_lib
 from capture_jax import batch as batch_lib
 from capture_jax import progress as progress_lib
 from capture_jax import storage
@@ -99,6 +100,7 @@ class Preemption:
 
 
 def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
+  """The checks that depend on the mesh; every field's own range is `config.validate`'s."""
   d, t, m = config.data, config.train, config.model
   problems = sharding.batch_split_problems(d.batch_size, mesh, 'data.batch_size')
   per_device = d.batch_size // sharding.batch_devices(mesh)
@@ -106,24 +108,10 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
     problems.append(
         f'train.microbatches={t.microbatches} must divide the per-device batch {per_device}'
     )
-  if d.feature_dim != m.v_feature_size:
-    problems.append(
-        f'data.feature_dim={d.feature_dim} differs from model.v_feature_size={m.v_feature_size}'
-    )
   try:
     layers.check_attention_impl(m.attention_impl, m.dtype, sharding.mesh_platform(mesh))
   except ValueError as e:
     problems.append(str(e))
-  if t.init not in state_lib.INIT_KINDS:
-    problems.append(f'train.init must be one of {state_lib.INIT_KINDS}, got {t.init!r}')
-  if t.init != 'scratch' and not t.init_path:
-    problems.append(f'train.init={t.init!r} needs train.init_path')
-  if t.num_steps < 1:
-    problems.append(f'train.num_steps must be positive, got {t.num_steps}')
-  if t.max_consecutive_skipped < 0:
-    problems.append(
-        f'train.max_consecutive_skipped must be >= 0 (0: never stop), got {t.max_consecutive_skipped}'
-    )
   if problems:
     raise ValueError('bad configuration:\n  - ' + '\n  - '.join(problems))
 
@@ -141,10 +129,12 @@ class SkipMonitor:
   A step is skipped exactly when the cumulative count grew.
   """
 
-  def __init__(self, limit: int, skipped_before: int):
+  def __init__(self, limit: int, skipped_before: int, consecutive_before: int = 0):
     self.limit = limit
     self.last = skipped_before
-    self.consecutive = 0
+    # Kept in the checkpoint (`loop`), so that a run preempted more often than `limit` steps
+    # still stops.
+    self.consecutive = consecutive_before
     self.pending: list[tuple[int, Any]] = []
 
   def add(self, step: int, skipped_updates: Any) -> None:
@@ -200,6 +190,7 @@ def run(
     devices=None,
 ) -> RunResult:
   """Trains until `train.num_steps` (or `stop_after_steps` more steps, or a preemption signal)."""
+  config_lib.validate(config)  # every field's type and range, before anything else
   workdir = storage.as_path(workdir)
   mesh = sharding.make_mesh(config.mesh, devices)
   validate_config(config, mesh)
@@ -315,7 +306,12 @@ def _train(
   )
   writer = metrics_lib.MetricWriter(workdir, start_step=start)
   closers.append(writer.close)
-  skips = SkipMonitor(config.train.max_consecutive_skipped, int(jax.device_get(state.skipped)))
+  loop = checkpoint_lib.saved_loop(manager, start) if restored is not None else {}
+  skips = SkipMonitor(
+      config.train.max_consecutive_skipped,
+      int(jax.device_get(state.skipped)),
+      loop.get('consecutive_skipped', 0),
+  )
   limit = config.train.max_consecutive_skipped
   check_every = min(config.train.log_every, limit) if limit else config.train.log_every
   progress = progress_lib.Progress(
@@ -368,7 +364,14 @@ def _train(
       if manager.should_save(step):
         check_before_save(state, step, skips)
         writer.flush()  # the rows up to a checkpoint are durable before it
-        checkpoint_lib.save(manager, step, state, data_iterator, config)
+        checkpoint_lib.save(
+            manager,
+            step,
+            state,
+            data_iterator,
+            config,
+            loop={'consecutive_skipped': skips.consecutive},
+        )
       if preemption.agreed():
         preempted = True
         break
@@ -377,7 +380,15 @@ def _train(
   if manager.latest_step() != step:
     check_before_save(state, step, skips)
     writer.flush()
-    checkpoint_lib.save(manager, step, state, data_iterator, config, force=True)
+    checkpoint_lib.save(
+        manager,
+        step,
+        state,
+        data_iterator,
+        config,
+        force=True,
+        loop={'consecutive_skipped': skips.consecutive},
+    )
   if preempted and is_main:
     print(
         f'stopped at step {step} on request; checkpoint saved in {checkpoint_lib.checkpoint_dir(workdir)}. '

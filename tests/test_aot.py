@@ -198,12 +198,12 @@ def test_the_targets_process_count_is_checked_not_the_hosts():
 
 def test_cudnn_attention_is_refused_where_it_cannot_run():
   tpu = run_aot(
-      '--target=v4-8', "--config.model.attention_impl=cudnn", "--config.model.dtype=bfloat16"
+      '--target=v4-8', '--config.model.attention_impl=cudnn', '--config.model.dtype=bfloat16'
   )
   assert tpu.returncode == 1
   assert "attention_impl='cudnn' runs only on NVIDIA GPUs, but the devices are tpu" in tpu.stderr
   gpu = run_aot(
-      '--target=h200x1', "--config.model.attention_impl=cudnn", "--config.model.dtype=bfloat16"
+      '--target=h200x1', '--config.model.attention_impl=cudnn', '--config.model.dtype=bfloat16'
   )
   assert gpu.returncode == 1
   assert 'cannot be compiled ahead of time on a host without a GPU' in gpu.stderr

@@ -120,7 +120,9 @@ def test_flags_parse(args):
 def test_bad_flags_are_rejected_before_main(args):
   proc = _run(*args, '--only_check_args')
   assert proc.returncode == 1
-  assert 'Flags parsing error' in proc.stderr, proc.stderr[-3000:]
+  # One `error:` line (capture_jax.cli.parse_flags_or_exit), no traceback.
+  assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+  assert [l for l in proc.stderr.splitlines() if l.startswith('error: ')], proc.stderr[-3000:]
 
 
 def test_calibration_prints_the_baselines(tmp_path):

@@ -282,7 +282,8 @@ def test_other_settings_start_over_instead_of_resuming(world, tmp_path, capsys):
 
 
 def test_beam_direct_runner_gives_the_same_dataset(world, reference, tmp_path):
-  pytest.importorskip('apache_beam', reason='apache-beam is the `beam` extra (see README)')
+  import apache_beam  # noqa: F401  (make test installs it: requirements-test.txt)
+
   ref, ref_report = reference
   options = [
       '--runner=DirectRunner',

@@ -70,20 +70,34 @@ def largest_file(folder) -> Path:
 # Divergence.
 
 
+def released_weights_with_a_nan(cfg, folder: Path) -> dict:
+  """`train` overrides that start from a released state_dict one of whose tensors holds a NaN."""
+  from tests.helpers import release_state_dict  # pylint: disable=import-outside-toplevel
+
+  state_dict = release_state_dict(cfg.model, seed=3)
+  state_dict['bert.embeddings.LayerNorm.bias'][0] = np.nan
+  np.savez(folder / 'release.npz', **state_dict)
+  return {'init': 'release', 'init_path': str(folder / 'release.npz')}
+
+
 @pytest.mark.parametrize(
-    'learning_rate, message',
+    'cause, message',
     [
         # Step 2 makes the parameters huge but finite; every later update is skipped.
-        (1e30, r'the last 3 updates \(to step 5\) were skipped'),
-        # An infinite rate makes them NaN at step 1 (finite gradients: not skipped), saved first.
-        (float('inf'), r'the parameters at step 1 are not finite; this state is not checkpointed'),
+        ('learning_rate', r'the last 3 updates \(to step 5\) were skipped'),
+        # (An infinite learning rate is refused by the config schema.) Parameters that are NaN
+        # from the start: the state of step 1, saved first, is refused.
+        ('nan_weights', r'the parameters at step 1 are not finite; this state is not checkpointed'),
     ],
     ids=['skipped_updates', 'nonfinite_params'],
 )
-def test_diverged_run_stops_and_never_saves_nonfinite_parameters(
-    config, tmp_path, learning_rate, message
-):
-  cfg = copy(config, learning_rate=learning_rate, max_consecutive_skipped=3, num_steps=8)
+def test_diverged_run_stops_and_never_saves_nonfinite_parameters(config, tmp_path, cause, message):
+  overrides = (
+      {'learning_rate': 1e30}
+      if cause == 'learning_rate'
+      else released_weights_with_a_nan(config, tmp_path)
+  )
+  cfg = copy(config, max_consecutive_skipped=3, num_steps=8, **overrides)
   with pytest.raises(train.TrainingDivergedError, match=message):
     train.run(cfg, tmp_path)
   for step in steps_on_disk(tmp_path):
@@ -91,8 +105,24 @@ def test_diverged_run_stops_and_never_saves_nonfinite_parameters(
   assert not (tmp_path / 'train.lock').read_text()  # the lock was released
 
 
+def test_consecutive_skips_survive_a_resume(config, tmp_path):
+  """A diverging run preempted more often than `max_consecutive_skipped` steps still stops: the
+  count is kept in the checkpoint (`loop`), not restarted at every resume."""
+  # lr 1e30: step 2 makes the parameters huge, steps 3, 4, ... are skipped.
+  cfg = copy(config, learning_rate=1e30, max_consecutive_skipped=4, num_steps=6)
+  first = train.run(cfg, tmp_path, stop_after_steps=3)  # steps 1-3: one skipped, saved at 3
+  assert int(first.last_metrics['skipped_updates']) == 1
+  manager = checkpoint_lib.make_manager(tmp_path, cfg.checkpoint)
+  assert checkpoint_lib.saved_loop(manager, 3) == {'consecutive_skipped': 1}
+  manager.close()
+  # Steps 4-6 are the 2nd to 4th skips in a row: restarted at 0, the count would end at 3.
+  with pytest.raises(train.TrainingDivergedError, match=r'the last 4 updates \(to step 6\)'):
+    train.run(cfg, tmp_path)
+  assert steps_on_disk(tmp_path)[-1] == 4  # saved before the 4th skip
+
+
 def test_diverged_run_exits_1_from_the_command_line(config, tmp_path):
-  cfg = copy(config, learning_rate=float('inf'), max_consecutive_skipped=3)
+  cfg = copy(config, learning_rate=1e30, max_consecutive_skipped=3, num_steps=8)
   (tmp_path / 'config.json').write_text(cfg.to_json())
   (tmp_path / 'config.py').write_text(
       'import json, ml_collections\n'

@@ -85,6 +85,50 @@ def _send_generation_headers() -> None:
         handlers[method] = download
 
 
+def _honour_generation_preconditions() -> None:
+  """Makes the emulator refuse an upload or a delete whose `ifGenerationMatch` is not the
+  object's generation ('0': the object must be absent) with 412, as GCS does.
+
+  gcp-storage-emulator ignores preconditions: without this, the lock's create-only and
+  generation-conditional writes would pass untested. A fidelity fix to the emulator, like
+  `_send_generation_headers`.
+  """
+  from http import HTTPStatus  # pylint: disable=import-outside-toplevel
+
+  from gcp_storage_emulator import server as emulator_server  # pylint: disable=import-outside-toplevel
+  from gcp_storage_emulator.exceptions import NotFound  # pylint: disable=import-outside-toplevel
+  from gcp_storage_emulator.handlers import objects  # pylint: disable=import-outside-toplevel
+
+  def guarded(original):
+    if getattr(original, 'honours_preconditions', False):
+      return original
+
+    def handler(request, response, storage_, *args, **kwargs):
+      wanted = request.query.get('ifGenerationMatch')
+      if wanted:
+        name = request.params.get('object_id') or request.query.get('name', [None])[0]
+        if name is None:
+          name = (request.data or {}).get('meta', {}).get('name')
+        try:
+          current = str(storage_.get_file_obj(request.params['bucket_name'], name)['generation'])
+        except NotFound:
+          current = '0'
+        if current != wanted[0]:
+          response.status = HTTPStatus.PRECONDITION_FAILED
+          return None
+      return original(request, response, storage_, *args, **kwargs)
+
+    handler.honours_preconditions = True
+    return handler
+
+  for original in (objects.insert, objects.delete):
+    replacement = guarded(original)
+    for _, handlers in emulator_server.HANDLERS:
+      for method, h in list(handlers.items()):
+        if h is original:
+          handlers[method] = replacement
+
+
 @pytest.fixture(scope='module')
 def gcs():
   """The emulator's environment (also set in os.environ for this module's tests and their
@@ -94,6 +138,7 @@ def gcs():
   except ImportError as e:
     pytest.skip(f'gcp-storage-emulator is not installed ({e}); it is in requirements-test.txt')
   _send_generation_headers()
+  _honour_generation_preconditions()
   port = free_port()
   server = create_server('localhost', port, in_memory=True, default_bucket=BUCKET)
   try:
@@ -279,6 +324,48 @@ def test_lock_in_a_bucket_refuses_a_second_writer_and_takes_over_a_dead_one(gcs,
   with lock_lib.FolderLock(folder, 'train.lock', 'trainer', enabled=True):
     pass
   assert 'that is no longer running' in capfd.readouterr().out
+
+
+class _TakerThatPauses(lock_lib.FolderLock):
+  """A taker of a stale lock that, between reading it and writing its own, lets `meanwhile` run:
+  the interleaving of two commands taking over one stale lock at once."""
+
+  meanwhile = None
+
+  def _note_takeover(self, previous, why='that is no longer running'):
+    super()._note_takeover(previous, why)
+    if self.meanwhile is not None:
+      self.meanwhile()
+
+
+def test_two_takers_of_a_stale_lock_cannot_both_hold_it(gcs):
+  """The second writer's replacement is conditional on the generation it read, so only one of
+  two commands taking over one stale lock at once proceeds (the read-back alone let both)."""
+  folder = gs('race')
+  lock_path = storage.as_path(folder + '/train.lock')
+  stale = {'host': 'other-vm', 'pid': 1, 'started': 0, 'heartbeat': 0.0, 'token': 'x'}
+  storage.write_text(lock_path, json.dumps(stale))
+  first = lock_lib.FolderLock(folder, 'train.lock', 'trainer', enabled=True)
+  slow = _TakerThatPauses(folder, 'train.lock', 'trainer', enabled=True)
+  slow.meanwhile = first.acquire  # `first` takes the lock after `slow` read the stale one
+  with pytest.raises(lock_lib.LockedError, match=rf'in use by another trainer \(host .*, pid'):
+    slow.acquire()
+  assert json.loads(lock_path.read_text())['token'] == first._token  # pylint: disable=protected-access
+  first.release()
+  assert not lock_path.exists()
+
+
+def test_a_release_never_deletes_a_lock_taken_over_meanwhile(gcs):
+  folder = gs('release')
+  lock_path = storage.as_path(folder + '/x.lock')
+  lock = lock_lib.FolderLock(folder, 'x.lock', 'export', enabled=True)
+  lock.acquire()
+  # Another command replaces it with the same token (the check by token cannot tell): only the
+  # generation can.
+  holder = json.loads(lock_path.read_text())
+  storage.write_text(lock_path, json.dumps({**holder, 'pid': 1}))
+  lock.release()
+  assert json.loads(lock_path.read_text())['pid'] == 1
 
 
 def test_heartbeat_refreshes_the_lock(gcs):

@@ -95,7 +95,7 @@ def test_batch_not_divisible_by_the_mesh_is_reported(dataset_config):
     'field, value, message',
     [
         ('train.microbatches', 3, 'train.microbatches=3 must divide the per-device batch 8'),
-        ('train.init', 'imagenet', 'train.init must be one of'),
+        ('train.init', 'imagenet', r"config.train.init='imagenet' is not allowed: expected one of"),
         ('mesh.data', 3, r'mesh \(data=3, fsdp=1, tensor=1\) needs 3 devices'),
     ],
 )

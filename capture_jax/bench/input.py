@@ -147,6 +147,7 @@ def main() -> None:
     prepare_data(config, work_dir.value, num_train.value)
     d.batch_size = batch_size.value
     d.num_workers = 0
+    config_lib.check_or_exit(config)
     n = num_cores.value
     # One core: reader threads cannot run in parallel with the main thread, so
     # read synchronously; with more cores, one reader thread per extra core.

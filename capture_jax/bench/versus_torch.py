@@ -49,7 +49,10 @@ def _load_config(name: str):
 
   path = REPO / 'configs' / f'{name}.py'
   if hasattr(config_lib, 'load_config_file'):
-    return config_lib.load_config_file(path)
+    config = config_lib.load_config_file(path)
+    if hasattr(config_lib, 'check_or_exit'):
+      config_lib.check_or_exit(config)
+    return config
   from capture_jax import demo as demo_lib  # pylint: disable=import-outside-toplevel
 
   return demo_lib.load_config(path)

@@ -21,6 +21,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from capture_jax import cli
+from capture_jax import config as config_lib
 
 COMMANDS = ('train', 'propose')
 
@@ -54,6 +55,7 @@ def main() -> None:
     from capture_jax.training import lock  # pylint: disable=import-outside-toplevel
 
     config = config_flag.value
+    config_lib.check_or_exit(config)
     if argv[1] == 'train':
       try:
         result = instances.train(config, workdir_flag.value, stop_after=stop_flag.value)

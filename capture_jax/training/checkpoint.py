@@ -1,6 +1,9 @@
-"""Orbax checkpoints of a run: train state, every process's Grain iterator state, and the config.
+"""Orbax checkpoints of a run: train state, every process's Grain iterator state, the config, and
+the loop's counters.
 
-Layout: `{workdir}/checkpoints/{step}/{state,data,config}`. Saves are
+Layout: `{workdir}/checkpoints/{step}/{state,data,config,loop}` (`loop`: JSON counters of the
+training loop that are not in the train state, such as the consecutive skipped updates;
+checkpoints saved before it existed have none). Saves are
 asynchronous; the manager keeps the last `keep_last` checkpoints plus every
 `keep_every`-th step. Restoring takes an abstract state whose leaves carry
 the target shardings, so a checkpoint saved on one mesh restores onto another.
@@ -38,6 +41,7 @@ import orbax.checkpoint as ocp
 
 from capture_jax import storage
 from capture_jax.training import sharding
+from capture_jax.training import distributed
 
 # Model fields that change numerics or speed but not the parameter tree.
 LAYOUT_NEUTRAL_FIELDS = (
@@ -50,6 +54,7 @@ LAYOUT_NEUTRAL_FIELDS = (
 
 
 CHECKSUMS_FILE = 'checksums.json'
+LOOP_ITEM = 'loop'
 CORRUPT_PREFIX = 'corrupt-'
 
 
@@ -78,7 +83,7 @@ def make_manager(
   return ocp.CheckpointManager(
       storage.absolute(checkpoint_dir(workdir)),
       options=options,
-      item_names=('state', 'data', 'config'),
+      item_names=('state', 'data', 'config', LOOP_ITEM),
   )
 
 
@@ -89,11 +94,17 @@ def save(
     data_iterator: Any,
     config: ml_collections.ConfigDict,
     force: bool = False,
+    loop: dict[str, int] | None = None,
 ) -> bool:
-  """Saves (asynchronously) if `step` is due, or always with `force`. Returns whether it saved."""
+  """Saves (asynchronously) if `step` is due, or always with `force`. Returns whether it saved.
+
+  `loop`: the training loop's counters at `step` (JSON), restored by `saved_loop`.
+  """
   items = {'state': ocp.args.StandardSave(state), 'config': ocp.args.JsonSave(config.to_dict())}
   if data_iterator is not None:
     items['data'] = grain.checkpoint.CheckpointSave(data_iterator)
+  if loop is not None:
+    items[LOOP_ITEM] = ocp.args.JsonSave({k: int(v) for k, v in loop.items()})
   saved = manager.save(step, args=ocp.args.Composite(**items), force=force)
   if saved:
     # `manager.save` waits for the previous save to finish before starting this one: every
@@ -161,9 +172,14 @@ def record_checksums(manager: ocp.CheckpointManager, exclude: int | None = None)
 
 
 def checksum_problems(folder: storage.Path) -> list[str] | None:
-  """What differs between a step's files and its `checksums.json`; None when it has none."""
+  """What differs between a step's files and its `checksums.json`; None when it has none.
+
+  Whether the manifest is there is read from the folder's listing, which raises on a read
+  error (fsspec's `isfile` answers False on any error: a transient one would restore the step
+  unverified).
+  """
   manifest = folder / CHECKSUMS_FILE
-  if not manifest.is_file():
+  if CHECKSUMS_FILE not in storage.file_listing(folder):
     return None
   try:
     expected = json.loads(manifest.read_text(encoding='utf-8'))['files']
@@ -190,15 +206,29 @@ def checkpoint_fingerprint(manager: ocp.CheckpointManager, step: int) -> str:
   save's timestamps), else of our checksums, else of the folder's path.
   """
   folder = step_dir(manager, step)
-  for name in ('_CHECKPOINT_METADATA', CHECKSUMS_FILE):
-    if (folder / name).is_file():
-      return hashlib.sha256((folder / name).read_bytes()).hexdigest()[:16]
-  return hashlib.sha256(str(storage.absolute(folder)).encode()).hexdigest()[:16]
+
+  def fingerprint() -> str:
+    for name in ('_CHECKPOINT_METADATA', CHECKSUMS_FILE):
+      if (folder / name).is_file():
+        return hashlib.sha256((folder / name).read_bytes()).hexdigest()[:16]
+    return hashlib.sha256(str(storage.absolute(folder)).encode()).hexdigest()[:16]
+
+  return distributed.decide_on_main(fingerprint)  # one id for the export on every process
 
 
 def saved_config(manager: ocp.CheckpointManager, step: int) -> dict:
   restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
   return restored['config']
+
+
+def saved_loop(manager: ocp.CheckpointManager, step: int) -> dict[str, int]:
+  """The loop counters saved with `step` (see `save`); {} for a checkpoint saved without them."""
+  # Whether it is there is decided on process 0: the restore below is collective (Orbax's barrier).
+  if not distributed.decide_on_main((step_dir(manager, step) / LOOP_ITEM).exists):
+    return {}
+  return dict(
+      manager.restore(step, args=ocp.args.Composite(loop=ocp.args.JsonRestore()))[LOOP_ITEM]
+  )
 
 
 def saved_model_config(manager: ocp.CheckpointManager, step: int) -> dict:
@@ -283,14 +313,14 @@ def open_step(
   anything compiles.
   """
   ckpt_dir = checkpoint_dir(workdir)
-  if not ckpt_dir.is_dir():
+  if not distributed.decide_on_main(ckpt_dir.is_dir):
     raise FileNotFoundError(
         f'no checkpoint in {workdir}: {ckpt_dir} does not exist. Train first '
         f"(python -m capture_jax.train --workdir={workdir}), or pass the run's --workdir."
     )
   manager = make_manager(workdir, config.checkpoint)
-  steps = sorted(manager.all_steps())
   try:
+    steps = distributed.decide_on_main(lambda: sorted(manager.all_steps()))
     if not steps:
       raise FileNotFoundError(
           f'no checkpoint in {ckpt_dir}; train first (python -m capture_jax.train)'
@@ -337,11 +367,15 @@ def move_aside(manager: ocp.CheckpointManager, step: int) -> storage.Path:
 
 
 def corrupt_checkpoints(workdir: storage.PathLike) -> list[storage.Path]:
-  """The checkpoints moved aside in this workdir (oldest name first)."""
+  """The checkpoints moved aside in this workdir (oldest name first), as process 0 lists them."""
   folder = checkpoint_dir(workdir)
-  if not folder.is_dir():
-    return []
-  return sorted(p for p in folder.iterdir() if p.name.startswith(CORRUPT_PREFIX))
+
+  def names() -> list[str]:
+    if not folder.is_dir():
+      return []
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(CORRUPT_PREFIX))
+
+  return [folder / name for name in distributed.decide_on_main(names)]
 
 
 def restore_latest(
@@ -357,9 +391,17 @@ def restore_latest(
   is reported and skipped; with `move_unreadable` (the trainer) it is also
   moved aside (`move_aside`). Returns `(state, step)`, or None when there is
   no readable checkpoint.
+
+  The processes of a pod decide together: the steps, whether a step has its
+  checksums and whether they match are read on process 0 and sent to the
+  others, so that a read error on one host cannot restore it unverified or
+  send it to another step. (A read error inside Orbax's own restore on one
+  process only is not healed here: Orbax's barrier after the reads then
+  fails, and the job stops with that error, with no process gone on alone.)
   """
-  for step in sorted(manager.all_steps(), reverse=True):
-    problems = checksum_problems(step_dir(manager, step))
+  steps = distributed.decide_on_main(lambda: sorted(manager.all_steps(), reverse=True))
+  for step in steps:
+    problems = distributed.decide_on_main(lambda: checksum_problems(step_dir(manager, step)))
     try:
       if problems:
         raise ValueError('checksums do not match: ' + '; '.join(problems[:3]))

@@ -36,16 +36,25 @@ other, in order:
 `tpu` or `none` (never initialise). On CPU, cross-process collectives use
 Gloo (`jax_cpu_collectives_implementation`, unless
 `JAX_CPU_COLLECTIVES_IMPLEMENTATION` chooses another).
+
+Decisions read from storage (is a checkpoint's manifest there, do its checksums match, which
+export shards are missing) are taken once, on process 0, and sent to the others
+(`decide_on_main`): each process reading for
+itself could see a transient error the others do not, go down another path and leave the
+others waiting in a collective (or restore one host unverified).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import json
 import logging
 import os
-from typing import Mapping
+from typing import Any, Callable, Mapping
 
 import jax
+import numpy as np
 
 logger = logging.getLogger(__name__)
 
@@ -238,4 +247,75 @@ def process_summary() -> str:
   )
 
 
-__all__ = ('Plan', 'resolve', 'initialize', 'is_main_process', 'process_summary')
+# --------------------------------------------------------------------------
+# Deciding together.
+
+
+class PeerError(RuntimeError):
+  """A decision failed on process 0 with an error this process cannot rebuild; its message."""
+
+
+def _broadcast_json(obj: Any) -> Any:
+  """Process 0's JSON-able `obj` on every process (two broadcasts: the length, then the bytes)."""
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
+  data = np.frombuffer(json.dumps(obj).encode('utf-8'), np.uint8) if is_main_process() else None
+  size = int(multihost_utils.broadcast_one_to_all(np.int32(0 if data is None else data.size)))
+  buffer = np.zeros(size, np.int32)  # int32: the broadcast is a sum over devices
+  if data is not None:
+    buffer[:] = data
+  received = np.asarray(multihost_utils.broadcast_one_to_all(buffer)).astype(np.uint8)
+  return json.loads(received.tobytes().decode('utf-8'))
+
+
+def _rebuild(error: dict[str, str]) -> BaseException:
+  """Process 0's exception, as its own class where that takes a message (else PeerError)."""
+  message = f'{error["message"]} (decided on process 0)'
+  try:
+    cls = getattr(importlib.import_module(error['module']), error['name'])
+    if isinstance(cls, type) and issubclass(cls, Exception):
+      return cls(message)
+  except Exception:  # pylint: disable=broad-except
+    pass
+  return PeerError(f'{error["name"]}: {message}')
+
+
+def decide_on_main(decide: Callable[[], Any]) -> Any:
+  """`decide()` run on process 0 only; its result (JSON-able) returned on every process.
+
+  If it raises on process 0, every process raises: process 0 its own
+  exception, the others one of the same class and message (`PeerError`
+  where the class cannot be rebuilt). One process: just `decide()`.
+  """
+  if jax.process_count() == 1:
+    return decide()
+  payload, raised = None, None
+  if is_main_process():
+    try:
+      payload = {'value': decide()}
+    except Exception as e:  # pylint: disable=broad-except
+      raised = e
+      payload = {
+          'error': {
+              'module': type(e).__module__,
+              'name': type(e).__qualname__,
+              'message': str(e),
+          }
+      }
+  received = _broadcast_json(payload)
+  if raised is not None:
+    raise raised
+  if 'error' in received:
+    raise _rebuild(received['error'])
+  return received['value']
+
+
+__all__ = (
+    'Plan',
+    'resolve',
+    'initialize',
+    'is_main_process',
+    'process_summary',
+    'PeerError',
+    'decide_on_main',
+)

@@ -6,11 +6,19 @@ take (and is reported as taken over). flock needs a filesystem that supports
 it (local disks and NFSv4 do).
 
 On GCS (`gs://` folders, where there is no flock): the lock is an object
-created only if absent (`ifGenerationMatch=0`) and read back to confirm the
-holder's token. The holder rewrites it every `HEARTBEAT_S` seconds; a lock
-whose heartbeat is older than `STALE_AFTER_S` (its holder was killed, or its
-VM preempted without a signal), or that names a process of this host that
-no longer runs, is taken over with a note. A clean exit deletes it.
+created only if absent (`ifGenerationMatch=0`). The holder rewrites it every
+`HEARTBEAT_S` seconds; a lock whose heartbeat is older than `STALE_AFTER_S`
+(its holder was killed, or its VM preempted without a signal), or that names
+a process of this host that no longer runs, is taken over with a note. A clean
+exit deletes it. Every write and delete after the creation is conditional on
+the generation last seen (`ifGenerationMatch=G`): of two commands taking over
+one stale lock at once only one write succeeds (the other is refused), a
+heartbeat never overwrites a lock taken over meanwhile, and a release never
+deletes another holder's lock. The lock is also read back after taking it
+(the token must be ours), a second guard for a store that ignores
+preconditions. gcp-storage-emulator (tests/test_storage_gcs.py) ignores them:
+the tests add GCS's 412 to it, and test the interleavings one process can
+stage; requests of two hosts racing at a real GCS server are not tested.
 
 The lock holds the holder's host, pid and start time, for the message that
 refuses a second writer. Only process 0 of a multi-process run takes it (the
@@ -61,6 +69,7 @@ class FolderLock:
     self.stale_after_s = stale_after_s
     self._fd = None
     self._token = None
+    self._generation = None  # GCS: the generation of the lock object this holder last wrote
     self._stop = threading.Event()
     self._thread = None
 
@@ -125,7 +134,7 @@ class FolderLock:
   # -- on GCS ----------------------------------------------------------------
 
   def _acquire_object(self) -> None:
-    previous = self._read_object()
+    previous, generation = self._read_object_and_generation()
     if previous:
       why = self._stale(previous)
       if why is None:
@@ -133,8 +142,9 @@ class FolderLock:
       self._note_takeover(previous, why)
     token = uuid.uuid4().hex
     try:
-      self._write_object(token, create_only=not previous)
-    except FileExistsError:  # another command created it since we looked
+      # Created only if absent, or replaced only if still the stale one we read.
+      self._write_object(token, if_generation='0' if not previous else generation)
+    except FileExistsError:  # another command created it, or took it over, since we looked
       raise self._refuse(self._read_object()) from None
     # Two takers of a stale lock both write; the object keeps one of them.
     time.sleep(0.2)
@@ -153,10 +163,11 @@ class FolderLock:
       self._thread = None
     try:
       if self._read_object().get('token') == self._token:
-        self.path.unlink()
-    except FileNotFoundError:
+        _gcs_call('DELETE', self.path, ifGenerationMatch=self._generation)
+    except (FileNotFoundError, FileExistsError):  # gone, or taken over since: not ours to delete
       pass
     self._token = None
+    self._generation = None
 
   def _heartbeat(self) -> None:
     while not self._stop.wait(self.heartbeat_s):
@@ -169,7 +180,16 @@ class FolderLock:
               flush=True,
           )
           return
-        self._write_object(self._token, started=holder.get('started'))
+        self._write_object(
+            self._token, if_generation=self._generation, started=holder.get('started')
+        )
+      except FileExistsError:  # rewritten by another command since our last write
+        print(
+            f'WARNING: the lock {self.path} was taken over while this {self.what} runs; two '
+            f'commands may now write into {self.path.parent}',
+            flush=True,
+        )
+        return
       except Exception as e:  # pylint: disable=broad-except
         # A missed heartbeat is not fatal; STALE_AFTER_S spans several of them.
         print(f'WARNING: could not refresh the lock {self.path}: {e}', flush=True)
@@ -195,17 +215,66 @@ class FolderLock:
     except ValueError:
       return {'unreadable': True}
 
-  def _write_object(self, token: str, create_only: bool = False, started=None) -> None:
+  def _read_object_and_generation(self) -> tuple[dict, str | None]:
+    """The lock's contents and the generation they were read from (`{}, None` when absent)."""
+    while True:
+      try:
+        generation = str(_gcs().info(str(self.path))['generation'])
+      except FileNotFoundError:
+        return {}, None
+      holder = self._read_object()
+      try:  # the same generation after reading: the contents are of that generation
+        if str(_gcs().info(str(self.path))['generation']) == generation:
+          return holder, generation
+      except FileNotFoundError:
+        return {}, None
+
+  def _write_object(self, token: str, if_generation: str | None, started=None) -> None:
+    """Writes the lock if its generation is still `if_generation` ('0': only if absent);
+    FileExistsError otherwise (GCS's 412)."""
     info = {**_holder(), 'token': token, 'heartbeat': time.time()}
     if started is not None:
       info['started'] = started
-    data = json.dumps(info).encode()
-    if create_only:
-      import fsspec  # pylint: disable=import-outside-toplevel
+    self._generation = _gcs_upload(self.path, json.dumps(info).encode(), if_generation)
 
-      fsspec.filesystem('gs').pipe_file(str(self.path), data, mode='create')
-    else:
-      storage.write_bytes(self.path, data)
+
+def _gcs():
+  import fsspec  # pylint: disable=import-outside-toplevel
+
+  return fsspec.filesystem('gs')
+
+
+def _gcs_call(method: str, path: storage.Path, **params) -> None:
+  """A JSON-API call on one object (`DELETE` with preconditions: gcsfs's `rm` takes none)."""
+  bucket, key = str(path).split('://', 1)[1].split('/', 1)
+  _gcs().call(method, 'b/{}/o/{}', bucket, key, **params)
+
+
+def _gcs_upload(path: storage.Path, data: bytes, if_generation: str | None) -> str:
+  """Uploads one object with `ifGenerationMatch` (gcsfs's `pipe_file` sets it only to 0, for
+  mode='create'); returns the new generation. A failed precondition is FileExistsError."""
+  fs = _gcs()
+  bucket, key = str(path).split('://', 1)[1].split('/', 1)
+  metadata = json.dumps({'name': key})
+  body = (
+      (
+          f'--==0==\nContent-Type: application/json; charset=UTF-8\n\n{metadata}\n--==0==\n'
+          'Content-Type: application/json\n\n'
+      ).encode()
+      + data
+      + b'\n--==0==--'
+  )
+  params = {} if if_generation is None else {'ifGenerationMatch': str(if_generation)}
+  out = fs.call(
+      'POST',
+      f'{fs._location}/upload/storage/v1/b/{bucket}/o',  # pylint: disable=protected-access
+      uploadType='multipart',
+      headers={'Content-Type': 'multipart/related; boundary="==0=="'},
+      data=body,
+      json_out=True,
+      **params,
+  )
+  return str(out['generation'])
 
 
 def _holder() -> dict:
