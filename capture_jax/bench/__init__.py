@@ -8,5 +8,9 @@
 | `contrastive` | the global-batch ring contrastive loss, memory and time |
 | `step_profile` | where a train step's time goes: traced ops by pass, model scope and operation |
 | `versus_torch` | our train step against the PyTorch peer (`torch_peer`), alternating in one process tree |
+| `build` | the streaming dataset build at paper feature sizes (1/N workers, Beam) |
+| `feature_dtype` | float16 against float32 features in the host batch |
+| `fit_table` | per-device memory, largest batch, FLOPs of a config on TPU/GPU targets, by ahead-of-time compilation |
+| `platform_probe` | what installed TPU/GPU plugins cost a command's start on a host without accelerators |
 | `torch_peer` | CAPTURE in PyTorch from the reference description, for `versus_torch` only |
 """
