@@ -19,6 +19,7 @@ checkpoints describe. The command exits 1 with one `error:` line on these.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 import time
@@ -48,10 +49,10 @@ from capture_jax.training import train_step as train_step_lib
 
 LOCK_FILE = 'train.lock'
 
-# The transfer guard (`jax.transfer_guard_device_to_host`) of the steps between the points where
-# the loop fetches from the devices (logging, the skip check, checkpoints, profiling). 'allow':
-# none; the tests set 'disallow_explicit' to prove that no other step waits for the devices.
-BETWEEN_SYNC_POINTS_GUARD = 'allow'
+# The context of each step's work between the points where the loop fetches from the devices
+# (logging, the skip check, checkpoints, profiling): there the host only dispatches. The tests
+# replace it with a guard that raises on any device-to-host fetch (`tests/helpers.py`).
+BETWEEN_SYNC_POINTS = contextlib.nullcontext
 
 
 class TrainingDivergedError(RuntimeError):
@@ -328,7 +329,7 @@ def _train(
   while step < end:
     # Between the sync points below the host only dispatches: no device-to-host transfer, no
     # collective it waits for, so it runs ahead of the devices.
-    with jax.transfer_guard_device_to_host(BETWEEN_SYNC_POINTS_GUARD):
+    with BETWEEN_SYNC_POINTS():
       if step == config.train.profile_start_step and is_main:
         jax.profiler.start_trace(str(workdir / 'profile'))
         profiling = True

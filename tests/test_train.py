@@ -17,6 +17,7 @@ import pytest
 
 from capture_jax import train
 from capture_jax.training import checkpoint as checkpoint_lib
+from tests.helpers import no_device_fetches
 from tests.helpers import start_python
 from tests.helpers import trainer_config
 
@@ -39,8 +40,11 @@ def assert_trees_equal(a, b):
     np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
 
 
-def test_exact_resume_is_bitwise_identical(dataset_config, tmp_path):
-  """2N steps in one go == N steps, stop, resume for N more (parameters, optimizer state, data)."""
+def test_exact_resume_is_bitwise_identical(dataset_config, tmp_path, monkeypatch):
+  """2N steps in one go == N steps, stop, resume for N more (parameters, optimizer state, data),
+  with batches prefetched to the devices and no device fetch between the sync points."""
+  monkeypatch.setattr(train, 'BETWEEN_SYNC_POINTS', no_device_fetches)
+  assert dataset_config.data.prefetch_to_device >= 2
   straight = train.run(dataset_config, tmp_path / 'straight')
   first = train.run(dataset_config, tmp_path / 'resumed', stop_after_steps=3)
   assert int(first.state.step) == 3
