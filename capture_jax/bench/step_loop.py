@@ -156,6 +156,7 @@ def main() -> None:
   p.add_argument('--slow_ms', type=float, default=150.0, help='extra ms per batch, process 1')
   p.add_argument('--devices', type=int, default=4, help='simulated CPU devices per process')
   p.add_argument('--repeats', type=int, default=1)
+  p.add_argument('--inputs', choices=('both', 'as_is', 'slowed'), default='both')
   args = p.parse_args()
 
   sys.path.insert(0, str(THIS_TREE))
@@ -173,7 +174,9 @@ def main() -> None:
   results = collections.defaultdict(list)
   out = Path(args.work_dir) / 'runs'
   for rep in range(args.repeats):
-    for slow in (0.0, args.slow_ms):
+    for slow in {'both': (0.0, args.slow_ms), 'as_is': (0.0,), 'slowed': (args.slow_ms,)}[
+        args.inputs
+    ]:
       for name, tree in trees.items():
         d = out / f'{name}_slow{int(slow)}_{rep}'
         subprocess.run(['rm', '-rf', str(d)], check=True)
