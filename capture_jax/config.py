@@ -264,6 +264,9 @@ def data_config() -> ml_collections.ConfigDict:
   d.num_workers = 0  # Grain worker processes (0 = in the main process)
   d.read_threads = 2  # Grain reader threads per process
   d.prefetch_batches = 4  # batches produced ahead per process
+  # Global batches put on the devices ahead of the step, by a thread (0: built when the step
+  # needs it); checkpoints keep the position of the consumed batches.
+  d.prefetch_to_device = 2
   # Synthetic world (`python -m capture_jax.data.synthetic`).
   d.synthetic_preset = 'demo'
   d.synthetic_seed = 0

@@ -19,8 +19,8 @@ checkpoints describe. The command exits 1 with one `error:` line on these.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import signal
 import sys
 import time
 from typing import Any
@@ -28,7 +28,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
@@ -41,14 +40,21 @@ from capture_jax.data import source as source_lib
 from capture_jax.models import layers
 from capture_jax.data import train_input
 from capture_jax.training import checkpoint as checkpoint_lib
+from capture_jax.training import device_prefetch
 from capture_jax.training import distributed
 from capture_jax.training import lock as lock_lib
 from capture_jax.training import metrics as metrics_lib
+from capture_jax.training import preemption as preemption_lib
 from capture_jax.training import sharding
 from capture_jax.training import state as state_lib
 from capture_jax.training import steps as steps_lib
 
 LOCK_FILE = 'train.lock'
+
+# The context of each step's work between the points where the loop fetches from the devices
+# (logging, the skip check, checkpoints, profiling): there the host only dispatches. The tests
+# replace it with a guard that raises on any device-to-host fetch (`tests/helpers.py`).
+BETWEEN_SYNC_POINTS = contextlib.nullcontext
 
 
 class TrainingDivergedError(RuntimeError):
@@ -60,39 +66,6 @@ class RunResult:
   state: Any
   last_metrics: dict[str, float]
   preempted: bool
-
-
-class Preemption:
-  """Turns SIGTERM/SIGINT into a flag the loop checks once per step."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = {}
-
-  def __enter__(self):
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      self._previous[sig] = signal.signal(sig, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    del frame
-    self.requested = True
-    print(
-        f'\nreceived {signal.Signals(signum).name}: finishing this step, saving a checkpoint, then exiting',
-        flush=True,
-    )
-
-  def __exit__(self, *exc):
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
-
-  def agreed(self) -> bool:
-    """Whether any process was asked to stop (all processes stop at the same step)."""
-    if jax.process_count() == 1:
-      return self.requested
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-
-    return bool(np.any(multihost_utils.process_allgather(np.asarray(self.requested))))
 
 
 # --------------------------------------------------------------------------
@@ -289,6 +262,11 @@ def _train(
         f'in {checkpoint_lib.checkpoint_dir(workdir)}; raise num_steps or use another --workdir'
     )
 
+  # Stop requests from here on (also while compiling): every process stops at the same step.
+  preemption = preemption_lib.Preemption().__enter__()
+  closers.append(preemption.__exit__)
+  preemption.reached(start)
+
   # The step, compiled ahead of time.
   step_fn, compile_s = step_program.compile()
   flops_per_step = state_lib.count_flops(step_fn)
@@ -327,54 +305,68 @@ def _train(
   preempted = False
   window_start, window_steps = time.perf_counter(), 0
   profiling = False
-  with Preemption() as preemption:
-    step = start
-    while step < end:
+  # Global batches built by a thread, `data.prefetch_to_device` steps ahead; checkpoints record
+  # the data position of the batches the steps consumed.
+  batches = device_prefetch.DevicePrefetch(
+      data_iterator,
+      lambda local: sharding.global_batch_from_local(
+          {k: local[k] for k in batch_lib.TRAIN_KEYS}, mesh
+      ),
+      config.data.prefetch_to_device,
+  )
+  closers.insert(0, batches.close)
+  step = start
+  while step < end:
+    # Between the sync points below the host only dispatches: no device-to-host transfer, no
+    # collective it waits for, so it runs ahead of the devices.
+    with BETWEEN_SYNC_POINTS():
       if step == config.train.profile_start_step and is_main:
         jax.profiler.start_trace(str(workdir / 'profile'))
         profiling = True
-      local = next(data_iterator)
-      batch = sharding.global_batch_from_local({k: local[k] for k in batch_lib.TRAIN_KEYS}, mesh)
+      batch = next(batches)
       state, metrics = step_fn(state, batch)
       step += 1
       window_steps += 1
       skips.add(step, metrics['skipped_updates'])
-      if step % check_every == 0:
-        skips.check()
-      if profiling and step >= config.train.profile_start_step + config.train.profile_num_steps:
-        jax.block_until_ready(state.params)
-        jax.profiler.stop_trace()
-        profiling = False
-      if step % config.train.log_every == 0 or step == end:
-        metrics = jax.device_get(metrics)
-        elapsed = time.perf_counter() - window_start
-        step_time = elapsed / window_steps
-        last_metrics = {k: float(v) for k, v in metrics.items()}
-        last_metrics.update(
-            {'step_time_s': step_time, 'samples_per_s': config.data.batch_size / step_time}
-        )
-        if flops_per_step and peak:
-          last_metrics['mfu'] = flops_per_step / step_time / (peak * jax.device_count())
-        writer.write(step, last_metrics)
-        progress.set_postfix(
-            loss=f'{last_metrics["loss/total"]:.3f}', skipped=int(last_metrics['skipped_updates'])
-        )
-        window_start, window_steps = time.perf_counter(), 0
+      preempted = preemption.reached(step)  # host-only (the coordination service on a pod)
       progress.update(1)
-      if manager.should_save(step):
-        check_before_save(state, step, skips)
-        writer.flush()  # the rows up to a checkpoint are durable before it
-        checkpoint_lib.save(
-            manager,
-            step,
-            state,
-            data_iterator,
-            config,
-            loop={'consecutive_skipped': skips.consecutive},
-        )
-      if preemption.agreed():
-        preempted = True
-        break
+      due = manager.should_save(step)
+    # Sync points.
+    if step % check_every == 0:
+      skips.check()
+    if profiling and step >= config.train.profile_start_step + config.train.profile_num_steps:
+      jax.block_until_ready(state.params)
+      jax.profiler.stop_trace()
+      profiling = False
+    if step % config.train.log_every == 0 or step == end:
+      metrics = jax.device_get(metrics)
+      elapsed = time.perf_counter() - window_start
+      step_time = elapsed / window_steps
+      last_metrics = {k: float(v) for k, v in metrics.items()}
+      last_metrics.update(
+          {'step_time_s': step_time, 'samples_per_s': config.data.batch_size / step_time}
+      )
+      if flops_per_step and peak:
+        last_metrics['mfu'] = flops_per_step / step_time / (peak * jax.device_count())
+      writer.write(step, last_metrics)
+      progress.set_postfix(
+          loss=f'{last_metrics["loss/total"]:.3f}', skipped=int(last_metrics['skipped_updates'])
+      )
+      window_start, window_steps = time.perf_counter(), 0
+    if due or preempted:
+      check_before_save(state, step, skips)
+      writer.flush()  # the rows up to a checkpoint are durable before it
+      checkpoint_lib.save(
+          manager,
+          step,
+          state,
+          batches,
+          config,
+          force=preempted,
+          loop={'consecutive_skipped': skips.consecutive},
+      )
+    if preempted:
+      break
   progress.close()
   # A final checkpoint (forced: also when the interval is not due), then wait for async saves.
   if manager.latest_step() != step:
@@ -384,7 +376,7 @@ def _train(
         manager,
         step,
         state,
-        data_iterator,
+        batches,
         config,
         force=True,
         loop={'consecutive_skipped': skips.consecutive},

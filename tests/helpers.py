@@ -257,3 +257,73 @@ def start_python(script: str) -> subprocess.Popen:
       text=True,
       env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
   )
+
+
+class DeviceFetchError(RuntimeError):
+  """A device-to-host fetch where `no_device_fetches` forbids one."""
+
+
+_no_fetch = __import__('threading').local()
+_fetch_guard_installed = []
+
+
+def no_device_fetches():
+  """A context in which fetching a `jax.Array`'s value to the host raises `DeviceFetchError`, in
+  this thread: `np.asarray` / `np.array` of one, `jax.device_get`, and Python scalar
+  conversions (`float(x)`, ...). For `train.BETWEEN_SYNC_POINTS`.
+
+  JAX's own `transfer_guard_device_to_host('disallow_explicit')` is applied too, but it does not
+  fire on CPU devices (their memory is the host's), hence the patched entry points. Not covered:
+  a fetch through the buffer protocol from C code (e.g. `memoryview(x)`).
+  """
+  import contextlib  # pylint: disable=import-outside-toplevel
+
+  import jax  # pylint: disable=import-outside-toplevel
+  from jax._src import array as array_lib  # pylint: disable=import-outside-toplevel
+
+  def forbid(x, what):
+    if getattr(_no_fetch, 'on', False) and isinstance(x, jax.Array):
+      raise DeviceFetchError(
+          f'{what} of a {x.dtype}{list(x.shape)} jax.Array (a device-to-host fetch) between the '
+          'sync points'
+      )
+
+  if not _fetch_guard_installed:
+    value, asarray, array, device_get = (
+        array_lib.ArrayImpl._value,  # pylint: disable=protected-access
+        np.asarray,
+        np.array,
+        jax.device_get,
+    )
+
+    def checked_value(self):
+      forbid(self, 'the value')
+      return value.fget(self)
+
+    def checked_asarray(a, *args, **kwargs):
+      forbid(a, 'np.asarray')
+      return asarray(a, *args, **kwargs)
+
+    def checked_array(a, *args, **kwargs):
+      forbid(a, 'np.array')
+      return array(a, *args, **kwargs)
+
+    def checked_device_get(x):
+      for leaf in jax.tree.leaves(x):
+        forbid(leaf, 'jax.device_get')
+      return device_get(x)
+
+    array_lib.ArrayImpl._value = property(checked_value)  # pylint: disable=protected-access
+    np.asarray, np.array, jax.device_get = checked_asarray, checked_array, checked_device_get
+    _fetch_guard_installed.append(True)
+
+  @contextlib.contextmanager
+  def guard():
+    _no_fetch.on = True
+    try:
+      with jax.transfer_guard_device_to_host('disallow_explicit'):
+        yield
+    finally:
+      _no_fetch.on = False
+
+  return guard()

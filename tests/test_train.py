@@ -17,6 +17,7 @@ import pytest
 
 from capture_jax import train
 from capture_jax.training import checkpoint as checkpoint_lib
+from tests.helpers import no_device_fetches
 from tests.helpers import start_python
 from tests.helpers import trainer_config
 
@@ -39,8 +40,11 @@ def assert_trees_equal(a, b):
     np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
 
 
-def test_exact_resume_is_bitwise_identical(dataset_config, tmp_path):
-  """2N steps in one go == N steps, stop, resume for N more (parameters, optimizer state, data)."""
+def test_exact_resume_is_bitwise_identical(dataset_config, tmp_path, monkeypatch):
+  """2N steps in one go == N steps, stop, resume for N more (parameters, optimizer state, data),
+  with batches prefetched to the devices and no device fetch between the sync points."""
+  monkeypatch.setattr(train, 'BETWEEN_SYNC_POINTS', no_device_fetches)
+  assert dataset_config.data.prefetch_to_device >= 2
   straight = train.run(dataset_config, tmp_path / 'straight')
   first = train.run(dataset_config, tmp_path / 'resumed', stop_after_steps=3)
   assert int(first.state.step) == 3
@@ -227,3 +231,94 @@ def test_initialise_from_a_released_checkpoint(dataset_config, tmp_path):
   result = train.run(cfg, tmp_path / 'run', stop_after_steps=0)
   expected, _ = convert.from_release_state_dict(state_dict, cfg.model)
   assert_trees_equal(params_of(result)['model'], jax.tree.map(np.asarray, expected))
+
+
+def _start_two_processes(config_json: Path, workdir: Path, steps: int, out: Path, log: Path):
+  """The two processes of one job (2 x 2 CPU devices, Gloo), logging to `log`.{0,1}."""
+  import socket  # pylint: disable=import-outside-toplevel
+
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    port = s.getsockname()[1]
+  script = REPO / 'tests' / 'multidevice' / 'preempt_process.py'
+  procs = []
+  for i in range(2):
+    env = {
+        **os.environ,
+        'JAX_PLATFORMS': 'cpu',
+        'XLA_FLAGS': '--xla_force_host_platform_device_count=2',
+        'CAPTURE_COORDINATOR': f'localhost:{port}',
+        'CAPTURE_NUM_PROCESSES': '2',
+        'CAPTURE_PROCESS_ID': str(i),
+    }
+    f = open(f'{log}.{i}', 'w', encoding='utf-8')  # pylint: disable=consider-using-with
+    procs.append(
+        subprocess.Popen(
+            [sys.executable, str(script), str(config_json), str(workdir), str(steps), str(out)],
+            cwd=REPO,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    )
+  return procs
+
+
+def _results(procs, log: Path) -> list[dict]:
+  outs = []
+  for i, p in enumerate(procs):
+    p.wait(timeout=600)
+    text = Path(f'{log}.{i}').read_text(encoding='utf-8')
+    assert p.returncode == 0, f'process {i}:\n{text}'
+    outs.append(json.loads(text.split('RESULT ', 1)[1].splitlines()[0]))
+  return outs
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_without_syncs(
+    dataset_config, tmp_path
+):
+  """Two processes with the loop's device-to-host transfer guard on between the sync points
+  (logging every 4 steps, checkpoints every 3): SIGTERM to process 1 only stops both at the same
+  step through JAX's coordination service, with one checkpoint there; resuming from it ends
+  bitwise where an uninterrupted run does."""
+  cfg = dataset_config.copy_and_resolve_references()
+  cfg.train.update(num_steps=1000, log_every=4)
+  cfg.checkpoint.update(every_steps=3, keep_last=100)
+  config_json = tmp_path / 'config.json'
+  config_json.write_text(cfg.to_json())
+  end = 24
+
+  straight = _start_two_processes(
+      config_json, tmp_path / 'straight', end, tmp_path / 'straight.npz', tmp_path / 'straight'
+  )
+  assert [r['step'] for r in _results(straight, tmp_path / 'straight')] == [end, end]
+
+  run = tmp_path / 'run'
+  procs = _start_two_processes(config_json, run, end, tmp_path / 'first.npz', tmp_path / 'first')
+  ckpts = checkpoint_lib.checkpoint_dir(run)
+  deadline = time.time() + 300
+  while time.time() < deadline and not (ckpts / '3').is_dir():
+    time.sleep(0.1)
+  procs[1].send_signal(signal.SIGTERM)
+  first = _results(procs, tmp_path / 'first')
+  stop = first[0]['step']
+  assert first == [{'step': stop, 'preempted': True}] * 2
+  assert 3 <= stop < end
+  saved = sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
+  # Orbax's first-step save, the regular ones, then one at the stop.
+  assert saved == sorted({1, *range(3, stop, 3), stop})
+  assert sorted(p.name for p in (ckpts / str(stop) / 'data').iterdir() if p.suffix == '.json') == [
+      'process_0-of-2.json',
+      'process_1-of-2.json',
+  ]
+
+  resumed = _start_two_processes(
+      config_json, run, end - stop, tmp_path / 'resumed.npz', tmp_path / 'resumed'
+  )
+  assert [r['step'] for r in _results(resumed, tmp_path / 'resumed')] == [end, end]
+  a, b = np.load(tmp_path / 'straight.npz'), np.load(tmp_path / 'resumed.npz')
+  assert sorted(a) == sorted(b) and len(a) > 0
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  assert read_losses(tmp_path / 'straight') == read_losses(run)

@@ -2,13 +2,11 @@ r"""What installed TPU and GPU plugins cost a command on a host without accelera
 
     python -m capture_jax.bench.platform_probe [--compilers=.venv/aot-compilers] [--repeats=5]
 
-Starts JAX in fresh processes (`import jax; jax.devices()`), alternating:
-- `none`: the environment without the plugins;
-- `plugins`: with libtpu and the CUDA PJRT plugin on the path (`requirements-aot.txt`), as
-  plain JAX sees them (it probes both);
-- `plugins + cli`: the same, started as every command starts (`cli.run` calls
-  `accelerators.default_to_cpu_without_accelerators` first).
-Prints the median wall seconds and the lines written to stderr of each.
+Starts JAX in fresh processes (`import jax; jax.devices()`), alternating, with nothing, libtpu
+alone, or libtpu and the CUDA PJRT plugin (`requirements-aot.txt`) on the path; each as plain
+JAX starts (it probes every plugin) and as every command starts (`+ cli`: `cli.run` calls
+`accelerators.default_to_cpu_without_accelerators` first). Prints the median wall seconds and
+the lines written to stderr of each.
 """
 
 from __future__ import annotations
@@ -18,17 +16,30 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-PROGRAMS = {
-    'none': 'import jax; jax.devices()',
-    'plugins': 'import jax; jax.devices()',
-    'plugins + cli': (
-        'from capture_jax import accelerators; accelerators.default_to_cpu_without_accelerators(); '
-        'import jax; jax.devices()'
-    ),
-}
+PLAIN = 'import jax; jax.devices()'
+CLI = (
+    'from capture_jax import accelerators; accelerators.default_to_cpu_without_accelerators(); '
+    + PLAIN
+)
+STARTS = (  # name, plugins on the path, program
+    ('none', None, PLAIN),
+    ('libtpu', 'libtpu', PLAIN),
+    ('libtpu + cli', 'libtpu', CLI),
+    ('libtpu + CUDA plugin', 'all', PLAIN),
+    ('libtpu + CUDA plugin + cli', 'all', CLI),
+)
+
+
+def libtpu_only(compilers: str, into: str) -> str:
+  """A folder with only libtpu of the compilers folder (links)."""
+  for entry in Path(compilers).iterdir():
+    if entry.name.startswith('libtpu'):
+      os.symlink(entry, Path(into) / entry.name)
+  return into
 
 
 def start(program: str, compilers: str | None) -> tuple[float, int]:
@@ -47,15 +58,17 @@ def main() -> None:
   parser.add_argument('--compilers', default=str(Path('.venv') / 'aot-compilers'))
   parser.add_argument('--repeats', type=int, default=5)
   args = parser.parse_args()
-  times: dict[str, list[float]] = {k: [] for k in PROGRAMS}
+  scratch = tempfile.mkdtemp()
+  paths = {None: None, 'libtpu': libtpu_only(args.compilers, scratch), 'all': args.compilers}
+  times: dict[str, list[float]] = {name: [] for name, _, _ in STARTS}
   lines: dict[str, int] = {}
   for _ in range(args.repeats):
-    for name, program in PROGRAMS.items():
-      seconds, count = start(program, None if name == 'none' else args.compilers)
+    for name, plugins, program in STARTS:
+      seconds, count = start(program, paths[plugins])
       times[name].append(seconds)
       lines[name] = count
   print('| start | median s | stderr lines |\n|---|---:|---:|')
-  for name in PROGRAMS:
+  for name, _, _ in STARTS:
     print(f'| {name} | {statistics.median(times[name]):.2f} | {lines[name]} |')
 
 

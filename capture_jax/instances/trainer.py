@@ -10,8 +10,6 @@ a resumed run trains on the same batches as an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
-import signal
-import threading
 import time
 from typing import Any, Sequence
 
@@ -28,6 +26,7 @@ from capture_jax.instances import compose
 from capture_jax.instances import model as model_lib
 from capture_jax.instances import proposals as proposals_lib
 from capture_jax.training import lock as lock_lib
+from capture_jax.training import preemption as preemption_lib
 
 LOCK_FILE = 'train.lock'
 
@@ -144,28 +143,6 @@ def load_donor_records(config: ml_collections.ConfigDict) -> list[dict[str, Any]
   return records
 
 
-class _StopRequest:
-  """Turns SIGTERM / SIGINT into a flag the loop checks once per step (main thread only)."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = {}
-
-  def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      for sig in (signal.SIGTERM, signal.SIGINT):
-        self._previous[sig] = signal.signal(sig, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
-
-  def __exit__(self, *exc):
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
-
-
 @dataclasses.dataclass
 class TrainResult:
   params: Any
@@ -280,13 +257,14 @@ def _train_locked(
   metrics: dict[str, float] = {}
   running: list[dict] = []
   t0 = time.time()
-  stop = _StopRequest()
-  with stop:
+  with preemption_lib.Preemption('finishing this step, saving the proposer, then exiting') as stop:
+    stop.reached(step)
     while step < end:
       batch = compose.make_batch(pool, config.seed, step, config)
       params, opt_state, m = train_step(params, opt_state, batch)
       step += 1
       running.append(m)
+      stopping = stop.reached(step)  # host-only: the metrics stay on the device until logged
       if step % cfg.log_every == 0 or step == end:
         metrics = {k: float(np.mean([float(x[k]) for x in running])) for k in running[0]}
         running = []
@@ -295,9 +273,9 @@ def _train_locked(
         if not cfg.progress_bar:
           print(f'proposer step {step}: {line} ({time.time() - t0:.0f}s)', flush=True)
       bar.update(1)
-      if step % cfg.checkpoint_every == 0 or step == end or stop.requested:
+      if step % cfg.checkpoint_every == 0 or step == end or stopping:
         save(step, force=True)  # (Orbax alone would also save the first step)
-      if stop.requested:
+      if stopping:
         print(f'\nstopped by a signal: proposer saved at step {step}; rerun to resume', flush=True)
         break
   bar.close()
