@@ -225,14 +225,17 @@ class Target:
     from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
 
     kwargs = dict(self.topology)
+    if self.chip.platform == 'tpu':
+      # libtpu takes a host-wide lock file unless told otherwise, so a second compile-only
+      # process (two `aot` commands, or a test beside one) would fail; no chip is opened here.
+      os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
     try:
       devices = list(topologies.get_topology_desc(**kwargs).devices)
     except (ImportError, RuntimeError, NotImplementedError) as e:
-      extra = 'tpu' if self.chip.platform == 'tpu' else 'aot'
       raise TargetUnavailableError(
           f'cannot make the {self.name} topology on this host ({type(e).__name__}: '
-          f'{str(e).splitlines()[0] if str(e) else ""}); install the compilers with '
-          f'`pip install -e .[{extra}]`'
+          f'{str(e).splitlines()[0] if str(e) else ""}); the compilers come with '
+          '`pip install -e .[aot]`'
       ) from e
     if len(devices) != self.num_devices:
       raise TargetUnavailableError(

@@ -297,6 +297,7 @@ DATA_RULES = {
     'num_workers': NON_NEGATIVE_INT,
     'read_threads': COUNT,
     'prefetch_batches': NON_NEGATIVE_INT,
+    'prefetch_to_device': NON_NEGATIVE_INT,
     'synthetic_preset': Choice('tiny', 'demo', 'small', 'large'),  # data/synthetic.py PRESETS
     'synthetic_seed': SEED,
     'feature_format': Choice('tsv', 'npz'),

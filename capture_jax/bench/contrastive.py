@@ -1,7 +1,7 @@
 """Per-device memory of the contrastive loss step, dense versus ring.
 
     python -m capture_jax.bench.contrastive [--kinds ntxent,clip,siglip]
-        [--batches 8192,65536] [--dim 512] [--chunk 1024] [--devices 8]
+        [--batches 8192,65536] [--dim 512] [--chunk 1024] [--devices 8 | --target v5e-256]
 
 Compiles (without running) the forward and backward pass of the contrastive
 loss w.r.t. text, visual and the loss parameters, with the global batch
@@ -51,9 +51,15 @@ def _are_positive_ints(values: Sequence[str]) -> bool:
 
 
 def measure(
-    kinds: Sequence[str], batches: Sequence[int], dim: int, chunk: int, num_devices: int
+    kinds: Sequence[str],
+    batches: Sequence[int],
+    dim: int,
+    chunk: int,
+    num_devices: int,
+    target: str = '',
 ) -> None:
-  """Compiles each variant for each kind and global batch; prints one row each."""
+  """Compiles each variant for each kind and global batch; prints one row each. With `target`
+  (`accelerators.target`), for that target's compile-only devices instead."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -64,7 +70,14 @@ def measure(
   from capture_jax import losses
   from capture_jax.training.contrastive import global_contrastive_loss
 
-  devices = jax.devices()[:num_devices]
+  from capture_jax import accelerators
+
+  options = {}
+  if target:
+    spec = accelerators.target(target)
+    devices, num_devices, options = spec.devices(), spec.num_devices, dict(spec.compiler_options)
+  else:
+    devices = jax.devices()[:num_devices]
   if len(devices) < num_devices:
     raise SystemExit(f'need {num_devices} devices, found {len(jax.devices())}')
   mesh = Mesh(np.array(devices).reshape(len(devices), 1, 1), ('data', 'fsdp', 'tensor'))
@@ -102,7 +115,7 @@ def measure(
             out_shardings=(replicated, (rows, rows, jax.tree.map(lambda _: replicated, params))),
         )
         start = time.perf_counter()
-        compiled = step.lower(vec, vec, spec_params).compile()
+        compiled = step.lower(vec, vec, spec_params).compile(options)
         seconds = time.perf_counter() - start
         m = compiled.memory_analysis()
         print(
@@ -121,6 +134,9 @@ def main() -> None:
       'dim', 512, "Embedding width (the paper's pooler width, bi_hidden_size)."
   )
   chunk = flags.DEFINE_integer('chunk', 1024, 'Keys per block of the chunked ring variant.')
+  target = flags.DEFINE_string(
+      'target', '', 'Compile for this accelerator target instead (e.g. v5e-256; needs .[aot]).'
+  )
   num_devices = flags.DEFINE_integer(
       'devices', 8, 'Devices to shard over (simulated CPU devices when JAX is not yet imported).'
   )
@@ -136,9 +152,16 @@ def main() -> None:
   def run(argv: Sequence[str]) -> None:
     if len(argv) > 1:
       raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-    if 'jax' not in sys.modules:
+    if 'jax' not in sys.modules and not target.value:
       _simulate_devices(num_devices.value)
-    measure(kinds.value, _int_list(batches.value), dim.value, chunk.value, num_devices.value)
+    measure(
+        kinds.value,
+        _int_list(batches.value),
+        dim.value,
+        chunk.value,
+        num_devices.value,
+        target.value,
+    )
 
   cli.run(run)
 
