@@ -219,6 +219,13 @@ class Target:
   topology: tuple[tuple[str, Any], ...]
   compiler_options: tuple[tuple[str, Any], ...] = ()
 
+  def usable_bytes(self) -> int:
+    """Memory a program may use per device: all of a TPU's HBM; on NVIDIA GPUs the share JAX's
+    client preallocates (`XLA_PYTHON_CLIENT_MEM_FRACTION`, 0.75 unless set)."""
+    if self.chip.platform != 'gpu':
+      return self.chip.hbm_bytes
+    return int(float(os.environ.get('XLA_PYTHON_CLIENT_MEM_FRACTION', 0.75)) * self.chip.hbm_bytes)
+
   def devices(self) -> list[Any]:
     """Compile-only devices of this target (needs libtpu, or the CUDA PJRT plugin, installed;
     no accelerator)."""

@@ -59,7 +59,7 @@ class Fit:
   temp_bytes: int
   alias_bytes: int
   code_bytes: int
-  hbm_bytes: int
+  hbm_bytes: int  # usable per device (`Target.usable_bytes`)
   flops_per_device: float | None
   flops_source: str
   peak_flops: float
@@ -113,7 +113,7 @@ def describe(fit: Fit) -> str:
       f'{fit.compile_s:.1f} s',
       f'  per device: arguments {_gib(fit.argument_bytes)}, outputs {_gib(fit.output_bytes)} '
       f'(aliased {_gib(fit.alias_bytes)}), temporaries {_gib(fit.temp_bytes)}, program '
-      f'{_gib(fit.code_bytes)}; total {_gib(fit.total_bytes)} of {_gib(fit.hbm_bytes)} HBM '
+      f'{_gib(fit.code_bytes)}; total {_gib(fit.total_bytes)} of {_gib(fit.hbm_bytes)} usable '
       f'({100 * fit.total_bytes / fit.hbm_bytes:.0f}%)',
   ]
   if fit.flops_per_device:
@@ -127,10 +127,6 @@ def describe(fit: Fit) -> str:
   return '\n'.join(lines)
 
 
-class DoesNotFitError(ValueError):
-  """A compiled step needs more memory per device than the chip has."""
-
-
 def advice(fit: Fit, config: ml_collections.ConfigDict) -> str:
   """Why it does not fit, by how much, and what to try (one line)."""
   tries = []
@@ -142,7 +138,11 @@ def advice(fit: Fit, config: ml_collections.ConfigDict) -> str:
     tries.append(f'--config.train.microbatches={2 * config.train.microbatches}')
     if config.model.dtype == 'float32':
       tries.append("--config.model.dtype='bfloat16'")
-  tries.append('a smaller per-device batch (--find_max_batch finds the largest that fits)')
+  tries.append(
+      'a smaller per-device batch (--find_max_batch finds the largest that fits)'
+      if fit.step == 'train'
+      else 'a smaller --config.data.eval_batch_size'
+  )
   if fit.refused:
     return (
         f'the {fit.step} step at global batch {fit.batch} does not fit on {fit.target} '
@@ -161,13 +161,19 @@ def advice(fit: Fit, config: ml_collections.ConfigDict) -> str:
 
 
 def host_flops(build, config: ml_collections.ConfigDict) -> float | None:
-  """XLA's FLOP count of the global step lowered (not compiled) for one host CPU device."""
+  """XLA's FLOP count of the global step lowered (not compiled) for one host CPU device.
+
+  XLA counts a loop's body once, so the count is of the same computation without loops: one
+  micro-batch, unscanned layers and the unrolled dropout bits (the same FLOPs per step).
+  """
   import jax  # pylint: disable=import-outside-toplevel
 
   from capture_jax.training import sharding  # pylint: disable=import-outside-toplevel
 
   host_config = config.copy_and_resolve_references()
   host_config.mesh.update(data=1, fsdp=1, tensor=1)
+  host_config.train.update(microbatches=1, cpu_unrolled_threefry=True)
+  host_config.model.scan_layers = False
   mesh = sharding.make_mesh(host_config.mesh, jax.devices('cpu')[:1])
   analysis = build(host_config, mesh).lower().cost_analysis()
   return float(analysis.get('flops', 0.0)) or None if analysis else None
@@ -235,7 +241,7 @@ def compile_step(
         temp_bytes=0,
         alias_bytes=0,
         code_bytes=0,
-        hbm_bytes=target.chip.hbm_bytes,
+        hbm_bytes=target.usable_bytes(),
         flops_per_device=None,
         flops_source='',
         peak_flops=target.chip.peak_bf16_flops,
@@ -243,7 +249,10 @@ def compile_step(
     )
   compile_s = time.perf_counter() - start
   memory = compiled.memory_analysis()
-  flops = state_lib.count_flops(compiled) if target.chip.platform == 'tpu' else None
+  # XLA's count of the compiled program is per device, but counts a loop's body once: only
+  # a TPU program without micro-batch or layer loops is counted as compiled.
+  loops = config.train.microbatches > 1 or config.model.scan_layers
+  flops = state_lib.count_flops(compiled) if target.chip.platform == 'tpu' and not loops else None
   source = 'XLA, compiled for the target'
   if flops is None:
     global_flops = host_flops(build, config)
@@ -260,7 +269,7 @@ def compile_step(
       temp_bytes=int(memory.temp_size_in_bytes),
       alias_bytes=int(memory.alias_size_in_bytes),
       code_bytes=int(memory.generated_code_size_in_bytes),
-      hbm_bytes=target.chip.hbm_bytes,
+      hbm_bytes=target.usable_bytes(),
       flops_per_device=flops,
       flops_source=source,
       peak_flops=target.chip.peak_bf16_flops,
@@ -320,7 +329,7 @@ def find_max_batch(
   elif fb.refused:  # XLA gave no figure at b: bisect between a and b
     guess = (a + b) // 2 // unit * unit
   elif slope > 0:
-    guess = a + (target.chip.hbm_bytes - fa.total_bytes) / slope
+    guess = a + (target.usable_bytes() - fa.total_bytes) / slope
     guess = max(unit, int(guess) // unit * unit)
   else:
     guess = b
@@ -357,8 +366,8 @@ def run(
 ) -> dict[str, Any]:
   """Compiles `steps` for `target_name`; returns the report dict (`--json`).
 
-  Raises DoesNotFitError when a compiled step does not fit, ValueError on a bad config or
-  target, accelerators.TargetUnavailableError when this host lacks the target's compiler.
+  A step that does not fit sets `report['error']` (the advice); raises ValueError on a bad
+  config or target, accelerators.TargetUnavailableError when this host lacks the compilers.
   """
   target = accelerators.target(target_name)
   unknown = [s for s in steps if s not in STEPS]

@@ -53,7 +53,13 @@ def parse_flags_or_exit(argv: list[str]) -> list[str]:
   except flags.Error as err:
     message = str(err).replace('\n', ' ')
   except (AttributeError, KeyError) as err:
-    unknown = [m for m in map(config_lib.unknown_override, argv[1:]) if m]
+    unknown = [
+        m
+        for m in map(
+            config_lib.unknown_override, (a for a in argv[1:] if a.startswith('--config.'))
+        )
+        if m
+    ]
     message = '; '.join(unknown) or ' '.join(str(err).replace('\\n', ' ').split())
   print(f'error: {message} (see --help)', file=sys.stderr, flush=True)
   sys.exit(1)

@@ -82,11 +82,20 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
         f'train.microbatches={t.microbatches} must divide the per-device batch {per_device}'
     )
   try:
-    layers.check_attention_impl(m.attention_impl, m.dtype, sharding.mesh_platform(mesh))
+    layers.check_attention_impl(
+        m.attention_impl,
+        m.dtype,
+        sharding.mesh_platform(mesh),
+        training_lengths={
+            'text': d.max_text_len,
+            'visual': d.max_regions + 1,  # + the global image token
+            'joint': d.max_text_len + d.max_regions + 1,
+        },
+    )
   except ValueError as e:
     problems.append(str(e))
   if problems:
-    raise ValueError('bad configuration:\n  - ' + '\n  - '.join(problems))
+    raise ValueError('bad configuration: ' + '; '.join(problems))
 
 
 # --------------------------------------------------------------------------
@@ -273,7 +282,7 @@ def _train(
   if is_main:
     print(
         f'compiled the train step in {compile_s:.1f} s'
-        + (f'; {flops_per_step / 1e9:.1f} GFLOP per step' if flops_per_step else ''),
+        + (f'; {flops_per_step / 1e9:.1f} GFLOP per step and device' if flops_per_step else ''),
         flush=True,
     )
 
@@ -347,7 +356,7 @@ def _train(
           {'step_time_s': step_time, 'samples_per_s': config.data.batch_size / step_time}
       )
       if flops_per_step and peak:
-        last_metrics['mfu'] = flops_per_step / step_time / (peak * jax.device_count())
+        last_metrics['mfu'] = flops_per_step / step_time / peak  # XLA counts per device
       writer.write(step, last_metrics)
       progress.set_postfix(
           loss=f'{last_metrics["loss/total"]:.3f}', skipped=int(last_metrics['skipped_updates'])

@@ -158,7 +158,7 @@ def main() -> None:
               f.write(json.dumps(row, sort_keys=True) + '\n')
             print(aot.describe(aot.Fit(**{k: row[k] for k in aot.FIT_FIELDS})), flush=True)
           unit = target.num_devices * config.train.microbatches
-          guess = predicted_max(group, target.chip.hbm_bytes, unit)
+          guess = predicted_max(group, target.usable_bytes(), unit)
           if guess and not any(
               r['kind'] == 'max' for r in read_rows(out) if row_key(r)[:3] == (name, dtype, remat)
           ):

@@ -113,7 +113,7 @@ def bench_train_step(config, batch_size: int, repeats: int, warmup: int) -> dict
       'compile_s': compile_s,
       'memory_gib': memory / 2**30,
       'memory_kind': memory_kind,
-      'mfu': (flops / step / (peak * jax.device_count())) if (flops and peak) else None,
+      'mfu': (flops / step / peak) if (flops and peak) else None,  # XLA counts per device
       'loss': float(metrics['loss/total']),
   }
 

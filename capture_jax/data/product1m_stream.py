@@ -629,8 +629,10 @@ def _publish(
     )
   info.set_splits(tfds.core.SplitDict(split_infos))
   info.write_to_directory(epath.Path(work))
-  shutil.rmtree(os.path.join(work, WORK_DIR))
+  # Rename first: a kill between the two leaves a complete dataset with a stale `_build`
+  # folder inside, never a folder without its plan and markers that looks finished.
   os.replace(work, final)
+  shutil.rmtree(os.path.join(final, WORK_DIR), ignore_errors=True)
 
 
 def build(
@@ -703,12 +705,18 @@ def build(
           report,
           progress_lib,
       )
-    except Exception:
-      # Bad input or a failed worker: leave nothing a later run could take as finished.
+    except ValueError:
+      # Bad input (formats.BadInputError) or nothing usable in it: the inputs must change, so
+      # nothing of this build can be resumed.
       shutil.rmtree(work, ignore_errors=True)
       config_dir = os.path.dirname(final)
       if os.path.isdir(config_dir) and not os.listdir(config_dir):
         os.rmdir(config_dir)
+      raise
+    except BaseException:
+      # A failed or killed worker, a full disk, Ctrl-C: the shards written so far stay in the
+      # `.incomplete` folder (which no reader takes for a dataset) and the same command resumes.
+      print(f'note: the build stopped; rerun the same command to resume from {work}', flush=True)
       raise
 
 

@@ -60,9 +60,13 @@ FUSED_ATTENTION = {'dot_product_attention': None, 'cudnn': 'cudnn'}
 ATTENTION_IMPLS = ('xla',) + tuple(FUSED_ATTENTION)
 
 
-def check_attention_impl(impl: str, dtype: str, platform: str) -> None:
+def check_attention_impl(
+    impl: str, dtype: str, platform: str, training_lengths: dict[str, int] | None = None
+) -> None:
   """Raises ValueError where `model.attention_impl` cannot run: cuDNN's fused attention needs
-  an NVIDIA GPU ('gpu'/'cuda' platform) and a 16-bit compute dtype."""
+  an NVIDIA GPU ('gpu'/'cuda' platform), a 16-bit compute dtype and, in training with a mask
+  (ours: padding), even sequence lengths (jax 0.10.2's `check_is_flash_attention`);
+  `training_lengths` names each attention's sequence length for that check."""
   if impl not in ATTENTION_IMPLS:
     raise ValueError(f'model.attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}')
   if impl != 'cudnn':
@@ -76,6 +80,13 @@ def check_attention_impl(impl: str, dtype: str, platform: str) -> None:
     raise ValueError(
         f"model.attention_impl='cudnn' needs model.dtype='bfloat16' (cuDNN's fused attention "
         f'has no float32 kernel), got {dtype!r}'
+    )
+  odd = {k: n for k, n in (training_lengths or {}).items() if n % 2}
+  if odd:
+    raise ValueError(
+        "model.attention_impl='cudnn' trains only on even sequence lengths (cuDNN's masked "
+        f'fused attention at jax 0.10.2), but {odd} are odd; with 36 text tokens an odd '
+        'data.max_regions (e.g. 35: 36 visual tokens, 72 joint) makes every length even'
     )
 
 
