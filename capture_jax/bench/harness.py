@@ -77,7 +77,7 @@ def build_train_step(config, batch_size: int):
   """
   config = config.copy_and_resolve_references()
   config.data.batch_size = batch_size
-  config_lib.check_or_exit(config)
+  config_lib.validate(config)
   mesh = sharding.make_mesh(config.mesh)
   train.validate_config(config, mesh)
   program = steps_lib.build_train_step(config, mesh)

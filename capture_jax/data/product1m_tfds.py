@@ -367,7 +367,11 @@ def build(
       with_cls_prob=with_cls_prob,
       progress=progress,
       num_workers=num_workers,
-      examples_per_shard=examples_per_shard or product1m_stream.DEFAULT_EXAMPLES_PER_SHARD,
+      examples_per_shard=(
+          product1m_stream.DEFAULT_EXAMPLES_PER_SHARD
+          if examples_per_shard is None
+          else examples_per_shard
+      ),
       beam_options=beam_options,
   )
 
@@ -475,7 +479,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   from capture_jax.training import lock as lock_lib  # pylint: disable=import-outside-toplevel
 
   config_file = args['config'].value
-  d = config_lib.load_config_file(config_file).data if config_file else config_lib.data_config()
+  if config_file:
+    config = config_lib.load_config_file(config_file)
+    config_lib.check_or_exit(config)
+    d = config.data
+  else:
+    d = config_lib.data_config()
   try:
     report = build(
         args['data_dir'].value,
