@@ -279,7 +279,11 @@ def test_unknown_options_are_rejected(model_and_params):
   cfg, _, params = model_and_params
   for field, value, message in [
       ('dtype', 'float16', "model.dtype must be 'float32' or 'bfloat16'"),
-      ('attention_impl', 'flash', "model.attention_impl must be 'xla'"),
+      (
+          'attention_impl',
+          'flash',
+          r"model.attention_impl must be one of \('xla', 'dot_product_attention', 'cudnn'\)",
+      ),
   ]:
     bad = cfg.model.copy_and_resolve_references()
     bad[field] = value
