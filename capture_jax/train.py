@@ -324,6 +324,22 @@ def _train(
       config.data.prefetch_to_device,
   )
   closers.insert(0, batches.close)
+
+  def save_checkpoint(step: int, state: Any, force: bool) -> None:
+    """Never a diverged state; the metric rows up to a checkpoint are durable before it; the
+    data position of the consumed batches and the consecutive-skip count go with it."""
+    check_before_save(state, step, skips)
+    writer.flush()
+    checkpoint_lib.save(
+        manager,
+        step,
+        state,
+        batches,
+        config,
+        force=force,
+        loop={'consecutive_skipped': skips.consecutive},
+    )
+
   step = start
   while step < end:
     # Between the sync points below the host only dispatches: no device-to-host transfer, no
@@ -363,33 +379,13 @@ def _train(
       )
       window_start, window_steps = time.perf_counter(), 0
     if due or preempted:
-      check_before_save(state, step, skips)
-      writer.flush()  # the rows up to a checkpoint are durable before it
-      checkpoint_lib.save(
-          manager,
-          step,
-          state,
-          batches,
-          config,
-          force=preempted,
-          loop={'consecutive_skipped': skips.consecutive},
-      )
+      save_checkpoint(step, state, force=preempted)
     if preempted:
       break
   progress.close()
   # A final checkpoint (forced: also when the interval is not due), then wait for async saves.
   if manager.latest_step() != step:
-    check_before_save(state, step, skips)
-    writer.flush()
-    checkpoint_lib.save(
-        manager,
-        step,
-        state,
-        batches,
-        config,
-        force=True,
-        loop={'consecutive_skipped': skips.consecutive},
-    )
+    save_checkpoint(step, state, force=True)
   if preempted and is_main:
     print(
         f'stopped at step {step} on request; checkpoint saved in {checkpoint_lib.checkpoint_dir(workdir)}. '
