@@ -38,7 +38,6 @@ Command line (absl flags; a progress bar per split; exit status 1 with one
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys

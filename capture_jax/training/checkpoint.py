@@ -40,7 +40,6 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from capture_jax import storage
-from capture_jax.training import sharding
 from capture_jax.training import distributed
 
 # Model fields that change numerics or speed but not the parameter tree.
