@@ -272,6 +272,10 @@ def data_config() -> ml_collections.ConfigDict:
   d.synthetic_seed = 0
   d.feature_format = 'tsv'  # 'tsv' (base64 rows) or 'npz' (one file per image)
   d.vocab_size = 2000  # WordPiece vocab trained on the captions (at most)
+  # Splits whose titles train the vocab: by default those a user has before any query
+  # arrives (the training pairs and the gallery). Adding 'dev' or 'test' lets query titles
+  # (text, not labels) shape the token ids: transductive, and no longer a held-out figure.
+  d.vocab_splits = 'train,gallery'
   return d
 
 
@@ -302,6 +306,7 @@ DATA_RULES = {
     'synthetic_seed': SEED,
     'feature_format': Choice('tsv', 'npz'),
     'vocab_size': Int(6),  # the five special tokens and a word
+    'vocab_splits': Names('train', 'gallery', 'dev', 'test'),  # data/formats.py SPLITS
 }
 
 
@@ -696,6 +701,12 @@ def _feature_dim(f: dict[str, Any]) -> str | None:
   return None
 
 
+def _vocab_splits(f: dict[str, Any]) -> str | None:
+  if not any(s.strip() for s in f['data.vocab_splits'].split(',')):
+    return "data.vocab_splits names no split: the vocab needs some titles (e.g. 'train,gallery')"
+  return None
+
+
 # What fields must satisfy together (each: the flat fields -> a problem, or None).
 RELATIONS: tuple[Callable[[dict[str, Any]], str | None], ...] = (
     _heads_divide('model.hidden_size', 'model.num_attention_heads'),
@@ -707,6 +718,7 @@ RELATIONS: tuple[Callable[[dict[str, Any]], str | None], ...] = (
     _visual_positions,
     _equal('data.max_text_len', 'model.max_text_len', 'the pipeline pads to the model length'),
     _feature_dim,
+    _vocab_splits,
     _mask_recipe,
     _init_path,
     _one_fill_axis,

@@ -63,12 +63,15 @@ def prepare_data(config: ml_collections.ConfigDict) -> None:
         feature_dim=d.feature_dim,
     )
     print('   ' + ', '.join(f'{k}: {v}' for k, v in summary['counts'].items()))
-  titles = list(tokenizer_lib.iter_titles(d.data_dir))
-  if tokenizer_lib.is_up_to_date(d.vocab_file, titles, d.vocab_size):
+  # Refuses, naming it, a vocab of other titles or settings: its token ids are those of
+  # the checkpoints trained on it.
+  size = tokenizer_lib.ensure_vocab(d)
+  if size is None:
     print(f'   reusing the vocab {d.vocab_file}')
-  else:  # refuses, naming it, a vocab of other data or settings that it did not write
-    size = tokenizer_lib.train_vocab(titles, d.vocab_size, d.vocab_file)
-    print(f'   trained a WordPiece vocab of {size} tokens: {d.vocab_file}')
+  else:
+    print(
+        f'   trained a WordPiece vocab of {size} tokens on the {d.vocab_splits} titles: {d.vocab_file}'
+    )
   done(t, 'data ready')
 
   t = stage(2, f'building the TFDS product1m dataset (ArrayRecord) in {d.tfds_dir}')

@@ -72,7 +72,7 @@ def tiny_dataset(
     c.model.v_feature_size = p.feature_dim
     c.model.v_target_size = p.feature_dim
   synthetic.generate(d.data_dir, preset, seed=seed, feature_format=feature_format, progress=False)
-  tokenizer_lib.train_vocab(tokenizer_lib.iter_titles(d.data_dir), vocab_size, d.vocab_file)
+  tokenizer_lib.train_vocab(tokenizer_lib.vocab_titles(d), vocab_size, d.vocab_file)
   product1m_tfds.build(
       d.data_dir,
       d.tfds_dir,

@@ -122,6 +122,7 @@ def test_refusals_say_what_is_allowed():
             {'instances.warmup_steps': 500},
             'instances.warmup_steps=500 must be <= instances.num_steps=400',
         ),
+        ({'data.vocab_splits': ' , '}, 'data.vocab_splits names no split'),
     ],
 )
 def test_fields_that_must_agree_are_checked_together(changes, expected):
@@ -149,7 +150,7 @@ def test_an_unknown_or_missing_field_is_refused_with_the_nearest_name():
 
 def test_choices_are_those_of_the_modules_that_own_them():
   from capture_jax import losses  # pylint: disable=import-outside-toplevel
-  from capture_jax.data import product1m_tfds, synthetic  # pylint: disable=import-outside-toplevel
+  from capture_jax.data import formats, product1m_tfds, synthetic  # pylint: disable=import-outside-toplevel
   from capture_jax.evaluation import embeddings, instance_merge  # pylint: disable=import-outside-toplevel
   from capture_jax.instances import proposals  # pylint: disable=import-outside-toplevel
   from capture_jax.models import layers  # pylint: disable=import-outside-toplevel
@@ -165,6 +166,7 @@ def test_choices_are_those_of_the_modules_that_own_them():
   assert s['mesh.rules'].choices == sharding.KNOWN_RULES
   assert set(s['data.storage_dtype'].choices) == set(product1m_tfds.STORAGE_DTYPES)
   assert set(s['data.synthetic_preset'].choices) == set(synthetic.PRESETS)
+  assert s['data.vocab_splits'].choices == formats.SPLITS
 
 
 # --------------------------------------------------------------------------

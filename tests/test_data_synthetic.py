@@ -253,3 +253,68 @@ def test_box_geometry_alone_is_clearly_below_the_oracle():
   oracle = instances.proposal_quality(truth, truth, sizes)
   assert oracle['recall'] == oracle['precision'] == 1.0 and oracle['background_assigned'] == 0
   assert q['recall'] < 0.95 and q['precision'] < 0.75 and q['background_assigned'] > 0.5, q
+
+
+def _queries(ids):
+  return [formats.Annotation(i, f'title {n}', labels=('a',)) for n, i in enumerate(ids)]
+
+
+def test_heldout_split_is_disjoint_by_query_and_deterministic_by_seed():
+  ids = [f'q{i}' for i in range(40)] + ['q3', 'q7']  # an id on two lines stays on one side
+  queries = _queries(ids)
+  dev, test = synthetic.heldout_split(queries, 0.5, seed=0)
+  dev_ids, test_ids = {q.item_id for q in dev}, {q.item_id for q in test}
+  assert not dev_ids & test_ids
+  assert dev_ids | test_ids == set(ids) and len(dev) + len(test) == len(queries)
+  assert len(test_ids) == 20  # half of the 40 distinct ids
+  # Each side keeps the file's order.
+  assert [q.title for q in dev] == sorted((q.title for q in dev), key=lambda t: int(t.split()[1]))
+  assert synthetic.heldout_split(queries, 0.5, seed=0) == (dev, test)
+  other_dev, _ = synthetic.heldout_split(queries, 0.5, seed=1)
+  assert {q.item_id for q in other_dev} != dev_ids
+  assert len({q.item_id for q in synthetic.heldout_split(queries, 0.25, seed=0)[1]}) == 10
+  for bad in (0.0, 1.0, 1.5):
+    with pytest.raises(ValueError, match='heldout_fraction must be in'):
+      synthetic.heldout_split(queries, bad, seed=0)
+  with pytest.raises(ValueError, match='at least two query ids'):
+    synthetic.heldout_split(_queries(['only', 'only']), 0.5, seed=0)
+
+
+def test_heldout_real_titles_become_dev_and_test(shared, tmp_path):
+  path = shared / 'product1m' / formats.annotation_filename('dev')
+  if not path.exists():
+    pytest.skip(f'{path} is not present')
+  real = [a for _, a in formats.read_annotations(str(path))]
+
+  def world(name, seed):
+    root = str(tmp_path / name)
+    summary = synthetic.generate(
+        root,
+        'tiny',
+        seed=seed,
+        annotations=str(path),
+        heldout_fraction=0.5,
+        progress=False,
+        splits=['dev', 'test'],
+    )
+    return root, summary
+
+  root, summary = world('a', 0)
+  dev, test = _read(root, 'dev'), _read(root, 'test')
+  assert summary['real_query_splits'] == ['dev', 'test']
+  assert summary['counts'] == {'dev': len(dev), 'test': len(test)}
+  assert {a.item_id for a in dev}.isdisjoint(a.item_id for a in test)
+  assert abs(len(dev) - len(test)) <= 1 and len(dev) + len(test) == len(real)
+  # Both are the real lines (ids, titles, label sets), each in the file's order.
+  assert [a for a in real if a.item_id in {d.item_id for d in dev}] == dev
+  assert [a for a in real if a.item_id in {t.item_id for t in test}] == test
+  # Both get their regions and instance sidecars rendered from their labels.
+  for split, lines in (('dev', dev), ('test', test)):
+    sidecar = formats.read_instances(os.path.join(root, formats.instances_filename(split)))
+    assert [i.label for i in sidecar[lines[0].item_id]] == list(lines[0].labels)
+  again, _ = world('b', 0)
+  assert _read(again, 'test') == test  # deterministic by seed
+  other, _ = world('c', 1)
+  assert _read(other, 'test') != test
+  with pytest.raises(ValueError, match='needs annotations'):
+    synthetic.generate(str(tmp_path / 'd'), 'tiny', heldout_fraction=0.5, progress=False)

@@ -176,3 +176,44 @@ def test_cli_bad_input_names_it(data_dir, tmp_path):
   with pytest.raises(tokenizer.VocabExistsError, match='v.txt: already exists'):
     (tmp_path / 'v.txt').write_text('[PAD]\n')
     tokenizer.train_vocab(TITLES, 50, str(tmp_path / 'v.txt'))
+
+
+def test_the_vocab_reads_only_the_configured_splits(tmp_path):
+  from capture_jax import config as config_lib  # pylint: disable=import-outside-toplevel
+
+  titles = {
+      'train': ['alpha beta gamma', 'alpha beta'] * 3,
+      'gallery': ['gamma delta'] * 3,
+      'dev': ['zebra queryonly 鷹'] * 3,  # words and a character only a query has
+      'test': ['yak testonly 鷲'] * 3,
+  }
+  for split, texts in titles.items():
+    ann = [formats.Annotation(f'{split}{i}', t, labels=('x',)) for i, t in enumerate(texts)]
+    formats.write_annotations(str(tmp_path / formats.annotation_filename(split)), ann)
+  d = config_lib.data_config()
+  d.data_dir, d.vocab_size = str(tmp_path), 200
+  assert d.vocab_splits == 'train,gallery'  # the default: what a user has before any query
+  assert tokenizer.vocab_titles(d) == titles['train'] + titles['gallery']
+
+  def trained(splits):
+    d.vocab_splits, d.vocab_file = splits, str(tmp_path / f'{splits}.txt')
+    assert tokenizer.ensure_vocab(d) > 5
+    assert tokenizer.ensure_vocab(d) is None  # the same vocab again: reused
+    return set(tokenizer.read_vocab(d.vocab_file))
+
+  default = trained('train,gallery')
+  assert {'alpha', 'delta'} <= default or {'a', '##l'} <= default
+  assert not {'z', '鷹', 'y', '鷲'} & default  # no character of a query title
+  with_dev = trained('train,gallery,dev')
+  assert {'z', '鷹'} <= with_dev and not {'鷲'} & with_dev
+  # The command's default is the config's.
+  out = tmp_path / 'cli.txt'
+  proc = run_cli('--data_dir', tmp_path, '--vocab_size', 200, '--out', out, '--min_frequency', 2)
+  assert proc.returncode == 0, proc.stderr
+  assert out.read_text(encoding='utf-8') == (tmp_path / 'train,gallery.txt').read_text(
+      encoding='utf-8'
+  )
+  d.vocab_splits = 'dev'
+  (tmp_path / formats.annotation_filename('dev')).unlink()
+  with pytest.raises(FileNotFoundError, match='no titles to train the vocab on'):
+    tokenizer.vocab_titles(d)

@@ -57,9 +57,7 @@ def prepare_data(
     synthetic.generate(
         d.data_dir, preset, seed=d.synthetic_seed, splits=['train'], feature_format=d.feature_format
     )
-  titles = list(tokenizer_lib.iter_titles(d.data_dir))
-  if not tokenizer_lib.is_up_to_date(d.vocab_file, titles, d.vocab_size):
-    tokenizer_lib.train_vocab(titles, d.vocab_size, d.vocab_file)
+  tokenizer_lib.ensure_vocab(d)
   if not os.path.isdir(product1m_tfds.dataset_dir(d.tfds_dir, d.storage_dtype)):
     product1m_tfds.build_from_config(config)
 

@@ -32,8 +32,18 @@ regions belong to which product instance) for the labelled splits.
 Command line::
 
     python -m capture_jax.data.synthetic --out DIR --preset demo [--seed 0]
-        [--annotations product1m_dev_ossurl_v2.txt] [--feature_format tsv|npz]
-        [--feature_dim 256] [--overwrite]
+        [--annotations product1m_dev_ossurl_v2.txt [--heldout_fraction 0.5]]
+        [--feature_format tsv|npz] [--feature_dim 256] [--overwrite]
+
+With --annotations, the real queries' labels become the world's products and
+their lines (real ids, titles and label sets) become the dev queries.
+--heldout_fraction F moves a seeded fraction F of those queries, whole (every
+line of an id), to the test split instead, so that dev and test are disjoint
+halves of the real queries: choices made on dev are judged on real titles no
+one chose on. What the two splits share is what a user has before any query:
+the product catalogue (labels), the gallery and the training pairs, all
+rendered from the labels of both halves. What they do not share: query ids,
+titles and label sets. No real title reaches the gallery or the training pairs.
 
 It refuses to replace files in DIR that it did not write (a real annotation
 file, say) unless --overwrite is given.
@@ -403,6 +413,28 @@ def _string_rng(*parts: object) -> np.random.Generator:
   """A generator seeded by strings, independent of the order things are read."""
   digest = hashlib.sha256('\x1f'.join(map(str, parts)).encode()).digest()
   return np.random.default_rng(np.frombuffer(digest[:16], np.uint32))
+
+
+def heldout_split(
+    queries: Sequence[formats.Annotation], fraction: float, seed: int
+) -> tuple[list[formats.Annotation], list[formats.Annotation]]:
+  """Splits real queries into (dev, test) by query id; each keeps the file's order.
+
+  A seeded `fraction` of the distinct ids (rounded, at least one of each side when
+  there are two or more) goes to test with every line of that id, so no id is in
+  both. Deterministic in (the ids, fraction, seed); independent of titles and labels.
+  """
+  if not 0.0 < fraction < 1.0:
+    raise ValueError(f'heldout_fraction must be in (0, 1), got {fraction}')
+  ids = list(dict.fromkeys(q.item_id for q in queries))
+  if len(ids) < 2:
+    raise ValueError(f'a held-out split needs at least two query ids, got {len(ids)}')
+  num_test = min(max(int(round(fraction * len(ids))), 1), len(ids) - 1)
+  order = _string_rng('heldout', seed).permutation(len(ids))
+  test_ids = {ids[i] for i in order[:num_test]}
+  dev = [q for q in queries if q.item_id not in test_ids]
+  test = [q for q in queries if q.item_id in test_ids]
+  return dev, test
 
 
 def _brand_name(rng: np.random.Generator, taken: set[str]) -> str:
@@ -990,7 +1022,7 @@ def _check_overwrite(
     out_dir: str,
     world: World,
     splits: Sequence[str],
-    queries: Sequence[formats.Annotation] | None,
+    real_queries: dict[str, list[formats.Annotation]],
     feature_format: str,
     overwrite: bool,
 ) -> None:
@@ -1007,8 +1039,8 @@ def _check_overwrite(
     sizes = _split_sizes(world)
     for split in splits:
       ids = (
-          [q.item_id for q in queries]
-          if split == 'dev' and queries is not None
+          [q.item_id for q in real_queries[split]]
+          if split in real_queries
           else [_item_id(split, i) for i in range(sizes[split])]
       )
       planned += [f'features/{i}.npz' for i in ids]
@@ -1030,6 +1062,7 @@ def generate(
     *,
     seed: int = 0,
     annotations: str | None = None,
+    heldout_fraction: float = 0.0,
     feature_format: str = 'tsv',
     feature_dim: int | None = None,
     params: WorldParams = WorldParams(),
@@ -1048,6 +1081,8 @@ def generate(
     annotations: a real Product1M query file: its labels become the products,
       its lines (real ids, titles and label sets) become the dev queries; the
       gallery, training pairs and test queries are built from its labels.
+    heldout_fraction: with `annotations`, the share of its query ids that become
+      the test queries instead (`heldout_split`; 0: test is rendered from labels).
     feature_format: 'tsv' (base64, one file per split) or 'npz' (one per image).
     feature_dim: overrides the preset's feature width.
     params: difficulty of the world.
@@ -1064,7 +1099,9 @@ def generate(
   previous_files = _generated_files(out_dir)
   if feature_dim:
     p = dataclasses.replace(p, feature_dim=int(feature_dim))
-  queries = None
+  if heldout_fraction and not annotations:
+    raise ValueError('heldout_fraction splits real queries: it needs annotations')
+  real_queries: dict[str, list[formats.Annotation]] = {}  # split -> its real query lines
   if annotations:
     queries = [a for _, a in formats.read_annotations(annotations, require_labels=True)]
     max_inst = max(len(q.labels) for q in queries)
@@ -1073,11 +1110,21 @@ def generate(
           f'{annotations}: a query has {max_inst} labels but the preset '
           f'allows {p.max_regions} regions'
       )
+    # The products are the labels of every query (dev and test alike): the catalogue, like
+    # the gallery rendered from it, is known before any query arrives.
     world = make_world(p, seed, params, real_labels=[l for q in queries for l in q.labels])
-    p = dataclasses.replace(p, num_dev=len(queries))
+    if heldout_fraction:
+      real_queries['dev'], real_queries['test'] = heldout_split(queries, heldout_fraction, seed)
+    else:
+      real_queries['dev'] = queries
+    p = dataclasses.replace(
+        p,
+        num_dev=len(real_queries['dev']),
+        num_test=len(real_queries.get('test', ())) or p.num_test,
+    )
   else:
     world = make_world(p, seed, params)
-  _check_overwrite(out_dir, world, splits, queries, feature_format, overwrite)
+  _check_overwrite(out_dir, world, splits, real_queries, feature_format, overwrite)
   os.makedirs(out_dir, exist_ok=True)
   counts = {}
   for split in splits:
@@ -1088,8 +1135,8 @@ def generate(
         if split in formats.LABELLED_SPLITS
         else None
     )
-    split_queries = queries if split == 'dev' else None
-    total = len(queries) if split_queries is not None else _split_sizes(world)[split]
+    split_queries = real_queries.get(split)
+    total = len(split_queries) if split_queries is not None else _split_sizes(world)[split]
     n = 0
     with open(path, 'w', encoding='utf-8') as ann_file:
       # disable=None: a bar on a terminal, none in logs.
@@ -1115,6 +1162,9 @@ def generate(
       'params': dataclasses.asdict(params),
       'seed': seed,
       'annotations': annotations,
+      'heldout_fraction': heldout_fraction,
+      # Splits whose queries are real annotation lines (the rest are rendered from labels).
+      'real_query_splits': sorted(real_queries),
       'feature_format': feature_format,
       'feature_dim': p.feature_dim,
       'max_regions': p.max_regions,
@@ -1140,6 +1190,13 @@ def main(argv: Sequence[str] | None = None) -> None:
       default=None,
       help='a real Product1M query file whose titles and labels to use',
   )
+  parser.add_argument(
+      '--heldout_fraction',
+      type=float,
+      default=0.0,
+      help='with --annotations: this share of the real query ids becomes the test split '
+      '(disjoint from dev, by --seed); 0 renders test from the labels',
+  )
   parser.add_argument('--feature_format', default='tsv', choices=('tsv', 'npz'))
   parser.add_argument('--feature_dim', type=int, default=None)
   parser.add_argument('--splits', default=','.join(formats.SPLITS))
@@ -1149,20 +1206,25 @@ def main(argv: Sequence[str] | None = None) -> None:
       help='replace files in --out that the generator did not write (e.g. real annotations)',
   )
   args = parser.parse_args(argv)
-  summary = generate(
-      args.out,
-      args.preset,
-      seed=args.seed,
-      annotations=args.annotations,
-      feature_format=args.feature_format,
-      feature_dim=args.feature_dim,
-      splits=[s for s in args.splits.split(',') if s],
-      overwrite=args.overwrite,
-  )
+  summary = _generate_from_args(args)
   print(
       f'wrote {args.out}: {summary["num_products"]} products of {summary["num_brands"]} '
       f'brands; ' + ', '.join(f'{k} {v}' for k, v in summary['counts'].items()),
       file=sys.stderr,
+  )
+
+
+def _generate_from_args(args: argparse.Namespace) -> dict:
+  return generate(
+      args.out,
+      args.preset,
+      seed=args.seed,
+      annotations=args.annotations,
+      heldout_fraction=args.heldout_fraction,
+      feature_format=args.feature_format,
+      feature_dim=args.feature_dim,
+      splits=[s for s in args.splits.split(',') if s],
+      overwrite=args.overwrite,
   )
 
 

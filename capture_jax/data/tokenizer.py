@@ -10,7 +10,7 @@ Rust backend in one call.
 Command line (train a WordPiece vocab on the captions of a Product1M folder)::
 
     python -m capture_jax.data.tokenizer train --data_dir DIR --vocab_size 2000 --out vocab.txt \
-        [--min_frequency 2 --splits train,gallery,dev,test --overwrite]
+        [--min_frequency 2 --splits train,gallery --overwrite]
 
 The vocab is a deterministic function of the titles and the settings (same
 data, same file, byte for byte: see `build_vocab`). `--out` is written with
@@ -40,6 +40,7 @@ import transformers
 from absl import app, flags
 
 from capture_jax import cli
+from capture_jax import config as config_lib
 from capture_jax.data import formats
 
 # Special tokens in BERT's spelling; a vocab we train puts them first, so
@@ -123,6 +124,43 @@ def iter_titles(data_dir: str, splits: Sequence[str] = formats.SPLITS) -> Iterat
     if os.path.exists(path):
       for _, ann in formats.read_annotations(path, require_labels=False):
         yield ann.title
+
+
+def vocab_splits(data_config) -> list[str]:
+  """`data.vocab_splits` ('train,gallery') as a list of split names."""
+  return [s.strip() for s in data_config.vocab_splits.split(',') if s.strip()]
+
+
+def vocab_titles(data_config) -> list[str]:
+  """The only text the vocab is trained on: the titles of `data.vocab_splits` in `data.data_dir`.
+
+  Raises:
+    FileNotFoundError: none of those splits has an annotation file with a line.
+  """
+  splits = vocab_splits(data_config)
+  titles = list(iter_titles(data_config.data_dir, splits))
+  if not titles:
+    raise FileNotFoundError(
+        f'{data_config.data_dir}: no titles to train the vocab on: none of '
+        f'{[formats.annotation_filename(s) for s in splits]} (data.vocab_splits) exists or has a line'
+    )
+  return titles
+
+
+def ensure_vocab(data_config) -> int | None:
+  """Trains `data.vocab_file` on `vocab_titles` unless it already is exactly that vocab.
+
+  Returns:
+    The number of tokens written, or None when the existing file was reused.
+
+  Raises:
+    VocabExistsError: the file is a vocab of other titles or settings, or not this
+      trainer's (`train_vocab`): replacing it would change the token ids of models trained on it.
+  """
+  titles = vocab_titles(data_config)
+  if is_up_to_date(data_config.vocab_file, titles, data_config.vocab_size):
+    return None
+  return train_vocab(titles, data_config.vocab_size, data_config.vocab_file)
 
 
 # Bumped whenever `build_vocab` would give different tokens for the same input,
@@ -405,9 +443,12 @@ def define_flags() -> dict[str, flags.FlagHolder]:
       'min_frequency': flags.DEFINE_integer(
           'min_frequency', 2, 'A merged WordPiece piece must occur this often.'
       ),
-      # Titles are model inputs, not labels: including the query titles only
-      # avoids [UNK] for characters that appear in queries alone.
-      'splits': flags.DEFINE_list('splits', list(formats.SPLITS), 'Splits whose titles to use.'),
+      # The config's default (data.vocab_splits): the splits a user has before any query.
+      'splits': flags.DEFINE_list(
+          'splits',
+          vocab_splits(config_lib.data_config()),
+          'Splits whose titles to use. Query splits (dev, test) make the vocab transductive.',
+      ),
       'overwrite': flags.DEFINE_bool(
           'overwrite',
           False,
