@@ -526,16 +526,12 @@ def rank_baselines(
   query_ids = plan.query_ids
   rg, rq = exports['gallery random weights'], exports['queries random weights']
   check_pair(rq, rg)
-  mode = e.query_mode
   headline = plan.proposers[0] if plan.proposers else ''
+  random_instances = instance_exports(exports, plan, ' random weights')
+  # Given instance exports have no random-weights twin: that row is then whole-sample.
+  mode = e.query_mode if random_instances else 'whole'
   random_lists = rank_model(
-      searcher,
-      query_ids,
-      rq,
-      rg,
-      instance_exports(exports, plan, ' random weights'),
-      headline,
-      suffix=' random weights',
+      searcher, query_ids, rq, rg, random_instances, headline, suffix=' random weights'
   )
   random_method = capture_method(mode, random_init=True, proposer=headline)
   gallery = exports['gallery']
@@ -766,7 +762,9 @@ def evaluate(
   # 3-4. Search and ranked lists of every method, in query order.
   searcher = Searcher(config)
   by_proposer = instance_exports(exports, plan)
-  headline = plan.proposers[0] if plan.proposers else next(iter(by_proposer), '')
+  if not plan.proposers:  # given exports: the given instance export's proposer is the headline
+    plan.proposers = list(by_proposer)
+  headline = plan.proposers[0] if plan.proposers else ''
   ranked = rank_model(searcher, plan.query_ids, queries, gallery, by_proposer, headline)
   modes = instance_merge.MERGE_MODES if by_proposer else ('whole',)
   if config.eval.baselines:

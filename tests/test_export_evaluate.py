@@ -521,3 +521,37 @@ def test_embeddings_of_mismatched_dimension_and_an_empty_gallery(trained, evalua
       out_dir=tmp_path / 'ok',
   )
   assert result.metrics['CAPTURE (whole)'] == evaluated.metrics['CAPTURE (whole)']
+
+
+def test_given_exports_with_instance_queries(trained, evaluated, tmp_path):
+  """--gallery/--query/--instance_embeddings: the rows are named after the instance export's
+  proposer, its lists equal the evaluation that made the exports, and the random-weights row
+  (no random instance export was given) is whole-sample."""
+  cfg, _ = trained
+  given = evaluated.summary['exports']
+  result = evaluate.evaluate(
+      copy_config(cfg),
+      tmp_path,
+      'dev',
+      gallery_embeddings=given['gallery'],
+      query_embeddings=given['queries'],
+      instance_embeddings=given['instances'],
+      out_dir=tmp_path / 'given',
+  )
+  assert list(result.metrics) == [
+      method('whole'),
+      method('instances'),
+      method('both'),
+      method('whole', random_init=True),
+      evaluate.TFIDF,
+      evaluate.MEAN_REGION,
+  ]
+  for mode in ('whole', 'instances', 'both'):
+    assert result.metrics[method(mode)] == evaluated.metrics[method(mode)], mode
+    assert (
+        result.out_dir / 'ranked_lists' / f'{evaluate._slug(method(mode))}.txt'
+    ).read_text() == (
+        evaluated.out_dir / 'ranked_lists' / f'{evaluate._slug(method(mode))}.txt'
+    ).read_text()
+  assert result.summary['main_method'] == method('both')
+  assert result.summary['proposers'] == ['oracle']
