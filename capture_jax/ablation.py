@@ -120,7 +120,7 @@ def table(
 
 
 def run_variant(config: ml_collections.ConfigDict, name: str, workdir: Path):
-  """Trains (or reuses) and evaluates one variant; returns the `evaluate.EvalResult`."""
+  """Trains (or reuses) and evaluates one variant; returns the `results.EvalResult`."""
   print(f'\n== variant {name}: {VARIANTS[name].description}', flush=True)
   start = time.perf_counter()
   demo_lib.pretrain(config, workdir, number=None)

@@ -4,7 +4,7 @@ r"""Ahead-of-time compilation for accelerators this host does not have: memory f
         [--steps=train,export] [--json=PATH] [--find_max_batch] [--config.FIELD=value ...]
 
 Compiles the real train step (`training/steps.build_train_step`, the one the
-trainer runs) and the embedding-export step (`evaluation/embeddings.build_export_step`)
+trainer runs) and the embedding-export step (`evaluation/embedding_lib.build_export_step`)
 for a target's compile-only devices (`accelerators.target`: `v4-8` ... `v5p-64`,
 `h100x8`, `h200x8`, `2xv5e-256`), with the config checked against the
 target's device and process counts, not this host's. It prints, and writes
@@ -211,7 +211,7 @@ def compile_step(
 
   from capture_jax import config as config_lib  # pylint: disable=import-outside-toplevel
   from capture_jax import train  # pylint: disable=import-outside-toplevel
-  from capture_jax.evaluation import embeddings  # pylint: disable=import-outside-toplevel
+  from capture_jax.retrieval import embedding as embedding_lib  # pylint: disable=import-outside-toplevel
   from capture_jax.training import sharding  # pylint: disable=import-outside-toplevel
   from capture_jax.training import state as state_lib  # pylint: disable=import-outside-toplevel
   from capture_jax.training import steps as steps_lib  # pylint: disable=import-outside-toplevel
@@ -223,7 +223,7 @@ def compile_step(
     train.validate_config(config, mesh)
     build, batch = steps_lib.build_train_step, config.data.batch_size
   else:
-    build, batch = embeddings.build_export_step, config.data.eval_batch_size
+    build, batch = embedding_lib.build_export_step, config.data.eval_batch_size
   start = time.perf_counter()
   try:
     compiled = build(config, mesh).lower().compile(dict(target.compiler_options))

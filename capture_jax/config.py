@@ -457,7 +457,7 @@ def eval_config() -> ml_collections.ConfigDict:
   # or 'encoder' (the encoder poolers, fused the same way).
   e.embedding = 'fused'
   # `encoder` only: the text poolers' share of the cosine (0.5: text and visual equally; see
-  # evaluation/embeddings.py). Lower it for titles unlike the training captions.
+  # retrieval/embedding.py). Lower it for titles unlike the training captions.
   e.encoder_text_weight = 0.5
   # Ranked lists written to retrieval_id_list.txt: 'whole' (the whole-sample
   # query), 'instances' (one query per product instance, merged round-robin) or

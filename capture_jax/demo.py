@@ -150,7 +150,7 @@ def train_proposer(
 
 def evaluate(config: ml_collections.ConfigDict, workdir: Path, number: int | None = 5):
   """Stage 5: `capture_jax.evaluate` on the dev split (exports already written are reused)."""
-  from capture_jax import evaluate as evaluate_lib  # pylint: disable=import-outside-toplevel
+  from capture_jax.retrieval import evaluation as evaluate_lib  # pylint: disable=import-outside-toplevel
 
   baselines = (
       ', and the baselines (TF-IDF, mean region feature, random weights)'
@@ -170,8 +170,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Path, number: int | Non
 
 def print_report(result, workdir: Path) -> None:
   """Stage 6: the table and where everything is."""
-  from capture_jax.evaluation import metrics as metrics_lib  # pylint: disable=import-outside-toplevel
-  from capture_jax.evaluation import report as report_lib  # pylint: disable=import-outside-toplevel
+  from capture_jax.retrieval import metrics as metrics_lib  # pylint: disable=import-outside-toplevel
+  from capture_jax.retrieval import report as report_lib  # pylint: disable=import-outside-toplevel
 
   stage(6, 'the report')
   print(result.table, flush=True)

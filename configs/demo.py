@@ -42,7 +42,7 @@ def get_config(arg=None):
   # with learned proposals on the demo world (dev mAP@10, query mode both): encoder 65.45,
   # the default `fused` (final pooled outputs) 58.61; docs/BENCHMARKS.md ("make demo").
   c.eval.embedding = 'encoder'
-  # The text poolers get a quarter of the `encoder` cosine, not half (evaluation/embeddings.py):
+  # The text poolers get a quarter of the `encoder` cosine, not half (retrieval/embedding.py):
   # a text stream trained from scratch on a few thousand captions reads unseen titles badly,
   # and the visual pooler carries more of the match. Chosen on dev splits only: it helps on the
   # default world and on worlds built from real annotations, so `make demo` uses one recipe for

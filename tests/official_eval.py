@@ -5,7 +5,7 @@ version after issue #3, 2022-04-20, where the per-label AR terms are summed
 with ``+=``; the first release overwrote them with ``=``). This module keeps
 its inputs, its arithmetic, its control flow and its output, written as small
 functions so tests can run it next to the vectorised
-``capture_jax.evaluation.metrics``:
+``capture_jax.retrieval.metrics``:
 
 * inputs: ``--GT_dir`` holding ``product1m_gallery_ossurl_v2.txt``,
   ``product1m_test_ossurl_v2.txt`` and ``product1m_dev_ossurl_v2.txt``;

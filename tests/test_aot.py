@@ -214,7 +214,7 @@ ATTENTION_PROGRAM = textwrap.dedent("""
     import json, re, sys
     from capture_jax import accelerators, config as config_lib
     from capture_jax.training import sharding
-    from capture_jax.evaluation import embeddings
+    from capture_jax.retrieval import embedding as embeddings
     result = {}
     for name in ('h200x1', 'v4-8'):
       target = accelerators.target(name)

@@ -50,7 +50,7 @@ COMMANDS = {
         'json',
     ],
     'capture_jax.bench.contrastive': ['kinds', 'batches', 'dim', 'chunk', 'devices'],
-    'capture_jax.evaluation.calibration': [
+    'capture_jax.retrieval.calibration': [
         'data_dir',
         'split',
         'r',
@@ -96,7 +96,7 @@ def test_help_lists_the_flags(module):
         ],
         ['capture_jax.bench.search', '--faiss=ivf', '--faiss_flat=false'],
         ['capture_jax.bench.contrastive', '--kinds=clip,siglip', '--batches=64,128', '--devices=2'],
-        ['capture_jax.evaluation.calibration', '--data_dir=/nonexistent', '--split=test'],
+        ['capture_jax.retrieval.calibration', '--data_dir=/nonexistent', '--split=test'],
     ],
     ids=lambda args: args[0].rsplit('.', 1)[-1] + '_' + '_'.join(args[1:3]),
 )
@@ -113,7 +113,7 @@ def test_flags_parse(args):
         ['capture_jax.bench.search', '--nprobe=16,x'],
         ['capture_jax.bench.search', '--no_faiss_flat'],  # absl spells it --nofaiss_flat
         ['capture_jax.bench.contrastive', '--batches=8192,big'],
-        ['capture_jax.evaluation.calibration'],  # --data_dir is required
+        ['capture_jax.retrieval.calibration'],  # --data_dir is required
     ],
     ids=lambda args: args[0].rsplit('.', 1)[-1] + '_' + '_'.join(args[1:2]),
 )
@@ -128,7 +128,7 @@ def test_bad_flags_are_rejected_before_main(args):
 def test_calibration_prints_the_baselines(tmp_path):
   root = str(tmp_path / 'world')
   synthetic.generate(root, 'tiny', seed=0, progress=False)
-  proc = _run('capture_jax.evaluation.calibration', f'--data_dir={root}')
+  proc = _run('capture_jax.retrieval.calibration', f'--data_dir={root}')
   assert proc.returncode == 0, proc.stderr[-3000:]
   lines = proc.stdout.strip().splitlines()
   assert [line.split()[:3] for line in lines] == [

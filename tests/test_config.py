@@ -151,7 +151,7 @@ def test_an_unknown_or_missing_field_is_refused_with_the_nearest_name():
 def test_choices_are_those_of_the_modules_that_own_them():
   from capture_jax import losses  # pylint: disable=import-outside-toplevel
   from capture_jax.data import formats, product1m_tfds, synthetic  # pylint: disable=import-outside-toplevel
-  from capture_jax.evaluation import embeddings, instance_merge  # pylint: disable=import-outside-toplevel
+  from capture_jax.retrieval import embedding as embeddings, instance_merge  # pylint: disable=import-outside-toplevel
   from capture_jax.instances import proposals  # pylint: disable=import-outside-toplevel
   from capture_jax.models import layers  # pylint: disable=import-outside-toplevel
   from capture_jax.training import sharding, state  # pylint: disable=import-outside-toplevel

@@ -10,7 +10,7 @@ import os
 import numpy as np
 import pytest
 
-from capture_jax.evaluation import calibration as baselines
+from capture_jax.retrieval import calibration as baselines
 from capture_jax.data import formats
 from capture_jax.data import synthetic
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from capture_jax.evaluation import baselines
-from capture_jax.evaluation.metrics import evaluate_ranked_lists, read_annotations
-from capture_jax.evaluation.search import exact_topk, indices_to_ranked_lists
+from capture_jax.retrieval import baselines
+from capture_jax.retrieval.metrics import evaluate_ranked_lists, read_annotations
+from capture_jax.retrieval.search import exact_topk, indices_to_ranked_lists
 
 SHARED = Path(__file__).resolve().parents[1].parent / 'shared'
 DEV_FILE = SHARED / 'product1m' / 'product1m_dev_ossurl_v2.txt'

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from capture_jax.evaluation.instance_merge import merge_query_lists, round_robin_merge
+from capture_jax.retrieval.instance_merge import merge_query_lists, round_robin_merge
 
 
 def test_round_robin_interleaves_and_deduplicates():

@@ -1,5 +1,5 @@
 """The official Product1M metrics: hand-made cases, and agreement with the
-restated official evaluator (capture_jax.evaluation.official_eval)."""
+restated official evaluator (capture_jax.retrieval.official_eval)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from capture_jax.evaluation import metrics
+from capture_jax.retrieval import metrics
 from tests import official_eval
-from capture_jax.evaluation.metrics import evaluate_ranked_lists, score_queries
+from capture_jax.retrieval.metrics import evaluate_ranked_lists, score_queries
 
 SHARED = Path(__file__).resolve().parents[1].parent / 'shared'
 DEV_FILE = SHARED / 'product1m' / 'product1m_dev_ossurl_v2.txt'

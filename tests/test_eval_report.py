@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from capture_jax.evaluation import report
+from capture_jax.retrieval import report
 
 METRICS = {
     'capture': {

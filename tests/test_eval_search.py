@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from capture_jax.evaluation.search import (
+from capture_jax.retrieval.search import (
     brute_force_topk,
     exact_topk,
     faiss_topk,
@@ -95,7 +95,7 @@ def test_errors():
 
 _MULTI_DEVICE_SCRIPT = textwrap.dedent("""
     import jax, numpy as np
-    from capture_jax.evaluation.search import exact_topk, brute_force_topk
+    from capture_jax.retrieval.search import exact_topk, brute_force_topk
     assert jax.device_count() == 8, jax.devices()
     rng = np.random.default_rng(0)
     q = rng.integers(-2, 3, size=(45, 5)).astype(np.float32)

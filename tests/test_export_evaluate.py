@@ -13,12 +13,17 @@ import jax
 import numpy as np
 import pytest
 
-from capture_jax import evaluate, export, train
+from capture_jax import train
 from capture_jax.data import product1m_tfds
 from capture_jax.data import eval_input
 from capture_jax.data import source as source_lib
-from capture_jax.evaluation import embeddings as emb_lib
-from capture_jax.evaluation import instance_merge, metrics, search
+from capture_jax.retrieval import embedding as embedding_lib
+from capture_jax.retrieval import evaluation
+from capture_jax.retrieval import export_format
+from capture_jax.retrieval import exporting
+from capture_jax.retrieval import identity as identity_lib
+from capture_jax.retrieval import keys
+from capture_jax.retrieval import instance_merge, metrics, search
 from tests import official_eval
 from capture_jax.models import CaptureModel
 from capture_jax import batch as batch_lib
@@ -46,8 +51,9 @@ def trained(tmp_path_factory):
 
 
 def method(mode, random_init=False):
-  """The report's name of a CAPTURE row of the fixture (instances from the oracle sidecar)."""
-  return evaluate.capture_method(mode, random_init, proposer='oracle')
+  """A CAPTURE row of the fixture's report (instances from the oracle sidecar)."""
+  proposer = None if mode == 'whole' else keys.Proposer('oracle')
+  return keys.Method('model', mode, proposer, 'random' if random_init else 'checkpoint')
 
 
 def copy_config(cfg, **eval_overrides):
@@ -67,7 +73,7 @@ def l2n(x):
 def test_export_writes_shards_and_metadata_and_resumes(trained, tmp_path):
   cfg, workdir = trained
   out = tmp_path / 'gallery'
-  first = export.export(cfg, workdir, 'gallery', out=out)
+  first = exporting.export(cfg, workdir, 'gallery', out=out)
   meta = json.loads((out / 'metadata.json').read_text())
   ids = source_lib.read_split_item_ids(source_lib.make_source(cfg, 'gallery'))
   assert len(ids) == 54  # 6 full batches of 8 and one of 6 rows + 2 padding rows
@@ -76,9 +82,9 @@ def test_export_writes_shards_and_metadata_and_resumes(trained, tmp_path):
   assert meta['checkpoint_step'] == 2 and meta['weights'] == 'checkpoint'
   assert meta['model'] == cfg.model.to_dict() and meta['num_shards'] == 4
   shards = sorted(out.glob('shard-*.npz'))
-  assert [p.name for p in shards] == [emb_lib.shard_name(s, 4) for s in range(4)]
+  assert [p.name for p in shards] == [export_format.shard_name(s, 4) for s in range(4)]
   assert first.written == [0, 1, 2, 3]
-  before = emb_lib.read_embeddings(out)
+  before = export_format.read_embeddings(out)
   # The padding rows are dropped: exactly the split's items, in split order, unit vectors.
   assert before.item_id == ids and before.row.tolist() == list(range(54))
   np.testing.assert_allclose(np.linalg.norm(before.vectors, axis=1), 1.0, rtol=1e-5)
@@ -86,27 +92,27 @@ def test_export_writes_shards_and_metadata_and_resumes(trained, tmp_path):
 
   # Delete one shard: the rerun rewrites only it, and the export is the same.
   mtimes = {p.name: p.stat().st_mtime_ns for p in shards}
-  (out / emb_lib.shard_name(2, 4)).unlink()
-  again = export.export(cfg, workdir, 'gallery', out=out)
+  (out / export_format.shard_name(2, 4)).unlink()
+  again = exporting.export(cfg, workdir, 'gallery', out=out)
   assert again.written == [2] and not again.reused
   for p in shards:
-    if p.name != emb_lib.shard_name(2, 4):
+    if p.name != export_format.shard_name(2, 4):
       assert p.stat().st_mtime_ns == mtimes[p.name], p.name
-  after = emb_lib.read_embeddings(out)
+  after = export_format.read_embeddings(out)
   np.testing.assert_array_equal(after.vectors, before.vectors)
   assert after.item_id == before.item_id
 
   # Complete: nothing to do; another kind in the same folder is refused.
-  assert export.export(cfg, workdir, 'gallery', out=out).reused
+  assert exporting.export(cfg, workdir, 'gallery', out=out).reused
   with pytest.raises(ValueError, match=r'holds another export \(kind: .fused. vs .text.'):
-    export.export(copy_config(cfg, embedding='text'), workdir, 'gallery', out=out)
+    exporting.export(copy_config(cfg, embedding='text'), workdir, 'gallery', out=out)
 
 
 def test_exported_embeddings_equal_a_direct_model_apply(trained, tmp_path):
   cfg, workdir = trained
   out = tmp_path / 'dev'
-  export.export(cfg, workdir, 'dev', out=out)
-  exported = emb_lib.read_embeddings(out)
+  exporting.export(cfg, workdir, 'dev', out=out)
+  exported = export_format.read_embeddings(out)
 
   # Parameters through the trainer's own restore path (the whole state), not the export's partial restore.
   mesh = sharding.make_mesh(cfg.mesh)
@@ -139,12 +145,12 @@ def test_exported_embeddings_equal_a_direct_model_apply(trained, tmp_path):
       ),
   }
   for kind, want in expected.items():
-    got = np.asarray(emb_lib.embed_outputs(outputs, kind))
-    assert got.shape[1] == emb_lib.embedding_dim(cfg.model, kind)
+    got = np.asarray(embedding_lib.embed_outputs(outputs, kind))
+    assert got.shape[1] == embedding_lib.embedding_dim(cfg.model, kind)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=kind)
   # The encoder rows with the text poolers at a quarter of the cosine: the cosine of two rows
   # is 0.25 x the text poolers' cosine + 0.75 x the visual poolers'.
-  weighted = np.asarray(emb_lib.embed_outputs(outputs, 'encoder', 0.25))
+  weighted = np.asarray(embedding_lib.embed_outputs(outputs, 'encoder', 0.25))
   t, v = l2n(outputs['enc_pooled_text']), l2n(outputs['enc_pooled_visual'])
   np.testing.assert_allclose(
       weighted @ weighted.T, 0.25 * t @ t.T + 0.75 * v @ v.T, rtol=1e-5, atol=1e-5
@@ -153,19 +159,22 @@ def test_exported_embeddings_equal_a_direct_model_apply(trained, tmp_path):
   # An export records that weight: one of another weight is not reused, nor searched with it.
   enc = copy_config(cfg, embedding='encoder')
   quarter = copy_config(cfg, embedding='encoder', encoder_text_weight=0.25)
-  a = export.export_plan(enc, 'dev', 'samples', 'encoder', 2, 16)
-  b = export.export_plan(quarter, 'dev', 'samples', 'encoder', 2, 16)
+  dev = eval_input.sample_rows(source_lib.make_source(enc, 'dev'))
+  a = identity_lib.ExportIdentity.of_rows(enc, dev, 'encoder', 2).fields
+  b = identity_lib.ExportIdentity.of_rows(quarter, dev, 'encoder', 2).fields
   assert a['text_weight'] is None and b['text_weight'] == 0.25
-  assert emb_lib.identity_diffs(a, b) == ['text_weight: None vs 0.25']
-  assert emb_lib.pair_diffs(a, b) == ['text_weight: None vs 0.25']
+  assert export_format.identity_diffs(a, b) == ['text_weight: None vs 0.25']
+  assert export_format.pair_diffs(a, b) == ['text_weight: None vs 0.25']
   with pytest.raises(ValueError, match=r'encoder_text_weight must be in \[0, 1\], got 1.5'):
-    emb_lib.text_weight(copy_config(cfg, encoder_text_weight=1.5), 'fused')
+    embedding_lib.text_weight(copy_config(cfg, encoder_text_weight=1.5), 'fused')
 
 
 def test_random_weights_are_the_trainers_initialisation(trained):
   cfg, _ = trained
-  embedder = emb_lib.make_embedder(cfg, sharding.make_mesh(cfg.mesh))
-  ours = export.random_model_params(cfg, embedder)  # what the random-weights baseline embeds with
+  embedder = embedding_lib.make_embedder(cfg, sharding.make_mesh(cfg.mesh))
+  ours = embedding_lib.random_model_params(
+      cfg, embedder
+  )  # what the random-weights baseline embeds with
   theirs = jax.jit(lambda k: state_lib.initial_params(cfg, k)['model'])(
       jax.random.PRNGKey(cfg.seed)
   )
@@ -199,10 +208,10 @@ def test_export_on_8_devices_with_sharded_parameters_matches_one_device(trained,
       },
   )
   assert result.returncode == 0 and 'OK' in result.stdout, result.stdout + result.stderr
-  export.export(cfg, workdir, 'gallery', out=tmp_path / 'one')
+  exporting.export(cfg, workdir, 'gallery', out=tmp_path / 'one')
   eight, one = (
-      emb_lib.read_embeddings(tmp_path / 'eight'),
-      emb_lib.read_embeddings(tmp_path / 'one'),
+      export_format.read_embeddings(tmp_path / 'eight'),
+      export_format.read_embeddings(tmp_path / 'one'),
   )
   assert eight.item_id == one.item_id and eight.metadata['devices'] == 8
   np.testing.assert_allclose(eight.vectors, one.vectors, rtol=1e-4, atol=1e-5)
@@ -237,8 +246,10 @@ def test_two_processes_export_the_rows_of_one(trained, tmp_path):
       },
   )
   assert result.returncode == 0 and '[p0] OK' in result.stdout, result.stdout + result.stderr
-  export.export(cfg, workdir, 'dev', rows='instances', out=tmp_path / 'one')
-  two, one = emb_lib.read_embeddings(tmp_path / 'two'), emb_lib.read_embeddings(tmp_path / 'one')
+  exporting.export(cfg, workdir, 'dev', rows='instances', out=tmp_path / 'one')
+  two, one = export_format.read_embeddings(tmp_path / 'two'), export_format.read_embeddings(
+      tmp_path / 'one'
+  )
   assert (
       len(one) == 44 and two.metadata['processes'] == 2
   )  # 6 global batches of 8, the last with 4 padding rows
@@ -255,7 +266,7 @@ def test_two_processes_export_the_rows_of_one(trained, tmp_path):
 def evaluated(trained, tmp_path_factory):
   cfg, workdir = trained
   out = tmp_path_factory.mktemp('eval')
-  return evaluate.evaluate(cfg, workdir, 'dev', out_dir=out)
+  return evaluation.evaluate(cfg, workdir, 'dev', out_dir=out)
 
 
 def ranked_lists(queries, gallery, k=100):
@@ -281,10 +292,10 @@ def test_evaluate_writes_the_report_and_official_metrics(trained, evaluated):
       method('instances'),
       method('both'),
       method('both', random_init=True),
-      evaluate.TFIDF,
-      evaluate.MEAN_REGION,
+      keys.Method('tfidf'),
+      keys.Method('mean_region'),
   ]
-  assert list(saved) == methods
+  assert list(saved) == [m.label for m in methods]
   # retrieval_id_list.txt is CAPTURE in eval.query_mode; its numbers are the official evaluator's, digit for digit.
   lines = (out / 'retrieval_id_list.txt').read_text().splitlines(keepends=True)
   assert len(lines) == 16 and all(
@@ -293,18 +304,18 @@ def test_evaluate_writes_the_report_and_official_metrics(trained, evaluated):
   official, _ = official_eval.evaluate(cfg.data.data_dir, lines)
   for r in metrics.DEFAULT_RANKS:
     for name, key in (('mAP', 'mAP'), ('Prec', 'Prec'), ('mAR', 'mAR')):
-      assert saved[method('both')][f'{name}@{r}'] == official[f'top{r}'][key]
+      assert saved[method('both').label][f'{name}@{r}'] == official[f'top{r}'][key]
   # So are every other method's, from its own ranked lists.
-  for name in methods:
-    path = out / 'ranked_lists' / f'{evaluate._slug(name)}.txt'
+  for m in methods:
+    path = out / 'ranked_lists' / f'{m.slug}.txt'
     official, _ = official_eval.evaluate(
         cfg.data.data_dir, path.read_text().splitlines(keepends=True)
     )
-    assert saved[name]['mAP@10'] == official['top10']['mAP'], name
+    assert saved[m.label]['mAP@10'] == official['top10']['mAP'], m.label
   report = (out / 'report.md').read_text()
   assert report.count('| CAPTURE') == 4 and '![metrics against R](metrics.png)' in report
   assert f'Best query mode on mAP@10: **{evaluated.best_query_mode}**' in report
-  best = max(('whole', 'instances', 'both'), key=lambda m: saved[method(m)]['mAP@10'])
+  best = max(('whole', 'instances', 'both'), key=lambda m: saved[method(m).label]['mAP@10'])
   assert evaluated.best_query_mode == best
   assert (
       report.count('### Query ') == cfg.eval.num_listings
@@ -314,8 +325,9 @@ def test_evaluate_writes_the_report_and_official_metrics(trained, evaluated):
 
 def test_instance_queries_are_searched_and_merged_round_robin(trained, evaluated):
   cfg, workdir = trained
-  exports = {k: emb_lib.read_embeddings(v) for k, v in evaluated.summary['exports'].items()}
-  gallery, queries, instances = exports['gallery'], exports['queries'], exports['instances']
+  exports = {k: export_format.read_embeddings(v) for k, v in evaluated.summary['exports'].items()}
+  gallery, queries = exports['gallery'], exports['queries']
+  instances = exports['instances oracle']
   # One row per instance of the sidecar, with only that instance's regions: different from the whole query.
   sidecar = {}
   for line in (Path(cfg.data.data_dir) / 'instances_dev.jsonl').read_text().splitlines():
@@ -335,14 +347,14 @@ def test_instance_queries_are_searched_and_merged_round_robin(trained, evaluated
     per_instance.setdefault(q, []).append(lst)
   out = evaluated.out_dir / 'ranked_lists'
   for mode in ('whole', 'instances', 'both'):
-    written = metrics.read_ranked_lists(out / f'{evaluate._slug(method(mode))}.txt')
+    written = metrics.read_ranked_lists(out / f'{method(mode).slug}.txt')
     assert list(written) == queries.item_id
     for q in queries.item_id:
       assert written[q] == instance_merge.merge_query_lists(whole[q], per_instance[q], mode), (
           mode,
           q,
       )
-  both = metrics.read_ranked_lists(out / f'{evaluate._slug(method("both"))}.txt')
+  both = metrics.read_ranked_lists(out / f'{method("both").slug}.txt')
   assert any(both[q][:10] != whole[q][:10] for q in queries.item_id)  # the merge changes the lists
   assert metrics.read_ranked_lists(evaluated.out_dir / 'retrieval_id_list.txt') == both
 
@@ -400,11 +412,11 @@ def test_evaluate_command_line_reuses_the_exports(trained, evaluated, tmp_path):
 def test_no_checkpoint_in_the_workdir(trained, tmp_path):
   cfg, _ = trained
   with pytest.raises(FileNotFoundError, match='no checkpoint in'):
-    export.export(cfg, tmp_path, 'gallery')
+    exporting.export(cfg, tmp_path, 'gallery')
   with pytest.raises(FileNotFoundError, match='no checkpoint in'):
-    evaluate.evaluate(cfg, tmp_path, 'dev')
+    evaluation.evaluate(cfg, tmp_path, 'dev')
   with pytest.raises(FileNotFoundError, match=r'no checkpoint of step 7 in .* holds steps \[.*2\]'):
-    export.export(cfg, trained[1], 'gallery', step=7)
+    exporting.export(cfg, trained[1], 'gallery', step=7)
 
 
 def test_checkpoint_of_a_different_config(trained):
@@ -412,8 +424,8 @@ def test_checkpoint_of_a_different_config(trained):
   other = cfg.copy_and_resolve_references()
   other.model.intermediate_size = 64
   for run in (
-      lambda: export.export(other, workdir, 'gallery'),
-      lambda: evaluate.evaluate(other, workdir, 'dev'),
+      lambda: exporting.export(other, workdir, 'gallery'),
+      lambda: evaluation.evaluate(other, workdir, 'dev'),
   ):
     with pytest.raises(
         checkpoint_lib.IncompatibleCheckpointError,
@@ -440,11 +452,11 @@ def test_split_file_absent(trained, tmp_path):
   with pytest.raises(
       ValueError, match=r"split 'test' was not built .* its annotation file was absent"
   ):
-    export.export(other, workdir, 'test')
+    exporting.export(other, workdir, 'test')
   with pytest.raises(
       ValueError, match=r"split must be one of \('train', 'gallery', 'dev', 'test'\), got 'val'"
   ):
-    export.export(cfg, workdir, 'val')
+    exporting.export(cfg, workdir, 'val')
 
 
 def test_query_id_absent_from_the_annotations(trained, tmp_path):
@@ -461,7 +473,7 @@ def test_query_id_absent_from_the_annotations(trained, tmp_path):
       ValueError,
       match=rf"1 query id\(s\) of split 'dev' are absent from the annotations " rf".*'{dropped}'",
   ):
-    evaluate.evaluate(other, workdir, 'dev')
+    evaluation.evaluate(other, workdir, 'dev')
 
 
 def fake_export(out, vectors, ids, kind, step=2, rows='samples'):
@@ -469,15 +481,15 @@ def fake_export(out, vectors, ids, kind, step=2, rows='samples'):
   n, dim = vectors.shape
   out.mkdir(parents=True)
   if n:
-    emb_lib.write_shard(
-        out / emb_lib.shard_name(0, 1),
+    export_format.write_shard(
+        out / export_format.shard_name(0, 1),
         {
             'embeddings': vectors.astype(np.float32),
             'item_id': np.array(ids, dtype=str),
             'row': np.arange(n),
         },
     )
-  emb_lib.write_metadata(
+  export_format.write_metadata(
       out,
       {
           'format_version': 1,
@@ -499,7 +511,7 @@ def fake_export(out, vectors, ids, kind, step=2, rows='samples'):
 def test_embeddings_of_mismatched_dimension_and_an_empty_gallery(trained, evaluated, tmp_path):
   cfg, _ = trained
   queries = Path(evaluated.summary['exports']['queries'])
-  gallery = emb_lib.read_embeddings(evaluated.summary['exports']['gallery'])
+  gallery = export_format.read_embeddings(evaluated.summary['exports']['gallery'])
   narrow = fake_export(tmp_path / 'text', gallery.vectors[:, :16], gallery.item_id, 'text')
   cfg = copy_config(cfg, query_mode='whole', baselines=False)
   with pytest.raises(
@@ -507,12 +519,12 @@ def test_embeddings_of_mismatched_dimension_and_an_empty_gallery(trained, evalua
       match=r'embedding dimensions differ: queries .* have width 32 \(fused\), '
       r'the gallery .* has width 16 \(text\)',
   ):
-    evaluate.evaluate(cfg, tmp_path, 'dev', gallery_embeddings=narrow, query_embeddings=queries)
+    evaluation.evaluate(cfg, tmp_path, 'dev', gallery_embeddings=narrow, query_embeddings=queries)
   empty = fake_export(tmp_path / 'empty', np.zeros((0, 32)), [], 'fused')
   with pytest.raises(ValueError, match='the gallery is empty'):
-    evaluate.evaluate(cfg, tmp_path, 'dev', gallery_embeddings=empty, query_embeddings=queries)
+    evaluation.evaluate(cfg, tmp_path, 'dev', gallery_embeddings=empty, query_embeddings=queries)
   # The same explicit exports with matching ones evaluate fine (no checkpoint needed).
-  result = evaluate.evaluate(
+  result = evaluation.evaluate(
       cfg,
       tmp_path,
       'dev',
@@ -529,29 +541,27 @@ def test_given_exports_with_instance_queries(trained, evaluated, tmp_path):
   (no random instance export was given) is whole-sample."""
   cfg, _ = trained
   given = evaluated.summary['exports']
-  result = evaluate.evaluate(
+  result = evaluation.evaluate(
       copy_config(cfg),
       tmp_path,
       'dev',
       gallery_embeddings=given['gallery'],
       query_embeddings=given['queries'],
-      instance_embeddings=given['instances'],
+      instance_embeddings=given['instances oracle'],
       out_dir=tmp_path / 'given',
   )
   assert list(result.metrics) == [
-      method('whole'),
-      method('instances'),
-      method('both'),
-      method('whole', random_init=True),
-      evaluate.TFIDF,
-      evaluate.MEAN_REGION,
+      method('whole').label,
+      method('instances').label,
+      method('both').label,
+      method('whole', random_init=True).label,
+      keys.TFIDF_LABEL,
+      keys.MEAN_REGION_LABEL,
   ]
   for mode in ('whole', 'instances', 'both'):
-    assert result.metrics[method(mode)] == evaluated.metrics[method(mode)], mode
-    assert (
-        result.out_dir / 'ranked_lists' / f'{evaluate._slug(method(mode))}.txt'
-    ).read_text() == (
-        evaluated.out_dir / 'ranked_lists' / f'{evaluate._slug(method(mode))}.txt'
+    assert result.metrics[method(mode).label] == evaluated.metrics[method(mode).label], mode
+    assert (result.out_dir / 'ranked_lists' / f'{method(mode).slug}.txt').read_text() == (
+        evaluated.out_dir / 'ranked_lists' / f'{method(mode).slug}.txt'
     ).read_text()
-  assert result.summary['main_method'] == method('both')
+  assert result.summary['main_method'] == method('both').label
   assert result.summary['proposers'] == ['oracle']

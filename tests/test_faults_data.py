@@ -21,7 +21,7 @@ import tensorflow_datasets as tfds
 from capture_jax.data import formats
 from capture_jax.data import product1m_tfds
 from capture_jax.data import synthetic
-from capture_jax.evaluation import metrics
+from capture_jax.retrieval import metrics
 from tests import official_eval
 
 REPO = Path(__file__).resolve().parents[1]
@@ -445,7 +445,7 @@ def test_command_exits_1_without_a_traceback(gt_dir, tmp_path):
   ranked.write_text('q1,a1,a1\n')
   env = {**os.environ, 'PYTHONPATH': str(REPO)}
   proc = subprocess.run(
-      [sys.executable, '-m', 'capture_jax.evaluation.metrics', '--gt_dir', str(gt_dir)]
+      [sys.executable, '-m', 'capture_jax.retrieval.metrics', '--gt_dir', str(gt_dir)]
       + ['--ranked', str(ranked)],
       capture_output=True,
       text=True,

@@ -15,11 +15,16 @@ import jax
 import numpy as np
 import pytest
 
-from capture_jax import evaluate, export, train
+from capture_jax import train
 from capture_jax.data import eval_input
 from capture_jax.data import product1m_tfds
 from capture_jax.data import source as source_lib
-from capture_jax.evaluation import embeddings as emb_lib
+from capture_jax.retrieval import embedding as embedding_lib
+from capture_jax.retrieval import evaluation
+from capture_jax.retrieval import export_format
+from capture_jax.retrieval import exporting
+from capture_jax.retrieval import identity as identity_lib
+from capture_jax.retrieval import writer
 from capture_jax.training import lock as lock_lib
 from capture_jax.training import sharding
 from tests.test_train import trainer_config
@@ -69,96 +74,105 @@ def test_export_of_changed_data_is_redone_or_refused(trained, tmp_path, capfd):
   cfg = with_data_copy(cfg, tmp_path)
   run = tmp_path / 'run'
   shutil.copytree(workdir, run)
-  first = export.export(cfg, run, 'gallery')
+  first = exporting.export(cfg, run, 'gallery')
   out = first.out_dir
-  explicit = export.export(cfg, run, 'gallery', out=tmp_path / 'mine')
-  before = emb_lib.read_embeddings(out)
-  assert export.export(cfg, run, 'gallery').reused
+  explicit = exporting.export(cfg, run, 'gallery', out=tmp_path / 'mine')
+  before = export_format.read_embeddings(out)
+  assert exporting.export(cfg, run, 'gallery').reused
 
   rebuild_with_other_titles(cfg)
   capfd.readouterr()
   # The default folder is ours: exported again, saying what changed.
-  again = export.export(cfg, run, 'gallery')
+  again = exporting.export(cfg, run, 'gallery')
   said = capfd.readouterr().out
   assert not again.reused and again.written == [0, 1, 2, 3]
   # Same title lengths: the byte counts in dataset_info.json agree, the rewritten files do not.
   assert 'holds an export of something else (inputs.split_files: ' in said
   assert 'exporting again' in said
-  after = emb_lib.read_embeddings(out)
+  after = export_format.read_embeddings(out)
   assert after.item_id == before.item_id
   assert not np.allclose(after.vectors, before.vectors)
   # A folder given with --out is refused, naming what differs, and left as it was.
   with pytest.raises(ValueError, match=r'holds another export \(inputs.split_files: '):
-    export.export(cfg, run, 'gallery', out=explicit.out_dir)
-  np.testing.assert_array_equal(emb_lib.read_embeddings(explicit.out_dir).vectors, before.vectors)
+    exporting.export(cfg, run, 'gallery', out=explicit.out_dir)
+  np.testing.assert_array_equal(
+      export_format.read_embeddings(explicit.out_dir).vectors, before.vectors
+  )
 
 
 def test_truncated_shard_is_redone_and_temporary_files_removed(trained, tmp_path):
   cfg, workdir = trained
   out = tmp_path / 'gallery'
-  export.export(cfg, workdir, 'gallery', out=out)
-  before = emb_lib.read_embeddings(out)
-  shard = out / emb_lib.shard_name(1, 4)
+  exporting.export(cfg, workdir, 'gallery', out=out)
+  before = export_format.read_embeddings(out)
+  shard = out / export_format.shard_name(1, 4)
   shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-  leftover = out / f'.{emb_lib.shard_name(2, 4)}.tmp-999999'
+  leftover = out / f'.{export_format.shard_name(2, 4)}.tmp-999999'
   leftover.write_bytes(b'partial')
   with pytest.raises(ValueError, match=rf'{shard.name} cannot be read .*run the export again'):
-    emb_lib.read_embeddings(out)
-  again = export.export(cfg, workdir, 'gallery', out=out)
+    export_format.read_embeddings(out)
+  again = exporting.export(cfg, workdir, 'gallery', out=out)
   assert again.written == [1] and not leftover.exists()
-  np.testing.assert_array_equal(emb_lib.read_embeddings(out).vectors, before.vectors)
+  np.testing.assert_array_equal(export_format.read_embeddings(out).vectors, before.vectors)
+
+
+def random_identity(cfg, rows):
+  """The identity of an export of `rows` with the random initialisation."""
+  return identity_lib.ExportIdentity.of_rows(cfg, rows, cfg.eval.embedding, None)
 
 
 @pytest.fixture(scope='module')
 def embedder(trained):
   cfg, _ = trained
-  return emb_lib.make_embedder(cfg, sharding.make_mesh(cfg.mesh))
+  return embedding_lib.make_embedder(cfg, sharding.make_mesh(cfg.mesh))
 
 
 def test_nonfinite_embeddings_are_refused_by_export_and_evaluation(trained, embedder, tmp_path):
   cfg, _ = trained
   source = source_lib.make_source(cfg, 'dev')
   rows = eval_input.sample_rows(source)
-  params = export.random_model_params(cfg, embedder)
+  params = embedding_lib.random_model_params(cfg, embedder)
   nan_params = jax.tree.map(lambda x: x * np.nan, params)
   out = tmp_path / 'dev'
   with pytest.raises(
-      export.NonFiniteEmbeddingsError,
+      writer.NonFiniteEmbeddingsError,
       match=r"split 'dev' \(samples\): 16 of 16 rows of shard 0 have non-finite",
   ):
-    export.export_split(cfg, out, embedder, nan_params, source, rows)
+    writer.write_export(
+        cfg, out, embedder, nan_params, source, rows, identity=random_identity(cfg, rows)
+    )
   assert not list(out.glob('shard-*'))
-  assert not emb_lib.read_metadata(out)['complete']
+  assert not export_format.read_metadata(out)['complete']
 
   # An export with NaN rows on disk (written by an earlier version) is refused when read.
-  export.export_split(cfg, out, embedder, params, source, rows)
-  shard = out / emb_lib.shard_name(0, emb_lib.read_metadata(out)['num_shards'])
+  writer.write_export(cfg, out, embedder, params, source, rows, identity=random_identity(cfg, rows))
+  shard = out / export_format.shard_name(0, export_format.read_metadata(out)['num_shards'])
   with np.load(shard) as z:
     arrays = dict(z)
   arrays['embeddings'][[2, 5]] = np.nan
-  emb_lib.write_shard(shard, arrays)
+  export_format.write_shard(shard, arrays)
   with pytest.raises(ValueError, match=r"split 'dev', samples\) has 2 of \d+ rows with non-finite"):
-    emb_lib.read_embeddings(out)
+    export_format.read_embeddings(out)
 
 
 def test_exports_of_two_runs_are_not_searched_together(trained, embedder, tmp_path):
   cfg, workdir = trained
-  gallery = export.export(cfg, workdir, 'gallery', out=tmp_path / 'gallery').out_dir
-  queries = export.export(cfg, workdir, 'dev', out=tmp_path / 'dev').out_dir
+  gallery = exporting.export(cfg, workdir, 'gallery', out=tmp_path / 'gallery').out_dir
+  queries = exporting.export(cfg, workdir, 'dev', out=tmp_path / 'dev').out_dir
   # The same step of another run: another save of the checkpoint.
   other = tmp_path / 'other-run-dev'
   shutil.copytree(queries, other)
-  meta = json.loads((other / emb_lib.METADATA_FILE).read_text())
+  meta = json.loads((other / export_format.METADATA_FILE).read_text())
   meta['checkpoint_id'] = '0123456789abcdef'
-  (other / emb_lib.METADATA_FILE).write_text(json.dumps(meta))
+  (other / export_format.METADATA_FILE).write_text(json.dumps(meta))
   with pytest.raises(
       ValueError,
       match=rf'queries \({other}\) and gallery \({gallery}\) were not exported from the same '
       r"checkpoint, config and data \(checkpoint_id: '0123456789abcdef' vs '[0-9a-f]{16}'",
   ):
-    evaluate.evaluate(cfg, tmp_path, 'dev', gallery_embeddings=gallery, query_embeddings=other)
+    evaluation.evaluate(cfg, tmp_path, 'dev', gallery_embeddings=gallery, query_embeddings=other)
   # The same run's exports are accepted.
-  result = evaluate.evaluate(
+  result = evaluation.evaluate(
       cfg, tmp_path, 'dev', gallery_embeddings=gallery, query_embeddings=queries
   )
   assert result.metrics
@@ -167,11 +181,11 @@ def test_exports_of_two_runs_are_not_searched_together(trained, embedder, tmp_pa
 def test_second_export_into_a_folder_is_refused(trained, tmp_path):
   cfg, workdir = trained
   out = tmp_path / 'gallery'
-  with lock_lib.FolderLock(out, export.LOCK_FILE, 'export'):
+  with lock_lib.FolderLock(out, writer.LOCK_FILE, 'export'):
     with pytest.raises(
         lock_lib.LockedError, match=rf'in use by another export \(host .*, pid {os.getpid()}'
     ):
-      export.export(cfg, workdir, 'gallery', out=out)
+      exporting.export(cfg, workdir, 'gallery', out=out)
   assert not list(out.glob('shard-*'))
 
 
@@ -184,12 +198,12 @@ def test_instances_grouped_otherwise_are_another_export():
         'instances', 'dev', ['q1', 'q1'], np.zeros(2, np.int64), regions, ['', ''], [0, 1], 'boxes'
     )
 
-  a = export.instances_fingerprint(rows([(0, 1), (2,)]))
-  b = export.instances_fingerprint(rows([(0,), (1, 2)]))
+  a = identity_lib.instances_fingerprint(rows([(0, 1), (2,)]))
+  b = identity_lib.instances_fingerprint(rows([(0,), (1, 2)]))
   assert a and b and a != b
-  assert a == export.instances_fingerprint(rows([(0, 1), (2,)]))
+  assert a == identity_lib.instances_fingerprint(rows([(0, 1), (2,)]))
   samples = eval_input.EvalRows('samples', 'dev', ['q1'], np.zeros(1, np.int64))
-  assert export.instances_fingerprint(samples) is None
-  assert emb_lib.identity_diffs({'instances_sha256': a}, {'instances_sha256': b}) == [
+  assert identity_lib.instances_fingerprint(samples) is None
+  assert export_format.identity_diffs({'instances_sha256': a}, {'instances_sha256': b}) == [
       f'instances_sha256: {a!r} vs {b!r}'
   ]

@@ -24,11 +24,11 @@ import jax
 import numpy as np
 import pytest
 
-from capture_jax import evaluate
-from capture_jax import export
 from capture_jax import instances
 from capture_jax import storage
 from capture_jax import train
+from capture_jax.retrieval import evaluation
+from capture_jax.retrieval import exporting
 from capture_jax.data import source as source_lib
 from capture_jax.training import checkpoint as checkpoint_lib
 from capture_jax.training import lock as lock_lib
@@ -221,7 +221,7 @@ def test_missing_bucket_is_named_before_anything_compiles(gcs, config):
   with pytest.raises(storage.StorageError, match=r'gs://no-such-bucket/run: the bucket'):
     train.run(config, 'gs://no-such-bucket/run')
   with pytest.raises(storage.StorageError, match=r'gs://no-such-bucket/out'):
-    export.export(config, 'unused', 'gallery', out='gs://no-such-bucket/out', random_init=True)
+    exporting.export(config, 'unused', 'gallery', out='gs://no-such-bucket/out', random_init=True)
 
 
 def test_commands_refuse_a_missing_bucket_with_one_line(gcs, config, tmp_path):
@@ -453,7 +453,13 @@ def test_train_sigterm_resume_export_evaluate_in_a_bucket(gcs, config, tmp_path)
   # 3. Train the instance proposer into the bucket (and the same one locally).
   cfg = config.copy_and_resolve_references()
   cfg.instances.update(
-      hidden_size=16, num_layers=1, num_heads=2, batch_size=4, num_steps=4, checkpoint_every=2
+      hidden_size=16,
+      num_layers=1,
+      num_heads=2,
+      batch_size=4,
+      num_steps=4,
+      warmup_steps=1,
+      checkpoint_every=2,
   )
   cfg.eval.update(baselines=False, instances='learned')
   assert instances.train(cfg, workdir).step == 4
@@ -462,14 +468,14 @@ def test_train_sigterm_resume_export_evaluate_in_a_bucket(gcs, config, tmp_path)
   assert not (root / 'instances' / instances.trainer.LOCK_FILE).exists()
 
   # 4. Export a split into the bucket; a second call reuses it.
-  result = export.export(cfg, workdir, 'gallery')
+  result = exporting.export(cfg, workdir, 'gallery')
   assert str(result.out_dir).startswith(workdir)
   assert len(result.written) == result.metadata['num_shards']
-  assert export.export(cfg, workdir, 'gallery').reused
+  assert exporting.export(cfg, workdir, 'gallery').reused
 
   # 5. Evaluate with the learned proposals; the report is read back from the bucket and equals
   # a local evaluation of the local uninterrupted run.
-  remote = evaluate.evaluate(cfg, workdir, 'dev')
+  remote = evaluation.evaluate(cfg, workdir, 'dev')
   out_dir = root / 'eval_dev'
   assert remote.out_dir == out_dir
   report = (out_dir / 'report.md').read_text()
@@ -478,7 +484,7 @@ def test_train_sigterm_resume_export_evaluate_in_a_bucket(gcs, config, tmp_path)
   assert saved == json.loads(json.dumps(remote.metrics))
   assert (out_dir / 'metrics.png').read_bytes()[:4] == b'\x89PNG'
   assert (out_dir / 'retrieval_id_list.txt').read_text().count('\n') > 0
-  local = evaluate.evaluate(cfg, tmp_path / 'straight', 'dev')
+  local = evaluation.evaluate(cfg, tmp_path / 'straight', 'dev')
   assert local.metrics == remote.metrics
 
   # 6. A checkpoint object replaced in the bucket (same size, other bytes: GCS's CRC32C differs)

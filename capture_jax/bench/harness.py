@@ -132,7 +132,7 @@ EXPORT_HEADER = (
 def bench_export(data_workdir: Path, repeats: int) -> list[dict]:
   """Median export samples/s of the demo gallery (samples) and dev (instances) rows."""
   import tempfile  # pylint: disable=import-outside-toplevel
-  from capture_jax import export as export_lib  # pylint: disable=import-outside-toplevel
+  from capture_jax.retrieval import exporting as export_lib  # pylint: disable=import-outside-toplevel
 
   config = load_named_config('demo')
   demo_lib.fill_data_paths(config, data_workdir)

@@ -33,7 +33,7 @@ from absl import app, flags
 
 from capture_jax import cli
 from capture_jax import losses
-from capture_jax.evaluation.search import (
+from capture_jax.retrieval.search import (
     build_faiss_index,
     exact_topk,
     faiss_search,

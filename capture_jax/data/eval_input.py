@@ -21,7 +21,7 @@ import dataclasses
 import functools
 import logging
 import math
-import os
+import pathlib
 from typing import Any, Iterator, Mapping, Sequence
 
 import grain
@@ -105,9 +105,10 @@ def sample_rows(source: source_lib.Product1MSource) -> EvalRows:
   return EvalRows('samples', source.split, ids, np.arange(len(ids), dtype=np.int64))
 
 
-def sidecar_path(config: ml_collections.ConfigDict, split: str) -> str:
-  """`{data.data_dir}/instances_{split}.jsonl`: the synthetic world's instance grouping."""
-  return os.path.join(config.data.data_dir, formats.instances_filename(split))
+def sidecar_path(config: ml_collections.ConfigDict, split: str) -> pathlib.Path:
+  """`{data.data_dir}/instances_{split}.jsonl`: the synthetic world's instance grouping (an
+  input: on local disk; real data has none)."""
+  return pathlib.Path(config.data.data_dir) / formats.instances_filename(split)
 
 
 def instance_rows(

@@ -61,7 +61,9 @@ from capture_jax.instances.propose import evaluate_proposers
 from capture_jax.instances.propose import propose_records
 from capture_jax.instances.propose import propose_split
 from capture_jax.instances.propose import proposals_path
+from capture_jax.instances.propose import region_counts
 from capture_jax.instances.propose import resolve_method
+from capture_jax.instances.propose import sidecar_quality
 from capture_jax.instances.trainer import IncompatibleProposerError
 from capture_jax.instances.trainer import LearnedProposer
 from capture_jax.instances.trainer import checkpoint_dir

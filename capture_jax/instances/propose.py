@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import pathlib
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import ml_collections
 
@@ -38,11 +37,6 @@ def resolve_method(method: str | None, workdir: storage.PathLike | None) -> str:
         f'--workdir={workdir}` or use boxes'
     )
   return method
-
-
-def sidecar_path(config: ml_collections.ConfigDict, split: str) -> pathlib.Path:
-  """The data's instance sidecar (an input: on local disk)."""
-  return pathlib.Path(eval_input.sidecar_path(config, split))
 
 
 def proposals_path(workdir: storage.PathLike, split: str, method: str) -> storage.Path:
@@ -108,7 +102,7 @@ def propose_split(
     workdir: storage.PathLike | None = None,
     source=None,
 ) -> dict[str, list[formats.Instance]]:
-  """item_id -> product instances of every sample of a split (the lead's entry point).
+  """item_id -> product instances of every sample of a split (what export and evaluation use).
 
   The result has the sidecar's type (`formats.Instance`, label '' for
   proposals; by decreasing score) and is what
@@ -131,7 +125,7 @@ def propose_split(
   if method not in proposals_lib.METHODS:
     raise ValueError(f'unknown proposer {method!r}; expected one of {proposals_lib.METHODS}')
   if method == 'oracle':
-    path = sidecar_path(config, split)
+    path = eval_input.sidecar_path(config, split)
     if not path.is_file():
       raise FileNotFoundError(
           f'the oracle proposer reads the instance sidecar {path}, which does not exist '
@@ -174,7 +168,7 @@ def evaluate_proposers(
   Returns:
     method -> quality metrics (`proposals.proposal_quality`).
   """
-  path = sidecar_path(config, split)
+  path = eval_input.sidecar_path(config, split)
   sidecar = formats.read_instances(str(path)) if path.is_file() else None
   if out_dir is None:
     if workdir is None:
@@ -197,19 +191,40 @@ def evaluate_proposers(
   ids: list[str] = []
   for records in iter_split(config, split, source):
     ids += [r['item_id'] for r in records]
-    num_regions.update({r['item_id']: len(r['boxes']) for r in records})
+    num_regions.update(region_counts(records, config.data.max_regions))
     for method in active:
       props[method].update(
           propose_records(records, method, config, workdir, proposer, sidecar=sidecar)
       )
-  results = {}
   for method in active:
     proposals_lib.write_proposals(
         out_dir / method / proposals_lib.proposals_filename(split), props[method], ids
     )
-    if sidecar is not None:
-      results[method] = proposals_lib.proposal_quality(props[method], sidecar, num_regions)
-    else:
-      n = sum(len(v) for v in props[method].values())
-      results[method] = {'proposals_per_sample': n / max(len(ids), 1), 'samples': len(ids)}
-  return results
+  if sidecar is not None:
+    return sidecar_quality(props, sidecar, num_regions)
+  counts = {m: sum(len(v) for v in props[m].values()) for m in active}
+  return {
+      m: {'proposals_per_sample': counts[m] / max(len(ids), 1), 'samples': len(ids)} for m in active
+  }
+
+
+def region_counts(records: Sequence[dict[str, Any]], max_regions: int) -> dict[str, int]:
+  """item_id -> how many regions of each record a proposal groups: its stored boxes, at most
+  `max_regions` (`data.max_regions`, the model's regions)."""
+  return {r['item_id']: min(len(r['boxes']), max_regions) for r in records}
+
+
+def sidecar_quality(
+    found: Mapping[
+        str, Mapping[str, Sequence[formats.Instance] | Sequence[proposals_lib.Proposal]]
+    ],
+    sidecar: Mapping[str, Sequence[formats.Instance]],
+    num_regions: Mapping[str, int],
+) -> dict[str, dict[str, float]]:
+  """Proposer -> the quality (`proposals.proposal_quality`) of its instances (`found`: proposer
+  -> item_id -> instances) against the instance sidecar, over the samples of `num_regions`
+  (`region_counts`): the one measure of proposals, for `evaluate_proposers` and the evaluation."""
+  return {
+      method: proposals_lib.proposal_quality(props, sidecar, num_regions)
+      for method, props in found.items()
+  }

@@ -5,7 +5,7 @@ compiles it for a TPU or GPU topology from a CPU host: all three call
 `build_train_step`, so training and ahead-of-time compilation cannot disagree
 about the program (MaxText's `train_compile.py` shares its step the same way).
 The embedding-export step has its builder beside its consumers
-(`evaluation/embeddings.build_export_step`).
+(`retrieval/embedding.build_export_step`).
 """
 
 from __future__ import annotations

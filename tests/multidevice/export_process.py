@@ -1,4 +1,4 @@
-"""One export process for the multi-process test: `export.export` of one split from a JSON config.
+"""One export process for the multi-process test: `exporting.export` of one split from a JSON config.
 
     CAPTURE_MAIN=tests/multidevice/export_process.py launch/local_multiprocess.sh 2 \
         CONFIG_JSON WORKDIR SPLIT ROWS OUT
@@ -23,14 +23,14 @@ distributed.initialize()
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
 
-from capture_jax import export  # noqa: E402
+from capture_jax.retrieval import exporting  # noqa: E402
 
 
 def main(config_json: str, workdir: str, split: str, rows: str, out: str) -> None:
   with open(config_json, encoding='utf-8') as f:
     config = ml_collections.ConfigDict(json.load(f))
   assert jax.process_count() == 2, jax.process_count()
-  result = export.export(config, workdir, split, rows=rows, out=out, progress=False)
+  result = exporting.export(config, workdir, split, rows=rows, out=out, progress=False)
   assert result.metadata['processes'] == 2 and result.written, result.metadata
   if jax.process_index() == 0:
     print('OK')

@@ -18,7 +18,7 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
 
-from capture_jax import export  # noqa: E402
+from capture_jax.retrieval import exporting  # noqa: E402
 
 
 def main(config_json: str, workdir: str, out: str) -> None:
@@ -26,7 +26,7 @@ def main(config_json: str, workdir: str, out: str) -> None:
     config = ml_collections.ConfigDict(json.load(f))
   assert jax.device_count() == 8, jax.devices()
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 2, 2
-  result = export.export(config, workdir, 'gallery', out=out, progress=False)
+  result = exporting.export(config, workdir, 'gallery', out=out, progress=False)
   assert result.written and result.metadata['devices'] == 8, result
   print('OK')
 

@@ -600,7 +600,7 @@ def run(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  """``python -m capture_jax.evaluation.metrics --gt_dir DIR --ranked FILE`` (and
+  """``python -m capture_jax.retrieval.metrics --gt_dir DIR --ranked FILE`` (and
   ``capture-metrics``).
 
   The flags are parsed into a ``FlagValues`` of their own, so the command can
@@ -616,7 +616,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   code = cli.parse(
       fv,
       argv,
-      'usage: python -m capture_jax.evaluation.metrics --gt_dir DIR --ranked FILE\n'
+      'usage: python -m capture_jax.retrieval.metrics --gt_dir DIR --ranked FILE\n'
       + __doc__.splitlines()[0],
   )
   if code is not None:

@@ -16,7 +16,7 @@ import json
 from collections.abc import Mapping, Sequence
 
 from capture_jax import storage
-from capture_jax.evaluation.metrics import DEFAULT_RANKS
+from capture_jax.retrieval.metrics import DEFAULT_RANKS
 
 METRIC_NAMES = ('mAP', 'Prec', 'mAR')
 REPORT_FILE = 'report.md'

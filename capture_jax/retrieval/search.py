@@ -143,6 +143,53 @@ def _merge_gallery_chunk(
   )(best_vals, best_idx, queries, chunk, base, n_valid)
 
 
+def _scan_gallery(
+    q: jax.Array,
+    gallery: np.ndarray,
+    *,
+    chunk: int,
+    k: int,
+    mesh: Mesh,
+    normalize: bool,
+    precision: str,
+) -> tuple[jax.Array, jax.Array]:
+  """The top-k of the prepared queries `q` ([n_qchunks, qc, D]) over the host `gallery`
+  ([N, D]), `chunk` rows (a multiple of the devices) sent at a time: scores [n_qchunks, qc, k]
+  float32 and indices [n_qchunks, qc, k] int32."""
+  replicated = NamedSharding(mesh, P())
+  sharded = NamedSharding(mesh, P(_AXIS, None))
+  n_gallery = gallery.shape[0]
+  best_vals = jax.device_put(np.full((*q.shape[:2], k), -np.inf, np.float32), replicated)
+  best_idx = jax.device_put(np.full((*q.shape[:2], k), -1, np.int32), replicated)
+  in_flight = None
+  for start in range(0, n_gallery, chunk):
+    rows = np.asarray(gallery[start : start + chunk])
+    if rows.dtype == np.float64:
+      rows = rows.astype(np.float32)
+    if rows.shape[0] < chunk:  # one shape for every chunk: a single compilation
+      rows = np.concatenate([rows, np.zeros((chunk - rows.shape[0], rows.shape[1]), rows.dtype)])
+    best_vals, best_idx = _merge_gallery_chunk(
+        best_vals,
+        best_idx,
+        q,
+        jax.device_put(rows, sharded),
+        np.int32(start),
+        np.int32(n_gallery),
+        mesh=mesh,
+        k=k,
+        normalize=normalize,
+        precision=precision,
+    )
+    # Dispatch is asynchronous: without a bound the loop would run ahead
+    # and queue every chunk's transfer, i.e. a second copy of the gallery.
+    # Waiting for the previous step keeps at most two chunks in flight
+    # (the next transfer still overlaps the current computation).
+    if in_flight is not None:
+      jax.block_until_ready(in_flight)
+    in_flight = best_vals
+  return best_vals, best_idx
+
+
 def exact_topk(
     queries: np.ndarray,
     gallery: np.ndarray,
@@ -166,8 +213,7 @@ def exact_topk(
       balanced to equal sizes.
     gallery_chunk: at most this many gallery rows (rounded up to a multiple
       of the device count) are sent to the devices at once.
-    normalize: L2-normalise both sides (cosine); False scores raw dot
-      products.
+    normalize: L2-normalise both sides (cosine); False scores raw dot products.
     devices: the devices to shard the gallery over (default: all).
     precision: matmul precision; "highest" keeps float32 accuracy on GPUs,
       whose default would be TF32.
@@ -181,9 +227,8 @@ def exact_topk(
   """
   queries = np.asarray(queries)
   _validate(queries, gallery, k)
-  n_gallery = gallery.shape[0]
+  n_gallery, n_query = gallery.shape[0], queries.shape[0]
   k = min(int(k), n_gallery)
-  n_query = queries.shape[0]
   if n_query == 0:
     return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
   devices = list(devices) if devices is not None else jax.devices()
@@ -196,40 +241,12 @@ def exact_topk(
   qc = _balanced_chunk(n_query, query_chunk)
 
   replicated = NamedSharding(mesh, P())
-  sharded = NamedSharding(mesh, P(_AXIS, None))
   if queries.dtype == np.float64:
     queries = queries.astype(np.float32)
   q = _prepare_queries(jax.device_put(queries, replicated), query_chunk=qc, normalize=normalize)
-  n_qchunks = q.shape[0]
-  best_vals = jax.device_put(np.full((n_qchunks, qc, k), -np.inf, np.float32), replicated)
-  best_idx = jax.device_put(np.full((n_qchunks, qc, k), -1, np.int32), replicated)
-  n_valid = np.int32(n_gallery)
-  in_flight = None
-  for start in range(0, n_gallery, gc):
-    chunk = np.asarray(gallery[start : start + gc])
-    if chunk.dtype == np.float64:
-      chunk = chunk.astype(np.float32)
-    if chunk.shape[0] < gc:  # one shape for every chunk: a single compilation
-      chunk = np.concatenate([chunk, np.zeros((gc - chunk.shape[0], chunk.shape[1]), chunk.dtype)])
-    best_vals, best_idx = _merge_gallery_chunk(
-        best_vals,
-        best_idx,
-        q,
-        jax.device_put(chunk, sharded),
-        np.int32(start),
-        n_valid,
-        mesh=mesh,
-        k=k,
-        normalize=normalize,
-        precision=precision,
-    )
-    # Dispatch is asynchronous: without a bound the loop would run ahead
-    # and queue every chunk's transfer, i.e. a second copy of the gallery.
-    # Waiting for the previous step keeps at most two chunks in flight
-    # (the next transfer still overlaps the current computation).
-    if in_flight is not None:
-      jax.block_until_ready(in_flight)
-    in_flight = best_vals
+  best_vals, best_idx = _scan_gallery(
+      q, gallery, chunk=gc, k=k, mesh=mesh, normalize=normalize, precision=precision
+  )
   scores = np.asarray(best_vals).reshape(-1, k)[:n_query]
   indices = np.asarray(best_idx).reshape(-1, k)[:n_query].astype(np.int64)
   return scores, indices

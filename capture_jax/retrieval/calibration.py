@@ -3,11 +3,11 @@
 A thin layer over the evaluation package, so that the project's baselines are
 computed one way only:
 
-* embeddings: `capture_jax.evaluation.baselines` (TF-IDF over titles with idf
+* embeddings: `capture_jax.retrieval.baselines` (TF-IDF over titles with idf
   fitted on the gallery; the L2-normalised mean region feature);
-* ranking: `capture_jax.evaluation.search.exact_topk` (cosine, ties to the
+* ranking: `capture_jax.retrieval.search.exact_topk` (cosine, ties to the
   lower gallery index);
-* metric: the official mAP@R, `capture_jax.evaluation.metrics.evaluate_ranked_lists`.
+* metric: the official mAP@R, `capture_jax.retrieval.metrics.evaluate_ranked_lists`.
 
 What this module adds is reading a split straight from a Product1M folder
 (annotation file + region features, as `capture_jax.data.formats` reads
@@ -18,7 +18,7 @@ clear.
 
 Command line::
 
-    python -m capture_jax.evaluation.calibration --data_dir=DIR [--split=dev]
+    python -m capture_jax.retrieval.calibration --data_dir=DIR [--split=dev]
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ from absl import app, flags
 
 from capture_jax import cli
 from capture_jax.data import formats
-from capture_jax.evaluation import baselines as eval_baselines
-from capture_jax.evaluation import metrics
-from capture_jax.evaluation import search
+from capture_jax.retrieval import baselines as eval_baselines
+from capture_jax.retrieval import metrics
+from capture_jax.retrieval import search
 
 
 @dataclasses.dataclass
@@ -136,20 +136,12 @@ def evaluate_baselines(
     ]
 
   rng = np.random.default_rng(seed)
-  dim = 64
-  out = {
-      'random': float(
-          np.mean(
-              [
-                  map_at_r(
-                      rng.standard_normal((len(qry.item_ids), dim), np.float32),
-                      rng.standard_normal((len(gal.item_ids), dim), np.float32),
-                  )
-                  for _ in range(random_trials)
-              ]
-          )
-      )
-  }
+  gaussian = lambda n: rng.standard_normal((n, 64), np.float32)
+  draws = [
+      map_at_r(gaussian(len(qry.item_ids)), gaussian(len(gal.item_ids)))
+      for _ in range(random_trials)
+  ]
+  out = {'random': float(np.mean(draws))}
   text_q, text_g = eval_baselines.tfidf_embeddings(
       qry.titles, gal.titles, max_features=tfidf_max_features
   )
@@ -168,7 +160,7 @@ def evaluate_baselines(
 
 
 def main() -> None:
-  """`python -m capture_jax.evaluation.calibration`. Flags are defined here, not on import, so
+  """`python -m capture_jax.retrieval.calibration`. Flags are defined here, not on import, so
   that other modules can import this one."""
   data_dir = flags.DEFINE_string('data_dir', None, 'A Product1M folder (e.g. a synthetic world).')
   split = flags.DEFINE_enum('split', 'dev', list(formats.QUERY_SPLITS), 'Query split.')

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
+import ml_collections
 import numpy as np
 
 from sklearn.feature_extraction import text
@@ -120,3 +122,58 @@ def mean_region_embeddings(
   if not rows:
     raise ValueError('no samples given')
   return np.stack(rows)
+
+
+def split_mean_regions(config: ml_collections.ConfigDict, source, ids: Sequence[str]) -> np.ndarray:
+  """[len(ids), F] masked mean of the region features (the model's visual input, global token
+  excluded) of the items `ids` of the split `source`, read through the evaluation pipeline."""
+  from capture_jax.data import eval_input  # pylint: disable=import-outside-toplevel
+
+  it = eval_input.make_eval_iterator(
+      config, source.split, process_index=0, process_count=1, source=source
+  )
+  found: dict[str, np.ndarray] = {}
+  for batch in it:
+    valid = batch.is_valid.astype(bool)
+    vectors = mean_region_embedding(
+        batch.inputs['image_feat'][valid, 1:], batch.inputs['image_mask'][valid, 1:]
+    )
+    found.update(zip(map(str, batch.item_id[valid]), vectors))
+  missing = [i for i in ids if i not in found]
+  if missing:
+    raise ValueError(
+        f'{len(missing)} exported id(s) are not in the {source.split} split, e.g. {missing[:5]}'
+    )
+  if not ids:
+    return np.zeros((0, config.data.feature_dim), np.float32)
+  return np.stack([found[i] for i in ids])
+
+
+def baseline_vectors(
+    baseline: str,
+    config: ml_collections.ConfigDict,
+    titles: Mapping[str, str],
+    queries: tuple[Any, Sequence[str]],
+    gallery: tuple[Any, Sequence[str]],
+) -> tuple[np.ndarray, np.ndarray]:
+  """A baseline's (query vectors [Q, F], gallery vectors [N, F]), in the order of the ids.
+
+  Args:
+    baseline: 'tfidf' (titles; idf fitted on the gallery) or 'mean_region' (region features).
+    titles: item id -> title (the ground truth's annotations).
+    queries, gallery: (the split's open source, its ids).
+  """
+  (query_source, query_ids), (gallery_source, gallery_ids) = queries, gallery
+  if baseline == 'tfidf':
+    titles_of = lambda ids: [titles.get(i, '') for i in ids]
+    return tfidf_embeddings(
+        titles_of(query_ids),
+        titles_of(gallery_ids),
+        max_features=config.eval.tfidf_max_features,
+    )
+  if baseline == 'mean_region':
+    return (
+        split_mean_regions(config, query_source, query_ids),
+        split_mean_regions(config, gallery_source, gallery_ids),
+    )
+  raise ValueError(f'unknown baseline {baseline!r}')
