@@ -49,8 +49,6 @@ from capture_jax.training import sharding
 from capture_jax.training import state as state_lib
 from capture_jax.training import steps as steps_lib
 
-LOCK_FILE = 'train.lock'
-
 # The context of each step's work between the points where the loop fetches from the devices
 # (logging, the skip check, checkpoints, profiling): there the host only dispatches. The tests
 # replace it with a guard that raises on any device-to-host fetch (`tests/helpers.py`).
@@ -186,7 +184,7 @@ def run(
   # A bucket that is missing or unreachable is named now, not after compiling.
   storage.check_writable(workdir)
   # One trainer per workdir (process 0 holds the lock for the whole run).
-  with lock_lib.FolderLock(workdir, LOCK_FILE, 'trainer'):
+  with lock_lib.FolderLock(workdir, lock_lib.TRAIN_LOCK_FILE, 'trainer'):
     return _run_locked(config, workdir, mesh, stop_after_steps)
 
 

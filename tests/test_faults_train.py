@@ -102,7 +102,7 @@ def test_diverged_run_stops_and_never_saves_nonfinite_parameters(config, tmp_pat
     train.run(cfg, tmp_path)
   for step in steps_on_disk(tmp_path):
     assert saved_params_finite(cfg, tmp_path, step), step
-  assert not (tmp_path / 'train.lock').read_text()  # the lock was released
+  assert not (tmp_path / lock_lib.TRAIN_LOCK_FILE).read_text()  # the lock was released
 
 
 def test_consecutive_skips_survive_a_resume(config, tmp_path):
@@ -236,7 +236,7 @@ def test_finished_run_is_reused_without_training(config, trained, capfd):
 
 
 def test_second_trainer_in_a_workdir_is_refused(config, tmp_path):
-  with lock_lib.FolderLock(tmp_path, train.LOCK_FILE, 'trainer'):
+  with lock_lib.FolderLock(tmp_path, lock_lib.TRAIN_LOCK_FILE, 'trainer'):
     with pytest.raises(
         lock_lib.LockedError, match=rf'in use by another trainer \(host .*, pid {os.getpid()}'
     ):

@@ -448,7 +448,7 @@ def test_train_sigterm_resume_export_evaluate_in_a_bucket(gcs, config, tmp_path)
   assert checkpoint_lib.checksum_problems(storage.as_path(local)) == [
       f'state/_sharding: checksum differs from {checkpoint_lib.CHECKSUMS_FILE}'
   ]
-  assert not (root / train.LOCK_FILE).exists()
+  assert not (root / lock_lib.TRAIN_LOCK_FILE).exists()
 
   # 3. Train the instance proposer into the bucket (and the same one locally).
   cfg = config.copy_and_resolve_references()
@@ -465,7 +465,7 @@ def test_train_sigterm_resume_export_evaluate_in_a_bucket(gcs, config, tmp_path)
   assert instances.train(cfg, workdir).step == 4
   assert instances.train(cfg, tmp_path / 'straight').step == 4
   assert instances.latest_proposer_step(workdir) == 4
-  assert not (root / 'instances' / instances.trainer.LOCK_FILE).exists()
+  assert not (root / 'instances' / lock_lib.TRAIN_LOCK_FILE).exists()
 
   # 4. Export a split into the bucket; a second call reuses it.
   result = exporting.export(cfg, workdir, 'gallery')

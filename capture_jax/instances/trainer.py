@@ -28,8 +28,6 @@ from capture_jax.instances import proposals as proposals_lib
 from capture_jax.training import lock as lock_lib
 from capture_jax.training import preemption as preemption_lib
 
-LOCK_FILE = 'train.lock'
-
 
 class IncompatibleProposerError(ValueError):
   """A proposer checkpoint of another architecture or feature width than the config's."""
@@ -180,7 +178,7 @@ def train(
     lock.LockedError: another command trains a proposer in this workdir.
   """
   storage.check_writable(workdir)
-  with lock_lib.FolderLock(proposer_dir(workdir), LOCK_FILE, 'proposer training'):
+  with lock_lib.FolderLock(proposer_dir(workdir), lock_lib.TRAIN_LOCK_FILE, 'proposer training'):
     return _train_locked(config, workdir, pool, stop_after)
 
 

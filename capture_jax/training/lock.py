@@ -44,6 +44,10 @@ from capture_jax import storage
 HEARTBEAT_S = 60.0
 STALE_AFTER_S = 300.0
 
+# A trainer's lock in the folder it trains into: the workdir (`capture_jax.train`), and
+# `{workdir}/instances` (`capture_jax.instances.trainer`, the proposer).
+TRAIN_LOCK_FILE = 'train.lock'
+
 
 class LockedError(RuntimeError):
   """The folder is in use by another running command."""
