@@ -33,6 +33,27 @@ def parse(fv: flags.FlagValues, argv: list[str], usage: str) -> int | None:
   return None
 
 
+def bad_input_exits(run: Callable[[], Any]) -> Any:
+  """`run()`, with bad input (a missing or refused file, a bad value, a held lock, an unreachable
+  bucket) printed as one `error:` line and exit status 1, without a traceback."""
+  from capture_jax import storage  # pylint: disable=import-outside-toplevel
+  from capture_jax.training import lock as lock_lib  # pylint: disable=import-outside-toplevel
+
+  try:
+    return run()
+  except (FileNotFoundError, ValueError, KeyError, lock_lib.LockedError, storage.StorageError) as e:
+    print(f'error: {e}', file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+def run_command(define_flags: Callable[[], dict], main: Callable[[dict], Any]) -> None:
+  """The entry of a command whose flags `define_flags()` defines (`--config` and `--workdir`
+  required): `run(lambda argv: main(flags))`."""
+  args = define_flags()
+  flags.mark_flags_as_required(['config', 'workdir'])
+  run(lambda argv: main(args))
+
+
 def quiet_libraries() -> None:
   """Under `absl.app.run`, libraries' INFO logs (Orbax logs every save and delete) reach stderr
   and bury the command's own lines in a log; keep WARNING and above unless `--verbosity` was

@@ -36,7 +36,6 @@ each stage's seconds). The table is printed too.
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 from absl import flags
@@ -44,11 +43,9 @@ from ml_collections import config_flags
 
 from capture_jax import cli
 from capture_jax import config as config_lib
-from capture_jax import storage
 from capture_jax.retrieval import evaluation
 from capture_jax.retrieval import metrics as metrics_lib
 from capture_jax.training import distributed
-from capture_jax.training import lock as lock_lib
 
 
 def define_flags() -> dict[str, Any]:
@@ -81,26 +78,18 @@ def define_flags() -> dict[str, Any]:
 def main(args: dict[str, Any]) -> None:
   config_lib.check_or_exit(args['config'].value)
   distributed.initialize()
-  try:
-    result = evaluation.evaluate(
-        args['config'].value,
-        args['workdir'].value,
-        args['split'].value,
-        step=args['checkpoint'].value,
-        out_dir=args['out'].value,
-        gallery_embeddings=args['gallery_embeddings'].value,
-        query_embeddings=args['query_embeddings'].value,
-        instance_embeddings=args['instance_embeddings'].value,
-    )
-  except (
-      FileNotFoundError,
-      ValueError,
-      KeyError,
-      lock_lib.LockedError,
-      storage.StorageError,
-  ) as e:  # bad input: one clear line, no traceback
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(1)
+  result = cli.bad_input_exits(
+      lambda: evaluation.evaluate(
+          args['config'].value,
+          args['workdir'].value,
+          args['split'].value,
+          step=args['checkpoint'].value,
+          out_dir=args['out'].value,
+          gallery_embeddings=args['gallery_embeddings'].value,
+          query_embeddings=args['query_embeddings'].value,
+          instance_embeddings=args['instance_embeddings'].value,
+      )
+  )
   if result is not None:
     print(result.table)
     print(f'best query mode on mAP@10: {result.best_query_mode}')
@@ -110,9 +99,7 @@ def main(args: dict[str, Any]) -> None:
 
 
 def console_main() -> None:
-  args = define_flags()
-  flags.mark_flags_as_required(['config', 'workdir'])
-  cli.run(lambda argv: main(args))
+  cli.run_command(define_flags, main)
 
 
 if __name__ == '__main__':

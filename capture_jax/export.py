@@ -28,7 +28,6 @@ Output (default `{workdir}/embeddings/step_{STEP}/{kind}/{split}`, with a
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 from absl import flags
@@ -36,11 +35,9 @@ from ml_collections import config_flags
 
 from capture_jax import cli
 from capture_jax import config as config_lib
-from capture_jax import storage
 from capture_jax.data import formats
 from capture_jax.retrieval import exporting
 from capture_jax.training import distributed
-from capture_jax.training import lock as lock_lib
 
 
 def define_flags() -> dict[str, Any]:
@@ -80,31 +77,22 @@ def define_flags() -> dict[str, Any]:
 def main(args: dict[str, Any]) -> None:
   config_lib.check_or_exit(args['config'].value)
   distributed.initialize()
-  try:
-    exporting.export(
-        args['config'].value,
-        args['workdir'].value,
-        args['split'].value,
-        step=args['checkpoint'].value,
-        out=args['out'].value,
-        rows='instances' if args['instances'].value else 'samples',
-        random_init=args['random_init'].value,
-        overwrite=args['overwrite'].value,
-    )
-  except (
-      FileNotFoundError,
-      ValueError,
-      lock_lib.LockedError,
-      storage.StorageError,
-  ) as e:  # bad input: one clear line, no traceback
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(1)
+  cli.bad_input_exits(
+      lambda: exporting.export(
+          args['config'].value,
+          args['workdir'].value,
+          args['split'].value,
+          step=args['checkpoint'].value,
+          out=args['out'].value,
+          rows='instances' if args['instances'].value else 'samples',
+          random_init=args['random_init'].value,
+          overwrite=args['overwrite'].value,
+      )
+  )
 
 
 def console_main() -> None:
-  args = define_flags()
-  flags.mark_flags_as_required(['config', 'workdir'])
-  cli.run(lambda argv: main(args))
+  cli.run_command(define_flags, main)
 
 
 if __name__ == '__main__':
