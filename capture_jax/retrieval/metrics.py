@@ -28,7 +28,7 @@ the order in which their labels first appear in the ranked list (the official
 code iterates a dict filled in that order).
 
 Where the official script swallows an exception, the query keeps whatever it
-had already added (see ``_score_queries``): a label absent from the gallery
+had already added (see ``score_queries``): a label absent from the gallery
 scores 0 everywhere; a ranked id absent from the gallery among the first R
 zeroes AR@R only.
 
