@@ -176,27 +176,40 @@ def run(
   print(f'\nwrote {workdir / "ablation.md"} and {workdir / "ablation.json"}', flush=True)
 
 
-def main() -> None:
+def define_flags() -> dict[str, flags.FlagHolder]:
+  """The command's flags (defined when the command runs, not on import)."""
+  return {
+      'config': config_flags.DEFINE_config_file(
+          'config',
+          str(demo_lib.REPO / 'configs' / 'demo.py'),
+          'A configs/*.py file.',
+          lock_config=False,
+      ),
+      'workdir': flags.DEFINE_string(
+          'workdir', 'runs/ablation', 'One folder per variant under it.'
+      ),
+      'data_workdir': flags.DEFINE_string(
+          'data_workdir', 'runs/demo', 'Where the demo data set is (or goes).'
+      ),
+      'variants': flags.DEFINE_string('variants', ','.join(VARIANTS), 'Comma-separated variants.'),
+  }
+
+
+def main(args: dict[str, flags.FlagHolder]) -> None:
+  config_lib.check_or_exit(args['config'].value)
+  run(
+      args['config'].value,
+      args['workdir'].value,
+      args['data_workdir'].value,
+      args['variants'].value,
+  )
+
+
+def console_main() -> None:
   """`python -m capture_jax.ablation [--config=...] [--workdir=...] [--variants=full,mlm,...]`."""
-  config_flag = config_flags.DEFINE_config_file(
-      'config',
-      str(demo_lib.REPO / 'configs' / 'demo.py'),
-      'A configs/*.py file.',
-      lock_config=False,
-  )
-  workdir = flags.DEFINE_string('workdir', 'runs/ablation', 'One folder per variant under it.')
-  data_workdir = flags.DEFINE_string(
-      'data_workdir', 'runs/demo', 'Where the demo data set is (or goes).'
-  )
-  variants = flags.DEFINE_string('variants', ','.join(VARIANTS), 'Comma-separated variants.')
-
-  def checked_run(argv) -> None:
-    del argv
-    config_lib.check_or_exit(config_flag.value)
-    run(config_flag.value, workdir.value, data_workdir.value, variants.value)
-
-  cli.run(checked_run)
+  args = define_flags()
+  cli.run(lambda argv: main(args))
 
 
 if __name__ == '__main__':
-  main()
+  console_main()

@@ -37,6 +37,8 @@ import time
 from typing import Any
 
 import ml_collections
+from absl import flags
+from ml_collections import config_flags
 
 from capture_jax import accelerators
 from capture_jax import cli
@@ -412,44 +414,54 @@ def run(
   return report
 
 
-def console_main() -> None:
-  """`python -m capture_jax.aot`. Flags are defined here, not at import."""
+def define_flags() -> dict[str, flags.FlagHolder]:
+  """The command's flags (defined when the command runs, not on import)."""
+  return {
+      'config': config_flags.DEFINE_config_file(
+          'config', None, 'A configs/*.py file.', lock_config=True
+      ),
+      'target': flags.DEFINE_string(
+          'target',
+          None,
+          f'The accelerators to compile for, e.g. {", ".join(accelerators.TARGET_EXAMPLES)}.',
+      ),
+      'steps': flags.DEFINE_list('steps', list(STEPS), 'Which steps to compile.'),
+      'json': flags.DEFINE_string('json', None, 'Also write the report as JSON here.'),
+      'find_max_batch': flags.DEFINE_bool(
+          'find_max_batch', False, 'Search the largest global train batch that fits.'
+      ),
+  }
+
+
+def main(args: dict[str, flags.FlagHolder]) -> int:
+  """Returns the exit status: 0, or 1 (one `error:` line) when a step does not fit or the
+  config, the target or the compilers are refused."""
   import jax  # pylint: disable=import-outside-toplevel
-  from absl import flags  # pylint: disable=import-outside-toplevel
-  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
 
-  config_flag = config_flags.DEFINE_config_file(
-      'config', None, 'A configs/*.py file.', lock_config=True
-  )
-  target_flag = flags.DEFINE_string(
-      'target',
-      None,
-      f'The accelerators to compile for, e.g. {", ".join(accelerators.TARGET_EXAMPLES)}.',
-  )
-  steps_flag = flags.DEFINE_list('steps', list(STEPS), 'Which steps to compile.')
-  json_flag = flags.DEFINE_string('json', None, 'Also write the report as JSON here.')
-  max_flag = flags.DEFINE_bool(
-      'find_max_batch', False, 'Search the largest global train batch that fits.'
-  )
+  target = args['target'].value
+  try:
+    report = run(
+        args['config'].value, target, tuple(args['steps'].value), args['find_max_batch'].value
+    )
+  except (ValueError, accelerators.TargetUnavailableError) as e:
+    print(f'error: {e}', file=sys.stderr, flush=True)
+    return 1
+  except jax.errors.JaxRuntimeError as e:  # XLA refused the program for this target
+    print(f'error: XLA could not compile for {target}: {e}', file=sys.stderr)
+    return 1
+  if args['json'].value:
+    storage.write_text(args['json'].value, json.dumps(report, indent=2, sort_keys=True) + '\n')
+  if 'error' in report:
+    print(f'error: {report["error"]}', file=sys.stderr, flush=True)
+    return 1
+  return 0
+
+
+def console_main() -> None:
+  """`python -m capture_jax.aot` / `capture-aot`."""
+  args = define_flags()
   flags.mark_flags_as_required(['config', 'target'])
-
-  def main(argv) -> None:
-    del argv
-    try:
-      report = run(config_flag.value, target_flag.value, tuple(steps_flag.value), max_flag.value)
-    except (ValueError, accelerators.TargetUnavailableError) as e:
-      print(f'error: {e}', file=sys.stderr, flush=True)
-      sys.exit(1)
-    except jax.errors.JaxRuntimeError as e:  # XLA refused the program for this target
-      print(f'error: XLA could not compile for {target_flag.value}: {e}', file=sys.stderr)
-      sys.exit(1)
-    if json_flag.value:
-      storage.write_text(json_flag.value, json.dumps(report, indent=2, sort_keys=True) + '\n')
-    if 'error' in report:
-      print(f'error: {report["error"]}', file=sys.stderr, flush=True)
-      sys.exit(1)
-
-  cli.run(main)
+  cli.run(lambda argv: main(args))
 
 
 if __name__ == '__main__':

@@ -219,20 +219,27 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:
   print(f'\ndemo finished in {time.perf_counter() - start:.0f} s', flush=True)
 
 
-def main() -> None:
-  """`python -m capture_jax.demo [--config=configs/demo.py] [--workdir=runs/demo] [--config.X=...]`."""
-  config_flag = config_flags.DEFINE_config_file(
-      'config', str(REPO / 'configs' / 'demo.py'), 'A configs/*.py file.', lock_config=False
-  )
-  workdir_flag = flags.DEFINE_string('workdir', 'runs/demo', 'Where the demo writes everything.')
+def define_flags() -> dict[str, flags.FlagHolder]:
+  """The command's flags (defined when the command runs, not on import)."""
+  return {
+      'config': config_flags.DEFINE_config_file(
+          'config', str(REPO / 'configs' / 'demo.py'), 'A configs/*.py file.', lock_config=False
+      ),
+      'workdir': flags.DEFINE_string('workdir', 'runs/demo', 'Where the demo writes everything.'),
+  }
 
-  def checked_run(argv) -> None:
-    del argv
-    config_lib.check_or_exit(config_flag.value)
-    run(config_flag.value, workdir_flag.value)
 
-  cli.run(checked_run)
+def main(args: dict[str, flags.FlagHolder]) -> None:
+  config_lib.check_or_exit(args['config'].value)
+  run(args['config'].value, args['workdir'].value)
+
+
+def console_main() -> None:
+  """`python -m capture_jax.demo [--config=configs/demo.py] [--workdir=runs/demo] [--config.X=...]`
+  and `capture-demo`."""
+  args = define_flags()
+  cli.run(lambda argv: main(args))
 
 
 if __name__ == '__main__':
-  main()
+  console_main()

@@ -397,39 +397,47 @@ def _train(
 # Command line.
 
 
+def define_flags() -> dict[str, flags.FlagHolder]:
+  """The command's flags (defined when the command runs, not on import, so that other commands
+  can import this module)."""
+  return {
+      'config': config_flags.DEFINE_config_file(
+          'config', None, 'A configs/*.py file.', lock_config=True
+      ),
+      'workdir': flags.DEFINE_string(
+          'workdir', None, 'Run directory: checkpoints, metrics, TensorBoard events.'
+      ),
+      'stop_after_steps': flags.DEFINE_integer(
+          'stop_after_steps', None, 'Stop after this many steps (then resume later).'
+      ),
+  }
+
+
+def main(args: dict[str, flags.FlagHolder]) -> None:
+  distributed.initialize()
+  try:
+    run(
+        args['config'].value,
+        args['workdir'].value,
+        stop_after_steps=args['stop_after_steps'].value,
+    )
+  except (
+      ValueError,
+      FileNotFoundError,
+      TrainingDivergedError,
+      checkpoint_lib.UnreadableCheckpointsError,
+      lock_lib.LockedError,
+      storage.StorageError,
+  ) as e:  # refused or stopped: one clear line, exit status 1, no traceback
+    print(f'error: {e}', file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
 def console_main() -> None:
-  """`python -m capture_jax.train` / `capture-train`. Flags are defined here, not at import,
-  so that other commands can import this module."""
-  config_flag = config_flags.DEFINE_config_file(
-      'config', None, 'A configs/*.py file.', lock_config=True
-  )
-  workdir_flag = flags.DEFINE_string(
-      'workdir', None, 'Run directory: checkpoints, metrics, TensorBoard events.'
-  )
-  stop_flag = flags.DEFINE_integer(
-      'stop_after_steps', None, 'Stop after this many steps (then resume later).'
-  )
+  """`python -m capture_jax.train` / `capture-train`."""
+  args = define_flags()
   flags.mark_flags_as_required(['config', 'workdir'])
-
-  def main(argv) -> None:
-    del argv
-    distributed.initialize()
-    try:
-      result = run(config_flag.value, workdir_flag.value, stop_after_steps=stop_flag.value)
-    except (
-        ValueError,
-        FileNotFoundError,
-        TrainingDivergedError,
-        checkpoint_lib.UnreadableCheckpointsError,
-        lock_lib.LockedError,
-        storage.StorageError,
-    ) as e:  # refused or stopped: one clear line, exit status 1, no traceback
-      print(f'error: {e}', file=sys.stderr, flush=True)
-      sys.exit(1)
-    if result.preempted:
-      sys.exit(0)
-
-  cli.run(main)
+  cli.run(lambda argv: main(args))
 
 
 if __name__ == '__main__':

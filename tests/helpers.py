@@ -247,6 +247,20 @@ def write_config_module(path: Path, cfg: ml_collections.ConfigDict) -> Path:
   return path
 
 
+def run_module(module: str, *args, timeout: float = 300) -> subprocess.CompletedProcess:
+  """`python -m module args...` from the repo root on CPU, as a user runs a command; the exit
+  status and the text of stdout and stderr."""
+  path = os.pathsep.join(p for p in (str(REPO), os.environ.get('PYTHONPATH', '')) if p)
+  return subprocess.run(
+      [sys.executable, '-m', module, *map(str, args)],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      env={**os.environ, 'PYTHONPATH': path, 'JAX_PLATFORMS': 'cpu'},
+      timeout=timeout,
+  )
+
+
 def start_python(script: str) -> subprocess.Popen:
   """`python -c script` from the repo root on CPU; stdout and stderr together, as text."""
   return subprocess.Popen(

@@ -23,9 +23,11 @@ from capture_jax.data import product1m_tfds
 from capture_jax.data import source as source_lib
 from capture_jax.data import synthetic
 from capture_jax.training import lock as lock_lib
+from tests.helpers import run_module
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = synthetic.PRESETS['tiny']
+BUILD = 'capture_jax.data.product1m_tfds'  # the dataset build command
 
 
 @pytest.fixture(scope='module')
@@ -241,15 +243,17 @@ def test_killed_build_never_looks_complete_and_a_rerun_resumes(world, reference,
   _assert_same_dataset(out, fresh)
 
 
-def test_a_second_build_into_the_same_folder_is_refused(world, tmp_path, capsys):
+def test_a_second_build_into_the_same_folder_is_refused(world, tmp_path):
   out = str(tmp_path / 'out')
   with lock_lib.FolderLock(
       os.path.join(out, product1m_tfds.NAME), product1m_stream.lock_name('float16'), 'x', True
   ):
     with pytest.raises(lock_lib.LockedError, match=f'pid {os.getpid()}'):
       _build(world, out)
-    assert product1m_tfds.main(['--data_dir', world, '--out', out, '--max_regions', '8']) == 1
-    err = capsys.readouterr().err.strip().splitlines()[-1]
+    # The command, another process: one `error:` line, exit status 1.
+    proc = run_module(BUILD, '--data_dir', world, '--out', out, '--max_regions', 8)
+    assert proc.returncode == 1, proc.stderr
+    err = proc.stderr.strip().splitlines()[-1]
     assert err.startswith('error: ') and 'in use by another product1m build' in err
   _build(world, out)  # free again once the first one is gone
   assert os.path.isdir(product1m_tfds.dataset_dir(out))
@@ -314,15 +318,16 @@ def test_beam_direct_runner_gives_the_same_dataset(world, reference, tmp_path):
   assert skipped['splits']['dev']['by_kind'] == {'missing_features': 1}
 
 
-def test_cli_workers_and_beam_options(world, reference, tmp_path, capsys):
+def test_cli_workers_and_beam_options(world, reference, tmp_path):
   out = str(tmp_path / 'out')
   argv = ['--data_dir', world, '--out', out, '--max_regions', '8', '--examples_per_shard', '7']
-  assert product1m_tfds.main(argv + ['--num_workers', '2']) == 0
-  assert capsys.readouterr().out.strip().splitlines()[-1] == product1m_tfds.dataset_dir(out)
+  proc = run_module(BUILD, *argv, '--num_workers', 2)
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.strip().splitlines()[-1] == product1m_tfds.dataset_dir(out)
   _assert_same_dataset(reference[0], out)
   assert product1m_tfds._beam_options('runner=DirectRunner, --direct_num_workers=2') == [
       '--runner=DirectRunner',
       '--direct_num_workers=2',
   ]
-  assert product1m_tfds.main(argv + ['--num_workers', '0', '--overwrite']) == 1
-  assert 'error: num_workers must be at least 1' in capsys.readouterr().err
+  proc = run_module(BUILD, *argv, '--num_workers', 0, '--overwrite')
+  assert proc.returncode == 1 and 'error: num_workers must be at least 1' in proc.stderr

@@ -16,6 +16,7 @@ from capture_jax.data import source as source_lib
 from capture_jax.data import train_input
 from capture_jax.data import product1m_tfds
 from capture_jax.data import synthetic
+from tests.helpers import run_module
 
 TINY = synthetic.PRESETS['tiny']
 
@@ -261,25 +262,16 @@ def test_float16_overflow_is_an_error(world, tmp_path):
     product1m_tfds.build(data, str(tmp_path / 'out'), progress=False)
 
 
-def test_cli(world, tmp_path, capsys):
-  product1m_tfds.main(
-      [
-          '--data_dir',
-          world,
-          '--out',
-          str(tmp_path / 'out'),
-          '--max_regions',
-          '8',
-          '--storage_dtype',
-          'float32',
-          '--skip_bad',
-      ]
+def test_cli(world, tmp_path):
+  out = str(tmp_path / 'out')
+  proc = run_module(
+      'capture_jax.data.product1m_tfds',
+      *('--data_dir', world, '--out', out, '--max_regions', 8),
+      *('--storage_dtype', 'float32', '--skip_bad'),
   )
-  captured = capsys.readouterr()
-  assert captured.out.strip().splitlines()[-1] == product1m_tfds.dataset_dir(
-      str(tmp_path / 'out'), 'float32'
-  )
-  assert f'dev: {TINY.num_dev} examples, 0 bad skipped' in captured.err
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.strip().splitlines()[-1] == product1m_tfds.dataset_dir(out, 'float32')
+  assert f'dev: {TINY.num_dev} examples, 0 bad skipped' in proc.stderr
 
 
 def test_detector_class_distributions_feed_the_class_target(world, tmp_path):

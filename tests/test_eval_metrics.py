@@ -172,7 +172,7 @@ def _check_against_official(gt_dir: Path, ranked: dict[str, list[str]], tmp: Pat
       assert repr(ours[f'{name}@{r}']) == repr(official[f'top{r}'][name]), (name, r)
   out = io.StringIO()
   with redirect_stdout(out):
-    assert metrics.main(['--gt_dir', str(gt_dir), '--ranked', str(ranked_path)]) == 0
+    assert metrics.run(str(gt_dir), str(ranked_path)) == 0  # what the command prints
   assert out.getvalue().splitlines()[: len(printed)] == printed
 
 

@@ -23,10 +23,12 @@ from capture_jax.data import product1m_tfds
 from capture_jax.data import synthetic
 from capture_jax.retrieval import metrics
 from tests import official_eval
+from tests.helpers import run_module
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = synthetic.PRESETS['tiny']
 BOM = codecs.BOM_UTF8
+BUILD = 'capture_jax.data.product1m_tfds'  # the dataset build command
 
 
 @pytest.fixture(scope='module')
@@ -214,7 +216,7 @@ def test_corrupted_tsv_line_in_a_build_is_named_and_skipped(tmp_path):
 
 
 @pytest.mark.parametrize('content', [b'', b'\n\n  \n'], ids=['zero_bytes', 'blank_lines'])
-def test_empty_split_is_not_built_and_the_others_are(data, tmp_path, capsys, content):
+def test_empty_split_is_not_built_and_the_others_are(data, tmp_path, content):
   _edit_bytes(_ann_path(data, 'dev'), lambda raw: content)
   out = str(tmp_path / 'out')
   report = _build(data, out)
@@ -224,8 +226,8 @@ def test_empty_split_is_not_built_and_the_others_are(data, tmp_path, capsys, con
   }
   assert set(tfds.data_source('product1m/float16', data_dir=out)) == {'train', 'gallery', 'test'}
   # The command says so too.
-  product1m_tfds.main(['--data_dir', data, '--out', str(tmp_path / 'cli'), '--max_regions', '8'])
-  assert 'dev: not built, ' in capsys.readouterr().err
+  proc = run_module(BUILD, '--data_dir', data, '--out', tmp_path / 'cli', '--max_regions', 8)
+  assert proc.returncode == 0 and 'dev: not built, ' in proc.stderr, proc.stderr
 
 
 def test_split_of_only_bad_samples_is_not_built_with_skip_bad(data, tmp_path):
@@ -297,7 +299,7 @@ def test_bom_and_blank_lines_read_the_same_by_build_evaluator_and_metrics(data, 
   ranked = tmp_path / metrics.RANKED_FILE
   metrics.write_ranked_lists(ranked, {q: ids['gallery'][:10] for q in ids['dev']})
   _edit_bytes(str(ranked), lambda raw: BOM + raw)
-  rc, out_text, err = _cli('--gt_dir', data, '--ranked', str(ranked), '--split', 'dev')
+  rc, out_text, err = _score(data, ranked, split='dev')
   assert rc == 0 and 'warning' not in err, err  # the BOM did not make an unknown query
 
 
@@ -336,13 +338,15 @@ def test_real_dev_file_with_bom_and_trailing_blank_line(shared, tmp_path):
 # ----------------------------------------------------------------------------
 
 
-def _cli(*argv: str) -> tuple[int, str, str]:
+def _score(gt_dir, ranked, **options) -> tuple[int, str, str]:
+  """What the metrics command does (`metrics.run`, the command's exit status and output), in
+  this process; its command line is tested in tests/test_cli.py and below."""
   import contextlib  # pylint: disable=import-outside-toplevel
   import io  # pylint: disable=import-outside-toplevel
 
   out, err = io.StringIO(), io.StringIO()
   with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-    rc = metrics.main(list(argv))
+    rc = metrics.run(str(gt_dir), str(ranked), **options)
   return rc, out.getvalue(), err.getvalue()
 
 
@@ -367,7 +371,7 @@ def _official(gt_dir: Path, ranked: Path) -> tuple[dict, list[str]]:
 def test_unknown_query_id_scores_zero_with_a_counted_warning(gt_dir, tmp_path):
   ranked = tmp_path / metrics.RANKED_FILE
   ranked.write_text('q1,a1,x1,zz\nnope,a1\nq2,b1,a1\nzilch,x2\n')
-  rc, out, err = _cli('--gt_dir', str(gt_dir), '--ranked', str(ranked))
+  rc, out, err = _score(gt_dir, ranked)
   assert rc == 0
   assert '1 ranked id(s) are not gallery ids' in err  # 'zz': a miss, as upstream
   assert '2 of 4 query id(s) are absent from product1m_test_ossurl_v2.txt, ' in err
@@ -375,7 +379,7 @@ def test_unknown_query_id_scores_zero_with_a_counted_warning(gt_dir, tmp_path):
   official, printed = _official(gt_dir, ranked)
   assert out.splitlines()[: len(printed)] == printed  # the ids printed as upstream does
   assert f'mAP: {official["top10"]["mAP"]} ' in out  # and the same numbers
-  rc, out, err = _cli('--gt_dir', str(gt_dir), '--ranked', str(ranked), '--strict')
+  rc, out, err = _score(gt_dir, ranked, strict=True)
   assert rc == 1 and err.startswith(f'error: {ranked} refused (--strict): 2 of 4 query id(s)')
   assert out == ''
 
@@ -384,17 +388,17 @@ def test_ranked_list_over_100_ids_warns_and_ignores_the_rest(gt_dir, tmp_path):
   ranked = tmp_path / metrics.RANKED_FILE
   long = [f'x{i}' for i in range(110)] + ['a1']  # a1 at rank 111: never counted
   ranked.write_text('q1,a2\n' + ','.join(['q2', *long]) + '\n')
-  rc, out, err = _cli('--gt_dir', str(gt_dir), '--ranked', str(ranked))
+  rc, out, err = _score(gt_dir, ranked)
   assert rc == 0 and "1 ranked list(s) hold more than 100 ids, e.g. 'q2' (111 ids, line 2)" in err
   official, _ = _official(gt_dir, ranked)
   assert f'mAP: {official["top100"]["mAP"]} ' in out
-  assert _cli('--gt_dir', str(gt_dir), '--ranked', str(ranked), '--strict')[0] == 1
+  assert _score(gt_dir, ranked, strict=True)[0] == 1
 
 
 def test_repeated_gallery_id_in_a_list_is_refused(gt_dir, tmp_path):
   ranked = tmp_path / metrics.RANKED_FILE
   ranked.write_text('q1,a1,x1\nq2,a1,x3,a1,b1\n')
-  rc, out, err = _cli('--gt_dir', str(gt_dir), '--ranked', str(ranked))
+  rc, out, err = _score(gt_dir, ranked)
   assert rc == 1 and out == ''
   assert err == (
       f"error: {ranked}:2: query 'q2' ranks gallery id 'a1' twice (positions 1 and 3); "
@@ -414,29 +418,25 @@ def test_repeated_gallery_id_in_a_list_is_refused(gt_dir, tmp_path):
 def test_malformed_ranked_file_is_refused_naming_the_line(gt_dir, tmp_path, content, fragment):
   ranked = tmp_path / metrics.RANKED_FILE
   ranked.write_text(content)
-  rc, _, err = _cli('--gt_dir', str(gt_dir), '--ranked', str(ranked))
+  rc, _, err = _score(gt_dir, ranked)
   assert rc == 1 and err.startswith(f'error: {ranked}{fragment}'), err
 
 
 def test_ranked_file_with_non_utf8_byte_is_refused(gt_dir, tmp_path):
   ranked = tmp_path / metrics.RANKED_FILE
   ranked.write_bytes(b'q1,a1\nq2,b\xff1\n')
-  rc, _, err = _cli('--gt_dir', str(gt_dir), '--ranked', str(ranked))
+  rc, _, err = _score(gt_dir, ranked)
   assert rc == 1 and err.startswith(f'error: {ranked}:2: byte 0xff at column 5 is not valid utf-8')
 
 
-def test_missing_ground_truth_file_and_bad_flags(gt_dir, tmp_path):
+def test_missing_ground_truth_file_is_refused(gt_dir, tmp_path):
   ranked = tmp_path / metrics.RANKED_FILE
   ranked.write_text('q1,a1\n')
   (gt_dir / metrics.TEST_FILE).unlink()
-  rc, _, err = _cli('--gt_dir', str(gt_dir), '--ranked', str(ranked))
+  rc, _, err = _score(gt_dir, ranked)
   assert rc == 1 and f'missing: {gt_dir / metrics.TEST_FILE}' in err
   # With --split dev the test file is not needed.
-  assert _cli('--gt_dir', str(gt_dir), '--ranked', str(ranked), '--split', 'dev')[0] == 0
-  rc, _, err = _cli('--gt_dir', str(gt_dir))
-  assert rc == 2 and '--ranked' in err
-  rc, _, err = _cli('--gt_dir', str(gt_dir), '--ranked', str(ranked), '--split', 'gallery')
-  assert rc == 2 and 'split' in err
+  assert _score(gt_dir, ranked, split='dev')[0] == 0
 
 
 def test_command_exits_1_without_a_traceback(gt_dir, tmp_path):
@@ -456,16 +456,17 @@ def test_command_exits_1_without_a_traceback(gt_dir, tmp_path):
   assert f"{ranked}:1: query 'q1' ranks gallery id 'a1' twice" in proc.stderr
 
 
-def test_build_command_refuses_bad_input_with_one_line_and_status_1(data, tmp_path, capsys):
+def test_build_command_refuses_bad_input_with_one_line_and_status_1(data, tmp_path):
   item = _ids(data, 'dev')[0]
   npz = os.path.join(data, 'features', f'{item}.npz')
   _edit_bytes(npz, lambda raw: raw[:50])
   out = str(tmp_path / 'out')
-  assert product1m_tfds.main(['--data_dir', data, '--out', out]) == 1
-  err = capsys.readouterr().err.strip().splitlines()
+  proc = run_module(BUILD, '--data_dir', data, '--out', out)
+  assert proc.returncode == 1 and 'Traceback' not in proc.stderr, proc.stderr
+  err = proc.stderr.strip().splitlines()
   assert err[-1].startswith(f'error: {_ann_path(data, "dev")}:1: {npz}: image {item}: cannot read')
   assert _no_dataset_left(out)
-  assert product1m_tfds.main(['--data_dir', data, '--out', out, '--skip_bad']) == 0
+  proc = run_module(BUILD, '--data_dir', data, '--out', out, '--skip_bad')
+  assert proc.returncode == 0, proc.stderr
   want = f"dev: {TINY.num_dev - 1} examples, 1 bad skipped {{'malformed_features': 1}}"
-  assert want in capsys.readouterr().err
-  assert product1m_tfds.main(['--data_dir', data]) == 2  # --out is required
+  assert want in proc.stderr

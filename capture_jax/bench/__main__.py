@@ -3,4 +3,4 @@
 from capture_jax.bench import harness
 
 if __name__ == '__main__':
-  harness.main()
+  harness.console_main()

@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
 import numpy as np
 
 from capture_jax import cli
@@ -153,53 +153,65 @@ def input_rate(work_dir: str, tfds_dir: str) -> dict:
   return bench.measure(c, warmup=3, batches=10, repeats=5)
 
 
-def main() -> None:
-  work_dir = flags.DEFINE_string('work_dir', '/tmp/capture_build_rehearsal', 'Scratch folder.')
-  num_train = flags.DEFINE_integer('num_train', 100_000, 'Training pairs.')
-  runs = flags.DEFINE_list('runs', ['inline', 'processes2', 'beam2'], 'Engines to time.')
-  features = flags.DEFINE_string('features', 'generated:36x2048', 'Feature store or generated:RxF.')
-  per_shard = flags.DEFINE_integer('examples_per_shard', 2048, 'Examples per shard.')
-  parts = flags.DEFINE_bool('parts', False, 'Also print the CPU time of each build step.')
-  input_bench = flags.DEFINE_bool('input', False, 'Also time the input pipeline on it.')
+def define_flags() -> dict[str, flags.FlagHolder]:
+  """The command's flags (defined when the command runs, not on import)."""
+  return {
+      'work_dir': flags.DEFINE_string(
+          'work_dir', '/tmp/capture_build_rehearsal', 'Scratch folder.'
+      ),
+      'num_train': flags.DEFINE_integer('num_train', 100_000, 'Training pairs.'),
+      'runs': flags.DEFINE_list('runs', ['inline', 'processes2', 'beam2'], 'Engines to time.'),
+      'features': flags.DEFINE_string(
+          'features', 'generated:36x2048', 'Feature store or generated:RxF.'
+      ),
+      'examples_per_shard': flags.DEFINE_integer('examples_per_shard', 2048, 'Examples per shard.'),
+      'parts': flags.DEFINE_bool('parts', False, 'Also print the CPU time of each build step.'),
+      'input': flags.DEFINE_bool('input', False, 'Also time the input pipeline on it.'),
+  }
 
-  def run(argv) -> None:
-    del argv
-    data = os.path.join(work_dir.value, 'data')
-    t = time.perf_counter()
-    write_annotations(data, num_train.value)
-    print(f'annotations: {num_train.value} lines in {time.perf_counter() - t:.1f} s', flush=True)
-    print(f'machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs')
-    last = None
-    for r in runs.value:
-      out = os.path.join(work_dir.value, 'tfds_' + r)
-      res = run_build(data, out, r, features.value, per_shard.value)
-      workers = res['report']['num_workers'] if not r.startswith('beam') else int(r[4:])
-      rate = res['examples'] / res['wall_s']
-      print(
-          json.dumps(
-              {
-                  'run': r,
-                  'examples': res['examples'],
-                  'wall_s': round(res['wall_s'], 1),
-                  'examples_per_s': round(rate, 1),
-                  'examples_per_s_per_worker': round(rate / workers, 1),
-                  'peak_rss_mb': round(res['peak_rss_mb']),
-                  'disk_bytes_per_example': round(res['disk_bytes'] / res['examples']),
-                  'shards': res['report']['shards']['train'],
-              }
-          ),
-          flush=True,
-      )
-      if last and last != out:
-        shutil.rmtree(last, ignore_errors=True)
-      last = out
-    if parts.value:
-      print(cpu_breakdown(work_dir.value), flush=True)
-    if input_bench.value and last:
-      print('input pipeline (one core):', json.dumps(input_rate(work_dir.value, last)))
 
-  cli.run(run)
+def main(args: dict[str, flags.FlagHolder]) -> None:
+  work_dir, num_train = args['work_dir'].value, args['num_train'].value
+  data = os.path.join(work_dir, 'data')
+  t = time.perf_counter()
+  write_annotations(data, num_train)
+  print(f'annotations: {num_train} lines in {time.perf_counter() - t:.1f} s', flush=True)
+  print(f'machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs')
+  last = None
+  for r in args['runs'].value:
+    out = os.path.join(work_dir, 'tfds_' + r)
+    res = run_build(data, out, r, args['features'].value, args['examples_per_shard'].value)
+    workers = res['report']['num_workers'] if not r.startswith('beam') else int(r[4:])
+    rate = res['examples'] / res['wall_s']
+    print(
+        json.dumps(
+            {
+                'run': r,
+                'examples': res['examples'],
+                'wall_s': round(res['wall_s'], 1),
+                'examples_per_s': round(rate, 1),
+                'examples_per_s_per_worker': round(rate / workers, 1),
+                'peak_rss_mb': round(res['peak_rss_mb']),
+                'disk_bytes_per_example': round(res['disk_bytes'] / res['examples']),
+                'shards': res['report']['shards']['train'],
+            }
+        ),
+        flush=True,
+    )
+    if last and last != out:
+      shutil.rmtree(last, ignore_errors=True)
+    last = out
+  if args['parts'].value:
+    print(cpu_breakdown(work_dir), flush=True)
+  if args['input'].value and last:
+    print('input pipeline (one core):', json.dumps(input_rate(work_dir, last)))
+
+
+def console_main() -> None:
+  """`python -m capture_jax.bench.build`."""
+  args = define_flags()
+  cli.run(lambda argv: main(args))
 
 
 if __name__ == '__main__':
-  main()
+  console_main()

@@ -24,7 +24,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from absl import app, flags
+from absl import flags
 
 from capture_jax import cli
 
@@ -125,21 +125,26 @@ def measure(
         )
 
 
-def main() -> None:
-  """`python -m capture_jax.bench.contrastive`. Flags are defined here, not on import, so that
-  other modules can import this one; JAX is imported only after they are read."""
-  kinds = flags.DEFINE_list('kinds', list(KINDS), 'Comma-separated contrastive losses.')
-  batches = flags.DEFINE_list('batches', ['8192', '65536'], 'Comma-separated global batch sizes.')
-  dim = flags.DEFINE_integer(
-      'dim', 512, "Embedding width (the paper's pooler width, bi_hidden_size)."
-  )
-  chunk = flags.DEFINE_integer('chunk', 1024, 'Keys per block of the chunked ring variant.')
-  target = flags.DEFINE_string(
-      'target', '', 'Compile for this accelerator target instead (e.g. v5e-256; needs .[aot]).'
-  )
-  num_devices = flags.DEFINE_integer(
-      'devices', 8, 'Devices to shard over (simulated CPU devices when JAX is not yet imported).'
-  )
+def define_flags() -> dict[str, flags.FlagHolder]:
+  """The command's flags (defined when the command runs, not on import)."""
+  args = {
+      'kinds': flags.DEFINE_list('kinds', list(KINDS), 'Comma-separated contrastive losses.'),
+      'batches': flags.DEFINE_list(
+          'batches', ['8192', '65536'], 'Comma-separated global batch sizes.'
+      ),
+      'dim': flags.DEFINE_integer(
+          'dim', 512, "Embedding width (the paper's pooler width, bi_hidden_size)."
+      ),
+      'chunk': flags.DEFINE_integer('chunk', 1024, 'Keys per block of the chunked ring variant.'),
+      'target': flags.DEFINE_string(
+          'target', '', 'Compile for this accelerator target instead (e.g. v5e-256; needs .[aot]).'
+      ),
+      'devices': flags.DEFINE_integer(
+          'devices',
+          8,
+          'Devices to shard over (simulated CPU devices when JAX is not yet imported).',
+      ),
+  }
   flags.register_validator(
       'kinds',
       lambda v: bool(v) and set(v) <= set(KINDS),
@@ -148,23 +153,29 @@ def main() -> None:
   flags.register_validator(
       'batches', _are_positive_ints, message='--batches takes comma-separated positive integers'
   )
+  return args
 
-  def run(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-      raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-    if 'jax' not in sys.modules and not target.value:
-      _simulate_devices(num_devices.value)
-    measure(
-        kinds.value,
-        _int_list(batches.value),
-        dim.value,
-        chunk.value,
-        num_devices.value,
-        target.value,
-    )
 
-  cli.run(run)
+def main(args: dict[str, flags.FlagHolder]) -> None:
+  target, num_devices = args['target'].value, args['devices'].value
+  if 'jax' not in sys.modules and not target:
+    _simulate_devices(num_devices)
+  measure(
+      args['kinds'].value,
+      _int_list(args['batches'].value),
+      args['dim'].value,
+      args['chunk'].value,
+      num_devices,
+      target,
+  )
+
+
+def console_main() -> None:
+  """`python -m capture_jax.bench.contrastive`. JAX is imported only after the flags are read
+  (`--devices` simulates CPU devices)."""
+  args = define_flags()
+  cli.run(lambda argv: main(args))
 
 
 if __name__ == '__main__':
-  main()
+  console_main()

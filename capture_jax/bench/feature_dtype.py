@@ -1,21 +1,37 @@
 """Host cost of the float32 batch contract at paper sizes (issue 22, measured only).
 
 Copies the features of 256 records (float16 storage, 10 to 36 regions of 2,048) into a
-padded [256, 37, 2048] buffer as float32 and as float16; prints the median of 15.
+padded [256, 37, 2048] buffer as float32 and as float16; prints the median of `--repeats`.
 
-    python -m capture_jax.bench.feature_dtype
+    python -m capture_jax.bench.feature_dtype [--repeats=15]
 """
 
-import time, statistics, numpy as np
+from __future__ import annotations
 
-rng = np.random.default_rng(0)
-recs = [
-    rng.random((int(n), 2048), np.float32).astype(np.float16) for n in rng.integers(10, 37, 256)
-]
+import statistics
+import time
+
+import numpy as np
+from absl import flags
+
+from capture_jax import cli
+
+BATCH, REGIONS, WIDTH = 256, 36, 2048
 
 
-def collate(dtype):
-  out = np.empty((256, 37, 2048), dtype)
+def records(seed: int = 0) -> list[np.ndarray]:
+  """BATCH float16 feature arrays [n, WIDTH], n in [10, REGIONS]."""
+  rng = np.random.default_rng(seed)
+  return [
+      rng.random((int(n), WIDTH), np.float32).astype(np.float16)
+      for n in rng.integers(10, REGIONS + 1, BATCH)
+  ]
+
+
+def collate(recs: list[np.ndarray], dtype) -> np.ndarray:
+  """[BATCH, REGIONS + 1, WIDTH] of `dtype`: row 0 of each sample (the global slot) and the
+  padding zeroed, the regions copied after it."""
+  out = np.empty((len(recs), REGIONS + 1, WIDTH), dtype)
   for i, r in enumerate(recs):
     n = r.shape[0]
     out[i, 0] = 0
@@ -24,14 +40,36 @@ def collate(dtype):
   return out
 
 
-for dtype in (np.float32, np.float16):
-  collate(dtype)
-  ts = []
-  for _ in range(15):
-    t = time.perf_counter()
-    collate(dtype)
-    ts.append(time.perf_counter() - t)
-  med = statistics.median(ts)
-  print(
-      f'{np.dtype(dtype).name}: {med*1e3:.1f} ms per batch of 256, {med/256*1e6:.0f} us/sample, batch {collate(dtype).nbytes/2**20:.0f} MiB'
-  )
+def define_flags() -> dict[str, flags.FlagHolder]:
+  """The command's flags (defined when the command runs, not on import)."""
+  return {
+      'repeats': flags.DEFINE_integer(
+          'repeats', 15, 'Timed copies per dtype (the median is printed).'
+      ),
+  }
+
+
+def main(args: dict[str, flags.FlagHolder]) -> None:
+  recs = records()
+  for dtype in (np.float32, np.float16):
+    collate(recs, dtype)
+    ts = []
+    for _ in range(args['repeats'].value):
+      t = time.perf_counter()
+      collate(recs, dtype)
+      ts.append(time.perf_counter() - t)
+    med = statistics.median(ts)
+    print(
+        f'{np.dtype(dtype).name}: {med * 1e3:.1f} ms per batch of {BATCH}, '
+        f'{med / BATCH * 1e6:.0f} us/sample, batch {collate(recs, dtype).nbytes / 2**20:.0f} MiB'
+    )
+
+
+def console_main() -> None:
+  """`python -m capture_jax.bench.feature_dtype`."""
+  args = define_flags()
+  cli.run(lambda argv: main(args))
+
+
+if __name__ == '__main__':
+  console_main()

@@ -122,54 +122,65 @@ def markdown(rows: list[dict]) -> str:
   return '\n'.join(lines)
 
 
-def main() -> None:
-  config_flag = config_flags.DEFINE_config_file('config', None, 'A configs/*.py file.')
-  targets_flag = flags.DEFINE_list('targets', ['h100x8', 'h200x8', 'v5e-16', 'v5p-64'], '')
-  dtypes_flag = flags.DEFINE_list('dtypes', ['bfloat16', 'float32'], '')
-  remat_flag = flags.DEFINE_list('remat', ['False', 'True'], '')
-  batches_flag = flags.DEFINE_list('batches', ['256', '1024', '4096'], 'Global batches.')
-  out_flag = flags.DEFINE_string('out', 'runs/fit_table.jsonl', 'Rows, one JSON per line.')
-  md_flag = flags.DEFINE_bool('markdown', False, 'Only print the table of the rows in --out.')
-  flags.mark_flags_as_required(['config'])
+def define_flags() -> dict[str, flags.FlagHolder]:
+  """The command's flags (defined when the command runs, not on import)."""
+  return {
+      'config': config_flags.DEFINE_config_file('config', None, 'A configs/*.py file.'),
+      'targets': flags.DEFINE_list(
+          'targets', ['h100x8', 'h200x8', 'v5e-16', 'v5p-64'], 'Targets (aot.py --target).'
+      ),
+      'dtypes': flags.DEFINE_list('dtypes', ['bfloat16', 'float32'], 'model.dtype values.'),
+      'remat': flags.DEFINE_list('remat', ['False', 'True'], 'model.remat values.'),
+      'batches': flags.DEFINE_list('batches', ['256', '1024', '4096'], 'Global batches.'),
+      'out': flags.DEFINE_string('out', 'runs/fit_table.jsonl', 'Rows, one JSON per line.'),
+      'markdown': flags.DEFINE_bool(
+          'markdown', False, 'Only print the table of the rows in --out.'
+      ),
+  }
 
-  def run(argv) -> None:
-    del argv
-    out = Path(out_flag.value)
-    if md_flag.value:
-      print(markdown(read_rows(out)))
-      return
-    out.parent.mkdir(parents=True, exist_ok=True)
-    done = {row_key(r) for r in read_rows(out)}
-    config = config_flag.value
-    for name in targets_flag.value:
-      target = accelerators.target(name)
-      devices = target.devices()
-      for dtype in dtypes_flag.value:
-        for remat in (v == 'True' for v in remat_flag.value):
-          group = []
-          for batch in map(int, batches_flag.value):
-            key = (name, dtype, remat, batch, 'grid')
-            if key in done:
-              group += [r for r in read_rows(out) if row_key(r) == key]
-              continue
-            row = compile_row(config, target, devices, dtype, remat, batch, 'grid')
-            group.append(row)
-            with out.open('a') as f:
-              f.write(json.dumps(row, sort_keys=True) + '\n')
-            print(aot.describe(aot.Fit(**{k: row[k] for k in aot.FIT_FIELDS})), flush=True)
-          unit = target.num_devices * config.train.microbatches
-          guess = predicted_max(group, target.usable_bytes(), unit)
-          if guess and not any(
-              r['kind'] == 'max' for r in read_rows(out) if row_key(r)[:3] == (name, dtype, remat)
-          ):
-            row = compile_row(config, target, devices, dtype, remat, guess, 'max')
-            with out.open('a') as f:
-              f.write(json.dumps(row, sort_keys=True) + '\n')
-            print(f'predicted largest batch {guess}: fits {row["fits"]}', flush=True)
+
+def main(args: dict[str, flags.FlagHolder]) -> None:
+  out = Path(args['out'].value)
+  if args['markdown'].value:
     print(markdown(read_rows(out)))
+    return
+  out.parent.mkdir(parents=True, exist_ok=True)
+  done = {row_key(r) for r in read_rows(out)}
+  config = args['config'].value
+  for name in args['targets'].value:
+    target = accelerators.target(name)
+    devices = target.devices()
+    for dtype in args['dtypes'].value:
+      for remat in (v == 'True' for v in args['remat'].value):
+        group = []
+        for batch in map(int, args['batches'].value):
+          key = (name, dtype, remat, batch, 'grid')
+          if key in done:
+            group += [r for r in read_rows(out) if row_key(r) == key]
+            continue
+          row = compile_row(config, target, devices, dtype, remat, batch, 'grid')
+          group.append(row)
+          with out.open('a') as f:
+            f.write(json.dumps(row, sort_keys=True) + '\n')
+          print(aot.describe(aot.Fit(**{k: row[k] for k in aot.FIT_FIELDS})), flush=True)
+        unit = target.num_devices * config.train.microbatches
+        guess = predicted_max(group, target.usable_bytes(), unit)
+        if guess and not any(
+            r['kind'] == 'max' for r in read_rows(out) if row_key(r)[:3] == (name, dtype, remat)
+        ):
+          row = compile_row(config, target, devices, dtype, remat, guess, 'max')
+          with out.open('a') as f:
+            f.write(json.dumps(row, sort_keys=True) + '\n')
+          print(f'predicted largest batch {guess}: fits {row["fits"]}', flush=True)
+  print(markdown(read_rows(out)))
 
-  cli.run(run)
+
+def console_main() -> None:
+  """`python -m capture_jax.bench.fit_table`."""
+  args = define_flags()
+  flags.mark_flags_as_required(['config'])
+  cli.run(lambda argv: main(args))
 
 
 if __name__ == '__main__':
-  main()
+  console_main()

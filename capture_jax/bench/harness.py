@@ -24,18 +24,20 @@ Other parts have their own benchmark modules, which this command runs with
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import os
 import statistics
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import jax
+from absl import flags
 
 from capture_jax import batch as batch_lib
+from capture_jax import cli
 from capture_jax import config as config_lib
 from capture_jax import demo as demo_lib
 from capture_jax import train
@@ -196,23 +198,34 @@ TRAIN_HEADER = (
 )
 
 
-def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument(
-      '--what', default='train', help='comma-separated: train, export, input, search'
-  )
-  parser.add_argument('--data_workdir', default='runs/demo', help='demo data for --what=export')
-  parser.add_argument('--configs', default='demo,capture_paper')
-  parser.add_argument('--batch_sizes', default='8,32')
-  parser.add_argument('--dtype', default='float32')
-  parser.add_argument('--attention_impl', default='xla')
-  parser.add_argument('--remat', action='store_true')
-  parser.add_argument('--repeats', type=int, default=5)
-  parser.add_argument('--warmup', type=int, default=2)
-  parser.add_argument(
-      '--no_record', action='store_true', help='print only; do not append to docs/BENCHMARKS.md'
-  )
-  args = parser.parse_args(argv)
+def define_flags() -> dict[str, flags.FlagHolder]:
+  """The command's flags (defined when the command runs, not on import)."""
+  return {
+      'what': flags.DEFINE_string(
+          'what', 'train', 'Comma-separated parts to time: train, export, input, search.'
+      ),
+      'data_workdir': flags.DEFINE_string(
+          'data_workdir', 'runs/demo', 'The demo data for --what=export.'
+      ),
+      'configs': flags.DEFINE_string(
+          'configs', 'demo,capture_paper', 'Comma-separated configs/ names (train).'
+      ),
+      'batch_sizes': flags.DEFINE_string('batch_sizes', '8,32', 'Comma-separated batch sizes.'),
+      'dtype': flags.DEFINE_string('dtype', 'float32', 'model.dtype (train).'),
+      'attention_impl': flags.DEFINE_string(
+          'attention_impl', 'xla', 'model.attention_impl (train).'
+      ),
+      'remat': flags.DEFINE_bool('remat', False, 'model.remat (train).'),
+      'repeats': flags.DEFINE_integer('repeats', 5, 'Timed steps (train) or exports (export).'),
+      'warmup': flags.DEFINE_integer('warmup', 2, 'Untimed steps first (train).'),
+      'no_record': flags.DEFINE_bool(
+          'no_record', False, 'Print only; do not append to docs/BENCHMARKS.md.'
+      ),
+  }
+
+
+def main(args: dict[str, flags.FlagHolder]) -> None:
+  args = types.SimpleNamespace(**{k: h.value for k, h in args.items()})
   what = set(args.what.split(','))
   print(f'machine: {machine()}', flush=True)
   today = datetime.date.today().isoformat()
@@ -254,5 +267,11 @@ def main(argv=None) -> None:
       subprocess.run([sys.executable, '-m', module], check=True)
 
 
+def console_main() -> None:
+  """`python -m capture_jax.bench` and `python -m capture_jax.bench.harness`."""
+  args = define_flags()
+  cli.run(lambda argv: main(args))
+
+
 if __name__ == '__main__':
-  main()
+  console_main()

@@ -22,10 +22,9 @@ import platform
 import statistics
 import sys
 import time
-from typing import Sequence
 
 import ml_collections
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from capture_jax import cli
@@ -97,82 +96,87 @@ def measure(
   }
 
 
-def main() -> None:
-  """`python -m capture_jax.bench.input`. Flags are defined here, not on import, so that other
-  modules can import this one."""
+def define_flags() -> dict[str, flags.FlagHolder]:
+  """The command's flags (defined when the command runs, not on import)."""
   repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   demo = os.path.join(repo, 'configs', 'demo.py')
-  config_flag = config_flags.DEFINE_config_file(
-      'config',
-      demo if os.path.exists(demo) else None,
-      'A configs/*.py file (default: configs/demo.py; the base config where that is absent).',
-      lock_config=False,
-  )
-  work_dir = flags.DEFINE_string(
-      'work_dir', '/tmp/capture_jax_data_benchmark', 'Where the benchmark data is (or goes).'
-  )
-  batch_size = flags.DEFINE_integer('batch_size', 256, 'Training batch size.')
-  num_cores = flags.DEFINE_integer('cores', 1, 'CPU cores to pin this process to.')
-  warmup = flags.DEFINE_integer('warmup', 5, 'Untimed batches first.')
-  batches = flags.DEFINE_integer('batches', 20, 'Batches per timed window.')
-  repeats = flags.DEFINE_integer('repeats', 7, 'Timed windows (the median is reported).')
-  # Other data sizes, e.g. the paper's: --preset=small --feature_dim=2048
-  # --max_regions=36 --num_train=2000 (use a separate --work_dir).
-  preset = flags.DEFINE_enum(
-      'preset', None, sorted(synthetic.PRESETS), "Synthetic world (default: the config's)."
-  )
-  feature_dim = flags.DEFINE_integer(
-      'feature_dim', None, "Region feature width (default: the config's)."
-  )
-  max_regions = flags.DEFINE_integer(
-      'max_regions', None, "Regions per image (default: the config's)."
-  )
-  num_train = flags.DEFINE_integer(
-      'num_train', None, "Training pairs of the world (default: the preset's)."
-  )
+  return {
+      'config': config_flags.DEFINE_config_file(
+          'config',
+          demo if os.path.exists(demo) else None,
+          'A configs/*.py file (default: configs/demo.py; the base config where that is absent).',
+          lock_config=False,
+      ),
+      'work_dir': flags.DEFINE_string(
+          'work_dir', '/tmp/capture_jax_data_benchmark', 'Where the benchmark data is (or goes).'
+      ),
+      'batch_size': flags.DEFINE_integer('batch_size', 256, 'Training batch size.'),
+      'cores': flags.DEFINE_integer('cores', 1, 'CPU cores to pin this process to.'),
+      'warmup': flags.DEFINE_integer('warmup', 5, 'Untimed batches first.'),
+      'batches': flags.DEFINE_integer('batches', 20, 'Batches per timed window.'),
+      'repeats': flags.DEFINE_integer('repeats', 7, 'Timed windows (the median is reported).'),
+      # Other data sizes, e.g. the paper's: --preset=small --feature_dim=2048
+      # --max_regions=36 --num_train=2000 (use a separate --work_dir).
+      'preset': flags.DEFINE_enum(
+          'preset', None, sorted(synthetic.PRESETS), "Synthetic world (default: the config's)."
+      ),
+      'feature_dim': flags.DEFINE_integer(
+          'feature_dim', None, "Region feature width (default: the config's)."
+      ),
+      'max_regions': flags.DEFINE_integer(
+          'max_regions', None, "Regions per image (default: the config's)."
+      ),
+      'num_train': flags.DEFINE_integer(
+          'num_train', None, "Training pairs of the world (default: the preset's)."
+      ),
+  }
 
-  def run(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-      raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-    config = config_flag.value if config_flag.value is not None else config_lib.base_config()
-    d = config.data
-    if preset.value:
-      d.synthetic_preset = preset.value
-    if feature_dim.value:
-      d.feature_dim = config.model.v_feature_size = feature_dim.value
-    if max_regions.value:
-      d.max_regions = max_regions.value
-    prepare_data(config, work_dir.value, num_train.value)
-    d.batch_size = batch_size.value
-    d.num_workers = 0
-    config_lib.check_or_exit(config)
-    n = num_cores.value
-    # One core: reader threads cannot run in parallel with the main thread, so
-    # read synchronously; with more cores, one reader thread per extra core.
-    d.read_threads = max(0, n - 1)
-    d.prefetch_batches = max(1, n - 1) if n > 1 else 0
-    cores = pin_to_cores(n)
-    res = measure(config, warmup=warmup.value, batches=batches.value, repeats=repeats.value)
-    per_core = res['wall_samples_per_s'] / n
-    print(
-        f'machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs '
-        f'visible, pinned to {cores}'
-    )
-    print(
-        f'data: {d.tfds_dir} (train, {d.storage_dtype}), T={d.max_text_len} '
-        f'R={d.max_regions} F={d.feature_dim}, batch {d.batch_size}, '
-        f'{repeats.value} x {batches.value} batches after {warmup.value} warm-up'
-    )
-    print(
-        f'samples/s per core (wall, median): {per_core:,.0f} '
-        f'[min {res["wall_min"] / n:,.0f}, max {res["wall_max"] / n:,.0f}]'
-    )
-    print(f'samples per CPU-second (median):   {res["samples_per_cpu_s"]:,.0f}')
-    verdict = 'meets' if per_core >= TARGET_PER_CORE else 'BELOW'
-    print(f'target {TARGET_PER_CORE:,.0f} samples/s per core: {verdict}')
 
-  cli.run(run)
+def main(args: dict[str, flags.FlagHolder]) -> None:
+  config = args['config'].value if args['config'].value is not None else config_lib.base_config()
+  d = config.data
+  if args['preset'].value:
+    d.synthetic_preset = args['preset'].value
+  if args['feature_dim'].value:
+    d.feature_dim = config.model.v_feature_size = args['feature_dim'].value
+  if args['max_regions'].value:
+    d.max_regions = args['max_regions'].value
+  prepare_data(config, args['work_dir'].value, args['num_train'].value)
+  d.batch_size = args['batch_size'].value
+  d.num_workers = 0
+  config_lib.check_or_exit(config)
+  n = args['cores'].value
+  # One core: reader threads cannot run in parallel with the main thread, so
+  # read synchronously; with more cores, one reader thread per extra core.
+  d.read_threads = max(0, n - 1)
+  d.prefetch_batches = max(1, n - 1) if n > 1 else 0
+  cores = pin_to_cores(n)
+  warmup, batches, repeats = (args[k].value for k in ('warmup', 'batches', 'repeats'))
+  res = measure(config, warmup=warmup, batches=batches, repeats=repeats)
+  per_core = res['wall_samples_per_s'] / n
+  print(
+      f'machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs '
+      f'visible, pinned to {cores}'
+  )
+  print(
+      f'data: {d.tfds_dir} (train, {d.storage_dtype}), T={d.max_text_len} '
+      f'R={d.max_regions} F={d.feature_dim}, batch {d.batch_size}, '
+      f'{repeats} x {batches} batches after {warmup} warm-up'
+  )
+  print(
+      f'samples/s per core (wall, median): {per_core:,.0f} '
+      f'[min {res["wall_min"] / n:,.0f}, max {res["wall_max"] / n:,.0f}]'
+  )
+  print(f'samples per CPU-second (median):   {res["samples_per_cpu_s"]:,.0f}')
+  verdict = 'meets' if per_core >= TARGET_PER_CORE else 'BELOW'
+  print(f'target {TARGET_PER_CORE:,.0f} samples/s per core: {verdict}')
+
+
+def console_main() -> None:
+  """`python -m capture_jax.bench.input`."""
+  args = define_flags()
+  cli.run(lambda argv: main(args))
 
 
 if __name__ == '__main__':
-  main()
+  console_main()

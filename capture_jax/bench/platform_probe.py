@@ -11,7 +11,6 @@ the lines written to stderr of each.
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import subprocess
@@ -19,6 +18,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from absl import flags
+
+from capture_jax import cli
 
 PLAIN = 'import jax; jax.devices()'
 CLI = (
@@ -53,16 +56,25 @@ def start(program: str, compilers: str | None) -> tuple[float, int]:
   return time.perf_counter() - begin, len(result.stderr.splitlines())
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--compilers', default=str(Path('.venv') / 'aot-compilers'))
-  parser.add_argument('--repeats', type=int, default=5)
-  args = parser.parse_args()
-  scratch = tempfile.mkdtemp()
-  paths = {None: None, 'libtpu': libtpu_only(args.compilers, scratch), 'all': args.compilers}
+def define_flags() -> dict[str, flags.FlagHolder]:
+  """The command's flags (defined when the command runs, not on import)."""
+  return {
+      'compilers': flags.DEFINE_string(
+          'compilers',
+          str(Path('.venv') / 'aot-compilers'),
+          'Folder with libtpu and the CUDA PJRT plugin (requirements-aot.txt; the Makefile puts them '
+          'there).',
+      ),
+      'repeats': flags.DEFINE_integer('repeats', 5, 'Starts of each kind (the median is printed).'),
+  }
+
+
+def main(args: dict[str, flags.FlagHolder]) -> None:
+  compilers = args['compilers'].value
+  paths = {None: None, 'libtpu': libtpu_only(compilers, tempfile.mkdtemp()), 'all': compilers}
   times: dict[str, list[float]] = {name: [] for name, _, _ in STARTS}
   lines: dict[str, int] = {}
-  for _ in range(args.repeats):
+  for _ in range(args['repeats'].value):
     for name, plugins, program in STARTS:
       seconds, count = start(program, paths[plugins])
       times[name].append(seconds)
@@ -72,5 +84,11 @@ def main() -> None:
     print(f'| {name} | {statistics.median(times[name]):.2f} | {lines[name]} |')
 
 
+def console_main() -> None:
+  """`python -m capture_jax.bench.platform_probe`."""
+  args = define_flags()
+  cli.run(lambda argv: main(args))
+
+
 if __name__ == '__main__':
-  main()
+  console_main()

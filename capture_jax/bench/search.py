@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from capture_jax import cli
 from capture_jax import losses
@@ -240,11 +240,11 @@ def _is_int_list(values: Sequence[str]) -> bool:
     return False
 
 
-def main() -> None:
-  """`python -m capture_jax.bench.search`. Flags are defined here, not on import, so that other
-  modules can import this one."""
+def define_flags() -> dict[str, flags.FlagHolder]:
+  """The command's flags (defined when the command runs, not on import): the fields of
+  `Settings`, and `json`."""
   d = Settings()
-  fl = {
+  args = {
       'queries': flags.DEFINE_integer('queries', d.queries, 'Query vectors.'),
       'gallery': flags.DEFINE_integer('gallery', d.gallery, 'Gallery vectors.'),
       'dim': flags.DEFINE_integer('dim', d.dim, 'Embedding width.'),
@@ -281,8 +281,8 @@ def main() -> None:
           'ef_search', [str(v) for v in d.ef_search], 'Comma-separated HNSW efSearch values.'
       ),
       'seed': flags.DEFINE_integer('seed', d.seed, 'Random seed of the vectors and indexes.'),
+      'json': flags.DEFINE_string('json', None, 'Also write the results here.'),
   }
-  json_out = flags.DEFINE_string('json', None, 'Also write the results here.')
   flags.register_validator(
       'faiss',
       lambda v: set(v) <= set(FAISS_KINDS),
@@ -293,24 +293,29 @@ def main() -> None:
         name, _is_int_list, message=f'--{name} takes one or more comma-separated integers'
     )
 
-  def run_command(argv: Sequence[str]) -> int:
-    if len(argv) > 1:
-      raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-    values = {name: flag.value for name, flag in fl.items()}
-    values['faiss'] = tuple(values['faiss'])
-    values['nprobe'] = _int_list(values['nprobe'])
-    values['ef_search'] = _int_list(values['ef_search'])
-    results = run(Settings(**values))
-    print(json.dumps(results['machine']))
-    print(f'peak RSS {results["peak_rss_gib"]:.2f} GiB')
-    print(markdown_rows(results))
-    if json_out.value:
-      with open(json_out.value, 'w') as f:
-        json.dump(results, f, indent=2)
-    return 0
+  return args
 
-  cli.run(run_command)
+
+def main(args: dict[str, flags.FlagHolder]) -> int:
+  values = {name: flag.value for name, flag in args.items() if name != 'json'}
+  values['faiss'] = tuple(values['faiss'])
+  values['nprobe'] = _int_list(values['nprobe'])
+  values['ef_search'] = _int_list(values['ef_search'])
+  results = run(Settings(**values))
+  print(json.dumps(results['machine']))
+  print(f'peak RSS {results["peak_rss_gib"]:.2f} GiB')
+  print(markdown_rows(results))
+  if args['json'].value:
+    with open(args['json'].value, 'w') as f:
+      json.dump(results, f, indent=2)
+  return 0
+
+
+def console_main() -> None:
+  """`python -m capture_jax.bench.search`."""
+  args = define_flags()
+  cli.run(lambda argv: main(args))
 
 
 if __name__ == '__main__':
-  main()
+  console_main()

@@ -31,7 +31,10 @@ import statistics
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
+
+from absl import flags
 
 THIS_TREE = Path(__file__).resolve().parents[2]
 
@@ -145,20 +148,26 @@ def summarise(r: dict) -> dict:
   }
 
 
-def main() -> None:
-  import argparse  # pylint: disable=import-outside-toplevel
+def define_flags() -> dict[str, flags.FlagHolder]:
+  """The command's flags (defined when the command runs, not on import)."""
+  return {
+      'old_tree': flags.DEFINE_string('old_tree', None, 'A checkout of the loop to compare with.'),
+      'work_dir': flags.DEFINE_string(
+          'work_dir', '/tmp/capture_jax_step_loop_benchmark', 'Demo world and runs.'
+      ),
+      'steps': flags.DEFINE_integer('steps', 40, 'Train steps per run.'),
+      'log_every': flags.DEFINE_integer('log_every', 10, 'Steps per logged window.'),
+      'slow_ms': flags.DEFINE_float('slow_ms', 150.0, 'Extra ms per batch, process 1.'),
+      'devices': flags.DEFINE_integer('devices', 4, 'Simulated CPU devices per process.'),
+      'repeats': flags.DEFINE_integer('repeats', 1, 'Runs of each tree and input.'),
+      'inputs': flags.DEFINE_enum(
+          'inputs', 'both', ['both', 'as_is', 'slowed'], 'Which inputs to run.'
+      ),
+  }
 
-  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  p.add_argument('--old_tree', required=True, help='a checkout of the loop to compare with')
-  p.add_argument('--work_dir', default='/tmp/capture_jax_step_loop_benchmark')
-  p.add_argument('--steps', type=int, default=40)
-  p.add_argument('--log_every', type=int, default=10)
-  p.add_argument('--slow_ms', type=float, default=150.0, help='extra ms per batch, process 1')
-  p.add_argument('--devices', type=int, default=4, help='simulated CPU devices per process')
-  p.add_argument('--repeats', type=int, default=1)
-  p.add_argument('--inputs', choices=('both', 'as_is', 'slowed'), default='both')
-  args = p.parse_args()
 
+def main(args: dict[str, flags.FlagHolder]) -> None:
+  args = types.SimpleNamespace(**{k: h.value for k, h in args.items()})
   sys.path.insert(0, str(THIS_TREE))
   from capture_jax import config as config_lib  # pylint: disable=import-outside-toplevel
   from capture_jax.bench import input as input_bench  # pylint: disable=import-outside-toplevel
@@ -198,9 +207,19 @@ def main() -> None:
     )
 
 
+def console_main() -> None:
+  """`python -m capture_jax.bench.step_loop`."""
+  # Imported here, not at the top: a worker runs this file against the tree on its PYTHONPATH.
+  from capture_jax import cli  # pylint: disable=import-outside-toplevel
+
+  args = define_flags()
+  flags.mark_flags_as_required(['old_tree'])
+  cli.run(lambda argv: main(args))
+
+
 if __name__ == '__main__':
-  if len(sys.argv) > 1 and sys.argv[1] == '--worker':
+  if len(sys.argv) > 1 and sys.argv[1] == '--worker':  # a worker (`run_job`) of one tree: no cli
     sys.path.pop(0)  # this script's folder: the tree on PYTHONPATH provides capture_jax
     _worker(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), float(sys.argv[6]))
   else:
-    main()
+    console_main()

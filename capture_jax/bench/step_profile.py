@@ -30,7 +30,6 @@ measured on a donated `x + y` of the same size.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import glob
 import gzip
@@ -38,13 +37,16 @@ import json
 import re
 import tempfile
 import time
+import types
 from pathlib import Path
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
+from absl import flags
 
+from capture_jax import cli
 from capture_jax.bench import harness
 from capture_jax.bench.versus_torch import median_seconds
 from capture_jax.training import sharding
@@ -247,15 +249,20 @@ def optimizer_against_bandwidth(config) -> dict:
   }
 
 
-def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--config', default='demo')
-  parser.add_argument('--batch', type=int, default=64)
-  parser.add_argument('--steps', type=int, default=3)
-  parser.add_argument('--warmup', type=int, default=2)
-  parser.add_argument('--top', type=int, default=25)
-  parser.add_argument('--optimizer', action='store_true', help='also time the update alone')
-  args = parser.parse_args(argv)
+def define_flags() -> dict[str, flags.FlagHolder]:
+  """The command's flags (defined when the command runs, not on import)."""
+  return {
+      'config': flags.DEFINE_string('config', 'demo', 'A configs/ name.'),
+      'batch': flags.DEFINE_integer('batch', 64, 'Global batch size.'),
+      'steps': flags.DEFINE_integer('steps', 3, 'Traced steps.'),
+      'warmup': flags.DEFINE_integer('warmup', 2, 'Untraced steps first.'),
+      'top': flags.DEFINE_integer('top', 25, 'Rows per table.'),
+      'optimizer': flags.DEFINE_bool('optimizer', False, 'Also time the update alone.'),
+  }
+
+
+def main(args: dict[str, flags.FlagHolder]) -> None:
+  args = types.SimpleNamespace(**{k: h.value for k, h in args.items()})
   config = harness.load_named_config(args.config)
   print(f'machine: {harness.machine()}; {args.config} batch {args.batch}', flush=True)
   result = profile_step(config, args.batch, args.steps, args.warmup)
@@ -277,5 +284,11 @@ def main(argv=None) -> None:
     )
 
 
+def console_main() -> None:
+  """`python -m capture_jax.bench.step_profile`."""
+  args = define_flags()
+  cli.run(lambda argv: main(args))
+
+
 if __name__ == '__main__':
-  main()
+  console_main()

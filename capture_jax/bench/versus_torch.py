@@ -38,8 +38,9 @@ SECTION = '## Train step versus PyTorch (one process tree, alternating)'
 
 
 # --------------------------------------------------------------------------
-# Workers: `python versus_torch.py --worker=KIND --config=NAME --batch=B`,
-# one JSON line per answer on stdout.
+# Workers: `python versus_torch.py --worker KIND CONFIG BATCH WARMUP`, one JSON line per answer
+# on stdout. Positional, not flags, and no `capture_jax.cli`: a worker of `--old_tree` imports
+# that older checkout, which may not have the helpers this tree has.
 
 
 def _load_config(name: str):
@@ -199,8 +200,7 @@ class Worker:
     env = dict(os.environ, PYTHONPATH=str(tree))
     env.setdefault('JAX_PLATFORMS', 'cpu')
     self.proc = subprocess.Popen(
-        [sys.executable, str(THIS), f'--worker={kind}', f'--config={config}', f'--batch={batch}']
-        + [f'--warmup={warmup}'],
+        [sys.executable, str(THIS), '--worker', kind, config, str(batch), str(warmup)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -246,57 +246,30 @@ def run_case(
   return {'config': config, 'batch': batch, 'medians': medians, 'times': times, 'infos': infos}
 
 
-def define_flags(fv: flags.FlagValues) -> dict[str, flags.FlagHolder]:
-  """The command's absl flags (also those of a worker process: --worker, --config, --batch)."""
+def define_flags() -> dict[str, flags.FlagHolder]:
+  """The command's flags (defined when the command runs, not on import)."""
   return {
-      'worker': flags.DEFINE_string('worker', '', 'Run as a worker of this kind.', flag_values=fv),
-      'config': flags.DEFINE_string('config', '', "A worker's config name.", flag_values=fv),
-      'batch': flags.DEFINE_integer('batch', 0, "A worker's batch size.", flag_values=fv),
       'cases': flags.DEFINE_string(
-          'cases', 'capture_paper:8,capture_paper:32,demo:64', 'config:batch cases.', flag_values=fv
+          'cases', 'capture_paper:8,capture_paper:32,demo:64', 'config:batch cases.'
       ),
-      'repeats': flags.DEFINE_integer(
-          'repeats', 6, 'Timed steps per implementation.', flag_values=fv
-      ),
-      'warmup': flags.DEFINE_integer('warmup', 2, 'Untimed steps first.', flag_values=fv),
-      'old_tree': flags.DEFINE_string(
-          'old_tree', '', 'Another checkout to time as `old`.', flag_values=fv
-      ),
+      'repeats': flags.DEFINE_integer('repeats', 6, 'Timed steps per implementation.'),
+      'warmup': flags.DEFINE_integer('warmup', 2, 'Untimed steps first.'),
+      'old_tree': flags.DEFINE_string('old_tree', '', 'Another checkout to time as `old`.'),
       'old_cases': flags.DEFINE_string(
-          'old_cases',
-          'demo',
-          'Configs or config:batch cases for which `old` runs too.',
-          flag_values=fv,
+          'old_cases', 'demo', 'Configs or config:batch cases for which `old` runs too.'
       ),
-      'load': flags.DEFINE_string(
-          'load', '', 'Load conditions, recorded with the rows.', flag_values=fv
-      ),
-      'without_torch': flags.DEFINE_bool(
-          'without_torch', False, 'Ours (and old) only; no row.', flag_values=fv
-      ),
+      'load': flags.DEFINE_string('load', '', 'Load conditions, recorded with the rows.'),
+      'without_torch': flags.DEFINE_bool('without_torch', False, 'Ours (and old) only; no row.'),
       'no_record': flags.DEFINE_bool(
-          'no_record', False, 'Print only; do not append to docs/BENCHMARKS.md.', flag_values=fv
+          'no_record', False, 'Print only; do not append to docs/BENCHMARKS.md.'
       ),
   }
 
 
-def main(argv=None) -> None:
-  # Flags in a FlagValues of their own and no capture_jax.cli: a worker of `--old_tree` imports
-  # that older checkout, which may not have the helpers this tree has.
-  fv = flags.FlagValues()
-  holders = define_flags(fv)
-  try:
-    rest = fv(list(sys.argv if argv is None else ['versus_torch', *argv]))
-  except flags.Error as err:
-    raise SystemExit(f'error: {err}') from None
-  if len(rest) > 1:
-    raise SystemExit(f'error: unexpected arguments {rest[1:]}')
-  args = types.SimpleNamespace(**{k: h.value for k, h in holders.items()})
-  if args.worker:
-    worker_main(args.worker, args.config, args.batch, args.warmup)
-    return
-
+def main(args: dict[str, flags.FlagHolder]) -> None:
   import jax  # pylint: disable=import-outside-toplevel
+
+  args = types.SimpleNamespace(**{k: h.value for k, h in args.items()})
 
   machine = f'{os.cpu_count()} CPU cores, {jax.devices()[0].platform}'
   rows = []
@@ -349,5 +322,17 @@ HEADER = (
 )
 
 
+def console_main() -> None:
+  """`python -m capture_jax.bench.versus_torch`."""
+  # Imported here, not at the top: a worker imports this file against an `--old_tree`.
+  from capture_jax import cli  # pylint: disable=import-outside-toplevel
+
+  args = define_flags()
+  cli.run(lambda argv: main(args))
+
+
 if __name__ == '__main__':
-  main()
+  if sys.argv[1:2] == ['--worker']:  # a worker (`Worker`), perhaps of an older tree: no cli
+    worker_main(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
+  else:
+    console_main()

@@ -99,7 +99,14 @@ def _infer_feature_dim(store: formats.FeatureStore, ann_paths: Sequence[str]) ->
   raise FileNotFoundError(f'no annotated image has readable region features in {store.path}')
 
 
-class Product1M(tfds.core.GeneratorBasedBuilder):
+# `python -m capture_jax.data.product1m_tfds` runs this file a second time, as `__main__` (and
+# as `__mp_main__` in the build's spawned workers), beside the package's copy that the build
+# (`product1m_stream`) imports. Only the package's copy registers the builder (TFDS refuses a
+# second `product1m`), and the command runs from it (end of file).
+class Product1M(
+    tfds.core.GeneratorBasedBuilder,
+    skip_registration=__name__ != 'capture_jax.data.product1m_tfds',
+):
   """Product1M samples with bottom-up-attention region features."""
 
   name = NAME
@@ -392,63 +399,50 @@ def build_from_config(config: ml_collections.ConfigDict, overwrite: bool = False
   )
 
 
-def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> dict[str, flags.FlagHolder]:
-  """The command's absl flags, defined into `flag_values` when the command runs."""
-  fv = flag_values
-  holders = {
-      'data_dir': flags.DEFINE_string(
-          'data_dir', None, 'Annotation files (+ features/).', flag_values=fv
-      ),
-      'out': flags.DEFINE_string('out', None, 'TFDS data_dir to write into.', flag_values=fv),
+def define_flags() -> dict[str, flags.FlagHolder]:
+  """The command's flags (defined when the command runs, not on import)."""
+  return {
+      'data_dir': flags.DEFINE_string('data_dir', None, 'Annotation files (+ features/).'),
+      'out': flags.DEFINE_string('out', None, 'TFDS data_dir to write into.'),
       'config': flags.DEFINE_string(
           'config',
           None,
           'Config file whose data.* fields give the defaults of the flags below.',
-          flag_values=fv,
       ),
       'features': flags.DEFINE_string(
-          'features', None, 'Feature store; default: DATA_DIR/features.', flag_values=fv
+          'features', None, 'Feature store; default: DATA_DIR/features.'
       ),
       'storage_dtype': flags.DEFINE_enum(
-          'storage_dtype', None, sorted(STORAGE_DTYPES), 'Storage dtype.', flag_values=fv
+          'storage_dtype', None, sorted(STORAGE_DTYPES), 'Storage dtype.'
       ),
-      'max_regions': flags.DEFINE_integer(
-          'max_regions', None, 'Regions kept per image.', flag_values=fv
-      ),
+      'max_regions': flags.DEFINE_integer('max_regions', None, 'Regions kept per image.'),
       'feature_dim': flags.DEFINE_integer(
           'feature_dim',
           None,
           "Expected width (default: the config's, else the first image's).",
-          flag_values=fv,
       ),
       'with_cls_prob': flags.DEFINE_bool(
-          'with_cls_prob', False, 'Store the detector class distributions.', flag_values=fv
+          'with_cls_prob', False, 'Store the detector class distributions.'
       ),
       'skip_bad': flags.DEFINE_bool(
-          'skip_bad', False, 'Skip and count bad samples instead of stopping.', flag_values=fv
+          'skip_bad', False, 'Skip and count bad samples instead of stopping.'
       ),
-      'overwrite': flags.DEFINE_bool(
-          'overwrite', False, 'Rebuild an existing dataset.', flag_values=fv
-      ),
+      'overwrite': flags.DEFINE_bool('overwrite', False, 'Rebuild an existing dataset.'),
       'num_workers': flags.DEFINE_integer(
-          'num_workers', 1, 'Processes writing shards on this host.', flag_values=fv
+          'num_workers', 1, 'Processes writing shards on this host.'
       ),
       'examples_per_shard': flags.DEFINE_integer(
           'examples_per_shard',
           None,
           'Examples per ArrayRecord shard (default 2048).',
-          flag_values=fv,
       ),
       'beam_pipeline_options': flags.DEFINE_string(
           'beam_pipeline_options',
           None,
           'Build on Apache Beam with these comma-separated pipeline options, e.g. '
           '"runner=DirectRunner,direct_num_workers=2" (see README).',
-          flag_values=fv,
       ),
   }
-  flags.mark_flags_as_required(['data_dir', 'out'], flag_values=fv)
-  return holders
 
 
 def _beam_options(text: str | None) -> list[str] | None:
@@ -458,23 +452,9 @@ def _beam_options(text: str | None) -> list[str] | None:
   return ['--' + o.strip().lstrip('-') for o in text.split(',') if o.strip()]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  """`python -m capture_jax.data.product1m_tfds` (and `capture-build-tfds`).
-
-  The flags are parsed into a `FlagValues` of their own, so the command can be
-  run from Python with an `argv` (tests) and never collides with the flags of
-  a program that imports this module.
-
-  Returns:
-    0 on success; 1 when the input is refused (one `error:` line naming the
-    file and line or image id, no traceback); 2 on bad flags.
-  """
-  argv = list(sys.argv if argv is None else ['product1m_tfds', *argv])
-  fv = flags.FlagValues()
-  args = define_flags(fv)
-  code = cli.parse(fv, argv, __doc__.split('\n\n')[0])
-  if code is not None:
-    return code
+def main(args: dict[str, flags.FlagHolder]) -> int:
+  """Builds the dataset; returns the exit status: 0, or 1 when the input is refused (one
+  `error:` line naming the file and line or image id, no traceback)."""
   from capture_jax.training import lock as lock_lib  # pylint: disable=import-outside-toplevel
 
   config_file = args['config'].value
@@ -516,5 +496,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   return 0
 
 
+def console_main() -> None:
+  """`python -m capture_jax.data.product1m_tfds` and `capture-build-tfds`."""
+  args = define_flags()
+  flags.mark_flags_as_required(['data_dir', 'out'])
+  cli.run(lambda argv: main(args))
+
+
 if __name__ == '__main__':
-  sys.exit(main())
+  from capture_jax.data import product1m_tfds  # the package's copy (see Product1M)
+
+  product1m_tfds.console_main()

@@ -37,7 +37,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import tokenizers
 import transformers
-from absl import app, flags
+from absl import flags
 
 from capture_jax import cli
 from capture_jax import config as config_lib
@@ -458,10 +458,12 @@ def define_flags() -> dict[str, flags.FlagHolder]:
   }
 
 
-def run_command(argv: Sequence[str], args: dict[str, flags.FlagHolder]) -> None:
-  """`train`: the vocab of the titles of `--data_dir` into `--out`; bad input exits 1 with one line."""
-  if list(argv[1:]) != ['train']:
-    raise app.UsageError(f'expected the command `train`, got {list(argv[1:])}')
+def main(args: dict[str, flags.FlagHolder], words: list[str]) -> int:
+  """`train`: the vocab of the titles of `--data_dir` into `--out`. Returns the exit status: 0,
+  or 1 with one `error:` line (another command, or bad input)."""
+  if words != ['train']:
+    print(f'error: expected the command `train`, got {words}', file=sys.stderr)
+    return 1
   data_dir, out = args['data_dir'].value, args['out'].value
   splits = args['splits'].value
   try:
@@ -483,16 +485,17 @@ def run_command(argv: Sequence[str], args: dict[str, flags.FlagHolder]) -> None:
     )
   except (FileExistsError, FileNotFoundError, ValueError) as e:  # one clear line, no traceback
     print(f'error: {e}', file=sys.stderr)
-    sys.exit(1)
+    return 1
   print(f'wrote {out}: {n} tokens from {len(titles)} titles', file=sys.stderr)
+  return 0
 
 
-def main() -> None:
-  """The `capture-tokenizer` console script and `python -m capture_jax.data.tokenizer`."""
+def console_main() -> None:
+  """`python -m capture_jax.data.tokenizer train` and the `capture-tokenizer` console script."""
   args = define_flags()
   flags.mark_flags_as_required(['data_dir', 'out'])
-  cli.run(lambda argv: run_command(argv, args))
+  cli.run(lambda argv: main(args, argv[1:]), accepts_arguments=True)
 
 
 if __name__ == '__main__':
-  main()
+  console_main()

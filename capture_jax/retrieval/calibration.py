@@ -25,10 +25,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Sequence
-
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from capture_jax import cli
 from capture_jax.data import formats
@@ -159,33 +157,40 @@ def evaluate_baselines(
   return out
 
 
-def main() -> None:
-  """`python -m capture_jax.retrieval.calibration`. Flags are defined here, not on import, so
-  that other modules can import this one."""
-  data_dir = flags.DEFINE_string('data_dir', None, 'A Product1M folder (e.g. a synthetic world).')
-  split = flags.DEFINE_enum('split', 'dev', list(formats.QUERY_SPLITS), 'Query split.')
-  r = flags.DEFINE_integer('r', 10, 'The R of mAP@R (ranked lists of R items).')
-  max_regions = flags.DEFINE_integer('max_regions', 36, 'Regions averaged per image.')
-  tfidf_max_features = flags.DEFINE_integer(
-      'tfidf_max_features', 8192, 'TF-IDF vocabulary cap (0: no cap).'
+def define_flags() -> dict[str, flags.FlagHolder]:
+  """The command's flags (defined when the command runs, not on import)."""
+  return {
+      'data_dir': flags.DEFINE_string(
+          'data_dir', None, 'A Product1M folder (e.g. a synthetic world).'
+      ),
+      'split': flags.DEFINE_enum('split', 'dev', list(formats.QUERY_SPLITS), 'Query split.'),
+      'r': flags.DEFINE_integer('r', 10, 'The R of mAP@R (ranked lists of R items).'),
+      'max_regions': flags.DEFINE_integer('max_regions', 36, 'Regions averaged per image.'),
+      'tfidf_max_features': flags.DEFINE_integer(
+          'tfidf_max_features', 8192, 'TF-IDF vocabulary cap (0: no cap).'
+      ),
+  }
+
+
+def main(args: dict[str, flags.FlagHolder]) -> None:
+  split, r = args['split'].value, args['r'].value
+  res = evaluate_baselines(
+      args['data_dir'].value,
+      split,
+      r,
+      args['max_regions'].value,
+      tfidf_max_features=args['tfidf_max_features'].value or None,
   )
-  flags.mark_flag_as_required('data_dir')
+  for name, v in res.items():
+    print(f'{split} mAP@{r} {name:12s} {100 * v:6.2f}')
 
-  def run(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-      raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-    res = evaluate_baselines(
-        data_dir.value,
-        split.value,
-        r.value,
-        max_regions.value,
-        tfidf_max_features=tfidf_max_features.value or None,
-    )
-    for name, v in res.items():
-      print(f'{split.value} mAP@{r.value} {name:12s} {100 * v:6.2f}')
 
-  cli.run(run)
+def console_main() -> None:
+  """`python -m capture_jax.retrieval.calibration`."""
+  args = define_flags()
+  flags.mark_flags_as_required(['data_dir'])
+  cli.run(lambda argv: main(args))
 
 
 if __name__ == '__main__':
-  main()
+  console_main()

@@ -524,38 +524,30 @@ def official_lines(
 # ----------------------------------------------------------------------------
 
 
-def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> dict[str, flags.FlagHolder]:
-  """The command's absl flags, defined into ``flag_values`` when the command runs."""
-  fv = flag_values
-  holders = {
+def define_flags() -> dict[str, flags.FlagHolder]:
+  """The command's flags (defined when the command runs, not on import)."""
+  return {
       'gt_dir': flags.DEFINE_string(
           'gt_dir',
           None,
           f'Folder with {GALLERY_FILE} and the query files ({DEV_FILE}, {TEST_FILE}).',
-          flag_values=fv,
       ),
-      'ranked': flags.DEFINE_string('ranked', None, f'A {RANKED_FILE}.', flag_values=fv),
+      'ranked': flags.DEFINE_string('ranked', None, f'A {RANKED_FILE}.'),
       'split': flags.DEFINE_enum(
           'split',
           None,
           list(formats.QUERY_SPLITS),
           'Read only the gallery and this query file; default: dev and test together, all '
           'three files required, as the official evaluator does.',
-          flag_values=fv,
       ),
       'strict': flags.DEFINE_bool(
           'strict',
           False,
           'Refuse (exit 1) what is otherwise a warning: unknown query ids, lists over '
           f'{MAX_RANKED} ids, ranked ids absent from the gallery.',
-          flag_values=fv,
       ),
-      'output_json': flags.DEFINE_string(
-          'output_json', None, 'Write the metrics here.', flag_values=fv
-      ),
+      'output_json': flags.DEFINE_string('output_json', None, 'Write the metrics here.'),
   }
-  flags.mark_flags_as_required(['gt_dir', 'ranked'], flag_values=fv)
-  return holders
 
 
 def run(
@@ -599,36 +591,24 @@ def run(
   return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  """``python -m capture_jax.retrieval.metrics --gt_dir DIR --ranked FILE`` (and
-  ``capture-metrics``).
-
-  The flags are parsed into a ``FlagValues`` of their own, so the command can
-  be run from Python with an ``argv`` (tests) and never collides with the
-  flags of a program that imports this module (``--split`` of evaluate).
-
-  Returns:
-    0 on success, 1 when the input is refused, 2 on bad flags.
-  """
-  argv = list(sys.argv if argv is None else ['metrics', *argv])
-  fv = flags.FlagValues()
-  holders = define_flags(fv)
-  code = cli.parse(
-      fv,
-      argv,
-      'usage: python -m capture_jax.retrieval.metrics --gt_dir DIR --ranked FILE\n'
-      + __doc__.splitlines()[0],
-  )
-  if code is not None:
-    return code
+def main(args: dict[str, flags.FlagHolder]) -> int:
+  """Returns the exit status: 0, or 1 when the input is refused (see ``run``)."""
   return run(
-      holders['gt_dir'].value,
-      holders['ranked'].value,
-      split=holders['split'].value,
-      strict=holders['strict'].value,
-      output_json=holders['output_json'].value,
+      args['gt_dir'].value,
+      args['ranked'].value,
+      split=args['split'].value,
+      strict=args['strict'].value,
+      output_json=args['output_json'].value,
   )
+
+
+def console_main() -> None:
+  """``python -m capture_jax.retrieval.metrics --gt_dir DIR --ranked FILE`` and
+  ``capture-metrics``."""
+  args = define_flags()
+  flags.mark_flags_as_required(['gt_dir', 'ranked'])
+  cli.run(lambda argv: main(args))
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  console_main()
