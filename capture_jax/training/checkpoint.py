@@ -230,10 +230,6 @@ def saved_loop(manager: ocp.CheckpointManager, step: int) -> dict[str, int]:
   )
 
 
-def saved_model_config(manager: ocp.CheckpointManager, step: int) -> dict:
-  return saved_config(manager, step)['model']
-
-
 def resume_problems(saved: dict, step: int, config: ml_collections.ConfigDict) -> list[str]:
   """Why resuming the checkpoint of `step` (saved with config `saved`) under `config` would be
   silently wrong.
