@@ -374,9 +374,9 @@ def train_config() -> ml_collections.ConfigDict:
   )  # capture a jax.profiler trace of steps [start, start + profile_num_steps)
   t.profile_num_steps = 5
   # CPU only, same random bits either way: draw dropout masks with JAX's unrolled threefry
-  # (as on GPU/TPU) instead of its rolled CPU loop. Measured alternating (docs/BENCHMARKS.md,
-  # "Where the step's time goes"): the demo step 1.08-1.13x faster, capture_paper 0.89x
-  # (slower), so off by default and on in configs/demo.py (training/rng_lowering.py).
+  # (as on GPU/TPU) instead of its rolled CPU loop. It speeds the demo step up and slows
+  # capture_paper's down (measured alternating: docs/BENCHMARKS.md, section "Where the step's
+  # time goes"), so off by default and on in configs/demo.py (training/rng_lowering.py).
   t.cpu_unrolled_threefry = False
   return t
 
@@ -549,8 +549,8 @@ def instances_config() -> ml_collections.ConfigDict:
   # Pasted instances come from different photos and so also differ in lighting,
   # which real instances of one photo share: affinities learned on pseudo-samples
   # are over-confident on real ones, so groups merge only on confident affinity.
-  # 0.8 was chosen on the demo world's dev split (0.5 over-merges); see
-  # docs in capture_jax/instances/__init__.py for the measured figures.
+  # 0.8 was chosen on the demo world's dev split (0.5 over-merges); measured in
+  # docs/BENCHMARKS.md, section "Instance proposals (`capture_jax.instances`) on the demo world".
   i.affinity_threshold = 0.8
   i.propose_batch_size = 256  # samples scored together at inference
   return i

@@ -35,12 +35,12 @@ def get_config(arg=None):
   # random text stream gives every caption nearly the same first token, and the
   # released NT-Xent, whose intra-modal negatives then dominate, collapses all
   # vectors to one point (loss stuck at ln(2B-1)). The CLIP-style loss (no
-  # intra-modal negatives) leaves that plateau after ~130 steps. See
-  # docs/BENCHMARKS.md ("make demo") and `make ablation`.
+  # intra-modal negatives) leaves that plateau. Measured: docs/BENCHMARKS.md, section
+  # "Demo pretraining recipe", and `make ablation`.
   c.loss.contrastive = 'clip'
-  # Retrieve with the vectors the contrastive loss trains (the encoder poolers). Measured
-  # with learned proposals on the demo world (dev mAP@10, query mode both): encoder 65.45,
-  # the default `fused` (final pooled outputs) 58.61; docs/BENCHMARKS.md ("make demo").
+  # Retrieve with the vectors the contrastive loss trains (the encoder poolers): better than
+  # the default `fused` (final pooled outputs) on the demo world's dev split, measured in
+  # docs/BENCHMARKS.md, section "Instance proposals (`capture_jax.instances`) on the demo world".
   c.eval.embedding = 'encoder'
   # The text poolers get a quarter of the `encoder` cosine, not half (retrieval/embedding.py):
   # a text stream trained from scratch on a few thousand captions reads unseen titles badly,
@@ -56,8 +56,9 @@ def get_config(arg=None):
   c.train.learning_rate = 1e-3  # a tiny model trained briefly: 10x the paper's lr
   c.train.warmup_fraction = 0.05
   c.train.log_every = 10
-  # Dropout masks from the unrolled threefry: the same bits, a 1.08-1.13x faster demo step on
-  # CPU (capture_jax/training/rng_lowering.py; docs/BENCHMARKS.md).
+  # Dropout masks from the unrolled threefry: the same bits, a faster demo step on CPU
+  # (capture_jax/training/rng_lowering.py; measured in docs/BENCHMARKS.md, section "Where the
+  # step's time goes").
   c.train.cpu_unrolled_threefry = True
   c.checkpoint.every_steps = 50
   return c

@@ -26,26 +26,14 @@ Proposal quality against a sidecar: `proposal_quality`, or for all proposers
 with their proposals files written: `evaluate_proposers` /
 `python -m capture_jax.instances propose --config=... --workdir=... --split=dev`.
 
-Measured on the demo world (`python -m capture_jax.data.synthetic --preset
-demo`, seed 0; proposer trained with configs/demo.py's defaults, 400 steps,
-~3 min on a busy 2-core CPU); a proposal matches an instance at region-set
-IoU >= 0.5. Thresholds (`instances.affinity_threshold=0.8`) were chosen on
-dev; test is held out:
-
-    split  proposer                recall  precision  proposals/sample  bg assigned
-    dev    boxes                   0.907   0.594      4.47              0.999
-    dev    learned                 0.967   0.854      3.32              0.490
-    dev    oracle (upper bound)    1.000   1.000      2.93              0.000
-    test   boxes                   0.913   0.607      4.61              1.000
-    test   learned                 0.954   0.843      3.47              0.513
-    test   oracle (upper bound)    1.000   1.000      3.07              0.000
-
-A second training seed (`--config.seed=1`, stopped at step 200 and resumed)
-gives dev recall 0.937, precision 0.837, background assigned 0.514.
-With `affinity_threshold=0.5` the learned proposer over-merges (dev recall
-0.83-0.88): pasted instances differ in lighting as well as in product, real
-instances of one photo do not, so pseudo-trained affinities are
-over-confident between neighbouring products of one image.
+The learned proposer groups regions only on confident affinity
+(`instances.affinity_threshold=0.8`, chosen on the demo world's dev split; test
+held out): pasted instances differ in lighting as well as in product, real
+instances of one photo do not, so pseudo-trained affinities are over-confident
+between neighbouring products of one image, and a lower threshold over-merges.
+Proposal quality of each proposer, and with another seed and another threshold:
+docs/BENCHMARKS.md, section "Instance proposals (`capture_jax.instances`) on the
+demo world".
 """
 
 from capture_jax.instances.geometry import propose_boxes
