@@ -108,6 +108,7 @@ COMMANDS = {
         '[no]input',
     ],
     'capture_jax.bench.contrastive': ['kinds', 'batches', 'dim', 'chunk', 'target', 'devices'],
+    'capture_jax.bench.eval_identity': [],  # WORKDIR OUT
     'capture_jax.bench.feature_dtype': ['repeats'],
     'capture_jax.bench.fit_table': [
         'config',
