@@ -99,7 +99,13 @@ def _infer_feature_dim(store: formats.FeatureStore, ann_paths: Sequence[str]) ->
   raise FileNotFoundError(f'no annotated image has readable region features in {store.path}')
 
 
-class Product1M(tfds.core.GeneratorBasedBuilder):
+# Run as `python -m capture_jax.data.product1m_tfds`, this file is `__main__` (and
+# `__mp_main__` in the build's spawned workers) and the build imports it again as
+# `capture_jax.data.product1m_tfds`: only that copy registers the name (TFDS refuses a second
+# registration: "Dataset with name product1m already registered").
+class Product1M(
+    tfds.core.GeneratorBasedBuilder, skip_registration=__name__ in ('__main__', '__mp_main__')
+):
   """Product1M samples with bottom-up-attention region features."""
 
   name = NAME
