@@ -117,12 +117,16 @@ def test_crosses_tfds_memory_limit_without_tensorflow(world, tmp_path, monkeypat
 
 
 def _peak_rss_of_build(data: str, out: str) -> tuple[int, dict]:
+  # VmHWM, not getrusage's ru_maxrss: a child's ru_maxrss starts at its parent's RSS at the
+  # fork (Linux records the forked copy's high-water mark at exec), and pytest's RSS is above
+  # the build's, so ru_maxrss would report pytest's at both sizes.
   code = (
-      'import json, resource, sys\n'
+      'import json, re, sys\n'
       'from capture_jax.data import product1m_tfds\n'
       'r = product1m_tfds.build(sys.argv[1], sys.argv[2], features="generated:36x512",\n'
       '    max_regions=36, progress=False, examples_per_shard=500)\n'
-      'print(json.dumps([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, r]))\n'
+      'kb = int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1))\n'
+      'print(json.dumps([kb, r]))\n'
   )
   proc = subprocess.run(
       [sys.executable, '-c', code, data, out],

@@ -5,7 +5,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import pathlib
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -272,6 +275,33 @@ def test_cli(world, tmp_path):
   assert proc.returncode == 0, proc.stderr
   assert proc.stdout.strip().splitlines()[-1] == product1m_tfds.dataset_dir(out, 'float32')
   assert f'dev: {TINY.num_dev} examples, 0 bad skipped' in proc.stderr
+
+
+def test_python_dash_m_with_two_workers(world, tmp_path):
+  """`python -m capture_jax.data.product1m_tfds` (the README's command): run as `__main__`,
+  with workers spawned as `__mp_main__`, the builder is registered once (was: "Dataset with
+  name product1m already registered")."""
+  out = str(tmp_path / 'out')
+  proc = subprocess.run(
+      [
+          sys.executable,
+          '-m',
+          'capture_jax.data.product1m_tfds',
+          f'--data_dir={world}',
+          f'--out={out}',
+          f'--max_regions={TINY.max_regions}',
+          '--num_workers=2',
+          '--examples_per_shard=32',
+      ],
+      capture_output=True,
+      text=True,
+      env={**os.environ, 'PYTHONPATH': str(pathlib.Path(__file__).parents[1])},
+      timeout=300,
+      check=False,
+  )
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.strip().splitlines()[-1] == product1m_tfds.dataset_dir(out, 'float16')
+  assert f'train: {TINY.num_train} examples' in proc.stderr
 
 
 def test_detector_class_distributions_feed_the_class_target(world, tmp_path):
