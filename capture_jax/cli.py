@@ -73,7 +73,7 @@ def run_command(define_flags: Callable[[], dict], main: Callable[[dict], Any]) -
   required): `run(lambda argv: main(flags))`."""
   args = define_flags()
   flags.mark_flags_as_required(['config', 'workdir'])
-  run(lambda argv: main(args))
+  run(lambda argv: main(args), module=main.__module__)
 
 
 def quiet_libraries() -> None:
@@ -136,13 +136,17 @@ def parse_flags_or_exit(
   sys.exit(1)
 
 
-def run(main: Callable[[list[str]], Any], accepts_arguments: bool = False) -> None:
+def run(
+    main: Callable[[list[str]], Any], accepts_arguments: bool = False, module: str | None = None
+) -> None:
   """`absl.app.run(main)`, the entry of every command (see the module docstring): the help of
   the module that defines `main`, flag errors as one `error:` line (`parse_flags_or_exit`),
   library INFO logs kept quiet (`quiet_libraries`) and, on a host without accelerators, JAX on
   its CPU backend without probing TPU or GPU plugins. `main` gets the arguments left after the
   flags (the program name first; with `accepts_arguments`, positional words too) and returns
-  the exit status (None: 0)."""
+  the exit status (None: 0). `module`: the command module whose help to print, when `main` was
+  defined elsewhere (`run_command`)."""
+  module = module or main.__module__
 
   def quiet_main(argv: list[str]) -> Any:
     quiet_libraries()
@@ -151,5 +155,5 @@ def run(main: Callable[[list[str]], Any], accepts_arguments: bool = False) -> No
 
   app.run(
       quiet_main,
-      flags_parser=lambda argv: parse_flags_or_exit(argv, main.__module__, accepts_arguments),
+      flags_parser=lambda argv: parse_flags_or_exit(argv, module, accepts_arguments),
   )

@@ -133,6 +133,16 @@ COMMANDS = {
         'num_train',
     ],
     'capture_jax.bench.platform_probe': ['compilers', 'repeats'],
+    'capture_jax.bench.retrieval_scale': [
+        'work_dir',
+        'num_gallery',
+        'num_queries',
+        'num_train',
+        'train_steps',
+        'build_workers',
+        'paper_rows',
+        'stages',
+    ],
     'capture_jax.bench.search': [
         'queries',
         'gallery',

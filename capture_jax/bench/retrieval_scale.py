@@ -538,45 +538,61 @@ def table_row(stage: str, r: dict) -> str:
   )
 
 
-def main() -> None:
-  work_dir = flags.DEFINE_string('work_dir', '/tmp/capture_retrieval_scale', 'Scratch folder.')
-  num_gallery = flags.DEFINE_integer('num_gallery', 40_033, 'Gallery items (Product1M: 40,033).')
-  num_queries = flags.DEFINE_integer('num_queries', 6_547, 'Queries (Product1M test: 6,547).')
-  num_train = flags.DEFINE_integer('num_train', 512, 'Training pairs (for the checkpoint only).')
-  train_steps = flags.DEFINE_integer('train_steps', 1, 'Steps of the demo model to checkpoint.')
-  build_workers = flags.DEFINE_integer('build_workers', 2, 'Build processes.')
-  paper_rows = flags.DEFINE_integer('paper_rows', 512, 'Gallery items the paper model exports.')
-  stages = flags.DEFINE_list('stages', list(STAGES), f'Stages to run, of {STAGES}.')
+def define_flags() -> dict[str, flags.FlagHolder]:
+  """The command's flags."""
+  return {
+      'work_dir': flags.DEFINE_string(
+          'work_dir', '/tmp/capture_retrieval_scale', 'Scratch folder.'
+      ),
+      'num_gallery': flags.DEFINE_integer(
+          'num_gallery', 40_033, 'Gallery items (Product1M: 40,033).'
+      ),
+      'num_queries': flags.DEFINE_integer('num_queries', 6_547, 'Queries (Product1M test: 6,547).'),
+      'num_train': flags.DEFINE_integer(
+          'num_train', 512, 'Training pairs (for the checkpoint only).'
+      ),
+      'train_steps': flags.DEFINE_integer(
+          'train_steps', 1, 'Steps of the demo model to checkpoint.'
+      ),
+      'build_workers': flags.DEFINE_integer('build_workers', 2, 'Build processes.'),
+      'paper_rows': flags.DEFINE_integer(
+          'paper_rows', 512, 'Gallery items the paper model exports.'
+      ),
+      'stages': flags.DEFINE_list('stages', list(STAGES), f'Stages to run, of {STAGES}.'),
+  }
 
-  def run(argv) -> None:
-    del argv
-    unknown = [s for s in stages.value if s not in STAGES]
-    if unknown:
-      raise ValueError(f'unknown stages {unknown}; expected some of {STAGES}')
-    p = Paths(work_dir.value)
-    os.makedirs(p.work_dir, exist_ok=True)
-    sizes = Sizes(num_gallery.value, num_queries.value, num_train.value)
-    args = {
-        'train_steps': train_steps.value,
-        'build_workers': build_workers.value,
-        'paper_rows': paper_rows.value,
-    }
-    print(f'machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs')
-    results = os.path.join(p.work_dir, 'results.jsonl')
-    lines = []
-    for stage in stages.value:
-      r = run_stage(stage, p, sizes, args)
-      r.pop('output', None)
-      r = {'stage': stage, 'date': time.strftime('%Y-%m-%d %H:%M'), **r}
-      with open(results, 'a', encoding='utf-8') as f:
-        f.write(json.dumps(r) + '\n')
-      print(json.dumps(r), flush=True)
-      lines.append(table_row(stage, r))
-    print('| stage | rows | wall | rows/s | peak RSS |\n|---|---:|---:|---:|---:|')
-    print('\n'.join(lines))
 
-  cli.run(run)
+def main(args: dict[str, flags.FlagHolder]) -> int:
+  stages = args['stages'].value
+  unknown = [s for s in stages if s not in STAGES]
+  if unknown:
+    print(f'error: unknown stages {unknown}; expected some of {STAGES}', file=sys.stderr)
+    return 1
+  p = Paths(args['work_dir'].value)
+  os.makedirs(p.work_dir, exist_ok=True)
+  sizes = Sizes(args['num_gallery'].value, args['num_queries'].value, args['num_train'].value)
+  stage_args = {k: args[k].value for k in ('train_steps', 'build_workers', 'paper_rows')}
+  print(f'machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs')
+  results = os.path.join(p.work_dir, 'results.jsonl')
+  lines = []
+  for stage in stages:
+    r = run_stage(stage, p, sizes, stage_args)
+    r.pop('output', None)
+    r = {'stage': stage, 'date': time.strftime('%Y-%m-%d %H:%M'), **r}
+    with open(results, 'a', encoding='utf-8') as f:
+      f.write(json.dumps(r) + '\n')
+    print(json.dumps(r), flush=True)
+    lines.append(table_row(stage, r))
+  print('| stage | rows | wall | rows/s | peak RSS |\n|---|---:|---:|---:|---:|')
+  print('\n'.join(lines))
+  return 0
+
+
+def console_main() -> None:
+  """`python -m capture_jax.bench.retrieval_scale`."""
+  args = define_flags()
+  cli.run(lambda argv: main(args))
 
 
 if __name__ == '__main__':
-  main()
+  console_main()
