@@ -41,15 +41,24 @@ def quiet_libraries() -> None:
     logging.set_verbosity(logging.WARNING)
 
 
+# absl's help flags (`app.define_help_flags`): each prints the usage and exits 1 while parsing.
+ABSL_HELP_FLAGS = ('-?', '--help', '--helpshort', '--helpfull', '--helpxml')
+
+
 def parse_flags_or_exit(argv: list[str]) -> list[str]:
   """absl's flag parsing for `app.run`, with a refused flag as one `error:` line and exit status 1
   (no traceback): a bad value, and a `--config.X=V` override of a field that does not exist
   (ml_collections raises AttributeError or KeyError there, with its suggestion on another line;
-  `config.unknown_override` names the field and the nearest one)."""
+  `config.unknown_override` names the field and the nearest one). The help that was asked for
+  (`--help`, `--helpshort`, `--helpfull`) exits 0, as `parse` does."""
   from capture_jax import config as config_lib  # pylint: disable=import-outside-toplevel
 
   try:
     return flags.FLAGS(argv)
+  except SystemExit as exit_:
+    if exit_.code == 1 and any(a in ABSL_HELP_FLAGS for a in argv[1:]):
+      sys.exit(0)  # absl printed the help; asking for it is not a failure
+    raise
   except flags.Error as err:
     message = str(err).replace('\n', ' ')
   except (AttributeError, KeyError) as err:
