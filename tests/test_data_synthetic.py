@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from capture_jax.evaluation import calibration as baselines
+from capture_jax.data import boxes as boxes_lib
 from capture_jax.data import formats
 from capture_jax.data import synthetic
 from capture_jax.data.synthetic import samples as samples_lib
@@ -259,33 +260,33 @@ def test_regions_look_like_detector_output():
   """Duplicates around one object (IoU 0.5-0.9), part boxes inside it, boxes
   spanning two neighbours, touching / overlapping products, clutter of object
   size: the generator's detector model (`layout.render_regions`)."""
-  from capture_jax.instances import geometry  # pylint: disable=import-outside-toplevel
-
   dup = part = span = touching = 0
   clutter_area = []
   samples = _demo_dev_samples()
   for s in samples:
     b = s.regions.boxes
     assert len(b) <= synthetic.PRESETS['demo'].max_regions
-    iou, inside = geometry.iou_matrix(b), geometry.containment_matrix(b)
+    iou, inside = boxes_lib.iou_matrix(b), boxes_lib.containment_matrix(b)
     owner = -np.ones(len(b), int)
     for k, inst in enumerate(s.instances):
       owner[list(inst.regions)] = k
       r = list(inst.regions)
-      obj = r[int(np.argmax(geometry.box_areas(b[r])))]
+      obj = r[int(np.argmax(boxes_lib.box_areas(b[r])))]
       for i in r:
         if i != obj:
           dup += 0.5 <= iou[i, obj] <= 0.9 + 1e-6
           part += inside[i, obj] > 0.99 and iou[i, obj] < 0.5
     objects = [
-        max(inst.regions, key=lambda i: geometry.box_areas(b[[i]])[0]) for inst in s.instances
+        max(inst.regions, key=lambda i: boxes_lib.box_areas(b[[i]])[0]) for inst in s.instances
     ]
     for i in np.flatnonzero(owner < 0):
       covers = sum(inside[o, i] > 0.6 for o in objects)
       if covers >= 2:
         span += 1
       else:
-        clutter_area.append(geometry.box_areas(b[[i]])[0] / (s.regions.image_w * s.regions.image_h))
+        clutter_area.append(
+            boxes_lib.box_areas(b[[i]])[0] / (s.regions.image_w * s.regions.image_h)
+        )
     touching += any(iou[a, c] > 0 for a in objects for c in objects if a != c)
   assert dup > len(samples) and part > len(samples) / 2
   assert 0.15 * len(samples) < span < 0.5 * len(samples)
