@@ -302,7 +302,7 @@ DATA_RULES = {
     'read_threads': COUNT,
     'prefetch_batches': NON_NEGATIVE_INT,
     'prefetch_to_device': NON_NEGATIVE_INT,
-    'synthetic_preset': Choice('tiny', 'demo', 'small', 'large'),  # data/synthetic.py PRESETS
+    'synthetic_preset': Choice('tiny', 'demo', 'small', 'large'),  # data/synthetic/world.py PRESETS
     'synthetic_seed': SEED,
     'feature_format': Choice('tsv', 'npz'),
     'vocab_size': Int(6),  # the five special tokens and a word

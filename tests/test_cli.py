@@ -195,7 +195,6 @@ COMMANDS = {
 }
 # Modules run with `python -m` that are not a command of their own: the command they are.
 NOT_COMMANDS = {'capture_jax.bench.harness': 'capture_jax.bench'}
-STILL_ARGPARSE = {'capture_jax.data.synthetic'}  # converted in the data/synthetic.py split
 
 
 def _env() -> dict[str, str]:
@@ -239,20 +238,7 @@ def test_every_command_is_tested():
   assert _module_names_run_as_main() == set(COMMANDS) | set(NOT_COMMANDS)
 
 
-@pytest.mark.parametrize(
-    'module',
-    [
-        pytest.param(
-            m,
-            marks=pytest.mark.xfail(
-                strict=False, reason='argparse until the data/synthetic.py split lands (issue 24)'
-            ),
-        )
-        if m in STILL_ARGPARSE
-        else m
-        for m in sorted(COMMANDS)
-    ],
-)
+@pytest.mark.parametrize('module', sorted(COMMANDS))
 def test_helpshort_lists_the_flags_and_exits_0(module):
   proc = _helpshort_of_every_command()[module]
   assert proc.returncode == 0, proc.stderr[-3000:]

@@ -6,13 +6,54 @@ import collections
 import filecmp
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from capture_jax.retrieval import calibration as baselines
+from capture_jax.data import boxes as boxes_lib
 from capture_jax.data import formats
 from capture_jax.data import synthetic
+from capture_jax.data.synthetic import samples as samples_lib
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Every flag of `python -m capture_jax.data.synthetic`.
+FLAGS = (
+    'out',
+    'preset',
+    'seed',
+    'annotations',
+    'heldout_fraction',
+    'feature_format',
+    'feature_dim',
+    'splits',
+    '[no]overwrite',
+)
+
+
+def _command(*args: str) -> subprocess.CompletedProcess:
+  """Runs `python -m capture_jax.data.synthetic ARGS` (JAX on CPU)."""
+  return subprocess.run(
+      [sys.executable, '-m', 'capture_jax.data.synthetic', *args],
+      capture_output=True,
+      text=True,
+      cwd=REPO,
+      env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
+      timeout=300,
+  )
+
+
+def _refused(proc: subprocess.CompletedProcess) -> str:
+  """The one `error:` line of a refused command (exit status 1, no traceback)."""
+  assert proc.returncode == 1, (proc.returncode, proc.stderr[-3000:])
+  assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+  errors = [l for l in proc.stderr.splitlines() if l.startswith('error: ')]
+  assert len(errors) == 1 and proc.stderr.strip().splitlines()[-1] == errors[0], proc.stderr[-3000:]
+  return errors[0]
 
 
 def _read(root, split):
@@ -112,26 +153,42 @@ def test_deterministic_by_seed(tiny, tmp_path):
 
 def test_cli_npz_and_feature_dim(tmp_path):
   out = tmp_path / 'npz'
-  synthetic.main(
-      [
-          '--out',
-          str(out),
-          '--preset',
-          'tiny',
-          '--seed',
-          '3',
-          '--feature_format',
-          'npz',
-          '--feature_dim',
-          '16',
-          '--splits',
-          'gallery',
-      ]
+  proc = _command(
+      '--out',
+      str(out),
+      '--preset',
+      'tiny',
+      '--seed',
+      '3',
+      '--feature_format',
+      'npz',
+      '--feature_dim',
+      '16',
+      '--splits',
+      'gallery',
   )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stderr.splitlines()[-1].startswith(f'wrote {out}: '), proc.stderr[-3000:]
   gallery = _read(str(out), 'gallery')
   rf = formats.read_npz(str(out / 'features' / f'{gallery[0].item_id}.npz'))
   assert rf.features.shape[1] == 16
   assert json.loads((out / 'synthetic_world.json').read_text())['feature_dim'] == 16
+
+
+def test_cli_help_and_refusals(tmp_path):
+  proc = _command('--helpshort')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  for name in FLAGS:
+    assert f'--{name}:' in proc.stdout, (name, proc.stdout[-3000:])
+  out = tmp_path / 'refused'
+  assert 'needs annotations' in _refused(_command('--out', str(out), '--heldout_fraction', '0.5'))
+  missing = tmp_path / 'missing.txt'
+  assert str(missing) in _refused(_command('--out', str(out), '--annotations', str(missing)))
+  assert "unknown split(s) ['bogus']" in _refused(
+      _command('--out', str(out), '--splits', 'dev,bogus')
+  )
+  assert '--out' in _refused(_command('--preset', 'tiny'))  # required
+  assert not out.exists()  # nothing written by a refused run
 
 
 def test_baselines_between_random_and_perfect(tmp_path):
@@ -171,11 +228,13 @@ def test_refuses_to_overwrite_files_it_did_not_write(tmp_path):
   out.mkdir()
   real = out / formats.annotation_filename('dev')
   real.write_text('a real annotation file\n', encoding='utf-8')
+  args = ['--out', str(out), '--preset', 'tiny', '--splits', 'gallery,dev']
+  assert f'{real} exists and was not written by the synthetic' in _refused(_command(*args))
   with pytest.raises(FileExistsError, match=f'{real} exists and was not written by the synthetic'):
-    synthetic.main(['--out', str(out), '--preset', 'tiny', '--splits', 'gallery,dev'])
+    synthetic.generate(str(out), 'tiny', splits=['gallery', 'dev'], progress=False)
   assert real.read_text(encoding='utf-8') == 'a real annotation file\n'  # untouched
   assert not (out / formats.annotation_filename('gallery')).exists()  # nothing written
-  synthetic.main(['--out', str(out), '--preset', 'tiny', '--splits', 'gallery,dev', '--overwrite'])
+  assert _command(*args, '--overwrite').returncode == 0
   assert len(_read(str(out), 'dev')) == synthetic.PRESETS['tiny'].num_dev
   # Its own files it may rewrite (they are listed in synthetic_world.json) ...
   synthetic.generate(str(out), 'tiny', seed=1, splits=['dev'], progress=False)
@@ -186,7 +245,7 @@ def test_refuses_to_overwrite_files_it_did_not_write(tmp_path):
   # npz features: a real feature file of an id the run would write is protected too.
   npz = tmp_path / 'npz'
   (npz / 'features').mkdir(parents=True)
-  clash = npz / 'features' / f'{synthetic._item_id("gallery", 0)}.npz'
+  clash = npz / 'features' / f'{samples_lib.item_id_of("gallery", 0)}.npz'
   clash.write_bytes(b'real')
   with pytest.raises(FileExistsError, match=clash.name):
     synthetic.generate(str(npz), 'tiny', splits=['gallery'], feature_format='npz', progress=False)
@@ -200,34 +259,34 @@ def _demo_dev_samples(n=120):
 def test_regions_look_like_detector_output():
   """Duplicates around one object (IoU 0.5-0.9), part boxes inside it, boxes
   spanning two neighbours, touching / overlapping products, clutter of object
-  size: the generator's detector model (`_render_regions`)."""
-  from capture_jax.instances import geometry  # pylint: disable=import-outside-toplevel
-
+  size: the generator's detector model (`layout.render_regions`)."""
   dup = part = span = touching = 0
   clutter_area = []
   samples = _demo_dev_samples()
   for s in samples:
     b = s.regions.boxes
     assert len(b) <= synthetic.PRESETS['demo'].max_regions
-    iou, inside = geometry.iou_matrix(b), geometry.containment_matrix(b)
+    iou, inside = boxes_lib.iou_matrix(b), boxes_lib.containment_matrix(b)
     owner = -np.ones(len(b), int)
     for k, inst in enumerate(s.instances):
       owner[list(inst.regions)] = k
       r = list(inst.regions)
-      obj = r[int(np.argmax(geometry.box_areas(b[r])))]
+      obj = r[int(np.argmax(boxes_lib.box_areas(b[r])))]
       for i in r:
         if i != obj:
           dup += 0.5 <= iou[i, obj] <= 0.9 + 1e-6
           part += inside[i, obj] > 0.99 and iou[i, obj] < 0.5
     objects = [
-        max(inst.regions, key=lambda i: geometry.box_areas(b[[i]])[0]) for inst in s.instances
+        max(inst.regions, key=lambda i: boxes_lib.box_areas(b[[i]])[0]) for inst in s.instances
     ]
     for i in np.flatnonzero(owner < 0):
       covers = sum(inside[o, i] > 0.6 for o in objects)
       if covers >= 2:
         span += 1
       else:
-        clutter_area.append(geometry.box_areas(b[[i]])[0] / (s.regions.image_w * s.regions.image_h))
+        clutter_area.append(
+            boxes_lib.box_areas(b[[i]])[0] / (s.regions.image_w * s.regions.image_h)
+        )
     touching += any(iou[a, c] > 0 for a in objects for c in objects if a != c)
   assert dup > len(samples) and part > len(samples) / 2
   assert 0.15 * len(samples) < span < 0.5 * len(samples)

@@ -29,7 +29,7 @@ from typing import Any, Sequence
 import ml_collections
 import numpy as np
 
-from capture_jax.instances import geometry
+from capture_jax.data import boxes as boxes_lib
 
 PAD = -2  # `group` of padding slots in a batch; -1 is background
 
@@ -71,9 +71,9 @@ def split_core(boxes: np.ndarray) -> np.ndarray:
   The core is the largest box and the regions inside it (containment >= 0.5)
   or overlapping it (IoU >= 0.3).
   """
-  largest = int(np.argmax(geometry.box_areas(boxes)))
-  iou = geometry.iou_matrix(boxes)[:, largest]
-  inside = geometry.containment_matrix(boxes)[:, largest]
+  largest = int(np.argmax(boxes_lib.box_areas(boxes)))
+  iou = boxes_lib.iou_matrix(boxes)[:, largest]
+  inside = boxes_lib.containment_matrix(boxes)[:, largest]
   core = (inside >= 0.5) | (iou >= 0.3)
   core[largest] = True
   return core
@@ -270,7 +270,7 @@ def compose(
     for _ in range(6):  # outside the paste boxes where there is room
       x0, y0 = rng.uniform(0, w - cw), rng.uniform(0, h - ch)
       cand = np.array([[x0, y0, x0 + cw, y0 + ch]], np.float32)
-      inside = geometry.containment_matrix(np.concatenate([cand, paste]))[0, 1:].sum()
+      inside = boxes_lib.containment_matrix(np.concatenate([cand, paste]))[0, 1:].sum()
       if inside < best_inside:
         best, best_inside = cand, inside
     boxes.append(best)

@@ -1,6 +1,7 @@
-"""Box geometry and the training-free `boxes` proposer.
+"""The training-free `boxes` proposer: product instances from box geometry alone.
 
-Boxes are `(x1, y1, x2, y2)` in pixels, as in the region-feature files.
+Boxes are `(x1, y1, x2, y2)` in pixels, as in the region-feature files; their areas, IoU and
+containment are `capture_jax.data.boxes`.
 """
 
 from __future__ import annotations
@@ -10,36 +11,8 @@ from typing import Any, Mapping
 import ml_collections
 import numpy as np
 
+from capture_jax.data import boxes as boxes_lib
 from capture_jax.instances import proposals as proposals_lib
-
-
-def box_areas(boxes: np.ndarray) -> np.ndarray:
-  """[N] areas of [N, 4] boxes (0 for degenerate boxes)."""
-  b = np.asarray(boxes, np.float64)
-  return np.maximum(b[:, 2] - b[:, 0], 0) * np.maximum(b[:, 3] - b[:, 1], 0)
-
-
-def intersections(boxes: np.ndarray) -> np.ndarray:
-  """[N, N] pairwise intersection areas."""
-  b = np.asarray(boxes, np.float64)
-  iw = np.minimum(b[:, None, 2], b[None, :, 2]) - np.maximum(b[:, None, 0], b[None, :, 0])
-  ih = np.minimum(b[:, None, 3], b[None, :, 3]) - np.maximum(b[:, None, 1], b[None, :, 1])
-  return np.maximum(iw, 0) * np.maximum(ih, 0)
-
-
-def iou_matrix(boxes: np.ndarray) -> np.ndarray:
-  """[N, N] pairwise IoU."""
-  inter = intersections(boxes)
-  area = box_areas(boxes)
-  union = area[:, None] + area[None, :] - inter
-  return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
-
-
-def containment_matrix(boxes: np.ndarray) -> np.ndarray:
-  """[N, N] C[i, j] = area(i & j) / area(i): how much of box i lies inside box j."""
-  inter = intersections(boxes)
-  area = box_areas(boxes)
-  return inter / np.maximum(area[:, None], 1e-12)
 
 
 def propose_boxes(
@@ -76,10 +49,10 @@ def propose_boxes(
   """
   boxes = proposals_lib.check_record(record, feature_dim=None)['boxes']
   cfg = config.instances
-  area = box_areas(boxes)
+  area = boxes_lib.box_areas(boxes)
   image_area = float(record['image_w']) * float(record['image_h'])
-  iou = iou_matrix(boxes)
-  contain = containment_matrix(boxes)
+  iou = boxes_lib.iou_matrix(boxes)
+  contain = boxes_lib.containment_matrix(boxes)
   order = [
       i
       for i in np.argsort(-area, kind='stable')
