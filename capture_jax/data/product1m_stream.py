@@ -635,6 +635,21 @@ def _publish(
   shutil.rmtree(os.path.join(final, WORK_DIR), ignore_errors=True)
 
 
+@dataclasses.dataclass(frozen=True)
+class Execution:
+  """How the shards are written; none of it changes the dataset (see `fingerprint`)."""
+
+  num_workers: int
+  beam_options: tuple[str, ...] | None
+  progress: bool
+
+  @property
+  def engine(self) -> str:
+    if self.beam_options is not None:
+      return 'beam'
+    return 'processes' if self.num_workers > 1 else 'inline'
+
+
 def build(
     data_dir: str,
     tfds_dir: str,
@@ -660,7 +675,6 @@ def build(
     'num_workers', 'engine'}; splits and empty_splits empty if the dataset
     existed and `overwrite` is False.
   """
-  from capture_jax import progress as progress_lib  # pylint: disable=import-outside-toplevel
   from capture_jax.training import lock as lock_lib  # pylint: disable=import-outside-toplevel
 
   if num_workers < 1:
@@ -670,6 +684,13 @@ def build(
   config = product1m_tfds.config_name(storage_dtype, with_cls_prob)
   final = product1m_tfds.dataset_dir(tfds_dir, storage_dtype, with_cls_prob)
   features = features or os.path.join(data_dir, 'features')
+  # feature_dim 0: not known yet (read from the features once they are open).
+  probe = Spec(
+      tfds_dir, features, storage_dtype, max_regions, feature_dim or 0, skip_bad, with_cls_prob
+  )
+  execution = Execution(
+      num_workers, None if beam_options is None else tuple(beam_options), progress
+  )
   report: dict[str, Any] = {
       'dataset_dir': final,
       'feature_dim': feature_dim,
@@ -687,24 +708,7 @@ def build(
       shutil.rmtree(final)
     work = final + INCOMPLETE_SUFFIX
     try:
-      return _build_locked(
-          data_dir,
-          tfds_dir,
-          features,
-          storage_dtype,
-          max_regions,
-          feature_dim,
-          skip_bad,
-          with_cls_prob,
-          progress,
-          num_workers,
-          examples_per_shard,
-          beam_options,
-          work,
-          final,
-          report,
-          progress_lib,
-      )
+      return _build_locked(data_dir, probe, examples_per_shard, execution, work, report)
     except ValueError:
       # Bad input (formats.BadInputError) or nothing usable in it: the inputs must change, so
       # nothing of this build can be resumed.
@@ -721,23 +725,44 @@ def build(
 
 
 def _build_locked(
-    data_dir,
-    tfds_dir,
-    features,
-    storage_dtype,
-    max_regions,
-    feature_dim,
-    skip_bad,
-    with_cls_prob,
-    progress,
-    num_workers,
-    examples_per_shard,
-    beam_options,
-    work,
-    final,
-    report,
-    progress_lib,
+    data_dir: str,
+    probe: Spec,
+    examples_per_shard: int,
+    execution: Execution,
+    work: str,
+    report: dict,
 ) -> dict:
+  """`build` under the lock: plan, write the missing shards into `work`, count, publish."""
+  paths = _annotation_paths(data_dir)
+  plan_id = fingerprint(probe, paths, examples_per_shard)
+  index = (
+      None
+      if probe.features.startswith(GENERATED_PREFIX)
+      else os.path.join(work, WORK_DIR, 'index.npz')
+  )
+  resuming = _start_or_resume(work, plan_id)
+  spec = _with_feature_dim(probe, index, resuming, paths)
+  report['feature_dim'] = spec.feature_dim
+  split_tasks, split_counters = _plan_splits(paths, examples_per_shard, spec.skip_bad)
+  _write_json(
+      os.path.join(work, WORK_DIR, 'plan.json'),
+      {'plan': plan_id, 'spec': dataclasses.asdict(spec)},
+  )
+  tasks = [t for ts in split_tasks.values() for t in ts]
+  markers, resumed = _write_shards(spec, tasks, work, plan_id, index, execution, resuming)
+  built = _count_splits(split_tasks, split_counters, markers, paths, work, report)
+  report['shards'] = {s: len(ts) for s, ts in built.items()}
+  report['resumed_shards'] = resumed
+  report['num_workers'] = execution.num_workers
+  report['engine'] = execution.engine
+  with open(os.path.join(work, product1m_tfds.REPORT_NAME), 'w') as f:
+    json.dump(report, f, indent=1)
+  _publish(spec, work, work.removesuffix(INCOMPLETE_SUFFIX), built, markers)
+  return report
+
+
+def _annotation_paths(data_dir: str) -> dict[str, str]:
+  """{split: annotation file} of the splits `data_dir` has, in `formats.SPLITS` order."""
   paths = {
       s: os.path.join(data_dir, formats.annotation_filename(s))
       for s in formats.SPLITS
@@ -745,43 +770,47 @@ def _build_locked(
   }
   if not paths:
     raise FileNotFoundError(f'no product1m_{{train,gallery,dev,test}}_ossurl_v2.txt in {data_dir}')
-  # Settings and inputs identify the plan; the feature width is part of them.
-  probe = Spec(
-      tfds_dir, features, storage_dtype, max_regions, feature_dim or 0, skip_bad, with_cls_prob
-  )
-  plan_id = fingerprint(probe, paths, examples_per_shard)
+  return paths
+
+
+def _start_or_resume(work: str, plan_id: str) -> bool:
+  """Prepares `work` for the plan `plan_id`; True if it holds an interrupted build of that plan
+  (its shards are kept), False if it starts over (a build of other inputs or settings there is
+  removed)."""
   plan_file = os.path.join(work, WORK_DIR, 'plan.json')
-  index = (
-      None if features.startswith(GENERATED_PREFIX) else os.path.join(work, WORK_DIR, 'index.npz')
-  )
   previous = None
   if os.path.exists(plan_file):
     try:
       previous = json.load(open(plan_file))
     except ValueError:
       previous = None
-  if previous is None or previous.get('plan') != plan_id:
-    if os.path.isdir(work):
-      print(f'note: starting over: {work} was left by a build of other inputs or settings')
-      shutil.rmtree(work)
-    previous = None
-  else:
+  resuming = previous is not None and previous.get('plan') == plan_id
+  if resuming:
     print(f'note: resuming the interrupted build in {work}', flush=True)
+  elif os.path.isdir(work):
+    print(f'note: starting over: {work} was left by a build of other inputs or settings')
+    shutil.rmtree(work)
   os.makedirs(os.path.join(work, WORK_DIR), exist_ok=True)
   for stale in epath.Path(work, WORK_DIR).glob('error-*.json'):
     stale.unlink()
+  return resuming
 
-  if previous is None:
-    store = open_store(features)
+
+def _with_feature_dim(probe: Spec, index: str | None, resuming: bool, paths: dict) -> Spec:
+  """`probe` with its feature width (read from the features unless given). Indexes the feature
+  files into `index` (kept for the workers), or reuses the index of the build being resumed."""
+  if not resuming:
+    store = open_store(probe.features)
     if index:
       store.save_index(index)
   else:
     try:
-      store = open_store(features, index)
+      store = open_store(probe.features, index)
     except (OSError, ValueError) as err:  # index lost or damaged: scan the TSVs again
       print(f'note: re-indexing the features ({err})', flush=True)
-      store = open_store(features)
+      store = open_store(probe.features)
       store.save_index(index)
+  feature_dim = probe.feature_dim
   if not feature_dim:
     feature_dim = (
         store.feature_dim
@@ -789,49 +818,77 @@ def _build_locked(
         else product1m_tfds._infer_feature_dim(store, list(paths.values()))
     )
   store.close()
-  spec = Spec(tfds_dir, features, storage_dtype, max_regions, feature_dim, skip_bad, with_cls_prob)
-  report['feature_dim'] = feature_dim
+  return dataclasses.replace(probe, feature_dim=feature_dim)
 
+
+def _plan_splits(
+    paths: dict[str, str], examples_per_shard: int, skip_bad: bool
+) -> tuple[dict[str, list[ShardTask]], dict[str, formats.BadInputCounter]]:
+  """Every split's shard tasks (numbered in annotation order over all splits) and its
+  line-level bad-input counts."""
   split_tasks: dict[str, list[ShardTask]] = {}
   split_counters: dict[str, formats.BadInputCounter] = {}
   order = 0
   for split, path in paths.items():
-    planned, counter = plan_split(split, path, examples_per_shard, skip_bad)
-    split_counters[split] = counter
+    planned, split_counters[split] = plan_split(split, path, examples_per_shard, skip_bad)
     split_tasks[split] = []
     for t in planned:
       split_tasks[split].append(ShardTask(order=order, **t))
       order += 1
-  _write_json(plan_file, {'plan': plan_id, 'spec': dataclasses.asdict(spec)})
-  tasks = [t for ts in split_tasks.values() for t in ts]
+  return split_tasks, split_counters
+
+
+def _write_shards(
+    spec: Spec,
+    tasks: list[ShardTask],
+    work: str,
+    plan_id: str,
+    index: str | None,
+    execution: Execution,
+    resuming: bool,
+) -> tuple[dict[int, dict], int]:
+  """Writes the shards that have no valid marker yet (all of them unless `resuming`) with the
+  execution's engine; returns ({order: marker} of every task, how many were resumed)."""
+  from capture_jax import progress as progress_lib  # pylint: disable=import-outside-toplevel
 
   markers: dict[int, dict] = {}
   for t in tasks:
-    m = _read_marker(work, t, plan_id) if previous is not None else None
+    m = _read_marker(work, t, plan_id) if resuming else None
     if m is not None:
       markers[t.order] = m
   resumed = len(markers)
   pending = [t for t in tasks if t.order not in markers]
-  bar = progress_lib.Progress(len(tasks), 'product1m shards', 'shard', enabled=progress)
+  bar = progress_lib.Progress(len(tasks), 'product1m shards', 'shard', enabled=execution.progress)
   bar.update(resumed)
-  engine = 'beam' if beam_options is not None else ('processes' if num_workers > 1 else 'inline')
-  if pending:
-    if beam_options is not None:
-      _run_beam(spec, pending, work, plan_id, index, beam_options)
-    elif num_workers > 1:
-      _run_processes(spec, pending, work, plan_id, index, num_workers, bar.update)
-    else:
-      writer = ShardWriter(spec, work, index)
-      for t in pending:
-        writer.write(t, plan_id)
-        bar.update(1)
+  if pending and execution.engine == 'beam':
+    _run_beam(spec, pending, work, plan_id, index, execution.beam_options)
+  elif pending and execution.engine == 'processes':
+    _run_processes(spec, pending, work, plan_id, index, execution.num_workers, bar.update)
+  elif pending:
+    writer = ShardWriter(spec, work, index)
+    for t in pending:
+      writer.write(t, plan_id)
+      bar.update(1)
   bar.close()
   for t in pending:
     m = _read_marker(work, t, plan_id)
     if m is None:
       raise RuntimeError(f'shard {t.filename} has no done marker after its worker finished')
     markers[t.order] = m
+  return markers, resumed
 
+
+def _count_splits(
+    split_tasks: dict[str, list[ShardTask]],
+    split_counters: dict[str, formats.BadInputCounter],
+    markers: dict[int, dict],
+    paths: dict[str, str],
+    work: str,
+    report: dict,
+) -> dict[str, list[ShardTask]]:
+  """Fills report['splits'] and report['empty_splits'] from the markers; returns the shard tasks
+  of the splits that have examples (an empty split's shards are removed). Raises ValueError if
+  no split has any."""
   built: dict[str, list[ShardTask]] = {}
   for split, ts in split_tasks.items():
     counter = _merge_counts(split_counters[split], [markers[t.order] for t in ts])
@@ -855,11 +912,4 @@ def _build_locked(
         'no split has a usable sample, nothing to build: '
         + '; '.join(report['empty_splits'].values())
     )
-  report['shards'] = {s: len(ts) for s, ts in built.items()}
-  report['resumed_shards'] = resumed
-  report['num_workers'] = num_workers
-  report['engine'] = engine
-  with open(os.path.join(work, product1m_tfds.REPORT_NAME), 'w') as f:
-    json.dump(report, f, indent=1)
-  _publish(spec, work, final, built, markers)
-  return report
+  return built
