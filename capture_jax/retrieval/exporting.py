@@ -61,6 +61,9 @@ def ensure_exports(
       lambda: [i for i, j in enumerate(jobs) if j.identity.completed(j.out_dir) is None]
   )
   todo = [jobs[i] for i in todo_ids]
+  reused = [j for i, j in enumerate(jobs) if i not in set(todo_ids)]
+  if reused and distributed.is_main_process():  # none with given exports: nothing to say
+    print('reusing the exports in ' + ', '.join(str(j.out_dir) for j in reused), flush=True)
   rates: dict[str, float] = {}
   if todo:
     mesh = sharding.make_mesh(config.mesh, devices)
@@ -89,8 +92,6 @@ def ensure_exports(
       )
       if result.samples_per_s:
         rates[job.key.label] = result.samples_per_s
-  elif distributed.is_main_process():
-    print('reusing the exports in ' + ', '.join(str(j.out_dir) for j in jobs), flush=True)
   return {j.key: export_format.read_embeddings(j.out_dir) for j in jobs}, rates
 
 
