@@ -139,6 +139,19 @@ def test_eval_batches_hold_exactly_what_the_files_hold(config):
     assert (x['lm_label_ids'] == -1).all() and (x['image_label'] == -1).all()
 
 
+def test_item_ids_are_the_files_and_read_once(config, monkeypatch):
+  """`Product1MSource.item_ids()`: the annotation file's ids in order; a second call (an
+  evaluation asks once per proposer) reads no record."""
+  path = os.path.join(config.data.data_dir, formats.annotation_filename('dev'))
+  expected = [a.item_id for _, a in formats.read_annotations(path)]
+  src = source_lib.make_source(config, 'dev')
+  ids = src.item_ids()
+  assert ids == expected and len(expected) > 1
+  ids.append('changed by the caller')
+  monkeypatch.setattr(src, 'read_records', lambda indices: pytest.fail('read the split again'))
+  assert src.item_ids() == expected
+
+
 def test_training_masks_follow_the_recipe(config):
   spec = collate_lib.make_batch_spec(config)
   _, batches = _train(config, 6)

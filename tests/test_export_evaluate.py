@@ -75,7 +75,7 @@ def test_export_writes_shards_and_metadata_and_resumes(trained, tmp_path):
   out = tmp_path / 'gallery'
   first = exporting.export(cfg, workdir, 'gallery', out=out)
   meta = json.loads((out / 'metadata.json').read_text())
-  ids = source_lib.read_split_item_ids(source_lib.make_source(cfg, 'gallery'))
+  ids = source_lib.make_source(cfg, 'gallery').item_ids()
   assert len(ids) == 54  # 6 full batches of 8 and one of 6 rows + 2 padding rows
   assert meta['complete'] and meta['count'] == 54 and meta['split'] == 'gallery'
   assert meta['kind'] == 'fused' and meta['dimension'] == 2 * cfg.model.bi_hidden_size

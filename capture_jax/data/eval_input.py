@@ -101,7 +101,7 @@ class EvalBatch:
 
 def sample_rows(source: source_lib.Product1MSource) -> EvalRows:
   """One row per sample of the split, in file order."""
-  ids = source_lib.read_split_item_ids(source)
+  ids = source.item_ids()
   return EvalRows('samples', source.split, ids, np.arange(len(ids), dtype=np.int64))
 
 
@@ -123,7 +123,7 @@ def instance_rows(
   """
   ids, records, regions, labels, indices = [], [], [], [], []
   missing = empty = 0
-  for i, item_id in enumerate(source_lib.read_split_item_ids(source)):
+  for i, item_id in enumerate(source.item_ids()):
     if item_id not in instances:
       missing += 1
       continue

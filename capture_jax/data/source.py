@@ -117,6 +117,7 @@ class Product1MSource:
     self._info = self._raw.dataset_info
     self._fast = _FastDecoder(product1m_tfds.STORAGE_DTYPES[storage_dtype], with_cls_prob)
     self._use_fast = True
+    self._item_ids: tuple[str, ...] | None = None  # `item_ids()`, once read
     if len(self._raw):
       first = self._raw[0]
       reference = _tfds_to_record(self._info.features.deserialize_example_np(first))
@@ -147,6 +148,22 @@ class Product1MSource:
     """The decoded records at `indices`, in that order (one batched ArrayRecord read)."""
     return [self._decode(r) for r in self._raw.__getitems__(list(indices))]
 
+  def item_ids(self, chunk: int = 1024) -> list[str]:
+    """Item ids of the split in record order.
+
+    The ids live inside the records, so the first call reads the whole split (~0.3 ms per
+    paper-size record, nearly all of it the ArrayRecord read: BENCHMARKS, "Retrieval at
+    Product1M's size"); the source keeps them, as an evaluation asks once per proposer.
+    """
+    if self._item_ids is None:
+      ids: list[str] = []
+      for start in range(0, len(self), chunk):
+        ids += [
+            r['item_id'] for r in self.read_records(range(start, min(start + chunk, len(self))))
+        ]
+      self._item_ids = tuple(ids)
+    return list(self._item_ids)
+
   def __repr__(self) -> str:
     return f'Product1MSource({self.name}, split={self.split!r}, {len(self)} records)'
 
@@ -176,16 +193,6 @@ def make_source(config: ml_collections.ConfigDict, split: str) -> Product1MSourc
   require_local_inputs(config)
   classes = config.get('model', ml_collections.ConfigDict()).get('mrm_target') == 'class'
   return Product1MSource(d.tfds_dir, split, d.storage_dtype, with_cls_prob=classes)
-
-
-def read_split_item_ids(source: Product1MSource, chunk: int = 1024) -> list[str]:
-  """Item ids of a split in record order."""
-  ids: list[str] = []
-  for start in range(0, len(source), chunk):
-    ids += [
-        r['item_id'] for r in source.read_records(range(start, min(start + chunk, len(source))))
-    ]
-  return ids
 
 
 # --------------------------------------------------------------------------

@@ -225,11 +225,12 @@ def _plan(config, workdir, split, step, manager, *, given, sources) -> EvalPlan:
     proposers = planned_proposers(config, split, workdir)
     instance_rows = {p: plan_rows(config, sources[split], p, workdir) for p in proposers}
   checkpoint_id = None if step is None else checkpoint_lib.checkpoint_fingerprint(manager, step)
-  gallery_rows = plan_rows(config, sources['gallery'], None)
-  wanted = [
-      (keys.ExportKey('gallery'), gallery_rows, 'gallery'),
-      (keys.ExportKey('queries'), query_rows, split),
-  ] + [(keys.ExportKey('instances', p), r, split) for p, r in instance_rows.items()]
+  wanted = []  # (key, rows, split) of the exports this evaluation makes
+  if not given or e.baselines:  # else no export: the gallery's ids (a whole read) are not needed
+    wanted = [
+        (keys.ExportKey('gallery'), plan_rows(config, sources['gallery'], None), 'gallery'),
+        (keys.ExportKey('queries'), query_rows, split),
+    ] + [(keys.ExportKey('instances', p), r, split) for p, r in instance_rows.items()]
   jobs = [
       export_job(config, workdir, key, rows, sources[where], step=step, checkpoint_id=checkpoint_id)
       for key, rows, where in ([] if given else wanted)
