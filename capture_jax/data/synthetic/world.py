@@ -91,15 +91,10 @@ PRESETS: dict[str, Preset] = {
 
 @dataclasses.dataclass(frozen=True)
 class WorldParams:
-  """How hard the world is. The defaults were tuned so that on `demo` both a
-  TF-IDF-over-titles and a mean-region-feature baseline land clearly between
-  random and perfect dev mAP@10 (52 and 41; random 2.6), their fusion beats
-  both (57), and a small dual encoder trained contrastively for a few hundred
-  steps reaches ~66-70 (tests/test_data_synthetic.py, docs/BENCHMARKS.md).
-  With the detector-like regions (duplicate, part and spanning boxes,
-  object-sized clutter) the two baselines measure 52 and 45 and their fusion
-  59 (the evaluate_baselines mAP@10 of `--preset demo`, seed 0); the models'
-  figures are to be re-measured."""
+  """How hard the world is. The defaults were tuned so that on `demo` both a TF-IDF-over-titles
+  and a mean-region-feature baseline land clearly between random and perfect dev mAP@10, their
+  fusion beats both, and a trained model beats the fusion (the figures:
+  docs/BENCHMARKS.md, "Synthetic world calibration"; tests/test_data_synthetic.py)."""
 
   latent_dim: int = 32
   style_dim: int = 16
