@@ -12,10 +12,10 @@ dropout sites) ran 27 while loops and 2,033 copy thunks per step
 `set_cpu_threefry_unrolled(True)` registers JAX's own unrolled lowering (the GPU/TPU
 default) for CPU too. The rounds, constants and order are the same, so every
 random bit is the same (`tests/test_rng_lowering.py` compares them), and
-XLA fuses the rounds instead of looping. Measured alternating: the demo step
-1.08-1.13x faster, the capture_paper step 0.89x (slower), and longer compiles,
-so `train.cpu_unrolled_threefry` chooses it per run (configs/demo.py turns it
-on). It touches a private JAX module, so it checks what it patches and leaves
+XLA fuses the rounds instead of looping. Measured alternating, it speeds the demo
+step up and slows capture_paper's down, and compiles longer (docs/BENCHMARKS.md,
+"Where the step's time goes"), so `train.cpu_unrolled_threefry` chooses it per run
+(configs/demo.py turns it on). It touches a private JAX module, so it checks what it patches and leaves
 JAX alone (returning False) when a JAX version no longer has it; a test pins
 that it is active on the pinned JAX.
 """
