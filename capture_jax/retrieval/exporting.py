@@ -61,7 +61,7 @@ def ensure_exports(
       lambda: [i for i, j in enumerate(jobs) if j.identity.completed(j.out_dir) is None]
   )
   todo = [jobs[i] for i in todo_ids]
-  reused = [j for i, j in enumerate(jobs) if i not in set(todo_ids)]
+  reused = [j for i, j in enumerate(jobs) if i not in todo_ids]
   if reused and distributed.is_main_process():  # none with given exports: nothing to say
     print('reusing the exports in ' + ', '.join(str(j.out_dir) for j in reused), flush=True)
   rates: dict[str, float] = {}
