@@ -16,8 +16,8 @@ XLA fuses the rounds instead of looping. Measured alternating, it speeds the dem
 step up and slows capture_paper's down, and compiles longer (docs/BENCHMARKS.md,
 "Where the step's time goes"), so `train.cpu_unrolled_threefry` chooses it per run
 (configs/demo.py turns it on). It touches a private JAX module, so it checks what
-it patches and leaves JAX alone (returning False) when a JAX version no longer has it; a test pins
-that it is active on the pinned JAX.
+it patches and leaves JAX alone (returning False) when a JAX version no longer has
+it; a test pins that it is active on the pinned JAX.
 """
 
 from __future__ import annotations
