@@ -42,6 +42,7 @@ are stages too). The commands' logs are in `{work_dir}/logs/`.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import platform
@@ -70,22 +71,6 @@ PAPER_FEATURES = (
     '--config.model.v_target_size=2048',
     '--config.data.feature_dim=2048',
     '--config.data.max_regions=36',
-)
-STAGES = (
-    'matmul',
-    'annotations',
-    'build',
-    'vocab',
-    'train',
-    'export_gallery',
-    'export_queries',
-    'proposals',
-    'export_instances',
-    'evaluate',
-    'metrics',
-    'paper_build',
-    'paper_export',
-    'aot',
 )
 
 
@@ -331,188 +316,253 @@ def py(module: str, *args: str) -> list[str]:
   return [sys.executable, '-m', module, *args]
 
 
+def _matmul(stage: str, p: Paths, sizes: Sizes, args: dict) -> dict:
+  """The machine's float32 matmul rate (numpy and jax)."""
+  del stage, sizes, args
+  return {'wall_s': None, **matmul_gflops()}
+
+
+def _annotations(stage: str, p: Paths, sizes: Sizes, args: dict) -> dict:
+  """The gallery, query and train annotation files."""
+  del stage, args
+  t = time.perf_counter()
+  counts = write_annotations(p.data, sizes)
+  return {'wall_s': time.perf_counter() - t, 'rows': sum(counts.values()), 'counts': counts}
+
+
+def _build(stage: str, p: Paths, sizes: Sizes, args: dict) -> dict:
+  """The dataset (`build`), or the paper model's few gallery items alone (`paper_build`)."""
+  del sizes
+  data, tfds = (p.data, p.tfds) if stage == 'build' else (p.paper_data, p.paper_tfds)
+  if stage == 'paper_build':  # the first `paper_rows` gallery items, alone
+    os.makedirs(data, exist_ok=True)
+    name = formats.annotation_filename('gallery')
+    with open(os.path.join(p.data, name), encoding='utf-8') as src:
+      lines = list(itertools.islice(src, args['paper_rows']))
+    if len(lines) < args['paper_rows']:
+      raise ValueError(
+          f'--paper_rows={args["paper_rows"]} is more than the {len(lines)} gallery items of '
+          f'{os.path.join(p.data, name)}'
+      )
+    with open(os.path.join(data, name), 'w', encoding='utf-8') as dst:
+      dst.writelines(lines)
+  shutil.rmtree(tfds, ignore_errors=True)
+  r = timed(
+      stage,
+      py(
+          'capture_jax.data.product1m_tfds',
+          f'--data_dir={data}',
+          f'--out={tfds}',
+          f'--features={FEATURES}',
+          '--max_regions=36',
+          '--feature_dim=2048',
+          f'--num_workers={args["build_workers"]}',
+      ),
+      p.logs,
+  )
+  counts = {
+      m.group(1): int(m.group(2)) for m in re.finditer(r'^(\w+): (\d+) examples', r['output'], re.M)
+  }
+  disk = sum(
+      os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(tfds) for f in files
+  )
+  return {**r, 'rows': sum(counts.values()), 'counts': counts, 'disk_bytes': disk}
+
+
+def _vocab(stage: str, p: Paths, sizes: Sizes, args: dict) -> dict:
+  """The WordPiece vocab of the train and gallery titles."""
+  del sizes, args
+  return timed(
+      stage,
+      py(
+          'capture_jax.data.tokenizer',
+          'train',
+          f'--data_dir={p.data}',
+          '--vocab_size=2000',
+          f'--out={p.vocab}',
+          '--splits=train,gallery',
+          '--overwrite',
+      ),
+      p.logs,
+  )
+
+
+def _train(stage: str, p: Paths, sizes: Sizes, args: dict) -> dict:
+  """The demo model at paper feature sizes, a few steps, for a checkpoint."""
+  del sizes
+  shutil.rmtree(p.run, ignore_errors=True)
+  return timed(
+      stage,
+      py(
+          'capture_jax.train',
+          *demo_flags(p),
+          f'--config.train.num_steps={args["train_steps"]}',
+          '--config.train.log_every=1',
+      ),
+      p.logs,
+  )
+
+
+def _export(stage: str, p: Paths, sizes: Sizes, args: dict) -> dict:
+  """One export: the gallery, the whole queries or their instance rows."""
+  del sizes, args
+  split = 'gallery' if stage == 'export_gallery' else QUERY_SPLIT
+  extra = ['--instances'] if stage == 'export_instances' else []
+  r = timed(
+      stage,
+      py(
+          'capture_jax.export',
+          *demo_flags(p),
+          f'--split={split}',
+          f'--out={os.path.join(p.emb, stage[len("export_"):])}',
+          '--overwrite',
+          *extra,
+      ),
+      p.logs,
+  )
+  return {**r, **export_figures(r['output'])}
+
+
+def _proposals(stage: str, p: Paths, sizes: Sizes, args: dict) -> dict:
+  """Box proposals of the query split."""
+  del sizes, args
+  r = timed(
+      stage,
+      py(
+          'capture_jax.instances',
+          'propose',
+          *demo_flags(p),
+          f'--split={QUERY_SPLIT}',
+          '--methods=boxes',
+          f'--out={p.proposals}',
+      ),
+      p.logs,
+  )
+  path = os.path.join(p.proposals, 'boxes', f'proposals_{QUERY_SPLIT}.jsonl')
+  with open(path, encoding='utf-8') as f:
+    per_query = [len(json.loads(line)['instances']) for line in f]
+  return {
+      **r,
+      'rows': len(per_query),
+      'proposals': int(np.sum(per_query)),
+      'proposals_per_query': float(np.mean(per_query)),
+  }
+
+
+def _evaluate(stage: str, p: Paths, sizes: Sizes, args: dict) -> dict:
+  """The evaluation of the three exports (no export, no baselines)."""
+  del sizes, args
+  shutil.rmtree(p.eval, ignore_errors=True)
+  r = timed(
+      stage,
+      py(
+          'capture_jax.evaluate',
+          *demo_flags(p),
+          f'--split={QUERY_SPLIT}',
+          f'--out={p.eval}',
+          '--config.eval.baselines=False',
+          f'--gallery_embeddings={os.path.join(p.emb, "gallery")}',
+          f'--query_embeddings={os.path.join(p.emb, "queries")}',
+          f'--instance_embeddings={os.path.join(p.emb, "instances")}',
+      ),
+      p.logs,
+  )
+  with open(os.path.join(p.eval, 'evaluation.json'), encoding='utf-8') as f:
+    summary = json.load(f)
+  return {
+      **r,
+      'rows': summary['counts']['queries'] + summary['counts']['instances'],
+      'counts': summary['counts'],
+      'search_seconds': summary['search_seconds'],
+      'stage_seconds': summary['stage_seconds'],
+      'mAP@10': {k: v['mAP@10'] for k, v in summary['metrics'].items()},
+  }
+
+
+def _metrics(stage: str, p: Paths, sizes: Sizes, args: dict) -> dict:
+  """The official metrics command on the evaluation's ranked ids, and in process."""
+  del args
+  r = timed(
+      stage,
+      py(
+          'capture_jax.retrieval.metrics',
+          f'--gt_dir={p.data}',
+          f'--ranked={os.path.join(p.eval, "retrieval_id_list.txt")}',
+          f'--split={QUERY_SPLIT}',
+      ),
+      p.logs,
+  )
+  return {**r, 'rows': sizes.num_queries, 'in_process': score_ranked_lists(p.data, p.eval)}
+
+
+def _paper_export(stage: str, p: Paths, sizes: Sizes, args: dict) -> dict:
+  """The paper model's export of `paper_rows` gallery items (random weights)."""
+  del sizes, args
+  shutil.rmtree(p.paper_run, ignore_errors=True)
+  r = timed(
+      stage,
+      py(
+          'capture_jax.export',
+          '--config=configs/capture_paper.py',
+          f'--workdir={p.paper_run}',
+          *data_flags(p.paper_data, p.paper_tfds, p.vocab),
+          '--split=gallery',
+          '--random_init',
+          '--config.eval.progress_bar=False',
+      ),
+      p.logs,
+  )
+  return {**r, **export_figures(r['output'])}
+
+
+def _aot(stage: str, p: Paths, sizes: Sizes, args: dict) -> dict:
+  """FLOPs per exported row, by ahead-of-time compilation for 8 x H200."""
+  del stage, sizes, args
+  # The compilers of `pip install -e .[aot]`, or those `make test` keeps apart.
+  compilers = os.environ.get('CAPTURE_AOT_COMPILERS', os.path.join(sys.prefix, 'aot-compilers'))
+  path = os.pathsep.join(x for x in (compilers, os.environ.get('PYTHONPATH', '')) if x)
+  env = {**os.environ, 'PYTHONPATH': path}
+  out = {'wall_s': 0.0}
+  for name, config in (
+      ('demo', ['--config=configs/demo.py', *PAPER_FEATURES]),
+      ('paper', ['--config=configs/capture_paper.py']),
+  ):
+    json_path = os.path.join(p.work_dir, f'aot_{name}.json')
+    r = timed(
+        f'aot_{name}',
+        py('capture_jax.aot', *config, '--target=h200x8', '--steps=export', f'--json={json_path}'),
+        p.logs,
+        env,
+    )
+    out['wall_s'] += r['wall_s']
+    with open(json_path, encoding='utf-8') as f:
+      out[name] = aot_export_row(json.load(f))
+  return out
+
+
+# Every stage and what runs it, in the default order of `--stages`.
+STAGE_RUNNERS = {
+    'matmul': _matmul,
+    'annotations': _annotations,
+    'build': _build,
+    'vocab': _vocab,
+    'train': _train,
+    'export_gallery': _export,
+    'export_queries': _export,
+    'proposals': _proposals,
+    'export_instances': _export,
+    'evaluate': _evaluate,
+    'metrics': _metrics,
+    'paper_build': _build,
+    'paper_export': _paper_export,
+    'aot': _aot,
+}
+STAGES = tuple(STAGE_RUNNERS)
+
+
 def run_stage(stage: str, p: Paths, sizes: Sizes, args: dict) -> dict:
   """Runs one stage; returns its figures (rows, wall_s, peak_rss_mb, ... as it applies)."""
-  emb = lambda name: os.path.join(p.emb, name)
-  if stage == 'matmul':
-    return {'wall_s': None, **matmul_gflops()}
-  if stage == 'annotations':
-    t = time.perf_counter()
-    counts = write_annotations(p.data, sizes)
-    return {'wall_s': time.perf_counter() - t, 'rows': sum(counts.values()), 'counts': counts}
-  if stage in ('build', 'paper_build'):
-    data, tfds = (p.data, p.tfds) if stage == 'build' else (p.paper_data, p.paper_tfds)
-    if stage == 'paper_build':  # the first `paper_rows` gallery items, alone
-      os.makedirs(data, exist_ok=True)
-      name = formats.annotation_filename('gallery')
-      with open(os.path.join(p.data, name), encoding='utf-8') as src:
-        lines = [next(src) for _ in range(args['paper_rows'])]
-      with open(os.path.join(data, name), 'w', encoding='utf-8') as dst:
-        dst.writelines(lines)
-    shutil.rmtree(tfds, ignore_errors=True)
-    r = timed(
-        stage,
-        py(
-            'capture_jax.data.product1m_tfds',
-            f'--data_dir={data}',
-            f'--out={tfds}',
-            f'--features={FEATURES}',
-            '--max_regions=36',
-            '--feature_dim=2048',
-            f'--num_workers={args["build_workers"]}',
-        ),
-        p.logs,
-    )
-    counts = {
-        m.group(1): int(m.group(2))
-        for m in re.finditer(r'^(\w+): (\d+) examples', r['output'], re.M)
-    }
-    disk = sum(
-        os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(tfds) for f in files
-    )
-    return {**r, 'rows': sum(counts.values()), 'counts': counts, 'disk_bytes': disk}
-  if stage == 'vocab':
-    return timed(
-        stage,
-        py(
-            'capture_jax.data.tokenizer',
-            'train',
-            f'--data_dir={p.data}',
-            '--vocab_size=2000',
-            f'--out={p.vocab}',
-            '--splits=train,gallery',
-            '--overwrite',
-        ),
-        p.logs,
-    )
-  if stage == 'train':
-    shutil.rmtree(p.run, ignore_errors=True)
-    return timed(
-        stage,
-        py(
-            'capture_jax.train',
-            *demo_flags(p),
-            f'--config.train.num_steps={args["train_steps"]}',
-            '--config.train.log_every=1',
-        ),
-        p.logs,
-    )
-  if stage in ('export_gallery', 'export_queries', 'export_instances'):
-    split = 'gallery' if stage == 'export_gallery' else QUERY_SPLIT
-    extra = ['--instances'] if stage == 'export_instances' else []
-    r = timed(
-        stage,
-        py(
-            'capture_jax.export',
-            *demo_flags(p),
-            f'--split={split}',
-            f'--out={emb(stage[len("export_"):])}',
-            '--overwrite',
-            *extra,
-        ),
-        p.logs,
-    )
-    return {**r, **export_figures(r['output'])}
-  if stage == 'proposals':
-    r = timed(
-        stage,
-        py(
-            'capture_jax.instances',
-            'propose',
-            *demo_flags(p),
-            f'--split={QUERY_SPLIT}',
-            '--methods=boxes',
-            f'--out={p.proposals}',
-        ),
-        p.logs,
-    )
-    path = os.path.join(p.proposals, 'boxes', f'proposals_{QUERY_SPLIT}.jsonl')
-    with open(path, encoding='utf-8') as f:
-      per_query = [len(json.loads(line)['instances']) for line in f]
-    return {
-        **r,
-        'rows': len(per_query),
-        'proposals': int(np.sum(per_query)),
-        'proposals_per_query': float(np.mean(per_query)),
-    }
-  if stage == 'evaluate':
-    shutil.rmtree(p.eval, ignore_errors=True)
-    r = timed(
-        stage,
-        py(
-            'capture_jax.evaluate',
-            *demo_flags(p),
-            f'--split={QUERY_SPLIT}',
-            f'--out={p.eval}',
-            '--config.eval.baselines=False',
-            f'--gallery_embeddings={emb("gallery")}',
-            f'--query_embeddings={emb("queries")}',
-            f'--instance_embeddings={emb("instances")}',
-        ),
-        p.logs,
-    )
-    with open(os.path.join(p.eval, 'evaluation.json'), encoding='utf-8') as f:
-      summary = json.load(f)
-    return {
-        **r,
-        'rows': summary['counts']['queries'] + summary['counts']['instances'],
-        'counts': summary['counts'],
-        'search_seconds': summary['search_seconds'],
-        'stage_seconds': summary['stage_seconds'],
-        'mAP@10': {k: v['mAP@10'] for k, v in summary['metrics'].items()},
-    }
-  if stage == 'metrics':
-    r = timed(
-        stage,
-        py(
-            'capture_jax.retrieval.metrics',
-            f'--gt_dir={p.data}',
-            f'--ranked={os.path.join(p.eval, "retrieval_id_list.txt")}',
-            f'--split={QUERY_SPLIT}',
-        ),
-        p.logs,
-    )
-    return {**r, 'rows': sizes.num_queries, 'in_process': score_ranked_lists(p.data, p.eval)}
-  if stage == 'paper_export':
-    shutil.rmtree(p.paper_run, ignore_errors=True)
-    r = timed(
-        stage,
-        py(
-            'capture_jax.export',
-            '--config=configs/capture_paper.py',
-            f'--workdir={p.paper_run}',
-            *data_flags(p.paper_data, p.paper_tfds, p.vocab),
-            '--split=gallery',
-            '--random_init',
-            '--config.eval.progress_bar=False',
-        ),
-        p.logs,
-    )
-    return {**r, **export_figures(r['output'])}
-  if stage == 'aot':
-    # The compilers of `pip install -e .[aot]`, or those `make test` keeps apart.
-    compilers = os.environ.get('CAPTURE_AOT_COMPILERS', os.path.join(sys.prefix, 'aot-compilers'))
-    path = os.pathsep.join(x for x in (compilers, os.environ.get('PYTHONPATH', '')) if x)
-    env = {**os.environ, 'PYTHONPATH': path}
-    out = {'wall_s': 0.0}
-    for name, config in (
-        ('demo', ['--config=configs/demo.py', *PAPER_FEATURES]),
-        ('paper', ['--config=configs/capture_paper.py']),
-    ):
-      json_path = os.path.join(p.work_dir, f'aot_{name}.json')
-      r = timed(
-          f'aot_{name}',
-          py(
-              'capture_jax.aot', *config, '--target=h200x8', '--steps=export', f'--json={json_path}'
-          ),
-          p.logs,
-          env,
-      )
-      out['wall_s'] += r['wall_s']
-      with open(json_path, encoding='utf-8') as f:
-        out[name] = aot_export_row(json.load(f))
-    return out
-  raise ValueError(f'unknown stage {stage!r}; expected one of {STAGES}')
+  return STAGE_RUNNERS[stage](stage, p, sizes, args)
 
 
 def aot_export_row(report: dict) -> dict:
