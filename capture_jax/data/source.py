@@ -151,9 +151,9 @@ class Product1MSource:
   def item_ids(self, chunk: int = 1024) -> list[str]:
     """Item ids of the split in record order.
 
-    The ids live inside the records, so the first call reads the whole split (~0.3 ms per
-    paper-size record, nearly all of it the ArrayRecord read: BENCHMARKS, "Retrieval at
-    Product1M's size"); the source keeps them, as an evaluation asks once per proposer.
+    The ids live inside the records, so the first call reads the whole split (its cost:
+    docs/BENCHMARKS.md, "Retrieval at Product1M's size"); the source keeps them, as an
+    evaluation asks once per proposer.
     """
     if self._item_ids is None:
       ids: list[str] = []
