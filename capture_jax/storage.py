@@ -254,8 +254,9 @@ class AppendFile:
   """Appends text lines to `path`; on GCS, uploads the whole file again when flushed.
 
   `flush()` uploads if `upload_every_s` passed since the last upload (GCS
-  allows about one write per second to one object); `flush(force=True)`
-  always does. On disk every flush is an OS flush, as with `open(path, 'a')`.
+  allows about one write per second to one object) or if nothing was uploaded
+  yet; `flush(force=True)` always does. On disk every flush is an OS flush, as
+  with `open(path, 'a')`.
   """
 
   def __init__(self, path: PathLike, upload_every_s: float = 10.0):
@@ -265,7 +266,10 @@ class AppendFile:
     if self.remote:
       self._text = self.path.read_text(encoding='utf-8') if self.path.exists() else ''
       self._dirty = False
-      self._uploaded = 0.0
+      # None until the first upload: `time.monotonic()` counts from an arbitrary origin (the
+      # boot on Linux), so no number stands for "never" (0.0 meant "just now" on a machine
+      # booted less than `upload_every_s` ago).
+      self._uploaded: float | None = None
       self._file = None
     else:
       makedirs(self.path.parent)
@@ -282,7 +286,7 @@ class AppendFile:
     if not self.remote:
       self._file.flush()
       return
-    if self._dirty and (force or time.monotonic() - self._uploaded >= self.upload_every_s):
+    if self._dirty and (force or self._upload_due()):
       try:
         write_text(self.path, self._text)
       except Exception as e:  # pylint: disable=broad-except
@@ -297,6 +301,9 @@ class AppendFile:
         return
       self._dirty = False
       self._uploaded = time.monotonic()
+
+  def _upload_due(self) -> bool:
+    return self._uploaded is None or time.monotonic() - self._uploaded >= self.upload_every_s
 
   def close(self) -> None:
     if self.remote:

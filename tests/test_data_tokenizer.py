@@ -33,6 +33,19 @@ def vocab(tmp_path_factory):
   return path
 
 
+def test_vocab_fingerprint_is_the_token_list(vocab, tmp_path):
+  lines = open(vocab, encoding='utf-8').read().splitlines()
+  no_final_newline = tmp_path / 'no_final_newline.txt'
+  no_final_newline.write_text('\n'.join(lines), encoding='utf-8')
+  assert tokenizer.vocab_fingerprint(str(no_final_newline)) == tokenizer.vocab_fingerprint(vocab)
+  reordered = tmp_path / 'reordered.txt'  # the same size and tokens, two swapped
+  reordered.write_text('\n'.join(lines[:5] + [lines[6], lines[5]] + lines[7:]) + '\n')
+  smaller = tmp_path / 'smaller.txt'
+  smaller.write_text('\n'.join(lines[:-1]) + '\n')
+  fingerprints = {tokenizer.vocab_fingerprint(str(p)) for p in (vocab, reordered, smaller)}
+  assert len(fingerprints) == 3
+
+
 def test_trained_vocab_has_bert_special_tokens_first(vocab):
   lines = open(vocab, encoding='utf-8').read().splitlines()
   assert lines[:5] == ['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]']

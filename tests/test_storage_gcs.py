@@ -18,6 +18,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import types
 from pathlib import Path
 
 import jax
@@ -215,6 +216,25 @@ def test_append_file_uploads_whole_and_continues_after_reopening(gcs):
   assert [json.loads(l)['step'] for l in path.read_text().splitlines()] == [1, 2, 3, 4]
   assert metrics_lib.truncate_after(path, 2) == 2
   assert path.read_text().splitlines() == ['{"step": 1}', '{"step": 2}']
+
+
+def test_append_file_first_flush_uploads_on_a_machine_booted_seconds_ago(gcs, monkeypatch):
+  # `time.monotonic()` counts from the boot on Linux: a new TPU VM reads a few seconds. The first
+  # flush must upload there too (it did not when "never uploaded" was written as 0.0).
+  clock = [5.0]
+  monkeypatch.setattr(storage, 'time', types.SimpleNamespace(monotonic=lambda: clock[0]))
+  path = storage.as_path(gs('append-fresh-boot/metrics.jsonl'))
+  log = storage.AppendFile(path, upload_every_s=10)
+  log.write('{"step": 1}\n')
+  log.flush()
+  assert path.read_text() == '{"step": 1}\n'
+  log.write('{"step": 2}\n')
+  clock[0] = 9.0
+  log.flush()  # 4 s after the upload: within the interval
+  assert path.read_text() == '{"step": 1}\n'
+  clock[0] = 15.0
+  log.flush()  # 10 s after it: due
+  assert path.read_text().count('\n') == 2
 
 
 def test_missing_bucket_is_named_before_anything_compiles(gcs, config):

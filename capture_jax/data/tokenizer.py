@@ -67,6 +67,19 @@ def read_vocab(vocab_file: str) -> dict[str, int]:
   return vocab
 
 
+def vocab_fingerprint(vocab_file: str) -> str:
+  """The identity of a vocab by content: SHA-256 of its tokens in id order, one per line.
+
+  The one fingerprint of a vocab everywhere it travels (a built dataset's
+  token ids, a checkpoint, an export): two files with the same tokens in the
+  same order have the same fingerprint whether or not the file ends with a
+  newline; any other order or size has another.
+  """
+  vocab = read_vocab(vocab_file)
+  tokens = sorted(vocab, key=vocab.__getitem__)
+  return hashlib.sha256('\n'.join(tokens).encode('utf-8')).hexdigest()
+
+
 def load_tokenizer(vocab_file: str, do_lower_case: bool = True) -> transformers.BertTokenizerFast:
   """transformers' fast BERT WordPiece tokenizer over `vocab_file`."""
   vocab = read_vocab(vocab_file)
