@@ -10,7 +10,13 @@
   is an error that names it.
 * `from_hf_bert`: a Hugging Face BERT directory (`config.json` plus
   `model.safetensors` or `pytorch_model.bin`) -> word/position/type embeddings,
-  the first `num_hidden_layers` text-stream layers and the MLM transform.
+  the first `num_hidden_layers` text-stream layers and the MLM transform. The
+  names may carry the `bert.` prefix (`BertForPreTraining`/`BertForMaskedLM`)
+  or not (`BertModel`), and LayerNorms may be `weight`/`bias` or the
+  `gamma`/`beta` of Google-converted checkpoints.
+* `check_init_vocab`: the run's `data.vocab_file` must be the initial
+  checkpoint's own `vocab.txt`, token for token (each embedding row belongs to
+  one token id).
 
 Torch is imported lazily, only to read `.bin`/`.pt` files.
 """
@@ -29,6 +35,7 @@ import numpy as np
 from flax import traverse_util
 
 from capture_jax import batch as batch_lib
+from capture_jax.data import tokenizer as tokenizer_lib
 from capture_jax.param_paths import path_str
 from capture_jax.models import capture
 
@@ -356,6 +363,28 @@ def _read_hf_dir(directory: Path) -> tuple[dict, dict[str, np.ndarray]]:
   raise FileNotFoundError(f'{directory} has neither model.safetensors nor pytorch_model.bin')
 
 
+def modern_layer_norm_names(
+    source: Mapping[str, np.ndarray], where: str | Path
+) -> dict[str, np.ndarray]:
+  """`source` with LayerNorm `gamma`/`beta` renamed `weight`/`bias`, as transformers does when
+  loading a Google-converted checkpoint (older BERT checkpoints, e.g. bert-base-uncased's
+  `pytorch_model.bin`, still carry the TensorFlow names).
+
+  A LayerNorm that has both spellings is refused: which one the model would use is not known.
+  """
+  old = {'gamma': 'weight', 'beta': 'bias'}
+  out = dict(source)
+  for name in source:
+    head, _, last = name.rpartition('.')
+    if last not in old or 'LayerNorm' not in head:
+      continue
+    new = f'{head}.{old[last]}'
+    if new in source:
+      raise ConversionError(f'{where} holds both {name} and {new}: one LayerNorm, two values')
+    out[new] = out.pop(name)
+  return out
+
+
 def _check_hf_sizes(hf: Mapping[str, Any], cfg: ml_collections.ConfigDict, directory: Path) -> None:
   expected = {
       'vocab_size': cfg.vocab_size,
@@ -402,6 +431,7 @@ def from_hf_bert(
   """
   directory = Path(directory)
   hf_config, source = _read_hf_dir(directory)
+  source = modern_layer_norm_names(source, directory)
   _check_hf_sizes(hf_config, cfg, directory)
   # `BertForPreTraining` prefixes the encoder with 'bert.'; `BertModel` does not.
   prefix = 'bert.' if 'bert.embeddings.word_embeddings.weight' in source else ''
@@ -425,6 +455,75 @@ def from_hf_bert(
   if cfg.scan_layers:
     params = scan_layout(params)
   return params, report
+
+
+# --------------------------------------------------------------------------
+# The initial checkpoint's vocab.
+
+
+def init_vocab_file(train: ml_collections.ConfigDict) -> Path | None:
+  """The `vocab.txt` whose token ids `train.init_path`'s embedding rows belong to.
+
+  A BERT directory's own `vocab.txt` (required: without it the ids cannot be
+  checked); for a released checkpoint, a `vocab.txt` beside the state_dict file
+  where the release ships one (the CAPTURE release ships none: its rows are
+  bert-base-chinese's ids). None for `init='scratch'` or a release without one.
+  """
+  if train.init == 'bert':
+    vocab = Path(train.init_path) / 'vocab.txt'
+    if not vocab.is_file():
+      raise ConversionError(
+          f'{train.init_path} has no vocab.txt: the token ids of its embedding rows cannot be '
+          "checked against data.vocab_file; put the checkpoint's own vocab.txt there "
+          '(bert-base-chinese ships one)'
+      )
+    return vocab
+  if train.init == 'release':
+    vocab = Path(train.init_path).parent / 'vocab.txt'
+    return vocab if vocab.is_file() else None
+  return None
+
+
+def first_vocab_difference(ours: str | Path, theirs: str | Path) -> str | None:
+  """None when two vocab files hold the same tokens in the same order (equal
+  `tokenizer.vocab_fingerprint`), else where they first differ: `id N: 'a' in ours, 'b' in theirs`
+  (a missing id reads `none`, the file being shorter)."""
+  if tokenizer_lib.vocab_fingerprint(str(ours)) == tokenizer_lib.vocab_fingerprint(str(theirs)):
+    return None
+  a, b = tokenizer_lib.read_vocab(str(ours)), tokenizer_lib.read_vocab(str(theirs))
+  a_tokens, b_tokens = sorted(a, key=a.__getitem__), sorted(b, key=b.__getitem__)
+  i = next(
+      (i for i, (x, y) in enumerate(zip(a_tokens, b_tokens)) if x != y),
+      min(len(a_tokens), len(b_tokens)),
+  )
+  tok = lambda tokens: repr(tokens[i]) if i < len(tokens) else f'none ({len(tokens)} tokens)'
+  return f'first difference at id {i}: {tok(a_tokens)} in {ours}, {tok(b_tokens)} in {theirs}'
+
+
+def check_init_vocab(config: ml_collections.ConfigDict) -> None:
+  """Raises ConversionError, before anything compiles, when the run's `data.vocab_file` is not
+  the vocab of the checkpoint `train.init` starts from.
+
+  Each imported embedding row (and MLM bias) belongs to one token id: with
+  another vocab, of the same size in another order or a smaller one, every
+  row would belong to another token, and training would run without a word.
+  """
+  theirs = init_vocab_file(config.train)
+  if theirs is None:
+    return
+  ours = config.data.vocab_file
+  if not ours:
+    raise ConversionError(
+        f'data.vocab_file is empty; train.init={config.train.init!r} needs the vocab of '
+        f'{config.train.init_path}: pass --config.data.vocab_file={theirs}'
+    )
+  difference = first_vocab_difference(ours, theirs)
+  if difference:
+    raise ConversionError(
+        f'data.vocab_file={ours} is not the vocab of train.init_path={config.train.init_path} '
+        f'({theirs}): {difference}. The imported embedding rows belong to its token ids: '
+        f'pass --config.data.vocab_file={theirs}'
+    )
 
 
 def merge_params(base: Params, update: Params) -> Params:

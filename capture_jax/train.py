@@ -33,6 +33,7 @@ from ml_collections import config_flags
 
 from capture_jax import cli
 from capture_jax import config as config_lib
+from capture_jax import convert
 from capture_jax import batch as batch_lib
 from capture_jax import progress as progress_lib
 from capture_jax import storage
@@ -196,7 +197,9 @@ def _run_locked(
   manager = checkpoint_lib.make_manager(workdir, config.checkpoint)
   closers = []
   try:
-    checkpoint_lib.check_compatible(manager, config)
+    checkpoint_lib.check_compatible(manager, config)  # the model, batch size and vocab
+    if not manager.all_steps():  # a fresh run: its vocab must be the one train.init's rows use
+      convert.check_init_vocab(config)
     return _train(config, workdir, mesh, stop_after_steps, manager, closers)
   finally:
     for close in closers:

@@ -341,3 +341,26 @@ def no_device_fetches():
       _no_fetch.on = False
 
   return guard()
+
+
+def tiny_hf_bert(directory: Path, model_cfg: ml_collections.ConfigDict, vocab_file, seed=0) -> Path:
+  """A random `BertForMaskedLM` with `model_cfg`'s text-stream sizes, saved by transformers'
+  `save_pretrained` into `directory` (`config.json`, `model.safetensors`), with `vocab_file`
+  copied as its `vocab.txt`: a stand-in for bert-base-chinese (no download)."""
+  import torch  # pylint: disable=import-outside-toplevel
+  import transformers  # pylint: disable=import-outside-toplevel
+
+  m = model_cfg
+  hf = transformers.BertConfig(
+      vocab_size=m.vocab_size,
+      hidden_size=m.hidden_size,
+      num_hidden_layers=m.num_hidden_layers,
+      num_attention_heads=m.num_attention_heads,
+      intermediate_size=m.intermediate_size,
+      max_position_embeddings=m.max_position_embeddings,
+      type_vocab_size=m.type_vocab_size,
+  )
+  torch.manual_seed(seed)
+  transformers.BertForMaskedLM(hf).save_pretrained(directory)
+  (Path(directory) / 'vocab.txt').write_bytes(Path(vocab_file).read_bytes())
+  return Path(directory)

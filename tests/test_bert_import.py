@@ -109,3 +109,87 @@ def test_bert_import_rejects_mismatched_sizes():
 def test_bert_import_names_a_missing_directory(tmp_path):
   with pytest.raises(FileNotFoundError, match='no config.json'):
     convert.from_hf_bert(tmp_path, config_lib.model_config())
+
+
+# --------------------------------------------------------------------------
+# BERT checkpoints as users have them: `bert.`-prefixed or not, gamma/beta or weight/bias,
+# model.safetensors or pytorch_model.bin.
+
+
+def tiny_text_config():
+  from tests.helpers import tiny_config  # pylint: disable=import-outside-toplevel
+
+  cfg = tiny_config(num_hidden_layers=2).model
+  cfg.scan_layers = False
+  return cfg
+
+
+@pytest.fixture(scope='module')
+def modern_bert(tmp_path_factory):
+  """A tiny random BertForMaskedLM saved by transformers, and its import."""
+  from tests.helpers import tiny_hf_bert  # pylint: disable=import-outside-toplevel
+
+  root = tmp_path_factory.mktemp('bert')
+  vocab = root / 'vocab.src.txt'
+  vocab.write_text('\n'.join(['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]'] + list('abcdefgh')))
+  directory = tiny_hf_bert(root / 'modern', tiny_text_config(), vocab)
+  return directory, convert.from_hf_bert(directory, tiny_text_config())[0]
+
+
+def old_layout(state: dict, prefixed: bool, gamma_beta: bool) -> dict:
+  """`state` (modern `BertForMaskedLM` names) as an older checkpoint names it: without the
+  `bert.` prefix and the MLM head (`BertModel`), and/or LayerNorm `gamma`/`beta`."""
+  out = {}
+  for name, value in state.items():
+    if not prefixed:
+      if not name.startswith('bert.'):
+        continue
+      name = name[len('bert.') :]
+    if gamma_beta and '.LayerNorm.' in name:
+      name = name.replace('.LayerNorm.weight', '.LayerNorm.gamma')
+      name = name.replace('.LayerNorm.bias', '.LayerNorm.beta')
+    out[name] = value
+  return out
+
+
+@pytest.mark.parametrize('file_name', ['model.safetensors', 'pytorch_model.bin'])
+@pytest.mark.parametrize('prefixed', [True, False])
+@pytest.mark.parametrize('gamma_beta', [True, False])
+def test_old_bert_layouts_import_equal_to_the_modern_one(
+    modern_bert, tmp_path, file_name, prefixed, gamma_beta
+):
+  from safetensors.numpy import load_file, save_file  # pylint: disable=import-outside-toplevel
+
+  directory, expected = modern_bert
+  state = old_layout(load_file(str(directory / 'model.safetensors')), prefixed, gamma_beta)
+  assert any(k.endswith('.gamma') for k in state) == gamma_beta
+  (tmp_path / 'config.json').write_text((directory / 'config.json').read_text())
+  if file_name == 'model.safetensors':
+    save_file(state, str(tmp_path / file_name))
+  else:
+    torch.save({k: torch.from_numpy(v) for k, v in state.items()}, tmp_path / file_name)
+
+  params, report = convert.from_hf_bert(tmp_path, tiny_text_config())
+
+  want = {p: v for p, v in jax.tree_util.tree_leaves_with_path(expected)}
+  got = {p: v for p, v in jax.tree_util.tree_leaves_with_path(params)}
+  mlm = {p for p in want if 'mlm' in jax.tree_util.keystr(p)}
+  assert set(got) == (set(want) if prefixed else set(want) - mlm)  # BertModel has no MLM head
+  assert mlm and 'text_stream/layer_1/ffn_layer_norm/scale' in report.loaded
+  for path, value in got.items():
+    np.testing.assert_array_equal(value, want[path], err_msg=jax.tree_util.keystr(path))
+
+
+def test_a_layer_norm_with_both_spellings_is_refused(modern_bert, tmp_path):
+  from safetensors.numpy import load_file, save_file  # pylint: disable=import-outside-toplevel
+
+  directory, _ = modern_bert
+  state = load_file(str(directory / 'model.safetensors'))
+  state['bert.embeddings.LayerNorm.gamma'] = state['bert.embeddings.LayerNorm.weight']
+  (tmp_path / 'config.json').write_text((directory / 'config.json').read_text())
+  save_file(state, str(tmp_path / 'model.safetensors'))
+  with pytest.raises(
+      convert.ConversionError,
+      match=r'both bert.embeddings.LayerNorm.gamma and bert.embeddings.LayerNorm.weight',
+  ):
+    convert.from_hf_bert(tmp_path, tiny_text_config())

@@ -434,6 +434,26 @@ def test_checkpoint_of_a_different_config(trained):
       run()
 
 
+def test_checkpoint_of_another_vocab(trained, tmp_path):
+  """The same tokens in another order: every id would embed another token."""
+  cfg, workdir = trained
+  tokens = Path(cfg.data.vocab_file).read_text(encoding='utf-8').splitlines()
+  tokens[10], tokens[11] = tokens[11], tokens[10]
+  other = cfg.copy_and_resolve_references()
+  other.data.vocab_file = str(tmp_path / 'other.txt')
+  Path(other.data.vocab_file).write_text('\n'.join(tokens) + '\n', encoding='utf-8')
+  for run in (
+      lambda: exporting.export(other, workdir, 'gallery'),
+      lambda: evaluation.evaluate(other, workdir, 'dev'),
+  ):
+    with pytest.raises(
+        checkpoint_lib.IncompatibleCheckpointError,
+        match=rf'the vocab differs: trained with {cfg.data.vocab_file} \(fingerprint [0-9a-f]{{16}}\), '
+        rf'config data.vocab_file={other.data.vocab_file} \(fingerprint [0-9a-f]{{16}}\)',
+    ):
+      run()
+
+
 def test_split_file_absent(trained, tmp_path):
   cfg, workdir = trained
   data = tmp_path / 'data'

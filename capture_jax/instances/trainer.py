@@ -1,8 +1,10 @@
 """Training the learned proposer on copy-and-paste pseudo-labels, and loading it.
 
 Layout: `{workdir}/instances/checkpoints/{step}/{params,opt_state,config}`
-(Orbax). The saved config holds the `instances` block and the feature width
-the proposer was trained for. Starting in a workdir that has checkpoints
+(Orbax). The saved config holds the `instances` block, the feature width
+the proposer was trained for, and the run's vocab (`checkpoint.run_identity`:
+the proposer reads no text, but a workdir is one run with one vocab, so
+resuming it with another is refused). Starting in a workdir that has checkpoints
 resumes from the latest one; batches are a pure function of (seed, step), so
 a resumed run trains on the same batches as an uninterrupted one.
 """
@@ -25,6 +27,7 @@ from capture_jax import storage
 from capture_jax.instances import compose
 from capture_jax.instances import model as model_lib
 from capture_jax.instances import proposals as proposals_lib
+from capture_jax.training import checkpoint as checkpoint_lib
 from capture_jax.training import lock as lock_lib
 from capture_jax.training import preemption as preemption_lib
 
@@ -99,6 +102,22 @@ def _check_signature(saved: dict, ours: dict, where: storage.Path) -> None:
         + '; '.join(diffs)
         + ' (instances.* fields / data.feature_dim). Use another --workdir or the matching config.'
     )
+
+
+def _check_vocab(saved: dict, config: ml_collections.ConfigDict, where: storage.Path) -> None:
+  """Refuses resuming a proposer saved with another vocab than `config.data.vocab_file` (a
+  checkpoint saved before proposers recorded it passes)."""
+  theirs = saved.get(checkpoint_lib.RUN_IDENTITY_KEY)
+  ours = checkpoint_lib.run_identity(config)
+  if theirs is None or theirs.get('vocab_fingerprint') == ours['vocab_fingerprint']:
+    return
+  short = lambda fp: fp[:16] if fp else 'none'
+  raise IncompatibleProposerError(
+      f'{where} holds a proposer of a run with another vocab: trained with '
+      f'{theirs.get("vocab_file")} (fingerprint {short(theirs.get("vocab_fingerprint"))}), config '
+      f'data.vocab_file={ours["vocab_file"]} (fingerprint {short(ours["vocab_fingerprint"])}). '
+      'A workdir is one run: use its vocab, or another --workdir.'
+  )
 
 
 def load_donor_records(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
@@ -196,6 +215,7 @@ def _train_locked(
   if latest is not None:  # before reading any data: a wrong workdir fails fast
     saved = manager.restore(latest, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
     _check_signature(saved['config']['signature'], sig, checkpoint_dir(workdir))
+    _check_vocab(saved['config'], config, checkpoint_dir(workdir))
   if pool is None:
     pool = compose.make_pool(load_donor_records(config), config)
   if pool.feature_dim != config.data.feature_dim:
@@ -231,7 +251,12 @@ def _train_locked(
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, metrics
 
-  saved_config = {'signature': sig, 'instances': cfg.to_dict(), 'max_regions': r}
+  saved_config = {
+      'signature': sig,
+      'instances': cfg.to_dict(),
+      'max_regions': r,
+      checkpoint_lib.RUN_IDENTITY_KEY: checkpoint_lib.run_identity(config),
+  }
 
   def save(s: int, force: bool = False) -> None:
     manager.save(

@@ -107,7 +107,7 @@ PAIR_INPUT_FIELDS = (
     'max_text_len',
     'max_regions',
     'storage_dtype',
-    'vocab_sha256',
+    'vocab_fingerprint',
     'dataset_info_sha256',
 )
 

@@ -24,6 +24,7 @@ import ml_collections
 from capture_jax import storage
 from capture_jax.data import eval_input
 from capture_jax.data import product1m_tfds
+from capture_jax.data import tokenizer as tokenizer_lib
 from capture_jax.retrieval import embedding as embedding_lib
 from capture_jax.retrieval import export_format
 from capture_jax.training import distributed
@@ -43,7 +44,9 @@ def inputs_fingerprint(config: ml_collections.ConfigDict, split: str, rows: str)
   modification times (a rebuild rewrites them) and the hash of the build's
   `dataset_info.json`; hashing the files themselves would read the whole
   dataset (hundreds of GB of features at full scale) on every evaluation.
-  The vocab and the instance sidecar are small: their SHA-256 is used.
+  The vocab is identified by `tokenizer.vocab_fingerprint` (its tokens in id
+  order: the fingerprint a checkpoint and a built dataset record too); the
+  instance sidecar is small: its SHA-256 is used.
   """
   d = config.data
   classes = config.model.mrm_target == 'class'
@@ -54,7 +57,9 @@ def inputs_fingerprint(config: ml_collections.ConfigDict, split: str, rows: str)
       'max_text_len': d.max_text_len,
       'max_regions': d.max_regions,
       'storage_dtype': d.storage_dtype,
-      'vocab_sha256': _sha256_file(d.vocab_file),
+      'vocab_fingerprint': (
+          tokenizer_lib.vocab_fingerprint(d.vocab_file) if os.path.isfile(d.vocab_file) else None
+      ),
       'dataset_info_sha256': _sha256_file(built / 'dataset_info.json'),
       'split_files': hashlib.sha256(listing.encode()).hexdigest(),
       'sidecar_sha256': (

@@ -8,6 +8,12 @@ asynchronous; the manager keeps the last `keep_last` checkpoints plus every
 `keep_every`-th step. Restoring takes an abstract state whose leaves carry
 the target shardings, so a checkpoint saved on one mesh restores onto another.
 
+Identity: the `config` item also holds `run_identity` (`RUN_IDENTITY_KEY`): the fingerprint and
+path of the run's vocab (`tokenizer.vocab_fingerprint`, the same fact a built dataset records).
+Resuming, exporting and evaluating with another vocab is refused (`check_compatible`): every
+embedding row belongs to a token id. A checkpoint saved before it was recorded is read with a
+note that its vocab cannot be checked.
+
 Integrity: once a save is finalised, process 0 writes `{step}/checksums.json`
 (size and SHA-256 of every file of the step; in a `gs://` workdir the size
 and the CRC32C that GCS keeps for every object, read from one listing, so
@@ -40,6 +46,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from capture_jax import storage
+from capture_jax.data import tokenizer as tokenizer_lib
 from capture_jax.training import distributed
 
 # Model fields that change numerics or speed but not the parameter tree.
@@ -52,6 +59,7 @@ LAYOUT_NEUTRAL_FIELDS = (
 )
 
 
+RUN_IDENTITY_KEY = 'run_identity'
 CHECKSUMS_FILE = 'checksums.json'
 LOOP_ITEM = 'loop'
 CORRUPT_PREFIX = 'corrupt-'
@@ -99,7 +107,8 @@ def save(
 
   `loop`: the training loop's counters at `step` (JSON), restored by `saved_loop`.
   """
-  items = {'state': ocp.args.StandardSave(state), 'config': ocp.args.JsonSave(config.to_dict())}
+  saved_config = {**config.to_dict(), RUN_IDENTITY_KEY: run_identity(config)}
+  items = {'state': ocp.args.StandardSave(state), 'config': ocp.args.JsonSave(saved_config)}
   if data_iterator is not None:
     items['data'] = grain.checkpoint.CheckpointSave(data_iterator)
   if loop is not None:
@@ -230,6 +239,45 @@ def saved_loop(manager: ocp.CheckpointManager, step: int) -> dict[str, int]:
   )
 
 
+def run_identity(config: ml_collections.ConfigDict) -> dict[str, str | None]:
+  """What a checkpoint records of its run besides the config: the vocab's fingerprint (None
+  without `data.vocab_file`) and path."""
+  vocab = config.data.vocab_file
+  return {
+      'vocab_fingerprint': tokenizer_lib.vocab_fingerprint(vocab) if vocab else None,
+      'vocab_file': str(vocab),
+  }
+
+
+def vocab_problem(saved: dict, config: ml_collections.ConfigDict) -> str | None:
+  """Why a checkpoint saved with the config `saved` was trained with another vocab than
+  `config.data.vocab_file` (both fingerprints and files); None when it is the same vocab.
+
+  A checkpoint saved before checkpoints recorded their vocab passes, with a
+  note (process 0): its vocab cannot be checked.
+  """
+  identity = saved.get(RUN_IDENTITY_KEY)
+  vocab = config.data.vocab_file
+  if identity is None:
+    if jax.process_index() == 0:
+      print(
+          'note: the checkpoint records no vocab fingerprint (saved before checkpoints did): '
+          f'data.vocab_file={vocab} cannot be checked against the vocab it was trained with',
+          flush=True,
+      )
+    return None
+  ours = run_identity(config)['vocab_fingerprint']
+  theirs = identity.get('vocab_fingerprint')
+  if ours == theirs:
+    return None
+  short = lambda fp: fp[:16] if fp else 'none'
+  return (
+      f'the vocab differs: trained with {identity.get("vocab_file")} (fingerprint '
+      f'{short(theirs)}), config data.vocab_file={vocab} (fingerprint {short(ours)}); every '
+      'embedding row belongs to a token id, so pass the vocab the run was trained with'
+  )
+
+
 def resume_problems(saved: dict, step: int, config: ml_collections.ConfigDict) -> list[str]:
   """Why resuming the checkpoint of `step` (saved with config `saved`) under `config` would be
   silently wrong.
@@ -283,9 +331,12 @@ def check_compatible(
       return
     raise
   diffs = model_config_diffs(saved['model'], config)
+  vocab = vocab_problem(saved, config)
+  if vocab:
+    diffs.append(vocab)
   if diffs:
     raise IncompatibleCheckpointError(
-        f'{manager.directory} holds checkpoints of a different model (step {step}): '
+        f'{manager.directory} holds checkpoints of a different model or vocab (step {step}): '
         + '; '.join(diffs)
         + '. Use another --workdir or the config the run was trained with.'
     )

@@ -44,6 +44,7 @@ def initial_params(config: ml_collections.ConfigDict, key: jax.Array) -> dict:
 def pretrained_params(config: ml_collections.ConfigDict) -> dict:
   """Host arrays to place over the scratch initialisation (empty for `train.init='scratch'`)."""
   t = config.train
+  convert.check_init_vocab(config)  # (also when a run restarts after unreadable checkpoints)
   if t.init == 'bert':
     params, report = convert.from_hf_bert(t.init_path, config.model)
     print(f'initialised the text stream from BERT {t.init_path}: {report.summary()}', flush=True)
