@@ -5,6 +5,7 @@ both files."""
 from __future__ import annotations
 
 import re
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +17,12 @@ from capture_jax import train
 from capture_jax.data import tokenizer as tokenizer_lib
 from capture_jax.training import checkpoint as checkpoint_lib
 from capture_jax.training import steps as steps_lib
+from tests.helpers import REPO
+from tests.helpers import run_module
+from tests.helpers import tiny_config
 from tests.helpers import tiny_hf_bert
 from tests.helpers import trainer_config
+from tests.helpers import write_config_module
 
 pytest.importorskip('transformers')
 
@@ -167,3 +172,97 @@ def test_the_proposer_refuses_to_resume_with_another_vocab(dataset_config, tmp_p
   ):
     instances.train(other, tmp_path)
   assert instances.train(cfg, tmp_path).step == 2  # the run's own vocab resumes
+
+
+# --------------------------------------------------------------------------
+# The README's sequence, end to end: a tiny synthetic world in place of Product1M, a tiny BERT
+# saved by transformers in place of bert-base-chinese, a tiny config in place of capture_paper.
+
+README_SECTION = '## Pretraining on the real Product1M from bert-base-chinese'
+
+
+def readme_commands() -> list[str]:
+  """The shell lines of the README section's code block, `\\` continuations joined."""
+  text = (REPO / 'README.md').read_text(encoding='utf-8')
+  section = text.split(README_SECTION, 1)[1].split('\n## ', 1)[0]
+  lines, pending = [], ''
+  for line in section.splitlines():
+    if not line.startswith('    '):
+      continue
+    line = pending + line.strip()
+    pending = line[:-1] + ' ' if line.endswith('\\') else ''
+    if not pending and line and not line.startswith('#'):
+      lines.append(line)
+  return lines
+
+
+def expand(line: str, variables: dict[str, str]) -> str:
+  for name in sorted(variables, key=len, reverse=True):
+    line = line.replace(f'${name}', variables[name])
+  return line
+
+
+def bert_like_vocab(titles_vocab: Path, out: Path) -> Path:
+  """bert-base-chinese's layout ([PAD] 0, [unused*], [UNK] 100, [CLS], [SEP], [MASK]) over
+  the tokens of a vocab trained on the world's titles."""
+  specials = ['[UNK]', '[CLS]', '[SEP]', '[MASK]']
+  words = [t for t in tokens_of(titles_vocab) if t not in specials and t != '[PAD]']
+  unused = [f'[unused{i}]' for i in range(1, 100)]
+  return write_tokens(out, ['[PAD]'] + unused + specials + words)
+
+
+@pytest.mark.slow  # ~3 minutes on 2 cores: five commands, each compiling its own program
+def test_the_readme_sequence_from_bert_runs_end_to_end(tmp_path):
+  from capture_jax.data import synthetic  # pylint: disable=import-outside-toplevel
+
+  data, bert = tmp_path / 'data', tmp_path / 'bert'
+  preset = synthetic.PRESETS['tiny']
+  synthetic.generate(str(data), 'tiny', seed=0, progress=False)  # annotation files + features
+  tokenizer_lib.train_vocab(tokenizer_lib.iter_titles(str(data)), 300, str(tmp_path / 'v.txt'))
+  vocab = bert_like_vocab(tmp_path / 'v.txt', tmp_path / 'bert_vocab.txt')
+
+  cfg = tiny_config(num_hidden_layers=1, v_num_hidden_layers=1, co_num_layers=1, cross_num_layers=1)
+  cfg.model.update(
+      vocab_size=len(tokens_of(vocab)),
+      v_feature_size=preset.feature_dim,
+      v_target_size=preset.feature_dim,
+      max_text_len=16,
+  )
+  cfg.data.update(max_regions=preset.max_regions, batch_size=8, eval_batch_size=8)
+  cfg.train.update(num_steps=2, log_every=1, progress_bar=False)
+  cfg.checkpoint.update(every_steps=2)
+  cfg.instances.update(
+      hidden_size=16, num_layers=1, num_heads=2, batch_size=4, num_steps=2, warmup_steps=1
+  )
+  cfg.instances.progress_bar = False
+  cfg.eval.update(progress_bar=False)
+  config = write_config_module(tmp_path / 'tiny_paper.py', cfg)
+  tiny_hf_bert(bert, cfg.model, vocab)
+
+  variables = {'DATA': str(data), 'BERT': str(bert), 'TFDS': str(tmp_path / 'tfds')}
+  variables['RUN'] = str(tmp_path / 'run')
+  commands = readme_commands()
+  assert [c.split()[2] for c in commands if c.startswith('python')] == [
+      'capture_jax.data.product1m_tfds',
+      'capture_jax.train',
+      'capture_jax.instances',
+      'capture_jax.export',
+      'capture_jax.evaluate',
+  ]
+  outputs = []
+  for line in commands:
+    name, eq, value = line.partition('=')
+    if eq and name.isidentifier() and not line.startswith('python'):
+      if name not in variables:  # FLAGS: built from the others
+        variables[name] = shlex.split(expand(value.split('  #')[0].strip(), variables))[0]
+      continue
+    line = expand(line, variables).replace('configs/capture_paper.py', str(config))
+    args = shlex.split(line)
+    assert args[:2] == ['python', '-m'], line
+    result = run_module(args[2], *args[3:], timeout=600)
+    assert result.returncode == 0, (line, result.stdout[-3000:], result.stderr[-3000:])
+    outputs.append(result.stdout + result.stderr)
+
+  assert f'initialised the text stream from BERT {bert}' in outputs[1]
+  assert 'proposer at step 2' in outputs[2]
+  assert (tmp_path / 'run' / 'eval_dev' / 'report.md').is_file(), outputs[4][-2000:]
