@@ -1,9 +1,11 @@
 """Reading the product1m TFDS dataset: records of one split, and which of them this process reads.
 
 `Product1MSource` is a Grain random-access source over one split; its records
-are plain dicts (item_id, title, labels, image_w, image_h, boxes [N, 4],
-features [N, F], and cls_prob [N, C] in the `*_cls_prob` configs), decoded
-straight from the `tf.train.Example` bytes. `process_shard`,
+are plain dicts (item_id, title, token_ids [L], labels, image_w, image_h,
+boxes [N, 4], features [N, F], and cls_prob [N, C] in the `*_cls_prob`
+configs), decoded straight from the `tf.train.Example` bytes. A split of
+another vocab than the run's, or of the older layout (no token ids), is
+refused with the command that rebuilds it (`product1m_schema.check_identity`). `process_shard`,
 `per_process_batch` and `read_options` say how this process reads a split;
 the training and evaluation iterators (`train_input`, `eval_input`) share them.
 """
@@ -20,7 +22,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from capture_jax import storage
-from capture_jax.data import product1m_tfds
+from capture_jax.data import product1m_schema as schema
 
 
 class _FastDecoder:
@@ -49,6 +51,7 @@ class _FastDecoder:
     out = {
         'item_id': f['item_id'].bytes_list.value[0].decode(),
         'title': f['title'].bytes_list.value[0].decode(),
+        'token_ids': np.frombuffer(f['token_ids'].bytes_list.value[0], np.int32),
         'labels': tuple(v.decode() for v in f['labels'].bytes_list.value),
         'image_w': int(f['image_w'].int64_list.value[0]),
         'image_h': int(f['image_h'].int64_list.value[0]),
@@ -81,27 +84,56 @@ def _records_equal(a: dict[str, Any], b: dict[str, Any]) -> bool:
   )
 
 
+def _refuse_older_versions(
+    tfds_dir: str, storage_dtype: str, with_cls_prob: bool, rebuild: str
+) -> None:
+  """Raises ValueError if `tfds_dir` holds this config only in a version this code does not read."""
+  for version in schema.OLDER_VERSIONS:
+    old = schema.dataset_dir(tfds_dir, storage_dtype, with_cls_prob, version)
+    if os.path.isdir(old):
+      raise ValueError(
+          f'{old}: a product1m dataset of an older layout (version {version}: no title token '
+          f'ids, no vocab fingerprint; this code reads {schema.DATASET_VERSION}); rebuild it: '
+          f'{rebuild.removesuffix(" --overwrite")}'
+      )
+
+
 class Product1MSource:
   """Grain random-access source over one split of the `product1m` TFDS dataset.
 
-  Records are dicts: item_id, title, labels (tuple of str), image_w, image_h,
+  Records are dicts: item_id, title, token_ids [L] int32 (the title's
+  WordPiece ids, no [CLS]/[SEP]), labels (tuple of str), image_w, image_h,
   boxes [N, 4] float32, features [N, F] in the storage dtype, and cls_prob
   [N, C] in the `*_cls_prob` configs. Reads go through
   `tfds.data_source(..., deserialize_method=RAW_BYTES)` (batched ArrayRecord
   reads) and `_FastDecoder`.
+
+  `vocab_file`: the run's vocab; the split must have been built with it
+  (None: any vocab, e.g. to read item ids; the layout is checked either way).
   """
 
   def __init__(
-      self, tfds_dir: str, split: str, storage_dtype: str = 'float16', with_cls_prob: bool = False
+      self,
+      tfds_dir: str,
+      split: str,
+      storage_dtype: str = 'float16',
+      with_cls_prob: bool = False,
+      vocab_file: str | None = None,
   ):
     self._args = dict(
-        tfds_dir=tfds_dir, split=split, storage_dtype=storage_dtype, with_cls_prob=with_cls_prob
+        tfds_dir=tfds_dir,
+        split=split,
+        storage_dtype=storage_dtype,
+        with_cls_prob=with_cls_prob,
+        vocab_file=vocab_file,
     )
-    name = f'{product1m_tfds.NAME}/{product1m_tfds.config_name(storage_dtype, with_cls_prob)}'
-    if not os.path.isdir(product1m_tfds.dataset_dir(tfds_dir, storage_dtype, with_cls_prob)):
+    name = f'{schema.NAME}/{schema.config_name(storage_dtype, with_cls_prob)}'
+    folder = schema.dataset_dir(tfds_dir, storage_dtype, with_cls_prob)
+    rebuild = schema.rebuild_command(tfds_dir, storage_dtype, with_cls_prob, vocab_file)
+    if not os.path.isdir(folder):
+      _refuse_older_versions(tfds_dir, storage_dtype, with_cls_prob, rebuild)
       raise FileNotFoundError(
-          f'no {name} dataset under {tfds_dir}; build it with `python -m '
-          f'capture_jax.data.product1m_tfds --data_dir DATA --out {tfds_dir}`'
+          f'no {name} dataset under {tfds_dir}; build it with `{rebuild.removesuffix(" --overwrite")}`'
       )
     sources = tfds.data_source(
         name, data_dir=tfds_dir, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES
@@ -115,7 +147,8 @@ class Product1MSource:
     self.name = name
     self._raw = sources[split]
     self._info = self._raw.dataset_info
-    self._fast = _FastDecoder(product1m_tfds.STORAGE_DTYPES[storage_dtype], with_cls_prob)
+    schema.check_identity(folder, self._info.metadata, vocab_file, rebuild)
+    self._fast = _FastDecoder(schema.STORAGE_DTYPES[storage_dtype], with_cls_prob)
     self._use_fast = True
     self._item_ids: tuple[str, ...] | None = None  # `item_ids()`, once read
     if len(self._raw):
@@ -192,7 +225,9 @@ def make_source(config: ml_collections.ConfigDict, split: str) -> Product1MSourc
   d = config.data
   require_local_inputs(config)
   classes = config.get('model', ml_collections.ConfigDict()).get('mrm_target') == 'class'
-  return Product1MSource(d.tfds_dir, split, d.storage_dtype, with_cls_prob=classes)
+  return Product1MSource(
+      d.tfds_dir, split, d.storage_dtype, with_cls_prob=classes, vocab_file=d.vocab_file or None
+  )
 
 
 # --------------------------------------------------------------------------
