@@ -103,6 +103,38 @@ def test_fast_decoder_matches_tfds_decoding(built):
     assert source_lib._records_equal(src[i], source_lib._tfds_to_record(ref[i]))
 
 
+@pytest.mark.parametrize('with_cls_prob', [False, True])
+def test_wire_decoder_matches_tfds_on_edge_records(with_cls_prob):
+  """The decoder walks the protobuf wire format itself: lengths of 1 to 3 varint bytes, empty
+  values and lists, many labels, float32 storage, all as TFDS decodes them."""
+  features = product1m_schema.features_dict('float32', with_cls_prob)
+  serializer = tfds.core.example_serializer.ExampleSerializer(features.get_serialized_info())
+  decoder = source_lib._FastDecoder(np.float32, with_cls_prob)
+  rng = np.random.default_rng(0)
+  for title, n, labels in [
+      ('', 2, []),
+      ('面霜' * 200, 1, ['a']),
+      ('x', 36, [f'l{i}' for i in range(300)]),
+  ]:
+    example = {
+        'item_id': 'item' + 'é' * 70,
+        'title': title,
+        'token_ids': rng.integers(0, 30000, len(title), dtype=np.int32),
+        'labels': labels,
+        'image_w': 2**20,
+        'image_h': 1,
+        'boxes': rng.random((n, 4), dtype=np.float32),
+        'features': rng.random((n, 2048), dtype=np.float32),
+    }
+    if with_cls_prob:
+      example['cls_prob'] = rng.random((n, 1601), dtype=np.float32)
+    raw = serializer.serialize_example(features.encode_example(example))
+    want = source_lib._tfds_to_record(features.deserialize_example_np(raw))
+    assert source_lib._records_equal(decoder(raw), want)
+  with pytest.raises(ValueError, match='runs past the end'):
+    decoder(raw[:-1])
+
+
 def test_records_carry_their_titles_token_ids_and_the_dataset_names_its_vocab(built, world):
   out, _ = built
   vocab = helpers.build_vocab()

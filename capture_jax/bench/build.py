@@ -13,7 +13,9 @@ input pipeline's samples/s on the last dataset (`capture_jax.bench.input`).
 
 The dataset of each run is deleted after it is measured (except the last).
 `--parts` prints the CPU time of each step of one example (and of parsing a TSV
-row); `--input` the input pipeline's samples/s on the last dataset (one core).
+row); `--input` the input pipeline's samples/s on the last dataset (one core);
+`--records` the records' part of a batch alone (read, decode, text ids; one
+core); `--codecs` each ArrayRecord codec's bytes and read time for its records.
 """
 
 from __future__ import annotations
@@ -191,6 +193,32 @@ def codec_rates(work_dir: str, dataset: str, batch: int = 256, repeats: int = 3)
   return out
 
 
+def records_rate(work_dir: str, tfds_dir: str, batch: int = 256, batches: int = 10) -> dict:
+  """One core's CPU microseconds per sample of what the records cost a batch: the batched
+  ArrayRecord read, the decode and the text ids (`TextEncoder.pack` of the stored token ids),
+  random batches of the train split, the best of 5 windows; the features' packing and masking
+  (`collate`'s rest) are not in it."""
+  from capture_jax.bench import input as bench  # pylint: disable=import-outside-toplevel
+  from capture_jax.data import source as source_lib  # pylint: disable=import-outside-toplevel
+  from capture_jax.data import tokenizer  # pylint: disable=import-outside-toplevel
+
+  bench.pin_to_cores(1)
+  vocab = vocab_of(work_dir)
+  src = source_lib.Product1MSource(tfds_dir, 'train', vocab_file=vocab)
+  encoder = tokenizer.TextEncoder(vocab, 24)
+  order = np.random.default_rng(0).permutation(len(src))[: batch * batches]
+  windows = []
+  for _ in range(5):
+    t = time.process_time()
+    for i in range(0, len(order), batch):
+      encoder.pack([r['token_ids'] for r in src.read_records(order[i : i + batch].tolist())])
+    windows.append((time.process_time() - t) / len(order) * 1e6)
+  return {
+      'records_us_per_sample': round(min(windows), 1),
+      'samples_per_cpu_s': round(1e6 / min(windows)),
+  }
+
+
 def input_rate(work_dir: str, tfds_dir: str) -> dict:
   """`bench.input.measure` on one core over a dataset built here (vocab from its titles)."""
   from capture_jax import config as config_lib  # pylint: disable=import-outside-toplevel
@@ -221,6 +249,9 @@ def define_flags() -> dict[str, flags.FlagHolder]:
       'examples_per_shard': flags.DEFINE_integer('examples_per_shard', 2048, 'Examples per shard.'),
       'parts': flags.DEFINE_bool('parts', False, 'Also print the CPU time of each build step.'),
       'input': flags.DEFINE_bool('input', False, 'Also time the input pipeline on it.'),
+      'records': flags.DEFINE_bool(
+          'records', False, "Also time the records' part of a batch (read, decode, text ids)."
+      ),
       'codecs': flags.DEFINE_bool(
           'codecs', False, 'Also time reading its records under each ArrayRecord codec.'
       ),
@@ -263,6 +294,8 @@ def main(args: dict[str, flags.FlagHolder]) -> None:
   if args['codecs'].value and last:
     for row in codec_rates(work_dir, last_dir):
       print('codec (one core):', json.dumps(row), flush=True)
+  if args['records'].value and last:
+    print('records (one core):', json.dumps(records_rate(work_dir, last)), flush=True)
   if args['input'].value and last:
     print('input pipeline (one core):', json.dumps(input_rate(work_dir, last)))
 

@@ -205,6 +205,13 @@ def annotation_paths(data_dir: str) -> dict[str, str]:
   return paths
 
 
+def why_empty(path: str, counter: formats.BadInputCounter) -> str:
+  """Why the split of annotation file `path` has no example, from its bad-input counts."""
+  if not counter.total:
+    return f'{path} holds no sample (empty, or blank lines only)'
+  return f'{path}: every sample is bad and was skipped ({counter.summary()})'
+
+
 def infer_feature_dim(store: formats.FeatureStore, ann_paths: Sequence[str]) -> int:
   """Width of the first image that has features, to check all others against."""
   n_samples = 0

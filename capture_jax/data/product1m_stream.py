@@ -915,11 +915,7 @@ def _count_splits(
     counter = _merge_counts(split_counters[split], [markers[t.order] for t in ts])
     n = sum(markers[t.order]['examples'] for t in ts)
     if not n:
-      report['empty_splits'][split] = (
-          f'{paths[split]} holds no sample (empty, or blank lines only)'
-          if not counter.total
-          else f'{paths[split]}: every sample is bad and was skipped ({counter.summary()})'
-      )
+      report['empty_splits'][split] = schema.why_empty(paths[split], counter)
       logging.warning('product1m: split %s is not built: %s', split, report['empty_splits'][split])
       for t in ts:
         os.remove(os.path.join(work, t.filename))

@@ -189,9 +189,7 @@ class Product1M(
         return None
       except formats.BadInputError as err:
         counter.handle(formats.BadInputError(err.kind, f'{path}:{lineno}: {err}'))
-    if not counter.total:
-      return f'{path} holds no sample (empty, or blank lines only)'
-    return f'{path}: every sample is bad and was skipped ({counter.summary()})'
+    return schema.why_empty(path, counter)
 
   def _generate_examples(self, split: str, path: str) -> Iterator[tuple[str, dict]]:
     counter = formats.BadInputCounter(self._skip_bad)
