@@ -677,6 +677,13 @@ def build(
 ) -> dict:
   """Builds the ArrayRecord splits (see the module docstring); returns the report.
 
+  The build of `product1m_tfds.build`, its command and `build_from_config`.
+  `vocab_file` is the WordPiece vocab the titles are tokenised with, once
+  (`token_ids`); its fingerprint is part of the plan and of the published
+  dataset's identity (`product1m_schema.identity`). An existing dataset is
+  reused only when it is of this vocab (else ValueError with the command that
+  rebuilds), unless `overwrite`.
+
   Returns:
     {'dataset_dir', 'feature_dim', 'max_regions', 'storage_dtype', 'splits':
     {split: {'examples', 'skipped', 'by_kind', 'truncated'}}, 'empty_splits':
@@ -686,15 +693,11 @@ def build(
   """
   from capture_jax.training import lock as lock_lib  # pylint: disable=import-outside-toplevel
 
-  if num_workers < 1:
-    raise ValueError(f'num_workers must be at least 1, got {num_workers}')
-  if examples_per_shard < 1:
-    raise ValueError(f'examples_per_shard must be at least 1, got {examples_per_shard}')
+  _check_arguments(num_workers, examples_per_shard, vocab_file)
   config = schema.config_name(storage_dtype, with_cls_prob)
   final = schema.dataset_dir(tfds_dir, storage_dtype, with_cls_prob)
   features = features or os.path.join(data_dir, 'features')
   # feature_dim 0: not known yet (read from the features once they are open).
-  tokenizer_lib.read_vocab(vocab_file)  # a missing or malformed vocab: refused before the lock
   probe = Spec(
       tfds_dir,
       features,
@@ -708,14 +711,7 @@ def build(
   execution = Execution(
       num_workers, None if beam_options is None else tuple(beam_options), progress
   )
-  report: dict[str, Any] = {
-      'dataset_dir': final,
-      'feature_dim': feature_dim,
-      'max_regions': max_regions,
-      'storage_dtype': storage_dtype,
-      'splits': {},
-      'empty_splits': {},
-  }
+  report = _new_report(final, probe)
   with lock_lib.FolderLock(
       os.path.join(tfds_dir, schema.NAME), lock_name(config), 'product1m build', True
   ):
@@ -740,6 +736,32 @@ def build(
       # `.incomplete` folder (which no reader takes for a dataset) and the same command resumes.
       print(f'note: the build stopped; rerun the same command to resume from {work}', flush=True)
       raise
+
+
+def _check_arguments(num_workers: int, examples_per_shard: int, vocab_file: str) -> None:
+  """Raises ValueError (or OSError: no vocab file) before anything is locked or written."""
+  if num_workers < 1:
+    raise ValueError(f'num_workers must be at least 1, got {num_workers}')
+  if examples_per_shard < 1:
+    raise ValueError(f'examples_per_shard must be at least 1, got {examples_per_shard}')
+  if not os.path.isfile(vocab_file):
+    raise FileNotFoundError(
+        f'vocab {vocab_file}: no such file (the build tokenises the titles with it); train one '
+        'with `python -m capture_jax.data.tokenizer train --data_dir DATA --out vocab.txt`'
+    )
+  tokenizer_lib.read_vocab(vocab_file)  # malformed: ValueError naming the line
+
+
+def _new_report(final: str, probe: Spec) -> dict[str, Any]:
+  """The build's report before anything is built (`feature_dim` None: read from the features)."""
+  return {
+      'dataset_dir': final,
+      'feature_dim': probe.feature_dim or None,
+      'max_regions': probe.max_regions,
+      'storage_dtype': probe.storage_dtype,
+      'splits': {},
+      'empty_splits': {},
+  }
 
 
 def _check_existing(final: str, spec: Spec) -> None:
