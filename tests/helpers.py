@@ -13,10 +13,12 @@ preset's, 32 for `tiny`).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -32,6 +34,29 @@ from capture_jax.data import masking as masking_lib
 from capture_jax.data import product1m_tfds
 from capture_jax.data import synthetic
 from capture_jax.data import tokenizer as tokenizer_lib
+
+# Titles the build tests' vocab is trained on: CJK, latin, digits (their own titles may be others:
+# a word the vocab lacks becomes [UNK], which a build test does not mind).
+VOCAB_TITLES = (
+    '兰蔻小黑瓶精华肌底液 Lancome Advanced Genifique 50ml',
+    'SK-II 神仙水 230ml 护肤精华露',
+    '雅诗兰黛 Estee Lauder 面霜 Night Repair 100ml',
+    'title 1 面霜 2 3 4 5 6 7 8 9 0 product item',
+)
+
+
+@functools.cache
+def build_vocab() -> str:
+  """A small vocab.txt for the tests that build datasets (trained once per test process)."""
+  path = os.path.join(tempfile.mkdtemp(prefix='capture_test_vocab_'), 'vocab.txt')
+  tokenizer_lib.train_vocab(VOCAB_TITLES, 120, path, min_frequency=1)
+  return path
+
+
+def build_dataset(data_dir: str, tfds_dir: str, **kwargs: Any) -> dict:
+  """`product1m_tfds.build` with the tests' vocab (`build_vocab`) unless `vocab_file` is given."""
+  kwargs.setdefault('vocab_file', build_vocab())
+  return product1m_tfds.build(data_dir, tfds_dir, **kwargs)
 
 
 def tiny_dataset(
@@ -76,6 +101,7 @@ def tiny_dataset(
   product1m_tfds.build(
       d.data_dir,
       d.tfds_dir,
+      vocab_file=d.vocab_file,
       storage_dtype=storage_dtype,
       max_regions=p.max_regions,
       feature_dim=p.feature_dim,

@@ -47,6 +47,7 @@ COMMANDS = {
     'capture_jax.data.product1m_tfds': [
         'data_dir',
         'out',
+        'vocab',
         'config',
         'features',
         'storage_dtype',

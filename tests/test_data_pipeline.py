@@ -248,6 +248,33 @@ def test_fused_collate_equals_mask_then_global_token(config):
   np.testing.assert_array_equal(batch['lm_label_ids'], lm)
 
 
+# Real-looking titles: CJK, latin with accents and capitals, digits, punctuation, an empty one.
+TITLES = (
+    '兰蔻小黑瓶精华肌底液 Lancôme Advanced Génifique 50ml 补水保湿 修护',
+    'SK-II 神仙水 230ml 护肤精华露（限量版）',
+    '',
+    'ESTÉE LAUDER Night Repair 小棕瓶 100ml x2 套装 送 眼霜15ml',
+    '面霜' * 40,
+)
+
+
+@pytest.mark.parametrize('max_len', [2, 3, 8, 24, 128])
+def test_stored_token_ids_pack_to_what_the_encoder_gives_for_the_titles(tmp_path, max_len):
+  """`TextEncoder.pack` of `TitleTokenizer` ids (what a dataset stores) == `TextEncoder` of the
+  titles, truncation included: training on stored ids is training on the titles."""
+  vocab = str(tmp_path / 'vocab.txt')
+  tokenizer_lib.train_vocab(TITLES[:2] + TITLES[3:], 120, vocab, min_frequency=1)
+  encoder = tokenizer_lib.TextEncoder(vocab, max_len)
+  stored = [tokenizer_lib.TitleTokenizer(vocab).ids(t) for t in TITLES]
+  assert all(x.dtype == np.int32 for x in stored) and len(stored[-1]) == 80  # untruncated
+  ids, mask = encoder.pack(stored)
+  want_ids, want_mask = encoder(list(TITLES))
+  assert ids.dtype == mask.dtype == np.int32 and ids.shape == (len(TITLES), max_len)
+  np.testing.assert_array_equal(ids, want_ids)
+  np.testing.assert_array_equal(mask, want_mask)
+  assert encoder.pack([])[0].shape == (0, max_len)
+
+
 def test_masks_are_a_function_of_seed_and_position():
   keys = masking_lib.record_keys(0, np.arange(4))
   np.testing.assert_array_equal(keys, masking_lib.record_keys(0, np.arange(4)))

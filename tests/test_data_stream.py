@@ -22,7 +22,9 @@ from capture_jax.data import product1m_stream
 from capture_jax.data import product1m_tfds
 from capture_jax.data import source as source_lib
 from capture_jax.data import synthetic
+from capture_jax.data import tokenizer as tokenizer_lib
 from capture_jax.training import lock as lock_lib
+from tests import helpers
 from tests.helpers import run_module
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,7 +50,7 @@ def reference(world, tmp_path_factory):
 
 def _build(data, out, **kwargs):
   kwargs.setdefault('examples_per_shard', 7)
-  return product1m_tfds.build(
+  return helpers.build_dataset(
       data,
       out,
       max_regions=TINY.max_regions,
@@ -102,7 +104,11 @@ def test_crosses_tfds_memory_limit_without_tensorflow(world, tmp_path, monkeypat
 
   monkeypatch.setattr(shuffle, 'MAX_MEM_BUFFER_SIZE', 1000)
   old = product1m_tfds.Product1M(
-      source_dir=world, max_regions=8, data_dir=str(tmp_path / 'old'), config='float16'
+      source_dir=world,
+      vocab_file=helpers.build_vocab(),
+      max_regions=8,
+      data_dir=str(tmp_path / 'old'),
+      config='float16',
   )
   tfds.display_progress_bar(False)
   with pytest.raises(ModuleNotFoundError, match='tensorflow'):  # the path that crashes at 1 GB
@@ -123,13 +129,13 @@ def _peak_rss_of_build(data: str, out: str) -> tuple[int, dict]:
   code = (
       'import json, re, sys\n'
       'from capture_jax.data import product1m_tfds\n'
-      'r = product1m_tfds.build(sys.argv[1], sys.argv[2], features="generated:36x512",\n'
+      'r = product1m_tfds.build(sys.argv[1], sys.argv[2], vocab_file=sys.argv[3], features="generated:36x512",\n'
       '    max_regions=36, progress=False, examples_per_shard=500)\n'
       'kb = int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1))\n'
       'print(json.dumps([kb, r]))\n'
   )
   proc = subprocess.run(
-      [sys.executable, '-c', code, data, out],
+      [sys.executable, '-c', code, data, out, helpers.build_vocab()],
       capture_output=True,
       text=True,
       env={**os.environ, 'PYTHONPATH': str(REPO)},
@@ -209,11 +215,11 @@ def test_killed_build_never_looks_complete_and_a_rerun_resumes(world, reference,
   code = (
       'import sys\n'
       'from capture_jax.data import product1m_tfds\n'
-      'product1m_tfds.build(sys.argv[1], sys.argv[2], features="generated:36x256", max_regions=36,\n'
+      'product1m_tfds.build(sys.argv[1], sys.argv[2], vocab_file=sys.argv[3], features="generated:36x256", max_regions=36,\n'
       '    progress=False, examples_per_shard=100, num_workers=2)\n'
   )
   proc = subprocess.Popen(
-      [sys.executable, '-c', code, data, out],
+      [sys.executable, '-c', code, data, out, helpers.build_vocab()],
       env={**os.environ, 'PYTHONPATH': str(REPO)},
       stdout=subprocess.DEVNULL,
       stderr=subprocess.DEVNULL,
@@ -237,13 +243,13 @@ def test_killed_build_never_looks_complete_and_a_rerun_resumes(world, reference,
   shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
   capsys.readouterr()
   kwargs = dict(features='generated:36x256', max_regions=36, progress=False, examples_per_shard=100)
-  report = product1m_tfds.build(data, out, **kwargs)
+  report = helpers.build_dataset(data, out, **kwargs)
   printed = capsys.readouterr().out
   assert 'resuming the interrupted build' in printed and f'rewriting {shard.name}' in printed
   assert len(done) - 1 <= report['resumed_shards'] < 30
   assert not os.path.exists(work.parent)
   fresh = str(tmp_path / 'fresh')
-  product1m_tfds.build(data, fresh, **kwargs)
+  helpers.build_dataset(data, fresh, **kwargs)
   _assert_same_dataset(out, fresh)
 
 
@@ -255,7 +261,17 @@ def test_a_second_build_into_the_same_folder_is_refused(world, tmp_path):
     with pytest.raises(lock_lib.LockedError, match=f'pid {os.getpid()}'):
       _build(world, out)
     # The command, another process: one `error:` line, exit status 1.
-    proc = run_module(BUILD, '--data_dir', world, '--out', out, '--max_regions', 8)
+    proc = run_module(
+        BUILD,
+        '--data_dir',
+        world,
+        '--out',
+        out,
+        '--max_regions',
+        8,
+        '--vocab',
+        helpers.build_vocab(),
+    )
     assert proc.returncode == 1, proc.stderr
     err = proc.stderr.strip().splitlines()[-1]
     assert err.startswith('error: ') and 'in use by another product1m build' in err
@@ -287,6 +303,23 @@ def test_other_settings_start_over_instead_of_resuming(world, tmp_path, capsys):
 
 # ----------------------------------------------------------------------------
 # 4. Apache Beam (DirectRunner): the same dataset, the same refusals.
+
+
+def test_the_vocab_by_content_is_part_of_the_plan(tmp_path):
+  """Another vocab changes every shard's token ids: an interrupted build of it is not resumed."""
+  ann = {
+      'train': _write_train(str(tmp_path / 'data'), 3) + '/' + formats.annotation_filename('train')
+  }
+  other = str(tmp_path / 'other.txt')
+  tokenizer_lib.train_vocab(['other words 其他'], 30, other, min_frequency=1)
+  same = str(tmp_path / 'same.txt')
+  shutil.copy(helpers.build_vocab(), same)
+
+  def plan(vocab):
+    spec = product1m_stream.Spec('out', 'generated:4x8', 'float16', 4, 8, False, False, vocab)
+    return product1m_stream.fingerprint(spec, ann, 7)
+
+  assert plan(helpers.build_vocab()) == plan(same) != plan(other)
 
 
 def test_beam_direct_runner_gives_the_same_dataset(world, reference, tmp_path):
@@ -325,6 +358,7 @@ def test_beam_direct_runner_gives_the_same_dataset(world, reference, tmp_path):
 def test_cli_workers_and_beam_options(world, reference, tmp_path):
   out = str(tmp_path / 'out')
   argv = ['--data_dir', world, '--out', out, '--max_regions', '8', '--examples_per_shard', '7']
+  argv += ['--vocab', helpers.build_vocab()]
   proc = run_module(BUILD, *argv, '--num_workers', 2)
   assert proc.returncode == 0, proc.stderr
   assert proc.stdout.strip().splitlines()[-1] == product1m_tfds.dataset_dir(out)

@@ -17,8 +17,11 @@ import tensorflow_datasets as tfds
 from capture_jax.data import formats
 from capture_jax.data import source as source_lib
 from capture_jax.data import train_input
+from capture_jax.data import product1m_schema
 from capture_jax.data import product1m_tfds
 from capture_jax.data import synthetic
+from capture_jax.data import tokenizer as tokenizer_lib
+from tests import helpers
 from tests.helpers import run_module
 
 TINY = synthetic.PRESETS['tiny']
@@ -35,7 +38,7 @@ def world(tmp_path_factory):
 @pytest.fixture(scope='module')
 def built(world, tmp_path_factory):
   out = str(tmp_path_factory.mktemp('tfds'))
-  report = product1m_tfds.build(world, out, max_regions=TINY.max_regions, progress=False)
+  report = helpers.build_dataset(world, out, max_regions=TINY.max_regions, progress=False)
   return out, report
 
 
@@ -60,6 +63,13 @@ def test_builds_every_split_without_tensorflow(built, world):
     }
   files = os.listdir(report['dataset_dir'])
   assert any(f.startswith('product1m-train.array_record') for f in files)
+  from array_record.python import array_record_module  # pylint: disable=import-outside-toplevel
+
+  shard = next(f for f in files if f.startswith('product1m-train.array_record'))
+  reader = array_record_module.ArrayRecordReader(os.path.join(report['dataset_dir'], shard))
+  options = reader.writer_options_string().split(',')
+  reader.close()
+  assert 'group_size:1' in options and 'uncompressed' in options  # the codec measured best
   saved = json.load(open(os.path.join(report['dataset_dir'], product1m_tfds.REPORT_NAME)))
   assert saved['splits'] == report['splits']
 
@@ -93,11 +103,95 @@ def test_fast_decoder_matches_tfds_decoding(built):
     assert source_lib._records_equal(src[i], source_lib._tfds_to_record(ref[i]))
 
 
+@pytest.mark.parametrize('with_cls_prob', [False, True])
+def test_wire_decoder_matches_tfds_on_edge_records(with_cls_prob):
+  """The decoder walks the protobuf wire format itself: lengths of 1 to 3 varint bytes, empty
+  values and lists, many labels, float32 storage, all as TFDS decodes them."""
+  features = product1m_schema.features_dict('float32', with_cls_prob)
+  serializer = tfds.core.example_serializer.ExampleSerializer(features.get_serialized_info())
+  decoder = source_lib._FastDecoder(np.float32, with_cls_prob)
+  rng = np.random.default_rng(0)
+  for title, n, labels in [
+      ('', 2, []),
+      ('面霜' * 200, 1, ['a']),
+      ('x', 36, [f'l{i}' for i in range(300)]),
+  ]:
+    example = {
+        'item_id': 'item' + 'é' * 70,
+        'title': title,
+        'token_ids': rng.integers(0, 30000, len(title), dtype=np.int32),
+        'labels': labels,
+        'image_w': 2**20,
+        'image_h': 1,
+        'boxes': rng.random((n, 4), dtype=np.float32),
+        'features': rng.random((n, 2048), dtype=np.float32),
+    }
+    if with_cls_prob:
+      example['cls_prob'] = rng.random((n, 1601), dtype=np.float32)
+    raw = serializer.serialize_example(features.encode_example(example))
+    want = source_lib._tfds_to_record(features.deserialize_example_np(raw))
+    assert source_lib._records_equal(decoder(raw), want)
+  with pytest.raises(ValueError, match='runs past the end'):
+    decoder(raw[:-1])
+
+
+def test_records_carry_their_titles_token_ids_and_the_dataset_names_its_vocab(built, world):
+  out, _ = built
+  vocab = helpers.build_vocab()
+  titles = tokenizer_lib.TitleTokenizer(vocab)
+  src = source_lib.Product1MSource(out, 'dev', vocab_file=vocab)
+  records = src.read_records(range(len(src)))
+  assert [r['item_id'] for r in records] == [a.item_id for a in _lines(world, 'dev')]
+  for r, ann in zip(records, _lines(world, 'dev')):
+    assert r['token_ids'].dtype == np.int32 and r['title'] == ann.title
+    np.testing.assert_array_equal(r['token_ids'], titles.ids(ann.title))
+  # The identity, as TFDS's own metadata of the dataset (read back without this module's code).
+  info = tfds.builder_from_directory(product1m_tfds.dataset_dir(out)).info
+  assert info.metadata['vocab_fingerprint'] == tokenizer_lib.vocab_fingerprint(vocab)
+  assert info.metadata['do_lower_case'] is True
+  assert info.metadata['layout'] == product1m_schema.LAYOUT
+
+
+def test_a_split_of_another_vocab_is_refused_naming_both_and_the_rebuild(built, world, tmp_path):
+  out, _ = built
+  other = str(tmp_path / 'other.txt')
+  tokenizer_lib.train_vocab(['完全不同的词表 other words'], 40, other, min_frequency=1)
+  with pytest.raises(ValueError) as err:
+    source_lib.Product1MSource(out, 'train', vocab_file=other)
+  msg = str(err.value)
+  assert '\n' not in msg and helpers.build_vocab() in msg and other in msg
+  assert f'{product1m_schema.BUILD_COMMAND} --data_dir DATA --out {out} --vocab {other}' in msg
+  # The same tokens in another file are the same vocab.
+  same = str(tmp_path / 'same.txt')
+  shutil.copy(helpers.build_vocab(), same)
+  assert len(source_lib.Product1MSource(out, 'train', vocab_file=same)) == TINY.num_train
+  # The build does not pass the dataset off as one of the other vocab either.
+  with pytest.raises(ValueError, match='rebuild it: .* --overwrite'):
+    helpers.build_dataset(world, out, vocab_file=other, max_regions=TINY.max_regions)
+
+
+def test_a_dataset_of_the_older_layout_is_refused_with_the_rebuild_command(built, tmp_path):
+  out, _ = built
+  # Version 1.0.0: what the build wrote before titles carried their token ids.
+  old = str(tmp_path / 'old')
+  shutil.copytree(
+      product1m_tfds.dataset_dir(out), product1m_schema.dataset_dir(old, version='1.0.0')
+  )
+  with pytest.raises(ValueError, match=r'older layout \(version 1\.0\.0.*rebuild it: python -m'):
+    source_lib.Product1MSource(old, 'train')
+  # The current version without its identity (metadata.json).
+  bare = str(tmp_path / 'bare')
+  shutil.copytree(product1m_tfds.dataset_dir(out), product1m_tfds.dataset_dir(bare))
+  os.remove(os.path.join(product1m_tfds.dataset_dir(bare), 'metadata.json'))
+  with pytest.raises(ValueError, match=f'older layout.*--out {bare} --vocab VOCAB'):
+    source_lib.Product1MSource(bare, 'train')
+
+
 def test_float32_storage_and_absent_split(world, tmp_path):
   data = tmp_path / 'data'
   shutil.copytree(world, data)
   os.remove(data / formats.annotation_filename('test'))
-  report = product1m_tfds.build(
+  report = helpers.build_dataset(
       str(data),
       str(tmp_path / 'out'),
       storage_dtype='float32',
@@ -203,7 +297,7 @@ def test_bad_input_stops_with_file_line_and_id(world, tmp_path, kind):
   ids = _first_ids(world, 'gallery', 8)
   _, fragment = CASES[kind](data, ids)
   with pytest.raises(formats.BadInputError) as err:
-    product1m_tfds.build(
+    helpers.build_dataset(
         data,
         str(tmp_path / 'out'),
         max_regions=TINY.max_regions,
@@ -223,7 +317,7 @@ def test_skip_bad_counts_every_kind_and_builds_the_rest(world, tmp_path):
   ids = _first_ids(world, 'gallery', 8)
   for case in CASES.values():
     case(data, ids)
-  report = product1m_tfds.build(
+  report = helpers.build_dataset(
       data,
       str(tmp_path / 'out'),
       max_regions=TINY.max_regions,
@@ -245,7 +339,7 @@ def test_skip_bad_counts_every_kind_and_builds_the_rest(world, tmp_path):
 
 
 def test_more_regions_than_the_maximum_are_truncated_and_counted(world, tmp_path):
-  report = product1m_tfds.build(world, str(tmp_path / 'out'), max_regions=4, progress=False)
+  report = helpers.build_dataset(world, str(tmp_path / 'out'), max_regions=4, progress=False)
   src = source_lib.Product1MSource(str(tmp_path / 'out'), 'dev')
   expected = 0
   for i, ann in enumerate(_lines(world, 'dev')):
@@ -262,19 +356,24 @@ def test_float16_overflow_is_an_error(world, tmp_path):
   item = _first_ids(world, 'train', 1)[0]
   _corrupt_npz(data, item, features=lambda f: f + 1e6)
   with pytest.raises(formats.BadInputError, match=f'image {item}: features overflow float16'):
-    product1m_tfds.build(data, str(tmp_path / 'out'), progress=False)
+    helpers.build_dataset(data, str(tmp_path / 'out'), progress=False)
 
 
 def test_cli(world, tmp_path):
   out = str(tmp_path / 'out')
   proc = run_module(
       'capture_jax.data.product1m_tfds',
-      *('--data_dir', world, '--out', out, '--max_regions', 8),
+      *('--data_dir', world, '--out', out, '--max_regions', 8, '--vocab', helpers.build_vocab()),
       *('--storage_dtype', 'float32', '--skip_bad'),
   )
   assert proc.returncode == 0, proc.stderr
   assert proc.stdout.strip().splitlines()[-1] == product1m_tfds.dataset_dir(out, 'float32')
   assert f'dev: {TINY.num_dev} examples, 0 bad skipped' in proc.stderr
+  # Without a vocab: one line saying what to pass.
+  proc = run_module('capture_jax.data.product1m_tfds', '--data_dir', world, '--out', out + '2')
+  assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith(
+      'error: pass --vocab'
+  )
 
 
 def test_python_dash_m_with_two_workers(world, tmp_path):
@@ -289,6 +388,7 @@ def test_python_dash_m_with_two_workers(world, tmp_path):
           'capture_jax.data.product1m_tfds',
           f'--data_dir={world}',
           f'--out={out}',
+          f'--vocab={helpers.build_vocab()}',
           f'--max_regions={TINY.max_regions}',
           '--num_workers=2',
           '--examples_per_shard=32',
@@ -317,7 +417,13 @@ def test_detector_class_distributions_feed_the_class_target(world, tmp_path):
     rf.cls_prob = rng.dirichlet(np.ones(6), rf.num_boxes).astype(np.float32)
     formats.write_npz(path, rf)
   out = str(tmp_path / 'out')
-  product1m_tfds.build(data, out, with_cls_prob=True, storage_dtype='float32', progress=False)
+  vocab = str(tmp_path / 'vocab.txt')
+  from capture_jax.data import tokenizer
+
+  tokenizer.train_vocab(tokenizer.iter_titles(data), 300, vocab)
+  helpers.build_dataset(
+      data, out, with_cls_prob=True, storage_dtype='float32', progress=False, vocab_file=vocab
+  )
   c = config_lib.base_config()
   c.data.update(
       dict(
@@ -329,10 +435,7 @@ def test_detector_class_distributions_feed_the_class_target(world, tmp_path):
           batch_size=4,
       )
   )
-  c.data.vocab_file = str(tmp_path / 'vocab.txt')
-  from capture_jax.data import tokenizer
-
-  tokenizer.train_vocab(tokenizer.iter_titles(data), 300, c.data.vocab_file)
+  c.data.vocab_file = vocab
   c.model.update(dict(mrm_target='class', v_target_size=6, max_text_len=24))
   batch = next(train_input.make_train_iterator(c, process_index=0, process_count=1))
   assert batch['image_target'].shape == (4, 8, 6)

@@ -23,6 +23,7 @@ from capture_jax.data import product1m_tfds
 from capture_jax.data import synthetic
 from capture_jax.retrieval import metrics
 from tests import official_eval
+from tests import helpers
 from tests.helpers import run_module
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,7 +64,7 @@ def _edit_bytes(path: str, fn) -> None:
 
 
 def _build(data: str, out: str, **kwargs) -> dict:
-  return product1m_tfds.build(
+  return helpers.build_dataset(
       data,
       out,
       max_regions=TINY.max_regions,
@@ -226,7 +227,17 @@ def test_empty_split_is_not_built_and_the_others_are(data, tmp_path, content):
   }
   assert set(tfds.data_source('product1m/float16', data_dir=out)) == {'train', 'gallery', 'test'}
   # The command says so too.
-  proc = run_module(BUILD, '--data_dir', data, '--out', tmp_path / 'cli', '--max_regions', 8)
+  proc = run_module(
+      BUILD,
+      '--data_dir',
+      data,
+      '--out',
+      tmp_path / 'cli',
+      '--max_regions',
+      8,
+      '--vocab',
+      helpers.build_vocab(),
+  )
   assert proc.returncode == 0 and 'dev: not built, ' in proc.stderr, proc.stderr
 
 
@@ -254,9 +265,9 @@ def test_all_splits_empty_is_an_error(tmp_path):
     (data / formats.annotation_filename(split)).write_text('\n')
   out = str(tmp_path / 'out')
   with pytest.raises(ValueError, match='no annotation file holds a readable sample'):
-    product1m_tfds.build(str(data), out, progress=False)
+    helpers.build_dataset(str(data), out, progress=False)
   with pytest.raises(ValueError, match='no split has a usable sample'):
-    product1m_tfds.build(str(data), out, feature_dim=4, progress=False)
+    helpers.build_dataset(str(data), out, feature_dim=4, progress=False)
   assert _no_dataset_left(out)
 
 
@@ -461,12 +472,14 @@ def test_build_command_refuses_bad_input_with_one_line_and_status_1(data, tmp_pa
   npz = os.path.join(data, 'features', f'{item}.npz')
   _edit_bytes(npz, lambda raw: raw[:50])
   out = str(tmp_path / 'out')
-  proc = run_module(BUILD, '--data_dir', data, '--out', out)
+  proc = run_module(BUILD, '--data_dir', data, '--out', out, '--vocab', helpers.build_vocab())
   assert proc.returncode == 1 and 'Traceback' not in proc.stderr, proc.stderr
   err = proc.stderr.strip().splitlines()
   assert err[-1].startswith(f'error: {_ann_path(data, "dev")}:1: {npz}: image {item}: cannot read')
   assert _no_dataset_left(out)
-  proc = run_module(BUILD, '--data_dir', data, '--out', out, '--skip_bad')
+  proc = run_module(
+      BUILD, '--data_dir', data, '--out', out, '--skip_bad', '--vocab', helpers.build_vocab()
+  )
   assert proc.returncode == 0, proc.stderr
   want = f"dev: {TINY.num_dev - 1} examples, 1 bad skipped {{'malformed_features': 1}}"
   assert want in proc.stderr

@@ -61,6 +61,7 @@ def rebuild_with_other_titles(cfg) -> None:
   product1m_tfds.build(
       cfg.data.data_dir,
       cfg.data.tfds_dir,
+      vocab_file=cfg.data.vocab_file,
       storage_dtype=cfg.data.storage_dtype,
       max_regions=cfg.data.max_regions,
       feature_dim=cfg.data.feature_dim,

@@ -353,6 +353,7 @@ def _build(stage: str, p: Paths, sizes: Sizes, args: dict) -> dict:
           'capture_jax.data.product1m_tfds',
           f'--data_dir={data}',
           f'--out={tfds}',
+          f'--vocab={p.vocab}',
           f'--features={FEATURES}',
           '--max_regions=36',
           '--feature_dim=2048',
@@ -544,8 +545,8 @@ def _aot(stage: str, p: Paths, sizes: Sizes, args: dict) -> dict:
 STAGE_RUNNERS = {
     'matmul': _matmul,
     'annotations': _annotations,
+    'vocab': _vocab,  # before the build: it tokenises the titles with it
     'build': _build,
-    'vocab': _vocab,
     'train': _train,
     'export_gallery': _export,
     'export_queries': _export,

@@ -95,7 +95,7 @@ def collate(
     positions: [B] global stream positions (seed the masks); None = no masking
       (evaluation): labels are -1 and features untouched.
   """
-  ids, input_mask = spec.encoder([r['title'] for r in records])
+  ids, input_mask = spec.encoder.pack([r['token_ids'] for r in records])
   image_feat, loc, region_mask = pack_regions(records, spec.max_regions, spec.feature_dim, offset=1)
   regions = image_feat[:, 1:]  # a view: masking below writes into image_feat
   if spec.target_key == 'features':

@@ -14,14 +14,17 @@ module writes the same dataset without that shuffler:
    depends neither on the number of workers nor on the engine, so every
    worker count and Beam write the same shards with the same examples.
 2. **Write** each shard task, in any order and on any worker: read its lines,
-   look up the region features, make and serialize the examples (TFDS's
-   feature encoding and its bundled `tf.train.Example` proto), write them to
-   the shard's ArrayRecord file as they come (`group_size:1`, as TFDS's
-   ArrayRecord adapter), read the shard back (count + first and last record),
-   then write a done marker. Memory: one example plus the writer's buffer.
+   look up the region features, tokenise the title, make and serialize the
+   examples (TFDS's feature encoding and its bundled `tf.train.Example`
+   proto), write them to the shard's ArrayRecord file as they come
+   (`ARRAY_RECORD_OPTIONS`: one record per chunk, as TFDS's ArrayRecord
+   adapter, with the codec measured best for float16 features), read the
+   shard back (count + first and last record), then write a done marker.
+   Memory: one example plus the writer's buffer.
 3. **Publish**: check every shard against its marker, write TFDS's metadata
    (`dataset_info.json`, `features.json`, split shard lengths, with the
-   builder's own `DatasetInfo`), and rename the folder into place.
+   schema's `DatasetInfo`; `metadata.json`: the vocab's identity), and rename
+   the folder into place.
 
 Workers: `num_workers=1` writes in this process; N > 1 uses N spawned
 processes pulling shard tasks in order; `beam_options` runs the shard tasks as
@@ -71,15 +74,19 @@ import numpy as np
 
 from capture_jax import storage
 from capture_jax.data import formats
-from capture_jax.data import product1m_tfds
+from capture_jax.data import product1m_schema as schema
+from capture_jax.data import tokenizer as tokenizer_lib
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # 2: token_ids, the vocab and the codec in the plan
 DEFAULT_EXAMPLES_PER_SHARD = 2048
 INCOMPLETE_SUFFIX = '.incomplete'
 WORK_DIR = '_build'  # markers, plan and feature index, inside the incomplete folder
 GENERATED_PREFIX = 'generated:'
-# ArrayRecord options of TFDS's ArrayRecordFileAdapter: one record per chunk, for random access.
-ARRAY_RECORD_OPTIONS = 'group_size:1'
+# One record per chunk (random access), as TFDS's ArrayRecordFileAdapter, but uncompressed where
+# the adapter leaves array_record's zstd:3: float16 region features hardly compress, and reading
+# them is several times cheaper without it (docs/BENCHMARKS.md "Input pipeline", the codec rows;
+# `python -m capture_jax.bench.build --codecs`).
+ARRAY_RECORD_OPTIONS = 'group_size:1,uncompressed'
 
 
 def lock_name(config: str) -> str:
@@ -150,6 +157,7 @@ class Spec:
   feature_dim: int
   skip_bad: bool
   with_cls_prob: bool
+  vocab_file: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,10 +181,7 @@ class ShardTask:
   @property
   def filename(self) -> str:
     """TFDS's default shard name, `{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}`."""
-    return (
-        f'{product1m_tfds.NAME}-{self.split}.array_record-'
-        f'{self.index:05d}-of-{self.num_shards:05d}'
-    )
+    return f'{schema.NAME}-{self.split}.array_record-' f'{self.index:05d}-of-{self.num_shards:05d}'
 
 
 def _line_offsets(path: str) -> np.ndarray:
@@ -242,7 +247,10 @@ def fingerprint(spec: Spec, ann_paths: dict[str, str], examples_per_shard: int) 
   """Identifies the inputs and settings of a build: a resumed build must match it."""
   blob = {
       'plan_version': PLAN_VERSION,
-      'spec': dataclasses.asdict(spec) | {'tfds_dir': None},
+      # The vocab by content (its path may move), the codec: both change the shards' bytes.
+      'spec': dataclasses.asdict(spec) | {'tfds_dir': None, 'vocab_file': None},
+      'vocab': tokenizer_lib.vocab_fingerprint(spec.vocab_file),
+      'array_record_options': ARRAY_RECORD_OPTIONS,
       'examples_per_shard': examples_per_shard,
       'annotations': {s: [p, _tree_stats(p)] for s, p in ann_paths.items()},
       'features': _tree_stats(spec.features),
@@ -308,15 +316,12 @@ class ShardWriter:
     self.spec = spec
     self.work = work
     self.store = open_store(spec.features, index)
-    builder = product1m_tfds.Product1M(
-        data_dir=spec.tfds_dir,
-        config=product1m_tfds.config_name(spec.storage_dtype, spec.with_cls_prob),
-    )
-    self.features = builder.info.features
+    self.titles = tokenizer_lib.TitleTokenizer(spec.vocab_file, schema.DO_LOWER_CASE)
+    self.features = schema.features_dict(spec.storage_dtype, spec.with_cls_prob)
     self.serializer = tfds.core.example_serializer.ExampleSerializer(
         self.features.get_serialized_info()
     )
-    self.dtype = product1m_tfds.STORAGE_DTYPES[spec.storage_dtype]
+    self.dtype = schema.STORAGE_DTYPES[spec.storage_dtype]
 
   def serialize(self, example: dict) -> bytes:
     return self.serializer.serialize_example(self.features.encode_example(example))
@@ -334,9 +339,10 @@ class ShardWriter:
     try:
       for lineno, ann in _read_task_lines(task):
         try:
-          example = product1m_tfds.make_example(
+          example = schema.make_example(
               self.store,
               ann,
+              self.titles,
               dtype=self.dtype,
               feature_dim=self.spec.feature_dim,
               max_regions=self.spec.max_regions,
@@ -604,18 +610,20 @@ def _publish(
   """Checks the shards, writes TFDS's metadata into `work`, renames it to `final`."""
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
 
-  builder = product1m_tfds.Product1M(
-      data_dir=spec.tfds_dir,
-      config=product1m_tfds.config_name(spec.storage_dtype, spec.with_cls_prob),
+  info = schema.dataset_info(
+      schema.dataset_identity(spec.tfds_dir, spec.storage_dtype, spec.with_cls_prob),
+      spec.storage_dtype,
+      spec.with_cls_prob,
+      metadata=schema.identity(spec.vocab_file),
   )
-  info = builder.info
+  info.set_file_format('array_record')
   split_infos = []
   for split, tasks in split_tasks.items():
     for t in tasks:
       verify_shard(os.path.join(work, t.filename), markers[t.order]['examples'])
     template = tfds.core.naming.ShardedFileTemplate(
         data_dir=epath.Path(final),
-        dataset_name=product1m_tfds.NAME,
+        dataset_name=schema.NAME,
         split=split,
         filetype_suffix='array_record',
     )
@@ -654,6 +662,7 @@ def build(
     data_dir: str,
     tfds_dir: str,
     *,
+    vocab_file: str,
     features: str | None = None,
     storage_dtype: str = 'float16',
     max_regions: int = 36,
@@ -668,6 +677,13 @@ def build(
 ) -> dict:
   """Builds the ArrayRecord splits (see the module docstring); returns the report.
 
+  The build of `product1m_tfds.build`, its command and `build_from_config`.
+  `vocab_file` is the WordPiece vocab the titles are tokenised with, once
+  (`token_ids`); its fingerprint is part of the plan and of the published
+  dataset's identity (`product1m_schema.identity`). An existing dataset is
+  reused only when it is of this vocab (else ValueError with the command that
+  rebuilds), unless `overwrite`.
+
   Returns:
     {'dataset_dir', 'feature_dim', 'max_regions', 'storage_dtype', 'splits':
     {split: {'examples', 'skipped', 'by_kind', 'truncated'}}, 'empty_splits':
@@ -677,33 +693,31 @@ def build(
   """
   from capture_jax.training import lock as lock_lib  # pylint: disable=import-outside-toplevel
 
-  if num_workers < 1:
-    raise ValueError(f'num_workers must be at least 1, got {num_workers}')
-  if examples_per_shard < 1:
-    raise ValueError(f'examples_per_shard must be at least 1, got {examples_per_shard}')
-  config = product1m_tfds.config_name(storage_dtype, with_cls_prob)
-  final = product1m_tfds.dataset_dir(tfds_dir, storage_dtype, with_cls_prob)
+  _check_arguments(num_workers, examples_per_shard, vocab_file)
+  config = schema.config_name(storage_dtype, with_cls_prob)
+  final = schema.dataset_dir(tfds_dir, storage_dtype, with_cls_prob)
   features = features or os.path.join(data_dir, 'features')
   # feature_dim 0: not known yet (read from the features once they are open).
   probe = Spec(
-      tfds_dir, features, storage_dtype, max_regions, feature_dim or 0, skip_bad, with_cls_prob
+      tfds_dir,
+      features,
+      storage_dtype,
+      max_regions,
+      feature_dim or 0,
+      skip_bad,
+      with_cls_prob,
+      vocab_file,
   )
   execution = Execution(
       num_workers, None if beam_options is None else tuple(beam_options), progress
   )
-  report: dict[str, Any] = {
-      'dataset_dir': final,
-      'feature_dim': feature_dim,
-      'max_regions': max_regions,
-      'storage_dtype': storage_dtype,
-      'splits': {},
-      'empty_splits': {},
-  }
+  report = _new_report(final, probe)
   with lock_lib.FolderLock(
-      os.path.join(tfds_dir, product1m_tfds.NAME), lock_name(config), 'product1m build', True
+      os.path.join(tfds_dir, schema.NAME), lock_name(config), 'product1m build', True
   ):
     if os.path.isdir(final):
       if not overwrite:
+        _check_existing(final, probe)
         return report
       shutil.rmtree(final)
     work = final + INCOMPLETE_SUFFIX
@@ -724,6 +738,47 @@ def build(
       raise
 
 
+def _check_arguments(num_workers: int, examples_per_shard: int, vocab_file: str) -> None:
+  """Raises ValueError (or OSError: no vocab file) before anything is locked or written."""
+  if num_workers < 1:
+    raise ValueError(f'num_workers must be at least 1, got {num_workers}')
+  if examples_per_shard < 1:
+    raise ValueError(f'examples_per_shard must be at least 1, got {examples_per_shard}')
+  if not os.path.isfile(vocab_file):
+    raise FileNotFoundError(
+        f'vocab {vocab_file}: no such file (the build tokenises the titles with it); train one '
+        'with `python -m capture_jax.data.tokenizer train --data_dir DATA --out vocab.txt`'
+    )
+  tokenizer_lib.read_vocab(vocab_file)  # malformed: ValueError naming the line
+
+
+def _new_report(final: str, probe: Spec) -> dict[str, Any]:
+  """The build's report before anything is built (`feature_dim` None: read from the features)."""
+  return {
+      'dataset_dir': final,
+      'feature_dim': probe.feature_dim or None,
+      'max_regions': probe.max_regions,
+      'storage_dtype': probe.storage_dtype,
+      'splits': {},
+      'empty_splits': {},
+  }
+
+
+def _check_existing(final: str, spec: Spec) -> None:
+  """Raises ValueError (with the command that rebuilds) if the finished dataset `final` is not one
+  of `spec`'s vocab: reusing it would train on token ids of another vocab."""
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+
+  schema.check_identity(
+      final,
+      tfds.builder_from_directory(final).info.metadata,
+      spec.vocab_file,
+      schema.rebuild_command(
+          spec.tfds_dir, spec.storage_dtype, spec.with_cls_prob, spec.vocab_file
+      ),
+  )
+
+
 def _build_locked(
     data_dir: str,
     probe: Spec,
@@ -733,7 +788,7 @@ def _build_locked(
     report: dict,
 ) -> dict:
   """`build` under the lock: plan, write the missing shards into `work`, count, publish."""
-  paths = _annotation_paths(data_dir)
+  paths = schema.annotation_paths(data_dir)
   plan_id = fingerprint(probe, paths, examples_per_shard)
   index = (
       None
@@ -755,22 +810,10 @@ def _build_locked(
   report['resumed_shards'] = resumed
   report['num_workers'] = execution.num_workers
   report['engine'] = execution.engine
-  with open(os.path.join(work, product1m_tfds.REPORT_NAME), 'w') as f:
+  with open(os.path.join(work, schema.REPORT_NAME), 'w') as f:
     json.dump(report, f, indent=1)
   _publish(spec, work, work.removesuffix(INCOMPLETE_SUFFIX), built, markers)
   return report
-
-
-def _annotation_paths(data_dir: str) -> dict[str, str]:
-  """{split: annotation file} of the splits `data_dir` has, in `formats.SPLITS` order."""
-  paths = {
-      s: os.path.join(data_dir, formats.annotation_filename(s))
-      for s in formats.SPLITS
-      if os.path.exists(os.path.join(data_dir, formats.annotation_filename(s)))
-  }
-  if not paths:
-    raise FileNotFoundError(f'no product1m_{{train,gallery,dev,test}}_ossurl_v2.txt in {data_dir}')
-  return paths
 
 
 def _start_or_resume(work: str, plan_id: str) -> bool:
@@ -815,7 +858,7 @@ def _with_feature_dim(probe: Spec, index: str | None, resuming: bool, paths: dic
     feature_dim = (
         store.feature_dim
         if isinstance(store, GeneratedFeatures)
-        else product1m_tfds._infer_feature_dim(store, list(paths.values()))
+        else schema.infer_feature_dim(store, list(paths.values()))
     )
   store.close()
   return dataclasses.replace(probe, feature_dim=feature_dim)
@@ -894,11 +937,7 @@ def _count_splits(
     counter = _merge_counts(split_counters[split], [markers[t.order] for t in ts])
     n = sum(markers[t.order]['examples'] for t in ts)
     if not n:
-      report['empty_splits'][split] = (
-          f'{paths[split]} holds no sample (empty, or blank lines only)'
-          if not counter.total
-          else f'{paths[split]}: every sample is bad and was skipped ({counter.summary()})'
-      )
+      report['empty_splits'][split] = schema.why_empty(paths[split], counter)
       logging.warning('product1m: split %s is not built: %s', split, report['empty_splits'][split])
       for t in ts:
         os.remove(os.path.join(work, t.filename))

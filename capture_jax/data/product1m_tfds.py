@@ -9,7 +9,12 @@ long as the builder returns a `DatasetInfo` directly (not
 module); the examples are serialised by TFDS's own bundled `tf.train.Example`
 protos.
 
-Layout: `{out}/product1m/{storage_dtype}[_cls_prob]/1.0.0/`, where the
+The schema (features, names, identity) is `product1m_schema`'s; the build
+itself streams (`product1m_stream`). Each title is tokenised once, at build
+time, with the vocab the command is given (`--vocab`): the examples hold its
+WordPiece ids and the dataset its fingerprint (TFDS's `metadata.json`).
+
+Layout: `{out}/product1m/{storage_dtype}[_cls_prob]/2.0.0/`, where the
 builder config names the storage dtype of the region features (float16
 halves the disk of 1M+ samples; the pipeline computes in float32). Examples
 keep the annotation file's order (`disable_shuffling`), so evaluation reads
@@ -23,6 +28,7 @@ other splits (TFDS itself would fail the whole build on an empty split).
 One example::
 
     item_id  Text        title  Text        labels  Sequence(Text) (empty for train)
+    token_ids [L] int32  the title's WordPiece ids (no [CLS]/[SEP], untruncated)
     image_w  int32       image_h  int32
     boxes    [N, 4] float32 pixels (x1, y1, x2, y2), N <= max_regions
     features [N, F] storage dtype
@@ -31,7 +37,7 @@ One example::
 Command line (absl flags; a progress bar per split; exit status 1 with one
 `error:` line when the input is refused)::
 
-    python -m capture_jax.data.product1m_tfds --data_dir DIR --out TFDS_DIR
+    python -m capture_jax.data.product1m_tfds --data_dir DIR --out TFDS_DIR --vocab VOCAB
         [--features PATH] [--storage_dtype float16] [--max_regions 36]
         [--feature_dim 2048] [--skip_bad] [--overwrite] [--config configs/demo.py]
 """
@@ -41,62 +47,29 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 from absl import flags
 from etils import epath
 import ml_collections
-import numpy as np
 import tensorflow_datasets as tfds
 
 from capture_jax import cli
 from capture_jax import progress as progress_lib
 from capture_jax import config as config_lib
 from capture_jax.data import formats
+from capture_jax.data import product1m_schema as schema
+from capture_jax.data import product1m_stream
+from capture_jax.data import tokenizer as tokenizer_lib
 
-NAME = 'product1m'
-DATASET_VERSION = '1.0.0'
-STORAGE_DTYPES = {'float16': np.float16, 'float32': np.float32}
-REPORT_NAME = 'product1m_build_report.json'
-
-_CITATION = """@inproceedings{zhan2021product1m,
-  title={Product1M: Towards Weakly Supervised Instance-Level Product Retrieval via
-         Cross-Modal Pretraining},
-  author={Zhan, Xunlin and Wu, Yangxin and Dong, Xiao and Wei, Yunchao and Lu, Minlong
-          and Zhang, Yichi and Xu, Hang and Liang, Xiaodan},
-  booktitle={ICCV}, year={2021}}"""
-
-
-def config_name(storage_dtype: str, with_cls_prob: bool = False) -> str:
-  """The builder config (sub-folder) of a storage dtype, e.g. `float16`."""
-  if storage_dtype not in STORAGE_DTYPES:
-    raise ValueError(
-        f'storage_dtype must be one of {sorted(STORAGE_DTYPES)}, got {storage_dtype!r}'
-    )
-  return storage_dtype + ('_cls_prob' if with_cls_prob else '')
-
-
-def dataset_dir(tfds_dir: str, storage_dtype: str = 'float16', with_cls_prob: bool = False) -> str:
-  """Where the builder writes (and `tfds.data_source` reads) a config."""
-  return os.path.join(tfds_dir, NAME, config_name(storage_dtype, with_cls_prob), DATASET_VERSION)
-
-
-def _infer_feature_dim(store: formats.FeatureStore, ann_paths: Sequence[str]) -> int:
-  """Width of the first image that has features, to check all others against."""
-  n_samples = 0
-  for path in ann_paths:
-    for _, ann in formats.read_annotations(path, counter=formats.BadInputCounter(True)):
-      n_samples += 1
-      if ann.item_id in store:
-        try:
-          rf, _ = store.get(ann.item_id)
-        except formats.BadInputError:
-          continue
-        if rf.features.ndim == 2:
-          return int(rf.features.shape[1])
-  if not n_samples:
-    raise ValueError(f'no annotation file holds a readable sample: {", ".join(ann_paths)}')
-  raise FileNotFoundError(f'no annotated image has readable region features in {store.path}')
+# The schema's names, for the callers that know this module as the dataset's (the schema owns them).
+NAME = schema.NAME
+STORAGE_DTYPES = schema.STORAGE_DTYPES
+REPORT_NAME = schema.REPORT_NAME
+config_name = schema.config_name
+dataset_dir = schema.dataset_dir
+# The build (streaming: `product1m_stream`); this module adds the builder and the command line.
+build = product1m_stream.build
 
 
 # `python -m capture_jax.data.product1m_tfds` runs this file a second time, as `__main__` (and
@@ -109,20 +82,15 @@ class Product1M(
 ):
   """Product1M samples with bottom-up-attention region features."""
 
-  name = NAME
-  VERSION = tfds.core.Version(DATASET_VERSION)
-  RELEASE_NOTES = {
-      DATASET_VERSION: 'Annotation files + region features, regions truncated to '
-      "max_regions, features in the config's storage dtype."
-  }
+  name = schema.NAME
+  VERSION = tfds.core.Version(schema.DATASET_VERSION)
+  RELEASE_NOTES = schema.RELEASE_NOTES
   BUILDER_CONFIGS = [
       tfds.core.BuilderConfig(
-          name=config_name(d, c),
-          description=f'features stored as {d}'
-          + (', with detector class distributions' if c else ''),
+          name=schema.config_name(d, c), description=schema.config_description(d, c)
       )
       for c in (False, True)
-      for d in STORAGE_DTYPES
+      for d in schema.STORAGE_DTYPES
   ]
 
   @tfds.core.utils.classproperty
@@ -137,6 +105,7 @@ class Product1M(
       self,
       *,
       source_dir: str | None = None,
+      vocab_file: str | None = None,
       features: str | None = None,
       feature_dim: int | None = None,
       max_regions: int = 36,
@@ -147,6 +116,7 @@ class Product1M(
 
     Args:
       source_dir: folder with `product1m_{split}_ossurl_v2.txt`.
+      vocab_file: the WordPiece vocab of the titles' `token_ids`.
       features: feature store (TSV/npz file or folder); default
         `{source_dir}/features`.
       feature_dim: expected feature width; None infers it from the first
@@ -155,11 +125,13 @@ class Product1M(
       skip_bad: skip and count bad samples instead of raising.
     """
     self._source_dir = source_dir
+    self._vocab_file = vocab_file
     self._features_path = features or (os.path.join(source_dir, 'features') if source_dir else None)
     self._feature_dim = feature_dim
     self._max_regions = int(max_regions)
     self._skip_bad = skip_bad
     self._store: formats.FeatureStore | None = None
+    self._titles: tokenizer_lib.TitleTokenizer | None = None
     self.reports: dict[str, dict] = {}
     # split -> why it was not built (no usable sample).
     self.empty_splits: dict[str, str] = {}
@@ -175,48 +147,18 @@ class Product1M(
     return self.builder_config.name.endswith('_cls_prob')
 
   def _info(self) -> tfds.core.DatasetInfo:
-    dtype = STORAGE_DTYPES[self._storage_dtype]
-    # BYTES encoding: the array buffer as is (fast to decode, any shape).
-    raw = tfds.features.Encoding.BYTES
-    feats: dict[str, Any] = {
-        'item_id': tfds.features.Text(),
-        'title': tfds.features.Text(),
-        'labels': tfds.features.Sequence(tfds.features.Text()),
-        'image_w': np.int32,
-        'image_h': np.int32,
-        'boxes': tfds.features.Tensor(shape=(None, 4), dtype=np.float32, encoding=raw),
-        'features': tfds.features.Tensor(shape=(None, None), dtype=dtype, encoding=raw),
-    }
-    if self._with_cls_prob:
-      feats['cls_prob'] = tfds.features.Tensor(shape=(None, None), dtype=dtype, encoding=raw)
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description='Product1M (or a Product1M-like synthetic world): titles, labels and '
-        'detector region features per item.',
-        features=tfds.features.FeaturesDict(feats),
-        homepage='https://github.com/zhanxlin/Product1M',
-        citation=_CITATION,
-        disable_shuffling=True,  # keep the annotation files' order
-    )
-
-  def _annotation_paths(self) -> dict[str, str]:
-    if not self._source_dir:
-      raise ValueError('building product1m needs source_dir (the annotation folder)')
-    paths = {
-        s: os.path.join(self._source_dir, formats.annotation_filename(s)) for s in formats.SPLITS
-    }
-    return {s: p for s, p in paths.items() if os.path.exists(p)}
+    metadata = schema.identity(self._vocab_file) if self._vocab_file else None
+    return schema.dataset_info(self, self._storage_dtype, self._with_cls_prob, metadata)
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     del dl_manager  # nothing to download: the inputs are local files
-    paths = self._annotation_paths()
-    if not paths:
-      raise FileNotFoundError(
-          f'no product1m_{{train,gallery,dev,test}}_ossurl_v2.txt in {self._source_dir}'
-      )
+    if not self._vocab_file:
+      raise ValueError('building product1m needs vocab_file (the titles are tokenised once here)')
+    paths = schema.annotation_paths(self._source_dir)
     self._store = formats.FeatureStore(self._features_path)
+    self._titles = tokenizer_lib.TitleTokenizer(self._vocab_file, schema.DO_LOWER_CASE)
     if self._feature_dim is None:
-      self._feature_dim = _infer_feature_dim(self._store, list(paths.values()))
+      self._feature_dim = schema.infer_feature_dim(self._store, list(paths.values()))
     generators = {}
     for split, path in paths.items():
       why = self._why_empty(split, path)
@@ -239,28 +181,24 @@ class Product1M(
     the build would, before anything is written.
     """
     counter = formats.BadInputCounter(self._skip_bad)
-    dtype = STORAGE_DTYPES[self._storage_dtype]
     for lineno, ann in formats.read_annotations(
         path, require_labels=split in formats.LABELLED_SPLITS, counter=counter
     ):
       try:
-        self._example(ann, dtype)
+        self._example(ann)
         return None
       except formats.BadInputError as err:
         counter.handle(formats.BadInputError(err.kind, f'{path}:{lineno}: {err}'))
-    if not counter.total:
-      return f'{path} holds no sample (empty, or blank lines only)'
-    return f'{path}: every sample is bad and was skipped ({counter.summary()})'
+    return schema.why_empty(path, counter)
 
   def _generate_examples(self, split: str, path: str) -> Iterator[tuple[str, dict]]:
     counter = formats.BadInputCounter(self._skip_bad)
-    dtype = STORAGE_DTYPES[self._storage_dtype]
     n = 0
     for lineno, ann in formats.read_annotations(
         path, require_labels=split in formats.LABELLED_SPLITS, counter=counter
     ):
       try:
-        example = self._example(ann, dtype)
+        example = self._example(ann)
       except formats.BadInputError as err:
         counter.handle(formats.BadInputError(err.kind, f'{path}:{lineno}: {err}'))
         continue
@@ -272,122 +210,26 @@ class Product1M(
     if counter.total or counter.truncated:
       logging.warning('product1m %s: %s', split, counter.summary())
 
-  def _example(self, ann: formats.Annotation, dtype: type) -> dict:
-    assert self._store is not None
-    return make_example(
+  def _example(self, ann: formats.Annotation) -> dict:
+    assert self._store is not None and self._titles is not None
+    return schema.make_example(
         self._store,
         ann,
-        dtype=dtype,
+        self._titles,
+        dtype=schema.STORAGE_DTYPES[self._storage_dtype],
         feature_dim=self._feature_dim,
         max_regions=self._max_regions,
         with_cls_prob=self._with_cls_prob,
     )
 
 
-def make_example(
-    store: Any,
-    ann: formats.Annotation,
-    *,
-    dtype: type,
-    feature_dim: int | None,
-    max_regions: int,
-    with_cls_prob: bool,
-) -> dict:
-  """The example of one annotation (the builder's features, plus `_truncated`).
-
-  `store` is a `formats.FeatureStore` (or anything with its `get`). Raises
-  `formats.BadInputError` naming the feature source and the image id.
-  """
-  rf, source = store.get(ann.item_id)
-  rf, truncated = formats.validate_regions(
-      rf, feature_dim=feature_dim, max_regions=max_regions, source=source
-  )
-  with np.errstate(over='ignore'):  # overflow is checked (and reported) below
-    stored = np.asarray(rf.features).astype(dtype)
-  if not np.isfinite(stored).all():
-    raise formats.BadInputError(
-        'nonfinite_features',
-        f'{source}: image {ann.item_id}: '
-        f'features overflow {dtype.__name__} (max |x| '
-        f'{np.abs(rf.features).max():.3g}); store as float32',
-    )
-  example = {
-      'item_id': ann.item_id,
-      'title': ann.title,
-      'labels': list(ann.labels),
-      'image_w': rf.image_w,
-      'image_h': rf.image_h,
-      'boxes': rf.boxes.astype(np.float32),
-      'features': stored,
-      '_truncated': truncated,
-  }
-  if with_cls_prob:
-    if rf.cls_prob is None:
-      raise formats.BadInputError(
-          'missing_cls_prob',
-          f'{source}: image {ann.item_id} has no cls_prob, expected [num_boxes, classes]',
-      )
-    example['cls_prob'] = np.asarray(rf.cls_prob).astype(dtype)
-  return example
-
-
-def build(
-    data_dir: str,
-    tfds_dir: str,
-    *,
-    features: str | None = None,
-    storage_dtype: str = 'float16',
-    max_regions: int = 36,
-    feature_dim: int | None = None,
-    skip_bad: bool = False,
-    overwrite: bool = False,
-    with_cls_prob: bool = False,
-    progress: bool = True,
-    num_workers: int = 1,
-    examples_per_shard: int | None = None,
-    beam_options: Sequence[str] | None = None,
-) -> dict:
-  """Builds the ArrayRecord splits; returns (and writes next to them) a report.
-
-  The build streams (`product1m_stream`): bounded memory and no TensorFlow at
-  any split size, `num_workers` processes or an Apache Beam pipeline
-  (`beam_options`, e.g. `['--runner=DirectRunner']`), resumable after a kill.
-
-  Returns:
-    {'dataset_dir': ..., 'splits': {split: {'examples', 'skipped', 'by_kind',
-    'truncated'}}, 'empty_splits': {split: why}, ...} for the splits built (or
-    found empty) now; both empty if the dataset existed and `overwrite` is
-    False.
-  """
-  from capture_jax.data import product1m_stream  # pylint: disable=import-outside-toplevel
-
-  return product1m_stream.build(
-      data_dir,
-      tfds_dir,
-      features=features,
-      storage_dtype=storage_dtype,
-      max_regions=max_regions,
-      feature_dim=feature_dim,
-      skip_bad=skip_bad,
-      overwrite=overwrite,
-      with_cls_prob=with_cls_prob,
-      progress=progress,
-      num_workers=num_workers,
-      examples_per_shard=(
-          product1m_stream.DEFAULT_EXAMPLES_PER_SHARD
-          if examples_per_shard is None
-          else examples_per_shard
-      ),
-      beam_options=beam_options,
-  )
-
-
 def build_from_config(config: ml_collections.ConfigDict, overwrite: bool = False) -> dict:
-  """`build` with every field from `config.data` (data_dir, tfds_dir, ...)."""
+  """`build` with every field from `config.data` (data_dir, tfds_dir, vocab_file, ...)."""
   d = config.data
   return build(
       d.data_dir,
       d.tfds_dir,
+      vocab_file=d.vocab_file,
       features=d.features or None,
       storage_dtype=d.storage_dtype,
       max_regions=d.max_regions,
@@ -404,6 +246,12 @@ def define_flags() -> dict[str, flags.FlagHolder]:
   return {
       'data_dir': flags.DEFINE_string('data_dir', None, 'Annotation files (+ features/).'),
       'out': flags.DEFINE_string('out', None, 'TFDS data_dir to write into.'),
+      'vocab': flags.DEFINE_string(
+          'vocab',
+          None,
+          "WordPiece vocab.txt the titles are tokenised with, once (default: the config's "
+          'data.vocab_file). Training refuses a dataset of another vocab.',
+      ),
       'config': flags.DEFINE_string(
           'config',
           None,
@@ -464,10 +312,20 @@ def main(args: dict[str, flags.FlagHolder]) -> int:
     d = config.data
   else:
     d = config_lib.data_config()
+  vocab = args['vocab'].value or (d.vocab_file if config_file else None)
+  if not vocab:
+    print(
+        'error: pass --vocab VOCAB (or --config with data.vocab_file): the titles are tokenised '
+        'once, at build time; train a vocab with `python -m capture_jax.data.tokenizer train '
+        '--data_dir DATA --out vocab.txt`',
+        file=sys.stderr,
+    )
+    return 1
   try:
     report = build(
         args['data_dir'].value,
         args['out'].value,
+        vocab_file=vocab,
         features=args['features'].value,
         storage_dtype=args['storage_dtype'].value or d.storage_dtype,
         max_regions=args['max_regions'].value or d.max_regions,
@@ -476,7 +334,8 @@ def main(args: dict[str, flags.FlagHolder]) -> int:
         overwrite=args['overwrite'].value,
         with_cls_prob=args['with_cls_prob'].value,
         num_workers=args['num_workers'].value,
-        examples_per_shard=args['examples_per_shard'].value,
+        examples_per_shard=args['examples_per_shard'].value
+        or product1m_stream.DEFAULT_EXAMPLES_PER_SHARD,
         beam_options=_beam_options(args['beam_pipeline_options'].value),
     )
   except (OSError, ValueError, lock_lib.LockedError) as err:  # BadInputError is a ValueError

@@ -1,9 +1,11 @@
 """Reading the product1m TFDS dataset: records of one split, and which of them this process reads.
 
 `Product1MSource` is a Grain random-access source over one split; its records
-are plain dicts (item_id, title, labels, image_w, image_h, boxes [N, 4],
-features [N, F], and cls_prob [N, C] in the `*_cls_prob` configs), decoded
-straight from the `tf.train.Example` bytes. `process_shard`,
+are plain dicts (item_id, title, token_ids [L], labels, image_w, image_h,
+boxes [N, 4], features [N, F], and cls_prob [N, C] in the `*_cls_prob`
+configs), decoded straight from the `tf.train.Example` bytes. A split of
+another vocab than the run's, or of the older layout (no token ids), is
+refused with the command that rebuilds it (`product1m_schema.check_identity`). `process_shard`,
 `per_process_batch` and `read_options` say how this process reads a split;
 the training and evaluation iterators (`train_input`, `eval_input`) share them.
 """
@@ -20,43 +22,118 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from capture_jax import storage
-from capture_jax.data import product1m_tfds
+from capture_jax.data import product1m_schema as schema
+
+
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+  """(value, next position) of the protobuf varint at `buf[pos]`."""
+  result = shift = 0
+  while True:
+    byte = buf[pos]
+    pos += 1
+    result |= (byte & 0x7F) << shift
+    if byte < 0x80:
+      return result, pos
+    shift += 7
+
+
+def _fields(buf: bytes, pos: int, end: int) -> list[tuple[int, int, int]]:
+  """[(field number, start, end)] of the length-delimited fields of the message `buf[pos:end]`.
+
+  Every field of a `tf.train.Example` down to its lists' payloads is length-delimited (int64
+  lists are packed), so any other wire type is refused rather than skipped.
+  """
+  out = []
+  while pos < end:
+    tag = buf[pos]
+    tag, pos = _varint(buf, pos) if tag & 0x80 else (tag, pos + 1)
+    if tag & 7 != 2:
+      raise ValueError(f'tf.train.Example: field {tag >> 3} has wire type {tag & 7}, expected 2')
+    n = buf[pos]
+    n, pos = _varint(buf, pos) if n & 0x80 else (n, pos + 1)
+    out.append((tag >> 3, pos, pos + n))
+    pos += n
+  if pos != end:
+    raise ValueError('tf.train.Example: a field runs past the end of its message')
+  return out
+
+
+def _example_lists(raw: bytes) -> dict[bytes, tuple[int, int]]:
+  """{feature key: (start, end) of its list message} of a serialized `tf.train.Example`.
+
+  Example.features (1) -> Features.feature (1, map entries: key 1, value 2) -> Feature (one of
+  bytes_list 1, float_list 2, int64_list 3) -> the list.
+  """
+  out = {}
+  for field, start, end in _fields(raw, 0, len(raw)):
+    for entry, s, e in _fields(raw, start, end) if field == 1 else ():
+      key, value = b'', ()
+      for f, s2, e2 in _fields(raw, s, e) if entry == 1 else ():
+        if f == 1:
+          key = raw[s2:e2]
+        elif f == 2:
+          value = _fields(raw, s2, e2)
+      out[key] = value[0][1:] if value else (0, 0)
+  return out
+
+
+def _int64s(raw: bytes, span: tuple[int, int]) -> list[int]:
+  """The values of the (packed) Int64List message at `span`."""
+  values = []
+  for _, s, e in _fields(raw, *span):
+    while s < e:
+      v, s = _varint(raw, s)
+      values.append(v - (1 << 64) if v >> 63 else v)
+  return values
+
+
+def _bytes(raw: bytes, span: tuple[int, int]) -> list[tuple[int, int]]:
+  """(start, end) of each value of the BytesList message at `span`."""
+  return [(s, e) for _, s, e in _fields(raw, *span)]
 
 
 class _FastDecoder:
   """Decodes product1m records straight from their `tf.train.Example` bytes.
 
-  TFDS's generic numpy decoding costs ~160 us per record in Python; reading
-  the few fields of this schema directly costs ~10 us. The layout is TFDS's
-  (BYTES-encoded tensors: `features/value` + `features/shape`), and
-  `Product1MSource` checks on the first record that both decoders agree,
-  falling back to TFDS's if they do not.
+  TFDS's generic numpy decoding costs ~160 us per record in Python. This walks
+  the protobuf wire format of the few fields of this schema and views the
+  arrays in the record's own bytes (`np.frombuffer` at an offset): neither the
+  protobuf parser's copy of the ~100 KB feature payload nor a second one when
+  the field is read (docs/BENCHMARKS.md "Input pipeline"). The layout is
+  TFDS's (BYTES-encoded tensors: `features/value` + `features/shape`), and
+  `Product1MSource` checks on the first record that this and TFDS's decoding
+  agree, falling back to TFDS's if they do not.
   """
 
   def __init__(self, feature_dtype: np.dtype, with_cls_prob: bool):
-    from tensorflow_datasets.proto import tf_example_pb2  # TFDS's bundled proto
-
-    self._parse = tf_example_pb2.Example.FromString
     self._dtype = np.dtype(feature_dtype)
     self._with_cls_prob = with_cls_prob
 
-  def _tensor(self, f, key: str) -> np.ndarray:
-    shape = tuple(f[f'{key}/shape'].int64_list.value)
-    return np.frombuffer(f[f'{key}/value'].bytes_list.value[0], self._dtype).reshape(shape)
+  def _array(self, raw: bytes, span: tuple[int, int], dtype: np.dtype) -> np.ndarray:
+    ((s, e),) = _bytes(raw, span)
+    return np.frombuffer(raw, dtype, (e - s) // dtype.itemsize, s)
+
+  def _tensor(self, raw: bytes, lists: dict, key: bytes) -> np.ndarray:
+    shape = _int64s(raw, lists[key + b'/shape'])
+    return self._array(raw, lists[key + b'/value'], self._dtype).reshape(shape)
 
   def __call__(self, raw: bytes) -> dict[str, Any]:
-    f = self._parse(raw).features.feature
+    lists = _example_lists(raw)
+    ((s, e),) = _bytes(raw, lists[b'item_id'])
+    item_id = raw[s:e].decode()
+    ((s, e),) = _bytes(raw, lists[b'title'])
     out = {
-        'item_id': f['item_id'].bytes_list.value[0].decode(),
-        'title': f['title'].bytes_list.value[0].decode(),
-        'labels': tuple(v.decode() for v in f['labels'].bytes_list.value),
-        'image_w': int(f['image_w'].int64_list.value[0]),
-        'image_h': int(f['image_h'].int64_list.value[0]),
-        'boxes': np.frombuffer(f['boxes'].bytes_list.value[0], np.float32).reshape(-1, 4),
-        'features': self._tensor(f, 'features'),
+        'item_id': item_id,
+        'title': raw[s:e].decode(),
+        'token_ids': self._array(raw, lists[b'token_ids'], np.dtype(np.int32)),
+        'labels': tuple(raw[s:e].decode() for s, e in _bytes(raw, lists[b'labels'])),
+        'image_w': _int64s(raw, lists[b'image_w'])[0],
+        'image_h': _int64s(raw, lists[b'image_h'])[0],
+        'boxes': self._array(raw, lists[b'boxes'], np.dtype(np.float32)).reshape(-1, 4),
+        'features': self._tensor(raw, lists, b'features'),
     }
     if self._with_cls_prob:
-      out['cls_prob'] = self._tensor(f, 'cls_prob')
+      out['cls_prob'] = self._tensor(raw, lists, b'cls_prob')
     return out
 
 
@@ -81,27 +158,56 @@ def _records_equal(a: dict[str, Any], b: dict[str, Any]) -> bool:
   )
 
 
+def _refuse_older_versions(
+    tfds_dir: str, storage_dtype: str, with_cls_prob: bool, rebuild: str
+) -> None:
+  """Raises ValueError if `tfds_dir` holds this config only in a version this code does not read."""
+  for version in schema.OLDER_VERSIONS:
+    old = schema.dataset_dir(tfds_dir, storage_dtype, with_cls_prob, version)
+    if os.path.isdir(old):
+      raise ValueError(
+          f'{old}: a product1m dataset of an older layout (version {version}: no title token '
+          f'ids, no vocab fingerprint; this code reads {schema.DATASET_VERSION}); rebuild it: '
+          f'{rebuild.removesuffix(" --overwrite")}'
+      )
+
+
 class Product1MSource:
   """Grain random-access source over one split of the `product1m` TFDS dataset.
 
-  Records are dicts: item_id, title, labels (tuple of str), image_w, image_h,
+  Records are dicts: item_id, title, token_ids [L] int32 (the title's
+  WordPiece ids, no [CLS]/[SEP]), labels (tuple of str), image_w, image_h,
   boxes [N, 4] float32, features [N, F] in the storage dtype, and cls_prob
   [N, C] in the `*_cls_prob` configs. Reads go through
   `tfds.data_source(..., deserialize_method=RAW_BYTES)` (batched ArrayRecord
   reads) and `_FastDecoder`.
+
+  `vocab_file`: the run's vocab; the split must have been built with it
+  (None: any vocab, e.g. to read item ids; the layout is checked either way).
   """
 
   def __init__(
-      self, tfds_dir: str, split: str, storage_dtype: str = 'float16', with_cls_prob: bool = False
+      self,
+      tfds_dir: str,
+      split: str,
+      storage_dtype: str = 'float16',
+      with_cls_prob: bool = False,
+      vocab_file: str | None = None,
   ):
     self._args = dict(
-        tfds_dir=tfds_dir, split=split, storage_dtype=storage_dtype, with_cls_prob=with_cls_prob
+        tfds_dir=tfds_dir,
+        split=split,
+        storage_dtype=storage_dtype,
+        with_cls_prob=with_cls_prob,
+        vocab_file=vocab_file,
     )
-    name = f'{product1m_tfds.NAME}/{product1m_tfds.config_name(storage_dtype, with_cls_prob)}'
-    if not os.path.isdir(product1m_tfds.dataset_dir(tfds_dir, storage_dtype, with_cls_prob)):
+    name = f'{schema.NAME}/{schema.config_name(storage_dtype, with_cls_prob)}'
+    folder = schema.dataset_dir(tfds_dir, storage_dtype, with_cls_prob)
+    rebuild = schema.rebuild_command(tfds_dir, storage_dtype, with_cls_prob, vocab_file)
+    if not os.path.isdir(folder):
+      _refuse_older_versions(tfds_dir, storage_dtype, with_cls_prob, rebuild)
       raise FileNotFoundError(
-          f'no {name} dataset under {tfds_dir}; build it with `python -m '
-          f'capture_jax.data.product1m_tfds --data_dir DATA --out {tfds_dir}`'
+          f'no {name} dataset under {tfds_dir}; build it with `{rebuild.removesuffix(" --overwrite")}`'
       )
     sources = tfds.data_source(
         name, data_dir=tfds_dir, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES
@@ -115,7 +221,8 @@ class Product1MSource:
     self.name = name
     self._raw = sources[split]
     self._info = self._raw.dataset_info
-    self._fast = _FastDecoder(product1m_tfds.STORAGE_DTYPES[storage_dtype], with_cls_prob)
+    schema.check_identity(folder, self._info.metadata, vocab_file, rebuild)
+    self._fast = _FastDecoder(schema.STORAGE_DTYPES[storage_dtype], with_cls_prob)
     self._use_fast = True
     self._item_ids: tuple[str, ...] | None = None  # `item_ids()`, once read
     if len(self._raw):
@@ -192,7 +299,9 @@ def make_source(config: ml_collections.ConfigDict, split: str) -> Product1MSourc
   d = config.data
   require_local_inputs(config)
   classes = config.get('model', ml_collections.ConfigDict()).get('mrm_target') == 'class'
-  return Product1MSource(d.tfds_dir, split, d.storage_dtype, with_cls_prob=classes)
+  return Product1MSource(
+      d.tfds_dir, split, d.storage_dtype, with_cls_prob=classes, vocab_file=d.vocab_file or None
+  )
 
 
 # --------------------------------------------------------------------------

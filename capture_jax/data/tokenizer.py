@@ -129,6 +129,45 @@ class TextEncoder:
     mask = np.array([e.attention_mask for e in encs], np.int32)
     return ids, mask
 
+  def pack(self, token_ids: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """What `__call__` gives for the texts whose `TitleTokenizer.ids` are `token_ids`.
+
+    `[CLS] ids[:max_len - 2] [SEP]`, padded with [PAD]: the ids a dataset
+    stores (tokenised once at build time) packed without tokenising again.
+
+    Args:
+      token_ids: B int arrays [L_i] (no [CLS]/[SEP], untruncated).
+    Returns:
+      input_ids [B, max_len] int32 and input_mask [B, max_len] int32.
+    """
+    b, t = len(token_ids), self.max_len
+    ids = np.full((b, t), self.pad_id, np.int32)
+    lengths = np.empty(b, np.int64)
+    for i, x in enumerate(token_ids):
+      n = min(len(x), t - 2)
+      ids[i, 1 : n + 1] = x[:n]
+      lengths[i] = n + 2
+    ids[:, 0] = self.cls_id
+    ids[np.arange(b), lengths - 1] = self.sep_id
+    mask = (np.arange(t)[None, :] < lengths[:, None]).astype(np.int32)
+    return ids, mask
+
+
+class TitleTokenizer:
+  """A title -> its WordPiece ids (int32 [L], no [CLS]/[SEP], untruncated): what a dataset stores.
+
+  The same tokenisation as `TextEncoder` (one vocab file, the same
+  lower-casing), so `TextEncoder.pack` of these ids equals `TextEncoder` of
+  the titles.
+  """
+
+  def __init__(self, vocab_file: str, do_lower_case: bool = True):
+    self.vocab_file = vocab_file
+    self._backend = load_tokenizer(vocab_file, do_lower_case).backend_tokenizer
+
+  def ids(self, title: str) -> np.ndarray:
+    return np.asarray(self._backend.encode(title, add_special_tokens=False).ids, np.int32)
+
 
 def iter_titles(data_dir: str, splits: Sequence[str] = formats.SPLITS) -> Iterator[str]:
   """Titles of the given splits whose annotation files exist."""
