@@ -462,6 +462,7 @@ def test_split_file_absent(trained, tmp_path):
   product1m_tfds.build(
       str(data),
       str(tmp_path / 'tfds'),
+      vocab_file=cfg.data.vocab_file,
       storage_dtype=cfg.data.storage_dtype,
       max_regions=cfg.data.max_regions,
       feature_dim=cfg.data.feature_dim,

@@ -73,9 +73,9 @@ build = product1m_stream.build
 
 
 # `python -m capture_jax.data.product1m_tfds` runs this file a second time, as `__main__` (and
-# as `__mp_main__` in the build's spawned workers), beside the package's copy that the build
-# (`product1m_stream`) imports. Only the package's copy registers the builder (TFDS refuses a
-# second `product1m`), and the command runs from it (end of file).
+# as `__mp_main__` in the build's spawned workers), beside the package's copy (imported at the
+# end of this file, and by any reader). Only the package's copy registers the builder (TFDS
+# refuses a second `product1m`), and the command runs from it.
 class Product1M(
     tfds.core.GeneratorBasedBuilder,
     skip_registration=__name__ != 'capture_jax.data.product1m_tfds',
