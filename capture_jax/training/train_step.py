@@ -1,11 +1,12 @@
 """Train state and the jitted, sharded pretraining step.
 
 One step: turn the host batch (storage dtype, unmasked) into the model's
-masked float32 batch on the devices (`masking.model_batch`), split the global batch into `train.microbatches` micro-batches,
-accumulate the gradients of `MLM + MRM + contrastive` (the contrastive term
-over each whole global micro-batch, across every device and host), clip, take
-an AdamW step, and skip the update (keeping parameters and optimizer state)
-when the loss or the gradients are not finite, counting it.
+masked float32 batch on the devices (`masking.model_batch`), split the global
+batch into `train.microbatches` micro-batches, accumulate the gradients of
+`MLM + MRM + contrastive` (the contrastive term over each whole global
+micro-batch, across every device and host), clip, take an AdamW step, and skip
+the update (keeping parameters and optimizer state) when the loss or the
+gradients are not finite, counting it.
 """
 
 from __future__ import annotations
