@@ -1,10 +1,11 @@
-"""The batch layout: the one owner of the keys, shapes and dtypes of a batch.
+"""The batch layouts: the one owner of the keys, shapes and dtypes of a batch.
 
-Every batch that the input pipeline yields and the model, the trainer, the
-export and the benchmarks take is a dict of exactly these arrays
-(B = batch, T = data.max_text_len, R = data.max_regions, F = data.feature_dim,
-C = the MRM target width: F for feature regression, model.v_target_size for
-the detector's class distribution)::
+Two layouts (B = batch, T = data.max_text_len, R = data.max_regions,
+F = data.feature_dim, C = the MRM target width: F for feature regression,
+model.v_target_size for the detector's class distribution).
+
+The model batch, which the model, the losses, the evaluation and the export
+take (`TRAIN_KEYS`)::
 
     input_ids [B,T] int32       input_mask [B,T] int32     segment_ids [B,T] int32
     image_feat [B,R+1,F] f32    image_loc [B,R+1,5] f32    image_mask [B,R+1] int32
@@ -14,6 +15,24 @@ The first six are the model's inputs (`MODEL_INPUTS`); row 0 of the visual
 axis is the global token (mean of the regions, `formats.GLOBAL_LOC`). The last
 three are the pretraining targets (`TARGETS`): -1 in `lm_label_ids` and
 `image_label` marks a position that is not predicted.
+
+The host batch: what the training input pipeline yields and what crosses
+from the host to the devices (`BatchLayout.host_keys`): what storage holds,
+unmasked, in its dtype (S = data.storage_dtype, float16 unless configured)::
+
+    input_ids [B,T] int32       input_mask [B,T] int32
+    region_feat [B,R,S]         region_loc [B,R,5] f32     region_mask [B,R] int32
+    positions [B,2] uint32      (+ region_target [B,R,C] S for the class MRM target)
+
+`positions` are the records' positions in the global training stream as
+(high, low) 32-bit halves (`encode_positions`): JAX has no int64 without x64,
+and a stream longer than 2**32 records (four thousand epochs of Product1M)
+is not refused. The jitted device stage (`data.masking.model_batch`, run
+inside the train step) turns a host batch into the model batch: the float32
+cast, the MLM and MRM draws from (data.shuffle_seed, position), the MRM target
+and the global token. The host batch has no global token, no target copy of
+the features and no labels: in float16 its features take a quarter of the
+model batch's bytes (BENCHMARKS.md "Input pipeline" has the figures).
 
 Everything else (the pipeline's padding rows, the trainer's and export's
 abstract batches, `init` inputs, random batches for benchmarks and tests)
@@ -39,6 +58,8 @@ MODEL_INPUTS = (
 )
 TARGETS = ('lm_label_ids', 'image_label', 'image_target')
 TRAIN_KEYS = MODEL_INPUTS + TARGETS
+HOST_KEYS = ('input_ids', 'input_mask', 'region_feat', 'region_loc', 'region_mask', 'positions')
+CLASS_TARGET_KEY = 'region_target'  # in the host batch only for model.mrm_target='class'
 LOC_DIM = 5  # x1, y1, x2, y2 (relative) and the relative area: `formats.encode_boxes`
 
 
@@ -50,13 +71,17 @@ class BatchLayout:
   regions: int  # R, detector regions (the global token comes on top)
   feature_dim: int  # F
   target_dim: int  # C
+  feature_dtype: str = 'float32'  # S, of the host batch's region_feat (and region_target)
+  class_target: bool = False  # the host batch carries region_target (the class MRM target)
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> 'BatchLayout':
-    """The layout of a run: sizes from `config.data`, the MRM target from `config.model`."""
+    """The layout of a run: sizes and storage dtype from `config.data`, the MRM target from
+    `config.model`."""
     d, m = config.data, config.model
-    target = m.v_target_size if m.mrm_target == 'class' else d.feature_dim
-    return cls(d.max_text_len, d.max_regions, d.feature_dim, target)
+    classes = m.mrm_target == 'class'
+    target = m.v_target_size if classes else d.feature_dim
+    return cls(d.max_text_len, d.max_regions, d.feature_dim, target, d.storage_dtype, classes)
 
   @classmethod
   def for_model(
@@ -86,6 +111,56 @@ class BatchLayout:
         'image_target': ((b, self.regions, self.target_dim), f32),
     }
     return {k: table[k] for k in keys}
+
+  @property
+  def host_keys(self) -> tuple[str, ...]:
+    """The keys of the host batch (`HOST_KEYS`, and `region_target` for the class target)."""
+    return HOST_KEYS + ((CLASS_TARGET_KEY,) if self.class_target else ())
+
+  def host_shapes(self, batch_size: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """`{key: (shape, dtype)}` of a host batch of `batch_size` rows (see the module docstring)."""
+    b, t, r = batch_size, self.text_len, self.regions
+    i32, f32 = np.dtype(np.int32), np.dtype(np.float32)
+    storage = np.dtype(jax.numpy.dtype(self.feature_dtype))  # bfloat16 through ml_dtypes
+    table = {
+        'input_ids': ((b, t), i32),
+        'input_mask': ((b, t), i32),
+        'region_feat': ((b, r, self.feature_dim), storage),
+        'region_loc': ((b, r, LOC_DIM), f32),
+        'region_mask': ((b, r), i32),
+        'positions': ((b, 2), np.dtype(np.uint32)),
+        CLASS_TARGET_KEY: ((b, r, self.target_dim), storage),
+    }
+    return {k: table[k] for k in self.host_keys}
+
+  def host_abstract(self, batch_size: int, sharding: Any = None) -> dict[str, jax.ShapeDtypeStruct]:
+    """`jax.ShapeDtypeStruct`s of a host batch (what the train step is lowered for)."""
+    return {
+        k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+        for k, (shape, dtype) in self.host_shapes(batch_size).items()
+    }
+
+  def host_random(
+      self, batch_size: int, vocab_size: int, *, seed: int = 0, first_position: int = 0
+  ) -> dict[str, np.ndarray]:
+    """A host batch of random values (benchmarks and tests): every token and region valid,
+    stream positions `first_position + range(batch_size)`."""
+    rng = np.random.default_rng(seed)
+    shapes = self.host_shapes(batch_size)
+    b, t, r = batch_size, self.text_len, self.regions
+    ids = rng.integers(5, vocab_size, (b, t)).astype(np.int32)  # above the special ids
+    out = {
+        'input_ids': ids,
+        'input_mask': np.ones((b, t), np.int32),
+        'region_feat': rng.normal(size=shapes['region_feat'][0]).astype(shapes['region_feat'][1]),
+        'region_loc': rng.uniform(size=(b, r, LOC_DIM)).astype(np.float32),
+        'region_mask': np.ones((b, r), np.int32),
+        'positions': encode_positions(first_position + np.arange(b)),
+    }
+    if self.class_target:
+      shape, dtype = shapes[CLASS_TARGET_KEY]
+      out[CLASS_TARGET_KEY] = rng.dirichlet(np.ones(shape[-1]), shape[:2]).astype(dtype)
+    return out
 
   def abstract(
       self, batch_size: int, keys: Sequence[str] = TRAIN_KEYS, sharding: Any = None
@@ -153,6 +228,20 @@ class BatchLayout:
         'image_label': np.where(mrm_chosen, 1, -1).astype(np.int32),
         'image_target': rng.normal(size=(b, r, self.target_dim)).astype(np.float32),
     }
+
+
+def encode_positions(positions: Any) -> np.ndarray:
+  """[B] stream positions (non-negative integers) -> [B, 2] uint32 (high, low) halves."""
+  p = np.asarray(positions, np.int64)
+  if p.ndim != 1 or (p < 0).any():
+    raise ValueError(f'stream positions must be a [B] array of non-negative integers, got {p}')
+  return np.stack([p >> 32, p & 0xFFFFFFFF], axis=1).astype(np.uint32)
+
+
+def decode_positions(halves: Any) -> np.ndarray:
+  """[B, 2] uint32 (high, low) halves -> [B] int64 stream positions (`encode_positions`)."""
+  h = np.asarray(halves).astype(np.int64)
+  return (h[:, 0] << 32) | h[:, 1]
 
 
 def model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:

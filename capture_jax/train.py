@@ -320,7 +320,7 @@ def _train(
   batches = device_prefetch.DevicePrefetch(
       data_iterator,
       lambda local: sharding.global_batch_from_local(
-          {k: local[k] for k in batch_lib.TRAIN_KEYS}, mesh
+          {k: local[k] for k in batch_lib.BatchLayout.from_config(config).host_keys}, mesh
       ),
       config.data.prefetch_to_device,
   )

@@ -193,25 +193,41 @@ def release_state_dict(model_cfg, seed=0):
   return out
 
 
+def model_batch(
+    config: ml_collections.ConfigDict, host: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+  """The device stage of `config` (`masking.model_batch`, jitted) on a host batch, as numpy."""
+  import jax  # pylint: disable=import-outside-toplevel
+
+  spec = masking_lib.MaskingSpec.from_config(config)
+  if spec not in _DEVICE_STAGES:
+    _DEVICE_STAGES[spec] = jax.jit(lambda h: masking_lib.model_batch(h, spec))
+  return {k: np.asarray(v) for k, v in _DEVICE_STAGES[spec](host).items()}
+
+
+_DEVICE_STAGES: dict = {}
+
+
 # --------------------------------------------------------------------------
 # Reference implementations (what the fused library code must equal).
 
 
 def reference_mask_regions(
-    feat: np.ndarray, region_mask: np.ndarray, keys: np.ndarray, spec: masking_lib.MaskingSpec
+    feat: np.ndarray, region_mask: np.ndarray, keys, spec: masking_lib.MaskingSpec
 ) -> tuple[np.ndarray, np.ndarray]:
   """MRM: each valid region is chosen with p; a chosen region is zeroed with p0.
 
   Args:
     feat: [B, R, F] float32 region features (not modified).
     region_mask: [B, R] 1 for valid regions.
-    keys: [B] uint64 record keys.
+    keys: [B] record keys (`masking.record_keys`).
   Returns:
     masked features [B, R, F] float32 and image_label [B, R] int32 (1 where
     chosen, -1 elsewhere). The regression target is `feat` itself.
   """
-  zero, image_label = masking_lib.choose_regions(region_mask, keys, spec)
-  return feat * (~zero)[..., None].astype(feat.dtype), image_label
+  zero, image_label = masking_lib.choose_regions(jnp.asarray(region_mask), keys, spec)
+  zero = np.asarray(zero)
+  return feat * (~zero)[..., None].astype(feat.dtype), np.asarray(image_label)
 
 
 def reference_instance_inputs(
@@ -220,7 +236,7 @@ def reference_instance_inputs(
   """The unmasked model inputs (batch of 1) of one instance of a sample: the
   full title, and as visual input only that instance's regions (their mean as
   the global token)."""
-  return collate_lib.collate([collate_lib.restrict_regions(record, region_indices)], None, spec)
+  return collate_lib.eval_batch([collate_lib.restrict_regions(record, region_indices)], spec)
 
 
 # --------------------------------------------------------------------------

@@ -71,23 +71,34 @@ def _record_fingerprints(config, split):
 
 
 def test_train_batch_keys_shapes_dtypes(config):
+  """The host batch carries what storage holds; the device stage makes the model batch."""
   _, (batch,) = _train(config, 1)
   b, t = config.data.batch_size, 24
   expected = {
       'input_ids': ((b, t), np.int32),
       'input_mask': ((b, t), np.int32),
-      'segment_ids': ((b, t), np.int32),
-      'image_feat': ((b, R + 1, F), np.float32),
-      'image_loc': ((b, R + 1, 5), np.float32),
-      'image_mask': ((b, R + 1), np.int32),
-      'lm_label_ids': ((b, t), np.int32),
-      'image_label': ((b, R), np.int32),
-      'image_target': ((b, R, F), np.float32),
+      'region_feat': ((b, R, F), np.float16),
+      'region_loc': ((b, R, 5), np.float32),
+      'region_mask': ((b, R), np.int32),
+      'positions': ((b, 2), np.uint32),
   }
-  assert set(batch) == set(expected) == set(batch_lib.TRAIN_KEYS)
+  assert set(batch) == set(expected) == set(batch_lib.HOST_KEYS)
   for key, (shape, dtype) in expected.items():
     assert batch[key].shape == shape and batch[key].dtype == dtype, key
-  assert (batch['segment_ids'] == 0).all()
+  np.testing.assert_array_equal(batch_lib.decode_positions(batch['positions']), np.arange(b))
+  model = helpers.model_batch(config, batch)
+  layout = batch_lib.BatchLayout.from_config(config)
+  assert {k: (v.shape, v.dtype) for k, v in model.items()} == layout.shapes(b)
+  assert (model['segment_ids'] == 0).all()
+
+
+def test_positions_round_trip_and_refuse_negatives():
+  p = np.array([0, 1, 2**31, 2**32 - 1, 2**32, 3 * 2**40 + 7], np.int64)
+  halves = batch_lib.encode_positions(p)
+  assert halves.dtype == np.uint32 and halves.shape == (6, 2)
+  np.testing.assert_array_equal(batch_lib.decode_positions(halves), p)
+  with pytest.raises(ValueError, match='non-negative'):
+    batch_lib.encode_positions([3, -1])
 
 
 def test_eval_batches_hold_exactly_what_the_files_hold(config):
@@ -153,8 +164,9 @@ def test_item_ids_are_the_files_and_read_once(config, monkeypatch):
 
 
 def test_training_masks_follow_the_recipe(config):
-  spec = collate_lib.make_batch_spec(config)
+  spec = masking_lib.MaskingSpec.from_config(config)
   _, batches = _train(config, 6)
+  batches = [helpers.model_batch(config, b) for b in batches]
   for batch in batches:
     ids, labels, mask = batch['input_ids'], batch['lm_label_ids'], batch['input_mask']
     chosen = labels != -1
@@ -162,8 +174,9 @@ def test_training_masks_follow_the_recipe(config):
     assert not chosen[:, 0].any()  # [CLS]
     last = mask.sum(1) - 1
     assert not chosen[np.arange(len(ids)), last].any()  # [SEP]
+    assert not np.isin(labels[chosen], spec.special_ids).any()  # never a special token
     # A chosen token shows [MASK], a random token, or itself; others are untouched.
-    assert (ids[chosen] >= 0).all() and (ids[chosen] < spec.masking.vocab_size).all()
+    assert (ids[chosen] >= 0).all() and (ids[chosen] < spec.vocab_size).all()
     region_mask = batch['image_mask'][:, 1:]
     label, target, feat = batch['image_label'], batch['image_target'], batch['image_feat'][:, 1:]
     assert set(np.unique(label)) <= {-1, 1} and not ((label == 1) & (region_mask == 0)).any()
@@ -180,23 +193,26 @@ def test_training_masks_follow_the_recipe(config):
 
 
 def test_masking_rates_within_one_percent(config):
-  """Over 20,480 training samples: 15% of tokens / regions chosen; tokens
-  80/10/10 [MASK]/random/kept; regions 90% zeroed."""
-  spec = collate_lib.make_batch_spec(config)
+  """Over 20,480 training samples masked on the device: 15% of tokens / regions chosen; tokens
+  80/10/10 [MASK]/random/kept; regions 90% zeroed. The bound: with > 15,000 chosen tokens and
+  > 10,000 chosen regions, one binomial standard deviation of each rate is below 0.35%, so
+  1% is about 3 sigma (a correct recipe fails it about once in 400 draws of the data; the
+  draws here are fixed, so the test is deterministic)."""
+  spec = masking_lib.MaskingSpec.from_config(config)
   c = _copy(config, batch_size=512)
   it = train_input.make_train_iterator(c, process_index=0, process_count=1)
   eligible = chosen = to_mask = to_random = kept = 0
   regions = r_chosen = r_zero = 0
   for _ in range(40):
-    b = next(it)
+    b = helpers.model_batch(c, next(it))
     labels, ids, mask = b['lm_label_ids'], b['input_ids'], b['input_mask']
-    special = np.isin(np.where(labels >= 0, labels, ids), spec.masking.special_ids)
+    special = np.isin(np.where(labels >= 0, labels, ids), spec.special_ids)
     eligible += ((mask == 1) & ~special).sum()
     sel = labels != -1
     chosen += sel.sum()
-    to_mask += (sel & (ids == spec.masking.mask_id)).sum()
+    to_mask += (sel & (ids == spec.mask_id)).sum()
     kept += (sel & (ids == labels)).sum()
-    to_random += (sel & (ids != labels) & (ids != spec.masking.mask_id)).sum()
+    to_random += (sel & (ids != labels) & (ids != spec.mask_id)).sum()
     valid = b['image_mask'][:, 1:] == 1
     regions += valid.sum()
     rsel = b['image_label'] == 1
@@ -226,15 +242,18 @@ def test_shuffled_indices_permute_every_epoch():
   assert len(train_input.ShuffledIndices(10, 3)) > 10**12  # forever
 
 
-def test_fused_collate_equals_mask_then_global_token(config):
-  """`collate` masks in place; it must equal the two reference steps."""
+def test_device_stage_equals_mask_then_global_token(config):
+  """The device stage must equal the reference steps: MRM (`helpers.reference_mask_regions`),
+  then the global token (`formats.add_global_token`), and MLM."""
   spec = collate_lib.make_batch_spec(config)
+  mspec = masking_lib.MaskingSpec.from_config(config)
   records = _records(config, 'train')[:32]
   positions = np.arange(1000, 1032)
-  batch = collate_lib.collate(records, positions, spec)
+  host = collate_lib.collate(records, positions, spec)
+  batch = helpers.model_batch(config, host)
   feat, loc, mask = collate_lib.pack_regions(records, R, F)
-  keys = masking_lib.record_keys(spec.seed, positions)
-  masked, image_label = helpers.reference_mask_regions(feat, mask, keys, spec.masking)
+  keys = masking_lib.record_keys(mspec.seed, batch_lib.encode_positions(positions))
+  masked, image_label = helpers.reference_mask_regions(feat, mask, keys, mspec)
   image_feat, image_loc, image_mask = formats.add_global_token(masked, loc, mask)
   np.testing.assert_array_equal(batch['image_label'], image_label)
   np.testing.assert_array_equal(batch['image_feat'][:, 1:], image_feat[:, 1:])
@@ -243,9 +262,15 @@ def test_fused_collate_equals_mask_then_global_token(config):
   np.testing.assert_array_equal(batch['image_mask'], image_mask)
   np.testing.assert_array_equal(batch['image_target'], feat)
   ids, input_mask = spec.encoder([r['title'] for r in records])
-  masked_ids, lm = masking_lib.mask_tokens(ids, input_mask, keys, spec.masking)
+  masked_ids, lm = masking_lib.mask_tokens(ids, input_mask, keys, mspec)
   np.testing.assert_array_equal(batch['input_ids'], masked_ids)
   np.testing.assert_array_equal(batch['lm_label_ids'], lm)
+  # Unmasked, the model batch of evaluation: the same features, loc and global token.
+  unmasked = collate_lib.eval_batch(records, spec)
+  plain = formats.add_global_token(feat, loc, mask)
+  np.testing.assert_array_equal(unmasked['image_feat'][:, 1:], plain[0][:, 1:])
+  np.testing.assert_allclose(unmasked['image_feat'][:, 0], plain[0][:, 0], rtol=1e-6)
+  np.testing.assert_array_equal(unmasked['image_loc'], image_loc)
 
 
 # Real-looking titles: CJK, latin with accents and capitals, digits, punctuation, an empty one.
@@ -276,14 +301,61 @@ def test_stored_token_ids_pack_to_what_the_encoder_gives_for_the_titles(tmp_path
 
 
 def test_masks_are_a_function_of_seed_and_position():
-  keys = masking_lib.record_keys(0, np.arange(4))
-  np.testing.assert_array_equal(keys, masking_lib.record_keys(0, np.arange(4)))
-  assert len(set(keys.tolist())) == 4
-  assert not np.array_equal(keys, masking_lib.record_keys(1, np.arange(4)))
-  u = masking_lib.uniforms(keys, 1, 50)
-  np.testing.assert_array_equal(u[2], masking_lib.uniforms(keys[2:3], 1, 50)[0])  # per record
+  enc = batch_lib.encode_positions
+  keys = masking_lib.record_keys(0, enc(np.arange(4)))
+  u = np.asarray(masking_lib.uniforms(keys, 1, 50))
+  np.testing.assert_array_equal(
+      u, masking_lib.uniforms(masking_lib.record_keys(0, enc(np.arange(4))), 1, 50)
+  )
+  assert len({row.tobytes() for row in u}) == 4
+  assert not np.array_equal(
+      u, masking_lib.uniforms(masking_lib.record_keys(1, enc(np.arange(4))), 1, 50)
+  )
+  one = masking_lib.record_keys(0, enc(np.array([2])))
+  np.testing.assert_array_equal(u[2], masking_lib.uniforms(one, 1, 50)[0])  # per record
   assert not np.array_equal(u, masking_lib.uniforms(keys, 2, 50))  # independent streams
   assert 0 <= u.min() and u.max() < 1
+  # Both halves of the position count: 2**32 + p is another record than p.
+  far = masking_lib.record_keys(0, enc(np.arange(4) + 2**32))
+  assert not np.array_equal(u, masking_lib.uniforms(far, 1, 50))
+
+
+def _by_position(config, host_batches):
+  """{stream position: that record's model-batch rows} of host batches masked on the device."""
+  out = {}
+  for host in host_batches:
+    model = helpers.model_batch(config, host)
+    for i, p in enumerate(batch_lib.decode_positions(host['positions'])):
+      out[int(p)] = {k: v[i] for k, v in model.items()}
+  return out
+
+
+def _same_rows(a, b):
+  assert a.keys() == b.keys() and a
+  for p in a:
+    for k in a[p]:
+      np.testing.assert_array_equal(a[p][k], b[p][k], err_msg=f'position {p}, {k}')
+
+
+def test_device_masks_depend_only_on_seed_and_position(config):
+  """Batch 8 vs 16, 1 vs 2 processes, with and without a resume: the same masked rows for
+  the same stream positions."""
+  reference = _by_position(config, _train(config, 4)[1])  # positions 0..31
+  _same_rows(reference, _by_position(config, _train(_copy(config, batch_size=16), 2)[1]))
+  two = {}
+  for p in range(2):
+    two.update(_by_position(config, _train(config, 4, process_index=p, process_count=2)[1]))
+  _same_rows(reference, two)
+  it, first = _train(config, 2)
+  state = json.loads(json.dumps(it.get_state()))
+  fresh = train_input.make_train_iterator(config, process_index=0, process_count=1)
+  fresh.set_state(state)
+  resumed = _by_position(config, first + [next(fresh) for _ in range(2)])
+  _same_rows(reference, resumed)
+  assert not _same(
+      helpers.model_batch(config, _train(config, 1)[1][0]),
+      helpers.model_batch(_copy(config, shuffle_seed=5), _train(config, 1)[1][0]),
+  )
 
 
 # ---------------------------------------------------------------- determinism and resume
@@ -312,7 +384,7 @@ def test_resume_from_saved_state_gives_identical_batches(config, threads):
 def test_each_epoch_is_a_new_permutation(config):
   n = len(_records(config, 'train'))  # 96 = 12 batches of 8
   _, batches = _train(config, 2 * n // 8)
-  prints = [_fingerprint(t) for b in batches for t in b['image_target']]
+  prints = [_fingerprint(t) for b in batches for t in b['region_feat']]
   first, second = prints[:n], prints[n:]
   assert len(set(first)) == n and set(first) == set(second) == set(
       _record_fingerprints(config, 'train')
@@ -327,14 +399,14 @@ def test_two_processes_get_disjoint_shards_covering_the_split(config):
     it = train_input.make_train_iterator(c, process_index=p, process_count=2)
     batches = list(it)
     assert len(batches) == 6 and all(b['input_ids'].shape[0] == 8 for b in batches)
-    shards.append([[_fingerprint(t) for t in b['image_target']] for b in batches])
+    shards.append([[_fingerprint(t) for t in b['region_feat']] for b in batches])
   flat = [set(x for b in s for x in b) for s in shards]
   assert flat[0].isdisjoint(flat[1])
   assert flat[0] | flat[1] == set(_record_fingerprints(config, 'train'))
   # Global batch b is the same records whatever the number of processes.
   single = list(train_input.make_train_iterator(c, process_index=0, process_count=1))
   for b, whole in enumerate(single):
-    assert {_fingerprint(t) for t in whole['image_target']} == set(shards[0][b] + shards[1][b])
+    assert {_fingerprint(t) for t in whole['region_feat']} == set(shards[0][b] + shards[1][b])
 
 
 def test_default_shard_comes_from_jax():

@@ -437,7 +437,9 @@ def test_detector_class_distributions_feed_the_class_target(world, tmp_path):
   )
   c.data.vocab_file = vocab
   c.model.update(dict(mrm_target='class', v_target_size=6, max_text_len=24))
-  batch = next(train_input.make_train_iterator(c, process_index=0, process_count=1))
+  host = next(train_input.make_train_iterator(c, process_index=0, process_count=1))
+  assert host['region_target'].shape == (4, 8, 6) and host['region_target'].dtype == np.float32
+  batch = helpers.model_batch(c, host)
   assert batch['image_target'].shape == (4, 8, 6)
   valid = batch['image_mask'][:, 1:] == 1
   np.testing.assert_allclose(batch['image_target'][valid].sum(-1), 1.0, rtol=1e-5)

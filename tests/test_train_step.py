@@ -6,12 +6,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from capture_jax import batch as batch_lib
 from capture_jax import param_paths
+from capture_jax.data import masking as masking_lib
 from capture_jax.training import state as state_lib
 from capture_jax.training import optimizer as optimizer_lib
 from capture_jax.training import sharding
 from capture_jax.training import train_step as train_step_lib
-from tests.helpers import random_batch, tiny_config
+from tests.helpers import tiny_config
 
 ONE_LAYER = dict(num_hidden_layers=1, v_num_hidden_layers=1, co_num_layers=1, cross_num_layers=1)
 
@@ -20,6 +22,7 @@ def setup(microbatches=1, **loss):
   cfg = tiny_config(**ONE_LAYER)
   cfg.model.hidden_dropout_prob = cfg.model.attention_probs_dropout_prob = 0.0
   cfg.data.max_regions, cfg.data.max_text_len = 6, 10
+  cfg.data.feature_dim = cfg.model.v_feature_size
   cfg.train.microbatches = microbatches
   cfg.train.warmup_fraction = 0.0  # a non-zero learning rate at step 0
   cfg.loss.update(loss)
@@ -27,15 +30,23 @@ def setup(microbatches=1, **loss):
   params = jax.jit(lambda k: state_lib.initial_params(cfg, k))(jax.random.PRNGKey(0))
   optimizer = optimizer_lib.make_optimizer(cfg.train, params)
   state = train_step_lib.init_train_state(params, optimizer, seed=0)
-  step = jax.jit(train_step_lib.make_train_step(cfg, mesh, optimizer))
+  masking = masking_lib.MaskingSpec.from_config(cfg)
+  step = jax.jit(train_step_lib.make_train_step(cfg, mesh, optimizer, masking))
   return cfg, state, step
+
+
+def host_batch(cfg, key):
+  """A host batch (storage dtype, unmasked, positions 3 * key + range(B)) of `cfg`'s sizes."""
+  layout = batch_lib.BatchLayout.from_config(cfg)
+  host = layout.host_random(3, cfg.model.vocab_size, seed=key, first_position=3 * key)
+  return {k: jnp.asarray(v) for k, v in host.items()}
 
 
 def test_two_microbatches_of_the_same_rows_equal_one_batch():
   """Micro-batch m takes rows m, m+M, ...: a batch whose rows come in identical pairs gives
   micro-batches equal to the half batch, so the update equals the half batch's."""
   cfg, state, step_one = setup(microbatches=1)
-  half = {k: v for k, v in random_batch(cfg, key=11).items()}
+  half = host_batch(cfg, key=11)  # a row's masks follow its position: pairs mask alike
   doubled = {k: jnp.repeat(v, 2, axis=0) for k, v in half.items()}
   _, state_m, step_two = setup(microbatches=2)
   one, metrics_one = step_one(state, half)
@@ -47,7 +58,7 @@ def test_two_microbatches_of_the_same_rows_equal_one_batch():
 
 def test_non_finite_updates_are_skipped_and_counted():
   cfg, state, step = setup(mrm_weight=float('nan'))
-  batch = random_batch(cfg, key=12)
+  batch = host_batch(cfg, key=12)
   new, metrics = step(state, batch)
   assert int(new.skipped) == 1 and int(metrics['skipped_updates']) == 1
   assert int(new.step) == 1
@@ -57,7 +68,7 @@ def test_non_finite_updates_are_skipped_and_counted():
 
 def test_a_finite_step_changes_parameters_and_reports_metrics():
   cfg, state, step = setup()
-  new, metrics = step(state, random_batch(cfg, key=13))
+  new, metrics = step(state, host_batch(cfg, key=13))
   assert int(new.skipped) == 0
   assert set(metrics) == {
       'loss/mlm',

@@ -87,7 +87,7 @@ def build_train_step(config, batch_size: int):
       jax.random.PRNGKey(config.seed)
   )
   layout = batch_lib.BatchLayout.from_config(config)
-  host_batch = layout.random(batch_size, config.model.vocab_size)
+  host_batch = layout.host_random(batch_size, config.model.vocab_size)
   batch = jax.device_put(host_batch, program.batch_sharding)
   compiled, compile_s = program.compile()
   return compiled, state, batch, host_batch, compile_s

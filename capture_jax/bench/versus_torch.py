@@ -21,6 +21,7 @@ step is printed beside it.
 from __future__ import annotations
 
 import datetime
+import inspect
 import json
 import os
 import statistics
@@ -106,9 +107,19 @@ def _jax_worker(config, batch_size: int):
   optimizer, init_state, _, state_shardings = layout(config, mesh)
   state = jax.jit(init_state, out_shardings=state_shardings)(jax.random.PRNGKey(config.seed))
   batch_sharding = sharding.batch_sharding(mesh)
-  batch = jax.device_put(_random_batch(config, batch_size), batch_sharding)
+  args, host = (), _random_batch(config, batch_size)
+  if 'masking' in inspect.signature(train_step_lib.make_train_step).parameters:
+    # A tree whose step takes the host (storage) batch and masks it on the device.
+    from capture_jax import batch as batch_lib  # pylint: disable=import-outside-toplevel
+    from capture_jax.data import masking as masking_lib  # pylint: disable=import-outside-toplevel
+
+    args = (masking_lib.MaskingSpec.from_config(config),)
+    host = batch_lib.BatchLayout.from_config(config).host_random(
+        batch_size, config.model.vocab_size
+    )
+  batch = jax.device_put(host, batch_sharding)
   jitted = jax.jit(
-      train_step_lib.make_train_step(config, mesh, optimizer),
+      train_step_lib.make_train_step(config, mesh, optimizer, *args),
       in_shardings=(state_shardings, batch_sharding),
       out_shardings=(state_shardings, None),
       donate_argnums=(0,),

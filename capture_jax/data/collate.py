@@ -1,23 +1,24 @@
-"""Records -> batches: tokenisation, region packing, masking and the global token.
+"""Records -> batches: tokenisation and region packing.
 
-`collate` turns decoded records (`source.Product1MSource`) into a batch of
-the layout `capture_jax.batch` owns; it masks (MLM + MRM, `masking`) when
-given the records' stream positions, and leaves the inputs untouched for
-evaluation. `restrict_regions` keeps one product instance's regions of a
+`collate` turns decoded records (`source.Product1MSource`) into a host batch
+(the storage layout of `capture_jax.batch`: features in their storage dtype,
+unmasked, with the records' stream positions); the masking, the MRM target
+and the global token are made on the devices (`masking.model_batch`).
+`eval_batch` makes the unmasked float32 model batch of evaluation and export
+on the host. `restrict_regions` keeps one product instance's regions of a
 record (instance-level queries).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import ml_collections
 import numpy as np
 
 from capture_jax import batch as batch_lib
 from capture_jax.data import formats
-from capture_jax.data import masking as masking_lib
 from capture_jax.data import tokenizer as tokenizer_lib
 
 
@@ -27,20 +28,25 @@ def pack_regions(
     feature_dim: int,
     key: str = 'features',
     offset: int = 0,
+    dtype: Any = np.float32,
+    allocate: Callable[[tuple[int, ...], Any], np.ndarray] = np.empty,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Pads records' regions into arrays; regions beyond `max_regions` are dropped.
 
   Args:
     offset: leading empty slots per sample (1 leaves room for the global
       token, so the model's `image_feat` is filled in place).
+    dtype: of `feat` (the storage dtype for the host batch: no conversion).
+    allocate: `(shape, dtype) -> uninitialised array` for `feat` (a shared-memory
+      block in a Grain worker process: handed over without a copy).
   Returns:
-    feat [B, offset + R, D] float32 (D = feature_dim, the width of `key`),
+    feat [B, offset + R, D] `dtype` (D = feature_dim, the width of `key`),
     loc [B, R, 5] float32 box encodings (zero at padding), mask [B, R] int32.
   """
   b = len(records)
-  # np.empty + zeroing only the padding: at paper sizes the batch buffer is
-  # 77 MB, and a full memset is a pass over it for nothing.
-  feat = np.empty((b, offset + max_regions, feature_dim), np.float32)
+  # np.empty + zeroing only the padding: a full memset of the batch buffer
+  # is a pass over it for nothing.
+  feat = allocate((b, offset + max_regions, feature_dim), dtype)
   feat[:, :offset] = 0
   boxes = np.zeros((b, max_regions, 4), np.float32)
   mask = np.zeros((b, max_regions), np.int32)
@@ -58,7 +64,8 @@ def pack_regions(
     boxes[i, :n] = r['boxes'][:n]
     mask[i, :n] = 1
     size[i] = r['image_w'], r['image_h']
-  loc = formats.encode_boxes(boxes, size[:, 0:1], size[:, 1:2]) * mask[..., None]
+  loc = formats.encode_boxes(boxes, size[:, 0:1], size[:, 1:2])  # float32
+  loc *= mask[..., None]
   return feat, loc, mask
 
 
@@ -67,73 +74,94 @@ class BatchSpec:
   """Everything `collate` needs (picklable, for Grain worker processes)."""
 
   encoder: tokenizer_lib.TextEncoder
-  masking: masking_lib.MaskingSpec
   max_regions: int
   feature_dim: int
-  seed: int
+  feature_dtype: str = 'float16'  # data.storage_dtype: the host batch's region_feat
   target_key: str = 'features'  # 'cls_prob' for the classification MRM target
   target_dim: int | None = None
 
   @property
   def layout(self) -> batch_lib.BatchLayout:
-    """The layout of the batches `collate` makes."""
-    target = self.feature_dim if self.target_key == 'features' else self.target_dim
-    return batch_lib.BatchLayout(self.encoder.max_len, self.max_regions, self.feature_dim, target)
+    """The layout of the batches `collate` (host) and `eval_batch` (model) make."""
+    classes = self.target_key != 'features'
+    target = self.target_dim if classes else self.feature_dim
+    return batch_lib.BatchLayout(
+        self.encoder.max_len,
+        self.max_regions,
+        self.feature_dim,
+        target,
+        self.feature_dtype,
+        classes,
+    )
 
 
 def collate(
-    records: Sequence[dict[str, Any]], positions: np.ndarray | None, spec: BatchSpec
+    records: Sequence[dict[str, Any]],
+    positions: np.ndarray | None,
+    spec: BatchSpec,
+    allocate: Callable[[tuple[int, ...], Any], np.ndarray] = np.empty,
 ) -> dict[str, np.ndarray]:
-  """Records -> the model's batch dict; masked iff `positions` is given.
-
-  Equivalent to `tests.helpers.reference_mask_regions` followed by `formats.add_global_token`, but
-  the features are written once into the final `[B, R+1, F]` buffer and
-  masked in place (this is the pipeline's hot loop).
+  """Records -> the host batch (`spec.layout.host_keys`): what storage holds, unmasked.
 
   Args:
-    records: decoded records.
-    positions: [B] global stream positions (seed the masks); None = no masking
-      (evaluation): labels are -1 and features untouched.
+    records: decoded records (features in the storage dtype).
+    positions: [B] global stream positions (what the device stage's draws
+      are a function of); None leaves `positions` out (`eval_batch`).
+    allocate: for the feature arrays (`pack_regions`).
   """
   ids, input_mask = spec.encoder.pack([r['token_ids'] for r in records])
-  image_feat, loc, region_mask = pack_regions(records, spec.max_regions, spec.feature_dim, offset=1)
-  regions = image_feat[:, 1:]  # a view: masking below writes into image_feat
-  if spec.target_key == 'features':
-    target = regions.copy()  # before masking
-  else:
-    target = pack_regions(records, spec.max_regions, spec.target_dim, spec.target_key)[0]
-  if positions is None:
-    image_label = np.full(region_mask.shape, -1, np.int32)
-    lm_label_ids = np.full(ids.shape, -1, np.int32)
-  else:
-    keys = masking_lib.record_keys(spec.seed, positions)
-    ids, lm_label_ids = masking_lib.mask_tokens(ids, input_mask, keys, spec.masking)
-    zero, image_label = masking_lib.choose_regions(region_mask, keys, spec.masking)
-    regions[zero] = 0.0
-  # The global token is the mean of the regions *after* masking, as released.
-  m = region_mask.astype(np.float32)
-  image_feat[:, 0] = (m[:, None, :] @ regions)[:, 0] / np.maximum(m.sum(1), 1.0)[:, None]
-  b = len(records)
-  image_loc = np.empty((b, spec.max_regions + 1, 5), np.float32)
-  image_loc[:, 0] = formats.GLOBAL_LOC
-  image_loc[:, 1:] = loc
-  image_mask = np.ones((b, spec.max_regions + 1), np.int32)
-  image_mask[:, 1:] = region_mask
-  return {
+  dtype = spec.layout.host_shapes(0)['region_feat'][1]
+  feat, loc, region_mask = pack_regions(
+      records, spec.max_regions, spec.feature_dim, dtype=dtype, allocate=allocate
+  )
+  out = {
       'input_ids': ids,
       'input_mask': input_mask,
+      'region_feat': feat,
+      'region_loc': loc,
+      'region_mask': region_mask,
+  }
+  if positions is not None:
+    out['positions'] = batch_lib.encode_positions(positions)
+  if spec.target_key != 'features':
+    out[batch_lib.CLASS_TARGET_KEY] = pack_regions(
+        records, spec.max_regions, spec.target_dim, spec.target_key, dtype=dtype, allocate=allocate
+    )[0]
+  return out
+
+
+def eval_batch(records: Sequence[dict[str, Any]], spec: BatchSpec) -> dict[str, np.ndarray]:
+  """Records -> the unmasked float32 model batch (`TRAIN_KEYS`) of evaluation and export: the
+  inputs untouched, labels -1, the global token the mean of the regions."""
+  host = collate(records, None, spec)
+  b, r = host['region_mask'].shape
+  image_feat = np.empty((b, r + 1, spec.feature_dim), np.float32)
+  regions = image_feat[:, 1:]
+  regions[:] = host['region_feat']
+  m = host['region_mask'].astype(np.float32)
+  image_feat[:, 0] = (m[:, None, :] @ regions)[:, 0] / np.maximum(m.sum(1), 1.0)[:, None]
+  image_loc = np.empty((b, r + 1, batch_lib.LOC_DIM), np.float32)
+  image_loc[:, 0] = formats.GLOBAL_LOC
+  image_loc[:, 1:] = host['region_loc']
+  image_mask = np.ones((b, r + 1), np.int32)
+  image_mask[:, 1:] = host['region_mask']
+  target = host.get(batch_lib.CLASS_TARGET_KEY, host['region_feat'])
+  ids = host['input_ids']
+  return {
+      'input_ids': ids,
+      'input_mask': host['input_mask'],
       'segment_ids': np.zeros_like(ids),
       'image_feat': image_feat,
       'image_loc': image_loc,
       'image_mask': image_mask,
-      'lm_label_ids': lm_label_ids,
-      'image_label': image_label,
-      'image_target': target,
+      'lm_label_ids': np.full(ids.shape, -1, np.int32),
+      'image_label': np.full((b, r), -1, np.int32),
+      'image_target': target.astype(np.float32),
   }
 
 
 def make_batch_spec(config: ml_collections.ConfigDict) -> BatchSpec:
-  """Tokenizer, masking and sizes from `config.data` (and model.mrm_target)."""
+  """Tokenizer, sizes and storage dtype from `config.data` (and model.mrm_target)."""
   d = config.data
   if not d.vocab_file:
     raise ValueError(
@@ -150,10 +178,9 @@ def make_batch_spec(config: ml_collections.ConfigDict) -> BatchSpec:
   classes = model.get('mrm_target', 'feature') == 'class'
   return BatchSpec(
       encoder,
-      masking_lib.MaskingSpec.from_config(d, encoder),
       d.max_regions,
       d.feature_dim,
-      d.shuffle_seed,
+      d.storage_dtype,
       target_key='cls_prob' if classes else 'features',
       target_dim=model.get('v_target_size') if classes else None,
   )

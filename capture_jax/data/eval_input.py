@@ -185,7 +185,7 @@ def _load_batch(
   b = len(row_ids)
   inputs = spec.layout.padding(b)
   if records:
-    for key, arr in collate_lib.collate(records, None, spec).items():
+    for key, arr in collate_lib.eval_batch(records, spec).items():
       inputs[key][valid] = arr
   item_id = np.full(b, '', dtype=object)
   item_id[valid] = [r['item_id'] for r in records]

@@ -1,19 +1,25 @@
-"""The training iterator: the product1m train split -> masked batches, resumable.
+"""The training iterator: the product1m train split -> host batches, resumable.
 
     source (tfds.data_source, one split)
       -> global shuffle by seed, a new permutation every epoch, repeated
          forever or for data.num_epochs (`ShuffledIndices`)
       -> tag every record with its position in that global stream
       -> this process's shard: positions p, p + n, p + 2n, ... (n processes)
-      -> batch, and per batch: tokenise, MLM + MRM masking, pad, global token
+      -> batch, and per batch: tokenise, pack the regions in the storage dtype
 
 Because process p takes every n-th position and batches are cut after
 sharding, global batch b is exactly the positions [b*B, (b+1)*B) of the
-stream whatever the number of processes. Masking draws come from a
-counter-based hash of (seed, position) (`masking`). The iterator is a Grain
-`DatasetIterator`; `get_state()` / `set_state()` checkpoint and restore the
-exact position. Batches have the layout of `capture_jax.batch` (`TRAIN_KEYS`,
-B = the per-process batch).
+stream whatever the number of processes. Batches are host batches
+(`capture_jax.batch`, `BatchLayout.host_keys`, B = the per-process batch):
+unmasked, with each record's stream position; the train step masks them on
+the devices with draws from (seed, position) (`masking.model_batch`). The
+iterator is a Grain `DatasetIterator`; `get_state()` / `set_state()`
+checkpoint and restore the exact position.
+
+With `data.num_workers` > 0, Grain worker processes build the batches
+(`mp_prefetch`) and hand them over in shared memory: the loader allocates the
+batch's largest array in a shared-memory block in the worker, so Grain passes
+its name instead of copying it (`_host_buffer`).
 """
 
 from __future__ import annotations
@@ -47,12 +53,25 @@ class _TrainBatchLoader:
   batch_size: int  # per process
   process_index: int
   process_count: int
+  shared_memory: bool = False  # runs in Grain worker processes: features into shared memory
 
   def __call__(self, batch_index: int) -> dict[str, np.ndarray]:
     j = np.arange(self.batch_size, dtype=np.int64)
     positions = (int(batch_index) * self.batch_size + j) * self.process_count + self.process_index
     records = self.source.read_records(self.indices.take(positions).tolist())
-    return collate_lib.collate(records, positions, self.spec)
+    allocate = _host_buffer if self.shared_memory else np.empty
+    return collate_lib.collate(records, positions, self.spec, allocate)
+
+
+def _host_buffer(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+  """An uninitialised array in a new shared-memory block (in a Grain worker process).
+
+  Grain's `mp_prefetch` copies every array of an element into shared memory unless it already
+  is a `SharedMemoryArray`, whose block it hands over by name; the main process maps it and
+  unlinks it when the batch is dropped. Packing the features straight into one saves that copy
+  of the batch's largest array.
+  """
+  return grain.multiprocessing.SharedMemoryArray(shape, dtype)
 
 
 class ShuffledIndices:
@@ -142,7 +161,9 @@ def make_train_dataset(
   # Every process yields the same number of full batches: a finite stream is
   # cut to a multiple of the global batch.
   num_batches = len(indices) // (per_process * count)
-  loader = _TrainBatchLoader(source, indices, spec, per_process, index, count)
+  loader = _TrainBatchLoader(
+      source, indices, spec, per_process, index, count, shared_memory=d.num_workers > 0
+  )
   ds = grain.MapDataset.range(num_batches).map(loader)
   it = ds.to_iter_dataset(source_lib.read_options(config))
   if d.num_workers > 0:
@@ -161,7 +182,7 @@ def _ensure_absl_flags_parsed() -> None:
 
 
 def make_train_iterator(config: ml_collections.ConfigDict, **kwargs: Any) -> grain.DatasetIterator:
-  """A checkpointable iterator of training batches (dicts of `batch.TRAIN_KEYS`).
+  """A checkpointable iterator of host training batches (dicts of `BatchLayout.host_keys`).
 
   `it.get_state()` returns a small JSON-able dict; `it.set_state(state)` on a
   fresh iterator of the same config continues with exactly the batches the

@@ -11,6 +11,7 @@ The embedding-export step has its builder beside its consumers
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Any, Callable
 
@@ -19,6 +20,7 @@ import ml_collections
 import optax
 
 from capture_jax import batch as batch_lib
+from capture_jax.data import masking as masking_lib
 from capture_jax.training import sharding
 from capture_jax.training import state as state_lib
 from capture_jax.training import train_step as train_step_lib
@@ -29,8 +31,12 @@ class TrainStep:
   """The train step of one config on one mesh, not yet compiled.
 
   jitted: `(state, batch) -> (state, metrics)`, in and out shardings explicit, the state
-    donated; `batch` holds `batch_lib.TRAIN_KEYS`, each `[data.batch_size, ...]` split over
-    `('data', 'fsdp')`.
+    donated; `batch` is a host batch (`BatchLayout.host_keys`: the storage dtype, unmasked),
+    each array `[data.batch_size, ...]` split over `('data', 'fsdp')`; the step turns it into
+    the model batch first (`masking.model_batch`).
+  model_batch: the jitted device stage alone, host batch -> the model's masked float32 batch
+    (`TRAIN_KEYS`), the same function the step runs (for tests and for inspecting batches).
+  masking: the recipe, token ids and seed of the device stage.
   init_state: `key -> TrainState` from scratch (jit it with `out_shardings=state_shardings`).
   abstract_state, abstract_batch: the step's arguments as `ShapeDtypeStruct`s with shardings,
     enough to lower and compile it without any array (and for devices this host lacks).
@@ -44,6 +50,8 @@ class TrainStep:
   abstract_state: Any
   abstract_batch: dict[str, jax.ShapeDtypeStruct]
   jitted: Any
+  model_batch: Any
+  masking: masking_lib.MaskingSpec
 
   def lower(self):
     return self.jitted.lower(self.abstract_state, self.abstract_batch)
@@ -55,23 +63,32 @@ class TrainStep:
     return compiled, time.perf_counter() - start
 
 
-def build_train_step(config: ml_collections.ConfigDict, mesh) -> TrainStep:
+def build_train_step(
+    config: ml_collections.ConfigDict, mesh, masking: masking_lib.MaskingSpec | None = None
+) -> TrainStep:
   """The train step of `config` (its `data.batch_size` is the global batch) on `mesh`.
 
-  `mesh` may be of real devices or of a topology's compile-only devices.
+  `mesh` may be of real devices or of a topology's compile-only devices. `masking` defaults
+  to `MaskingSpec.from_config(config)` (the ids of `data.vocab_file`).
   """
+  masking = masking or masking_lib.MaskingSpec.from_config(config)
   optimizer, init_state, abstract_state, state_shardings = state_lib.train_state_layout(
       config, mesh
   )
   batch_sharding = sharding.batch_sharding(mesh)
   jitted = jax.jit(
-      train_step_lib.make_train_step(config, mesh, optimizer),
+      train_step_lib.make_train_step(config, mesh, optimizer, masking),
       in_shardings=(state_shardings, batch_sharding),
       out_shardings=(state_shardings, None),
       donate_argnums=(0,),
   )
-  abstract_batch = batch_lib.BatchLayout.from_config(config).abstract(
+  abstract_batch = batch_lib.BatchLayout.from_config(config).host_abstract(
       config.data.batch_size, sharding=batch_sharding
+  )
+  model_batch = jax.jit(
+      functools.partial(masking_lib.model_batch, spec=masking),
+      in_shardings=(batch_sharding,),
+      out_shardings=batch_sharding,
   )
   return TrainStep(
       mesh=mesh,
@@ -82,4 +99,6 @@ def build_train_step(config: ml_collections.ConfigDict, mesh) -> TrainStep:
       abstract_state=sharding.abstract_with_shardings(abstract_state, state_shardings),
       abstract_batch=abstract_batch,
       jitted=jitted,
+      model_batch=model_batch,
+      masking=masking,
   )

@@ -1,10 +1,12 @@
 """Train state and the jitted, sharded pretraining step.
 
-One step: split the global batch into `train.microbatches` micro-batches,
-accumulate the gradients of `MLM + MRM + contrastive` (the contrastive term
-over each whole global micro-batch, across every device and host), clip, take
-an AdamW step, and skip the update (keeping parameters and optimizer state)
-when the loss or the gradients are not finite, counting it.
+One step: turn the host batch (storage dtype, unmasked) into the model's
+masked float32 batch on the devices (`masking.model_batch`), split the global
+batch into `train.microbatches` micro-batches, accumulate the gradients of
+`MLM + MRM + contrastive` (the contrastive term over each whole global
+micro-batch, across every device and host), clip, take an AdamW step, and skip
+the update (keeping parameters and optimizer state) when the loss or the
+gradients are not finite, counting it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from capture_jax import losses
+from capture_jax.data import masking as masking_lib
 from capture_jax.models import CaptureModel
 from capture_jax.training import contrastive as contrastive_lib
 from capture_jax.training import optimizer as optimizer_lib
@@ -75,9 +78,13 @@ def split_microbatches(batch: Mapping[str, Array], num: int, mesh: Mesh) -> dict
 
 
 def make_train_step(
-    config: ml_collections.ConfigDict, mesh: Mesh, optimizer: optax.GradientTransformation
+    config: ml_collections.ConfigDict,
+    mesh: Mesh,
+    optimizer: optax.GradientTransformation,
+    masking: masking_lib.MaskingSpec,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-  """The (unjitted) train step; `jax.jit` it with the state and batch shardings."""
+  """The (unjitted) train step `(state, host batch) -> (state, metrics)`; `jax.jit` it with the
+  state and batch shardings. `masking`: the recipe, ids and seed of the device stage."""
   rng_lowering.set_cpu_threefry_unrolled(config.train.cpu_unrolled_threefry)
   model = CaptureModel(config.model)
   schedule = optimizer_lib.learning_rate_schedule(config.train)
@@ -125,7 +132,8 @@ def make_train_step(
     (grads, terms), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(num_micro), micro))
     return jax.tree.map(lambda x: x / num_micro, (grads, terms))
 
-  def train_step(state: TrainState, batch: dict[str, Array]) -> tuple[TrainState, dict[str, Array]]:
+  def train_step(state: TrainState, host: dict[str, Array]) -> tuple[TrainState, dict[str, Array]]:
+    batch = masking_lib.model_batch(host, masking)
     rng = jax.random.fold_in(state.rng, state.step)
     grads, terms = gradients(state.params, batch, rng)
     grad_norm = optimizer_lib.global_norm(grads)
