@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from absl import app, flags, logging
 
@@ -68,11 +68,42 @@ def bad_input_exits(run: Callable[[], Any]) -> Any:
     sys.exit(1)
 
 
-def run_command(define_flags: Callable[[], dict], main: Callable[[dict], Any]) -> None:
-  """The entry of a command whose flags `define_flags()` defines (`--config` and `--workdir`
-  required): `run(lambda argv: main(flags))`."""
+def checkpoint_command(args: dict, command: Callable[..., Any], **options: Any) -> Any:
+  """The body of a command that reads a run's checkpoint (`export`, `evaluate`): checks
+  `--config`, joins the job's processes, then `command(config, workdir, split,
+  step=--checkpoint, **options)`, with bad input as one `error:` line (`bad_input_exits`)."""
+  # pylint: disable=import-outside-toplevel
+  from capture_jax import config as config_lib
+  from capture_jax.training import distributed
+
+  config_lib.check_or_exit(args['config'].value)
+  distributed.initialize()
+  return bad_input_exits(
+      lambda: command(
+          args['config'].value,
+          args['workdir'].value,
+          args['split'].value,
+          step=args['checkpoint'].value,
+          **options,
+      )
+  )
+
+
+def flag_values(args: dict, names: Sequence[str]) -> dict[str, Any]:
+  """`{name: --name}` for the flags `names` of a command's `define_flags()`."""
+  return {name: args[name].value for name in names}
+
+
+def run_command(
+    define_flags: Callable[[], dict],
+    main: Callable[[dict], Any],
+    required: Sequence[str] = ('config', 'workdir'),
+) -> None:
+  """The entry of a command whose flags `define_flags()` defines (the `required` ones must be
+  given): `run(lambda argv: main(flags))`."""
   args = define_flags()
-  flags.mark_flags_as_required(['config', 'workdir'])
+  if required:
+    flags.mark_flags_as_required(list(required))
   run(lambda argv: main(args), module=main.__module__)
 
 

@@ -42,10 +42,8 @@ from absl import flags
 from ml_collections import config_flags
 
 from capture_jax import cli
-from capture_jax import config as config_lib
 from capture_jax.retrieval import evaluation
 from capture_jax.retrieval import metrics as metrics_lib
-from capture_jax.training import distributed
 
 
 def define_flags() -> dict[str, Any]:
@@ -76,19 +74,9 @@ def define_flags() -> dict[str, Any]:
 
 
 def main(args: dict[str, Any]) -> None:
-  config_lib.check_or_exit(args['config'].value)
-  distributed.initialize()
-  result = cli.bad_input_exits(
-      lambda: evaluation.evaluate(
-          args['config'].value,
-          args['workdir'].value,
-          args['split'].value,
-          step=args['checkpoint'].value,
-          out_dir=args['out'].value,
-          gallery_embeddings=args['gallery_embeddings'].value,
-          query_embeddings=args['query_embeddings'].value,
-          instance_embeddings=args['instance_embeddings'].value,
-      )
+  embeddings = ('gallery_embeddings', 'query_embeddings', 'instance_embeddings')
+  result = cli.checkpoint_command(
+      args, evaluation.evaluate, out_dir=args['out'].value, **cli.flag_values(args, embeddings)
   )
   if result is not None:
     print(result.table)

@@ -34,10 +34,8 @@ from absl import flags
 from ml_collections import config_flags
 
 from capture_jax import cli
-from capture_jax import config as config_lib
 from capture_jax.data import formats
 from capture_jax.retrieval import exporting
-from capture_jax.training import distributed
 
 
 def define_flags() -> dict[str, Any]:
@@ -75,19 +73,12 @@ def define_flags() -> dict[str, Any]:
 
 
 def main(args: dict[str, Any]) -> None:
-  config_lib.check_or_exit(args['config'].value)
-  distributed.initialize()
-  cli.bad_input_exits(
-      lambda: exporting.export(
-          args['config'].value,
-          args['workdir'].value,
-          args['split'].value,
-          step=args['checkpoint'].value,
-          out=args['out'].value,
-          rows='instances' if args['instances'].value else 'samples',
-          random_init=args['random_init'].value,
-          overwrite=args['overwrite'].value,
-      )
+  cli.checkpoint_command(
+      args,
+      exporting.export,
+      out=args['out'].value,
+      rows='instances' if args['instances'].value else 'samples',
+      **cli.flag_values(args, ('random_init', 'overwrite')),
   )
 
 

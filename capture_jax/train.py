@@ -44,6 +44,7 @@ from capture_jax.training import checkpoint as checkpoint_lib
 from capture_jax.training import device_prefetch
 from capture_jax.training import distributed
 from capture_jax.training import lock as lock_lib
+from capture_jax.training import loop as loop_lib
 from capture_jax.training import metrics as metrics_lib
 from capture_jax.training import preemption as preemption_lib
 from capture_jax.training import sharding
@@ -182,10 +183,8 @@ def run(
         f'written through JAX profiler to local disk, and --workdir={workdir} is a bucket; '
         'profile a run with a local --workdir'
     )
-  # A bucket that is missing or unreachable is named now, not after compiling.
-  storage.check_writable(workdir)
   # One trainer per workdir (process 0 holds the lock for the whole run).
-  with lock_lib.FolderLock(workdir, lock_lib.TRAIN_LOCK_FILE, 'trainer'):
+  with loop_lib.locked(workdir, workdir, 'trainer'):
     return _run_locked(config, workdir, mesh, stop_after_steps)
 
 
@@ -195,15 +194,15 @@ def _run_locked(
   # Checkpoints: refuse a workdir of another model (or another batch size, or num_steps below
   # the saved step) before compiling anything.
   manager = checkpoint_lib.make_manager(workdir, config.checkpoint)
-  closers = []
   try:
     checkpoint_lib.check_compatible(manager, config)  # the model, batch size and vocab
     if not manager.all_steps():  # a fresh run: its vocab must be the one train.init's rows use
       convert.check_init_vocab(config)
-    return _train(config, workdir, mesh, stop_after_steps, manager, closers)
+    # What `_train` opens (the stop-request handlers, the metric writer, the prefetch thread),
+    # closed however the run ends.
+    with contextlib.ExitStack() as closers:
+      return _train(config, workdir, mesh, stop_after_steps, manager, closers)
   finally:
-    for close in closers:
-      close()
     # Wait for the saves in flight (also when stopping on an error: they hold good states),
     # then checksum them.
     manager.wait_until_finished()
@@ -212,111 +211,208 @@ def _run_locked(
 
 
 def _train(
-    config, workdir: storage.Path, mesh, stop_after_steps, manager, closers: list
+    config: ml_collections.ConfigDict,
+    workdir: storage.Path,
+    mesh,
+    stop_after_steps: int | None,
+    manager,
+    closers: contextlib.ExitStack,
 ) -> RunResult:
-  """Restore or initialise, compile, and the loop; `closers` collects what `_run_locked` closes
-  however the run ends."""
-  is_main = distributed.is_main_process()
-
-  # Input: this process's share of every global batch.
-  data_iterator = train_input.make_train_iterator(config)
-
-  # The step (jitted with explicit shardings, the state donated), and the parameters and
-  # optimizer state it takes, created directly in their shardings.
-  key = jax.random.PRNGKey(config.seed)
+  """Open the input -> restore or initialise -> compile -> the loop -> finish."""
+  data_iterator = train_input.make_train_iterator(config)  # this process's share of each batch
   step_program = steps_lib.build_train_step(config, mesh)
-  optimizer, state_shardings = step_program.optimizer, step_program.state_shardings
+  start = restore_or_initialise(config, workdir, manager, step_program, data_iterator)
+  # Stop requests from here on (also while compiling): every process stops at the same step.
+  stop = closers.enter_context(preemption_lib.Preemption())
+  stop.reached(start.step)
+  compiled = compile_step(step_program)
+  end = loop_lib.end_step(start.step, config.train.num_steps, stop_after_steps)
+  loop = setup_loop(config, workdir, mesh, manager, start, end, compiled, data_iterator, closers)
+  step, preempted = loop_lib.run_steps(loop, start.step, end, stop, BETWEEN_SYNC_POINTS)
+  return finish(loop, step, preempted)
 
+
+# --------------------------------------------------------------------------
+# Restore or initialise.
+
+
+@dataclasses.dataclass
+class Start:
+  """Where the loop starts: the state, its step, and the loop counters saved with it."""
+
+  state: Any
+  step: int
+  counters: dict[str, int]
+
+
+def restore_or_initialise(
+    config: ml_collections.ConfigDict,
+    workdir: storage.Path,
+    manager,
+    step_program: steps_lib.TrainStep,
+    data_iterator: Any,
+) -> Start:
+  """The newest readable checkpoint (state, data position, loop counters), else a new state.
+
+  Unreadable checkpoints are moved aside (`checkpoint.restore_latest`);
+  when there were some and none is readable, `loop.require_readable` decides.
+  """
+  is_main = distributed.is_main_process()
   had_checkpoints = bool(manager.all_steps())
   restored = checkpoint_lib.restore_latest(
-      manager,
-      step_program.abstract_state,
-      data_iterator,
-      move_unreadable=True,
+      manager, step_program.abstract_state, data_iterator, move_unreadable=True
   )
+  where = checkpoint_lib.checkpoint_dir(workdir)
   corrupt = checkpoint_lib.corrupt_checkpoints(workdir)
-  if restored is None and (had_checkpoints or corrupt):
-    if not config.checkpoint.restart_if_unreadable:
-      raise checkpoint_lib.UnreadableCheckpointsError(
-          f'no readable checkpoint in {checkpoint_lib.checkpoint_dir(workdir)}: '
-          f'{", ".join(p.name for p in corrupt)} could not be read (moved aside, kept for '
-          'inspection). To train again from step 0 in this workdir, pass '
-          '--config.checkpoint.restart_if_unreadable=True; or use another --workdir.'
-      )
-    if is_main:
-      print(
-          f'WARNING: no readable checkpoint in {checkpoint_lib.checkpoint_dir(workdir)} '
-          '(checkpoint.restart_if_unreadable=True): training from step 0',
-          flush=True,
-      )
-  if restored is not None:
-    state, start = restored
-    if is_main:
-      print(
-          f'resumed from the checkpoint at step {start} in {checkpoint_lib.checkpoint_dir(workdir)}',
-          flush=True,
-      )
-  else:
-    state = jax.jit(step_program.init_state, out_shardings=state_shardings)(key)
-    pretrained = state_lib.pretrained_params(config)
-    if pretrained:
-      params = state_lib.place_pretrained(state.params, pretrained, state_shardings.params)
-      state = state.replace(
-          params=params,
-          opt_state=jax.jit(optimizer.init, out_shardings=state_shardings.opt_state)(params),
-      )
-    start = 0
-  if start > config.train.num_steps:
+  loop_lib.require_readable(
+      restored is not None,
+      had_checkpoints,
+      corrupt,
+      config.checkpoint.restart_if_unreadable,
+      where,
+      is_main,
+  )
+  if restored is None:
+    return Start(initialise(config, step_program), 0, {})
+  state, step = restored
+  if is_main:
+    print(f'resumed from the checkpoint at step {step} in {where}', flush=True)
+  if step > config.train.num_steps:
     raise checkpoint_lib.IncompatibleCheckpointError(
-        f'train.num_steps={config.train.num_steps} is below the restored checkpoint step {start} '
-        f'in {checkpoint_lib.checkpoint_dir(workdir)}; raise num_steps or use another --workdir'
+        f'train.num_steps={config.train.num_steps} is below the restored checkpoint step {step} '
+        f'in {where}; raise num_steps or use another --workdir'
     )
+  return Start(state, step, checkpoint_lib.saved_loop(manager, step))
 
-  # Stop requests from here on (also while compiling): every process stops at the same step.
-  preemption = preemption_lib.Preemption().__enter__()
-  closers.append(preemption.__exit__)
-  preemption.reached(start)
 
-  # The step, compiled ahead of time.
+def initialise(config: ml_collections.ConfigDict, step_program: steps_lib.TrainStep) -> Any:
+  """A new train state, created directly in its shardings (with `model.pretrained`'s
+  parameters, and an optimizer state for them, when given)."""
+  shardings = step_program.state_shardings
+  key = jax.random.PRNGKey(config.seed)
+  state = jax.jit(step_program.init_state, out_shardings=shardings)(key)
+  pretrained = state_lib.pretrained_params(config)
+  if pretrained:
+    params = state_lib.place_pretrained(state.params, pretrained, shardings.params)
+    init_opt = jax.jit(step_program.optimizer.init, out_shardings=shardings.opt_state)
+    state = state.replace(params=params, opt_state=init_opt(params))
+  return state
+
+
+# --------------------------------------------------------------------------
+# Compile.
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledStep:
+  """The train step compiled ahead of time, and XLA's FLOP count of it per device (None:
+  unknown)."""
+
+  step_fn: Any
+  flops_per_step: float | None
+
+
+def compile_step(step_program: steps_lib.TrainStep) -> CompiledStep:
   step_fn, compile_s = step_program.compile()
   flops_per_step = state_lib.count_flops(step_fn)
-  if is_main:
+  if distributed.is_main_process():
     print(
         f'compiled the train step in {compile_s:.1f} s'
         + (f'; {flops_per_step / 1e9:.1f} GFLOP per step and device' if flops_per_step else ''),
         flush=True,
     )
+  return CompiledStep(step_fn, flops_per_step)
 
-  end = (
-      config.train.num_steps
-      if stop_after_steps is None
-      else min(config.train.num_steps, start + stop_after_steps)
-  )
-  writer = metrics_lib.MetricWriter(workdir, start_step=start)
-  closers.append(writer.close)
-  loop = checkpoint_lib.saved_loop(manager, start) if restored is not None else {}
+
+# --------------------------------------------------------------------------
+# The loop: step, log, checkpoint, stop request (`loop.run_steps` calls the hooks).
+
+
+@dataclasses.dataclass
+class TrainLoop:
+  """What the loop needs (built by `setup_loop`), and the hooks `loop.run_steps` calls
+  (`loop.LoopHooks`): a step, the checkpoint interval, the sync point, a save."""
+
+  config: ml_collections.ConfigDict
+  workdir: storage.Path
+  manager: Any
+  compiled: CompiledStep
+  state: Any
+  end: int
+  batches: device_prefetch.DevicePrefetch
+  writer: metrics_lib.MetricWriter
+  skips: SkipMonitor
+  progress: progress_lib.Progress
+  check_every: int  # steps between skip checks
+  peak: float | None  # the device's peak FLOP/s (None: unknown)
+  is_main: bool
+  metrics: Any = None  # the last step's, on the devices
+  last_metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+  window_start: float = dataclasses.field(default_factory=time.perf_counter)
+  window_steps: int = 0  # steps since the last log
+  profiling: bool = False
+
+  def dispatch(self, step: int) -> None:
+    t = self.config.train
+    if step == t.profile_start_step and self.is_main:
+      jax.profiler.start_trace(str(self.workdir / 'profile'))
+      self.profiling = True
+    self.state, self.metrics = take_step(self.compiled.step_fn, self.state, self.batches)
+    self.window_steps += 1
+    self.skips.add(step + 1, self.metrics['skipped_updates'])
+    self.progress.update(1)
+
+  def save_due(self, step: int) -> bool:
+    return self.manager.should_save(step)
+
+  def sync(self, step: int) -> None:
+    t = self.config.train
+    if step % self.check_every == 0:
+      self.skips.check()
+    if self.profiling and step >= t.profile_start_step + t.profile_num_steps:
+      jax.block_until_ready(self.state.params)
+      jax.profiler.stop_trace()
+      self.profiling = False
+    if step % t.log_every == 0 or step == self.end:
+      log_metrics(self, step)
+
+  def save(self, step: int, stopping: bool) -> None:
+    save_checkpoint(self, step, force=stopping)
+
+
+def setup_loop(
+    config: ml_collections.ConfigDict,
+    workdir: storage.Path,
+    mesh,
+    manager,
+    start: Start,
+    end: int,
+    compiled: CompiledStep,
+    data_iterator: Any,
+    closers: contextlib.ExitStack,
+) -> TrainLoop:
+  """The loop's state from `start` to `end`: the metric writer, the skip monitor, the progress
+  bar, and the global batches, built by a thread `data.prefetch_to_device` steps ahead
+  (checkpoints record the data position of the batches the steps consumed). `closers` closes
+  the writer and the thread."""
+  t = config.train
+  is_main = distributed.is_main_process()
+  writer = metrics_lib.MetricWriter(workdir, start_step=start.step)
+  closers.callback(writer.close)
   skips = SkipMonitor(
-      config.train.max_consecutive_skipped,
-      int(jax.device_get(state.skipped)),
-      loop.get('consecutive_skipped', 0),
+      t.max_consecutive_skipped,
+      int(jax.device_get(start.state.skipped)),
+      start.counters.get('consecutive_skipped', 0),
   )
-  limit = config.train.max_consecutive_skipped
-  check_every = min(config.train.log_every, limit) if limit else config.train.log_every
+  limit = t.max_consecutive_skipped
   progress = progress_lib.Progress(
-      end - start,
+      end - start.step,
       'pretraining',
       'step',
-      enabled=is_main and config.train.progress_bar and end > start,
-      log_every=config.train.log_every,
+      enabled=is_main and t.progress_bar and end > start.step,
+      log_every=t.log_every,
   )
-
   peak = metrics_lib.peak_flops(jax.devices()[0])
-  last_metrics: dict[str, float] = {}
-  preempted = False
-  window_start, window_steps = time.perf_counter(), 0
-  profiling = False
-  # Global batches built by a thread, `data.prefetch_to_device` steps ahead; checkpoints record
-  # the data position of the batches the steps consumed.
   batches = device_prefetch.DevicePrefetch(
       data_iterator,
       lambda local: sharding.global_batch_from_local(
@@ -324,76 +420,79 @@ def _train(
       ),
       config.data.prefetch_to_device,
   )
-  closers.insert(0, batches.close)
+  closers.callback(batches.close)
+  return TrainLoop(
+      config=config,
+      workdir=workdir,
+      manager=manager,
+      compiled=compiled,
+      state=start.state,
+      end=end,
+      batches=batches,
+      writer=writer,
+      skips=skips,
+      progress=progress,
+      check_every=min(t.log_every, limit) if limit else t.log_every,
+      peak=peak,
+      is_main=is_main,
+  )
 
-  def save_checkpoint(step: int, state: Any, force: bool) -> None:
-    """Never a diverged state; the metric rows up to a checkpoint are durable before it; the
-    data position of the consumed batches and the consecutive-skip count go with it."""
-    check_before_save(state, step, skips)
-    writer.flush()
-    checkpoint_lib.save(
-        manager,
-        step,
-        state,
-        batches,
-        config,
-        force=force,
-        loop={'consecutive_skipped': skips.consecutive},
-    )
 
-  step = start
-  while step < end:
-    # Between the sync points below the host only dispatches: no device-to-host transfer, no
-    # collective it waits for, so it runs ahead of the devices.
-    with BETWEEN_SYNC_POINTS():
-      if step == config.train.profile_start_step and is_main:
-        jax.profiler.start_trace(str(workdir / 'profile'))
-        profiling = True
-      batch = next(batches)
-      state, metrics = step_fn(state, batch)
-      step += 1
-      window_steps += 1
-      skips.add(step, metrics['skipped_updates'])
-      preempted = preemption.reached(step)  # host-only (the coordination service on a pod)
-      progress.update(1)
-      due = manager.should_save(step)
-    # Sync points.
-    if step % check_every == 0:
-      skips.check()
-    if profiling and step >= config.train.profile_start_step + config.train.profile_num_steps:
-      jax.block_until_ready(state.params)
-      jax.profiler.stop_trace()
-      profiling = False
-    if step % config.train.log_every == 0 or step == end:
-      metrics = jax.device_get(metrics)
-      elapsed = time.perf_counter() - window_start
-      step_time = elapsed / window_steps
-      last_metrics = {k: float(v) for k, v in metrics.items()}
-      last_metrics.update(
-          {'step_time_s': step_time, 'samples_per_s': config.data.batch_size / step_time}
-      )
-      if flops_per_step and peak:
-        last_metrics['mfu'] = flops_per_step / step_time / peak  # XLA counts per device
-      writer.write(step, last_metrics)
-      progress.set_postfix(
-          loss=f'{last_metrics["loss/total"]:.3f}', skipped=int(last_metrics['skipped_updates'])
-      )
-      window_start, window_steps = time.perf_counter(), 0
-    if due or preempted:
-      save_checkpoint(step, state, force=preempted)
-    if preempted:
-      break
-  progress.close()
-  # A final checkpoint (forced: also when the interval is not due), then wait for async saves.
-  if manager.latest_step() != step:
-    save_checkpoint(step, state, force=True)
-  if preempted and is_main:
+def take_step(step_fn, state: Any, batches: device_prefetch.DevicePrefetch) -> tuple[Any, Any]:
+  """One train step on the next global batch: `(state, metrics)`, both left on the devices."""
+  batch = next(batches)
+  return step_fn(state, batch)
+
+
+def log_metrics(loop: TrainLoop, step: int) -> None:
+  """Fetches the last step's metrics, adds the step time, throughput and MFU over the steps
+  since the last log, and writes them (metrics.jsonl, TensorBoard, the progress bar)."""
+  metrics = jax.device_get(loop.metrics)
+  step_time = (time.perf_counter() - loop.window_start) / loop.window_steps
+  last = {k: float(v) for k, v in metrics.items()}
+  last.update({'step_time_s': step_time, 'samples_per_s': loop.config.data.batch_size / step_time})
+  flops = loop.compiled.flops_per_step
+  if flops and loop.peak:
+    last['mfu'] = flops / step_time / loop.peak  # XLA counts per device
+  loop.writer.write(step, last)
+  loop.progress.set_postfix(loss=f'{last["loss/total"]:.3f}', skipped=int(last['skipped_updates']))
+  loop.last_metrics = last
+  loop.window_start, loop.window_steps = time.perf_counter(), 0
+
+
+def save_checkpoint(loop: TrainLoop, step: int, force: bool) -> None:
+  """Never a diverged state; the metric rows up to a checkpoint are durable before it; the
+  data position of the consumed batches and the consecutive-skip count go with it."""
+  check_before_save(loop.state, step, loop.skips)
+  loop.writer.flush()
+  checkpoint_lib.save(
+      loop.manager,
+      step,
+      loop.state,
+      loop.batches,
+      loop.config,
+      force=force,
+      loop={'consecutive_skipped': loop.skips.consecutive},
+  )
+
+
+# --------------------------------------------------------------------------
+# Finish.
+
+
+def finish(loop: TrainLoop, step: int, preempted: bool) -> RunResult:
+  """A final checkpoint (forced: also when the interval is not due); the `_run_locked` caller
+  waits for the async saves."""
+  loop.progress.close()
+  if loop.manager.latest_step() != step:
+    save_checkpoint(loop, step, force=True)
+  if preempted and loop.is_main:
     print(
-        f'stopped at step {step} on request; checkpoint saved in {checkpoint_lib.checkpoint_dir(workdir)}. '
-        'Run the same command again to resume.',
+        f'stopped at step {step} on request; checkpoint saved in '
+        f'{checkpoint_lib.checkpoint_dir(loop.workdir)}. Run the same command again to resume.',
         flush=True,
     )
-  return RunResult(state=state, last_metrics=last_metrics, preempted=preempted)
+  return RunResult(state=loop.state, last_metrics=loop.last_metrics, preempted=preempted)
 
 
 # --------------------------------------------------------------------------

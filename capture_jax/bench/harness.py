@@ -32,6 +32,7 @@ import sys
 import time
 import types
 from pathlib import Path
+from typing import Iterator
 
 import jax
 from absl import flags
@@ -224,6 +225,44 @@ def define_flags() -> dict[str, flags.FlagHolder]:
   }
 
 
+def print_and_record(
+    rows: Iterator[str], section: str, header: str, note: str, args: types.SimpleNamespace
+) -> None:
+  """Prints each table row as it is measured, then appends them all to docs/BENCHMARKS.md
+  (`append_rows`) unless `--no_record`."""
+  done = []
+  for row in rows:
+    print(row, flush=True)
+    done.append(row)
+  if not args.no_record:
+    append_rows(section, header, done, note)
+
+
+def _train_rows(args: types.SimpleNamespace, today: str) -> Iterator[str]:
+  """One row per config and batch size: the train step's time, throughput, compile time,
+  memory and MFU."""
+  for name in args.configs.split(','):
+    config = load_named_config(name)
+    config.model.update(dtype=args.dtype, attention_impl=args.attention_impl, remat=args.remat)
+    options = f'{args.dtype}, {args.attention_impl}' + (', remat' if args.remat else '')
+    for batch_size in (int(b) for b in args.batch_sizes.split(',')):
+      r = bench_train_step(config, batch_size, args.repeats, args.warmup)
+      mfu = f'{100 * r["mfu"]:.1f}%' if r['mfu'] is not None else 'n/a'
+      yield (
+          f'| {today} | {machine()} | {name} | {options} | {r["batch"]} | {r["step_s"]:.3f} | '
+          f'{r["samples_per_s"]:.1f} | {r["compile_s"]:.1f} | {r["memory_gib"]:.2f} | {mfu} |'
+      )
+
+
+def _export_rows(args: types.SimpleNamespace, today: str) -> Iterator[str]:
+  """One row per export measurement of the demo run in `--data_workdir`."""
+  for r in bench_export(Path(args.data_workdir), args.repeats):
+    yield (
+        f'| {today} | {machine()} | demo | {r["rows"]} | {r["count"]} | {r["samples_per_s"]:.1f} | '
+        f'{r["batch"]} |'
+    )
+
+
 def main(args: dict[str, flags.FlagHolder]) -> None:
   args = types.SimpleNamespace(**{k: h.value for k, h in args.items()})
   what = set(args.what.split(','))
@@ -231,33 +270,9 @@ def main(args: dict[str, flags.FlagHolder]) -> None:
   today = datetime.date.today().isoformat()
 
   if 'train' in what:
-    rows = []
-    for name in args.configs.split(','):
-      config = load_named_config(name)
-      config.model.update(dtype=args.dtype, attention_impl=args.attention_impl, remat=args.remat)
-      options = f'{args.dtype}, {args.attention_impl}' + (', remat' if args.remat else '')
-      for batch_size in (int(b) for b in args.batch_sizes.split(',')):
-        r = bench_train_step(config, batch_size, args.repeats, args.warmup)
-        mfu = f'{100 * r["mfu"]:.1f}%' if r['mfu'] is not None else 'n/a'
-        row = (
-            f'| {today} | {machine()} | {name} | {options} | {r["batch"]} | {r["step_s"]:.3f} | '
-            f'{r["samples_per_s"]:.1f} | {r["compile_s"]:.1f} | {r["memory_gib"]:.2f} | {mfu} |'
-        )
-        print(row, flush=True)
-        rows.append(row)
-    if not args.no_record:
-      append_rows(TRAIN_SECTION, TRAIN_HEADER, rows, TRAIN_NOTE)
+    print_and_record(_train_rows(args, today), TRAIN_SECTION, TRAIN_HEADER, TRAIN_NOTE, args)
   if 'export' in what:
-    rows = []
-    for r in bench_export(Path(args.data_workdir), args.repeats):
-      row = (
-          f'| {today} | {machine()} | demo | {r["rows"]} | {r["count"]} | {r["samples_per_s"]:.1f} | '
-          f'{r["batch"]} |'
-      )
-      print(row, flush=True)
-      rows.append(row)
-    if not args.no_record:
-      append_rows(EXPORT_SECTION, EXPORT_HEADER, rows, EXPORT_NOTE)
+    print_and_record(_export_rows(args, today), EXPORT_SECTION, EXPORT_HEADER, EXPORT_NOTE, args)
   for part, module in (
       ('input', 'capture_jax.bench.input'),
       ('search', 'capture_jax.bench.search'),

@@ -316,6 +316,11 @@ def py(module: str, *args: str) -> list[str]:
   return [sys.executable, '-m', module, *args]
 
 
+def run_module(stage: str, p: Paths, module: str, *args: str) -> dict:
+  """`python -m module args` as the stage `stage` (`timed`, its log in `p.logs`)."""
+  return timed(stage, py(module, *args), p.logs)
+
+
 def _matmul(stage: str, p: Paths, sizes: Sizes, args: dict) -> dict:
   """The machine's float32 matmul rate (numpy and jax)."""
   del stage, sizes, args
@@ -347,19 +352,17 @@ def _build(stage: str, p: Paths, sizes: Sizes, args: dict) -> dict:
     with open(os.path.join(data, name), 'w', encoding='utf-8') as dst:
       dst.writelines(lines)
   shutil.rmtree(tfds, ignore_errors=True)
-  r = timed(
+  r = run_module(
       stage,
-      py(
-          'capture_jax.data.product1m_tfds',
-          f'--data_dir={data}',
-          f'--out={tfds}',
-          f'--vocab={p.vocab}',
-          f'--features={FEATURES}',
-          '--max_regions=36',
-          '--feature_dim=2048',
-          f'--num_workers={args["build_workers"]}',
-      ),
-      p.logs,
+      p,
+      'capture_jax.data.product1m_tfds',
+      f'--data_dir={data}',
+      f'--out={tfds}',
+      f'--vocab={p.vocab}',
+      f'--features={FEATURES}',
+      '--max_regions=36',
+      '--feature_dim=2048',
+      f'--num_workers={args["build_workers"]}',
   )
   counts = {
       m.group(1): int(m.group(2)) for m in re.finditer(r'^(\w+): (\d+) examples', r['output'], re.M)
@@ -373,18 +376,16 @@ def _build(stage: str, p: Paths, sizes: Sizes, args: dict) -> dict:
 def _vocab(stage: str, p: Paths, sizes: Sizes, args: dict) -> dict:
   """The WordPiece vocab of the train and gallery titles."""
   del sizes, args
-  return timed(
+  return run_module(
       stage,
-      py(
-          'capture_jax.data.tokenizer',
-          'train',
-          f'--data_dir={p.data}',
-          '--vocab_size=2000',
-          f'--out={p.vocab}',
-          '--splits=train,gallery',
-          '--overwrite',
-      ),
-      p.logs,
+      p,
+      'capture_jax.data.tokenizer',
+      'train',
+      f'--data_dir={p.data}',
+      '--vocab_size=2000',
+      f'--out={p.vocab}',
+      '--splits=train,gallery',
+      '--overwrite',
   )
 
 
@@ -392,15 +393,13 @@ def _train(stage: str, p: Paths, sizes: Sizes, args: dict) -> dict:
   """The demo model at paper feature sizes, a few steps, for a checkpoint."""
   del sizes
   shutil.rmtree(p.run, ignore_errors=True)
-  return timed(
+  return run_module(
       stage,
-      py(
-          'capture_jax.train',
-          *demo_flags(p),
-          f'--config.train.num_steps={args["train_steps"]}',
-          '--config.train.log_every=1',
-      ),
-      p.logs,
+      p,
+      'capture_jax.train',
+      *demo_flags(p),
+      f'--config.train.num_steps={args["train_steps"]}',
+      '--config.train.log_every=1',
   )
 
 
@@ -409,17 +408,15 @@ def _export(stage: str, p: Paths, sizes: Sizes, args: dict) -> dict:
   del sizes, args
   split = 'gallery' if stage == 'export_gallery' else QUERY_SPLIT
   extra = ['--instances'] if stage == 'export_instances' else []
-  r = timed(
+  r = run_module(
       stage,
-      py(
-          'capture_jax.export',
-          *demo_flags(p),
-          f'--split={split}',
-          f'--out={os.path.join(p.emb, stage[len("export_"):])}',
-          '--overwrite',
-          *extra,
-      ),
-      p.logs,
+      p,
+      'capture_jax.export',
+      *demo_flags(p),
+      f'--split={split}',
+      f'--out={os.path.join(p.emb, stage[len("export_"):])}',
+      '--overwrite',
+      *extra,
   )
   return {**r, **export_figures(r['output'])}
 
@@ -427,17 +424,15 @@ def _export(stage: str, p: Paths, sizes: Sizes, args: dict) -> dict:
 def _proposals(stage: str, p: Paths, sizes: Sizes, args: dict) -> dict:
   """Box proposals of the query split."""
   del sizes, args
-  r = timed(
+  r = run_module(
       stage,
-      py(
-          'capture_jax.instances',
-          'propose',
-          *demo_flags(p),
-          f'--split={QUERY_SPLIT}',
-          '--methods=boxes',
-          f'--out={p.proposals}',
-      ),
-      p.logs,
+      p,
+      'capture_jax.instances',
+      'propose',
+      *demo_flags(p),
+      f'--split={QUERY_SPLIT}',
+      '--methods=boxes',
+      f'--out={p.proposals}',
   )
   path = os.path.join(p.proposals, 'boxes', f'proposals_{QUERY_SPLIT}.jsonl')
   with open(path, encoding='utf-8') as f:
@@ -454,19 +449,17 @@ def _evaluate(stage: str, p: Paths, sizes: Sizes, args: dict) -> dict:
   """The evaluation of the three exports (no export, no baselines)."""
   del sizes, args
   shutil.rmtree(p.eval, ignore_errors=True)
-  r = timed(
+  r = run_module(
       stage,
-      py(
-          'capture_jax.evaluate',
-          *demo_flags(p),
-          f'--split={QUERY_SPLIT}',
-          f'--out={p.eval}',
-          '--config.eval.baselines=False',
-          f'--gallery_embeddings={os.path.join(p.emb, "gallery")}',
-          f'--query_embeddings={os.path.join(p.emb, "queries")}',
-          f'--instance_embeddings={os.path.join(p.emb, "instances")}',
-      ),
-      p.logs,
+      p,
+      'capture_jax.evaluate',
+      *demo_flags(p),
+      f'--split={QUERY_SPLIT}',
+      f'--out={p.eval}',
+      '--config.eval.baselines=False',
+      f'--gallery_embeddings={os.path.join(p.emb, "gallery")}',
+      f'--query_embeddings={os.path.join(p.emb, "queries")}',
+      f'--instance_embeddings={os.path.join(p.emb, "instances")}',
   )
   with open(os.path.join(p.eval, 'evaluation.json'), encoding='utf-8') as f:
     summary = json.load(f)
@@ -483,15 +476,13 @@ def _evaluate(stage: str, p: Paths, sizes: Sizes, args: dict) -> dict:
 def _metrics(stage: str, p: Paths, sizes: Sizes, args: dict) -> dict:
   """The official metrics command on the evaluation's ranked ids, and in process."""
   del args
-  r = timed(
+  r = run_module(
       stage,
-      py(
-          'capture_jax.retrieval.metrics',
-          f'--gt_dir={p.data}',
-          f'--ranked={os.path.join(p.eval, "retrieval_id_list.txt")}',
-          f'--split={QUERY_SPLIT}',
-      ),
-      p.logs,
+      p,
+      'capture_jax.retrieval.metrics',
+      f'--gt_dir={p.data}',
+      f'--ranked={os.path.join(p.eval, "retrieval_id_list.txt")}',
+      f'--split={QUERY_SPLIT}',
   )
   return {**r, 'rows': sizes.num_queries, 'in_process': score_ranked_lists(p.data, p.eval)}
 
@@ -500,18 +491,16 @@ def _paper_export(stage: str, p: Paths, sizes: Sizes, args: dict) -> dict:
   """The paper model's export of `paper_rows` gallery items (random weights)."""
   del sizes, args
   shutil.rmtree(p.paper_run, ignore_errors=True)
-  r = timed(
+  r = run_module(
       stage,
-      py(
-          'capture_jax.export',
-          '--config=configs/capture_paper.py',
-          f'--workdir={p.paper_run}',
-          *data_flags(p.paper_data, p.paper_tfds, p.vocab),
-          '--split=gallery',
-          '--random_init',
-          '--config.eval.progress_bar=False',
-      ),
-      p.logs,
+      p,
+      'capture_jax.export',
+      '--config=configs/capture_paper.py',
+      f'--workdir={p.paper_run}',
+      *data_flags(p.paper_data, p.paper_tfds, p.vocab),
+      '--split=gallery',
+      '--random_init',
+      '--config.eval.progress_bar=False',
   )
   return {**r, **export_figures(r['output'])}
 
@@ -641,8 +630,7 @@ def main(args: dict[str, flags.FlagHolder]) -> int:
 
 def console_main() -> None:
   """`python -m capture_jax.bench.retrieval_scale`."""
-  args = define_flags()
-  cli.run(lambda argv: main(args))
+  cli.run_command(define_flags, main, required=())
 
 
 if __name__ == '__main__':

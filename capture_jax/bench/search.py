@@ -313,8 +313,7 @@ def main(args: dict[str, flags.FlagHolder]) -> int:
 
 def console_main() -> None:
   """`python -m capture_jax.bench.search`."""
-  args = define_flags()
-  cli.run(lambda argv: main(args))
+  cli.run_command(define_flags, main, required=())
 
 
 if __name__ == '__main__':

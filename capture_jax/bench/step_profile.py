@@ -286,8 +286,7 @@ def main(args: dict[str, flags.FlagHolder]) -> None:
 
 def console_main() -> None:
   """`python -m capture_jax.bench.step_profile`."""
-  args = define_flags()
-  cli.run(lambda argv: main(args))
+  cli.run_command(define_flags, main, required=())
 
 
 if __name__ == '__main__':

@@ -257,6 +257,33 @@ def _pairs(symbols: Sequence[str]) -> Iterator[tuple[str, str]]:
   return zip(symbols, symbols[1:])
 
 
+def _count_pairs(
+    pieces: Sequence[Sequence[str]], counts: Sequence[int]
+) -> tuple[dict[tuple[str, str], int], dict[tuple[str, str], set[int]]]:
+  """Pair of adjacent pieces -> occurrences (weighted by the word counts), and -> the words
+  (indices into `pieces`) holding it."""
+  pair_count: dict[tuple[str, str], int] = collections.defaultdict(int)
+  pair_words: dict[tuple[str, str], set[int]] = collections.defaultdict(set)
+  for i, symbols in enumerate(pieces):
+    for pair in _pairs(symbols):
+      pair_count[pair] += counts[i]
+      pair_words[pair].add(i)
+  return pair_count, pair_words
+
+
+def _merge_in(symbols: Sequence[str], left: str, right: str, merged: str) -> list[str]:
+  """`symbols` with every `left, right` pair (left to right, not overlapping) as `merged`."""
+  new, j = [], 0
+  while j < len(symbols):
+    if j + 1 < len(symbols) and symbols[j] == left and symbols[j + 1] == right:
+      new.append(merged)
+      j += 2
+    else:
+      new.append(symbols[j])
+      j += 1
+  return new
+
+
 def build_vocab(word_counts: dict[str, int], vocab_size: int, min_frequency: int = 2) -> list[str]:
   """A WordPiece vocab (tokens in id order) that is a pure function of its arguments.
 
@@ -294,12 +321,7 @@ def build_vocab(word_counts: dict[str, int], vocab_size: int, min_frequency: int
   # holding it (a superset: a word that lost the pair is skipped on merge).
   pieces = [[w[0]] + ['##' + c for c in w[1:]] for w in words if len(w) > 1]
   counts = [word_counts[w] for w in words if len(w) > 1]
-  pair_count: dict[tuple[str, str], int] = collections.defaultdict(int)
-  pair_words: dict[tuple[str, str], set[int]] = collections.defaultdict(set)
-  for i, symbols in enumerate(pieces):
-    for pair in _pairs(symbols):
-      pair_count[pair] += counts[i]
-      pair_words[pair].add(i)
+  pair_count, pair_words = _count_pairs(pieces, counts)
   # A max-heap on (count, smallest pair): entries go stale when a count
   # changes and are dropped when popped (the current count is pushed anew).
   heap = [(-n, pair) for pair, n in pair_count.items()]
@@ -318,14 +340,7 @@ def build_vocab(word_counts: dict[str, int], vocab_size: int, min_frequency: int
     touched = set()
     for i in sorted(pair_words.pop(pair)):
       old = pieces[i]
-      new, j = [], 0
-      while j < len(old):
-        if j + 1 < len(old) and old[j] == left and old[j + 1] == right:
-          new.append(merged)
-          j += 2
-        else:
-          new.append(old[j])
-          j += 1
+      new = _merge_in(old, left, right, merged)
       if len(new) == len(old):
         continue
       for p in _pairs(old):

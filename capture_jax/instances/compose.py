@@ -221,68 +221,22 @@ def compose(
   budget = int(config.data.max_regions)
   w, h = int(rng.integers(480, 1025)), int(rng.integers(480, 1025))
   n = min(_num_products(rng, cfg.min_products, cfg.max_products), budget, len(pool))
-  donors = [int(rng.integers(len(pool)))]
-  tries = 0
-  while len(donors) < n:
-    tries += 1
-    if pool.neighbours.shape[1] and tries <= 20 and rng.random() < cfg.hard_fraction:
-      d = int(pool.neighbours[donors[0], rng.integers(pool.neighbours.shape[1])])
-    else:
-      d = int(rng.integers(len(pool)))
-    if d not in donors or tries > 100:
-      donors.append(d)
-  sizes = np.array([len(pool.boxes[d]) for d in donors])
-  if sizes.sum() > budget:  # an even share each, round-robin (a small donor leaves room)
-    share, remaining = np.zeros(n, np.int64), budget
-    while remaining > 0:
-      for i in range(n):
-        if share[i] < sizes[i] and remaining > 0:
-          share[i] += 1
-          remaining -= 1
-    sizes = share
+  donors = _pick_donors(pool, rng, n, cfg.hard_fraction)
+  sizes = _region_shares(np.array([len(pool.boxes[d]) for d in donors]), budget)
   paste = _paste_boxes(rng, w, h, n)
-  boxes, feats, group, source = [], [], [], []
-  for k, d in enumerate(donors):
-    crop = pool.crops[d]
-    sx = (paste[k, 2] - paste[k, 0]) / max(crop[2] - crop[0], 1e-3)
-    sy = (paste[k, 3] - paste[k, 1]) / max(crop[3] - crop[1], 1e-3)
-    b = pool.boxes[d][: sizes[k]]
-    moved = np.stack(
-        [
-            paste[k, 0] + (b[:, 0] - crop[0]) * sx,
-            paste[k, 1] + (b[:, 1] - crop[1]) * sy,
-            paste[k, 0] + (b[:, 2] - crop[0]) * sx,
-            paste[k, 1] + (b[:, 3] - crop[1]) * sy,
-        ],
-        axis=1,
-    )
-    boxes.append(moved)
-    feats.append(pool.features[d][: sizes[k]])
-    group += [k] * int(sizes[k])
-    source += [(d, r) for r in range(int(sizes[k]))]
+  boxes = [_pasted_regions(pool, d, paste[k], sizes[k]) for k, d in enumerate(donors)]
+  feats = [pool.features[d][: sizes[k]] for k, d in enumerate(donors)]
+  group = [k for k in range(n) for _ in range(int(sizes[k]))]
+  source = [(d, r) for k, d in enumerate(donors) for r in range(int(sizes[k]))]
   room = budget - int(sizes.sum())
   n_clutter = min(int(rng.integers(0, cfg.max_clutter + 1)), room, len(pool.clutter_features))
   for _ in range(n_clutter):
     c = int(rng.integers(len(pool.clutter_features)))
-    cw, ch = pool.clutter_sizes[c] * [w, h]
-    cw, ch = max(float(cw), 2.0), max(float(ch), 2.0)
-    best, best_inside = None, np.inf
-    for _ in range(6):  # outside the paste boxes where there is room
-      x0, y0 = rng.uniform(0, w - cw), rng.uniform(0, h - ch)
-      cand = np.array([[x0, y0, x0 + cw, y0 + ch]], np.float32)
-      inside = boxes_lib.containment_matrix(np.concatenate([cand, paste]))[0, 1:].sum()
-      if inside < best_inside:
-        best, best_inside = cand, inside
-    boxes.append(best)
+    boxes.append(_clutter_box(rng, pool.clutter_sizes[c], w, h, paste))
     feats.append(pool.clutter_features[c][None])
     group.append(-1)
     source.append((-1, c))
-  boxes_arr = np.clip(np.concatenate(boxes).astype(np.float32), 0.0, [w, h, w, h])
-  # Keep every box a box after clipping (a paste box at the canvas edge).
-  boxes_arr[:, 2] = np.maximum(boxes_arr[:, 2], np.minimum(boxes_arr[:, 0] + 1.0, w))
-  boxes_arr[:, 0] = np.minimum(boxes_arr[:, 0], boxes_arr[:, 2] - 1.0)
-  boxes_arr[:, 3] = np.maximum(boxes_arr[:, 3], np.minimum(boxes_arr[:, 1] + 1.0, h))
-  boxes_arr[:, 1] = np.minimum(boxes_arr[:, 1], boxes_arr[:, 3] - 1.0)
+  boxes_arr = _on_canvas(np.concatenate(boxes).astype(np.float32), w, h)
   order = rng.permutation(len(group))
   return PseudoSample(
       boxes_arr[order],
@@ -293,6 +247,83 @@ def compose(
       np.asarray(source, np.int64).reshape(-1, 2)[order],
       paste,
   )
+
+
+def _pick_donors(pool: DonorPool, rng: np.random.Generator, n: int, hard_fraction: float) -> list:
+  """`n` donor indices: the first uniform, each other one with probability `hard_fraction` a
+  look-alike neighbour of the first (distinct while 100 draws allow)."""
+  donors = [int(rng.integers(len(pool)))]
+  tries = 0
+  while len(donors) < n:
+    tries += 1
+    if pool.neighbours.shape[1] and tries <= 20 and rng.random() < hard_fraction:
+      d = int(pool.neighbours[donors[0], rng.integers(pool.neighbours.shape[1])])
+    else:
+      d = int(rng.integers(len(pool)))
+    if d not in donors or tries > 100:
+      donors.append(d)
+  return donors
+
+
+def _region_shares(sizes: np.ndarray, budget: int) -> np.ndarray:
+  """How many regions each donor keeps: all (`sizes`) when they fit in `budget`, else an even
+  share each, dealt round-robin (a small donor leaves room for the others)."""
+  if sizes.sum() <= budget:
+    return sizes
+  n = len(sizes)
+  share, remaining = np.zeros(n, np.int64), budget
+  while remaining > 0:
+    for i in range(n):
+      if share[i] < sizes[i] and remaining > 0:
+        share[i] += 1
+        remaining -= 1
+  return share
+
+
+def _pasted_regions(pool: DonorPool, d: int, paste: np.ndarray, size: int) -> np.ndarray:
+  """The first `size` region boxes of donor `d`, moved from its crop into the `paste` box:
+  `[size, 4]`."""
+  crop = pool.crops[d]
+  sx = (paste[2] - paste[0]) / max(crop[2] - crop[0], 1e-3)
+  sy = (paste[3] - paste[1]) / max(crop[3] - crop[1], 1e-3)
+  b = pool.boxes[d][:size]
+  return np.stack(
+      [
+          paste[0] + (b[:, 0] - crop[0]) * sx,
+          paste[1] + (b[:, 1] - crop[1]) * sy,
+          paste[0] + (b[:, 2] - crop[0]) * sx,
+          paste[1] + (b[:, 3] - crop[1]) * sy,
+      ],
+      axis=1,
+  )
+
+
+def _clutter_box(
+    rng: np.random.Generator, size: np.ndarray, w: int, h: int, paste: np.ndarray
+) -> np.ndarray:
+  """A clutter region's box `[1, 4]` of relative `size` (w, h), the least inside the `paste`
+  boxes of 6 random places."""
+  cw, ch = size * [w, h]
+  cw, ch = max(float(cw), 2.0), max(float(ch), 2.0)
+  best, best_inside = None, np.inf
+  for _ in range(6):  # outside the paste boxes where there is room
+    x0, y0 = rng.uniform(0, w - cw), rng.uniform(0, h - ch)
+    cand = np.array([[x0, y0, x0 + cw, y0 + ch]], np.float32)
+    inside = boxes_lib.containment_matrix(np.concatenate([cand, paste]))[0, 1:].sum()
+    if inside < best_inside:
+      best, best_inside = cand, inside
+  return best
+
+
+def _on_canvas(boxes: np.ndarray, w: int, h: int) -> np.ndarray:
+  """`boxes` `[n, 4]` clipped to the W x H canvas, each still at least 1 px wide and high."""
+  boxes = np.clip(boxes, 0.0, [w, h, w, h])
+  # Keep every box a box after clipping (a paste box at the canvas edge).
+  boxes[:, 2] = np.maximum(boxes[:, 2], np.minimum(boxes[:, 0] + 1.0, w))
+  boxes[:, 0] = np.minimum(boxes[:, 0], boxes[:, 2] - 1.0)
+  boxes[:, 3] = np.maximum(boxes[:, 3], np.minimum(boxes[:, 1] + 1.0, h))
+  boxes[:, 1] = np.minimum(boxes[:, 1], boxes[:, 3] - 1.0)
+  return boxes
 
 
 def make_batch(

@@ -51,36 +51,41 @@ def propose_boxes(
   cfg = config.instances
   area = boxes_lib.box_areas(boxes)
   image_area = float(record['image_w']) * float(record['image_h'])
-  iou = boxes_lib.iou_matrix(boxes)
-  contain = boxes_lib.containment_matrix(boxes)
   order = [
       i
       for i in np.argsort(-area, kind='stable')
       if cfg.boxes_min_area * image_area <= area[i] <= cfg.boxes_max_area * image_area
   ]
-  anchors: list[int] = []
+  members = _group_by_anchor(boxes, order, cfg.boxes_iou, cfg.boxes_containment)
+  if not members:
+    return []
+  largest = max(len(m) for m in members.values())
+  out = [
+      proposals_lib.Proposal(
+          tuple(sorted(m)), 0.5 * len(m) / largest + (0.5 if len(m) > 1 else 0.0)
+      )
+      for m in members.values()
+  ]
+  return proposals_lib.sort_proposals(out)
+
+
+def _group_by_anchor(
+    boxes: np.ndarray, order: list, iou_min: float, containment_min: float
+) -> dict[int, list[int]]:
+  """Anchor -> its boxes (anchors in the order they were found), visiting the boxes `[N, 4]`
+  in `order` (rules 1 and 2 of `propose_boxes`)."""
+  iou = boxes_lib.iou_matrix(boxes)
+  contain = boxes_lib.containment_matrix(boxes)
   members: dict[int, list[int]] = {}
   for i in order:
     best, best_overlap = -1, 0.0
-    for a in anchors:
+    for a in members:
       overlap = max(iou[i, a], contain[i, a])
-      joins = iou[i, a] >= cfg.boxes_iou or contain[i, a] >= cfg.boxes_containment
+      joins = iou[i, a] >= iou_min or contain[i, a] >= containment_min
       if joins and overlap > best_overlap:
         best, best_overlap = a, overlap
     if best < 0:
-      anchors.append(int(i))
       members[int(i)] = [int(i)]
     else:
       members[best].append(int(i))
-  kept = anchors
-  if not kept:
-    return []
-  largest = max(len(members[a]) for a in kept)
-  out = [
-      proposals_lib.Proposal(
-          tuple(sorted(members[a])),
-          0.5 * len(members[a]) / largest + (0.5 if len(members[a]) > 1 else 0.0),
-      )
-      for a in kept
-  ]
-  return proposals_lib.sort_proposals(out)
+  return members

@@ -115,6 +115,22 @@ def region_set_iou(a: Sequence[int], b: Sequence[int]) -> float:
   return len(sa & sb) / union if union else 0.0
 
 
+def match_instances(
+    truth: Sequence[Sequence[int]], props: Sequence[Sequence[int]], iou_threshold: float
+) -> tuple[list[float], int]:
+  """One sample's true instances matched to its proposals (region sets), one-to-one, each
+  instance to its best unused proposal of IoU >= `iou_threshold`: (per instance the best IoU of
+  any proposal, the number of matches)."""
+  best_ious, used = [], set()
+  for g in truth:
+    ious = [region_set_iou(g, p) for p in props]
+    best_ious.append(max(ious, default=0.0))
+    hits = [k for k, v in enumerate(ious) if v >= iou_threshold and k not in used]
+    if hits:
+      used.add(max(hits, key=lambda k: ious[k]))
+  return best_ious, len(used)
+
+
 def proposal_quality(
     proposals: Mapping[str, Sequence[formats.Instance] | Sequence[Proposal]],
     truth: Mapping[str, Sequence[formats.Instance]],
@@ -141,7 +157,7 @@ def proposal_quality(
     regions), mean_best_iou (per true instance, the best IoU of any
     proposal), samples.
   """
-  n_true = n_prop = matched_true = matched_prop = 0
+  n_true = n_prop = matched = 0  # a match is one true instance and one proposal
   bg_total = bg_assigned = 0
   best_ious = []
   for item_id, n in num_regions.items():
@@ -153,15 +169,9 @@ def proposal_quality(
     props = [tuple(p.regions) for p in proposals.get(item_id, ())]
     n_true += len(gt)
     n_prop += len(props)
-    used = set()
-    for g in gt:
-      ious = [region_set_iou(g, p) for p in props]
-      best_ious.append(max(ious, default=0.0))
-      hits = [k for k, v in enumerate(ious) if v >= iou_threshold and k not in used]
-      if hits:
-        used.add(max(hits, key=lambda k: ious[k]))
-        matched_true += 1
-    matched_prop += len(used)
+    best, hits = match_instances(gt, props, iou_threshold)
+    best_ious += best
+    matched += hits
     owned = {r for g in gt for r in g}
     background = set(range(n)) - owned
     assigned = {r for p in props for r in p}
@@ -169,8 +179,8 @@ def proposal_quality(
     bg_assigned += len(background & assigned)
   samples = max(len(num_regions), 1)
   return {
-      'recall': matched_true / max(n_true, 1),
-      'precision': matched_prop / max(n_prop, 1),
+      'recall': matched / max(n_true, 1),
+      'precision': matched / max(n_prop, 1),
       'proposals_per_sample': n_prop / samples,
       'instances_per_sample': n_true / samples,
       'background_assigned': bg_assigned / max(bg_total, 1),

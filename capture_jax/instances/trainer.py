@@ -28,7 +28,7 @@ from capture_jax.instances import compose
 from capture_jax.instances import model as model_lib
 from capture_jax.instances import proposals as proposals_lib
 from capture_jax.training import checkpoint as checkpoint_lib
-from capture_jax.training import lock as lock_lib
+from capture_jax.training import loop as loop_lib
 from capture_jax.training import preemption as preemption_lib
 
 
@@ -184,6 +184,9 @@ def train(
 ) -> TrainResult:
   """Trains (or resumes training) the learned proposer; checkpoints in `workdir`.
 
+  The stages of `capture_jax.train`, from `training/loop.py`: the lock, then
+  restore or initialise, then the loop (step, log, checkpoint, stop request).
+
   Args:
     config: reads `instances.*`, `data.feature_dim`, `data.max_regions`,
       `seed`, and the data fields of `source.make_source` (unless `pool`).
@@ -196,8 +199,7 @@ def train(
     ValueError: donors of another feature width than `data.feature_dim`.
     lock.LockedError: another command trains a proposer in this workdir.
   """
-  storage.check_writable(workdir)
-  with lock_lib.FolderLock(proposer_dir(workdir), lock_lib.TRAIN_LOCK_FILE, 'proposer training'):
+  with loop_lib.locked(workdir, proposer_dir(workdir), 'proposer training'):
     return _train_locked(config, workdir, pool, stop_after)
 
 
@@ -208,14 +210,45 @@ def _train_locked(
     stop_after: int | None,
 ) -> TrainResult:
   """`train` once the workdir's proposer folder is locked."""
-  cfg = config.instances
   manager = _manager(workdir, config)
-  sig = saved_signature(config)
-  latest = manager.latest_step()
-  if latest is not None:  # before reading any data: a wrong workdir fails fast
-    saved = manager.restore(latest, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-    _check_signature(saved['config']['signature'], sig, checkpoint_dir(workdir))
-    _check_vocab(saved['config'], config, checkpoint_dir(workdir))
+  try:
+    latest = manager.latest_step()
+    if latest is not None:  # before reading any data: a wrong workdir fails fast
+      saved = manager.restore(latest, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+      _check_signature(
+          saved['config']['signature'], saved_signature(config), checkpoint_dir(workdir)
+      )
+      _check_vocab(saved['config'], config, checkpoint_dir(workdir))
+    pool = _checked_pool(config, pool)
+    loop = _restore_or_initialise(config, workdir, manager, pool)
+    end = loop_lib.end_step(loop.step, config.instances.num_steps, stop_after)
+    loop.end = end
+    loop.bar = progress_lib.Progress(
+        end - loop.step,
+        'proposer',
+        'step',
+        enabled=config.instances.progress_bar and end > loop.step,
+        log_every=config.instances.log_every,
+    )
+    message = 'finishing this step, saving the proposer, then exiting'
+    with preemption_lib.Preemption(message) as stop:
+      stop.reached(loop.step)
+      loop.step, stopped = loop_lib.run_steps(loop, loop.step, end, stop)
+    if stopped:
+      print(
+          f'\nstopped by a signal: proposer saved at step {loop.step}; rerun to resume', flush=True
+      )
+    loop.bar.close()
+    manager.wait_until_finished()
+  finally:
+    manager.close()
+  return TrainResult(loop.params, loop.step, loop.metrics)
+
+
+def _checked_pool(
+    config: ml_collections.ConfigDict, pool: compose.DonorPool | None
+) -> compose.DonorPool:
+  """`pool`, or the donors of `instances.donor_splits`; of width `data.feature_dim`."""
   if pool is None:
     pool = compose.make_pool(load_donor_records(config), config)
   if pool.feature_dim != config.data.feature_dim:
@@ -223,18 +256,90 @@ def _train_locked(
         f'donor features have width {pool.feature_dim}, expected data.feature_dim='
         f'{config.data.feature_dim}'
     )
+  return pool
+
+
+def _init_batch(max_regions: int, feature_dim: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """A batch of one sample to initialise the model with: features `[1, R, D]`, boxes
+  `[1, R, 4]`, mask `[1, R]`."""
+  return (
+      jnp.zeros((1, max_regions, feature_dim)),
+      jnp.tile(jnp.array([0.1, 0.1, 0.5, 0.5]), (1, max_regions, 1)),
+      jnp.ones((1, max_regions), bool),
+  )
+
+
+@dataclasses.dataclass
+class ProposerLoop:
+  """What the proposer's loop needs, and the hooks `loop.run_steps` calls (`loop.LoopHooks`)."""
+
+  config: ml_collections.ConfigDict
+  manager: Any
+  pool: compose.DonorPool
+  train_step: Any  # (params, opt_state, batch) -> (params, opt_state, metrics), jitted
+  params: Any
+  opt_state: Any
+  step: int
+  saved_config: dict[str, Any]  # saved with every checkpoint (`LearnedProposer` reads it)
+  end: int = 0
+  bar: Any = None
+  metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+  running: list[dict] = dataclasses.field(default_factory=list)  # on the devices until logged
+  t0: float = dataclasses.field(default_factory=time.time)
+
+  def dispatch(self, step: int) -> None:
+    batch = compose.make_batch(self.pool, self.config.seed, step, self.config)
+    self.params, self.opt_state, m = self.train_step(self.params, self.opt_state, batch)
+    self.running.append(m)
+
+  def save_due(self, step: int) -> bool:
+    return step % self.config.instances.checkpoint_every == 0 or step == self.end
+
+  def sync(self, step: int) -> None:
+    cfg = self.config.instances
+    if step % cfg.log_every == 0 or step == self.end:
+      self.metrics = {
+          k: float(np.mean([float(x[k]) for x in self.running])) for k in self.running[0]
+      }
+      self.running = []
+      line = ' '.join(f'{k}={v:.4f}' for k, v in self.metrics.items())
+      self.bar.set_postfix(
+          loss=f'{self.metrics["loss"]:.3f}', pair_acc=f'{self.metrics["pair_accuracy"]:.3f}'
+      )
+      if not cfg.progress_bar:
+        print(f'proposer step {step}: {line} ({time.time() - self.t0:.0f}s)', flush=True)
+    self.bar.update(1)
+
+  def save(self, step: int, stopping: bool) -> None:
+    del stopping  # always forced: Orbax alone would also save the first step
+    self.manager.save(
+        step,
+        args=ocp.args.Composite(
+            params=ocp.args.StandardSave(self.params),
+            opt_state=ocp.args.StandardSave(self.opt_state),
+            config=ocp.args.JsonSave(self.saved_config),
+        ),
+        force=True,
+    )
+
+
+def _restore_or_initialise(
+    config: ml_collections.ConfigDict,
+    workdir: storage.PathLike,
+    manager: ocp.CheckpointManager,
+    pool: compose.DonorPool,
+) -> ProposerLoop:
+  """The latest checkpoint's parameters and optimizer state, else new ones; and the step."""
+  cfg = config.instances
   model = model_lib.make_model(cfg)
   tx = _optimizer(cfg)
   r = int(config.data.max_regions)
-  init_batch = (
-      jnp.zeros((1, r, config.data.feature_dim)),
-      jnp.tile(jnp.array([0.1, 0.1, 0.5, 0.5]), (1, r, 1)),
-      jnp.ones((1, r), bool),
-  )
   # Jitted: eager Flax init compiles every op separately (seconds on CPU).
+  init_batch = _init_batch(r, config.data.feature_dim)
   params = jax.jit(model.init)(jax.random.PRNGKey(config.seed), *init_batch)['params']
   opt_state = tx.init(params)
   step = 0
+  latest = manager.latest_step()
   if latest is not None:
     restored = manager.restore(
         latest,
@@ -252,59 +357,12 @@ def _train_locked(
     return optax.apply_updates(params, updates), opt_state, metrics
 
   saved_config = {
-      'signature': sig,
+      'signature': saved_signature(config),
       'instances': cfg.to_dict(),
       'max_regions': r,
       checkpoint_lib.RUN_IDENTITY_KEY: checkpoint_lib.run_identity(config),
   }
-
-  def save(s: int, force: bool = False) -> None:
-    manager.save(
-        s,
-        args=ocp.args.Composite(
-            params=ocp.args.StandardSave(params),
-            opt_state=ocp.args.StandardSave(opt_state),
-            config=ocp.args.JsonSave(saved_config),
-        ),
-        force=force,
-    )
-
-  end = cfg.num_steps if stop_after is None else min(cfg.num_steps, step + stop_after)
-  bar = progress_lib.Progress(
-      end - step,
-      'proposer',
-      'step',
-      enabled=cfg.progress_bar and end > step,
-      log_every=cfg.log_every,
-  )
-  metrics: dict[str, float] = {}
-  running: list[dict] = []
-  t0 = time.time()
-  with preemption_lib.Preemption('finishing this step, saving the proposer, then exiting') as stop:
-    stop.reached(step)
-    while step < end:
-      batch = compose.make_batch(pool, config.seed, step, config)
-      params, opt_state, m = train_step(params, opt_state, batch)
-      step += 1
-      running.append(m)
-      stopping = stop.reached(step)  # host-only: the metrics stay on the device until logged
-      if step % cfg.log_every == 0 or step == end:
-        metrics = {k: float(np.mean([float(x[k]) for x in running])) for k in running[0]}
-        running = []
-        line = ' '.join(f'{k}={v:.4f}' for k, v in metrics.items())
-        bar.set_postfix(loss=f'{metrics["loss"]:.3f}', pair_acc=f'{metrics["pair_accuracy"]:.3f}')
-        if not cfg.progress_bar:
-          print(f'proposer step {step}: {line} ({time.time() - t0:.0f}s)', flush=True)
-      bar.update(1)
-      if step % cfg.checkpoint_every == 0 or step == end or stopping:
-        save(step, force=True)  # (Orbax alone would also save the first step)
-      if stopping:
-        print(f'\nstopped by a signal: proposer saved at step {step}; rerun to resume', flush=True)
-        break
-  bar.close()
-  manager.wait_until_finished()
-  manager.close()
-  return TrainResult(params, step, metrics)
+  return ProposerLoop(config, manager, pool, train_step, params, opt_state, step, saved_config)
 
 
 class LearnedProposer:
@@ -349,9 +407,7 @@ class LearnedProposer:
     abstract = jax.eval_shape(
         self._model.init,
         jax.random.PRNGKey(0),
-        jnp.zeros((1, r, self.feature_dim)),
-        jnp.tile(jnp.array([0.1, 0.1, 0.5, 0.5]), (1, r, 1)),
-        jnp.ones((1, r), bool),
+        *_init_batch(r, self.feature_dim),
     )['params']
     self.params = manager.restore(
         step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract))

@@ -150,6 +150,9 @@ class CaptureModel(nn.Module):
         attention_impl=cfg.attention_impl,
         train=train,
     )
+    dropout = dict(
+        hidden_dropout=cfg.hidden_dropout_prob, attention_dropout=cfg.attention_probs_dropout_prob
+    )
 
     input_mask = batch['input_mask']
     image_mask = batch['image_mask']
@@ -171,29 +174,15 @@ class CaptureModel(nn.Module):
     )
 
     # 3. The two streams, each with its own layer count.
-    t = stack(
-        layers.PostLNLayer,
-        cfg.num_hidden_layers,
-        dict(
-            num_heads=cfg.num_attention_heads,
-            intermediate_size=cfg.intermediate_size,
-            hidden_dropout=cfg.hidden_dropout_prob,
-            attention_dropout=cfg.attention_probs_dropout_prob,
-            **common,
-        ),
-        name='text_stream',
+    def stream(num_layers: int, num_heads: int, intermediate_size: int, name: str):
+      settings = dict(num_heads=num_heads, intermediate_size=intermediate_size, **dropout, **common)
+      return stack(layers.PostLNLayer, num_layers, settings, name=name)
+
+    t = stream(
+        cfg.num_hidden_layers, cfg.num_attention_heads, cfg.intermediate_size, 'text_stream'
     )(t, t_bias)
-    v = stack(
-        layers.PostLNLayer,
-        cfg.v_num_hidden_layers,
-        dict(
-            num_heads=cfg.v_num_attention_heads,
-            intermediate_size=cfg.v_intermediate_size,
-            hidden_dropout=cfg.hidden_dropout_prob,
-            attention_dropout=cfg.attention_probs_dropout_prob,
-            **common,
-        ),
-        name='visual_stream',
+    v = stream(
+        cfg.v_num_hidden_layers, cfg.v_num_attention_heads, cfg.v_intermediate_size, 'visual_stream'
     )(v, v_bias)
 
     # 4. Encoder poolers: first token of each stream -> Dense -> ReLU.
@@ -212,8 +201,7 @@ class CaptureModel(nn.Module):
             num_heads=cfg.bi_num_attention_heads,
             v_intermediate_size=cfg.v_intermediate_size,
             t_intermediate_size=cfg.intermediate_size,
-            hidden_dropout=cfg.hidden_dropout_prob,
-            attention_dropout=cfg.attention_probs_dropout_prob,
+            **dropout,
             **common,
         ),
         name='coattention',

@@ -167,14 +167,11 @@ class FeedForward(nn.Module):
     return dense(x.shape[-1], name='output')(h)
 
 
-class PostLNLayer(nn.Module):
-  """One BERT layer: `LN(x + Drop(Dense(Attn(x))))`, then `LN(x + Drop(FFN(x)))`.
+class LayerSettings(nn.Module):
+  """The attributes every transformer layer of the model takes (`PostLNLayer`,
+  `CoAttentionLayer`): dropout rates, LayerNorm epsilon, initialiser scale, compute dtype,
+  attention implementation, and whether it trains (dropout on)."""
 
-  Carry: `[B, L, W]` hidden states; broadcast: `[B, 1, 1, L]` additive key bias.
-  """
-
-  num_heads: int
-  intermediate_size: int
   hidden_dropout: float
   attention_dropout: float
   layer_norm_eps: float
@@ -182,6 +179,16 @@ class PostLNLayer(nn.Module):
   dtype: Dtype
   attention_impl: str
   train: bool
+
+
+class PostLNLayer(LayerSettings):
+  """One BERT layer: `LN(x + Drop(Dense(Attn(x))))`, then `LN(x + Drop(FFN(x)))`.
+
+  Carry: `[B, L, W]` hidden states; broadcast: `[B, 1, 1, L]` additive key bias.
+  """
+
+  num_heads: int
+  intermediate_size: int
 
   @nn.compact
   def __call__(self, x: Array, bias: Array) -> tuple[Array, None]:
@@ -208,7 +215,7 @@ class PostLNLayer(nn.Module):
     return x, None
 
 
-class CoAttentionLayer(nn.Module):
+class CoAttentionLayer(LayerSettings):
   """ViLBERT co-attention layer on (visual, text).
 
   Carry: `(v [B, R+1, Wv], t [B, T, Wt])`; broadcast: the visual and text
@@ -220,13 +227,6 @@ class CoAttentionLayer(nn.Module):
   num_heads: int
   v_intermediate_size: int
   t_intermediate_size: int
-  hidden_dropout: float
-  attention_dropout: float
-  layer_norm_eps: float
-  init_std: float
-  dtype: Dtype
-  attention_impl: str
-  train: bool
 
   @nn.compact
   def __call__(

@@ -12,7 +12,7 @@ memory and any sample can be drawn alone.
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -95,25 +95,14 @@ def finish(world: World, drafts: Sequence[Draft]) -> list[Sample]:
   return out
 
 
-def make_sample(
-    world: World,
-    seed: int,
-    split: str,
-    index: int,
-    *,
-    product_ids: Sequence[int] | None = None,
-    title: str | None = None,
-    item_id: str | None = None,
-) -> Sample:
-  """One sample of a split, a pure function of (world, seed, split, index).
+def make_sample(world: World, seed: int, split: str, index: int, **overrides: Any) -> Sample:
+  """One sample of a split, a pure function of (world, seed, split, index); `overrides` are
+  `draw`'s (`product_ids`, `title`, `item_id`).
 
   (`iter_split` computes features 128 samples per matrix product; those may
   differ from a lone sample's in the last float bits.)
   """
-  return finish(
-      world,
-      [draw(world, seed, split, index, product_ids=product_ids, title=title, item_id=item_id)],
-  )[0]
+  return finish(world, [draw(world, seed, split, index, **overrides)])[0]
 
 
 def draw(
