@@ -327,6 +327,8 @@ def _train(
     """Never a diverged state; the metric rows up to a checkpoint are durable before it; the
     data position of the consumed batches and the consecutive-skip count go with it."""
     check_before_save(state, step, skips)
+    # Fencing: a trainer whose lock was taken over (or cannot be confirmed) stops here.
+    lock_lib.confirm(workdir, lock_lib.TRAIN_LOCK_FILE)
     writer.flush()
     checkpoint_lib.save(
         manager,
