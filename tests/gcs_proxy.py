@@ -153,14 +153,15 @@ class FaultProxy:
     return response
 
   def _fault(self, method: str, target: str) -> Fault | None:
+    """The first fault that fires on this call; every matching fault counts it."""
+    fired = None
     for fault in self.faults:
       if fault.matches(method, target):
         fault.seen += 1
-        if fault.nth is None or fault.seen in fault.nth:
+        if fired is None and (fault.nth is None or fault.seen in fault.nth):
           fault.hits += 1
-          return fault
-        return None
-    return None
+          fired = fault
+    return fired
 
   async def _forward(self, request: web.Request, body: bytes) -> web.Response:
     headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROP}

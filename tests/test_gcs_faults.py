@@ -275,3 +275,98 @@ def test_a_trainer_in_a_bucket_whose_lock_was_taken_over_stops(faults, tmp_path)
   check_stopped_before_its_first_checkpoint(code, out, workdir, 'train.lock was taken over')
   assert '412' in [what for _, _, what in faults.log], faults.log[-10:]
   assert json.loads(lock_path.read_text())['pid'] == 1  # the other holder's lock is left
+
+
+# --------------------------------------------------------------------------
+# Checkpoints (Orbax: arrays through tensorstore, the commit marker and metadata through gcsfs).
+
+
+def save_and_restore(workdir: str, tree, step: int = 1):
+  """Saves `tree` as the checkpoint `step` of `workdir` (our manager, options of the trainer's
+  config), records its checksums, and restores it after verifying them."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+
+  from capture_jax.training import checkpoint as checkpoint_lib  # pylint: disable=import-outside-toplevel
+
+  cfg = ml_collections.ConfigDict(
+      {'every_steps': 1, 'keep_last': 2, 'keep_every': 0, 'async_save': True}
+  )
+  manager = checkpoint_lib.make_manager(workdir, cfg)
+  try:
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree)))
+    manager.wait_until_finished()
+    checkpoint_lib.record_checksums(manager)
+    assert manager.all_steps() == [step]
+    assert checkpoint_lib.checksum_problems(checkpoint_lib.step_dir(manager, step)) == []
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(tree)))
+    return restored['state']
+  finally:
+    manager.close()
+
+
+def test_a_checkpoint_saved_and_restored_under_transient_faults_is_the_same(faults):
+  import numpy as np  # pylint: disable=import-outside-toplevel
+
+  tree = {
+      'a': np.arange(4096, dtype=np.float32).reshape(64, 64),
+      'b': np.full((7,), 3, dtype=np.int32),
+  }
+  faults.script(
+      # tensorstore's array writes and reads (OCDBT files), gcsfs's metadata and commit marker.
+      Fault('POST', r'/upload/.*#name=faults/ckpt/checkpoints/1/state/.*d/', 'status', nth=(1,)),
+      # A conditional write (OCDBT's manifest) that lands but whose answer is lost.
+      Fault('POST', r'/upload/.*ifGenerationMatch=0#name=faults/ckpt/.*manifest', 'lost', nth=(1,)),
+      Fault('POST', r'/upload/.*#name=faults/ckpt/checkpoints/1/commit_success', 'reset', nth=(1,)),
+      Fault(
+          'GET', r'/o/faults/ckpt/checkpoints/1/state/.*alt=media', 'status', nth=(1,), status=429
+      ),
+      Fault('GET', r'/o/faults/ckpt/checkpoints/1/state/.*d/.*alt=media', 'reset', nth=(2,)),
+      Fault('GET', r'/o/faults/ckpt/checkpoints/1/checksums', 'status', nth=(1,), status=500),
+  )
+  restored = save_and_restore(gs('ckpt'), tree)
+  hits = [f.hits for f in faults.faults]
+  assert all(hits), (hits, '\n'.join(map(str, [l for l in faults.log if 'ckpt' in l[1]])))
+  for k, v in tree.items():
+    np.testing.assert_array_equal(np.asarray(restored[k]), v)
+
+
+# --------------------------------------------------------------------------
+# Metrics and TensorBoard uploads; the lock's release.
+
+
+def test_metrics_and_tensorboard_uploads_under_transient_faults(faults):
+  from capture_jax.training import metrics as metrics_lib  # pylint: disable=import-outside-toplevel
+
+  workdir = storage.as_path(gs('metrics'))
+  faults.script(
+      Fault('POST', r'/upload/.*#name=faults/metrics/metrics\.jsonl', 'status', nth=(1, 3)),
+      Fault('POST', r'/upload/.*#name=faults/metrics/tensorboard/', 'reset', nth=(1,)),
+  )
+  writer = metrics_lib.MetricWriter(workdir, enabled=True, start_step=0)
+  for step in (1, 2, 3):
+    writer.write(step, {'loss': step / 10})
+  writer.flush()
+  text = writer._jsonl._text  # pylint: disable=protected-access
+  writer.close()
+  assert (workdir / 'metrics.jsonl').read_text() == text
+  assert [f.hits for f in faults.faults] == [2, 1], faults.log[-10:]
+  events = [n for n in storage.file_listing(workdir / 'tensorboard') if 'tfevents' in n]
+  assert len(events) == 1
+  # Reopened to resume from step 2 (a read and a rewrite under faults): rows 1 and 2 are left.
+  faults.script(
+      Fault('GET', r'/o/faults/metrics/metrics\.jsonl.*alt=media', 'status', status=429),
+      Fault('POST', r'/upload/.*#name=faults/metrics/metrics\.jsonl', 'lost'),
+  )
+  metrics_lib.MetricWriter(workdir, enabled=True, start_step=2).close()
+  assert (workdir / 'metrics.jsonl').read_text() == ''.join(text.splitlines(True)[:2])
+  assert [f.hits for f in faults.faults] == [1, 1], faults.log[-10:]
+
+
+@pytest.mark.parametrize('kind', ['status', 'reset', 'lost'])
+def test_a_lock_release_survives_a_transient_fault(faults, kind):
+  folder = gs(f'release-{kind}')
+  with lock_lib.FolderLock(folder, 'x.lock', 'export', enabled=True):
+    faults.script(Fault('DELETE', rf'/o/faults/release-{kind}/x\.lock', kind))
+  assert faults.injected() == 1, faults.log[-5:]
+  assert not storage.as_path(folder + '/x.lock').exists()
