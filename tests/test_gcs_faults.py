@@ -281,18 +281,22 @@ def test_a_trainer_in_a_bucket_whose_lock_was_taken_over_stops(faults, tmp_path)
 # Checkpoints (Orbax: arrays through tensorstore, the commit marker and metadata through gcsfs).
 
 
+def _checkpoint_cfg():
+  import ml_collections  # pylint: disable=import-outside-toplevel
+
+  return ml_collections.ConfigDict(
+      {'every_steps': 1, 'keep_last': 2, 'keep_every': 0, 'async_save': True}
+  )
+
+
 def save_and_restore(workdir: str, tree, step: int = 1):
   """Saves `tree` as the checkpoint `step` of `workdir` (our manager, options of the trainer's
   config), records its checksums, and restores it after verifying them."""
-  import ml_collections  # pylint: disable=import-outside-toplevel
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
 
   from capture_jax.training import checkpoint as checkpoint_lib  # pylint: disable=import-outside-toplevel
 
-  cfg = ml_collections.ConfigDict(
-      {'every_steps': 1, 'keep_last': 2, 'keep_every': 0, 'async_save': True}
-  )
-  manager = checkpoint_lib.make_manager(workdir, cfg)
+  manager = checkpoint_lib.make_manager(workdir, _checkpoint_cfg())
   try:
     manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree)))
     manager.wait_until_finished()
@@ -370,3 +374,36 @@ def test_a_lock_release_survives_a_transient_fault(faults, kind):
     faults.script(Fault('DELETE', rf'/o/faults/release-{kind}/x\.lock', kind))
   assert faults.injected() == 1, faults.log[-5:]
   assert not storage.as_path(folder + '/x.lock').exists()
+
+
+def test_a_restore_the_bucket_fails_to_serve_keeps_the_checkpoint(faults):
+  """A verified checkpoint whose arrays cannot be read (a fault past the retries; 403 here, which
+  tensorstore does not retry) is a StorageError naming the step, not an unreadable checkpoint
+  moved aside (that would lose a good checkpoint to a transient fault)."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+
+  from capture_jax.training import checkpoint as checkpoint_lib  # pylint: disable=import-outside-toplevel
+
+  tree = {'a': np.arange(16, dtype=np.float32)}
+  workdir = gs('restore-fails')
+  save_and_restore(workdir, tree)
+  faults.script(
+      Fault(
+          'GET',
+          r'/o/faults/restore-fails/checkpoints/1/state/.*d/.*alt=media',
+          'status',
+          nth=None,
+          status=403,
+      )
+  )
+  manager = checkpoint_lib.make_manager(workdir, _checkpoint_cfg())
+  try:
+    with pytest.raises(
+        storage.StorageError, match=r'checkpoints/1: restoring failed although its files match'
+    ):
+      checkpoint_lib.restore_latest(manager, tree, None, move_unreadable=True)
+  finally:
+    manager.close()
+  faults.script()
+  assert checkpoint_lib.corrupt_checkpoints(workdir) == []
+  assert storage.is_dir(workdir + '/checkpoints/1')

@@ -406,6 +406,15 @@ def restore_latest(
         items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
       restored = manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # pylint: disable=broad-except
+      if problems == [] and storage.is_remote(manager.directory):
+        # Every file matches its checksum (read from the bucket's listing): the checkpoint is
+        # intact and the bucket failed to serve it (past tensorstore's retries). Moving it aside
+        # would lose a good checkpoint to a transient fault.
+        raise storage.StorageError(
+            f'{step_dir(manager, step)}: restoring failed although its files match '
+            f'{CHECKSUMS_FILE} ({type(e).__name__}: {str(e).strip()[:300]}); the checkpoint is '
+            'kept: run the same command again once the bucket answers'
+        ) from e
       where = ''
       if move_unreadable:
         where = f'; moved aside to {move_aside(manager, step)}'
