@@ -60,6 +60,13 @@ REACH_TIMEOUT_S = float(os.environ.get('CAPTURE_STORAGE_TIMEOUT_S', '120'))
 # How long one request to GCS may wait for the next bytes of an answer before gcsfs gives up on it
 # and retries (its default waits 5 minutes; a stalled connection would hold a run that long).
 REQUEST_TIMEOUT_S = float(os.environ.get('CAPTURE_STORAGE_REQUEST_TIMEOUT_S', '60'))
+# tensorstore (Orbax's arrays) talks to GCS through curl: a transfer slower than 1 byte/s for
+# that long is cut (and retried by tensorstore). Read by tensorstore once per process, so set
+# before it first opens a bucket (this module is imported before any checkpoint is).
+os.environ.setdefault('TENSORSTORE_CURL_LOW_SPEED_LIMIT_BYTES', '1')
+os.environ.setdefault(
+    'TENSORSTORE_CURL_LOW_SPEED_TIME_SECONDS', str(int(max(1, REQUEST_TIMEOUT_S)))
+)
 
 
 def _configure_gcsfs() -> None:

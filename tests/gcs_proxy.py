@@ -69,6 +69,7 @@ class FaultProxy:
     self._thread = None
     self._session = None
     self._serial = None
+    self._closing = None
     self.port = None
 
   @property
@@ -110,6 +111,7 @@ class FaultProxy:
   async def _start(self) -> None:
     self._session = aiohttp.ClientSession(auto_decompress=False)
     self._serial = asyncio.Lock()
+    self._closing = asyncio.Event()
     app = web.Application(client_max_size=1 << 30)
     app.router.add_route('*', '/{tail:.*}', self._handle)
     self._runner = web.AppRunner(app, access_log=None)
@@ -117,6 +119,7 @@ class FaultProxy:
     await web.TCPSite(self._runner, 'localhost', self.port).start()
 
   async def _stop(self) -> None:
+    self._closing.set()
     await self._runner.cleanup()
     await self._session.close()
 
@@ -137,8 +140,11 @@ class FaultProxy:
       )
     if fault is not None and fault.kind in ('reset', 'stall'):
       self.log.append((request.method, target, fault.kind))
-      if fault.kind == 'stall':
-        await asyncio.sleep(fault.stall_s)
+      if fault.kind == 'stall':  # cut short when the proxy stops
+        try:
+          await asyncio.wait_for(self._closing.wait(), fault.stall_s)
+        except asyncio.TimeoutError:
+          pass
       return _drop_connection(request)
     if _preconditions(request):
       async with self._serial:  # check and write as one step

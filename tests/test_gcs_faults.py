@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import textwrap
 import time
+from pathlib import Path
 
 import aiohttp
 import fsspec
@@ -33,6 +37,7 @@ from tests.test_train import trainer_config
 os.environ.setdefault('NO_GCE_CHECK', 'true')
 
 OBJECTS = r'/storage/v1/b/[^/]+/o'
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _clear_clients() -> None:
@@ -407,3 +412,42 @@ def test_a_restore_the_bucket_fails_to_serve_keeps_the_checkpoint(faults):
   faults.script()
   assert checkpoint_lib.corrupt_checkpoints(workdir) == []
   assert storage.is_dir(workdir + '/checkpoints/1')
+
+
+def test_a_stalled_checkpoint_read_is_cut_and_retried(faults, tmp_path):
+  """tensorstore (Orbax's arrays) waits as long as the connection lives; storage sets curl's
+  low-speed limit ($CAPTURE_STORAGE_REQUEST_TIMEOUT_S, here 2 s) so a stalled read is cut and
+  retried. In a subprocess: tensorstore reads the setting once per process."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+
+  tree = {'a': np.arange(64, dtype=np.float32)}
+  workdir = gs('stalled-read')
+  save_and_restore(workdir, tree)
+  faults.script(
+      Fault(
+          'GET', r'/o/faults/stalled-read/checkpoints/1/state/.*d/.*alt=media', 'stall', stall_s=60
+      )
+  )
+  script = textwrap.dedent(f"""
+      import numpy as np
+      from tests.test_gcs_faults import _checkpoint_cfg
+      from capture_jax.training import checkpoint as checkpoint_lib
+      manager = checkpoint_lib.make_manager({workdir!r}, _checkpoint_cfg())
+      state, step = checkpoint_lib.restore_latest(manager, {{'a': np.zeros(64, np.float32)}}, None)
+      assert step == 1 and (np.asarray(state['a']) == np.arange(64)).all(), state
+      print('restored')
+  """)
+  # What this process's `storage` set from its own timeout: the child derives them from its own.
+  env = {k: v for k, v in os.environ.items() if not k.startswith('TENSORSTORE_CURL_')}
+  start = time.time()
+  out = subprocess.run(
+      [sys.executable, '-c', script],
+      cwd=REPO,
+      env={**env, 'JAX_PLATFORMS': 'cpu', 'CAPTURE_STORAGE_REQUEST_TIMEOUT_S': '2'},
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
+  assert out.returncode == 0 and 'restored' in out.stdout, out.stdout + out.stderr[-3000:]
+  assert faults.injected() == 1, faults.log[-5:]
+  assert time.time() - start < 50  # cut long before the 60 s stall ends
