@@ -200,13 +200,14 @@ def _capture(fn) -> BaseException | None:
 
 
 @contextlib.contextmanager
-def naming(path: PathLike, operation: str) -> Iterator[None]:
+def naming(path: PathLike, operation: str, keep: tuple = ()) -> Iterator[None]:
   """Turns an error of a `gs://` operation that gcsfs gave up on (after its retries) into a
   StorageError naming the object and the operation: the commands print it as one `error:`
-  line. "Not found" and a refused precondition keep their own types (callers decide on them)."""
+  line. "Not found", a refused precondition and the types in `keep` pass as they are (callers
+  decide on them)."""
   try:
     yield
-  except (FileNotFoundError, FileExistsError, StorageError):
+  except (FileNotFoundError, FileExistsError, StorageError, *keep):
     raise
   except Exception as e:  # pylint: disable=broad-except
     raise StorageError(

@@ -451,3 +451,16 @@ def test_a_stalled_checkpoint_read_is_cut_and_retried(faults, tmp_path):
   assert out.returncode == 0 and 'restored' in out.stdout, out.stdout + out.stderr[-3000:]
   assert faults.injected() == 1, faults.log[-5:]
   assert time.time() - start < 50  # cut long before the 60 s stall ends
+
+
+def test_a_lock_create_that_keeps_failing_is_one_error_and_a_held_lock_still_refuses(faults):
+  folder = gs('create-fails')
+  faults.script(
+      Fault('POST', r'/upload/.*#name=faults/create-fails/x\.lock', 'status', nth=None, status=403)
+  )
+  with pytest.raises(storage.StorageError, match=r'create-fails/x\.lock: taking the lock failed'):
+    lock_lib.FolderLock(folder, 'x.lock', 'export', enabled=True).acquire()
+  faults.script()
+  with lock_lib.FolderLock(folder, 'x.lock', 'export', enabled=True):
+    with pytest.raises(lock_lib.LockedError, match='in use by another export'):  # not wrapped
+      lock_lib.FolderLock(folder, 'x.lock', 'export', enabled=True).acquire()

@@ -138,7 +138,7 @@ class FolderLock:
     self.lost = None
     if self.enabled:
       if storage.is_remote(self.path):
-        with storage.naming(self.path, 'taking the lock'):
+        with storage.naming(self.path, 'taking the lock', keep=(LockedError,)):
           self._acquire_object()
       else:
         self._acquire_flock()
