@@ -20,6 +20,13 @@ differs from a disk are here, with the same guarantee on both:
   from the listing, so verifying a checkpoint in a bucket needs no download).
 - `check_writable`: a bucket that does not exist, or cannot be reached or
   written with the credentials at hand, is named before anything compiles.
+- `exists` / `is_file` / `is_dir`: "not found" is the only answer read as
+  absent (fsspec's `isfile`/`isdir` answer False on any error); an error that
+  gcsfs gave up on (after its 6 tries; a stalled answer is cut after
+  `REQUEST_TIMEOUT_S`) is a `StorageError` naming the object and the
+  operation (`naming`), one `error:` line from the commands.
+- `WRITE_GUARDS`: `training.lock` refuses writes into a folder whose lock
+  this process lost.
 
 Inputs (the data folder, ArrayRecord files, the vocab) stay on local disk or
 on a mounted bucket: `require_local` says so for a `gs://` input.
@@ -31,6 +38,7 @@ endpoint settings (`STORAGE_EMULATOR_HOST` for gcsfs,
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import threading
@@ -49,17 +57,41 @@ REMOTE_PREFIXES = ('gs://',)
 REACH_TIMEOUT_S = float(os.environ.get('CAPTURE_STORAGE_TIMEOUT_S', '120'))
 
 
-def _no_listing_cache() -> None:
+# How long one request to GCS may wait for the next bytes of an answer before gcsfs gives up on it
+# and retries (its default waits 5 minutes; a stalled connection would hold a run that long).
+REQUEST_TIMEOUT_S = float(os.environ.get('CAPTURE_STORAGE_REQUEST_TIMEOUT_S', '60'))
+# tensorstore (Orbax's arrays) talks to GCS through curl: a transfer slower than 1 byte/s for
+# that long is cut (and retried by tensorstore). Read by tensorstore once per process, so set
+# before it first opens a bucket (this module is imported before any checkpoint is).
+os.environ.setdefault('TENSORSTORE_CURL_LOW_SPEED_LIMIT_BYTES', '1')
+os.environ.setdefault(
+    'TENSORSTORE_CURL_LOW_SPEED_TIME_SECONDS', str(int(max(1, REQUEST_TIMEOUT_S)))
+)
+
+
+def _configure_gcsfs() -> None:
   """gcsfs caches folder listings for the life of the process by default; other processes (the
   other hosts of a pod, a resumed run) and tensorstore (Orbax's arrays) write objects it does not
-  see, so a cached listing would miss checkpoints and shards. Listings are read fresh."""
+  see, so a cached listing would miss checkpoints and shards. Listings are read fresh. A request
+  whose answer stalls is cut after `REQUEST_TIMEOUT_S` (and retried by gcsfs)."""
+  import aiohttp  # pylint: disable=import-outside-toplevel  (installed with gcsfs)
   import fsspec.config  # pylint: disable=import-outside-toplevel
 
+  timeout = aiohttp.ClientTimeout(
+      total=None, sock_connect=REQUEST_TIMEOUT_S, sock_read=REQUEST_TIMEOUT_S
+  )
   for protocol in ('gs', 'gcs'):
-    fsspec.config.conf.setdefault(protocol, {}).setdefault('use_listings_cache', False)
+    conf = fsspec.config.conf.setdefault(protocol, {})
+    conf.setdefault('use_listings_cache', False)
+    conf.setdefault('requests_timeout', timeout)
 
 
-_no_listing_cache()
+_configure_gcsfs()
+
+
+# Called with the path before every `write_bytes`/`write_text` (`training.lock` refuses writes
+# into a folder whose lock this process lost).
+WRITE_GUARDS: list = []
 
 
 class StorageError(RuntimeError):
@@ -164,14 +196,73 @@ def _capture(fn) -> BaseException | None:
 
 
 # --------------------------------------------------------------------------
+# What is there: "not found" is the only answer read as absent.
+
+
+@contextlib.contextmanager
+def naming(path: PathLike, operation: str, keep: tuple = ()) -> Iterator[None]:
+  """Turns an error of a `gs://` operation that gcsfs gave up on (after its retries) into a
+  StorageError naming the object and the operation: the commands print it as one `error:`
+  line. "Not found", a refused precondition and the types in `keep` pass as they are (callers
+  decide on them)."""
+  try:
+    yield
+  except (FileNotFoundError, FileExistsError, StorageError, *keep):
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    raise StorageError(
+        f'{path}: {operation} failed ({type(e).__name__}: {str(e).strip()[:300]}); Google Cloud '
+        'Storage kept failing after the retries'
+    ) from e
+
+
+def _info(path: epath.Path) -> dict | None:
+  """gcsfs's info of a `gs://` path; None when nothing is there. Any other error raises:
+  fsspec's `exists`, `isfile` and `isdir` (and so `epath.Path`'s) answer False on every
+  error, so a 503 or a reset would read as "absent" and, say, restart a run from step 0."""
+  try:
+    with naming(path, 'reading the metadata of'):
+      return _filesystem(path).info(str(path))
+  except FileNotFoundError:
+    return None
+
+
+def exists(path: PathLike) -> bool:
+  """Whether a file or a folder (an object prefix on GCS) is at `path`; raises on a read error."""
+  path = as_path(path)
+  return _info(path) is not None if is_remote(path) else os.path.exists(path)
+
+
+def is_file(path: PathLike) -> bool:
+  """Whether a file (an object) is at `path`; raises on a read error."""
+  path = as_path(path)
+  if not is_remote(path):
+    return os.path.isfile(path)
+  info = _info(path)
+  return info is not None and info.get('type') == 'file'
+
+
+def is_dir(path: PathLike) -> bool:
+  """Whether a folder (on GCS: objects under the prefix) is at `path`; raises on a read error."""
+  path = as_path(path)
+  if not is_remote(path):
+    return os.path.isdir(path)
+  info = _info(path)
+  return info is not None and info.get('type') == 'directory'
+
+
+# --------------------------------------------------------------------------
 # Whole-file writes.
 
 
 def write_bytes(path: PathLike, data: bytes) -> None:
   """Writes `data` to `path` so that a reader never sees a partial file."""
   path = as_path(path)
+  for guard in WRITE_GUARDS:
+    guard(path)
   if is_remote(path):
-    path.write_bytes(data)  # one object upload: all or nothing
+    with naming(path, 'writing'):
+      path.write_bytes(data)  # one object upload: all or nothing
     return
   local = pathlib.Path(path)
   local.parent.mkdir(parents=True, exist_ok=True)
@@ -207,8 +298,9 @@ def rename_tree(source: PathLike, target: PathLike) -> None:
     # Copy then delete (gcsfs's own `mv` first tries the object-move API of hierarchical
     # buckets and retries for half a minute where there is none).
     fs = _filesystem(source)
-    fs.copy(str(source), str(target), recursive=True)
-    fs.rm(str(source), recursive=True)
+    with naming(source, f'moving it to {target}'):
+      fs.copy(str(source), str(target), recursive=True)
+      fs.rm(str(source), recursive=True)
   else:
     os.rename(source, target)
 
@@ -229,7 +321,10 @@ def file_listing(folder: PathLike) -> dict[str, dict[str, object]]:
   fs = _filesystem(folder)
   prefix = str(folder).split('://', 1)[1].rstrip('/') + '/'
   out = {}
-  for name, info in sorted(fs.find(str(folder), detail=True).items()):
+  # `find` lists with gcsfs's `_ls`, which raises on errors (an empty answer is a real one).
+  with naming(folder, 'listing'):
+    found = fs.find(str(folder), detail=True)
+  for name, info in sorted(found.items()):
     if info.get('type') == 'directory' or not name.startswith(prefix):
       continue
     entry = {'bytes': int(info['size'])}
@@ -264,7 +359,10 @@ class AppendFile:
     self.remote = is_remote(self.path)
     self.upload_every_s = upload_every_s
     if self.remote:
-      self._text = self.path.read_text(encoding='utf-8') if self.path.exists() else ''
+      self._text = ''
+      if is_file(self.path):
+        with naming(self.path, 'reading'):
+          self._text = self.path.read_text(encoding='utf-8')
       self._dirty = False
       # None until the first upload: `time.monotonic()` counts from an arbitrary origin (the
       # boot on Linux), so no number stands for "never" (0.0 meant "just now" on a machine

@@ -464,6 +464,8 @@ def save_checkpoint(loop: TrainLoop, step: int, force: bool) -> None:
   """Never a diverged state; the metric rows up to a checkpoint are durable before it; the
   data position of the consumed batches and the consecutive-skip count go with it."""
   check_before_save(loop.state, step, loop.skips)
+  # Fencing: a trainer whose lock was taken over (or cannot be confirmed) stops here.
+  lock_lib.confirm(loop.workdir, lock_lib.TRAIN_LOCK_FILE)
   loop.writer.flush()
   checkpoint_lib.save(
       loop.manager,

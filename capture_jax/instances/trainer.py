@@ -72,7 +72,7 @@ def latest_proposer_step(workdir: storage.PathLike | None) -> int | None:
           for p in d.iterdir()
           if p.name.isdigit() and ocp.utils.is_checkpoint_finalized(p)
       ]
-      if d.is_dir()
+      if storage.is_dir(d)
       else []
   )
   return max(steps, default=None)

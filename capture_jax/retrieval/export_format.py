@@ -78,7 +78,7 @@ def write_metadata(out_dir: storage.PathLike, metadata: Mapping[str, Any]) -> No
 def read_metadata(out_dir: storage.PathLike) -> dict[str, Any] | None:
   """The folder's metadata, or None when it has none."""
   path = storage.as_path(out_dir) / METADATA_FILE
-  if not path.is_file():
+  if not storage.is_file(path):  # raises on a read error: an error is not "no export"
     return None
   return json.loads(path.read_text(encoding='utf-8'))
 
@@ -158,7 +158,7 @@ class Embeddings:
 
 def _read_shard(path: storage.Path, out_dir: storage.Path, dim: int) -> dict[str, np.ndarray]:
   """One shard's arrays (embeddings as float32 [n, dim]); errors name the file and the fix."""
-  if not path.is_file():
+  if not storage.is_file(path):
     raise FileNotFoundError(
         f'{path} is missing from the export in {out_dir}; run the export again to rewrite it'
     )

@@ -101,6 +101,7 @@ def write_export(
     elapsed = time.perf_counter() - start
     rate = computed / elapsed if computed and elapsed > 0 else None
     _sync(f'export {out_dir}')
+    lock_lib.confirm(out_dir, LOCK_FILE)  # fencing: no "complete" written by a lost holder
     metadata = _finish(config, out_dir, embedder, identity, rows, rate)
   return ExportResult(out_dir, metadata, missing, False, rate)
 

@@ -173,7 +173,8 @@ def record_checksums(manager: ocp.CheckpointManager, exclude: int | None = None)
     return
   for step in manager.all_steps():
     folder = step_dir(manager, step)
-    if step == exclude or (folder / CHECKSUMS_FILE).exists() or not folder.is_dir():
+    # `storage` raises on a read error (epath answers False on any error).
+    if step == exclude or storage.exists(folder / CHECKSUMS_FILE) or not storage.is_dir(folder):
       continue
     text = json.dumps({'step': int(step), 'files': _file_digests(folder)}, indent=1)
     storage.write_text(folder / CHECKSUMS_FILE, text)
@@ -217,7 +218,7 @@ def checkpoint_fingerprint(manager: ocp.CheckpointManager, step: int) -> str:
 
   def fingerprint() -> str:
     for name in ('_CHECKPOINT_METADATA', CHECKSUMS_FILE):
-      if (folder / name).is_file():
+      if storage.is_file(folder / name):
         return hashlib.sha256((folder / name).read_bytes()).hexdigest()[:16]
     return hashlib.sha256(str(storage.absolute(folder)).encode()).hexdigest()[:16]
 
@@ -232,7 +233,7 @@ def saved_config(manager: ocp.CheckpointManager, step: int) -> dict:
 def saved_loop(manager: ocp.CheckpointManager, step: int) -> dict[str, int]:
   """The loop counters saved with `step` (see `save`); {} for a checkpoint saved without them."""
   # Whether it is there is decided on process 0: the restore below is collective (Orbax's barrier).
-  if not distributed.decide_on_main((step_dir(manager, step) / LOOP_ITEM).exists):
+  if not distributed.decide_on_main(lambda: storage.exists(step_dir(manager, step) / LOOP_ITEM)):
     return {}
   return dict(
       manager.restore(step, args=ocp.args.Composite(loop=ocp.args.JsonRestore()))[LOOP_ITEM]
@@ -359,7 +360,7 @@ def open_step(
   anything compiles.
   """
   ckpt_dir = checkpoint_dir(workdir)
-  if not distributed.decide_on_main(ckpt_dir.is_dir):
+  if not distributed.decide_on_main(lambda: storage.is_dir(ckpt_dir)):
     raise FileNotFoundError(
         f'no checkpoint in {workdir}: {ckpt_dir} does not exist. Train first '
         f"(python -m capture_jax.train --workdir={workdir}), or pass the run's --workdir."
@@ -417,7 +418,7 @@ def corrupt_checkpoints(workdir: storage.PathLike) -> list[storage.Path]:
   folder = checkpoint_dir(workdir)
 
   def names() -> list[str]:
-    if not folder.is_dir():
+    if not storage.is_dir(folder):
       return []
     return sorted(p.name for p in folder.iterdir() if p.name.startswith(CORRUPT_PREFIX))
 
@@ -456,6 +457,15 @@ def restore_latest(
         items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
       restored = manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # pylint: disable=broad-except
+      if problems == [] and storage.is_remote(manager.directory):
+        # Every file matches its checksum (read from the bucket's listing): the checkpoint is
+        # intact and the bucket failed to serve it (past tensorstore's retries). Moving it aside
+        # would lose a good checkpoint to a transient fault.
+        raise storage.StorageError(
+            f'{step_dir(manager, step)}: restoring failed although its files match '
+            f'{CHECKSUMS_FILE} ({type(e).__name__}: {str(e).strip()[:300]}); the checkpoint is '
+            'kept: run the same command again once the bucket answers'
+        ) from e
       where = ''
       if move_unreadable:
         where = f'; moved aside to {move_aside(manager, step)}'

@@ -16,9 +16,29 @@ one stale lock at once only one write succeeds (the other is refused), a
 heartbeat never overwrites a lock taken over meanwhile, and a release never
 deletes another holder's lock. The lock is also read back after taking it
 (the token must be ours), a second guard for a store that ignores
-preconditions. gcp-storage-emulator (tests/test_storage_gcs.py) ignores them:
-the tests add GCS's 412 to it, and test the interleavings one process can
-stage; requests of two hosts racing at a real GCS server are not tested.
+preconditions. gcp-storage-emulator ignores them: tests/test_storage_gcs.py
+adds GCS's 412 to it, tests/test_gcs_faults.py puts a proxy enforcing them
+(and injecting faults) in front of it; the tests stage the interleavings one
+process can; requests of two hosts racing at a real GCS server are not tested.
+
+Fencing: a holder that cannot confirm its lock stops before its next write
+that matters (a checkpoint save, export metadata): `confirm(folder, name)`
+raises `LockLostError` (a `LockedError`: the commands print it as their one
+`error:` line and exit 1). On disk the lock is confirmed when the file the
+holder locked is still the one at the path (a lock file deleted and created
+again by another command is a takeover). On GCS `confirm` rewrites the lock
+conditionally on the generation this holder last wrote, so a store that saw a
+takeover refuses it (412); a refresh that fails otherwise is tolerated while
+the last confirmed write is younger than half the stale window (no other
+command may take the lock over before the whole window passed), and is a loss
+after that. The heartbeat thread records the same losses between writes, and
+every `storage.write_*` into the locked folder checks them (no network call).
+A write whose response was lost is recognised as this holder's own when its
+retry is refused: the object then holds the nonce of that very write.
+What is not fenced: the bytes Orbax (tensorstore) writes and its commit marker,
+which land after the confirmed save started (within the lease, as long as a
+save takes less than half of `STALE_AFTER_S`), and the writes of processes
+other than 0.
 
 The lock holds the holder's host, pid and start time, for the message that
 refuses a second writer. Only process 0 of a multi-process run takes it (the
@@ -40,9 +60,11 @@ from pathlib import Path
 import jax
 
 from capture_jax import storage
+from capture_jax.training import distributed
 
-HEARTBEAT_S = 60.0
-STALE_AFTER_S = 300.0
+# Environment overrides for tests and impatient users (seconds).
+HEARTBEAT_S = float(os.environ.get('CAPTURE_LOCK_HEARTBEAT_S', '60'))
+STALE_AFTER_S = float(os.environ.get('CAPTURE_LOCK_STALE_S', '300'))
 
 # A trainer's lock in the folder it trains into: the workdir (`capture_jax.train`), and
 # `{workdir}/instances` (`capture_jax.instances.trainer`, the proposer).
@@ -51,6 +73,35 @@ TRAIN_LOCK_FILE = 'train.lock'
 
 class LockedError(RuntimeError):
   """The folder is in use by another running command."""
+
+
+class LockLostError(LockedError):
+  """This command's lock on its folder was taken over or cannot be confirmed: it must stop
+  writing into the folder."""
+
+
+# The locks this process holds (enabled or not), oldest first: what `confirm` checks.
+_HELD: list[FolderLock] = []
+
+
+def confirm(folder: storage.PathLike, name: str) -> None:
+  """Raises LockLostError, on every process, unless process 0 still holds the lock
+  `{folder}/{name}`. Call on every process (it is collective on a pod) just before a write that
+  matters. A RuntimeError when this process took no such lock (a call outside its `with`)."""
+  path = str(storage.as_path(folder) / name)
+  lock = next((held for held in _HELD if str(held.path) == path), None)
+  if lock is None:
+    raise RuntimeError(f'confirm({path}): this process holds no such lock')
+  distributed.decide_on_main(lock.confirm)
+
+
+def _check_write(path: storage.PathLike) -> None:
+  """A guard `storage` calls before every whole-file write: refuses a write into a folder whose
+  lock this process has lost (from what the heartbeat saw; no network call)."""
+  text = str(path)
+  for lock in list(_HELD):
+    if lock.lost is not None and text.startswith(str(lock.path.parent).rstrip('/') + '/'):
+      raise LockLostError(lock.lost + f'; not writing {text}')
 
 
 class FolderLock:
@@ -74,20 +125,35 @@ class FolderLock:
     self._fd = None
     self._token = None
     self._generation = None  # GCS: the generation of the lock object this holder last wrote
+    self._started = None  # GCS: the start time written in the lock
+    self._write_nonce = None  # GCS: the nonce of the last write attempted
+    self._confirmed_at = None  # GCS: time.monotonic() of the last write known to have landed
+    self._inode = None  # disk: (st_dev, st_ino) of the file locked
+    self._mutex = threading.Lock()  # one lock write at a time (heartbeat and confirm)
+    self.lost: str | None = None  # why the lock is no longer ours (the message of LockLostError)
     self._stop = threading.Event()
     self._thread = None
 
   def acquire(self) -> None:
-    if not self.enabled:
-      return
-    if storage.is_remote(self.path):
-      self._acquire_object()
-    else:
-      self._acquire_flock()
+    self.lost = None
+    if self.enabled:
+      if storage.is_remote(self.path):
+        with storage.naming(self.path, 'taking the lock', keep=(LockedError,)):
+          self._acquire_object()
+      else:
+        self._acquire_flock()
+    _HELD.append(self)
 
   def release(self) -> None:
+    if self in _HELD:
+      _HELD.remove(self)
     if self._token is not None:
-      self._release_object()
+      try:
+        with storage.naming(self.path, 'releasing the lock'):
+          self._release_object()
+      except storage.StorageError as e:  # the next command takes it over once it is stale
+        print(f'WARNING: {e}', flush=True)
+        self._token = None
     if self._fd is None:
       return
     # Emptied before unlocking: a clean exit leaves no holder to report.
@@ -95,6 +161,27 @@ class FolderLock:
     fcntl.flock(self._fd, fcntl.LOCK_UN)
     os.close(self._fd)
     self._fd = None
+
+  def confirm(self) -> None:
+    """Raises LockLostError unless the lock is still this holder's (see the module docstring);
+    on GCS a conditional rewrite of the lock proves it at this moment."""
+    if not self.enabled:
+      return
+    if self.lost is None:
+      if self._fd is not None:
+        self._confirm_flock()
+      elif self._token is not None:
+        with self._mutex:
+          self._refresh(synchronous=True)
+    if self.lost is not None:
+      raise LockLostError(self.lost)
+
+  def _lose(self, why: str) -> None:
+    self.lost = (
+        f'the lock {self.path} {why}; this {self.what} stopped writing into {self.path.parent} '
+        'so that two commands never write into it at once'
+    )
+    print(f'WARNING: {self.lost}', flush=True)
 
   def __enter__(self) -> FolderLock:
     self.acquire()
@@ -134,6 +221,15 @@ class FolderLock:
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(_holder()).encode(), 0)
     self._fd = fd
+    self._inode = _inode(os.fstat(fd))
+
+  def _confirm_flock(self) -> None:
+    try:
+      now = _inode(os.stat(self.path))
+    except FileNotFoundError:
+      now = None
+    if now != self._inode:
+      self._lose('was deleted or replaced by another command (the file locked is not there)')
 
   # -- on GCS ----------------------------------------------------------------
 
@@ -149,13 +245,15 @@ class FolderLock:
       # Created only if absent, or replaced only if still the stale one we read.
       self._write_object(token, if_generation='0' if not previous else generation)
     except FileExistsError:  # another command created it, or took it over, since we looked
-      raise self._refuse(self._read_object()) from None
+      if not self._adopt_own_write(token):  # ... or our own write, whose response was lost
+        raise self._refuse(self._read_object()) from None
     # Two takers of a stale lock both write; the object keeps one of them.
     time.sleep(0.2)
     now = self._read_object()
     if now.get('token') != token:
       raise self._refuse(now)
     self._token = token
+    self._confirmed_at = time.monotonic()
     self._stop.clear()
     self._thread = threading.Thread(target=self._heartbeat, name='lock-heartbeat', daemon=True)
     self._thread.start()
@@ -175,28 +273,53 @@ class FolderLock:
 
   def _heartbeat(self) -> None:
     while not self._stop.wait(self.heartbeat_s):
-      try:
-        holder = self._read_object()
-        if holder.get('token') != self._token:
-          print(
-              f'WARNING: the lock {self.path} was taken over by {_describe(holder)} while this '
-              f'{self.what} runs; two commands may now write into {self.path.parent}',
-              flush=True,
-          )
+      with self._mutex:
+        if self._stop.is_set():
           return
-        self._write_object(
-            self._token, if_generation=self._generation, started=holder.get('started')
-        )
-      except FileExistsError:  # rewritten by another command since our last write
-        print(
-            f'WARNING: the lock {self.path} was taken over while this {self.what} runs; two '
-            f'commands may now write into {self.path.parent}',
-            flush=True,
-        )
+        self._refresh(synchronous=False)
+        if self.lost is not None:
+          return
+
+  def _refresh(self, synchronous: bool) -> None:
+    """Rewrites the lock conditionally on our generation; records a loss in `self.lost` (a
+    takeover, or no confirmed write for too long). Call with `self._mutex` held."""
+    try:
+      holder = self._read_object()  # a second guard, for a store that ignores preconditions
+      if holder.get('token') != self._token:
+        self._lose(f'was taken over by another command ({_describe(holder)})')
         return
-      except Exception as e:  # pylint: disable=broad-except
-        # A missed heartbeat is not fatal; STALE_AFTER_S spans several of them.
-        print(f'WARNING: could not refresh the lock {self.path}: {e}', flush=True)
+      self._write_object(self._token, if_generation=self._generation, started=self._started)
+      self._confirmed_at = time.monotonic()
+      return
+    except FileExistsError:  # the store refused: rewritten by another command since our write
+      try:
+        if self._adopt_own_write(self._token):  # our own write, whose response was lost
+          self._confirmed_at = time.monotonic()
+          return
+        holder = self._read_object()
+      except Exception:  # pylint: disable=broad-except
+        holder = {}
+      self._lose(f'was taken over by another command ({_describe(holder)})')
+      return
+    except Exception as e:  # pylint: disable=broad-except
+      error = f'{type(e).__name__}: {str(e)[:200]}'
+    age = time.monotonic() - self._confirmed_at
+    # A refresh that fails is no loss while no other command may take the lock over: that needs
+    # the whole stale window without a heartbeat. A write that matters needs half of it left.
+    limit = self.stale_after_s / 2 if synchronous else self.stale_after_s
+    if age > limit:
+      self._lose(f'could not be refreshed for {age:.0f} s (limit {limit:.0f} s; {error})')
+    else:
+      print(f'WARNING: could not refresh the lock {self.path} ({error}); retrying', flush=True)
+
+  def _adopt_own_write(self, token: str) -> bool:
+    """After a refused write: whether the object holds that very write (its response was lost
+    and the client's retry was refused by the write itself). Adopts its generation if so."""
+    holder, generation = self._read_object_and_generation()
+    if holder.get('token') == token and holder.get('nonce') == self._write_nonce:
+      self._generation = generation
+      return True
+    return False
 
   def _stale(self, holder: dict) -> str | None:
     """Why a holder may be replaced (a phrase), or None while it is alive."""
@@ -236,10 +359,15 @@ class FolderLock:
   def _write_object(self, token: str, if_generation: str | None, started=None) -> None:
     """Writes the lock if its generation is still `if_generation` ('0': only if absent);
     FileExistsError otherwise (GCS's 412)."""
-    info = {**_holder(), 'token': token, 'heartbeat': time.time()}
+    self._write_nonce = uuid.uuid4().hex
+    info = {**_holder(), 'token': token, 'nonce': self._write_nonce, 'heartbeat': time.time()}
     if started is not None:
       info['started'] = started
+    self._started = info['started']
     self._generation = _gcs_upload(self.path, json.dumps(info).encode(), if_generation)
+
+
+storage.WRITE_GUARDS.append(_check_write)
 
 
 def _gcs():
@@ -293,6 +421,10 @@ def _pid_alive(pid) -> bool:
   except PermissionError:
     return True
   return True
+
+
+def _inode(st: os.stat_result) -> tuple[int, int]:
+  return st.st_dev, st.st_ino
 
 
 def _read_fd(fd: int) -> dict:

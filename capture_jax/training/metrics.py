@@ -28,7 +28,7 @@ def truncate_after(path: storage.PathLike, step: int) -> int:
   file and a rename on disk, one upload on GCS).
   """
   path = storage.as_path(path)
-  if not path.is_file():
+  if not storage.is_file(path):  # raises on a read error (never "absent" by mistake)
     return 0
   kept, dropped = [], 0
   for line in path.read_text(encoding='utf-8').splitlines():
