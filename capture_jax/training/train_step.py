@@ -77,17 +77,10 @@ def split_microbatches(batch: Mapping[str, Array], num: int, mesh: Mesh) -> dict
   return {k: split(v) for k, v in batch.items()}
 
 
-def make_train_step(
-    config: ml_collections.ConfigDict,
-    mesh: Mesh,
-    optimizer: optax.GradientTransformation,
-    masking: masking_lib.MaskingSpec,
-) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-  """The (unjitted) train step `(state, host batch) -> (state, metrics)`; `jax.jit` it with the
-  state and batch shardings. `masking`: the recipe, ids and seed of the device stage."""
-  rng_lowering.set_cpu_threefry_unrolled(config.train.cpu_unrolled_threefry)
+def make_gradients(config: ml_collections.ConfigDict, mesh: Mesh) -> Callable:
+  """`(params, model batch, rng) -> (grads, loss terms)` of MLM + MRM + the global-batch
+  contrastive loss, averaged over `train.microbatches` micro-batches (a scan)."""
   model = CaptureModel(config.model)
-  schedule = optimizer_lib.learning_rate_schedule(config.train)
   num_micro = config.train.microbatches
 
   def loss_fn(params, batch, rng):
@@ -131,6 +124,21 @@ def make_train_step(
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
     (grads, terms), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(num_micro), micro))
     return jax.tree.map(lambda x: x / num_micro, (grads, terms))
+
+  return gradients
+
+
+def make_train_step(
+    config: ml_collections.ConfigDict,
+    mesh: Mesh,
+    optimizer: optax.GradientTransformation,
+    masking: masking_lib.MaskingSpec,
+) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+  """The (unjitted) train step `(state, host batch) -> (state, metrics)`; `jax.jit` it with the
+  state and batch shardings. `masking`: the recipe, ids and seed of the device stage."""
+  rng_lowering.set_cpu_threefry_unrolled(config.train.cpu_unrolled_threefry)
+  schedule = optimizer_lib.learning_rate_schedule(config.train)
+  gradients = make_gradients(config, mesh)
 
   def train_step(state: TrainState, host: dict[str, Array]) -> tuple[TrainState, dict[str, Array]]:
     batch = masking_lib.model_batch(host, masking)
