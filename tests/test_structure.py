@@ -16,11 +16,6 @@ LIMIT = 80  # the rest of capture_jax/
 EXEMPT_FOLDERS = ('bench',)
 EXEMPT_FUNCTIONS = {('models/capture.py', '__call__')}
 
-# The one import circle left, product1m_stream <-> product1m_tfds (the dataset build), which the
-# records branch removes (issue 39). Delete this exception when that branch is merged:
-# `test_known_circle_still_exists` fails once the circle is gone, to say so.
-KNOWN_CIRCLE = frozenset({'capture_jax.data.product1m_stream', 'capture_jax.data.product1m_tfds'})
-
 
 def _modules() -> dict[str, Path]:
   """Dotted module name -> file, for every module of the package."""
@@ -126,13 +121,8 @@ def test_no_function_over_the_limit():
 
 
 def test_no_two_modules_import_each_other():
-  circles = [c for c in import_circles(import_graph()) if c != KNOWN_CIRCLE]
+  circles = import_circles(import_graph())
   assert circles == [], [sorted(c) for c in circles]
-
-
-def test_known_circle_still_exists():
-  """Fails once the records branch has removed the circle: then delete `KNOWN_CIRCLE`."""
-  assert KNOWN_CIRCLE in import_circles(import_graph())
 
 
 def test_the_circle_finder():
