@@ -16,7 +16,12 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
+from capture_jax import batch as batch_lib
+from capture_jax import train
+from capture_jax.data import source as source_lib
+from capture_jax.data import train_input
 from capture_jax.training import resident
+from tests.helpers import trainer_config
 
 CHECK = Path(__file__).parent / 'multidevice' / 'resident_check.py'
 PAPER_ROW = {'image_feat': ((36, 2048), np.float16)}
@@ -80,3 +85,73 @@ def test_a_row_of_another_shape_is_refused():
 
 def _one_cpu_mesh():
   return Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ('data', 'fsdp', 'tensor'))
+
+
+# --------------------------------------------------------------------------
+# The resident mode of the trainer (one CPU device here; the gather's multi-device cases above).
+
+
+@pytest.fixture(scope='module')
+def dataset_config(tmp_path_factory):
+  return trainer_config(tmp_path_factory.mktemp('data'))
+
+
+def _resident(config):
+  c = config.copy_and_resolve_references()
+  c.data.resident = True
+  return c
+
+
+def test_resident_batches_are_the_host_batches_of_the_same_positions(dataset_config):
+  host_config, resident_config = dataset_config, _resident(dataset_config)
+  mesh = _one_cpu_mesh()
+  source = source_lib.make_source(resident_config, 'train')
+  layout = batch_lib.BatchLayout.from_config(resident_config)
+  rows = layout.row_shapes()
+  tables = resident.load_tables(
+      train_input.resident_rows(resident_config, source), rows, len(source), mesh, chunk=5
+  )
+  gather = jax.jit(lambda t, i: resident.gather_rows(t, i, mesh))
+  # Two processes' shares of each global batch, for four batches (past an epoch of this split).
+  for process in (0, 1):
+    kwargs = dict(process_index=process, process_count=2)
+    hosts = train_input.make_train_iterator(host_config, **kwargs)
+    indices = train_input.make_train_iterator(resident_config, **kwargs)
+    for _ in range(4):
+      host, index = next(hosts), next(indices)
+      assert set(index) == set(batch_lib.INDEX_KEYS)
+      np.testing.assert_array_equal(index['positions'], host['positions'])
+      gathered = jax.device_get(gather(tables, index['record_index']))
+      assert set(gathered) | {'positions'} == set(host)
+      for key, value in gathered.items():
+        assert value.dtype == host[key].dtype, key
+        np.testing.assert_array_equal(value.view(np.uint8), host[key].view(np.uint8), key)
+
+
+def test_resident_training_resumes_bitwise_and_follows_the_host_mode(dataset_config, tmp_path):
+  config = _resident(dataset_config)
+  straight = train.run(config, tmp_path / 'straight')
+  first = train.run(config, tmp_path / 'resumed', stop_after_steps=3)
+  assert int(first.state.step) == 3
+  second = train.run(config, tmp_path / 'resumed')
+  params = lambda r: jax.tree.map(np.asarray, jax.device_get(r.state.params))
+  for a, b in zip(jax.tree.leaves(params(straight)), jax.tree.leaves(params(second))):
+    np.testing.assert_array_equal(a, b)
+  log = lambda d: [json.loads(l) for l in (d / 'metrics.jsonl').read_text().splitlines()]
+  losses = lambda d: {r['step']: r['loss/total'] for r in log(d)}
+  assert losses(tmp_path / 'straight') == losses(tmp_path / 'resumed')
+  # The same records at the same positions as the host mode: the same losses (the programs
+  # differ by the gather, so XLA may fuse differently: to float tolerance, not bit for bit).
+  host = train.run(dataset_config, tmp_path / 'host')
+  host_losses, resident_losses = losses(tmp_path / 'host'), losses(tmp_path / 'straight')
+  assert host_losses.keys() == resident_losses.keys()
+  for step, loss in host_losses.items():
+    assert resident_losses[step] == pytest.approx(loss, rel=1e-5), step
+
+
+def test_a_split_over_the_memory_budget_is_refused_before_compiling(dataset_config, tmp_path):
+  config = _resident(dataset_config)
+  config.data.resident_memory_fraction = 1e-9
+  with pytest.raises(resident.ResidentSplitTooLargeError, match='does not fit: .* records x'):
+    train.run(config, tmp_path / 'run')
+  assert not (tmp_path / 'run' / 'metrics.jsonl').exists()

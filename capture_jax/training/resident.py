@@ -26,6 +26,7 @@ against the accelerator") sets it against the step.
 from __future__ import annotations
 
 import math
+import os
 from typing import Callable, Mapping
 
 import jax
@@ -68,6 +69,40 @@ def gather_bytes_per_device(spec: RowSpec, global_batch: int, mesh) -> int:
   (n - 1) / n of the global batch's rows through every device of the batch axes)."""
   n = math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
   return (n - 1) * global_batch // n * row_bytes(spec)
+
+
+class ResidentSplitTooLargeError(ValueError):
+  """The split does not fit the devices' memory budget (`data.resident_memory_fraction`)."""
+
+
+def _gib(n: float) -> str:
+  return f'{n / 2**30:.2f} GiB'
+
+
+def check_fits(spec: RowSpec, num_records: int, mesh, device_bytes: int, fraction: float) -> int:
+  """The resident split's bytes per device; raises `ResidentSplitTooLargeError` with the
+  figures when they exceed `fraction` of `device_bytes` (checked before anything compiles or
+  loads)."""
+  need = bytes_per_device(spec, num_records, mesh)
+  allowed = int(fraction * device_bytes)
+  if need > allowed:
+    raise ResidentSplitTooLargeError(
+        f'the resident split does not fit: {num_records:,} records x {row_bytes(spec):,} bytes '
+        f'over {num_devices(mesh)} devices take {_gib(need)} per device, above '
+        f'data.resident_memory_fraction={fraction} of the {_gib(device_bytes)} of a device '
+        f'({_gib(allowed)}); train with data.resident=False (the host input) or on more devices'
+    )
+  return need
+
+
+def device_memory_bytes(device) -> int:
+  """The memory of `device` that programs may use: its allocator's limit on GPU and TPU; on
+  CPU devices (which share the host's memory) the host's memory over its local devices."""
+  stats = device.memory_stats() if hasattr(device, 'memory_stats') else None
+  if stats and stats.get('bytes_limit'):
+    return int(stats['bytes_limit'])
+  host = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+  return host // max(1, len(jax.local_devices(backend=device.platform)))
 
 
 def table_sharding(mesh: Mesh) -> NamedSharding:
