@@ -34,6 +34,13 @@ and the global token. The host batch has no global token, no target copy of
 the features and no labels: in float16 its features take a quarter of the
 model batch's bytes (BENCHMARKS.md "Input pipeline" has the figures).
 
+The index batch: what crosses instead when the training split is resident
+in device memory (`data.resident`, `training/resident.py`): the step's record
+indices and their stream positions; the step gathers the host batch's other
+keys (its per-record rows, `BatchLayout.row_shapes`) from the resident split::
+
+    record_index [B] int32      positions [B,2] uint32
+
 Everything else (the pipeline's padding rows, the trainer's and export's
 abstract batches, `init` inputs, random batches for benchmarks and tests)
 is derived here from a `BatchLayout`.
@@ -60,6 +67,7 @@ TARGETS = ('lm_label_ids', 'image_label', 'image_target')
 TRAIN_KEYS = MODEL_INPUTS + TARGETS
 HOST_KEYS = ('input_ids', 'input_mask', 'region_feat', 'region_loc', 'region_mask', 'positions')
 CLASS_TARGET_KEY = 'region_target'  # in the host batch only for model.mrm_target='class'
+INDEX_KEYS = ('record_index', 'positions')  # the batch of a resident split
 LOC_DIM = 5  # x1, y1, x2, y2 (relative) and the relative area: `formats.encode_boxes`
 
 
@@ -133,11 +141,20 @@ class BatchLayout:
     }
     return {k: table[k] for k in self.host_keys}
 
-  def host_abstract(self, batch_size: int, sharding: Any = None) -> dict[str, jax.ShapeDtypeStruct]:
-    """`jax.ShapeDtypeStruct`s of a host batch (what the train step is lowered for)."""
+  def row_shapes(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """`{key: (shape, dtype)}` of one record's row of the host batch: every host key but
+    `positions` (which belongs to the stream, not the record), without the batch axis."""
     return {
-        k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
-        for k, (shape, dtype) in self.host_shapes(batch_size).items()
+        k: (shape[1:], dtype)
+        for k, (shape, dtype) in self.host_shapes(1).items()
+        if k != 'positions'
+    }
+
+  def index_shapes(self, batch_size: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """`{key: (shape, dtype)}` of an index batch (`INDEX_KEYS`) of `batch_size` rows."""
+    return {
+        'record_index': ((batch_size,), np.dtype(np.int32)),
+        'positions': self.host_shapes(batch_size)['positions'],
     }
 
   def host_random(
@@ -166,10 +183,7 @@ class BatchLayout:
       self, batch_size: int, keys: Sequence[str] = TRAIN_KEYS, sharding: Any = None
   ) -> dict[str, jax.ShapeDtypeStruct]:
     """`jax.ShapeDtypeStruct`s of a batch (for `jit(...).lower`), optionally with a sharding."""
-    return {
-        k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
-        for k, (shape, dtype) in self.shapes(batch_size, keys).items()
-    }
+    return abstract_of(self.shapes(batch_size, keys), sharding)
 
   def padding(self, batch_size: int, keys: Sequence[str] = TRAIN_KEYS) -> dict[str, np.ndarray]:
     """Rows that are not there (the padding of a last evaluation batch): zero inputs and
@@ -228,6 +242,17 @@ class BatchLayout:
         'image_label': np.where(mrm_chosen, 1, -1).astype(np.int32),
         'image_target': rng.normal(size=(b, r, self.target_dim)).astype(np.float32),
     }
+
+
+def abstract_of(
+    shapes: Mapping[str, tuple[tuple[int, ...], np.dtype]], sharding: Any = None
+) -> dict[str, jax.ShapeDtypeStruct]:
+  """`jax.ShapeDtypeStruct`s of `{key: (shape, dtype)}` (a layout's `shapes`, `host_shapes` or
+  `index_shapes`), each with `sharding`: what `jit(...).lower` takes in place of arrays."""
+  return {
+      k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+      for k, (shape, dtype) in shapes.items()
+  }
 
 
 def encode_positions(positions: Any) -> np.ndarray:

@@ -267,6 +267,12 @@ def data_config() -> ml_collections.ConfigDict:
   # Global batches put on the devices ahead of the step, by a thread (0: built when the step
   # needs it); checkpoints keep the position of the consumed batches.
   d.prefetch_to_device = 2
+  # The training split resident in device memory (`training/resident.py`): its rows are loaded
+  # once, sharded over every device, and each step gathers its batch by index inside the step;
+  # the host hands over only the step's record indices and positions. Refused before compiling
+  # when the split takes more than `resident_memory_fraction` of a device's memory.
+  d.resident = False
+  d.resident_memory_fraction = 0.5
   # Synthetic world (`python -m capture_jax.data.synthetic`).
   d.synthetic_preset = 'demo'
   d.synthetic_seed = 0
@@ -302,6 +308,8 @@ DATA_RULES = {
     'read_threads': COUNT,
     'prefetch_batches': NON_NEGATIVE_INT,
     'prefetch_to_device': NON_NEGATIVE_INT,
+    'resident': BOOL,
+    'resident_memory_fraction': PROBABILITY,
     'synthetic_preset': Choice('tiny', 'demo', 'small', 'large'),  # data/synthetic/world.py PRESETS
     'synthetic_seed': SEED,
     'feature_format': Choice('tsv', 'npz'),

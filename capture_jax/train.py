@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import sys
 import time
 from typing import Any
@@ -47,6 +48,7 @@ from capture_jax.training import lock as lock_lib
 from capture_jax.training import loop as loop_lib
 from capture_jax.training import metrics as metrics_lib
 from capture_jax.training import preemption as preemption_lib
+from capture_jax.training import resident as resident_lib
 from capture_jax.training import sharding
 from capture_jax.training import state as state_lib
 from capture_jax.training import steps as steps_lib
@@ -219,17 +221,51 @@ def _train(
     closers: contextlib.ExitStack,
 ) -> RunResult:
   """Open the input -> restore or initialise -> compile -> the loop -> finish."""
-  data_iterator = train_input.make_train_iterator(config)  # this process's share of each batch
-  step_program = steps_lib.build_train_step(config, mesh)
-  start = restore_or_initialise(config, workdir, manager, step_program, data_iterator)
+  inputs = open_input(config, mesh)
+  step_program = steps_lib.build_train_step(config, mesh, resident_records=inputs.num_records)
+  start = restore_or_initialise(config, workdir, manager, step_program, inputs.iterator)
   # Stop requests from here on (also while compiling): every process stops at the same step.
   stop = closers.enter_context(preemption_lib.Preemption())
   stop.reached(start.step)
-  compiled = compile_step(step_program)
+  compiled = compile_step(step_program, inputs.tables)
   end = loop_lib.end_step(start.step, config.train.num_steps, stop_after_steps)
-  loop = setup_loop(config, workdir, mesh, manager, start, end, compiled, data_iterator, closers)
+  loop = setup_loop(config, workdir, mesh, manager, start, end, compiled, inputs.iterator, closers)
   step, preempted = loop_lib.run_steps(loop, start.step, end, stop, BETWEEN_SYNC_POINTS)
   return finish(loop, step, preempted)
+
+
+# --------------------------------------------------------------------------
+# The input.
+
+
+@dataclasses.dataclass(frozen=True)
+class Input:
+  """What the loop reads: this process's iterator of batches (its share of each global batch)
+  and, with `data.resident`, the training split's tables in device memory."""
+
+  iterator: Any
+  tables: dict[str, jax.Array] | None = None
+  num_records: int | None = None  # of the resident split
+
+
+def open_input(config: ml_collections.ConfigDict, mesh) -> Input:
+  """The host input; or, with `data.resident`, the split loaded into the devices' memory (each
+  process reads its devices' rows) and an iterator of index batches. A split that does not
+  fit is refused before anything is loaded or compiled (`resident.check_fits`)."""
+  if not config.data.resident:
+    return Input(train_input.make_train_iterator(config))
+  source = source_lib.make_source(config, 'train')
+  rows = batch_lib.BatchLayout.from_config(config).row_shapes()
+  device_bytes = resident_lib.device_memory_bytes(mesh.devices.flat[0])
+  fraction = config.data.resident_memory_fraction
+  need = resident_lib.check_fits(rows, len(source), mesh, device_bytes, fraction)
+  if distributed.is_main_process():
+    print(f'loading {source} into device memory: {need / 2**30:.2f} GiB per device', flush=True)
+  tables = resident_lib.load_tables(
+      train_input.resident_rows(config, source), rows, len(source), mesh
+  )
+  iterator = train_input.make_train_iterator(config, source=source)
+  return Input(iterator, tables, len(source))
 
 
 # --------------------------------------------------------------------------
@@ -312,9 +348,14 @@ class CompiledStep:
   flops_per_step: float | None
 
 
-def compile_step(step_program: steps_lib.TrainStep) -> CompiledStep:
-  step_fn, compile_s = step_program.compile()
-  flops_per_step = state_lib.count_flops(step_fn)
+def compile_step(
+    step_program: steps_lib.TrainStep, tables: dict[str, jax.Array] | None = None
+) -> CompiledStep:
+  """The compiled step as the loop calls it, `(state, batch) -> (state, metrics)`: with a
+  resident split, its tables are the third argument of every call."""
+  compiled, compile_s = step_program.compile()
+  flops_per_step = state_lib.count_flops(compiled)
+  step_fn = compiled if tables is None else functools.partial(_with_tables, compiled, tables)
   if distributed.is_main_process():
     print(
         f'compiled the train step in {compile_s:.1f} s'
@@ -322,6 +363,10 @@ def compile_step(step_program: steps_lib.TrainStep) -> CompiledStep:
         flush=True,
     )
   return CompiledStep(step_fn, flops_per_step)
+
+
+def _with_tables(compiled, tables, state, batch):
+  return compiled(state, batch, tables)
 
 
 # --------------------------------------------------------------------------
@@ -413,11 +458,14 @@ def setup_loop(
       log_every=t.log_every,
   )
   peak = metrics_lib.peak_flops(jax.devices()[0])
+  keys = (
+      batch_lib.INDEX_KEYS
+      if config.data.resident
+      else batch_lib.BatchLayout.from_config(config).host_keys
+  )
   batches = device_prefetch.DevicePrefetch(
       data_iterator,
-      lambda local: sharding.global_batch_from_local(
-          {k: local[k] for k in batch_lib.BatchLayout.from_config(config).host_keys}, mesh
-      ),
+      lambda local: sharding.global_batch_from_local({k: local[k] for k in keys}, mesh),
       config.data.prefetch_to_device,
   )
   closers.callback(batches.close)

@@ -149,7 +149,8 @@ def read_losses(workdir: Path) -> dict[int, float]:
 
 
 def test_two_processes_train_like_one_process_with_the_same_devices(dataset_config, tmp_path):
-  """2 processes x 2 CPU devices (Gloo) get the losses of 1 process x 4 devices on the same global batches.
+  """2 processes x 2 CPU devices (Gloo) get the losses of 1 process x 4 devices on the same global
+  batches, with the host input and with the split resident on the devices.
 
   Dropout is off: its masks follow a row's place in the global array, which differs
   between the two layouts (process p feeds stream positions p, p + 2, ...).
@@ -185,9 +186,29 @@ def test_two_processes_train_like_one_process_with_the_same_devices(dataset_conf
       env={**env, 'CAPTURE_MAIN': str(script), 'CAPTURE_DEVICES_PER_PROCESS': '2'},
   )
   assert multi.returncode == 0, multi.stdout + multi.stderr
+  # The same on 2 processes with the split resident in the 4 devices' memory: each process loads
+  # its devices' rows and feeds only record indices.
+  cfg.data.resident = True
+  resident_json = tmp_path / 'resident.json'
+  resident_json.write_text(cfg.to_json())
+  resident = subprocess.run(
+      [str(REPO / 'launch' / 'local_multiprocess.sh'), '2', str(resident_json)]
+      + [str(tmp_path / 'resident'), '3'],
+      cwd=REPO,
+      text=True,
+      capture_output=True,
+      timeout=600,
+      env={**env, 'CAPTURE_MAIN': str(script), 'CAPTURE_DEVICES_PER_PROCESS': '2'},
+  )
+  assert resident.returncode == 0, resident.stdout + resident.stderr
+  assert 'into device memory' in resident.stdout
   one, two = read_losses(tmp_path / 'one'), read_losses(tmp_path / 'two')
-  assert sorted(one) == sorted(two) == [1, 2, 3]
+  on_devices = read_losses(tmp_path / 'resident')
+  assert sorted(one) == sorted(two) == sorted(on_devices) == [1, 2, 3]
   np.testing.assert_allclose([two[s] for s in (1, 2, 3)], [one[s] for s in (1, 2, 3)], rtol=1e-5)
+  np.testing.assert_allclose(
+      [on_devices[s] for s in (1, 2, 3)], [one[s] for s in (1, 2, 3)], rtol=1e-5
+  )
   # Every process wrote its share of the checkpoint: the data iterator state of both processes.
   data_dir = checkpoint_lib.checkpoint_dir(tmp_path / 'two') / '3' / 'data'
   assert sorted(p.name for p in data_dir.iterdir() if p.suffix == '.json') == [

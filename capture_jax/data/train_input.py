@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from typing import Any
+from typing import Any, Callable
 
 import grain
 import ml_collections
 import numpy as np
 
+from capture_jax import batch as batch_lib
 from capture_jax.data import collate as collate_lib
 from capture_jax.data import source as source_lib
 
@@ -45,9 +46,11 @@ class _TrainBatchLoader:
   positions [b * B * n, (b + 1) * B * n) whatever n is. Grain's element is
   the whole batch: its per-element bookkeeping (~60 us) is paid once per
   batch, and the records are fetched in one batched ArrayRecord read.
+  With `source` None (a split resident on the devices) the batch is only the
+  records' indices and positions (`batch.INDEX_KEYS`): the step gathers the rest.
   """
 
-  source: source_lib.Product1MSource
+  source: source_lib.Product1MSource | None
   indices: 'ShuffledIndices'
   spec: collate_lib.BatchSpec
   batch_size: int  # per process
@@ -58,7 +61,13 @@ class _TrainBatchLoader:
   def __call__(self, batch_index: int) -> dict[str, np.ndarray]:
     j = np.arange(self.batch_size, dtype=np.int64)
     positions = (int(batch_index) * self.batch_size + j) * self.process_count + self.process_index
-    records = self.source.read_records(self.indices.take(positions).tolist())
+    record_index = self.indices.take(positions)
+    if self.source is None:
+      return {
+          'record_index': record_index.astype(np.int32),
+          'positions': batch_lib.encode_positions(positions),
+      }
+    records = self.source.read_records(record_index.tolist())
     allocate = _host_buffer if self.shared_memory else np.empty
     return collate_lib.collate(records, positions, self.spec, allocate)
 
@@ -149,6 +158,9 @@ def make_train_dataset(
     batch_size: global batch (default config.data.batch_size); each process
       gets batch_size / process_count.
     source: an already opened source (default: opened from config).
+
+  With `data.resident` the batches are index batches (`batch.INDEX_KEYS`) of the split whose
+  rows `resident_rows` reads: the same records at the same stream positions.
   """
   d = config.data
   index, count = source_lib.process_shard(process_index, process_count)
@@ -157,12 +169,20 @@ def make_train_dataset(
   source = source or source_lib.make_source(config, split)
   if len(source) == 0:
     raise ValueError(f'{source} is empty')
+  if d.resident and len(source) >= 2**31:
+    raise ValueError(f'{source}: a resident split indexes its records with int32, at most 2**31')
   indices = ShuffledIndices(len(source), d.shuffle_seed, d.num_epochs)
   # Every process yields the same number of full batches: a finite stream is
   # cut to a multiple of the global batch.
   num_batches = len(indices) // (per_process * count)
   loader = _TrainBatchLoader(
-      source, indices, spec, per_process, index, count, shared_memory=d.num_workers > 0
+      None if d.resident else source,
+      indices,
+      spec,
+      per_process,
+      index,
+      count,
+      shared_memory=d.num_workers > 0,
   )
   ds = grain.MapDataset.range(num_batches).map(loader)
   it = ds.to_iter_dataset(source_lib.read_options(config))
@@ -170,6 +190,20 @@ def make_train_dataset(
     _ensure_absl_flags_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.num_workers))
   return it
+
+
+def resident_rows(
+    config: ml_collections.ConfigDict, source: source_lib.Product1MSource
+) -> Callable[[int, int], dict[str, np.ndarray]]:
+  """`(start, stop) -> rows` of records [start, stop) of `source` in record order: the host
+  batch without positions (`BatchLayout.row_shapes`), what a resident split holds. The same
+  `collate` as the host mode, so both modes train on the same bytes."""
+  spec = collate_lib.make_batch_spec(config)
+
+  def read_rows(start: int, stop: int) -> dict[str, np.ndarray]:
+    return collate_lib.collate(source.read_records(range(start, stop)), None, spec)
+
+  return read_rows
 
 
 def _ensure_absl_flags_parsed() -> None:
@@ -182,7 +216,8 @@ def _ensure_absl_flags_parsed() -> None:
 
 
 def make_train_iterator(config: ml_collections.ConfigDict, **kwargs: Any) -> grain.DatasetIterator:
-  """A checkpointable iterator of host training batches (dicts of `BatchLayout.host_keys`).
+  """A checkpointable iterator of host training batches (dicts of `BatchLayout.host_keys`; of
+  `batch.INDEX_KEYS` with `data.resident`).
 
   `it.get_state()` returns a small JSON-able dict; `it.set_state(state)` on a
   fresh iterator of the same config continues with exactly the batches the
