@@ -256,7 +256,7 @@ def open_input(config: ml_collections.ConfigDict, mesh) -> Input:
     return Input(train_input.make_train_iterator(config))
   source = source_lib.make_source(config, 'train')
   rows = batch_lib.BatchLayout.from_config(config).row_shapes()
-  device_bytes = resident_lib.device_memory_bytes(mesh.devices.flat[0])
+  device_bytes = resident_lib.device_memory_bytes(mesh.local_devices[0])
   fraction = config.data.resident_memory_fraction
   need = resident_lib.check_fits(rows, len(source), mesh, device_bytes, fraction)
   if distributed.is_main_process():
