@@ -15,7 +15,11 @@ with `--json`, per step:
 - FLOPs per device: XLA's count of the compiled program on TPU; on GPU (where
   XLA gives none) XLA's count of the same global step lowered for this host,
   divided by the device count;
-- the step time and samples/s those FLOPs take at 100% and at 50% of the chip's peak.
+- the step time and samples/s those FLOPs take at 100% and at 50% of the chip's peak;
+- with `--config.data.resident=True`, the training split resident in device memory
+  (`training/resident.py`) of `--resident_records` records counted in the fit: its tables are
+  the step's arguments. A split above `data.resident_memory_fraction` of a device's usable
+  memory is refused before compiling, with the figures.
 
 A step that does not fit exits 1 with the shortfall and what to try.
 `--find_max_batch` searches the largest global train batch that fits
@@ -31,6 +35,7 @@ devices come from `jax.experimental.topologies`, whatever `JAX_PLATFORMS` says).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import sys
 import time
@@ -66,6 +71,7 @@ class Fit:
   flops_source: str
   peak_flops: float
   refused: str = ''  # XLA's own out-of-memory refusal (TPU compilers check HBM themselves)
+  resident_bytes: int = 0  # of `argument_bytes`: the resident training split's tables
 
   @property
   def total_bytes(self) -> int:
@@ -118,6 +124,8 @@ def describe(fit: Fit) -> str:
       f'{_gib(fit.code_bytes)}; total {_gib(fit.total_bytes)} of {_gib(fit.hbm_bytes)} usable '
       f'({100 * fit.total_bytes / fit.hbm_bytes:.0f}%)',
   ]
+  if fit.resident_bytes:
+    lines.append(f'  of the arguments, the resident training split: {_gib(fit.resident_bytes)}')
   if fit.flops_per_device:
     t100, t50 = fit.step_seconds(1.0), fit.step_seconds(0.5)
     lines.append(
@@ -176,6 +184,7 @@ def host_flops(build, config: ml_collections.ConfigDict) -> float | None:
   host_config.mesh.update(data=1, fsdp=1, tensor=1)
   host_config.train.update(microbatches=1, cpu_unrolled_threefry=True)
   host_config.model.scan_layers = False
+  host_config.data.resident = False  # the model's FLOPs; the gather adds none
   mesh = sharding.make_mesh(host_config.mesh, jax.devices('cpu')[:1])
   analysis = build(host_config, mesh).lower().cost_analysis()
   return float(analysis.get('flops', 0.0)) or None if analysis else None
@@ -203,11 +212,17 @@ def check_traceable_here(config: ml_collections.ConfigDict, target: accelerators
 
 
 def compile_step(
-    step: str, config: ml_collections.ConfigDict, target: accelerators.Target, devices
+    step: str,
+    config: ml_collections.ConfigDict,
+    target: accelerators.Target,
+    devices,
+    resident_records: int = 0,
 ) -> Fit:
-  """Compiles `step` ('train' or 'export') of `config` for `target`'s compile-only `devices`.
+  """Compiles `step` ('train' or 'export') of `config` for `target`'s compile-only `devices`
+  (with `data.resident`, the train step over a resident split of `resident_records` records).
 
-  Raises ValueError (the config's problems against the target) before compiling.
+  Raises ValueError (the config's problems against the target, a resident split that does not
+  fit) before compiling.
   """
   import jax  # pylint: disable=import-outside-toplevel
 
@@ -221,9 +236,12 @@ def compile_step(
   config_lib.validate(config)
   mesh = sharding.make_mesh(config.mesh, devices)
   check_traceable_here(config, target)
+  resident_bytes = 0
   if step == 'train':
     train.validate_config(config, mesh)
-    build, batch = steps_lib.build_train_step, config.data.batch_size
+    resident_bytes = _check_resident(config, mesh, target, resident_records)
+    build = functools.partial(steps_lib.build_train_step, resident_records=resident_records)
+    batch = config.data.batch_size
   else:
     build, batch = embedding_lib.build_export_step, config.data.eval_batch_size
   start = time.perf_counter()
@@ -248,6 +266,7 @@ def compile_step(
         flops_source='',
         peak_flops=target.chip.peak_bf16_flops,
         refused=str(e).split('\n', 1)[0],
+        resident_bytes=resident_bytes,
     )
   compile_s = time.perf_counter() - start
   memory = compiled.memory_analysis()
@@ -275,7 +294,26 @@ def compile_step(
       flops_per_device=flops,
       flops_source=source,
       peak_flops=target.chip.peak_bf16_flops,
+      resident_bytes=resident_bytes,
   )
+
+
+def _check_resident(config, mesh, target: accelerators.Target, records: int) -> int:
+  """The resident split's bytes per device (0 without `data.resident`); refuses a split that
+  does not fit `data.resident_memory_fraction` of the target's usable memory."""
+  if not config.data.resident:
+    return 0
+  from capture_jax import batch as batch_lib  # pylint: disable=import-outside-toplevel
+  from capture_jax.training import resident  # pylint: disable=import-outside-toplevel
+
+  if records <= 0:
+    raise ValueError(
+        'data.resident: pass --resident_records, the records of the resident training split '
+        "(Product1M's training pairs: about 1,000,000)"
+    )
+  rows = batch_lib.BatchLayout.from_config(config).row_shapes()
+  fraction = config.data.resident_memory_fraction
+  return resident.check_fits(rows, records, mesh, target.usable_bytes(), fraction)
 
 
 def batch_granularity(config: ml_collections.ConfigDict, mesh_devices: int) -> int:
@@ -291,6 +329,7 @@ def find_max_batch(
     log=print,
     max_compiles: int = 8,
     tolerance: float = 1 / 16,
+    resident_records: int = 0,
 ) -> tuple[Fit | None, list[Fit]]:
   """The largest global train batch that fits on `target`, and every compile it took.
 
@@ -310,7 +349,7 @@ def find_max_batch(
     if batch not in tried:
       trial = config.copy_and_resolve_references()
       trial.data.batch_size = batch
-      tried[batch] = compile_step('train', trial, target, devices)
+      tried[batch] = compile_step('train', trial, target, devices, resident_records)
       f = tried[batch]
       log(
           f'  batch {batch}: '
@@ -365,6 +404,7 @@ def run(
     steps: tuple[str, ...] = STEPS,
     max_batch: bool = False,
     log=print,
+    resident_records: int = 0,
 ) -> dict[str, Any]:
   """Compiles `steps` for `target_name`; returns the report dict (`--json`).
 
@@ -390,14 +430,14 @@ def run(
   }
   misfits = []
   for step in steps:
-    fit = compile_step(step, config, target, devices)
+    fit = compile_step(step, config, target, devices, resident_records)
     log(describe(fit))
     report['steps'][step] = fit.as_dict()
     if not fit.fits:
       misfits.append(advice(fit, config))
   if max_batch:
     log('searching the largest global train batch that fits')
-    best, tried = find_max_batch(config, target, devices, log)
+    best, tried = find_max_batch(config, target, devices, log, resident_records=resident_records)
     report['max_batch'] = best.batch if best else None
     misses = [f.batch for f in tried if not f.fits and (not best or f.batch > best.batch)]
     report['smallest_miss'] = min(misses, default=None)
@@ -430,6 +470,12 @@ def define_flags() -> dict[str, flags.FlagHolder]:
       'find_max_batch': flags.DEFINE_bool(
           'find_max_batch', False, 'Search the largest global train batch that fits.'
       ),
+      'resident_records': flags.DEFINE_integer(
+          'resident_records',
+          0,
+          'With --config.data.resident=True: the records of the training split resident in '
+          "device memory (Product1M's training pairs: about 1,000,000).",
+      ),
   }
 
 
@@ -441,7 +487,11 @@ def main(args: dict[str, flags.FlagHolder]) -> int:
   target = args['target'].value
   try:
     report = run(
-        args['config'].value, target, tuple(args['steps'].value), args['find_max_batch'].value
+        args['config'].value,
+        target,
+        tuple(args['steps'].value),
+        args['find_max_batch'].value,
+        resident_records=args['resident_records'].value,
     )
   except (ValueError, accelerators.TargetUnavailableError) as e:
     print(f'error: {e}', file=sys.stderr, flush=True)

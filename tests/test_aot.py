@@ -170,6 +170,43 @@ def test_demo_compiles_for_eight_h200s(tmp_path):
   assert 1e9 < row['flops_per_device'] < 1e10
 
 
+@pytest.mark.slow
+def test_a_resident_split_is_counted_in_the_fit(tmp_path):
+  out = tmp_path / 'resident.json'
+  result = run_aot(
+      '--target=h200x8',
+      '--steps=train',
+      '--config.data.resident=True',
+      '--resident_records=1000000',
+      f'--json={out}',
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  row = json.loads(out.read_text())['steps']['train']
+  # The demo's rows: 16 regions x 256 float16 features, their boxes and mask, 24 token ids and
+  # their mask; 1M records over 8 devices. The tables are arguments of the compiled step.
+  row_bytes = 16 * 256 * 2 + 16 * 5 * 4 + 16 * 4 + 24 * 4 * 2
+  assert row['resident_bytes'] == 125_000 * row_bytes
+  assert row['argument_bytes'] >= row['resident_bytes'] and row['fits']
+  assert 'of the arguments, the resident training split' in result.stdout
+
+
+def test_a_resident_split_over_the_budget_is_refused_before_compiling():
+  result = run_aot(
+      '--target=h200x8',
+      '--steps=train',
+      '--config.data.resident=True',
+      '--resident_records=1000000',
+      '--config.data.resident_memory_fraction=0.001',
+      timeout=300,
+  )
+  assert result.returncode == 1
+  (line,) = error_lines(result)
+  assert 'the resident split does not fit: 1,000,000 records x' in line
+  assert '8,768 bytes over 8 devices take 1.02 GiB per device' in line and 'compiled' not in result.stdout
+  missing = run_aot('--target=h200x8', '--steps=train', '--config.data.resident=True')
+  assert 'pass --resident_records' in error_lines(missing)[0]
+
+
 def test_a_batch_that_does_not_fit_exits_1_with_the_shortfall():
   result = run_aot(
       '--target=v5e-4', '--steps=export', '--config.data.eval_batch_size=1048576', timeout=300
