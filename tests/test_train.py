@@ -171,36 +171,27 @@ def test_two_processes_train_like_one_process_with_the_same_devices(dataset_conf
       env={**env, 'XLA_FLAGS': '--xla_force_host_platform_device_count=4'},
   )
   assert single.returncode == 0, single.stdout + single.stderr
-  multi = subprocess.run(
-      [
-          str(REPO / 'launch' / 'local_multiprocess.sh'),
-          '2',
-          str(config_json),
-          str(tmp_path / 'two'),
-          '3',
-      ],
-      cwd=REPO,
-      text=True,
-      capture_output=True,
-      timeout=600,
-      env={**env, 'CAPTURE_MAIN': str(script), 'CAPTURE_DEVICES_PER_PROCESS': '2'},
-  )
-  assert multi.returncode == 0, multi.stdout + multi.stderr
+
+  def two_processes(config, workdir):
+    config_file = tmp_path / f'{workdir}.json'
+    config_file.write_text(config.to_json())
+    proc = subprocess.run(
+        [str(REPO / 'launch' / 'local_multiprocess.sh'), '2', str(config_file)]
+        + [str(tmp_path / workdir), '3'],
+        cwd=REPO,
+        text=True,
+        capture_output=True,
+        timeout=600,
+        env={**env, 'CAPTURE_MAIN': str(script), 'CAPTURE_DEVICES_PER_PROCESS': '2'},
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+  two_processes(cfg, 'two')
   # The same on 2 processes with the split resident in the 4 devices' memory: each process loads
   # its devices' rows and feeds only record indices.
   cfg.data.resident = True
-  resident_json = tmp_path / 'resident.json'
-  resident_json.write_text(cfg.to_json())
-  resident = subprocess.run(
-      [str(REPO / 'launch' / 'local_multiprocess.sh'), '2', str(resident_json)]
-      + [str(tmp_path / 'resident'), '3'],
-      cwd=REPO,
-      text=True,
-      capture_output=True,
-      timeout=600,
-      env={**env, 'CAPTURE_MAIN': str(script), 'CAPTURE_DEVICES_PER_PROCESS': '2'},
-  )
-  assert resident.returncode == 0, resident.stdout + resident.stderr
+  resident = two_processes(cfg, 'resident')
   assert 'into device memory' in resident.stdout
   one, two = read_losses(tmp_path / 'one'), read_losses(tmp_path / 'two')
   on_devices = read_losses(tmp_path / 'resident')
