@@ -252,8 +252,13 @@ class Product1MSource:
     return self._decode(self._raw[index])
 
   def read_records(self, indices: Sequence[int]) -> list[dict[str, Any]]:
-    """The decoded records at `indices`, in that order (one batched ArrayRecord read)."""
-    return [self._decode(r) for r in self._raw.__getitems__(list(indices))]
+    """The decoded records at `indices`, in that order, read one by one.
+
+    Not ArrayRecord's batched `__getitems__`: its thread pool costs more CPU per record than it
+    saves (docs/BENCHMARKS.md, "The input against the accelerator"); the parallelism of the
+    input is Grain's (read threads, worker processes), one batch each.
+    """
+    return [self._decode(self._raw[i]) for i in indices]
 
   def item_ids(self, chunk: int = 1024) -> list[str]:
     """Item ids of the split in record order.
