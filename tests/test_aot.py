@@ -202,7 +202,10 @@ def test_a_resident_split_over_the_budget_is_refused_before_compiling():
   assert result.returncode == 1
   (line,) = error_lines(result)
   assert 'the resident split does not fit: 1,000,000 records x' in line
-  assert '8,768 bytes over 8 devices take 1.02 GiB per device' in line and 'compiled' not in result.stdout
+  assert (
+      '8,768 bytes over 8 devices take 1.02 GiB per device' in line
+      and 'compiled' not in result.stdout
+  )
   missing = run_aot('--target=h200x8', '--steps=train', '--config.data.resident=True')
   assert 'pass --resident_records' in error_lines(missing)[0]
 
