@@ -244,29 +244,29 @@ def compile_step(
     batch = config.data.batch_size
   else:
     build, batch = embedding_lib.build_export_step, config.data.eval_batch_size
+  common = dict(
+      step=step,
+      target=target.name,
+      chip=target.chip.name,
+      batch=batch,
+      hbm_bytes=target.usable_bytes(),
+      peak_flops=target.chip.peak_bf16_flops,
+      resident_bytes=resident_bytes,
+  )
   start = time.perf_counter()
   try:
     compiled = build(config, mesh).lower().compile(dict(target.compiler_options))
   except jax.errors.JaxRuntimeError as e:
     if 'RESOURCE_EXHAUSTED' not in str(e):
       raise
+    nothing = dict(argument_bytes=0, output_bytes=0, temp_bytes=0, alias_bytes=0, code_bytes=0)
     return Fit(
-        step=step,
-        target=target.name,
-        chip=target.chip.name,
-        batch=batch,
+        **common,
+        **nothing,
         compile_s=time.perf_counter() - start,
-        argument_bytes=0,
-        output_bytes=0,
-        temp_bytes=0,
-        alias_bytes=0,
-        code_bytes=0,
-        hbm_bytes=target.usable_bytes(),
         flops_per_device=None,
         flops_source='',
-        peak_flops=target.chip.peak_bf16_flops,
         refused=str(e).split('\n', 1)[0],
-        resident_bytes=resident_bytes,
     )
   compile_s = time.perf_counter() - start
   memory = compiled.memory_analysis()
@@ -280,21 +280,15 @@ def compile_step(
     flops = global_flops / target.num_devices if global_flops else None
     source = 'XLA, global step lowered for the host / devices'
   return Fit(
-      step=step,
-      target=target.name,
-      chip=target.chip.name,
-      batch=batch,
+      **common,
       compile_s=compile_s,
       argument_bytes=int(memory.argument_size_in_bytes),
       output_bytes=int(memory.output_size_in_bytes),
       temp_bytes=int(memory.temp_size_in_bytes),
       alias_bytes=int(memory.alias_size_in_bytes),
       code_bytes=int(memory.generated_code_size_in_bytes),
-      hbm_bytes=target.usable_bytes(),
       flops_per_device=flops,
       flops_source=source,
-      peak_flops=target.chip.peak_bf16_flops,
-      resident_bytes=resident_bytes,
   )
 
 
