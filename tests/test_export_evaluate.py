@@ -442,6 +442,18 @@ def test_checkpoint_of_another_vocab(trained, tmp_path):
   other = cfg.copy_and_resolve_references()
   other.data.vocab_file = str(tmp_path / 'other.txt')
   Path(other.data.vocab_file).write_text('\n'.join(tokens) + '\n', encoding='utf-8')
+  # A dataset of that vocab (one of the run's vocab is refused by the dataset itself): what is
+  # left to refuse is the checkpoint.
+  other.data.tfds_dir = str(tmp_path / 'tfds')
+  product1m_tfds.build(
+      cfg.data.data_dir,
+      other.data.tfds_dir,
+      vocab_file=other.data.vocab_file,
+      storage_dtype=cfg.data.storage_dtype,
+      max_regions=cfg.data.max_regions,
+      feature_dim=cfg.data.feature_dim,
+      progress=False,
+  )
   for run in (
       lambda: exporting.export(other, workdir, 'gallery'),
       lambda: evaluation.evaluate(other, workdir, 'dev'),
