@@ -59,6 +59,21 @@ def build_dataset(data_dir: str, tfds_dir: str, **kwargs: Any) -> dict:
   return product1m_tfds.build(data_dir, tfds_dir, **kwargs)
 
 
+def build_dataset_of(config, tfds_dir: str, data_dir: str | None = None) -> dict:
+  """The dataset `config.data` describes (its vocab, storage dtype and sizes) built into
+  `tfds_dir` from `data_dir` (default `config.data.data_dir`)."""
+  d = config.data
+  return product1m_tfds.build(
+      data_dir or d.data_dir,
+      tfds_dir,
+      vocab_file=d.vocab_file,
+      storage_dtype=d.storage_dtype,
+      max_regions=d.max_regions,
+      feature_dim=d.feature_dim,
+      progress=False,
+  )
+
+
 def tiny_dataset(
     root: str | os.PathLike,
     *,

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 from capture_jax import train
-from capture_jax.data import product1m_tfds
 from capture_jax.data import eval_input
 from capture_jax.data import source as source_lib
 from capture_jax.retrieval import embedding as embedding_lib
@@ -30,6 +29,7 @@ from capture_jax import batch as batch_lib
 from capture_jax.training import state as state_lib
 from capture_jax.training import checkpoint as checkpoint_lib
 from capture_jax.training import sharding
+from tests.helpers import build_dataset_of
 from tests.helpers import trainer_config
 from tests.helpers import write_config_module
 
@@ -445,15 +445,7 @@ def test_checkpoint_of_another_vocab(trained, tmp_path):
   # A dataset of that vocab (one of the run's vocab is refused by the dataset itself): what is
   # left to refuse is the checkpoint.
   other.data.tfds_dir = str(tmp_path / 'tfds')
-  product1m_tfds.build(
-      cfg.data.data_dir,
-      other.data.tfds_dir,
-      vocab_file=other.data.vocab_file,
-      storage_dtype=cfg.data.storage_dtype,
-      max_regions=cfg.data.max_regions,
-      feature_dim=cfg.data.feature_dim,
-      progress=False,
-  )
+  build_dataset_of(other, other.data.tfds_dir)
   for run in (
       lambda: exporting.export(other, workdir, 'gallery'),
       lambda: evaluation.evaluate(other, workdir, 'dev'),
@@ -471,15 +463,7 @@ def test_split_file_absent(trained, tmp_path):
   data = tmp_path / 'data'
   shutil.copytree(cfg.data.data_dir, data)
   (data / 'product1m_test_ossurl_v2.txt').unlink()
-  product1m_tfds.build(
-      str(data),
-      str(tmp_path / 'tfds'),
-      vocab_file=cfg.data.vocab_file,
-      storage_dtype=cfg.data.storage_dtype,
-      max_regions=cfg.data.max_regions,
-      feature_dim=cfg.data.feature_dim,
-      progress=False,
-  )
+  build_dataset_of(cfg, str(tmp_path / 'tfds'), str(data))
   other = cfg.copy_and_resolve_references()
   other.data.tfds_dir = str(tmp_path / 'tfds')
   with pytest.raises(
