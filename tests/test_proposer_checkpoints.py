@@ -40,11 +40,20 @@ def test_a_corrupt_proposer_checkpoint_is_moved_aside_and_training_resumes(tmp_p
   for step in (2, 4):
     assert checkpoint_lib.checksum_problems(ckpts / str(step)) == []
   _flip_a_byte_of_the_largest_file(ckpts / '4' / 'params')
+  # Another configuration is refused by the newest intact checkpoint's, before anything moves.
+  other = c.copy_and_resolve_references()
+  other.instances.hidden_size = 32
+  with pytest.raises(instances.IncompatibleProposerError, match='hidden_size: checkpoint 16'):
+    instances.train(other, workdir, pool=pool)
+  assert _steps(workdir) == [2, 4] and checkpoint_lib.corrupt_in(ckpts) == []
+  # Step 2 as saved before proposers wrote checksums: restored unverified, with a note.
+  (ckpts / '2' / checkpoint_lib.CHECKSUMS_FILE).unlink()
 
   capfd.readouterr()
   resumed = instances.train(c, workdir, pool=pool)
   out = capfd.readouterr().out
   assert 'checkpoint 4 in' in out and 'checksums do not match' in out and 'moved aside' in out
+  assert 'checkpoint 2 has no checksums.json' in out
   assert 'resuming the proposer from step 2' in out
   straight = instances.train(c, tmp_path / 'b', pool=pool)
   assert resumed.step == straight.step == 6
