@@ -55,3 +55,13 @@ def test_a_gallery_smaller_than_the_catalogue_is_refused(tmp_path):
   with pytest.raises(ValueError, match='num_gallery=10 is below'):
     rs.write_annotations(str(tmp_path), rs.Sizes(num_gallery=10, num_queries=5, num_train=5))
   assert not os.listdir(tmp_path)
+
+
+def test_a_stage_given_its_folder_reruns_from_nothing(tmp_path):
+  p = rs.Paths(str(tmp_path))
+  os.makedirs(p.eval)
+  with open(os.path.join(p.eval, 'evaluation.json'), 'w', encoding='utf-8') as f:
+    f.write('{}')  # a previous run's result
+  r = rs.run_module('probe', p, 'this', fresh=p.eval)  # `python -m this`: the Zen of Python
+  assert not os.path.exists(p.eval) and 'Beautiful is better than ugly' in r['output']
+  assert os.path.isfile(os.path.join(p.logs, 'probe.log'))

@@ -316,8 +316,13 @@ def py(module: str, *args: str) -> list[str]:
   return [sys.executable, '-m', module, *args]
 
 
-def run_module(stage: str, p: Paths, module: str, *args: str) -> dict:
-  """`python -m module args` as the stage `stage` (`timed`, its log in `p.logs`)."""
+def run_module(stage: str, p: Paths, module: str, *args: str, fresh: str | None = None) -> dict:
+  """`python -m module args` as the stage `stage` (`timed`, its log in `p.logs`).
+
+  `fresh`: the folder the stage writes, removed first, so that a rerun starts from nothing.
+  """
+  if fresh is not None:
+    shutil.rmtree(fresh, ignore_errors=True)
   return timed(stage, py(module, *args), p.logs)
 
 
@@ -351,7 +356,6 @@ def _build(stage: str, p: Paths, sizes: Sizes, args: dict) -> dict:
       )
     with open(os.path.join(data, name), 'w', encoding='utf-8') as dst:
       dst.writelines(lines)
-  shutil.rmtree(tfds, ignore_errors=True)
   r = run_module(
       stage,
       p,
@@ -363,6 +367,7 @@ def _build(stage: str, p: Paths, sizes: Sizes, args: dict) -> dict:
       '--max_regions=36',
       '--feature_dim=2048',
       f'--num_workers={args["build_workers"]}',
+      fresh=tfds,
   )
   counts = {
       m.group(1): int(m.group(2)) for m in re.finditer(r'^(\w+): (\d+) examples', r['output'], re.M)
@@ -392,7 +397,6 @@ def _vocab(stage: str, p: Paths, sizes: Sizes, args: dict) -> dict:
 def _train(stage: str, p: Paths, sizes: Sizes, args: dict) -> dict:
   """The demo model at paper feature sizes, a few steps, for a checkpoint."""
   del sizes
-  shutil.rmtree(p.run, ignore_errors=True)
   return run_module(
       stage,
       p,
@@ -400,6 +404,7 @@ def _train(stage: str, p: Paths, sizes: Sizes, args: dict) -> dict:
       *demo_flags(p),
       f'--config.train.num_steps={args["train_steps"]}',
       '--config.train.log_every=1',
+      fresh=p.run,
   )
 
 
@@ -448,7 +453,6 @@ def _proposals(stage: str, p: Paths, sizes: Sizes, args: dict) -> dict:
 def _evaluate(stage: str, p: Paths, sizes: Sizes, args: dict) -> dict:
   """The evaluation of the three exports (no export, no baselines)."""
   del sizes, args
-  shutil.rmtree(p.eval, ignore_errors=True)
   r = run_module(
       stage,
       p,
@@ -460,6 +464,7 @@ def _evaluate(stage: str, p: Paths, sizes: Sizes, args: dict) -> dict:
       f'--gallery_embeddings={os.path.join(p.emb, "gallery")}',
       f'--query_embeddings={os.path.join(p.emb, "queries")}',
       f'--instance_embeddings={os.path.join(p.emb, "instances")}',
+      fresh=p.eval,
   )
   with open(os.path.join(p.eval, 'evaluation.json'), encoding='utf-8') as f:
     summary = json.load(f)
@@ -490,7 +495,6 @@ def _metrics(stage: str, p: Paths, sizes: Sizes, args: dict) -> dict:
 def _paper_export(stage: str, p: Paths, sizes: Sizes, args: dict) -> dict:
   """The paper model's export of `paper_rows` gallery items (random weights)."""
   del sizes, args
-  shutil.rmtree(p.paper_run, ignore_errors=True)
   r = run_module(
       stage,
       p,
@@ -501,6 +505,7 @@ def _paper_export(stage: str, p: Paths, sizes: Sizes, args: dict) -> dict:
       '--split=gallery',
       '--random_init',
       '--config.eval.progress_bar=False',
+      fresh=p.paper_run,
   )
   return {**r, **export_figures(r['output'])}
 

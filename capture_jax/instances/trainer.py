@@ -7,6 +7,11 @@ the proposer reads no text, but a workdir is one run with one vocab, so
 resuming it with another is refused). Starting in a workdir that has checkpoints
 resumes from the latest one; batches are a pure function of (seed, step), so
 a resumed run trains on the same batches as an uninterrupted one.
+
+Integrity is the trainer's (`training/checkpoint.py`): every step gets its
+`checksums.json`, a checkpoint that fails them or cannot be read is moved
+aside to `checkpoints/corrupt-{step}-{time}` and the previous one restored,
+and `checkpoint.restart_if_unreadable` decides when none is readable.
 """
 
 from __future__ import annotations
@@ -212,13 +217,7 @@ def _train_locked(
   """`train` once the workdir's proposer folder is locked."""
   manager = _manager(workdir, config)
   try:
-    latest = manager.latest_step()
-    if latest is not None:  # before reading any data: a wrong workdir fails fast
-      saved = manager.restore(latest, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-      _check_signature(
-          saved['config']['signature'], saved_signature(config), checkpoint_dir(workdir)
-      )
-      _check_vocab(saved['config'], config, checkpoint_dir(workdir))
+    _check_resumable(manager, config, checkpoint_dir(workdir))  # before reading any data
     pool = _checked_pool(config, pool)
     loop = _restore_or_initialise(config, workdir, manager, pool)
     end = loop_lib.end_step(loop.step, config.instances.num_steps, stop_after)
@@ -243,6 +242,27 @@ def _train_locked(
   finally:
     manager.close()
   return TrainResult(loop.params, loop.step, loop.metrics)
+
+
+def _check_resumable(
+    manager: ocp.CheckpointManager, config: ml_collections.ConfigDict, where: storage.Path
+) -> None:
+  """Refuses a workdir whose proposer is of another configuration or vocab, before any data is
+  read: the newest checkpoint that is intact (the restore moves the others aside) is checked.
+
+  Raises:
+    IncompatibleProposerError: naming the fields that differ.
+  """
+  for step in sorted(manager.all_steps(), reverse=True):
+    if checkpoint_lib.checksum_problems(checkpoint_lib.step_dir(manager, step)):
+      continue  # a corrupt config could read as another configuration
+    try:
+      saved = checkpoint_lib.saved_config(manager, step)
+    except Exception:  # pylint: disable=broad-except  (unreadable: the restore reports it)
+      continue
+    _check_signature(saved['signature'], saved_signature(config), where)
+    _check_vocab(saved, config, where)
+    return
 
 
 def _checked_pool(
@@ -321,6 +341,7 @@ class ProposerLoop:
         ),
         force=True,
     )
+    checkpoint_lib.record_checksums(self.manager)  # saves are synchronous: every step is final
 
 
 def _restore_or_initialise(
@@ -329,7 +350,14 @@ def _restore_or_initialise(
     manager: ocp.CheckpointManager,
     pool: compose.DonorPool,
 ) -> ProposerLoop:
-  """The latest checkpoint's parameters and optimizer state, else new ones; and the step."""
+  """The newest readable checkpoint's parameters and optimizer state, else new ones; and the step.
+
+  The trainer's corrupt-checkpoint policy (`checkpoint.restore_readable`,
+  `loop.require_readable`): an unreadable checkpoint (or one that fails its
+  checksums) is moved aside and the previous one restored; when there were
+  checkpoints and none is readable, training from step 0 needs
+  `checkpoint.restart_if_unreadable` (the same flag as the trainer's).
+  """
   cfg = config.instances
   model = model_lib.make_model(cfg)
   tx = _optimizer(cfg)
@@ -338,17 +366,7 @@ def _restore_or_initialise(
   init_batch = _init_batch(r, config.data.feature_dim)
   params = jax.jit(model.init)(jax.random.PRNGKey(config.seed), *init_batch)['params']
   opt_state = tx.init(params)
-  step = 0
-  latest = manager.latest_step()
-  if latest is not None:
-    restored = manager.restore(
-        latest,
-        args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(params), opt_state=ocp.args.StandardRestore(opt_state)
-        ),
-    )
-    params, opt_state, step = restored['params'], restored['opt_state'], int(latest)
-    print(f'resuming the proposer from step {step} ({checkpoint_dir(workdir)})', flush=True)
+  params, opt_state, step = _restore(config, workdir, manager, params, opt_state)
 
   @jax.jit
   def train_step(params, opt_state, batch):
@@ -363,6 +381,36 @@ def _restore_or_initialise(
       checkpoint_lib.RUN_IDENTITY_KEY: checkpoint_lib.run_identity(config),
   }
   return ProposerLoop(config, manager, pool, train_step, params, opt_state, step, saved_config)
+
+
+def _restore(
+    config: ml_collections.ConfigDict,
+    workdir: storage.PathLike,
+    manager: ocp.CheckpointManager,
+    params: Any,
+    opt_state: Any,
+) -> tuple[Any, Any, int]:
+  """`(params, opt_state, step)` of the newest readable checkpoint (restored onto the shapes of
+  the given ones), else the given ones at step 0. See `_restore_or_initialise`."""
+  had_checkpoints = bool(manager.all_steps())
+  items = {
+      'params': ocp.args.StandardRestore(params),
+      'opt_state': ocp.args.StandardRestore(opt_state),
+  }
+  restored = checkpoint_lib.restore_readable(manager, items, move_unreadable=True)
+  where = checkpoint_dir(workdir)
+  loop_lib.require_readable(
+      restored is not None,
+      had_checkpoints,
+      checkpoint_lib.corrupt_in(where),
+      config.checkpoint.restart_if_unreadable,
+      where,
+  )
+  if restored is None:
+    return params, opt_state, 0
+  items, step = restored
+  print(f'resuming the proposer from step {step} ({where})', flush=True)
+  return items['params'], items['opt_state'], step
 
 
 class LearnedProposer:

@@ -473,33 +473,24 @@ def mean_metrics(
 
 
 def evaluate_ranked_lists(
-    ranked: dict[str, list[str]],
-    query_labels: dict[str, list[str]],
-    gallery_labels: dict[str, str],
+    ranked: Mapping[str, Sequence[str]],
+    query_labels: Mapping[str, Sequence[str]],
+    gallery_labels: Mapping[str, str],
     ranks: Sequence[int] = DEFAULT_RANKS,
-    *,
-    unknown_queries: str = 'error',
 ) -> dict[str, float]:
-  """The official mAP@R, Prec@R and mAR@R of ranked lists.
-
-  Args:
-    ranked: query id -> ranked gallery ids (up to 100 used), in file order.
-    query_labels: query id -> label list (repeats kept).
-    gallery_labels: gallery id -> label.
-    ranks: the cut-offs R.
-    unknown_queries: as in ``score_queries``.
+  """The official mAP@R, Prec@R and mAR@R of ranked lists: ``mean_metrics`` of
+  ``score_queries`` (the arguments are its own; a query id absent from ``query_labels`` is
+  refused: the official script's leniency is ``score_queries(..., unknown_queries='zero')``).
 
   Returns:
     ``{"mAP@10": ..., "Prec@10": ..., "mAR@10": ..., ...}`` as fractions in
     [0, 1], bit-identical to the official evaluator's.
 
   Raises:
-    KeyError: a query id is absent from ``query_labels`` (by default).
+    KeyError: a query id is absent from ``query_labels``.
     ValueError: the gallery or the ranked lists are empty.
   """
-  per_query = score_queries(
-      ranked, query_labels, gallery_labels, ranks, unknown_queries=unknown_queries
-  )
+  per_query = score_queries(ranked, query_labels, gallery_labels, ranks)
   return mean_metrics(per_query, ranks)
 
 

@@ -29,7 +29,9 @@ inspection, never restored nor deleted by the keep-last policy), reported, and
 the previous one is tried. Moving it frees the step, so the retrained step is
 saved again, and the keep-last policy counts only good checkpoints. When
 checkpoints existed but none is readable, starting from scratch needs
-`checkpoint.restart_if_unreadable=True`.
+`checkpoint.restart_if_unreadable=True`. The learned proposer's trainer
+(`instances/trainer.py`) keeps its own items and runs the same policy
+(`restore_readable`, `record_checksums`, `corrupt_in`).
 """
 
 from __future__ import annotations
@@ -414,8 +416,14 @@ def move_aside(manager: ocp.CheckpointManager, step: int) -> storage.Path:
 
 
 def corrupt_checkpoints(workdir: storage.PathLike) -> list[storage.Path]:
-  """The checkpoints moved aside in this workdir (oldest name first), as process 0 lists them."""
-  folder = checkpoint_dir(workdir)
+  """The trainer's checkpoints moved aside in this workdir (`corrupt_in`)."""
+  return corrupt_in(checkpoint_dir(workdir))
+
+
+def corrupt_in(folder: storage.PathLike) -> list[storage.Path]:
+  """The checkpoints moved aside in the checkpoint folder `folder` (`move_aside`; oldest name
+  first), as process 0 lists them."""
+  folder = storage.as_path(folder)
 
   def names() -> list[str]:
     if not storage.is_dir(folder):
@@ -432,12 +440,27 @@ def restore_latest(
     *,
     move_unreadable: bool = False,
 ) -> tuple[Any, int] | None:
-  """Restores the newest readable checkpoint (state onto `abstract_state`'s shardings, and the iterator).
+  """The trainer's `restore_readable`: the train state onto `abstract_state`'s shardings, and the
+  iterator (when given). Returns `(state, step)`, or None when no checkpoint is readable."""
+  items = {'state': ocp.args.StandardRestore(abstract_state)}
+  if data_iterator is not None:
+    items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
+  restored = restore_readable(manager, items, move_unreadable=move_unreadable)
+  return None if restored is None else (restored[0]['state'], restored[1])
+
+
+def restore_readable(
+    manager: ocp.CheckpointManager,
+    items: dict[str, Any],
+    *,
+    move_unreadable: bool = False,
+) -> tuple[Any, int] | None:
+  """Restores `items` (name -> `ocp.args` restore argument) of the newest readable checkpoint.
 
   A checkpoint whose files fail their checksums, or that Orbax cannot read,
-  is reported and skipped; with `move_unreadable` (the trainer) it is also
-  moved aside (`move_aside`). Returns `(state, step)`, or None when there is
-  no readable checkpoint.
+  is reported and skipped; with `move_unreadable` (both trainers) it is also
+  moved aside (`move_aside`). Returns `(the restored Composite, step)`, or
+  None when there is no readable checkpoint.
 
   The processes of a pod decide together: the steps, whether a step has its
   checksums and whether they match are read on process 0 and sent to the
@@ -452,9 +475,6 @@ def restore_latest(
     try:
       if problems:
         raise ValueError('checksums do not match: ' + '; '.join(problems[:3]))
-      items = {'state': ocp.args.StandardRestore(abstract_state)}
-      if data_iterator is not None:
-        items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
       restored = manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # pylint: disable=broad-except
       if problems == [] and storage.is_remote(manager.directory):
@@ -481,5 +501,5 @@ def restore_latest(
           'written): restored without verifying it',
           flush=True,
       )
-    return restored['state'], step
+    return restored, int(step)
   return None

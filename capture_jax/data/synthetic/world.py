@@ -36,56 +36,19 @@ class Preset:
   max_background: int = 3  # background (clutter) regions per image, at most
 
 
+# One row a world, in `Preset`'s field order: brands, products per brand (inclusive range),
+# gallery images per product, train / dev / test samples, feature width, regions per image.
 PRESETS: dict[str, Preset] = {
     # For unit tests: generates in well under a second.
-    'tiny': Preset(
-        num_brands=4,
-        products_per_brand=(3, 5),
-        gallery_per_product=3,
-        num_train=96,
-        num_dev=16,
-        num_test=16,
-        feature_dim=32,
-        max_regions=8,
-        max_background=2,
-    ),
+    'tiny': Preset(4, (3, 5), 3, 96, 16, 16, 32, 8, max_background=2),
     # `make demo` on a 2-core CPU: like the real dev set (34 brands, 295
     # labels, ~2.8 labels per query) at a tenth of its gallery.
-    'demo': Preset(
-        num_brands=32,
-        products_per_brand=(6, 12),
-        gallery_per_product=5,
-        num_train=6000,
-        num_dev=300,
-        num_test=300,
-        feature_dim=256,
-        max_regions=16,
-    ),
-    'small': Preset(
-        num_brands=60,
-        products_per_brand=(6, 14),
-        gallery_per_product=10,
-        num_train=50_000,
-        num_dev=1000,
-        num_test=1000,
-        feature_dim=256,
-        max_regions=36,
-        max_background=8,
-    ),
+    'demo': Preset(32, (6, 12), 5, 6000, 300, 300, 256, 16),
+    'small': Preset(60, (6, 14), 10, 50_000, 1000, 1000, 256, 36, max_background=8),
     # Product1M's sizes (458 products, ~40k gallery, 2,673 dev and 6,547 test
     # queries) with 1M training pairs. 2048-d features would take ~200 GB of
     # TSV; the default keeps 256 (pass --feature_dim 2048 for the real width).
-    'large': Preset(
-        num_brands=46,
-        products_per_brand=(8, 12),
-        gallery_per_product=87,
-        num_train=1_000_000,
-        num_dev=2673,
-        num_test=6547,
-        feature_dim=256,
-        max_regions=36,
-        max_background=8,
-    ),
+    'large': Preset(46, (8, 12), 87, 1_000_000, 2673, 6547, 256, 36, max_background=8),
 }
 
 
