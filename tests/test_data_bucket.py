@@ -88,26 +88,47 @@ def test_beam_from_a_bucket_to_a_bucket_gives_the_local_dataset(gcs, world, tmp_
 
 
 def test_bad_input_in_a_bucket_is_refused_or_skipped_as_on_disk(gcs, world, tmp_path):
+  """A dev image without features: found by a Beam worker, refused naming the annotation line."""
   data = str(tmp_path / 'data')
-  os.makedirs(data)
   dev = formats.annotation_filename('dev')
-  lines = Path(world, dev).read_text().splitlines(keepends=True)
-  Path(data, dev).write_text(''.join(lines[:2] + ['not a sample\n'] + lines[2:]))
-  os.symlink(os.path.join(world, 'features'), os.path.join(data, 'features'))
-  remote = gs('bad-world')
-  _fs().put(os.path.join(data, dev), f'{remote}/{dev}')
-  _upload(os.path.join(world, 'features'), f'{remote}/features')
+  os.makedirs(os.path.join(data, 'features'))
+  Path(data, dev).write_bytes(Path(world, dev).read_bytes())
+  missing = [a.item_id for _, a in formats.read_annotations(os.path.join(data, dev))][2]
+  for tsv in formats.feature_files(os.path.join(world, 'features'))[0]:
+    rows = Path(tsv).read_bytes().splitlines(keepends=True)
+    kept = [r for r in rows if not r.startswith(missing.encode() + b'\t')]
+    Path(data, 'features', os.path.basename(tsv)).write_bytes(b''.join(kept))
+  remote = _upload(data, gs('bad-world'))
   out = gs('tfds-bad')
-  with pytest.raises(formats.BadInputError, match=rf'{remote}/{dev}:3: expected 5 fields'):
+  with pytest.raises(formats.BadInputError, match=rf'{remote}/{dev}:3: image {missing} '):
     _build(remote, out, beam_options=['--runner=DirectRunner'])
   assert storage.file_listing(os.path.dirname(product1m_tfds.dataset_dir(out))) == {}
   skipped = _build(remote, out, skip_bad=True, beam_options=['--runner=DirectRunner'])
   local = _build(data, str(tmp_path / 'skip'), skip_bad=True)
   assert skipped['splits'] == local['splits']
-  assert skipped['splits']['dev']['by_kind'] == {'malformed_line': 1}
+  assert skipped['splits']['dev']['by_kind'] == {'missing_features': 1}
   # --overwrite rebuilds the dataset in the bucket.
   rebuilt = _build(remote, out, skip_bad=True, overwrite=True)
   assert rebuilt['splits'] == local['splits'] and rebuilt['resumed_shards'] == 0
+
+
+def test_a_shard_upload_is_create_only_and_retry_safe(gcs, tmp_path):
+  local = tmp_path / 'shard'
+  local.write_bytes(b'the checked shard')
+  target = gs('uploads/shard')
+  fs = _fs()
+  crc = storage.upload_once(local, target)
+  assert fs.info(target)['crc32c'] == crc
+  # The emulator enforces the precondition (else what follows proves nothing).
+  with pytest.raises(FileExistsError):
+    fs.put_file(str(local), target, mode='create')
+  generation = fs.info(target)['generation']
+  # A retry after a lost answer (the object holds these bytes): kept, not a conflict.
+  assert storage.upload_once(local, target) == crc and fs.info(target)['generation'] == generation
+  # A leftover of a killed build (other bytes, no marker): replaced.
+  fs.pipe_file(target, b'half a shard')
+  storage.upload_once(local, target)
+  assert fs.cat_file(target) == b'the checked shard'
 
 
 def test_killed_build_in_a_bucket_resumes_and_a_second_one_is_refused(gcs, tmp_path, capsys):
