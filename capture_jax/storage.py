@@ -28,8 +28,11 @@ differs from a disk are here, with the same guarantee on both:
 - `WRITE_GUARDS`: `training.lock` refuses writes into a folder whose lock
   this process lost.
 
-Inputs (the data folder, ArrayRecord files, the vocab) stay on local disk or
-on a mounted bucket: `require_local` says so for a `gs://` input.
+Inputs (the data folder, ArrayRecord files, the vocab) of training, export and
+evaluation stay on local disk or on a mounted bucket: `require_local` says so
+for a `gs://` input. The dataset build reads its inputs from `gs://` too
+(`open_input`, `read_input`, `find_inputs`) and uploads each shard whole
+(`upload_once`).
 
 Tests point the clients at a local emulator through their documented
 endpoint settings (`STORAGE_EMULATOR_HOST` for gcsfs,
@@ -427,9 +430,14 @@ def open_input(path: PathLike, mode: str = 'rb', cache: bool = True):
   if not is_remote(path):
     return open(path, mode)
   with naming(path, 'opening'):
-    if cache:
-      return _filesystem(path).open(str(path), mode, block_size=INPUT_BLOCK_BYTES)
-    return _filesystem(path).open(str(path), mode, cache_type='none')
+    f = _filesystem(path).open(str(path), mode, cache_type='none')
+  if not cache:
+    return f
+  # io's buffered reader: fsspec's own `readline` reads a whole block per line and seeks back (a
+  # copy of `INPUT_BLOCK_BYTES` per line of a feature TSV).
+  import io  # pylint: disable=import-outside-toplevel
+
+  return io.BufferedReader(f, buffer_size=INPUT_BLOCK_BYTES)
 
 
 def read_input(path: PathLike) -> bytes:
