@@ -456,7 +456,7 @@ def find_inputs(folder: PathLike, suffixes: tuple[str, ...]) -> list[str]:
   if not is_remote(folder):
     return sorted(
         os.path.join(root, name)
-        for root, _, names in os.walk(folder)
+        for root, _, names in os.walk(folder, followlinks=True)  # as glob's '**' does
         for name in names
         if name.endswith(suffixes)
     )

@@ -180,3 +180,13 @@ def test_killed_build_in_a_bucket_resumes_and_a_second_one_is_refused(gcs, tmp_p
   fresh = str(tmp_path / 'fresh')
   helpers.build_dataset(str(tmp_path / 'data'), fresh, vocab_file=vocab, **kwargs)
   _assert_same_dataset(fresh, _download(out, str(tmp_path / 'copy')))
+
+
+def test_a_dataset_in_a_bucket_is_refused_for_training_with_the_measured_reason():
+  import ml_collections  # pylint: disable=import-outside-toplevel
+
+  from capture_jax.data import source as source_lib  # pylint: disable=import-outside-toplevel
+
+  config = ml_collections.ConfigDict({'data': {'tfds_dir': gs('tfds'), 'data_dir': ''}})
+  with pytest.raises(ValueError, match=r'gcsfuse.*Why not read in place: .* request of its own'):
+    source_lib.require_local_inputs(config)

@@ -28,12 +28,23 @@ module writes the same dataset without that shuffler:
 
 Workers: `num_workers=1` writes in this process; N > 1 uses N spawned
 processes pulling shard tasks in order; `beam_options` runs the shard tasks as
-an Apache Beam pipeline (DirectRunner, Dataflow, Spark, Flink).
+an Apache Beam pipeline (DirectRunner, Dataflow, Spark, Flink). The feature
+TSVs are indexed one task per file the same way (`make_index`: in N processes,
+or as a first Beam pipeline) and merged by the launcher.
+
+In a bucket: every input (annotations, TSV or npz features, the vocab) and
+the output folder may be `gs://` (through `storage`: gcsfs). A shard is
+written to a local temporary file, read back, and uploaded whole and
+create-only (`storage.upload_once`); its marker records the file's CRC32C,
+which stands for the read-back when the build resumes (the object's CRC32C
+must equal it). Publishing copies the objects server-side from the
+incomplete folder, `dataset_info.json` last (`_move_into_place`).
 
 Interrupted, run twice, pointed at other files:
 
 * Everything is written into `{version}.incomplete/` next to the final
-  folder, which only appears (by one rename) when the dataset is complete and
+  folder, which only appears (by one rename; in a bucket, when its
+  `dataset_info.json`, copied last, does) when the dataset is complete and
   checked; `tfds` ignores the incomplete folder (not a version name).
 * A build that fails on bad input removes its incomplete folder (nothing left
   that a later run could take as finished). A build that is killed (kill -9,
