@@ -28,8 +28,11 @@ differs from a disk are here, with the same guarantee on both:
 - `WRITE_GUARDS`: `training.lock` refuses writes into a folder whose lock
   this process lost.
 
-Inputs (the data folder, ArrayRecord files, the vocab) stay on local disk or
-on a mounted bucket: `require_local` says so for a `gs://` input.
+Inputs (the data folder, ArrayRecord files, the vocab) of training, export and
+evaluation stay on local disk or on a mounted bucket: `require_local` says so
+for a `gs://` input. The dataset build reads its inputs from `gs://` too
+(`open_input`, `read_input`, `find_inputs`) and uploads each shard whole
+(`upload_once`).
 
 Tests point the clients at a local emulator through their documented
 endpoint settings (`STORAGE_EMULATOR_HOST` for gcsfs,
@@ -409,3 +412,163 @@ class AppendFile:
     elif self._file is not None:
       self._file.close()
       self._file = None
+
+
+# --------------------------------------------------------------------------
+# Inputs and whole-file uploads (the dataset build reads its annotations, features and vocab
+# from disk or a bucket, and uploads each finished shard).
+
+# Read-ahead of a sequential read of a `gs://` input (annotation files, feature TSVs being
+# indexed): one request per this many bytes.
+INPUT_BLOCK_BYTES = 16 * 2**20
+
+
+def open_input(path: PathLike, mode: str = 'rb', cache: bool = True):
+  """A file of `path` open for reading: the OS's for a local path, gcsfs's for `gs://` (seekable;
+  `cache=False`: each `read(n)` is one range request of exactly those bytes, for random access;
+  else reads ahead `INPUT_BLOCK_BYTES`). Not found: FileNotFoundError naming the path."""
+  if not is_remote(path):
+    return open(path, mode)
+  with naming(path, 'opening'):
+    f = _filesystem(path).open(str(path), mode, cache_type='none')
+  if not cache:
+    return f
+  # io's buffered reader: fsspec's own `readline` reads a whole block per line and seeks back (a
+  # copy of `INPUT_BLOCK_BYTES` per line of a feature TSV).
+  import io  # pylint: disable=import-outside-toplevel
+
+  return io.BufferedReader(f, buffer_size=INPUT_BLOCK_BYTES)
+
+
+def read_input(path: PathLike) -> bytes:
+  """The whole file at `path` (local or `gs://`)."""
+  if not is_remote(path):
+    with open(path, 'rb') as f:
+      return f.read()
+  with naming(path, 'reading'):
+    return _filesystem(path).cat_file(str(path))
+
+
+def find_inputs(folder: PathLike, suffixes: tuple[str, ...]) -> list[str]:
+  """Every file under `folder` (recursively) whose name ends with one of `suffixes`, sorted, as
+  paths of the same kind as `folder` (`gs://...` for a bucket)."""
+  folder = os.fspath(folder)
+  if not is_remote(folder):
+    return sorted(
+        os.path.join(root, name)
+        for root, _, names in os.walk(folder, followlinks=True)  # as glob's '**' does
+        for name in names
+        if name.endswith(suffixes)
+    )
+  with naming(folder, 'listing'):
+    found = _filesystem(folder).find(folder)
+  return sorted(f'gs://{name}' for name in found if name.endswith(suffixes))
+
+
+def input_versions(path: PathLike) -> list:
+  """[relative name, size, version] of the file at `path` or of every file under it: what a
+  resumed build compares to know its inputs did not change (version: the modification time in
+  ns on disk, the object's generation on GCS, which changes at every upload)."""
+  path = os.fspath(path)
+  if not is_remote(path):
+    if os.path.isfile(path):
+      st = os.stat(path)
+      return [[os.path.basename(path), st.st_size, st.st_mtime_ns]]
+    out = []
+    for root, _, names in sorted(os.walk(path)):
+      for name in sorted(names):
+        st = os.stat(os.path.join(root, name))
+        out.append([os.path.relpath(os.path.join(root, name), path), st.st_size, st.st_mtime_ns])
+    return out
+  with naming(path, 'listing'):
+    found = _filesystem(path).find(path, detail=True, withdirs=False)
+  prefix = path.split('://', 1)[1].rstrip('/')
+  out = []
+  for name, info in sorted(found.items()):
+    rel = name[len(prefix) + 1 :] if name != prefix else os.path.basename(name)
+    out.append([rel, int(info['size']), str(info.get('generation', ''))])
+  return out
+
+
+def object_info(path: PathLike) -> dict | None:
+  """{'bytes': size, 'crc32c': GCS's checksum} of the object at a `gs://` path; None if absent
+  (any other error raises, see `_info`)."""
+  info = _info(as_path(path))
+  if info is None or info.get('type') != 'file':
+    return None
+  return {'bytes': int(info['size']), 'crc32c': info.get('crc32c')}
+
+
+def file_crc32c(local: PathLike) -> str:
+  """GCS's checksum of a local file: base64 of the big-endian CRC32C, as object listings give."""
+  import base64  # pylint: disable=import-outside-toplevel
+
+  import google_crc32c  # pylint: disable=import-outside-toplevel  (installed with gcsfs)
+
+  crc = google_crc32c.Checksum()
+  with open(local, 'rb') as f:
+    for block in iter(lambda: f.read(4 * 2**20), b''):
+      crc.update(block)
+  return base64.b64encode(crc.digest()).decode('ascii')
+
+
+def upload_once(local: PathLike, target: PathLike) -> str:
+  """Uploads the local file `local` whole to the object `target`; returns its CRC32C.
+
+  Create-only (`ifGenerationMatch=0`): the object appears whole or not at all. A refused
+  precondition is not taken for a conflict as such: when the object there has this file's
+  CRC32C it is this upload (a retry after a lost answer) or an identical one (a task run twice)
+  and is kept; otherwise it is a leftover of an upload whose build was killed before its marker,
+  and is replaced (deleted conditionally on its generation, then created again). If the object
+  changes under this call again, FileExistsError names it (two builds writing one folder).
+  """
+  crc = file_crc32c(local)
+  fs = _filesystem(target)
+  for attempt in range(2):
+    try:
+      with naming(target, 'uploading'):
+        fs.put_file(os.fspath(local), str(target), mode='create')
+      return crc
+    except FileExistsError:
+      info = fs.info(str(target))
+      if info.get('crc32c') == crc and int(info['size']) == os.path.getsize(local):
+        return crc
+      if attempt:
+        break
+      bucket, key = str(target).split('://', 1)[1].split('/', 1)
+      try:
+        fs.call('DELETE', 'b/{}/o/{}', bucket, key, ifGenerationMatch=str(info['generation']))
+      except FileNotFoundError:
+        pass
+  raise FileExistsError(
+      f'{target}: another writer keeps replacing this object (is a second build writing into '
+      'the same folder?)'
+  )
+
+
+def remove_tree(path: PathLike) -> None:
+  """Removes a folder (or a file) and everything under it; nothing there is not an error."""
+  path = os.fspath(path)
+  if not is_remote(path):
+    if os.path.isdir(path):
+      import shutil  # pylint: disable=import-outside-toplevel
+
+      shutil.rmtree(path, ignore_errors=True)
+    elif os.path.exists(path):
+      os.remove(path)
+    return
+  fs = _filesystem(path)
+  with naming(path, 'removing'):
+    try:
+      fs.rm(path, recursive=True)
+    except FileNotFoundError:
+      pass
+
+
+def copy_objects(sources: list[str], targets: list[str]) -> None:
+  """Copies objects within GCS (server-side copies, concurrent; no bytes through this host)."""
+  if not sources:
+    return
+  fs = _filesystem(sources[0])
+  with naming(sources[0], f'copying it (and {len(sources) - 1} more) to {targets[0]}'):
+    fs.copy(list(sources), list(targets))

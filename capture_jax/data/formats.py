@@ -32,7 +32,7 @@ import base64
 import codecs
 import collections
 import dataclasses
-import glob
+import io
 import json
 import os
 from typing import IO, Iterable, Iterator, Mapping, Sequence
@@ -40,6 +40,8 @@ import zipfile
 import zlib
 
 import numpy as np
+
+from capture_jax import storage
 
 FIELD_SEP = '#####'
 LABEL_SEP = '#;#'
@@ -223,7 +225,7 @@ def read_annotations(
   if require_labels is None:
     require_labels = any(os.path.basename(path) == annotation_filename(s) for s in LABELLED_SPLITS)
   seen: set[str] = set()
-  with open(path, 'rb') as f:
+  with storage.open_input(path) as f:
     for lineno, raw in enumerate(f, start=1):
       try:
         line = decode_line(raw, path=path, lineno=lineno)
@@ -460,8 +462,11 @@ def read_npz(path: str, image_id: str | None = None) -> RegionFeatures:
   image_id = image_id or os.path.splitext(os.path.basename(path))[0]
   try:
     # Every array is read inside the try: np.load is lazy, and a corrupted
-    # member only fails when it is decompressed.
-    data = np.load(path, allow_pickle=False)
+    # member only fails when it is decompressed. In a bucket: the object's bytes, one request.
+    data = np.load(
+        io.BytesIO(storage.read_input(path)) if storage.is_remote(path) else path,
+        allow_pickle=False,
+    )
     if not isinstance(data, np.lib.npyio.NpzFile):
       raise BadInputError(
           'malformed_features',
@@ -554,88 +559,134 @@ def parse_tsv_row(line: str, *, path: str = '<string>', lineno: int = 0) -> Regi
 
 def iter_tsv(path: str) -> Iterator[tuple[int, RegionFeatures]]:
   """Streams `(line_number, RegionFeatures)` of a feature TSV (ASCII)."""
-  with open(path, 'rb') as f:
+  with storage.open_input(path) as f:
     for lineno, raw in enumerate(f, start=1):
       line = decode_line(raw, path=path, lineno=lineno, encoding='ascii')
       if line.strip():
         yield lineno, parse_tsv_row(line, path=path, lineno=lineno)
 
 
+def feature_files(path: str) -> tuple[list[str], list[str]]:
+  """(TSVs, npz files) of a feature store `path`: a `.tsv` or `.npz` file, or a folder (local or
+  `gs://`) searched recursively (hidden files and folders left out, as `glob` does)."""
+  if not storage.exists(path):
+    raise FileNotFoundError(f'feature store {path} does not exist')
+  if storage.is_dir(path):
+    found = [
+        p
+        for p in storage.find_inputs(path, ('.tsv', '.npz'))
+        if not any(part.startswith('.') for part in p[len(path) :].split('/'))
+    ]
+    return [p for p in found if p.endswith('.tsv')], [p for p in found if p.endswith('.npz')]
+  return ([path] if path.endswith('.tsv') else []), ([path] if path.endswith('.npz') else [])
+
+
+@dataclasses.dataclass(frozen=True)
+class TsvIndex:
+  """Where each image's row is in a set of feature TSVs, sorted by id (numpy, tens of MB for a
+  million images). Arrays [N]: `ids` (bytes), `file` (int32, into `files`), `offset`, `length`
+  (bytes of the row, newline included) and `line` (int64)."""
+
+  files: tuple[str, ...]
+  ids: np.ndarray
+  file: np.ndarray
+  offset: np.ndarray
+  length: np.ndarray
+  line: np.ndarray
+
+  def to_bytes(self) -> bytes:
+    buf = io.BytesIO()
+    fields = {k: getattr(self, k) for k in ('ids', 'offset', 'length', 'line')}
+    # `file` is np.savez's own first argument: saved as `file_index`.
+    np.savez(buf, files=np.array(self.files, dtype=str), file_index=self.file, **fields)
+    return buf.getvalue()
+
+  @classmethod
+  def from_bytes(cls, data: bytes, where: str) -> 'TsvIndex':
+    """Raises ValueError (damaged, or written by an older build without row lengths)."""
+    try:
+      with np.load(io.BytesIO(data), allow_pickle=False) as saved:
+        return cls(
+            tuple(str(p) for p in saved['files']),
+            *(saved[k] for k in ('ids', 'file_index', 'offset', 'length', 'line')),
+        )
+    except _NPZ_ERRORS as err:
+      raise ValueError(f'feature index {where} does not read back: {err}') from err
+
+
+def index_tsv(path: str) -> TsvIndex:
+  """The index of one TSV (rows in file order): one sequential read, no row decoded. The unit of
+  the parallel index (one task per file, `merge_tsv_indexes` joins them)."""
+  ids, offsets, lengths, lines = [], [], [], []
+  offset = 0
+  with storage.open_input(path) as f:
+    for lineno, line in enumerate(f, start=1):
+      # Line 1 may start with a byte-order mark, which `decode_line` drops.
+      start = len(codecs.BOM_UTF8) if lineno == 1 and line.startswith(codecs.BOM_UTF8) else 0
+      tab = line.find(b'\t')
+      if tab > start:
+        ids.append(line[start:tab])
+        offsets.append(offset)
+        lengths.append(len(line))
+        lines.append(lineno)
+      offset += len(line)
+  n = len(ids)
+  return TsvIndex(
+      (path,),
+      np.array(ids) if n else np.zeros(0, 'S1'),
+      np.zeros(n, np.int32),
+      np.array(offsets, np.int64),
+      np.array(lengths, np.int64),
+      np.array(lines, np.int64),
+  )
+
+
+def merge_tsv_indexes(parts: Sequence[TsvIndex]) -> TsvIndex:
+  """One index over the files of `parts` (in that order), sorted by id (stable: on a repeated id
+  the row of the earlier file and line wins, as a single scan of all files gives)."""
+  files = tuple(f for p in parts for f in p.files)
+  if not parts or not sum(len(p.ids) for p in parts):
+    z64 = np.zeros(0, np.int64)
+    return TsvIndex(files, np.zeros(0, 'S1'), np.zeros(0, np.int32), z64, z64, z64)
+  base = np.cumsum([0] + [len(p.files) for p in parts])[:-1]
+  ids = np.concatenate([p.ids for p in parts])
+  order = np.argsort(ids, kind='stable')
+  cat = lambda k: np.concatenate([getattr(p, k) for p in parts])[order]
+  file = np.concatenate([p.file + b for p, b in zip(parts, base)]).astype(np.int32)[order]
+  return TsvIndex(files, ids[order], file, cat('offset'), cat('length'), cat('line'))
+
+
 class FeatureStore:
-  """Random access to region features by image id, over TSVs or npz files.
+  """Random access to region features by image id, over TSVs or npz files, on disk or `gs://`.
 
   `path` is a `.tsv` file, an `.npz` file, or a folder holding either kind
-  (searched recursively). TSVs are indexed once (image id -> file, byte offset
-  and line number into numpy arrays, so a million images cost tens of MB, not
-  a dict of Python objects per image. Errors name the TSV and its line.
+  (searched recursively). TSVs are indexed once (`TsvIndex`: image id -> file,
+  byte offset, row length and line), so a million images cost tens of MB, not
+  a dict of Python objects per image; in a bucket each row is one range read
+  of exactly its bytes. Errors name the TSV and its line.
   """
 
   def __init__(self, path: str, index: str | None = None):
-    """`index`: a file written by `save_index` for this `path`, read instead of
-    scanning the TSVs again (the parallel build scans once, its workers load it)."""
-    if not os.path.exists(path):
-      raise FileNotFoundError(f'feature store {path} does not exist')
+    """`index`: a file written by `save_index` for this `path` (local or `gs://`), read instead of
+    scanning the TSVs again (the parallel build indexes once, its workers load it)."""
     self.path = path
-    if os.path.isdir(path):
-      tsvs = sorted(glob.glob(os.path.join(path, '**', '*.tsv'), recursive=True))
-      npzs = sorted(glob.glob(os.path.join(path, '**', '*.npz'), recursive=True))
-    else:
-      tsvs = [path] if path.endswith('.tsv') else []
-      npzs = [path] if path.endswith('.npz') else []
+    tsvs, npzs = feature_files(path)
     if not tsvs and not npzs:
       raise FileNotFoundError(f'no .tsv or .npz region features under {path}')
     self._npz = {os.path.splitext(os.path.basename(p))[0]: p for p in npzs}
-    self._tsv_files = tsvs
     if index is None:
-      self._tsv_ids, self._tsv_file, self._tsv_offset, self._tsv_line = self._index_tsvs(tsvs)
+      self.index = merge_tsv_indexes([index_tsv(p) for p in tsvs])
     else:
-      with np.load(index, allow_pickle=False) as saved:
-        if [str(p) for p in saved['files']] != tsvs:
-          raise ValueError(f'feature index {index} was made for other TSVs than those of {path}')
-        self._tsv_ids, self._tsv_file = saved['ids'], saved['file_index']
-        self._tsv_offset, self._tsv_line = saved['offset'], saved['line']
+      self.index = TsvIndex.from_bytes(storage.read_input(index), index)
+      if list(self.index.files) != tsvs:
+        raise ValueError(f'feature index {index} was made for other TSVs than those of {path}')
+    self._tsv_files = list(self.index.files)
+    self._tsv_ids = self.index.ids
     self._handles: dict[int, IO[bytes]] = {}
 
   def save_index(self, index: str) -> None:
-    """Writes the TSV index (ids, file, byte offset, line) for `FeatureStore(path, index)`."""
-    with open(index, 'wb') as f:
-      np.savez(
-          f,
-          files=np.array(self._tsv_files, dtype=str),
-          ids=self._tsv_ids,
-          file_index=self._tsv_file,
-          offset=self._tsv_offset,
-          line=self._tsv_line,
-      )
-
-  @staticmethod
-  def _index_tsvs(
-      tsvs: Sequence[str],
-  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    ids, files, offsets, lines = [], [], [], []
-    for fi, p in enumerate(tsvs):
-      offset = 0
-      with open(p, 'rb') as f:
-        for lineno, line in enumerate(f, start=1):
-          # Line 1 may start with a byte-order mark, which `decode_line` drops.
-          start = len(codecs.BOM_UTF8) if lineno == 1 and line.startswith(codecs.BOM_UTF8) else 0
-          tab = line.find(b'\t')
-          if tab > start:
-            ids.append(line[start:tab])
-            files.append(fi)
-            offsets.append(offset)
-            lines.append(lineno)
-          offset += len(line)
-    if not ids:
-      return np.zeros(0, 'S1'), np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros(0, np.int64)
-    ids_arr = np.array(ids)
-    order = np.argsort(ids_arr, kind='stable')
-    return (
-        ids_arr[order],
-        np.array(files, np.int32)[order],
-        np.array(offsets, np.int64)[order],
-        np.array(lines, np.int64)[order],
-    )
+    """Writes the TSV index for `FeatureStore(path, index)` (local or `gs://`)."""
+    storage.write_bytes(index, self.index.to_bytes())
 
   def _tsv_pos(self, image_id: str) -> int:
     key = image_id.encode()
@@ -658,13 +709,16 @@ class FeatureStore:
       raise BadInputError(
           'missing_features', f'image {image_id} has no region features in {self.path}'
       )
-    fi, offset = int(self._tsv_file[i]), int(self._tsv_offset[i])
+    fi, offset = int(self.index.file[i]), int(self.index.offset[i])
+    path, lineno = self._tsv_files[fi], int(self.index.line[i])
     f = self._handles.get(fi)
     if f is None:
-      f = self._handles[fi] = open(self._tsv_files[fi], 'rb')
+      # In a bucket: no read-ahead, each row one range request (rows are read in annotation
+      # order, not file order).
+      f = self._handles[fi] = storage.open_input(path, cache=False)
     f.seek(offset)
-    path, lineno = self._tsv_files[fi], int(self._tsv_line[i])
-    line = decode_line(f.readline(), path=path, lineno=lineno, encoding='ascii')
+    raw = f.read(int(self.index.length[i]))
+    line = decode_line(raw, path=path, lineno=lineno, encoding='ascii')
     return parse_tsv_row(line, path=path, lineno=lineno), f'{path}:{lineno}'
 
   def close(self) -> None:

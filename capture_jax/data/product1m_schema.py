@@ -24,6 +24,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
+from capture_jax import storage
 from capture_jax.data import formats
 from capture_jax.data import tokenizer as tokenizer_lib
 
@@ -141,7 +142,7 @@ def identity(vocab_file: str) -> dict[str, Any]:
       'layout': LAYOUT,
       'vocab_fingerprint': tokenizer_lib.vocab_fingerprint(vocab_file),
       'do_lower_case': DO_LOWER_CASE,
-      'vocab_file': os.path.abspath(vocab_file),  # where it was, for the messages only
+      'vocab_file': str(storage.absolute(vocab_file)),  # where it was, for the messages only
   }
 
 
@@ -198,7 +199,7 @@ def annotation_paths(data_dir: str) -> dict[str, str]:
   paths = {
       s: os.path.join(data_dir, formats.annotation_filename(s))
       for s in formats.SPLITS
-      if os.path.exists(os.path.join(data_dir, formats.annotation_filename(s)))
+      if storage.exists(os.path.join(data_dir, formats.annotation_filename(s)))
   }
   if not paths:
     raise FileNotFoundError(f'no product1m_{{train,gallery,dev,test}}_ossurl_v2.txt in {data_dir}')

@@ -28,12 +28,23 @@ module writes the same dataset without that shuffler:
 
 Workers: `num_workers=1` writes in this process; N > 1 uses N spawned
 processes pulling shard tasks in order; `beam_options` runs the shard tasks as
-an Apache Beam pipeline (DirectRunner, Dataflow, Spark, Flink).
+an Apache Beam pipeline (DirectRunner, Dataflow, Spark, Flink). The feature
+TSVs are indexed one task per file the same way (`make_index`: in N processes,
+or as a first Beam pipeline) and merged by the launcher.
+
+In a bucket: every input (annotations, TSV or npz features, the vocab) and
+the output folder may be `gs://` (through `storage`: gcsfs). A shard is
+written to a local temporary file, read back, and uploaded whole and
+create-only (`storage.upload_once`); its marker records the file's CRC32C,
+which stands for the read-back when the build resumes (the object's CRC32C
+must equal it). Publishing copies the objects server-side from the
+incomplete folder, `dataset_info.json` last (`_move_into_place`).
 
 Interrupted, run twice, pointed at other files:
 
 * Everything is written into `{version}.incomplete/` next to the final
-  folder, which only appears (by one rename) when the dataset is complete and
+  folder, which only appears (by one rename; in a bucket, when its
+  `dataset_info.json`, copied last, does) when the dataset is complete and
   checked; `tfds` ignores the incomplete folder (not a version name).
 * A build that fails on bad input removes its incomplete folder (nothing left
   that a later run could take as finished). A build that is killed (kill -9,
@@ -187,7 +198,7 @@ class ShardTask:
 def _line_offsets(path: str) -> np.ndarray:
   """[num_lines + 1] int64: byte offset of the start of each line (and of the end)."""
   offsets = [0]
-  with open(path, 'rb') as f:
+  with storage.open_input(path) as f:
     for raw in f:
       offsets.append(offsets[-1] + len(raw))
   return np.asarray(offsets, np.int64)
@@ -229,18 +240,11 @@ def plan_split(
 
 
 def _tree_stats(path: str) -> list:
-  """(relative path, size, mtime_ns) of a file or of every file under a folder."""
+  """(relative path, size, version) of a file or of every file under a folder (local or gs://:
+  `storage.input_versions`)."""
   if path.startswith(GENERATED_PREFIX):
     return [path]
-  if os.path.isfile(path):
-    st = os.stat(path)
-    return [[os.path.basename(path), st.st_size, st.st_mtime_ns]]
-  out = []
-  for root, _, names in sorted(os.walk(path)):
-    for name in sorted(names):
-      st = os.stat(os.path.join(root, name))
-      out.append([os.path.relpath(os.path.join(root, name), path), st.st_size, st.st_mtime_ns])
-  return out
+  return storage.input_versions(path)
 
 
 def fingerprint(spec: Spec, ann_paths: dict[str, str], examples_per_shard: int) -> str:
@@ -266,7 +270,7 @@ def _read_task_lines(task: ShardTask):
   """(lineno, Annotation) of the task's kept lines (already validated by the plan)."""
   keep = set(task.lines)
   require = task.split in formats.LABELLED_SPLITS
-  with open(task.ann_path, 'rb') as f:
+  with storage.open_input(task.ann_path) as f:
     f.seek(task.byte_start)
     pos, lineno = task.byte_start, task.first_line
     while pos < task.byte_end:
@@ -307,6 +311,22 @@ def verify_shard(path: str, num_examples: int) -> None:
     raise ValueError(f'shard {path} does not read back: {err}') from err
 
 
+def check_shard(shard: str, marker: dict) -> None:
+  """Raises ValueError (OSError: absent) unless `shard` is the file its `marker` describes: on
+  disk it reads back (`verify_shard`); in a bucket the object has the size and CRC32C of the
+  local file that was checked before the upload."""
+  if storage.is_remote(shard):
+    info = storage.object_info(shard)
+    if info is None:
+      raise FileNotFoundError(f'shard {shard} is not in the bucket')
+    if (info['bytes'], info.get('crc32c')) != (marker['file_bytes'], marker.get('crc32c')):
+      raise ValueError(f'shard {shard} is not the object its marker describes (size or CRC32C)')
+    return
+  if os.path.getsize(shard) != marker['file_bytes']:
+    raise ValueError(f'shard {shard} has changed size since it was written')
+  verify_shard(shard, marker['examples'])
+
+
 class ShardWriter:
   """Writes shard tasks of one build; holds the feature store and serializer of a worker."""
 
@@ -332,7 +352,21 @@ class ShardWriter:
 
     final = os.path.join(self.work, task.filename)
     remote = storage.is_remote(final)
-    local = tempfile.mktemp(suffix='.array_record') if remote else final
+    if remote:  # array_record writes local files: written here, checked, then uploaded whole
+      fd, local = tempfile.mkstemp(suffix='.array_record')
+      os.close(fd)
+    else:
+      local = final
+    try:
+      return self._write(task, plan_id, local, final)
+    finally:
+      if remote and os.path.exists(local):
+        os.remove(local)
+
+  def _write(self, task: ShardTask, plan_id: str, local: str, final: str) -> dict:
+    """`write` into the local file `local`, then (in a bucket) uploaded to `final`."""
+    from array_record.python import array_record_module  # pylint: disable=import-outside-toplevel
+
     counter = formats.BadInputCounter(self.spec.skip_bad)
     n = num_bytes = 0
     writer = array_record_module.ArrayRecordWriter(local, ARRAY_RECORD_OPTIONS)
@@ -360,15 +394,16 @@ class ShardWriter:
     finally:
       writer.close()
     verify_shard(local, n)
-    if remote:
-      epath.Path(local).copy(epath.Path(final), overwrite=True)
-      os.remove(local)
+    # In a bucket, the object's CRC32C (GCS's own checksum, in its listing) stands for the
+    # read-back: equal to the checked local file's, the object is that file.
+    crc = storage.upload_once(local, final) if local != final else None
     marker = {
         'plan': plan_id,
         'shard': task.filename,
         'examples': n,
         'num_bytes': num_bytes,
-        'file_bytes': epath.Path(final).stat().length,
+        'file_bytes': os.path.getsize(local),
+        'crc32c': crc,
         'counts': dict(counter.counts),
         'first': dict(counter.examples),
         'truncated': counter.truncated,
@@ -377,12 +412,20 @@ class ShardWriter:
     return marker
 
 
+def _marker_names(work: str) -> set[str]:
+  """The names of the files in `work`'s `_build` folder (one listing, also in a bucket)."""
+  return {n.rsplit('/', 1)[-1] for n in storage.file_listing(os.path.join(work, WORK_DIR))}
+
+
 def _marker_path(work: str, task: ShardTask) -> str:
   return os.path.join(work, WORK_DIR, task.filename + '.done.json')
 
 
 def _write_json(path: str, obj: Any) -> None:
-  """Atomically where the filesystem renames (a marker is whole or absent)."""
+  """Whole or absent: renamed into place on disk, one object upload in a bucket."""
+  if storage.is_remote(path):
+    storage.write_text(path, json.dumps(obj, indent=1))
+    return
   p = epath.Path(path)
   tmp = p.parent / (p.name + '.tmp')
   tmp.write_text(json.dumps(obj, indent=1))
@@ -402,10 +445,7 @@ def _read_marker(work: str, task: ShardTask, plan_id: str) -> dict | None:
     return None
   shard = os.path.join(work, task.filename)
   try:
-    if epath.Path(shard).stat().length != marker['file_bytes']:
-      raise ValueError(f'shard {shard} has changed size since it was written')
-    if not storage.is_remote(shard):
-      verify_shard(shard, marker['examples'])
+    check_shard(shard, marker)
   except (OSError, ValueError) as err:
     logging.warning('product1m: rewriting a finished shard that does not read back: %s', err)
     print(f'note: rewriting {task.filename}: {err}', flush=True)
@@ -511,8 +551,9 @@ def _run_processes(spec, tasks, work, plan_id, index, num_workers, on_done) -> N
   try:
     while True:
       alive = [p.is_alive() for p in procs]
+      finished = _marker_names(work)
       for t in tasks:
-        if t.order not in done and epath.Path(_marker_path(work, t)).exists():
+        if t.order not in done and os.path.basename(_marker_path(work, t)) in finished:
           done.add(t.order)
           on_done(1)
       stop = stop_at.value
@@ -521,7 +562,7 @@ def _run_processes(spec, tasks, work, plan_id, index, num_workers, on_done) -> N
           p.terminate()  # its shard comes after the failed one: no need to finish it
       if not any(alive):
         break
-      time.sleep(0.2)
+      time.sleep(1.0 if storage.is_remote(work) else 0.2)
   finally:
     for p in procs:
       if p.is_alive():
@@ -584,6 +625,59 @@ def _run_beam(spec, tasks, work, plan_id, index, beam_options: Sequence[str]) ->
 
 
 # ----------------------------------------------------------------------------
+# The feature index: one task per TSV (here, in N processes, or on Beam), merged here.
+
+
+def make_index(features: str, index: str, execution: 'Execution') -> None:
+  """Indexes the TSVs of the feature store `features` into `index` (`formats.TsvIndex`).
+
+  Each file is one task (`formats.index_tsv`: one sequential read): in this
+  process, in `num_workers` processes, or as Beam tasks writing their part
+  next to `index`; this process merges the parts (a sort of the ids).
+  """
+  tsvs, _ = formats.feature_files(features)
+  if execution.engine == 'beam' and len(tsvs) > 1:
+    parts = _index_on_beam(tsvs, index + '.parts', execution.beam_options)
+  elif execution.engine == 'processes' and len(tsvs) > 1:
+    ctx = multiprocessing.get_context('spawn')
+    with ctx.Pool(min(execution.num_workers, len(tsvs))) as pool:
+      parts = pool.map(formats.index_tsv, tsvs, chunksize=1)
+  else:
+    parts = [formats.index_tsv(p) for p in tsvs]
+  storage.write_bytes(index, formats.merge_tsv_indexes(parts).to_bytes())
+
+
+def _beam_index_part(item: tuple[int, str], parts: str) -> None:
+  """Beam's Map: indexes one TSV into `{parts}/{i:05d}.npz`."""
+  i, path = item
+  storage.write_bytes(os.path.join(parts, f'{i:05d}.npz'), formats.index_tsv(path).to_bytes())
+
+
+def _index_on_beam(
+    tsvs: list[str], parts: str, beam_options: Sequence[str]
+) -> list[formats.TsvIndex]:
+  """The TSVs indexed as a Beam pipeline (one task per file); their parts, in file order."""
+  import apache_beam as beam  # pylint: disable=import-outside-toplevel
+  from apache_beam.options import pipeline_options  # pylint: disable=import-outside-toplevel
+
+  storage.remove_tree(parts)
+  options = pipeline_options.PipelineOptions(list(beam_options))
+  with beam.Pipeline(options=options) as p:
+    _ = (
+        p
+        | 'FeatureFiles' >> beam.Create(list(enumerate(tsvs)))
+        | 'Spread' >> beam.Reshuffle()
+        | 'IndexFiles' >> beam.Map(_beam_index_part, parts=parts)
+    )
+  out = []
+  for i in range(len(tsvs)):
+    name = os.path.join(parts, f'{i:05d}.npz')
+    out.append(formats.TsvIndex.from_bytes(storage.read_input(name), name))
+  storage.remove_tree(parts)
+  return out
+
+
+# ----------------------------------------------------------------------------
 # The build.
 
 
@@ -607,7 +701,7 @@ def _publish(
     split_tasks: dict[str, list[ShardTask]],
     markers: dict[int, dict],
 ) -> None:
-  """Checks the shards, writes TFDS's metadata into `work`, renames it to `final`."""
+  """Checks the shards, writes TFDS's metadata into `work`, moves it to `final`."""
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
 
   info = schema.dataset_info(
@@ -620,7 +714,7 @@ def _publish(
   split_infos = []
   for split, tasks in split_tasks.items():
     for t in tasks:
-      verify_shard(os.path.join(work, t.filename), markers[t.order]['examples'])
+      check_shard(os.path.join(work, t.filename), markers[t.order])
     template = tfds.core.naming.ShardedFileTemplate(
         data_dir=epath.Path(final),
         dataset_name=schema.NAME,
@@ -637,10 +731,41 @@ def _publish(
     )
   info.set_splits(tfds.core.SplitDict(split_infos))
   info.write_to_directory(epath.Path(work))
-  # Rename first: a kill between the two leaves a complete dataset with a stale `_build`
-  # folder inside, never a folder without its plan and markers that looks finished.
-  os.replace(work, final)
-  shutil.rmtree(os.path.join(final, WORK_DIR), ignore_errors=True)
+  _move_into_place(work, final)
+
+
+# The file that makes a folder a dataset (TFDS reads nothing without it): published last.
+INFO_FILE = 'dataset_info.json'
+
+
+def _move_into_place(work: str, final: str) -> None:
+  """Publishes the checked folder `work` as `final`.
+
+  On disk: one rename, first: a kill between it and the removal of `_build`
+  leaves a complete dataset with a stale `_build` inside, never a folder
+  without its plan and markers that looks finished. In a bucket (no rename):
+  every object but `_build`'s is copied server-side, `dataset_info.json`
+  last, so `final` is a dataset only once all its shards are there
+  (`_is_finished`); then `work` is removed (a kill before that leaves it to
+  the next build, which removes it).
+  """
+  if not storage.is_remote(work):
+    os.replace(work, final)
+    shutil.rmtree(os.path.join(final, WORK_DIR), ignore_errors=True)
+    return
+  storage.remove_tree(final)  # what a publish killed half-way left
+  names = [n for n in storage.file_listing(work) if not n.startswith(WORK_DIR + '/')]
+  first = [n for n in names if n != INFO_FILE]
+  storage.copy_objects([f'{work}/{n}' for n in first], [f'{final}/{n}' for n in first])
+  storage.copy_objects([f'{work}/{INFO_FILE}'], [f'{final}/{INFO_FILE}'])
+  storage.remove_tree(work)
+
+
+def _is_finished(final: str) -> bool:
+  """Whether the dataset folder `final` is published (a bucket: its `dataset_info.json` is)."""
+  if storage.is_remote(final):
+    return storage.is_file(os.path.join(final, INFO_FILE))
+  return os.path.isdir(final)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -715,18 +840,20 @@ def build(
   with lock_lib.FolderLock(
       os.path.join(tfds_dir, schema.NAME), lock_name(config), 'product1m build', True
   ):
-    if os.path.isdir(final):
+    work = final + INCOMPLETE_SUFFIX
+    if _is_finished(final):
+      if storage.is_remote(work):
+        storage.remove_tree(work)  # left by a publish killed after its last copy
       if not overwrite:
         _check_existing(final, probe)
         return report
-      shutil.rmtree(final)
-    work = final + INCOMPLETE_SUFFIX
+      storage.remove_tree(final)
     try:
       return _build_locked(data_dir, probe, examples_per_shard, execution, work, report)
     except ValueError:
       # Bad input (formats.BadInputError) or nothing usable in it: the inputs must change, so
       # nothing of this build can be resumed.
-      shutil.rmtree(work, ignore_errors=True)
+      storage.remove_tree(work)
       config_dir = os.path.dirname(final)
       if os.path.isdir(config_dir) and not os.listdir(config_dir):
         os.rmdir(config_dir)
@@ -744,7 +871,7 @@ def _check_arguments(num_workers: int, examples_per_shard: int, vocab_file: str)
     raise ValueError(f'num_workers must be at least 1, got {num_workers}')
   if examples_per_shard < 1:
     raise ValueError(f'examples_per_shard must be at least 1, got {examples_per_shard}')
-  if not os.path.isfile(vocab_file):
+  if not storage.is_file(vocab_file):
     raise FileNotFoundError(
         f'vocab {vocab_file}: no such file (the build tokenises the titles with it); train one '
         'with `python -m capture_jax.data.tokenizer train --data_dir DATA --out vocab.txt`'
@@ -796,7 +923,7 @@ def _build_locked(
       else os.path.join(work, WORK_DIR, 'index.npz')
   )
   resuming = _start_or_resume(work, plan_id)
-  spec = _with_feature_dim(probe, index, resuming, paths)
+  spec = _with_feature_dim(probe, index, resuming, paths, execution)
   report['feature_dim'] = spec.feature_dim
   split_tasks, split_counters = _plan_splits(paths, examples_per_shard, spec.skip_bad)
   _write_json(
@@ -810,8 +937,7 @@ def _build_locked(
   report['resumed_shards'] = resumed
   report['num_workers'] = execution.num_workers
   report['engine'] = execution.engine
-  with open(os.path.join(work, schema.REPORT_NAME), 'w') as f:
-    json.dump(report, f, indent=1)
+  storage.write_text(os.path.join(work, schema.REPORT_NAME), json.dumps(report, indent=1))
   _publish(spec, work, work.removesuffix(INCOMPLETE_SUFFIX), built, markers)
   return report
 
@@ -822,37 +948,38 @@ def _start_or_resume(work: str, plan_id: str) -> bool:
   removed)."""
   plan_file = os.path.join(work, WORK_DIR, 'plan.json')
   previous = None
-  if os.path.exists(plan_file):
+  if storage.is_file(plan_file):
     try:
-      previous = json.load(open(plan_file))
+      previous = json.loads(storage.read_input(plan_file))
     except ValueError:
       previous = None
   resuming = previous is not None and previous.get('plan') == plan_id
   if resuming:
     print(f'note: resuming the interrupted build in {work}', flush=True)
-  elif os.path.isdir(work):
+  elif storage.exists(work):
     print(f'note: starting over: {work} was left by a build of other inputs or settings')
-    shutil.rmtree(work)
-  os.makedirs(os.path.join(work, WORK_DIR), exist_ok=True)
+    storage.remove_tree(work)
+  storage.makedirs(os.path.join(work, WORK_DIR))
   for stale in epath.Path(work, WORK_DIR).glob('error-*.json'):
     stale.unlink()
   return resuming
 
 
-def _with_feature_dim(probe: Spec, index: str | None, resuming: bool, paths: dict) -> Spec:
+def _with_feature_dim(
+    probe: Spec, index: str | None, resuming: bool, paths: dict, execution: 'Execution'
+) -> Spec:
   """`probe` with its feature width (read from the features unless given). Indexes the feature
   files into `index` (kept for the workers), or reuses the index of the build being resumed."""
-  if not resuming:
-    store = open_store(probe.features)
-    if index:
-      store.save_index(index)
-  else:
+  store = None
+  if index and resuming:
     try:
       store = open_store(probe.features, index)
     except (OSError, ValueError) as err:  # index lost or damaged: scan the TSVs again
       print(f'note: re-indexing the features ({err})', flush=True)
-      store = open_store(probe.features)
-      store.save_index(index)
+  if store is None:
+    if index:
+      make_index(probe.features, index, execution)
+    store = open_store(probe.features, index)
   feature_dim = probe.feature_dim
   if not feature_dim:
     feature_dim = (
@@ -940,7 +1067,7 @@ def _count_splits(
       report['empty_splits'][split] = schema.why_empty(paths[split], counter)
       logging.warning('product1m: split %s is not built: %s', split, report['empty_splits'][split])
       for t in ts:
-        os.remove(os.path.join(work, t.filename))
+        storage.remove_tree(os.path.join(work, t.filename))
       continue
     report['splits'][split] = {'examples': n, **counter.as_dict()}
     if counter.total or counter.truncated:

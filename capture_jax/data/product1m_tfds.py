@@ -244,8 +244,10 @@ def build_from_config(config: ml_collections.ConfigDict, overwrite: bool = False
 def define_flags() -> dict[str, flags.FlagHolder]:
   """The command's flags (defined when the command runs, not on import)."""
   return {
-      'data_dir': flags.DEFINE_string('data_dir', None, 'Annotation files (+ features/).'),
-      'out': flags.DEFINE_string('out', None, 'TFDS data_dir to write into.'),
+      'data_dir': flags.DEFINE_string(
+          'data_dir', None, 'Annotation files (+ features/), a folder or gs://BUCKET/...'
+      ),
+      'out': flags.DEFINE_string('out', None, 'TFDS data_dir to write into (a folder or gs://).'),
       'vocab': flags.DEFINE_string(
           'vocab',
           None,

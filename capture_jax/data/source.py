@@ -289,14 +289,31 @@ INPUT_PATH_FIELDS = (
 )
 
 
+# Why a dataset in a bucket is not read where it lies (measured: docs/BENCHMARKS.md "Product1M
+# from a bucket", `python -m capture_jax.bench.bucket`).
+GCS_DATASET_REASON = (
+    "array_record's reader opens gs:// shards (riegeli's GCS reader), but each record read at "
+    'random is a GCS request of its own: 81 ms a record against the GCS emulator (12 records/s '
+    'on one thread, 15 with 4) against 0.02 ms from local disk; the input reads records one by '
+    'one in data.read_threads threads, and its target of 6,000 samples/s per core would need '
+    '6,000 x (seconds a request) reads in flight per core: 490 at 81 ms, still 60 at 10 ms'
+)
+
+
 def require_local_inputs(config: ml_collections.ConfigDict) -> None:
   """Refuses a `gs://` input path before anything starts: inputs are read from local disk (or a
   mounted bucket); only outputs (workdir, export and evaluation folders) can be in a bucket."""
   for field in INPUT_PATH_FIELDS:
     section, name = field.split('.')
     value = config.get(section, ml_collections.ConfigDict()).get(name)
-    if value:
+    if not value:
+      continue
+    try:
       storage.require_local(value, f'--config.{field}')
+    except ValueError as err:
+      if field != 'data.tfds_dir':
+        raise
+      raise ValueError(f'{err} Why not read in place: {GCS_DATASET_REASON}.') from None
 
 
 def make_source(config: ml_collections.ConfigDict, split: str) -> Product1MSource:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import io
 import heapq
 import json
 import os
@@ -41,6 +42,7 @@ from absl import flags
 
 from capture_jax import cli
 from capture_jax import config as config_lib
+from capture_jax import storage
 from capture_jax.data import formats
 
 # Special tokens in BERT's spelling; a vocab we train puts them first, so
@@ -50,7 +52,11 @@ SPECIAL_TOKENS = ('[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]')
 
 def read_vocab(vocab_file: str) -> dict[str, int]:
   """token -> id (the line number), checking BERT's special tokens are present."""
-  with open(vocab_file, encoding='utf-8') as f:
+  if storage.is_remote(vocab_file):  # in a bucket: read whole, the same universal newlines
+    f = io.StringIO(storage.read_input(vocab_file).decode('utf-8'), newline=None)
+  else:
+    f = open(vocab_file, encoding='utf-8')
+  with f:
     tokens = [line.rstrip('\n') for line in f]
   vocab: dict[str, int] = {}
   for i, tok in enumerate(tokens):
