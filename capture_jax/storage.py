@@ -41,9 +41,12 @@ endpoint settings (`STORAGE_EMULATOR_HOST` for gcsfs,
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import io
 import os
 import pathlib
+import shutil
 import threading
 import time
 import uuid
@@ -435,8 +438,6 @@ def open_input(path: PathLike, mode: str = 'rb', cache: bool = True):
     return f
   # io's buffered reader: fsspec's own `readline` reads a whole block per line and seeks back (a
   # copy of `INPUT_BLOCK_BYTES` per line of a feature TSV).
-  import io  # pylint: disable=import-outside-toplevel
-
   return io.BufferedReader(f, buffer_size=INPUT_BLOCK_BYTES)
 
 
@@ -501,8 +502,6 @@ def object_info(path: PathLike) -> dict | None:
 
 def file_crc32c(local: PathLike) -> str:
   """GCS's checksum of a local file: base64 of the big-endian CRC32C, as object listings give."""
-  import base64  # pylint: disable=import-outside-toplevel
-
   import google_crc32c  # pylint: disable=import-outside-toplevel  (installed with gcsfs)
 
   crc = google_crc32c.Checksum()
@@ -551,8 +550,6 @@ def remove_tree(path: PathLike) -> None:
   path = os.fspath(path)
   if not is_remote(path):
     if os.path.isdir(path):
-      import shutil  # pylint: disable=import-outside-toplevel
-
       shutil.rmtree(path, ignore_errors=True)
     elif os.path.exists(path):
       os.remove(path)
