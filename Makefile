@@ -31,10 +31,15 @@ demo: $(STAMP)
 ablation: $(STAMP)
 	$(PY) -m capture_jax.ablation
 
+# Two pytest workers (pytest-xdist), a test module to a worker: the module-scoped fixtures (the
+# compiled steps, the SLURM cluster, the GCS emulator) are made once. Most tests compile and run
+# in one thread, so two workers use both cores of a 2-core machine. More workers: TEST_WORKERS=N.
+TEST_WORKERS ?= 2
+
 test: $(STAMP) $(AOT_STAMP)
 	@echo ">> checking the formatting (pyink, configured in pyproject.toml; 'make format' fixes it)"
 	$(PY) -m pyink --check --quiet .
-	$(PY) -m pytest -q -ra tests
+	$(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadfile --durations=25 tests
 
 format: $(STAMP)
 	$(PY) -m pyink .
