@@ -37,6 +37,9 @@ from tests.test_train import trainer_config
 os.environ.setdefault('NO_GCE_CHECK', 'true')
 
 OBJECTS = r'/storage/v1/b/[^/]+/o'
+# The bounds on retries in these tests ($CAPTURE_STORAGE_RETRIES, $CAPTURE_STORAGE_MAX_DELAY_S).
+RETRIES = 3
+MAX_DELAY_S = 0.2
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -46,6 +49,12 @@ def _clear_clients() -> None:
   import gcsfs  # pylint: disable=import-outside-toplevel
 
   gcsfs.GCSFileSystem.clear_instance_cache()
+
+
+def _bound_tensorstore() -> None:
+  from capture_jax.training import checkpoint  # pylint: disable=import-outside-toplevel,unused-import
+
+  storage.bound_tensorstore_retries()
 
 
 @pytest.fixture(scope='module')
@@ -66,6 +75,9 @@ def proxy():
         'TENSORSTORE_GCS_HTTP_URL': p.url,
         'GOOGLE_AUTH_TOKEN_FOR_TESTING': 'emulator',
         'GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT': 'false',
+        # A fault that persists ends after 3 tries 0.2 s apart (subprocesses read these).
+        'CAPTURE_STORAGE_RETRIES': str(RETRIES),
+        'CAPTURE_STORAGE_MAX_DELAY_S': str(MAX_DELAY_S),
     }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
@@ -74,10 +86,15 @@ def proxy():
     saved_timeout = confs[0]['requests_timeout']
     for conf in confs:
       conf['requests_timeout'] = aiohttp.ClientTimeout(total=None, sock_connect=2, sock_read=2)
+    saved_bounds = storage.RETRIES, storage.MAX_DELAY_S
+    storage.RETRIES, storage.MAX_DELAY_S = RETRIES, MAX_DELAY_S
+    _bound_tensorstore()
     _clear_clients()
     try:
       yield p
     finally:
+      storage.RETRIES, storage.MAX_DELAY_S = saved_bounds
+      _bound_tensorstore()
       p.script()
       for conf in confs:
         conf['requests_timeout'] = saved_timeout
@@ -466,3 +483,59 @@ def test_a_lock_create_that_keeps_failing_is_one_error_and_a_held_lock_still_ref
   with lock_lib.FolderLock(folder, 'x.lock', 'export', enabled=True):
     with pytest.raises(lock_lib.LockedError, match='in use by another export'):  # not wrapped
       lock_lib.FolderLock(folder, 'x.lock', 'export', enabled=True).acquire()
+
+
+# --------------------------------------------------------------------------
+# Bounds the user sets: a fault that persists ends within them, in every layer.
+
+
+def test_a_fault_that_persists_ends_within_the_bounds_in_every_layer(faults):
+  """503 (retried by gcsfs and tensorstore) on every try: a write through gcsfs, a checkpoint's
+  array writes and its array reads (tensorstore) each end after `RETRIES` tries with one
+  StorageError naming the object and the operation, in seconds (tensorstore's own default is 32
+  tries, about 15 minutes)."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+
+  from capture_jax.training import checkpoint as checkpoint_lib  # pylint: disable=import-outside-toplevel
+
+  start = time.time()
+  faults.script(Fault('POST', r'/upload/.*#name=faults/bounded/a\.txt', 'status', nth=None))
+  with pytest.raises(storage.StorageError, match=r'bounded/a\.txt: writing failed .*3 tries'):
+    storage.write_text(gs('bounded/a.txt'), 'a')
+  assert faults.injected() == RETRIES, faults.log[-5:]
+
+  tree = {'a': np.arange(16, dtype=np.float32)}
+  workdir = gs('bounded-save')
+  faults.script(
+      Fault('POST', r'/upload/.*#name=faults/bounded-save/checkpoints/1/state/', 'status', nth=None)
+  )
+  manager = checkpoint_lib.make_manager(workdir, _checkpoint_cfg())
+  try:
+    with pytest.raises(
+        storage.StorageError,
+        match=r'bounded-save/checkpoints: saving a checkpoint into failed .*Error writing '
+        r'.*bounded-save/checkpoints/1/state/.*3 retry attempts failed',
+    ):
+      with checkpoint_lib.saving(manager):
+        manager.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave(tree)))
+        manager.wait_until_finished()
+  finally:
+    manager.close()
+
+  workdir = gs('bounded-restore')
+  save_and_restore(workdir, tree)
+  faults.script(
+      Fault('GET', r'/o/faults/bounded-restore/checkpoints/1/state/.*alt=media', 'status', nth=None)
+  )
+  manager = checkpoint_lib.make_manager(workdir, _checkpoint_cfg())
+  try:
+    with pytest.raises(
+        storage.StorageError,
+        match=r'bounded-restore/checkpoints/1: restoring failed although its files match',
+    ):
+      checkpoint_lib.restore_latest(manager, tree, None, move_unreadable=True)
+  finally:
+    manager.close()
+  assert time.time() - start < 60
+

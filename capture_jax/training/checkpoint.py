@@ -35,6 +35,7 @@ checkpoints existed but none is readable, starting from scratch needs
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import time
@@ -63,6 +64,9 @@ RUN_IDENTITY_KEY = 'run_identity'
 CHECKSUMS_FILE = 'checksums.json'
 LOOP_ITEM = 'loop'
 CORRUPT_PREFIX = 'corrupt-'
+
+# Orbax's tensorstore retries a GCS request within the bounds the user set (storage.RETRIES).
+storage.bound_tensorstore_retries()
 
 
 class IncompatibleCheckpointError(ValueError):
@@ -94,6 +98,19 @@ def make_manager(
   )
 
 
+@contextlib.contextmanager
+def saving(manager: ocp.CheckpointManager):
+  """Around `manager.save` and `manager.wait_until_finished` (where Orbax raises the errors of an
+  asynchronous save): in a bucket, an error that persisted past the retries (tensorstore's or
+  gcsfs's, `storage.RETRIES`) is a StorageError naming the folder, the object and the operation,
+  one `error:` line from the commands."""
+  if not storage.is_remote(manager.directory):
+    yield
+    return
+  with storage.naming(manager.directory, 'saving a checkpoint into'):
+    yield
+
+
 def save(
     manager: ocp.CheckpointManager,
     step: int,
@@ -113,7 +130,8 @@ def save(
     items['data'] = grain.checkpoint.CheckpointSave(data_iterator)
   if loop is not None:
     items[LOOP_ITEM] = ocp.args.JsonSave({k: int(v) for k, v in loop.items()})
-  saved = manager.save(step, args=ocp.args.Composite(**items), force=force)
+  with saving(manager):
+    saved = manager.save(step, args=ocp.args.Composite(**items), force=force)
   if saved:
     # `manager.save` waits for the previous save to finish before starting this one: every
     # other step is final now and can be checksummed without waiting for this one.
