@@ -539,3 +539,55 @@ def test_a_fault_that_persists_ends_within_the_bounds_in_every_layer(faults):
     manager.close()
   assert time.time() - start < 60
 
+
+# --------------------------------------------------------------------------
+# A commit conditional on the lock's generation.
+
+
+def test_a_stale_holders_checkpoint_commit_is_refused_and_never_restored(faults, capfd):
+  """Holder A saves step 1 (Orbax finalises it); B takes the lock over before A commits it. A's
+  commit, a copy of the lock conditional on the generation A last wrote, is refused by the store
+  (412): A stops (LockLostError), and B's restore does not count A's step (moved aside), while a
+  step committed before the takeover is restored."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+
+  from capture_jax.training import checkpoint as checkpoint_lib  # pylint: disable=import-outside-toplevel
+
+  workdir = gs('stale-commit')
+  lock_path = storage.as_path(workdir + '/' + lock_lib.TRAIN_LOCK_FILE)
+  trees = {step: {'a': np.full((8,), step, dtype=np.float32)} for step in (1, 2)}
+  lock = lock_lib.FolderLock(workdir, lock_lib.TRAIN_LOCK_FILE, 'trainer', True, heartbeat_s=3600)
+  manager = checkpoint_lib.make_manager(workdir, _checkpoint_cfg())
+  try:
+    with lock:
+      for step in (1, 2):
+        lock_lib.confirm(workdir, lock_lib.TRAIN_LOCK_FILE)  # what train.py does before a save
+        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(trees[step])))
+        manager.wait_until_finished()
+        if step == 1:  # committed while A holds the lock: a copy of the lock
+          checkpoint_lib.record_checksums(manager)
+          record = json.loads((checkpoint_lib.step_dir(manager, 1) / 'commit.json').read_text())
+          assert record['token'] == lock._token  # pylint: disable=protected-access
+      # B takes the lock over (same token: only the store's generation check can tell).
+      holder = json.loads(lock_path.read_text())
+      storage.write_text(lock_path, json.dumps({**holder, 'pid': 1, 'nonce': 'theirs'}))
+      with pytest.raises(lock_lib.LockLostError, match=r'taken over .*2/commit\.json'):
+        checkpoint_lib.record_checksums(manager)
+  finally:
+    manager.close()
+  assert '412' in [what for _, _, what in faults.log], faults.log[-10:]
+  step_2 = storage.as_path(workdir + '/checkpoints/2')
+  assert storage.is_file(step_2 / 'commit_success.txt')  # Orbax's marker landed: not enough
+  assert not storage.exists(step_2 / 'commit.json')
+  # B resumes: A's step 2 is not a checkpoint of the run; step 1 is.
+  manager = checkpoint_lib.make_manager(workdir, _checkpoint_cfg())
+  try:
+    state, step = checkpoint_lib.restore_latest(manager, trees[1], None, move_unreadable=True)
+  finally:
+    manager.close()
+  assert step == 1
+  np.testing.assert_array_equal(np.asarray(state['a']), trees[1]['a'])
+  assert 'lost the lock before committing it' in capfd.readouterr().out
+  assert [p.name.split('-')[1] for p in checkpoint_lib.corrupt_checkpoints(workdir)] == ['2']
+

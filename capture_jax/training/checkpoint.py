@@ -49,6 +49,7 @@ import orbax.checkpoint as ocp
 from capture_jax import storage
 from capture_jax.data import tokenizer as tokenizer_lib
 from capture_jax.training import distributed
+from capture_jax.training import lock as lock_lib
 
 # Model fields that change numerics or speed but not the parameter tree.
 LAYOUT_NEUTRAL_FIELDS = (
@@ -62,6 +63,10 @@ LAYOUT_NEUTRAL_FIELDS = (
 
 RUN_IDENTITY_KEY = 'run_identity'
 CHECKSUMS_FILE = 'checksums.json'
+# Written after `checksums.json` by the lock's holder (`lock.commit_record`: on GCS a copy of the
+# lock conditional on its generation, refused after a takeover); a step whose checksums name it
+# and that lacks it is not restored.
+COMMIT_FILE = 'commit.json'
 LOOP_ITEM = 'loop'
 CORRUPT_PREFIX = 'corrupt-'
 
@@ -169,7 +174,7 @@ def _file_digests(folder: storage.Path, like: dict[str, dict] | None = None) -> 
   where that is possible (a checkpoint copied from disk to a bucket is checked by SHA-256)."""
   digests = {}
   for name, entry in storage.file_listing(folder).items():
-    if name.rsplit('/', 1)[-1].lstrip('.').startswith(CHECKSUMS_FILE):
+    if name.rsplit('/', 1)[-1].lstrip('.').startswith(CHECKSUMS_FILE) or name == COMMIT_FILE:
       continue
     want = (like or {}).get(name, {})
     if 'crc32c' in entry and 'sha256' not in want:
@@ -194,8 +199,11 @@ def record_checksums(manager: ocp.CheckpointManager, exclude: int | None = None)
     # `storage` raises on a read error (epath answers False on any error).
     if step == exclude or storage.exists(folder / CHECKSUMS_FILE) or not storage.is_dir(folder):
       continue
-    text = json.dumps({'step': int(step), 'files': _file_digests(folder)}, indent=1)
-    storage.write_text(folder / CHECKSUMS_FILE, text)
+    manifest = {'step': int(step), 'files': _file_digests(folder), 'commit': COMMIT_FILE}
+    storage.write_text(folder / CHECKSUMS_FILE, json.dumps(manifest, indent=1))
+    # The commit: refused (LockLostError) when another command took the workdir's lock over
+    # since this holder last confirmed it; the step then never counts as a checkpoint.
+    lock_lib.commit_record(folder / COMMIT_FILE)
 
 
 def checksum_problems(folder: storage.Path) -> list[str] | None:
@@ -206,12 +214,20 @@ def checksum_problems(folder: storage.Path) -> list[str] | None:
   unverified).
   """
   manifest = folder / CHECKSUMS_FILE
-  if CHECKSUMS_FILE not in storage.file_listing(folder):
+  listing = storage.file_listing(folder)
+  if CHECKSUMS_FILE not in listing:
     return None
   try:
-    expected = json.loads(manifest.read_text(encoding='utf-8'))['files']
+    recorded = json.loads(manifest.read_text(encoding='utf-8'))
+    expected = recorded['files']
   except (ValueError, KeyError, UnicodeDecodeError) as e:
     return [f'{manifest} cannot be read ({type(e).__name__})']
+  if recorded.get('commit') and recorded['commit'] not in listing:
+    # Checksummed, then its commit refused: its writer had lost the workdir's lock.
+    return [
+        f'{recorded["commit"]}: missing (its writer lost the lock before committing it: a '
+        'step of a command whose lock was taken over)'
+    ]
   actual = _file_digests(folder, like=expected)
   problems = [f'{name}: missing' for name in expected if name not in actual]
   for name, want in expected.items():
