@@ -28,6 +28,9 @@ differs from a disk are here, with the same guarantee on both:
 - Retries: `RETRIES` tries at most `MAX_DELAY_S` apart in gcsfs and in
   Orbax's tensorstore (`bound_tensorstore_retries`), so that a fault that
   persists ends a command within a bound the user sets.
+- `read_bytes` / `read_text` / `reading`: a caller's read of an output; in a
+  bucket an error is a `StorageError` naming the object (one GET through
+  gcsfs's `cat_file` for whole reads).
 - `WRITE_GUARDS`: `training.lock` refuses writes into a folder whose lock
   this process lost.
 
@@ -296,11 +299,40 @@ def naming(path: PathLike, operation: str, keep: tuple = ()) -> Iterator[None]:
   except Exception as e:  # pylint: disable=broad-except
     # tensorstore appends its whole spec (kilobytes of JSON) to its errors; the object and the
     # cause come before it.
-    message = str(e).split(' [tensorstore_spec=', 1)[0].strip()
+    message = ' '.join(str(e).split(' [tensorstore_spec=', 1)[0].split())  # one line
     raise StorageError(
         f'{path}: {operation} failed ({type(e).__name__}: {message[:400]}); Google Cloud '
         f'Storage kept failing after the retries ({RETRIES} tries; $CAPTURE_STORAGE_RETRIES)'
     ) from e
+
+
+@contextlib.contextmanager
+def reading(path: PathLike, keep: tuple = (), operation: str = 'reading') -> Iterator[None]:
+  """Around a caller's read of `path` (epath's `read_text`, `read_bytes`, `open`): in a bucket,
+  an error gcsfs gave up on is a StorageError naming the object ("reading"); "not found" and
+  the types in `keep` (a parser's errors) pass as they are. On disk errors pass as they are."""
+  if not is_remote(path):
+    yield
+    return
+  with naming(path, operation, keep=keep):
+    yield
+
+
+def read_bytes(path: PathLike) -> bytes:
+  """The bytes of `path`; a read error in a bucket is a StorageError naming it (`reading`).
+
+  In a bucket one GET (gcsfs's `cat_file`, retried as a whole): gcsfs's file reader (what
+  `epath`'s `read_bytes` and `open` use) prefetches in the background and was seen to hand its
+  reader a short read after a persistent error, which a parser then takes for a damaged file."""
+  with reading(path):
+    if is_remote(path):
+      return _filesystem(path).cat_file(str(path))
+    return as_path(path).read_bytes()
+
+
+def read_text(path: PathLike) -> str:
+  """The UTF-8 text of `path`; a read error in a bucket is a StorageError naming it."""
+  return read_bytes(path).decode('utf-8')
 
 
 def _info(path: epath.Path) -> dict | None:
@@ -448,8 +480,7 @@ class AppendFile:
     if self.remote:
       self._text = ''
       if is_file(self.path):
-        with naming(self.path, 'reading'):
-          self._text = self.path.read_text(encoding='utf-8')
+        self._text = read_text(self.path)
       self._dirty = False
       # None until the first upload: `time.monotonic()` counts from an arbitrary origin (the
       # boot on Linux), so no number stands for "never" (0.0 meant "just now" on a machine

@@ -591,3 +591,128 @@ def test_a_stale_holders_checkpoint_commit_is_refused_and_never_restored(faults,
   assert 'lost the lock before committing it' in capfd.readouterr().out
   assert [p.name.split('-')[1] for p in checkpoint_lib.corrupt_checkpoints(workdir)] == ['2']
 
+
+# --------------------------------------------------------------------------
+# Exports, proposals, the evaluation's outputs and the listings they decide from.
+
+
+def _snapshot(folder: str) -> dict[str, bytes]:
+  """Relative name -> bytes of every file under `folder` (locks left out; the times and speeds
+  that an export's metadata, `evaluation.json` and `report.md` record left out too)."""
+  root = storage.as_path(folder)
+  out = {}
+  timings = {
+      '/metadata.json': ('created', 'samples_per_s'),
+      '/evaluation.json': ('search_seconds', 'stage_seconds', 'export_samples_per_s'),
+  }
+  for name in storage.file_listing(root):
+    if name.endswith('.lock'):
+      continue
+    out[name] = (root / name).read_bytes()
+    for suffix, keys in timings.items():
+      if name.endswith(suffix):
+        fields = json.loads(out[name])
+        out[name] = json.dumps({k: v for k, v in fields.items() if k not in keys}).encode()
+    if name.endswith('/report.md'):
+      lines = out[name].decode().splitlines(True)
+      out[name] = ''.join(l for l in lines if 'samples/s' not in l).encode()
+  return out
+
+
+def _outputs(cfg, workdir: str, name: str) -> None:
+  """The proposals and an evaluation of `workdir` (its exports: `{workdir}/embeddings`) into
+  `{workdir}/{name}/...`."""
+  from capture_jax import instances  # pylint: disable=import-outside-toplevel
+  from capture_jax.retrieval import evaluation  # pylint: disable=import-outside-toplevel
+
+  instances.evaluate_proposers(
+      cfg, 'dev', methods=('boxes',), workdir=workdir, out_dir=f'{workdir}/{name}/proposals'
+  )
+  evaluation.evaluate(cfg, workdir, 'dev', out_dir=f'{workdir}/{name}/eval')
+
+
+@pytest.mark.slow
+def test_exports_proposals_and_an_evaluation_under_transient_faults_are_the_same_bytes(
+    faults, tmp_path
+):
+  """The outputs of a trained run made twice: without faults, then with a transient fault on
+  each kind of bucket operation (shard and metadata writes and reads, the proposals, report.md,
+  metrics.json, the plot, the listings of the checkpoints and of an export folder). Every
+  file is the same, byte for byte; a fault that persists on report.md is one StorageError."""
+  from capture_jax import train  # pylint: disable=import-outside-toplevel
+  from capture_jax.retrieval import evaluation  # pylint: disable=import-outside-toplevel
+
+  cfg = trainer_config(tmp_path / 'data')
+  cfg.train.num_steps = 2
+  cfg.eval.update(shard_size=16, progress_bar=False)
+  workdir = gs('outputs')
+  train.run(cfg, workdir)
+  _outputs(cfg, workdir, 'clean')
+  clean = _snapshot(workdir)
+  assert any(n.startswith('embeddings/') for n in clean), sorted(clean)
+  # The evaluation's exports are made again under faults.
+  fsspec.filesystem('gs').rm(f'{workdir}/embeddings', recursive=True)
+  out = r'/upload/.*#name=faults/outputs/'
+  faults.script(
+      Fault('GET', OBJECTS + r'\?.*prefix=faults/outputs/checkpoints/', 'status', status=503),
+      Fault('GET', OBJECTS + r'\?.*prefix=faults/outputs/embeddings/', 'reset'),
+      Fault('POST', out + r'embeddings/.*/shard-', 'status', status=503),
+      Fault('POST', out + r'embeddings/.*/metadata', 'lost'),
+      Fault('GET', r'/o/faults/outputs/.*shard-.*alt=media', 'reset', nth=(2,)),
+      Fault('GET', r'/o/faults/outputs/.*metadata\.json.*alt=media', 'status', status=500),
+      Fault('POST', out + r'faulty/proposals/', 'reset'),
+      Fault('POST', out + r'faulty/eval/report\.md', 'status', status=429),
+      Fault('POST', out + r'faulty/eval/metrics\.json', 'status', status=500),
+      Fault('POST', out + r'faulty/eval/metrics\.png', 'stall', stall_s=30.0),
+  )
+  _outputs(cfg, workdir, 'faulty')
+  hits = [f.hits for f in faults.faults]
+  faults.script()
+  assert all(hits), (hits, faults.log[-30:])
+  after = _snapshot(workdir)
+  mine = {n: b for n, b in after.items() if not n.startswith('faulty/')}
+  assert sorted(mine) == sorted(clean)
+  assert [n for n in clean if mine[n] != clean[n]] == []
+  faulty = {
+      n.replace('faulty/', 'clean/', 1): b for n, b in after.items() if n.startswith('faulty/')
+  }
+  cleans = {n: b for n, b in clean.items() if n.startswith('clean/')}
+  assert sorted(faulty) == sorted(cleans)
+  differ = [n for n in cleans if faulty[n].replace(b'faulty', b'clean') != cleans[n]]
+  assert differ == [], differ
+
+  faults.script(Fault('POST', out + r'persist/eval/report\.md', 'status', nth=None, status=503))
+  with pytest.raises(storage.StorageError, match=r'persist/eval/report\.md: writing failed'):
+    evaluation.evaluate(cfg, workdir, 'dev', out_dir=f'{workdir}/persist/eval')
+
+
+def test_reads_of_exports_and_metrics_name_the_object_and_never_read_as_absent(faults):
+  """A fault that persists (403: not retried) on reading an export's metadata, its shards (is it
+  there whole?) and metrics.jsonl (to resume) is a StorageError naming the object; a shard the
+  bucket fails to serve is not read as missing (which would write it again)."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+
+  from capture_jax.retrieval import export_format  # pylint: disable=import-outside-toplevel
+  from capture_jax.retrieval import identity  # pylint: disable=import-outside-toplevel
+  from capture_jax.training import metrics as metrics_lib  # pylint: disable=import-outside-toplevel
+
+  out = gs('reads')
+  shard = f'{out}/shard-00000-of-00001.npz'
+  export_format.write_shard(shard, {'embeddings': np.zeros((2, 4), np.float32)})
+  export_format.write_metadata(out, {'num_shards': 1})
+  storage.write_text(f'{out}/metrics.jsonl', '{"step": 1}\n')
+  faults.script(Fault('GET', r'/o/faults/reads/.*alt=media', 'status', nth=None, status=403))
+  with pytest.raises(storage.StorageError, match=r'reads/metadata\.json: reading failed'):
+    export_format.read_metadata(out)
+  with pytest.raises(storage.StorageError, match=r'reads/metrics\.jsonl: reading failed'):
+    metrics_lib.MetricWriter(storage.as_path(out), enabled=True, start_step=1)
+  with pytest.raises(
+      storage.StorageError, match=r'reads/shard-00000-of-00001\.npz: reading failed'
+  ):
+    export_format._read_shard(storage.as_path(shard), storage.as_path(out), 4)  # pylint: disable=protected-access
+  faults.script(Fault('GET', OBJECTS + r'.*faults/reads/', 'status', nth=None, status=403))
+  with pytest.raises(
+      storage.StorageError, match=r'shard-00000-of-00001\.npz: reading the metadata'
+  ):
+    identity.shard_readable(shard)
+  faults.script()

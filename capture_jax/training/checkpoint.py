@@ -23,6 +23,13 @@ them lazily (at the next save, and at the end of the run) keeps saves
 asynchronous; a checkpoint without the file (the run was killed before it was
 written) is restored unverified, with a note.
 
+Commit: after `checksums.json`, process 0 writes `{step}/commit.json` through
+`lock.commit_record` (in a bucket, a copy of the workdir's lock conditional on
+the generation this holder last wrote: refused once another command took the
+lock over). `checksums.json` names it, so a step checksummed by a holder that
+lost its lock before committing it is not restored (see docs/RELIABILITY.md
+for what this does not fence).
+
 A checkpoint that cannot be read (or fails its checksums) is moved aside to
 `checkpoints/corrupt-{step}-{time}` (Orbax ignores that name: it is kept for
 inspection, never restored nor deleted by the keep-last policy), reported, and
@@ -153,7 +160,7 @@ def step_dir(manager: ocp.CheckpointManager, step: int) -> storage.Path:
 
 
 def _sha256(path: storage.Path) -> str:
-  with path.open('rb') as f:
+  with storage.reading(path), path.open('rb') as f:
     return hashlib.file_digest(f, 'sha256').hexdigest()
 
 
@@ -162,7 +169,7 @@ def _crc32c(path: storage.Path) -> str:
   import google_crc32c  # pylint: disable=import-outside-toplevel  (installed with gcsfs)
 
   checksum = google_crc32c.Checksum()
-  with path.open('rb') as f:
+  with storage.reading(path), path.open('rb') as f:
     for chunk in iter(lambda: f.read(1 << 20), b''):
       checksum.update(chunk)
   return base64.b64encode(checksum.digest()).decode('ascii')
@@ -218,7 +225,7 @@ def checksum_problems(folder: storage.Path) -> list[str] | None:
   if CHECKSUMS_FILE not in listing:
     return None
   try:
-    recorded = json.loads(manifest.read_text(encoding='utf-8'))
+    recorded = json.loads(storage.read_text(manifest))
     expected = recorded['files']
   except (ValueError, KeyError, UnicodeDecodeError) as e:
     return [f'{manifest} cannot be read ({type(e).__name__})']
@@ -253,7 +260,7 @@ def checkpoint_fingerprint(manager: ocp.CheckpointManager, step: int) -> str:
   def fingerprint() -> str:
     for name in ('_CHECKPOINT_METADATA', CHECKSUMS_FILE):
       if storage.is_file(folder / name):
-        return hashlib.sha256((folder / name).read_bytes()).hexdigest()[:16]
+        return hashlib.sha256(storage.read_bytes(folder / name)).hexdigest()[:16]
     return hashlib.sha256(str(storage.absolute(folder)).encode()).hexdigest()[:16]
 
   return distributed.decide_on_main(fingerprint)  # one id for the export on every process

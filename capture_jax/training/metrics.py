@@ -31,7 +31,7 @@ def truncate_after(path: storage.PathLike, step: int) -> int:
   if not storage.is_file(path):  # raises on a read error (never "absent" by mistake)
     return 0
   kept, dropped = [], 0
-  for line in path.read_text(encoding='utf-8').splitlines():
+  for line in storage.read_text(path).splitlines():
     try:
       keep = int(json.loads(line)['step']) <= step
     except (ValueError, KeyError, TypeError):
