@@ -264,6 +264,9 @@ def test_a_holder_whose_lock_was_taken_over_stops(faults, capfd):
       storage.write_text(folder + '/b.txt', 'b')
   assert lock_object(folder)['pid'] == 1  # the release left the other holder's lock
   assert '412' in [what for _, _, what in faults.log]
+  # Released, the lost lock still refuses writes (a writer flushed at exit must not land).
+  with pytest.raises(lock_lib.LockLostError, match=r'not writing .*c\.txt'):
+    storage.write_text(folder + '/c.txt', 'c')
 
 
 def test_a_holder_that_cannot_refresh_past_the_stale_window_stops(faults):

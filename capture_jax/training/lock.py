@@ -32,7 +32,9 @@ takeover refuses it (412); a refresh that fails otherwise is tolerated while
 the last confirmed write is younger than half the stale window (no other
 command may take the lock over before the whole window passed), and is a loss
 after that. The heartbeat thread records the same losses between writes, and
-every `storage.write_*` into the locked folder checks them (no network call).
+every `storage.write_*` into the locked folder checks them (no network call;
+a lost lock keeps refusing them after its release, until this process takes
+that lock again: a writer flushed at exit must not land).
 A write whose response was lost is recognised as this holder's own when its
 retry is refused: the object then holds the nonce of that very write.
 A commit (a checkpoint step's `commit.json`, `commit_record`) is a copy of
@@ -87,6 +89,9 @@ class LockLostError(LockedError):
 
 # The locks this process holds (enabled or not), oldest first: what `confirm` checks.
 _HELD: list[FolderLock] = []
+# Locks this process lost and released since: writes into their folders stay refused (a writer
+# flushed at exit, after the release, must not write into a folder another command holds).
+_LOST: list[FolderLock] = []
 
 
 def confirm(folder: storage.PathLike, name: str) -> None:
@@ -131,7 +136,7 @@ def _check_write(path: storage.PathLike) -> None:
   """A guard `storage` calls before every whole-file write: refuses a write into a folder whose
   lock this process has lost (from what the heartbeat saw; no network call)."""
   text = str(path)
-  for lock in list(_HELD):
+  for lock in list(_HELD) + list(_LOST):
     if lock.lost is not None and text.startswith(str(lock.path.parent).rstrip('/') + '/'):
       raise LockLostError(lock.lost + f'; not writing {text}')
 
@@ -174,11 +179,15 @@ class FolderLock:
           self._acquire_object()
       else:
         self._acquire_flock()
+    # Held again: the folder is this process's to write into once more.
+    _LOST[:] = [lock for lock in _LOST if str(lock.path) != str(self.path)]
     _HELD.append(self)
 
   def release(self) -> None:
     if self in _HELD:
       _HELD.remove(self)
+      if self.lost is not None:
+        _LOST.append(self)
     if self._token is not None:
       try:
         with storage.naming(self.path, 'releasing the lock'):
