@@ -22,9 +22,15 @@ differs from a disk are here, with the same guarantee on both:
   written with the credentials at hand, is named before anything compiles.
 - `exists` / `is_file` / `is_dir`: "not found" is the only answer read as
   absent (fsspec's `isfile`/`isdir` answer False on any error); an error that
-  gcsfs gave up on (after its 6 tries; a stalled answer is cut after
+  gcsfs gave up on (after `RETRIES` tries; a stalled answer is cut after
   `REQUEST_TIMEOUT_S`) is a `StorageError` naming the object and the
   operation (`naming`), one `error:` line from the commands.
+- Retries: `RETRIES` tries at most `MAX_DELAY_S` apart in gcsfs and in
+  Orbax's tensorstore (`bound_tensorstore_retries`), so that a fault that
+  persists ends a command within a bound the user sets.
+- `read_bytes` / `read_text` / `reading`: a caller's read of an output; in a
+  bucket an error is a `StorageError` naming the object (one GET through
+  gcsfs's `cat_file` for whole reads).
 - `WRITE_GUARDS`: `training.lock` refuses writes into a folder whose lock
   this process lost.
 
@@ -41,11 +47,14 @@ endpoint settings (`STORAGE_EMULATOR_HOST` for gcsfs,
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
+import functools
 import io
 import os
 import pathlib
+import random
 import shutil
 import threading
 import time
@@ -75,6 +84,15 @@ os.environ.setdefault(
 )
 
 
+# How many times one request to GCS is tried, and the longest wait between two tries (an
+# exponential backoff from 1 s: 1, 2, 4, ... capped there), in every layer: gcsfs (metadata,
+# metrics, exports, reports, the lock; its own setting is a fixed 6 tries) and tensorstore (Orbax's
+# arrays; its own default is 32 tries up to 32 s apart, about 15 minutes). The defaults give up
+# after about 2.5 minutes of failures; the tests set a few tries 0.2 s apart.
+RETRIES = int(os.environ.get('CAPTURE_STORAGE_RETRIES', '10'))
+MAX_DELAY_S = float(os.environ.get('CAPTURE_STORAGE_MAX_DELAY_S', '32'))
+
+
 def _configure_gcsfs() -> None:
   """gcsfs caches folder listings for the life of the process by default; other processes (the
   other hosts of a pod, a resumed run) and tensorstore (Orbax's arrays) write objects it does not
@@ -90,6 +108,75 @@ def _configure_gcsfs() -> None:
     conf = fsspec.config.conf.setdefault(protocol, {})
     conf.setdefault('use_listings_cache', False)
     conf.setdefault('requests_timeout', timeout)
+  _bound_gcsfs_retries()
+
+
+def _backoff_s(attempt: int) -> float:
+  """The wait before try `attempt` (1 = the first retry): gcsfs's jittered doubling from 1 s,
+  capped at `MAX_DELAY_S`."""
+  return min(random.random() + 2 ** (attempt - 1), MAX_DELAY_S)
+
+
+def _bound_gcsfs_retries() -> None:
+  """gcsfs retries its requests with a decorator fixed at import (6 tries, up to 32 s apart; no
+  setting reaches it): its three retried methods are wrapped again, around the undecorated ones,
+  with `RETRIES` and `MAX_DELAY_S` (read at each call). What is retried is gcsfs's own choice
+  (`gcsfs.retry.is_retriable`: 5xx, 429, resets, timeouts); 404 never is."""
+  import gcsfs.core  # pylint: disable=import-outside-toplevel
+  from gcsfs import retry  # pylint: disable=import-outside-toplevel
+
+  errors = (
+      retry.HttpError,
+      retry.requests.exceptions.RequestException,
+      retry.google.auth.exceptions.GoogleAuthError,
+      retry.ChecksumError,
+      retry.aiohttp.client_exceptions.ClientError,
+  )
+
+  def bounded(request):
+    @functools.wraps(request)
+    async def call(*args, **kwargs):
+      tries = max(1, RETRIES)
+      for attempt in range(tries):
+        if attempt:
+          await asyncio.sleep(_backoff_s(attempt))
+        try:
+          return await request(*args, **kwargs)
+        except errors as e:
+          if attempt == tries - 1 or getattr(e, 'code', getattr(e, 'status', None)) == 404:
+            raise
+          if not retry.is_retriable(e):
+            raise
+      raise AssertionError('unreachable')
+
+    call.bounded_by_capture = True
+    return call
+
+  # The base class (gcsfs's experimental subclass, the default `gcsfs.GCSFileSystem`, calls it).
+  cls = gcsfs.core.GCSFileSystem
+  for name in ('_request', '_get_file_request', '_get_file_concurrent'):
+    method = cls.__dict__[name]
+    if not getattr(method, 'bounded_by_capture', False):
+      setattr(cls, name, bounded(method.__wrapped__))
+
+
+def bound_tensorstore_retries() -> None:
+  """Makes Orbax's tensorstore contexts retry a GCS request `RETRIES` times, at most
+  `MAX_DELAY_S` apart (tensorstore's `gcs_request_retries` resource; Orbax builds every context
+  from two private dicts and offers no option for it). Called before a checkpoint manager is
+  made (`training.checkpoint.make_manager`); importing Orbax here would slow every command."""
+  from orbax.checkpoint._src.serialization import tensorstore_utils  # pylint: disable=import-outside-toplevel
+
+  bounds = {
+      'max_retries': max(1, RETRIES),
+      'initial_delay': f'{min(1.0, MAX_DELAY_S)}s',
+      'max_delay': f'{MAX_DELAY_S}s',
+  }
+  for context in (
+      tensorstore_utils._BASE_TS_CONTEXT,  # pylint: disable=protected-access
+      tensorstore_utils._DEFAULT_OCDBT_TS_CONTEXT,  # pylint: disable=protected-access
+  ):
+    context['gcs_request_retries'] = dict(bounds)
 
 
 _configure_gcsfs()
@@ -216,10 +303,42 @@ def naming(path: PathLike, operation: str, keep: tuple = ()) -> Iterator[None]:
   except (FileNotFoundError, FileExistsError, StorageError, *keep):
     raise
   except Exception as e:  # pylint: disable=broad-except
+    # tensorstore appends its whole spec (kilobytes of JSON) to its errors; the object and the
+    # cause come before it.
+    message = ' '.join(str(e).split(' [tensorstore_spec=', 1)[0].split())  # one line
     raise StorageError(
-        f'{path}: {operation} failed ({type(e).__name__}: {str(e).strip()[:300]}); Google Cloud '
-        'Storage kept failing after the retries'
+        f'{path}: {operation} failed ({type(e).__name__}: {message[:400]}); Google Cloud '
+        f'Storage kept failing after the retries ({RETRIES} tries; $CAPTURE_STORAGE_RETRIES)'
     ) from e
+
+
+@contextlib.contextmanager
+def reading(path: PathLike, keep: tuple = (), operation: str = 'reading') -> Iterator[None]:
+  """Around a caller's read of `path` (epath's `read_text`, `read_bytes`, `open`): in a bucket,
+  an error gcsfs gave up on is a StorageError naming the object ("reading"); "not found" and
+  the types in `keep` (a parser's errors) pass as they are. On disk errors pass as they are."""
+  if not is_remote(path):
+    yield
+    return
+  with naming(path, operation, keep=keep):
+    yield
+
+
+def read_bytes(path: PathLike) -> bytes:
+  """The bytes of `path`; a read error in a bucket is a StorageError naming it (`reading`).
+
+  In a bucket one GET (gcsfs's `cat_file`, retried as a whole): gcsfs's file reader (what
+  `epath`'s `read_bytes` and `open` use) prefetches in the background and was seen to hand its
+  reader a short read after a persistent error, which a parser then takes for a damaged file."""
+  with reading(path):
+    if is_remote(path):
+      return _filesystem(path).cat_file(str(path))
+    return as_path(path).read_bytes()
+
+
+def read_text(path: PathLike) -> str:
+  """The UTF-8 text of `path`; a read error in a bucket is a StorageError naming it."""
+  return read_bytes(path).decode('utf-8')
 
 
 def _info(path: epath.Path) -> dict | None:
@@ -367,8 +486,7 @@ class AppendFile:
     if self.remote:
       self._text = ''
       if is_file(self.path):
-        with naming(self.path, 'reading'):
-          self._text = self.path.read_text(encoding='utf-8')
+        self._text = read_text(self.path)
       self._dirty = False
       # None until the first upload: `time.monotonic()` counts from an arbitrary origin (the
       # boot on Linux), so no number stands for "never" (0.0 meant "just now" on a machine

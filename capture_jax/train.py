@@ -207,7 +207,8 @@ def _run_locked(
   finally:
     # Wait for the saves in flight (also when stopping on an error: they hold good states),
     # then checksum them.
-    manager.wait_until_finished()
+    with checkpoint_lib.saving(manager):
+      manager.wait_until_finished()
     checkpoint_lib.record_checksums(manager)
     manager.close()
 

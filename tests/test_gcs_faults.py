@@ -37,6 +37,9 @@ from tests.test_train import trainer_config
 os.environ.setdefault('NO_GCE_CHECK', 'true')
 
 OBJECTS = r'/storage/v1/b/[^/]+/o'
+# The bounds on retries in these tests ($CAPTURE_STORAGE_RETRIES, $CAPTURE_STORAGE_MAX_DELAY_S).
+RETRIES = 3
+MAX_DELAY_S = 0.2
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -46,6 +49,12 @@ def _clear_clients() -> None:
   import gcsfs  # pylint: disable=import-outside-toplevel
 
   gcsfs.GCSFileSystem.clear_instance_cache()
+
+
+def _bound_tensorstore() -> None:
+  from capture_jax.training import checkpoint  # pylint: disable=import-outside-toplevel,unused-import
+
+  storage.bound_tensorstore_retries()
 
 
 @pytest.fixture(scope='module')
@@ -66,6 +75,9 @@ def proxy():
         'TENSORSTORE_GCS_HTTP_URL': p.url,
         'GOOGLE_AUTH_TOKEN_FOR_TESTING': 'emulator',
         'GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT': 'false',
+        # A fault that persists ends after 3 tries 0.2 s apart (subprocesses read these).
+        'CAPTURE_STORAGE_RETRIES': str(RETRIES),
+        'CAPTURE_STORAGE_MAX_DELAY_S': str(MAX_DELAY_S),
     }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
@@ -74,10 +86,15 @@ def proxy():
     saved_timeout = confs[0]['requests_timeout']
     for conf in confs:
       conf['requests_timeout'] = aiohttp.ClientTimeout(total=None, sock_connect=2, sock_read=2)
+    saved_bounds = storage.RETRIES, storage.MAX_DELAY_S
+    storage.RETRIES, storage.MAX_DELAY_S = RETRIES, MAX_DELAY_S
+    _bound_tensorstore()
     _clear_clients()
     try:
       yield p
     finally:
+      storage.RETRIES, storage.MAX_DELAY_S = saved_bounds
+      _bound_tensorstore()
       p.script()
       for conf in confs:
         conf['requests_timeout'] = saved_timeout
@@ -247,6 +264,9 @@ def test_a_holder_whose_lock_was_taken_over_stops(faults, capfd):
       storage.write_text(folder + '/b.txt', 'b')
   assert lock_object(folder)['pid'] == 1  # the release left the other holder's lock
   assert '412' in [what for _, _, what in faults.log]
+  # Released, the lost lock still refuses writes (a writer flushed at exit must not land).
+  with pytest.raises(lock_lib.LockLostError, match=r'not writing .*c\.txt'):
+    storage.write_text(folder + '/c.txt', 'c')
 
 
 def test_a_holder_that_cannot_refresh_past_the_stale_window_stops(faults):
@@ -466,3 +486,236 @@ def test_a_lock_create_that_keeps_failing_is_one_error_and_a_held_lock_still_ref
   with lock_lib.FolderLock(folder, 'x.lock', 'export', enabled=True):
     with pytest.raises(lock_lib.LockedError, match='in use by another export'):  # not wrapped
       lock_lib.FolderLock(folder, 'x.lock', 'export', enabled=True).acquire()
+
+
+# --------------------------------------------------------------------------
+# Bounds the user sets: a fault that persists ends within them, in every layer.
+
+
+def test_a_fault_that_persists_ends_within_the_bounds_in_every_layer(faults):
+  """503 (retried by gcsfs and tensorstore) on every try: a write through gcsfs, a checkpoint's
+  array writes and its array reads (tensorstore) each end after `RETRIES` tries with one
+  StorageError naming the object and the operation, in seconds (tensorstore's own default is 32
+  tries, about 15 minutes)."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+
+  from capture_jax.training import checkpoint as checkpoint_lib  # pylint: disable=import-outside-toplevel
+
+  start = time.time()
+  faults.script(Fault('POST', r'/upload/.*#name=faults/bounded/a\.txt', 'status', nth=None))
+  with pytest.raises(storage.StorageError, match=r'bounded/a\.txt: writing failed .*3 tries'):
+    storage.write_text(gs('bounded/a.txt'), 'a')
+  assert faults.injected() == RETRIES, faults.log[-5:]
+
+  tree = {'a': np.arange(16, dtype=np.float32)}
+  workdir = gs('bounded-save')
+  faults.script(
+      Fault('POST', r'/upload/.*#name=faults/bounded-save/checkpoints/1/state/', 'status', nth=None)
+  )
+  manager = checkpoint_lib.make_manager(workdir, _checkpoint_cfg())
+  try:
+    with pytest.raises(
+        storage.StorageError,
+        match=r'bounded-save/checkpoints: saving a checkpoint into failed .*Error writing '
+        r'.*bounded-save/checkpoints/1/state/.*3 retry attempts failed',
+    ):
+      with checkpoint_lib.saving(manager):
+        manager.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave(tree)))
+        manager.wait_until_finished()
+  finally:
+    manager.close()
+
+  workdir = gs('bounded-restore')
+  save_and_restore(workdir, tree)
+  faults.script(
+      Fault('GET', r'/o/faults/bounded-restore/checkpoints/1/state/.*alt=media', 'status', nth=None)
+  )
+  manager = checkpoint_lib.make_manager(workdir, _checkpoint_cfg())
+  try:
+    with pytest.raises(
+        storage.StorageError,
+        match=r'bounded-restore/checkpoints/1: restoring failed although its files match',
+    ):
+      checkpoint_lib.restore_latest(manager, tree, None, move_unreadable=True)
+  finally:
+    manager.close()
+  assert time.time() - start < 60
+
+
+# --------------------------------------------------------------------------
+# A commit conditional on the lock's generation.
+
+
+def test_a_stale_holders_checkpoint_commit_is_refused_and_never_restored(faults, capfd):
+  """Holder A saves step 1 (Orbax finalises it); B takes the lock over before A commits it. A's
+  commit, a copy of the lock conditional on the generation A last wrote, is refused by the store
+  (412): A stops (LockLostError), and B's restore does not count A's step (moved aside), while a
+  step committed before the takeover is restored."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+
+  from capture_jax.training import checkpoint as checkpoint_lib  # pylint: disable=import-outside-toplevel
+
+  workdir = gs('stale-commit')
+  lock_path = storage.as_path(workdir + '/' + lock_lib.TRAIN_LOCK_FILE)
+  trees = {step: {'a': np.full((8,), step, dtype=np.float32)} for step in (1, 2)}
+  lock = lock_lib.FolderLock(workdir, lock_lib.TRAIN_LOCK_FILE, 'trainer', True, heartbeat_s=3600)
+  manager = checkpoint_lib.make_manager(workdir, _checkpoint_cfg())
+  try:
+    with lock:
+      for step in (1, 2):
+        lock_lib.confirm(workdir, lock_lib.TRAIN_LOCK_FILE)  # what train.py does before a save
+        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(trees[step])))
+        manager.wait_until_finished()
+        if step == 1:  # committed while A holds the lock: a copy of the lock
+          checkpoint_lib.record_checksums(manager)
+          record = json.loads((checkpoint_lib.step_dir(manager, 1) / 'commit.json').read_text())
+          assert record['token'] == lock._token  # pylint: disable=protected-access
+      # B takes the lock over (same token: only the store's generation check can tell).
+      holder = json.loads(lock_path.read_text())
+      storage.write_text(lock_path, json.dumps({**holder, 'pid': 1, 'nonce': 'theirs'}))
+      with pytest.raises(lock_lib.LockLostError, match=r'taken over .*2/commit\.json'):
+        checkpoint_lib.record_checksums(manager)
+  finally:
+    manager.close()
+  assert '412' in [what for _, _, what in faults.log], faults.log[-10:]
+  step_2 = storage.as_path(workdir + '/checkpoints/2')
+  assert storage.is_file(step_2 / 'commit_success.txt')  # Orbax's marker landed: not enough
+  assert not storage.exists(step_2 / 'commit.json')
+  # B resumes: A's step 2 is not a checkpoint of the run; step 1 is.
+  manager = checkpoint_lib.make_manager(workdir, _checkpoint_cfg())
+  try:
+    state, step = checkpoint_lib.restore_latest(manager, trees[1], None, move_unreadable=True)
+  finally:
+    manager.close()
+  assert step == 1
+  np.testing.assert_array_equal(np.asarray(state['a']), trees[1]['a'])
+  assert 'lost the lock before committing it' in capfd.readouterr().out
+  assert [p.name.split('-')[1] for p in checkpoint_lib.corrupt_checkpoints(workdir)] == ['2']
+
+
+# --------------------------------------------------------------------------
+# Exports, proposals, the evaluation's outputs and the listings they decide from.
+
+
+def _snapshot(folder: str) -> dict[str, bytes]:
+  """Relative name -> bytes of every file under `folder` (locks left out; the times and speeds
+  that an export's metadata, `evaluation.json` and `report.md` record left out too)."""
+  root = storage.as_path(folder)
+  out = {}
+  timings = {
+      '/metadata.json': ('created', 'samples_per_s'),
+      '/evaluation.json': ('search_seconds', 'stage_seconds', 'export_samples_per_s'),
+  }
+  for name in storage.file_listing(root):
+    if name.endswith('.lock'):
+      continue
+    out[name] = (root / name).read_bytes()
+    for suffix, keys in timings.items():
+      if name.endswith(suffix):
+        fields = json.loads(out[name])
+        out[name] = json.dumps({k: v for k, v in fields.items() if k not in keys}).encode()
+    if name.endswith('/report.md'):
+      lines = out[name].decode().splitlines(True)
+      out[name] = ''.join(l for l in lines if 'samples/s' not in l).encode()
+  return out
+
+
+def _outputs(cfg, workdir: str, name: str) -> None:
+  """The proposals and an evaluation of `workdir` (its exports: `{workdir}/embeddings`) into
+  `{workdir}/{name}/...`."""
+  from capture_jax import instances  # pylint: disable=import-outside-toplevel
+  from capture_jax.retrieval import evaluation  # pylint: disable=import-outside-toplevel
+
+  instances.evaluate_proposers(
+      cfg, 'dev', methods=('boxes',), workdir=workdir, out_dir=f'{workdir}/{name}/proposals'
+  )
+  evaluation.evaluate(cfg, workdir, 'dev', out_dir=f'{workdir}/{name}/eval')
+
+
+@pytest.mark.slow
+def test_exports_proposals_and_an_evaluation_under_transient_faults_are_the_same_bytes(
+    faults, tmp_path
+):
+  """The outputs of a trained run made twice: without faults, then with a transient fault on
+  each kind of bucket operation (shard and metadata writes and reads, the proposals, report.md,
+  metrics.json, the plot, the listings of the checkpoints and of an export folder). Every
+  file is the same, byte for byte; a fault that persists on report.md is one StorageError."""
+  from capture_jax import train  # pylint: disable=import-outside-toplevel
+  from capture_jax.retrieval import evaluation  # pylint: disable=import-outside-toplevel
+
+  cfg = trainer_config(tmp_path / 'data')
+  cfg.train.num_steps = 2
+  cfg.eval.update(shard_size=16, progress_bar=False)
+  workdir = gs('outputs')
+  train.run(cfg, workdir)
+  _outputs(cfg, workdir, 'clean')
+  clean = _snapshot(workdir)
+  assert any(n.startswith('embeddings/') for n in clean), sorted(clean)
+  # The evaluation's exports are made again under faults.
+  fsspec.filesystem('gs').rm(f'{workdir}/embeddings', recursive=True)
+  out = r'/upload/.*#name=faults/outputs/'
+  faults.script(
+      Fault('GET', OBJECTS + r'\?.*prefix=faults/outputs/checkpoints/', 'status', status=503),
+      Fault('GET', OBJECTS + r'\?.*prefix=faults/outputs/embeddings/', 'reset'),
+      Fault('POST', out + r'embeddings/.*/shard-', 'status', status=503),
+      Fault('POST', out + r'embeddings/.*/metadata', 'lost'),
+      Fault('GET', r'/o/faults/outputs/.*shard-.*alt=media', 'reset', nth=(2,)),
+      Fault('GET', r'/o/faults/outputs/.*metadata\.json.*alt=media', 'status', status=500),
+      Fault('POST', out + r'faulty/proposals/', 'reset'),
+      Fault('POST', out + r'faulty/eval/report\.md', 'status', status=429),
+      Fault('POST', out + r'faulty/eval/metrics\.json', 'status', status=500),
+      Fault('POST', out + r'faulty/eval/metrics\.png', 'stall', stall_s=30.0),
+  )
+  _outputs(cfg, workdir, 'faulty')
+  hits = [f.hits for f in faults.faults]
+  faults.script()
+  assert all(hits), (hits, faults.log[-30:])
+  after = _snapshot(workdir)
+  mine = {n: b for n, b in after.items() if not n.startswith('faulty/')}
+  assert sorted(mine) == sorted(clean)
+  assert [n for n in clean if mine[n] != clean[n]] == []
+  faulty = {
+      n.replace('faulty/', 'clean/', 1): b for n, b in after.items() if n.startswith('faulty/')
+  }
+  cleans = {n: b for n, b in clean.items() if n.startswith('clean/')}
+  assert sorted(faulty) == sorted(cleans)
+  differ = [n for n in cleans if faulty[n].replace(b'faulty', b'clean') != cleans[n]]
+  assert differ == [], differ
+
+  faults.script(Fault('POST', out + r'persist/eval/report\.md', 'status', nth=None, status=503))
+  with pytest.raises(storage.StorageError, match=r'persist/eval/report\.md: writing failed'):
+    evaluation.evaluate(cfg, workdir, 'dev', out_dir=f'{workdir}/persist/eval')
+
+
+def test_reads_of_exports_and_metrics_name_the_object_and_never_read_as_absent(faults):
+  """A fault that persists (403: not retried) on reading an export's metadata, its shards (is it
+  there whole?) and metrics.jsonl (to resume) is a StorageError naming the object; a shard the
+  bucket fails to serve is not read as missing (which would write it again)."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+
+  from capture_jax.retrieval import export_format  # pylint: disable=import-outside-toplevel
+  from capture_jax.retrieval import identity  # pylint: disable=import-outside-toplevel
+  from capture_jax.training import metrics as metrics_lib  # pylint: disable=import-outside-toplevel
+
+  out = gs('reads')
+  shard = f'{out}/shard-00000-of-00001.npz'
+  export_format.write_shard(shard, {'embeddings': np.zeros((2, 4), np.float32)})
+  export_format.write_metadata(out, {'num_shards': 1})
+  storage.write_text(f'{out}/metrics.jsonl', '{"step": 1}\n')
+  faults.script(Fault('GET', r'/o/faults/reads/.*alt=media', 'status', nth=None, status=403))
+  with pytest.raises(storage.StorageError, match=r'reads/metadata\.json: reading failed'):
+    export_format.read_metadata(out)
+  with pytest.raises(storage.StorageError, match=r'reads/metrics\.jsonl: reading failed'):
+    metrics_lib.MetricWriter(storage.as_path(out), enabled=True, start_step=1)
+  with pytest.raises(
+      storage.StorageError, match=r'reads/shard-00000-of-00001\.npz: reading failed'
+  ):
+    export_format._read_shard(storage.as_path(shard), storage.as_path(out), 4)  # pylint: disable=protected-access
+  faults.script(Fault('GET', OBJECTS + r'.*faults/reads/', 'status', nth=None, status=403))
+  with pytest.raises(
+      storage.StorageError, match=r'shard-00000-of-00001\.npz: reading the metadata'
+  ):
+    identity.shard_readable(shard)
+  faults.script()

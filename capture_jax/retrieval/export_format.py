@@ -80,7 +80,7 @@ def read_metadata(out_dir: storage.PathLike) -> dict[str, Any] | None:
   path = storage.as_path(out_dir) / METADATA_FILE
   if not storage.is_file(path):  # raises on a read error: an error is not "no export"
     return None
-  return json.loads(path.read_text(encoding='utf-8'))
+  return json.loads(storage.read_text(path))
 
 
 def identity_diffs(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
@@ -156,6 +156,11 @@ class Embeddings:
     return int(self.vectors.shape[0])
 
 
+# What a shard that is there but cannot be parsed raises (in a bucket, an error of the bucket is
+# a StorageError instead: `storage.read_bytes`).
+_UNREADABLE = (OSError, ValueError, KeyError, zipfile.BadZipFile)
+
+
 def _read_shard(path: storage.Path, out_dir: storage.Path, dim: int) -> dict[str, np.ndarray]:
   """One shard's arrays (embeddings as float32 [n, dim]); errors name the file and the fix."""
   if not storage.is_file(path):
@@ -163,11 +168,17 @@ def _read_shard(path: storage.Path, out_dir: storage.Path, dim: int) -> dict[str
         f'{path} is missing from the export in {out_dir}; run the export again to rewrite it'
     )
   try:
-    with path.open('rb') as f, np.load(f, allow_pickle=False) as z:
+    # The whole shard is read (it is, below), then parsed: a bucket's read error is then a
+    # StorageError (gcsfs's prefetching reader can hand np.load a short read after an error).
+    data = storage.read_bytes(path) if storage.is_remote(path) else None
+    with (
+        io.BytesIO(data) if data is not None else path.open('rb') as f,
+        np.load(f, allow_pickle=False) as z,
+    ):
       arrays = {k: z[k] for k in z.files}
       emb = arrays['embeddings']
       arrays['item_id'], arrays['row']  # pylint: disable=pointless-statement
-  except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+  except _UNREADABLE as e:
     raise ValueError(
         f'{path} cannot be read ({type(e).__name__}: {e}); delete it and run the export '
         'again to rewrite it'

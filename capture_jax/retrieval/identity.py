@@ -81,6 +81,11 @@ def shard_readable(path: storage.PathLike) -> bool:
   """Whether a shard file is there and opens as a whole `.npz` (a truncated zip has no central
   directory). Bytes flipped inside are caught by the zip CRC when the export is read."""
   path = storage.as_path(path)
+  if storage.is_remote(path):
+    # An object is uploaded whole (never a part of a shard), so one that is there is whole; a
+    # read error raises (gcsfs's prefetching reader can hand zipfile a short read after an
+    # error, which read as "not a shard": written again).
+    return storage.is_file(path)
   try:
     with path.open('rb') as f, zipfile.ZipFile(f) as z:
       return 'embeddings.npy' in z.namelist()

@@ -128,8 +128,11 @@ def _remove_leftovers(out_dir: storage.Path, remove_shards: bool) -> None:
   if remove_shards:
     patterns.append('shard-*-of-*.npz')
   for pattern in patterns:
-    for path in out_dir.glob(pattern):
-      path.unlink()
+    with storage.reading(out_dir, operation='listing'):
+      found = list(out_dir.glob(pattern))
+    for path in found:
+      with storage.reading(path, operation='deleting'):
+        path.unlink()
 
 
 def _write_shards(

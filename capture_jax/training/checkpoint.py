@@ -23,6 +23,13 @@ them lazily (at the next save, and at the end of the run) keeps saves
 asynchronous; a checkpoint without the file (the run was killed before it was
 written) is restored unverified, with a note.
 
+Commit: after `checksums.json`, process 0 writes `{step}/commit.json` through
+`lock.commit_record` (in a bucket, a copy of the workdir's lock conditional on
+the generation this holder last wrote: refused once another command took the
+lock over). `checksums.json` names it, so a step checksummed by a holder that
+lost its lock before committing it is not restored (see docs/RELIABILITY.md
+for what this does not fence).
+
 A checkpoint that cannot be read (or fails its checksums) is moved aside to
 `checkpoints/corrupt-{step}-{time}` (Orbax ignores that name: it is kept for
 inspection, never restored nor deleted by the keep-last policy), reported, and
@@ -37,6 +44,7 @@ checkpoints existed but none is readable, starting from scratch needs
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import time
@@ -50,6 +58,7 @@ import orbax.checkpoint as ocp
 from capture_jax import storage
 from capture_jax.data import tokenizer as tokenizer_lib
 from capture_jax.training import distributed
+from capture_jax.training import lock as lock_lib
 
 # Model fields that change numerics or speed but not the parameter tree.
 LAYOUT_NEUTRAL_FIELDS = (
@@ -63,8 +72,15 @@ LAYOUT_NEUTRAL_FIELDS = (
 
 RUN_IDENTITY_KEY = 'run_identity'
 CHECKSUMS_FILE = 'checksums.json'
+# Written after `checksums.json` by the lock's holder (`lock.commit_record`: on GCS a copy of the
+# lock conditional on its generation, refused after a takeover); a step whose checksums name it
+# and that lacks it is not restored.
+COMMIT_FILE = 'commit.json'
 LOOP_ITEM = 'loop'
 CORRUPT_PREFIX = 'corrupt-'
+
+# Orbax's tensorstore retries a GCS request within the bounds the user set (storage.RETRIES).
+storage.bound_tensorstore_retries()
 
 
 class IncompatibleCheckpointError(ValueError):
@@ -96,6 +112,19 @@ def make_manager(
   )
 
 
+@contextlib.contextmanager
+def saving(manager: ocp.CheckpointManager):
+  """Around `manager.save` and `manager.wait_until_finished` (where Orbax raises the errors of an
+  asynchronous save): in a bucket, an error that persisted past the retries (tensorstore's or
+  gcsfs's, `storage.RETRIES`) is a StorageError naming the folder, the object and the operation,
+  one `error:` line from the commands."""
+  if not storage.is_remote(manager.directory):
+    yield
+    return
+  with storage.naming(manager.directory, 'saving a checkpoint into'):
+    yield
+
+
 def save(
     manager: ocp.CheckpointManager,
     step: int,
@@ -115,7 +144,8 @@ def save(
     items['data'] = grain.checkpoint.CheckpointSave(data_iterator)
   if loop is not None:
     items[LOOP_ITEM] = ocp.args.JsonSave({k: int(v) for k, v in loop.items()})
-  saved = manager.save(step, args=ocp.args.Composite(**items), force=force)
+  with saving(manager):
+    saved = manager.save(step, args=ocp.args.Composite(**items), force=force)
   if saved:
     # `manager.save` waits for the previous save to finish before starting this one: every
     # other step is final now and can be checksummed without waiting for this one.
@@ -132,7 +162,7 @@ def step_dir(manager: ocp.CheckpointManager, step: int) -> storage.Path:
 
 
 def _sha256(path: storage.Path) -> str:
-  with path.open('rb') as f:
+  with storage.reading(path), path.open('rb') as f:
     return hashlib.file_digest(f, 'sha256').hexdigest()
 
 
@@ -141,7 +171,7 @@ def _crc32c(path: storage.Path) -> str:
   import google_crc32c  # pylint: disable=import-outside-toplevel  (installed with gcsfs)
 
   checksum = google_crc32c.Checksum()
-  with path.open('rb') as f:
+  with storage.reading(path), path.open('rb') as f:
     for chunk in iter(lambda: f.read(1 << 20), b''):
       checksum.update(chunk)
   return base64.b64encode(checksum.digest()).decode('ascii')
@@ -153,7 +183,7 @@ def _file_digests(folder: storage.Path, like: dict[str, dict] | None = None) -> 
   where that is possible (a checkpoint copied from disk to a bucket is checked by SHA-256)."""
   digests = {}
   for name, entry in storage.file_listing(folder).items():
-    if name.rsplit('/', 1)[-1].lstrip('.').startswith(CHECKSUMS_FILE):
+    if name.rsplit('/', 1)[-1].lstrip('.').startswith(CHECKSUMS_FILE) or name == COMMIT_FILE:
       continue
     want = (like or {}).get(name, {})
     if 'crc32c' in entry and 'sha256' not in want:
@@ -178,8 +208,11 @@ def record_checksums(manager: ocp.CheckpointManager, exclude: int | None = None)
     # `storage` raises on a read error (epath answers False on any error).
     if step == exclude or storage.exists(folder / CHECKSUMS_FILE) or not storage.is_dir(folder):
       continue
-    text = json.dumps({'step': int(step), 'files': _file_digests(folder)}, indent=1)
-    storage.write_text(folder / CHECKSUMS_FILE, text)
+    manifest = {'step': int(step), 'files': _file_digests(folder), 'commit': COMMIT_FILE}
+    storage.write_text(folder / CHECKSUMS_FILE, json.dumps(manifest, indent=1))
+    # The commit: refused (LockLostError) when another command took the workdir's lock over
+    # since this holder last confirmed it; the step then never counts as a checkpoint.
+    lock_lib.commit_record(folder / COMMIT_FILE)
 
 
 def checksum_problems(folder: storage.Path) -> list[str] | None:
@@ -190,12 +223,20 @@ def checksum_problems(folder: storage.Path) -> list[str] | None:
   unverified).
   """
   manifest = folder / CHECKSUMS_FILE
-  if CHECKSUMS_FILE not in storage.file_listing(folder):
+  listing = storage.file_listing(folder)
+  if CHECKSUMS_FILE not in listing:
     return None
   try:
-    expected = json.loads(manifest.read_text(encoding='utf-8'))['files']
+    recorded = json.loads(storage.read_text(manifest))
+    expected = recorded['files']
   except (ValueError, KeyError, UnicodeDecodeError) as e:
     return [f'{manifest} cannot be read ({type(e).__name__})']
+  if recorded.get('commit') and recorded['commit'] not in listing:
+    # Checksummed, then its commit refused: its writer had lost the workdir's lock.
+    return [
+        f'{recorded["commit"]}: missing (its writer lost the lock before committing it: a '
+        'step of a command whose lock was taken over)'
+    ]
   actual = _file_digests(folder, like=expected)
   problems = [f'{name}: missing' for name in expected if name not in actual]
   for name, want in expected.items():
@@ -221,7 +262,7 @@ def checkpoint_fingerprint(manager: ocp.CheckpointManager, step: int) -> str:
   def fingerprint() -> str:
     for name in ('_CHECKPOINT_METADATA', CHECKSUMS_FILE):
       if storage.is_file(folder / name):
-        return hashlib.sha256((folder / name).read_bytes()).hexdigest()[:16]
+        return hashlib.sha256(storage.read_bytes(folder / name)).hexdigest()[:16]
     return hashlib.sha256(str(storage.absolute(folder)).encode()).hexdigest()[:16]
 
   return distributed.decide_on_main(fingerprint)  # one id for the export on every process

@@ -32,13 +32,20 @@ takeover refuses it (412); a refresh that fails otherwise is tolerated while
 the last confirmed write is younger than half the stale window (no other
 command may take the lock over before the whole window passed), and is a loss
 after that. The heartbeat thread records the same losses between writes, and
-every `storage.write_*` into the locked folder checks them (no network call).
+every `storage.write_*` into the locked folder checks them (no network call;
+a lost lock keeps refusing them after its release, until this process takes
+that lock again: a writer flushed at exit must not land).
 A write whose response was lost is recognised as this holder's own when its
 retry is refused: the object then holds the nonce of that very write.
-What is not fenced: the bytes Orbax (tensorstore) writes and its commit marker,
-which land after the confirmed save started (within the lease, as long as a
-save takes less than half of `STALE_AFTER_S`), and the writes of processes
-other than 0.
+A commit (a checkpoint step's `commit.json`, `commit_record`) is a copy of
+the lock object conditional on its generation (`ifSourceGenerationMatch`):
+the store refuses it once the lock was taken over, so a stale holder's commit
+never lands after the takeover.
+What is not fenced: the bytes Orbax (tensorstore) writes and its own commit
+marker, which land after the confirmed save started (within the lease, as
+long as a save takes less than half of `STALE_AFTER_S`; a step without our
+record is not restored if its checksums say one was due, see
+`training.checkpoint`), and the writes of processes other than 0.
 
 The lock holds the holder's host, pid and start time, for the message that
 refuses a second writer. Only process 0 of a multi-process run takes it (the
@@ -82,6 +89,9 @@ class LockLostError(LockedError):
 
 # The locks this process holds (enabled or not), oldest first: what `confirm` checks.
 _HELD: list[FolderLock] = []
+# Locks this process lost and released since: writes into their folders stay refused (a writer
+# flushed at exit, after the release, must not write into a folder another command holds).
+_LOST: list[FolderLock] = []
 
 
 def confirm(folder: storage.PathLike, name: str) -> None:
@@ -95,11 +105,38 @@ def confirm(folder: storage.PathLike, name: str) -> None:
   distributed.decide_on_main(lock.confirm)
 
 
+def commit_record(target: storage.PathLike) -> None:
+  """Writes `target`: the record that what lies beside it (a checkpoint step) was committed by
+  the holder of the lock of a folder above it.
+
+  On GCS it is a copy of the lock object made on condition that the lock is still at the
+  generation this holder last wrote (`ifSourceGenerationMatch`): once another command took the
+  lock over, the store refuses it (412), nothing lands, and this raises LockLostError. On disk
+  the lock is confirmed (`confirm`), then the record written. Without a lock held over `target`
+  (a process other than 0, a tool) the record is written as is: nothing to fence it with.
+  """
+  text = str(target)
+  held = [
+      lock
+      for lock in _HELD
+      if lock.enabled and text.startswith(str(lock.path.parent).rstrip('/') + '/')
+  ]
+  if not held:
+    storage.write_text(target, json.dumps({'committed': time.time()}))
+    return
+  lock = max(held, key=lambda lock: len(str(lock.path)))  # the innermost folder's lock
+  if lock._token is None:  # pylint: disable=protected-access  (on disk)
+    lock.confirm()
+    storage.write_text(target, json.dumps({**_holder(), 'committed': time.time()}))
+    return
+  lock.copy_to(target)
+
+
 def _check_write(path: storage.PathLike) -> None:
   """A guard `storage` calls before every whole-file write: refuses a write into a folder whose
   lock this process has lost (from what the heartbeat saw; no network call)."""
   text = str(path)
-  for lock in list(_HELD):
+  for lock in list(_HELD) + list(_LOST):
     if lock.lost is not None and text.startswith(str(lock.path.parent).rstrip('/') + '/'):
       raise LockLostError(lock.lost + f'; not writing {text}')
 
@@ -142,11 +179,15 @@ class FolderLock:
           self._acquire_object()
       else:
         self._acquire_flock()
+    # Held again: the folder is this process's to write into once more.
+    _LOST[:] = [lock for lock in _LOST if str(lock.path) != str(self.path)]
     _HELD.append(self)
 
   def release(self) -> None:
     if self in _HELD:
       _HELD.remove(self)
+      if self.lost is not None:
+        _LOST.append(self)
     if self._token is not None:
       try:
         with storage.naming(self.path, 'releasing the lock'):
@@ -173,6 +214,19 @@ class FolderLock:
       elif self._token is not None:
         with self._mutex:
           self._refresh(synchronous=True)
+    if self.lost is not None:
+      raise LockLostError(self.lost)
+
+  def copy_to(self, target: storage.PathLike) -> None:
+    """Copies the lock object (GCS) to `target` if it is still at the generation this holder
+    last wrote; LockLostError otherwise (the store refused: taken over)."""
+    with self._mutex:
+      if self.lost is None:
+        try:
+          with storage.naming(target, f'committing (a copy of {self.path} conditional on it)'):
+            _gcs_rewrite(self.path, target, if_source_generation=self._generation)
+        except FileExistsError:
+          self._lose(f'was taken over by another command before {target} was committed')
     if self.lost is not None:
       raise LockLostError(self.lost)
 
@@ -380,6 +434,28 @@ def _gcs_call(method: str, path: storage.Path, **params) -> None:
   """A JSON-API call on one object (`DELETE` with preconditions: gcsfs's `rm` takes none)."""
   bucket, key = str(path).split('://', 1)[1].split('/', 1)
   _gcs().call(method, 'b/{}/o/{}', bucket, key, **params)
+
+
+def _gcs_rewrite(source: storage.Path, target: storage.PathLike, if_source_generation: str) -> None:
+  """Copies one object to another of the same bucket (GCS's rewrite, done in one call for an
+  object this small) if the source is at `if_source_generation`; FileExistsError (GCS's 412)
+  otherwise. A retry after a lost answer copies the same source again."""
+  fs = _gcs()
+  bucket, key = str(source).split('://', 1)[1].split('/', 1)
+  target_bucket, target_key = str(target).split('://', 1)[1].split('/', 1)
+  out = fs.call(
+      'POST',
+      'b/{}/o/{}/rewriteTo/b/{}/o/{}',
+      bucket,
+      key,
+      target_bucket,
+      target_key,
+      headers={'Content-Type': 'application/json'},
+      json_out=True,
+      ifSourceGenerationMatch=str(if_source_generation),
+  )
+  if out.get('done') is False:
+    raise RuntimeError(f'{target}: the copy of {source} did not finish in one call')
 
 
 def _gcs_upload(path: storage.Path, data: bytes, if_generation: str | None) -> str:

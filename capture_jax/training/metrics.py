@@ -10,6 +10,7 @@ from typing import Mapping
 
 from capture_jax import accelerators, storage
 from capture_jax.training import distributed
+from capture_jax.training import lock as lock_lib
 
 # Peak dense bf16 FLOP/s of a device, for model FLOP utilisation (one table: accelerators.py).
 peak_flops = accelerators.peak_flops
@@ -31,7 +32,7 @@ def truncate_after(path: storage.PathLike, step: int) -> int:
   if not storage.is_file(path):  # raises on a read error (never "absent" by mistake)
     return 0
   kept, dropped = [], 0
-  for line in path.read_text(encoding='utf-8').splitlines():
+  for line in storage.read_text(path).splitlines():
     try:
       keep = int(json.loads(line)['step']) <= step
     except (ValueError, KeyError, TypeError):
@@ -59,7 +60,12 @@ class _ObjectEventWriter:
     self.buffer.write(data)
 
   def flush(self) -> None:
-    storage.write_bytes(self.path, self.buffer.getvalue())
+    try:
+      storage.write_bytes(self.path, self.buffer.getvalue())
+    except lock_lib.LockLostError:
+      # Refused: this command lost its workdir's lock and stops on that error (its one `error:`
+      # line). tensorboardX would otherwise try again at exit, with a traceback.
+      pass
 
   def close(self) -> None:
     self.flush()
@@ -130,5 +136,7 @@ class MetricWriter:
 
   def close(self) -> None:
     if self.enabled:
-      self._jsonl.close()
-      self._tb.close()
+      try:
+        self._jsonl.close()
+      finally:  # closed also when the rows' upload fails (tensorboardX flushes again at exit)
+        self._tb.close()
