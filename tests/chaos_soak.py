@@ -16,10 +16,10 @@ What it does:
    probability `--fault_rate` (503, 429, 500, connection reset, lost answer; stalls with
    `--stalls`), SIGKILLed `--kills` times, run again after each kill until it completes. Each
    kill's moment is drawn (seeded) from three aims: a delay from the start (mostly JAX start-up
-   and compile), a delay after the step is compiled (steps), or the n-th write of a checkpoint
-   (during a save). Each kill's phase is recorded from what the run printed and what it sent
-   to the bucket: start-up (before the step was compiled), steps (compiled, no checkpoint write
-   in flight), save (a checkpoint's files written and its commit marker not yet).
+   and compile), a delay after the run's first checkpoint commit (steps), or the n-th write of a
+   checkpoint (during a save). Each kill's phase is recorded from what the run printed and what
+   it sent to the bucket: start-up (before the step was compiled), steps (compiled, no
+   checkpoint write in flight), save (a checkpoint's files written, its commit marker not yet).
 4. The comparison, with the faults off: the latest checkpoint of both runs restored (the whole
    train state: parameters, optimizer state, counters) and compared leaf by leaf, bitwise; the
    checkpoint's checksums verified; metrics.jsonl row by row: the same steps and every field
@@ -66,7 +66,6 @@ class Kill:
   aim: str  # 'delay' (from the start), 'steps' (after the compile), 'save' (n-th checkpoint write)
   after_s: float  # from the run's start
   phase: str  # 'start-up', 'steps' or 'save'
-  resumed_from: int | None  # the step the killed run had resumed from (None: a fresh start)
   committed: list[int]  # checkpoint steps this run committed before the kill
 
 
@@ -81,6 +80,7 @@ class Attempt:
   compiled_s: float | None = None  # when the step was compiled, from the start
   checkpoint_writes: int = 0
   committed: tuple[int, ...] = ()
+  resumed_from: int | None = None  # the step it resumed from (None: a fresh start)
 
 
 # --------------------------------------------------------------------------
@@ -191,8 +191,8 @@ def start(command: list[str], env: dict[str, str], proxy) -> Watch:
 def run_once(command, env, proxy, aim: tuple[str, float] | None, timeout: float) -> Attempt:
   """Runs the command; with `aim`, kills it (SIGKILL) at that moment if it is still running.
 
-  aim: ('delay', s) s after the start; ('steps', s) s after the step is compiled; ('save', n)
-  at the n-th checkpoint write request of this run.
+  aim: ('delay', s) s after the start; ('steps', s) s after this run's first checkpoint commit
+  (its steps have made progress); ('save', n) at the n-th checkpoint write request of this run.
   """
   watch = start(command, env, proxy)
   try:
@@ -204,7 +204,7 @@ def run_once(command, env, proxy, aim: tuple[str, float] | None, timeout: float)
 
 
 def _watch_and_kill(watch: Watch, aim, timeout: float) -> Attempt:
-  kill, since = None, None
+  kill, since, first_commit = None, None, None
   deadline = watch.start + timeout
   while watch.proc.poll() is None and time.monotonic() < deadline:
     time.sleep(0.01)
@@ -212,16 +212,18 @@ def _watch_and_kill(watch: Watch, aim, timeout: float) -> Attempt:
     now = time.monotonic() - watch.start
     if since is None and watch.compiled():
       since = now
+    if first_commit is None and watch.committed():
+      first_commit = now
     if aim is None:
       continue
     due = (
         (aim[0] == 'delay' and now >= aim[1])
-        or (aim[0] == 'steps' and since is not None and now >= since + aim[1])
+        or (aim[0] == 'steps' and first_commit is not None and now >= first_commit + aim[1])
         or (aim[0] == 'save' and len(watch.checkpoint_writes()) >= aim[1])
     )
     if due:
       phase = 'save' if watch.saving() else 'steps' if watch.compiled() else 'start-up'
-      kill = Kill(aim[0], now, phase, watch.resumed_from(), watch.committed())
+      kill = Kill(aim[0], now, phase, watch.committed())
       os.killpg(watch.proc.pid, signal.SIGKILL)
       break
   if watch.proc.poll() is None and kill is None:  # stuck: stop it and report
@@ -231,7 +233,9 @@ def _watch_and_kill(watch: Watch, aim, timeout: float) -> Attempt:
   returncode = watch.wait(60)
   seconds = time.monotonic() - watch.start
   writes, committed = len(watch.checkpoint_writes()), tuple(watch.committed())
-  return Attempt(returncode, seconds, watch.lines, kill, since, writes, committed)
+  return Attempt(
+      returncode, seconds, watch.lines, kill, since, writes, committed, watch.resumed_from()
+  )
 
 
 # --------------------------------------------------------------------------
@@ -324,14 +328,14 @@ def draw_aim(
 ) -> tuple[str, float]:
   """A kill moment (seeded): a delay up to 1.2 times the start-up (to the compiled step) of the
   runs so far (`startup_s`; None before a run from the compilation cache: no delay then); a
-  delay of up to two save intervals of the reference after the compile; or the n-th checkpoint
-  write, within the first two saves."""
+  delay of up to two save intervals of the reference after the run's first checkpoint commit;
+  or the n-th checkpoint write, within the run's first three saves."""
   aim = rng.choice(['delay', 'steps', 'save'] if startup_s else ['steps', 'save'])
   if aim == 'delay':
     return aim, rng.uniform(0, startup_s * 1.2)
   if aim == 'steps':
     return aim, rng.uniform(0, 2 * (reference.seconds - reference.compiled_s) / saves)
-  return aim, rng.randint(1, max(1, 2 * reference.checkpoint_writes // saves))
+  return aim, rng.randint(1, max(1, 3 * reference.checkpoint_writes // saves))
 
 
 def tail(attempt: Attempt, n: int = 25) -> str:
@@ -407,8 +411,7 @@ def soak(args: argparse.Namespace) -> int:
 
 
 def describe(n: int, aim, attempt: Attempt) -> str:
-  resumed = next((l for l in attempt.output if 'resumed from the checkpoint' in l), None)
-  start = re.search(r'step (\d+)', resumed).group(1) if resumed else 'scratch'
+  start = 'scratch' if attempt.resumed_from is None else attempt.resumed_from
   if attempt.kill is not None and attempt.returncode != 0:
     k = attempt.kill
     aimed = f'{k.aim} {aim[1]:.2f}' if k.aim != 'save' else f'save write #{aim[1]}'
@@ -439,7 +442,7 @@ def compare(reference_dir: str, chaos_dir: str, config_json: Path) -> list[str]:
 def print_summary(args, attempts: list[Attempt], injected, differences, seconds: float) -> None:
   kills = [a.kill for a in attempts if a.kill is not None]
   phases = collections.Counter(k.phase for k in kills)
-  starts = [k.resumed_from for k in kills] + [None]
+  starts = [a.resumed_from for a in attempts]
   print('\nchaos soak summary')
   print(f'  seed {args.seed}, {args.steps} steps, a checkpoint every {args.every}')
   print(f'  kill -9: {len(kills)} of {args.kills} asked; by phase: {dict(phases)}')
