@@ -57,6 +57,7 @@ REPO = Path(__file__).resolve().parents[1]
 WALL_CLOCK_FIELDS = ('time', 'step_time_s', 'samples_per_s', 'mfu')
 COMPILED = 'compiled the train step'
 WRITES = ('POST', 'PUT', 'PATCH', 'DELETE')
+UPLOADS = ('POST', 'PUT', 'PATCH')
 
 
 @dataclasses.dataclass
@@ -145,17 +146,22 @@ class Watch:
     return any(COMPILED in line for line in self.lines)
 
   def checkpoint_writes(self) -> list[str]:
+    """The write requests (uploads, deletes) under checkpoints/ so far."""
     return [t for _, m, t, _ in self.requests if m in WRITES and '/checkpoints/' in t]
 
+  def _uploads(self) -> list[str]:
+    # Deletes are Orbax removing old steps (keep_last), not a save.
+    return [t for _, m, t, _ in self.requests if m in UPLOADS and '/checkpoints/' in t]
+
   def committed(self) -> list[int]:
-    """Checkpoint steps whose commit marker this run wrote."""
-    found = (re.search(r'checkpoints/(\d+)/commit_success', t) for t in self.checkpoint_writes())
+    """Checkpoint steps whose commit marker this run uploaded."""
+    found = (re.search(r'checkpoints/(\d+)/commit_success', t) for t in self._uploads())
     return sorted({int(m.group(1)) for m in found if m})
 
   def saving(self) -> bool:
-    """A checkpoint written and not yet committed: its step's files sent, its marker not."""
+    """A checkpoint being written: a step's files uploaded, its commit marker not yet."""
     steps = set()
-    for t in self.checkpoint_writes():
+    for t in self._uploads():
       m = re.search(r'checkpoints/(\d+)[./]', t)
       if m:
         steps.add(int(m.group(1)))
@@ -410,8 +416,15 @@ def soak(args: argparse.Namespace) -> int:
     return 1 if differences or sum(a.kill is not None for a in attempts) < args.kills else 0
 
 
+def start_of(attempt: Attempt) -> int | str | None:
+  """The step a run resumed from, 'scratch', or None when it was killed before it knew."""
+  if attempt.resumed_from is not None:
+    return attempt.resumed_from
+  return 'scratch' if attempt.compiled_s is not None else None
+
+
 def describe(n: int, aim, attempt: Attempt) -> str:
-  start = 'scratch' if attempt.resumed_from is None else attempt.resumed_from
+  start = start_of(attempt) or '(not restored yet)'
   if attempt.kill is not None and attempt.returncode != 0:
     k = attempt.kill
     aimed = f'{k.aim} {aim[1]:.2f}' if k.aim != 'save' else f'save write #{aim[1]}'
@@ -442,13 +455,13 @@ def compare(reference_dir: str, chaos_dir: str, config_json: Path) -> list[str]:
 def print_summary(args, attempts: list[Attempt], injected, differences, seconds: float) -> None:
   kills = [a.kill for a in attempts if a.kill is not None]
   phases = collections.Counter(k.phase for k in kills)
-  starts = [a.resumed_from for a in attempts]
+  starts = [start_of(a) for a in attempts if start_of(a) is not None]
   print('\nchaos soak summary')
   print(f'  seed {args.seed}, {args.steps} steps, a checkpoint every {args.every}')
   print(f'  kill -9: {len(kills)} of {args.kills} asked; by phase: {dict(phases)}')
   print(
-      f'  runs: {len(attempts)} ({len(attempts) - 1} resumes), started from steps '
-      f'{["scratch" if s is None else s for s in starts]}'
+      f'  runs: {len(attempts)} ({len(attempts) - 1} resumes); those that got past their '
+      f'restore started from {starts}'
   )
   print(f'  faults injected (rate {args.fault_rate}): {sum(injected.values())} {injected}')
   print(f'  wall time: {seconds:.0f} s')
