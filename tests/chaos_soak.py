@@ -438,14 +438,20 @@ def describe(n: int, aim, attempt: Attempt) -> str:
 def compare(reference_dir: str, chaos_dir: str, config_json: Path) -> list[str]:
   """Every difference between the two runs' final states and metrics.jsonl (empty: equal)."""
   from capture_jax import storage  # pylint: disable=import-outside-toplevel
+  from capture_jax.training import checkpoint as checkpoint_lib  # pylint: disable=import-outside-toplevel
+  from capture_jax.training import lock as lock_lib  # pylint: disable=import-outside-toplevel
 
   out = []
   step_a, state_a, problems_a = restore_state(reference_dir, config_json)
   step_b, state_b, problems_b = restore_state(chaos_dir, config_json)
   if step_a != step_b:
     out.append(f'latest checkpoint: step {step_a} (reference) vs {step_b} (chaos)')
-  out += [f'reference checkpoint: {p}' for p in problems_a or []]
-  out += [f'chaos checkpoint: {p}' for p in problems_b or []]
+  for name, problems in (('reference', problems_a), ('chaos', problems_b)):
+    if problems is None:  # a completed run checksums its last checkpoint
+      out.append(f'{name} checkpoint {step_b}: no {checkpoint_lib.CHECKSUMS_FILE}')
+    out += [f'{name} checkpoint: {p}' for p in problems or []]
+  if storage.exists(storage.as_path(chaos_dir) / lock_lib.TRAIN_LOCK_FILE):
+    out.append(f'{chaos_dir}: the lock was not released by the run that completed')
   out += state_differences(state_a, state_b)
   metrics = [(storage.as_path(d) / 'metrics.jsonl').read_text() for d in (reference_dir, chaos_dir)]
   out += metrics_differences(*metrics)
