@@ -12,6 +12,11 @@ every request to the emulator, except where a scripted `Fault` matches:
 - kind 'lost': the request reaches the emulator (a write lands), then the
   connection is closed: the client never sees the answer.
 
+Random mode (`proxy.randomly(RandomFaults(rate=0.05, seed=1))`, the chaos soak): each
+request that no scripted fault takes is faulted with probability `rate`, of a kind drawn
+uniformly from `kinds` ('503', '429', '500', 'reset', 'lost', 'stall'); `counts` says how
+many of each were injected.
+
 An upload's target ends with `#name={object}` (a multipart upload names its
 object in its body, not its URL). `nth` counts the calls that match the fault's method and path regex (1 = the
 first); `nth=None` hits every matching call (a fault that persists).
@@ -28,7 +33,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import collections
 import json
+import random
 import re
 import socket
 import threading
@@ -57,12 +64,46 @@ class Fault:
     return self.method in ('*', method) and re.search(self.path, target) is not None
 
 
+@dataclasses.dataclass
+class RandomFaults:
+  """Each request faulted with probability `rate` (seeded), of a kind drawn from `kinds`:
+  '503', '429', '500' (an answer), 'reset', 'stall' (`stall_s`, keep it past the clients'
+  request timeout) or 'lost' (forwarded, then the answer dropped). Only requests whose target
+  matches the regex `path` are faulted."""
+
+  rate: float
+  kinds: Sequence[str] = ('503', '429', '500', 'reset', 'lost')
+  seed: int = 0
+  stall_s: float = 30.0
+  path: str = ''
+  counts: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+
+  def __post_init__(self):
+    unknown = set(self.kinds) - {'503', '429', '500', 'reset', 'lost', 'stall'}
+    if unknown or not 0 <= self.rate <= 1:
+      raise ValueError(f'RandomFaults: rate={self.rate} (0..1), kinds={self.kinds} ({unknown}?)')
+    self._random = random.Random(self.seed)
+
+  def draw(self, method: str, target: str) -> Fault | None:
+    """The fault for this request, or None (most of them)."""
+    if not self.rate or not re.search(self.path, target):
+      return None
+    if self._random.random() >= self.rate:
+      return None
+    kind = self._random.choice(list(self.kinds))
+    self.counts[kind] += 1
+    if kind.isdigit():
+      return Fault(method, '', 'status', status=int(kind))
+    return Fault(method, '', kind, stall_s=self.stall_s)
+
+
 class FaultProxy:
   """`with FaultProxy(upstream) as proxy:` serves on `proxy.url` from a background thread."""
 
   def __init__(self, upstream: str):
     self.upstream = upstream.rstrip('/')
     self.faults: list[Fault] = []
+    self.random: RandomFaults | None = None
     self.log: list[tuple[str, str, str]] = []  # (method, target, what happened)
     self._loop = None
     self._runner = None
@@ -79,6 +120,10 @@ class FaultProxy:
   def script(self, *faults: Fault) -> None:
     """Replaces the faults (and forgets the counts): `script()` clears them."""
     self.faults = list(faults)
+
+  def randomly(self, faults: RandomFaults | None) -> None:
+    """Faults every request at random from now on (None: stops); scripted faults come first."""
+    self.random = faults
 
   def injected(self) -> int:
     return sum(f.hits for f in self.faults)
@@ -167,6 +212,8 @@ class FaultProxy:
         if fired is None and (fault.nth is None or fault.seen in fault.nth):
           fault.hits += 1
           fired = fault
+    if fired is None and self.random is not None:
+      fired = self.random.draw(method, target)
     return fired
 
   async def _forward(self, request: web.Request, body: bytes) -> web.Response:
