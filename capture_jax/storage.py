@@ -37,7 +37,7 @@ differs from a disk are here, with the same guarantee on both:
 Inputs (the data folder, ArrayRecord files, the vocab) of training, export and
 evaluation stay on local disk or on a mounted bucket: `require_local` says so
 for a `gs://` input. The dataset build reads its inputs from `gs://` too
-(`open_input`, `read_input`, `find_inputs`) and uploads each shard whole
+(`open_input`, `read_bytes`, `find_inputs`) and uploads each shard whole
 (`upload_once`).
 
 Tests point the clients at a local emulator through their documented
@@ -557,15 +557,6 @@ def open_input(path: PathLike, mode: str = 'rb', cache: bool = True):
   # io's buffered reader: fsspec's own `readline` reads a whole block per line and seeks back (a
   # copy of `INPUT_BLOCK_BYTES` per line of a feature TSV).
   return io.BufferedReader(f, buffer_size=INPUT_BLOCK_BYTES)
-
-
-def read_input(path: PathLike) -> bytes:
-  """The whole file at `path` (local or `gs://`)."""
-  if not is_remote(path):
-    with open(path, 'rb') as f:
-      return f.read()
-  with naming(path, 'reading'):
-    return _filesystem(path).cat_file(str(path))
 
 
 def find_inputs(folder: PathLike, suffixes: tuple[str, ...]) -> list[str]:

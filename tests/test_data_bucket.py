@@ -163,7 +163,7 @@ def test_killed_build_in_a_bucket_resumes_and_a_second_one_is_refused(gcs, tmp_p
   assert 4 <= len(done) < 30
   # Damage one finished shard: the rerun must notice it is not the object its marker describes.
   shard = os.path.join(os.path.dirname(work), done[0][: -len('.done.json')])
-  storage.write_bytes(shard, storage.read_input(shard)[:100])
+  storage.write_bytes(shard, storage.read_bytes(shard)[:100])
   capsys.readouterr()
   kwargs = dict(features='generated:36x256', max_regions=36, progress=False, examples_per_shard=100)
   # The killed build's lock is held by a dead process of this host: taken over with a note.

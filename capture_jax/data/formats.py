@@ -464,7 +464,7 @@ def read_npz(path: str, image_id: str | None = None) -> RegionFeatures:
     # Every array is read inside the try: np.load is lazy, and a corrupted
     # member only fails when it is decompressed. In a bucket: the object's bytes, one request.
     data = np.load(
-        io.BytesIO(storage.read_input(path)) if storage.is_remote(path) else path,
+        io.BytesIO(storage.read_bytes(path)) if storage.is_remote(path) else path,
         allow_pickle=False,
     )
     if not isinstance(data, np.lib.npyio.NpzFile):
@@ -677,7 +677,7 @@ class FeatureStore:
     if index is None:
       self.index = merge_tsv_indexes([index_tsv(p) for p in tsvs])
     else:
-      self.index = TsvIndex.from_bytes(storage.read_input(index), index)
+      self.index = TsvIndex.from_bytes(storage.read_bytes(index), index)
       if list(self.index.files) != tsvs:
         raise ValueError(f'feature index {index} was made for other TSVs than those of {path}')
     self._tsv_files = list(self.index.files)

@@ -672,7 +672,7 @@ def _index_on_beam(
   out = []
   for i in range(len(tsvs)):
     name = os.path.join(parts, f'{i:05d}.npz')
-    out.append(formats.TsvIndex.from_bytes(storage.read_input(name), name))
+    out.append(formats.TsvIndex.from_bytes(storage.read_bytes(name), name))
   storage.remove_tree(parts)
   return out
 
@@ -950,7 +950,7 @@ def _start_or_resume(work: str, plan_id: str) -> bool:
   previous = None
   if storage.is_file(plan_file):
     try:
-      previous = json.loads(storage.read_input(plan_file))
+      previous = json.loads(storage.read_bytes(plan_file))
     except ValueError:
       previous = None
   resuming = previous is not None and previous.get('plan') == plan_id

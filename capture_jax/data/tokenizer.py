@@ -53,7 +53,7 @@ SPECIAL_TOKENS = ('[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]')
 def read_vocab(vocab_file: str) -> dict[str, int]:
   """token -> id (the line number), checking BERT's special tokens are present."""
   if storage.is_remote(vocab_file):  # in a bucket: read whole, the same universal newlines
-    f = io.StringIO(storage.read_input(vocab_file).decode('utf-8'), newline=None)
+    f = io.StringIO(storage.read_bytes(vocab_file).decode('utf-8'), newline=None)
   else:
     f = open(vocab_file, encoding='utf-8')
   with f:
