@@ -56,6 +56,7 @@ import os
 import pathlib
 import random
 import shutil
+import stat
 import threading
 import time
 import uuid
@@ -163,8 +164,9 @@ def _bound_gcsfs_retries() -> None:
 def bound_tensorstore_retries() -> None:
   """Makes Orbax's tensorstore contexts retry a GCS request `RETRIES` times, at most
   `MAX_DELAY_S` apart (tensorstore's `gcs_request_retries` resource; Orbax builds every context
-  from two private dicts and offers no option for it). Called before a checkpoint manager is
-  made (`training.checkpoint.make_manager`); importing Orbax here would slow every command."""
+  from two private dicts and offers no option for it). Called when `training.checkpoint` is
+  imported (so `$CAPTURE_STORAGE_RETRIES` is read then; call again after changing `RETRIES`);
+  importing Orbax here would slow every command."""
   from orbax.checkpoint._src.serialization import tensorstore_utils  # pylint: disable=import-outside-toplevel
 
   bounds = {
@@ -438,11 +440,15 @@ def file_listing(folder: PathLike) -> dict[str, dict[str, object]]:
     root = pathlib.Path(folder)
     if not root.is_dir():
       return {}
-    return {
-        p.relative_to(root).as_posix(): {'bytes': p.stat().st_size}
-        for p in sorted(root.rglob('*'))
-        if p.is_file()
-    }
+    out = {}
+    for p in sorted(root.rglob('*')):
+      try:
+        st = p.stat()
+      except FileNotFoundError:  # renamed or removed since the walk (a marker's temporary file)
+        continue
+      if stat.S_ISREG(st.st_mode):
+        out[p.relative_to(root).as_posix()] = {'bytes': st.st_size}
+    return out
   fs = _filesystem(folder)
   prefix = str(folder).split('://', 1)[1].rstrip('/') + '/'
   out = {}
@@ -659,7 +665,7 @@ def remove_tree(path: PathLike) -> None:
   path = os.fspath(path)
   if not is_remote(path):
     if os.path.isdir(path):
-      shutil.rmtree(path, ignore_errors=True)
+      shutil.rmtree(path)
     elif os.path.exists(path):
       os.remove(path)
     return

@@ -446,9 +446,9 @@ def compare(reference_dir: str, chaos_dir: str, config_json: Path) -> list[str]:
   step_b, state_b, problems_b = restore_state(chaos_dir, config_json)
   if step_a != step_b:
     out.append(f'latest checkpoint: step {step_a} (reference) vs {step_b} (chaos)')
-  for name, problems in (('reference', problems_a), ('chaos', problems_b)):
+  for name, step, problems in (('reference', step_a, problems_a), ('chaos', step_b, problems_b)):
     if problems is None:  # a completed run checksums its last checkpoint
-      out.append(f'{name} checkpoint {step_b}: no {checkpoint_lib.CHECKSUMS_FILE}')
+      out.append(f'{name} checkpoint {step}: no {checkpoint_lib.CHECKSUMS_FILE}')
     out += [f'{name} checkpoint: {p}' for p in problems or []]
   if storage.exists(storage.as_path(chaos_dir) / lock_lib.TRAIN_LOCK_FILE):
     out.append(f'{chaos_dir}: the lock was not released by the run that completed')

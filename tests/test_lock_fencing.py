@@ -40,6 +40,28 @@ def test_a_lock_file_replaced_by_another_command_is_a_loss(tmp_path):
   assert not (tmp_path / 'b.txt').exists()
 
 
+def test_a_lock_taken_with_a_relative_folder_guards_its_absolute_paths(tmp_path, monkeypatch):
+  """`--workdir runs/x` is relative; the checkpoint paths Orbax writes are absolute: the lock
+  must cover both (before, a relative lock guarded nothing and committed without confirming)."""
+  monkeypatch.chdir(tmp_path)
+  os.makedirs('runs/x')
+  with lock_lib.FolderLock('runs/x', 'x.lock', 'training', enabled=True) as lock:
+    lock_lib.confirm('runs/x', 'x.lock')
+    assert lock.covers(tmp_path / 'runs/x/checkpoints/2/commit.json')
+    assert lock.covers('runs/x/metrics.jsonl') and not lock.covers(tmp_path / 'runs/y/a')
+    os.unlink('runs/x/x.lock')  # another command deletes the lock file and takes it again
+    other = lock_lib.FolderLock(tmp_path / 'runs/x', 'x.lock', 'training', enabled=True)
+    other.acquire()
+    try:
+      with pytest.raises(lock_lib.LockLostError, match=r'deleted or replaced'):
+        lock_lib.commit_record(tmp_path / 'runs/x/checkpoints/2/commit.json')
+      with pytest.raises(lock_lib.LockLostError, match=r'not writing'):
+        storage.write_text(tmp_path / 'runs/x/b.txt', 'b')
+    finally:
+      other.release()
+  assert not (tmp_path / 'runs/x/checkpoints/2/commit.json').exists()
+
+
 def test_confirm_outside_the_lock_is_a_programming_error(tmp_path):
   with pytest.raises(RuntimeError, match='holds no such lock'):
     lock_lib.confirm(tmp_path, 'x.lock')

@@ -232,10 +232,11 @@ def checksum_problems(folder: storage.Path) -> list[str] | None:
   except (ValueError, KeyError, UnicodeDecodeError) as e:
     return [f'{manifest} cannot be read ({type(e).__name__})']
   if recorded.get('commit') and recorded['commit'] not in listing:
-    # Checksummed, then its commit refused: its writer had lost the workdir's lock.
+    # Checksummed, never committed: its commit was refused (its writer had lost the workdir's
+    # lock) or its writer died between the two writes.
     return [
-        f'{recorded["commit"]}: missing (its writer lost the lock before committing it: a '
-        'step of a command whose lock was taken over)'
+        f'{recorded["commit"]}: missing (its writer lost the lock, or was killed, between '
+        f'{CHECKSUMS_FILE} and its commit)'
     ]
   actual = _file_digests(folder, like=expected)
   problems = [f'{name}: missing' for name in expected if name not in actual]

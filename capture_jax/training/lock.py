@@ -98,7 +98,7 @@ def confirm(folder: storage.PathLike, name: str) -> None:
   """Raises LockLostError, on every process, unless process 0 still holds the lock
   `{folder}/{name}`. Call on every process (it is collective on a pod) just before a write that
   matters. A RuntimeError when this process took no such lock (a call outside its `with`)."""
-  path = str(storage.as_path(folder) / name)
+  path = str(storage.absolute(folder) / name)
   lock = next((held for held in _HELD if str(held.path) == path), None)
   if lock is None:
     raise RuntimeError(f'confirm({path}): this process holds no such lock')
@@ -115,12 +115,7 @@ def commit_record(target: storage.PathLike) -> None:
   the lock is confirmed (`confirm`), then the record written. Without a lock held over `target`
   (a process other than 0, a tool) the record is written as is: nothing to fence it with.
   """
-  text = str(target)
-  held = [
-      lock
-      for lock in _HELD
-      if lock.enabled and text.startswith(str(lock.path.parent).rstrip('/') + '/')
-  ]
+  held = [lock for lock in _HELD if lock.enabled and lock.covers(target)]
   if not held:
     storage.write_text(target, json.dumps({'committed': time.time()}))
     return
@@ -135,10 +130,9 @@ def commit_record(target: storage.PathLike) -> None:
 def _check_write(path: storage.PathLike) -> None:
   """A guard `storage` calls before every whole-file write: refuses a write into a folder whose
   lock this process has lost (from what the heartbeat saw; no network call)."""
-  text = str(path)
   for lock in list(_HELD) + list(_LOST):
-    if lock.lost is not None and text.startswith(str(lock.path.parent).rstrip('/') + '/'):
-      raise LockLostError(lock.lost + f'; not writing {text}')
+    if lock.lost is not None and lock.covers(path):
+      raise LockLostError(lock.lost + f'; not writing {path}')
 
 
 class FolderLock:
@@ -154,7 +148,8 @@ class FolderLock:
       heartbeat_s: float = HEARTBEAT_S,
       stale_after_s: float = STALE_AFTER_S,
   ):
-    self.path = storage.as_path(folder) / name
+    # Absolute: the paths it guards and commits are (`covers`), whatever the user's --workdir.
+    self.path = storage.absolute(folder) / name
     self.what = what
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self.heartbeat_s = heartbeat_s
@@ -217,6 +212,10 @@ class FolderLock:
     if self.lost is not None:
       raise LockLostError(self.lost)
 
+  def covers(self, path: storage.PathLike) -> bool:
+    """Whether `path` lies in the folder this lock guards (relative paths made absolute)."""
+    return str(storage.absolute(path)).startswith(str(self.path.parent).rstrip('/') + '/')
+
   def copy_to(self, target: storage.PathLike) -> None:
     """Copies the lock object (GCS) to `target` if it is still at the generation this holder
     last wrote; LockLostError otherwise (the store refused: taken over)."""
@@ -225,7 +224,7 @@ class FolderLock:
         try:
           with storage.naming(target, f'committing (a copy of {self.path} conditional on it)'):
             _gcs_rewrite(self.path, target, if_source_generation=self._generation)
-        except FileExistsError:
+        except (FileExistsError, FileNotFoundError):  # 412: rewritten since; 404: removed since
           self._lose(f'was taken over by another command before {target} was committed')
     if self.lost is not None:
       raise LockLostError(self.lost)
@@ -337,6 +336,7 @@ class FolderLock:
   def _refresh(self, synchronous: bool) -> None:
     """Rewrites the lock conditionally on our generation; records a loss in `self.lost` (a
     takeover, or no confirmed write for too long). Call with `self._mutex` held."""
+    sent = getattr(self, '_write_nonce', None)
     try:
       holder = self._read_object()  # a second guard, for a store that ignores preconditions
       if holder.get('token') != self._token:
@@ -357,6 +357,8 @@ class FolderLock:
       return
     except Exception as e:  # pylint: disable=broad-except
       error = f'{type(e).__name__}: {str(e)[:200]}'
+      if self._write_nonce != sent and self._landed_anyway():
+        return
     age = time.monotonic() - self._confirmed_at
     # A refresh that fails is no loss while no other command may take the lock over: that needs
     # the whole stale window without a heartbeat. A write that matters needs half of it left.
@@ -365,6 +367,18 @@ class FolderLock:
       self._lose(f'could not be refreshed for {age:.0f} s (limit {limit:.0f} s; {error})')
     else:
       print(f'WARNING: could not refresh the lock {self.path} ({error}); retrying', flush=True)
+
+  def _landed_anyway(self) -> bool:
+    """After a rewrite that failed past the retries: whether it landed all the same (its answer
+    lost, the retries failing). Then its generation is adopted, or the next refresh, conditional
+    on the one before, would be refused and read as a takeover."""
+    try:
+      landed = self._adopt_own_write(self._token)
+    except Exception:  # pylint: disable=broad-except  (the store still failing: decided later)
+      return False
+    if landed:
+      self._confirmed_at = time.monotonic()
+    return landed
 
   def _adopt_own_write(self, token: str) -> bool:
     """After a refused write: whether the object holds that very write (its response was lost
