@@ -99,6 +99,15 @@ COMMANDS = {
         'warmup',
         '[no]no_record',
     ],
+    'capture_jax.bench.bucket': [
+        'work_dir',
+        'num_images',
+        'files',
+        'dim',
+        'workers',
+        'repeats',
+        'threads',
+    ],
     'capture_jax.bench.build': [
         'work_dir',
         'num_train',
