@@ -36,7 +36,12 @@ def shared() -> Path:
 
 @pytest.fixture(scope='session', autouse=True)
 def compilation_cache(tmp_path_factory):
-  """Share compiled programs between tests (several trainer runs compile the same step)."""
+  """Share compiled programs between tests (several trainer runs compile the same step), in this
+  process and in every process a test starts (they inherit the environment): the processes of a
+  multi-process test and the runs a resume test starts compile the same step."""
+  from tests.helpers import compile_cache_env  # pylint: disable=import-outside-toplevel
+
   jax.config.update('jax_compilation_cache_dir', str(tmp_path_factory.mktemp('jax_cache')))
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
+  os.environ.update(compile_cache_env())

@@ -22,6 +22,7 @@ from jax.sharding import Mesh
 
 from capture_jax import losses
 from capture_jax.training.contrastive import global_contrastive_loss
+from tests.helpers import with_cpu_devices
 from tests.multidevice.contrastive_check import loss_setup
 
 CHECK = Path(__file__).parent / 'multidevice' / 'contrastive_check.py'
@@ -40,13 +41,9 @@ def _one_device_mesh():
 @pytest.fixture(scope='module')
 def multidevice_result():
   """Runs the 8-device check, chunk 0 and chunk 4 in two concurrent processes."""
-  # The LLVM optimisation level only shortens compiles (half the CPU time); the
+  # conftest.py's LLVM optimisation level only shortens compiles (half the CPU time); the
   # HLO, the partitioning and the collectives under test are the same.
-  env = dict(
-      os.environ,
-      JAX_PLATFORMS='cpu',
-      XLA_FLAGS='--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0',
-  )
+  env = with_cpu_devices(8)
   procs = [
       subprocess.Popen(
           [sys.executable, str(CHECK), '--chunks', chunks],

@@ -11,6 +11,7 @@ import pytest
 
 from capture_jax import ablation
 from capture_jax import config as config_lib
+from tests.helpers import compile_cache_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,8 +46,12 @@ REDUCED_DEMO = textwrap.dedent("""
 """)
 
 
-def run_demo(config_file, workdir, steps):
+def run_demo(config_file, workdir, steps, compile_cache=True):
+  """`python -m capture_jax.demo` with the reduced config; its stdout. `compile_cache=False`:
+  without the tests' compilation cache (a run from scratch compiles its own programs)."""
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'DEMO_TEST_STEPS': str(steps)}
+  if not compile_cache:
+    env = {k: v for k, v in env.items() if k not in compile_cache_env()}
   proc = subprocess.run(
       [
           sys.executable,

@@ -19,6 +19,7 @@ from capture_jax.retrieval.search import (
     indices_to_ranked_lists,
     recall_at_k,
 )
+from tests.helpers import with_cpu_devices
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -115,7 +116,7 @@ _MULTI_DEVICE_SCRIPT = textwrap.dedent("""
 
 
 def test_sharded_search_on_8_devices_equals_brute_force():
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')
+  env = with_cpu_devices(8)
   proc = subprocess.run(
       [sys.executable, '-c', _MULTI_DEVICE_SCRIPT],
       cwd=REPO,

@@ -31,6 +31,8 @@ from capture_jax.training import checkpoint as checkpoint_lib
 from capture_jax.training import sharding
 from tests.helpers import build_dataset_of
 from tests.helpers import trainer_config
+from tests.helpers import with_cpu_devices
+from tests.helpers import without_compile_cache
 from tests.helpers import write_config_module
 
 REPO = Path(__file__).resolve().parents[1]
@@ -201,11 +203,7 @@ def test_export_on_8_devices_with_sharded_parameters_matches_one_device(trained,
       text=True,
       capture_output=True,
       timeout=600,
-      env={
-          **os.environ,
-          'JAX_PLATFORMS': 'cpu',
-          'XLA_FLAGS': '--xla_force_host_platform_device_count=8',
-      },
+      env=with_cpu_devices(8),
   )
   assert result.returncode == 0 and 'OK' in result.stdout, result.stdout + result.stderr
   exporting.export(cfg, workdir, 'gallery', out=tmp_path / 'one')
@@ -238,7 +236,7 @@ def test_two_processes_export_the_rows_of_one(trained, tmp_path):
       capture_output=True,
       timeout=600,
       env={
-          **os.environ,
+          **without_compile_cache(os.environ),
           'JAX_PLATFORMS': 'cpu',
           'PYTHON': sys.executable,
           'CAPTURE_DEVICES_PER_PROCESS': '2',

@@ -12,13 +12,18 @@ from pathlib import Path
 
 import portpicker
 
+from tests.helpers import without_compile_cache
+from tests.helpers import without_device_count
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_a_read_error_on_one_process_leaves_both_on_process_0s_decisions(tmp_path):
-  env = {
-      k: v for k, v in os.environ.items() if not k.startswith(('CAPTURE_', 'SLURM_', 'XLA_FLAGS'))
-  }
+  env = without_compile_cache(
+      without_device_count(
+          {k: v for k, v in os.environ.items() if not k.startswith(('CAPTURE_', 'SLURM_'))}
+      )
+  )
   env.update(
       PYTHON=sys.executable,
       CAPTURE_MAIN=str(REPO / 'tests' / 'multidevice' / 'decide_process.py'),

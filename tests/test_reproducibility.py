@@ -117,7 +117,9 @@ def test_demo_from_scratch_twice_gives_identical_results(tmp_path):
   config_file = tmp_path / 'reduced_demo.py'
   config_file.write_text(REDUCED_DEMO.format(demo=str(REPO / 'configs' / 'demo.py')))
   a, b = tmp_path / 'a', tmp_path / 'b'
-  out_a, out_b = run_demo(config_file, a, STEPS), run_demo(config_file, b, STEPS)
+  # Each compiles its own programs: neither reads the other's from the tests' compilation cache.
+  out_a = run_demo(config_file, a, STEPS, compile_cache=False)
+  out_b = run_demo(config_file, b, STEPS, compile_cache=False)
 
   # Stage 1: the synthetic world, its vocab and the vocab's manifest, byte for byte.
   data_a, data_b = _files(a / 'data'), _files(b / 'data')

@@ -22,6 +22,7 @@ from capture_jax.data import source as source_lib
 from capture_jax.data import train_input
 from capture_jax.training import resident
 from tests.helpers import trainer_config
+from tests.helpers import with_cpu_devices
 
 CHECK = Path(__file__).parent / 'multidevice' / 'resident_check.py'
 PAPER_ROW = {'image_feat': ((36, 2048), np.float16)}
@@ -29,11 +30,7 @@ PAPER_ROW = {'image_feat': ((36, 2048), np.float16)}
 
 @pytest.fixture(scope='module')
 def eight_devices():
-  env = dict(
-      os.environ,
-      JAX_PLATFORMS='cpu',
-      XLA_FLAGS='--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0',
-  )
+  env = with_cpu_devices(8)
   proc = subprocess.run(
       [sys.executable, str(CHECK)], env=env, capture_output=True, text=True, timeout=600
   )

@@ -32,6 +32,9 @@ from capture_jax import param_paths
 from capture_jax import config as config_lib
 from capture_jax.training import distributed
 from capture_jax.training import sharding
+from tests.helpers import with_cpu_devices
+from tests.helpers import without_compile_cache
+from tests.helpers import without_device_count
 
 REPO = Path(__file__).resolve().parents[1]
 CHECK = REPO / 'tests' / 'multidevice' / 'sharding_check.py'
@@ -292,12 +295,9 @@ def test_spec_table_lists_per_device_shapes():
 @pytest.fixture(scope='module')
 def multidevice():
   """Runs the 'specs' and 'demo' parts of the 8-device check in two concurrent processes."""
-  # The LLVM optimisation level only shortens compiles; partitioning and numerics are unchanged.
-  env = dict(
-      os.environ,
-      JAX_PLATFORMS='cpu',
-      XLA_FLAGS='--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0',
-  )
+  # conftest.py's LLVM optimisation level only shortens compiles; partitioning and numerics are
+  # unchanged.
+  env = with_cpu_devices(8)
   procs = {
       part: subprocess.Popen(
           [sys.executable, str(CHECK), part],
@@ -430,9 +430,11 @@ def test_global_batch_from_local_on_8_devices(multidevice):
 
 
 def _launch_env(**extra):
-  env = {
-      k: v for k, v in os.environ.items() if not k.startswith(('CAPTURE_', 'SLURM_', 'XLA_FLAGS'))
-  }
+  env = without_compile_cache(
+      without_device_count(
+          {k: v for k, v in os.environ.items() if not k.startswith(('CAPTURE_', 'SLURM_'))}
+      )
+  )
   env['PYTHON'] = sys.executable
   env.update(extra)
   return env

@@ -24,6 +24,7 @@ import pytest
 
 from capture_jax.training import checkpoint as checkpoint_lib
 from tests import slurm_cluster
+from tests.helpers import compile_cache_env
 from tests.helpers import trainer_config
 from tests.helpers import write_config_module
 
@@ -53,15 +54,6 @@ def config_file(tmp_path_factory) -> Path:
   cfg.train.num_steps = STEPS
   cfg.checkpoint.keep_last = 100
   return write_config_module(root / 'config.py', cfg)
-
-
-def compile_cache_env() -> dict[str, str]:
-  """The jobs share the tests' compilation cache (conftest.py): they compile the same step."""
-  return {
-      'JAX_COMPILATION_CACHE_DIR': jax.config.jax_compilation_cache_dir,
-      'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
-      'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '-1',
-  }
 
 
 class Job:

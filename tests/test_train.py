@@ -20,6 +20,8 @@ from capture_jax.training import checkpoint as checkpoint_lib
 from tests.helpers import no_device_fetches
 from tests.helpers import start_python
 from tests.helpers import trainer_config
+from tests.helpers import with_cpu_devices
+from tests.helpers import without_compile_cache
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -168,7 +170,7 @@ def test_two_processes_train_like_one_process_with_the_same_devices(dataset_conf
       text=True,
       capture_output=True,
       timeout=600,
-      env={**env, 'XLA_FLAGS': '--xla_force_host_platform_device_count=4'},
+      env=with_cpu_devices(4, env),
   )
   assert single.returncode == 0, single.stdout + single.stderr
 
@@ -182,7 +184,11 @@ def test_two_processes_train_like_one_process_with_the_same_devices(dataset_conf
         text=True,
         capture_output=True,
         timeout=600,
-        env={**env, 'CAPTURE_MAIN': str(script), 'CAPTURE_DEVICES_PER_PROCESS': '2'},
+        env={
+            **without_compile_cache(env),
+            'CAPTURE_MAIN': str(script),
+            'CAPTURE_DEVICES_PER_PROCESS': '2',
+        },
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc
@@ -222,11 +228,7 @@ def test_checkpoint_restores_onto_a_different_mesh(dataset_config, tmp_path):
       text=True,
       capture_output=True,
       timeout=600,
-      env={
-          **os.environ,
-          'JAX_PLATFORMS': 'cpu',
-          'XLA_FLAGS': '--xla_force_host_platform_device_count=8',
-      },
+      env=with_cpu_devices(8),
   )
   assert result.returncode == 0 and 'OK' in result.stdout, result.stdout + result.stderr
 
@@ -256,9 +258,7 @@ def _start_two_processes(config_json: Path, workdir: Path, steps: int, out: Path
   procs = []
   for i in range(2):
     env = {
-        **os.environ,
-        'JAX_PLATFORMS': 'cpu',
-        'XLA_FLAGS': '--xla_force_host_platform_device_count=2',
+        **without_compile_cache(with_cpu_devices(2)),
         'CAPTURE_COORDINATOR': f'localhost:{port}',
         'CAPTURE_NUM_PROCESSES': '2',
         'CAPTURE_PROCESS_ID': str(i),
