@@ -525,10 +525,10 @@ def test_local_multiprocess_forwards_sigterm(tmp_path):
   proc.send_signal(signal.SIGTERM)
   proc.communicate(timeout=60)
   assert proc.returncode == 0
+  # The script appends the device count to the XLA flags it was given (conftest.py's).
+  flags = f"{env['XLA_FLAGS']} --xla_force_host_platform_device_count=3".strip()
   for i in range(2):
-    assert (tmp_path / f'stopped_{i}').read_text() == (
-        'localhost:12345 2 --xla_force_host_platform_device_count=3'
-    )
+    assert (tmp_path / f'stopped_{i}').read_text() == f'localhost:12345 2 {flags}'
 
 
 def test_local_multiprocess_usage():
