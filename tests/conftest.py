@@ -37,8 +37,9 @@ def shared() -> Path:
 @pytest.fixture(scope='session', autouse=True)
 def compilation_cache(tmp_path_factory):
   """Share compiled programs between tests (several trainer runs compile the same step), in this
-  process and in every process a test starts (they inherit the environment): the processes of a
-  multi-process test and the runs a resume test starts compile the same step."""
+  process and in every process a test starts (they inherit the environment): the runs a resume
+  test starts and the commands a CLI test runs compile the same step. Multi-process runs opt out
+  (`helpers.without_compile_cache`)."""
   from tests.helpers import compile_cache_env  # pylint: disable=import-outside-toplevel
 
   jax.config.update('jax_compilation_cache_dir', str(tmp_path_factory.mktemp('jax_cache')))

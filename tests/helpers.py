@@ -312,13 +312,9 @@ def with_cpu_devices(n: int, env: dict[str, str] | None = None) -> dict[str, str
   """`env` (default: this process's) for a JAX process on `n` CPU devices, keeping the tests'
   other XLA flags (conftest.py's faster compile: a process that drops it compiles the train
   step ~4x slower)."""
-  env = dict(os.environ if env is None else env)
-  flags = [f for f in env.get('XLA_FLAGS', '').split() if not f.startswith(DEVICE_COUNT_FLAG)]
-  return {
-      **env,
-      'JAX_PLATFORMS': 'cpu',
-      'XLA_FLAGS': ' '.join([*flags, f'{DEVICE_COUNT_FLAG}={n}']),
-  }
+  env = without_device_count(dict(os.environ if env is None else env))
+  flags = f"{env['XLA_FLAGS']} {DEVICE_COUNT_FLAG}={n}".strip()
+  return {**env, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': flags}
 
 
 def without_device_count(env: dict[str, str]) -> dict[str, str]:

@@ -11,7 +11,7 @@ import pytest
 
 from capture_jax import ablation
 from capture_jax import config as config_lib
-from tests.helpers import compile_cache_env
+from tests.helpers import without_compile_cache
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,7 +51,7 @@ def run_demo(config_file, workdir, steps, compile_cache=True):
   without the tests' compilation cache (a run from scratch compiles its own programs)."""
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'DEMO_TEST_STEPS': str(steps)}
   if not compile_cache:
-    env = {k: v for k, v in env.items() if k not in compile_cache_env()}
+    env = without_compile_cache(env)
   proc = subprocess.run(
       [
           sys.executable,
