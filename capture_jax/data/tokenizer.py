@@ -33,17 +33,19 @@ import heapq
 import json
 import os
 import sys
-from typing import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
 import numpy as np
 import tokenizers
-import transformers
 from absl import flags
 
 from capture_jax import cli
 from capture_jax import config as config_lib
 from capture_jax import storage
 from capture_jax.data import formats
+
+if TYPE_CHECKING:
+  import transformers
 
 # Special tokens in BERT's spelling; a vocab we train puts them first, so
 # [PAD] = 0 (the model pads with 0), [UNK] = 1, [CLS] = 2, [SEP] = 3, [MASK] = 4.
@@ -88,6 +90,10 @@ def vocab_fingerprint(vocab_file: str) -> str:
 
 def load_tokenizer(vocab_file: str, do_lower_case: bool = True) -> transformers.BertTokenizerFast:
   """transformers' fast BERT WordPiece tokenizer over `vocab_file`."""
+  # Imported here: it takes ~0.6 s, and most commands (train, export, evaluate) never tokenise
+  # (the records carry token ids).
+  import transformers  # pylint: disable=import-outside-toplevel
+
   vocab = read_vocab(vocab_file)
   tok = transformers.BertTokenizerFast(
       vocab=vocab, do_lower_case=do_lower_case, tokenize_chinese_chars=True
