@@ -324,11 +324,11 @@ def without_device_count(env: dict[str, str]) -> dict[str, str]:
   return {**env, 'XLA_FLAGS': ' '.join(flags)}
 
 
-def compile_cache_env() -> dict[str, str]:
-  """The environment that points a trainer process at the tests' compilation cache (conftest.py):
-  tests that start several processes of one config compile its step once."""
+def compile_cache_env(cache_dir: str | None = None) -> dict[str, str]:
+  """The environment that points a trainer process at the tests' compilation cache (conftest.py),
+  or at `cache_dir`: tests that start several processes of one config compile its step once."""
   return {
-      'JAX_COMPILATION_CACHE_DIR': jax.config.jax_compilation_cache_dir,
+      'JAX_COMPILATION_CACHE_DIR': cache_dir or jax.config.jax_compilation_cache_dir,
       'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
       'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '-1',
   }
@@ -339,8 +339,10 @@ def without_compile_cache(env: dict[str, str]) -> dict[str, str]:
 
   Once in seven two-process runs that loaded the train step from the cache, both processes hung
   inside the step's collectives (the SIGTERM test of test_train.py; not understood, never seen in
-  the CI runs without the cache): such runs compile their own programs. The SLURM jobs, which
-  have shared the cache in every CI run so far, keep it."""
+  the CI runs without the cache): such runs compile their own programs. The cache saves such a
+  run little anyway: JAX writes entries from process 0 only, and on CPU the other processes' keys
+  differ from its own (measured: process 1 misses every time), so process 1 compiles in every
+  run. The SLURM jobs, which have shared the cache in every CI run so far, keep it."""
   return {k: v for k, v in env.items() if k not in compile_cache_env()}
 
 

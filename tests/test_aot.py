@@ -158,21 +158,11 @@ def test_demo_compiles_for_a_tpu_pod_slice(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_compiles_for_eight_h200s(tmp_path):
+def test_demo_compiles_for_eight_h200s_with_its_split_resident(tmp_path):
+  """One compile of the train step for 8 H200s (a GPU compile from this host takes ~45 s), with
+  the training split resident in device memory: the resident step is the host-fed step with the
+  tables as arguments and a gather in front (the TPU test above compiles the host-fed one)."""
   out = tmp_path / 'h200x8.json'
-  result = run_aot('--target=h200x8', '--steps=train', f'--json={out}')
-  assert result.returncode == 0, result.stderr[-3000:]
-  row = json.loads(out.read_text())['steps']['train']
-  # JAX's GPU client takes 75% of the memory by default (XLA_PYTHON_CLIENT_MEM_FRACTION).
-  assert row['chip'] == 'H200' and row['fits'] and row['hbm_bytes'] == int(0.75 * 151397597184)
-  # No FLOP count from XLA's GPU compiler: the host's count of the global step, per device.
-  assert row['flops_source'].startswith('XLA, global step lowered for the host')
-  assert 1e9 < row['flops_per_device'] < 1e10
-
-
-@pytest.mark.slow
-def test_a_resident_split_is_counted_in_the_fit(tmp_path):
-  out = tmp_path / 'resident.json'
   result = run_aot(
       '--target=h200x8',
       '--steps=train',
@@ -182,11 +172,16 @@ def test_a_resident_split_is_counted_in_the_fit(tmp_path):
   )
   assert result.returncode == 0, result.stderr[-3000:]
   row = json.loads(out.read_text())['steps']['train']
+  # JAX's GPU client takes 75% of the memory by default (XLA_PYTHON_CLIENT_MEM_FRACTION).
+  assert row['chip'] == 'H200' and row['fits'] and row['hbm_bytes'] == int(0.75 * 151397597184)
+  # No FLOP count from XLA's GPU compiler: the host's count of the global step, per device.
+  assert row['flops_source'].startswith('XLA, global step lowered for the host')
+  assert 1e9 < row['flops_per_device'] < 1e10
   # The demo's rows: 16 regions x 256 float16 features, their boxes and mask, 24 token ids and
   # their mask; 1M records over 8 devices. The tables are arguments of the compiled step.
   row_bytes = 16 * 256 * 2 + 16 * 5 * 4 + 16 * 4 + 24 * 4 * 2
   assert row['resident_bytes'] == 125_000 * row_bytes
-  assert row['argument_bytes'] >= row['resident_bytes'] and row['fits']
+  assert row['argument_bytes'] >= row['resident_bytes']
   assert 'of the arguments, the resident training split' in result.stdout
 
 

@@ -1,4 +1,6 @@
-"""`make demo` end to end on a reduced preset, and the ablation command's pieces."""
+"""`make demo` on a reduced preset, and the ablation command's pieces. The demo end to end (every
+stage, from scratch twice, resumed, reused) is `tests/test_reproducibility.py`'s: one set of runs
+for both."""
 
 import json
 import os
@@ -11,6 +13,7 @@ import pytest
 
 from capture_jax import ablation
 from capture_jax import config as config_lib
+from tests.helpers import compile_cache_env
 from tests.helpers import without_compile_cache
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,11 +50,14 @@ REDUCED_DEMO = textwrap.dedent("""
 
 
 def run_demo(config_file, workdir, steps, compile_cache=True):
-  """`python -m capture_jax.demo` with the reduced config; its stdout. `compile_cache=False`:
-  without the tests' compilation cache (a run from scratch compiles its own programs)."""
+  """`python -m capture_jax.demo` with the reduced config; its stdout. `compile_cache`: True, the
+  tests' shared compilation cache; False, none (a run from scratch compiles its own programs);
+  a folder, a cache of the run's own."""
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'DEMO_TEST_STEPS': str(steps)}
-  if not compile_cache:
+  if compile_cache is not True:
     env = without_compile_cache(env)
+  if compile_cache not in (True, False):
+    env.update(compile_cache_env(str(compile_cache)))
   proc = subprocess.run(
       [
           sys.executable,
@@ -72,38 +78,38 @@ def run_demo(config_file, workdir, steps, compile_cache=True):
   return proc.stdout
 
 
-@pytest.mark.slow
-def test_demo_runs_every_stage_resumes_then_reuses_them(tmp_path):
-  config_file = tmp_path / 'reduced_demo.py'
-  config_file.write_text(REDUCED_DEMO.format(demo=str(REPO / 'configs' / 'demo.py')))
-  workdir = tmp_path / 'run'
-
-  first = run_demo(config_file, workdir, steps=4)
+def assert_every_stage_ran(stdout: str, workdir: Path, steps: int) -> None:
+  """What a first `make demo` prints and writes: every stage, the report with CAPTURE and the
+  three baselines, and the headline."""
   for n in range(1, 7):
-    assert f'== stage {n}:' in first
+    assert f'== stage {n}:' in stdout
   assert (workdir / 'data' / 'synthetic_world.json').is_file()
-  assert (workdir / 'checkpoints' / '4').is_dir()
+  assert (workdir / 'checkpoints' / str(steps)).is_dir()
   out = workdir / 'eval_dev'
   for name in ('report.md', 'metrics.json', 'metrics.png', 'retrieval_id_list.txt'):
     assert (out / name).is_file(), name
   # The printed table is the report's, with CAPTURE and the three baselines.
   for method in ('CAPTURE (', 'CAPTURE, random weights', 'TF-IDF', 'Mean region feature'):
-    assert method in first
-  assert str(out / 'report.md') in first
+    assert method in stdout
+  assert str(out / 'report.md') in stdout
   headline = json.loads((out / 'evaluation.json').read_text())['main_method']
-  assert f'headline: {headline} mAP@10' in first and 'the best baseline' in first
+  assert f'headline: {headline} mAP@10' in stdout and 'the best baseline' in stdout
   metrics = json.loads((out / 'metrics.json').read_text())
   assert any(m.startswith('CAPTURE (') for m in metrics)
 
-  # More steps: training continues from the last checkpoint, the new step is evaluated.
-  second = run_demo(config_file, workdir, steps=6)
+
+def assert_resumes_then_reuses(config_file, workdir: Path, steps: int, compile_cache) -> None:
+  """More steps: training continues from the last checkpoint and the new step is evaluated;
+  the same command again trains nothing and reuses the exports."""
+  second = run_demo(config_file, workdir, steps + 2, compile_cache)
   assert 'reusing the data set' in second and 'reusing the vocab' in second
   assert 'reusing the built dataset' in second
-  assert 'resumed from the checkpoint at step 4' in second
-  assert json.loads((out / 'evaluation.json').read_text())['checkpoint_step'] == 6
+  assert f'resumed from the checkpoint at step {steps}' in second
+  evaluation = json.loads((workdir / 'eval_dev' / 'evaluation.json').read_text())
+  assert evaluation['checkpoint_step'] == steps + 2
 
-  third = run_demo(config_file, workdir, steps=6)
-  assert 'training already finished (step 6)' in third
+  third = run_demo(config_file, workdir, steps + 2, compile_cache)
+  assert f'training already finished (step {steps + 2})' in third
   assert 'reusing the exports in' in third
 
 

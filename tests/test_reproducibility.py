@@ -2,7 +2,8 @@
 
 The end-to-end test runs the demo's stages (synthetic data, vocab, TFDS, a
 few training steps, export, evaluation) twice, in two fresh folders, and
-compares everything a reader or a later stage consumes. What legitimately
+compares everything a reader or a later stage consumes; then the first
+folder's demo resumes with more steps and is run again, as `make demo` is. What legitimately
 differs is excluded by name: wall-clock times and throughputs, the absolute
 paths of the two folders, and bytes that are not content (see
 `_tfds_examples` and `_restored_state`). docs/REPRODUCIBILITY.md lists the
@@ -23,7 +24,11 @@ import pytest
 
 from capture_jax.data import formats
 from capture_jax.data import synthetic
-from tests.test_demo import REDUCED_DEMO, REPO, run_demo
+from tests.test_demo import REDUCED_DEMO
+from tests.test_demo import REPO
+from tests.test_demo import assert_every_stage_ran
+from tests.test_demo import assert_resumes_then_reuses
+from tests.test_demo import run_demo
 
 STEPS = 4
 
@@ -113,13 +118,16 @@ def _report_table(stdout: str) -> str:
 
 
 @pytest.mark.slow
-def test_demo_from_scratch_twice_gives_identical_results(tmp_path):
+def test_demo_from_scratch_twice_gives_identical_results_then_resumes_and_reuses(tmp_path):
   config_file = tmp_path / 'reduced_demo.py'
   config_file.write_text(REDUCED_DEMO.format(demo=str(REPO / 'configs' / 'demo.py')))
   a, b = tmp_path / 'a', tmp_path / 'b'
-  # Each compiles its own programs: neither reads the other's from the tests' compilation cache.
-  out_a = run_demo(config_file, a, STEPS, compile_cache=False)
+  # Each compiles its own programs: neither reads the other's, nor another test's (a's cache is
+  # its own and starts empty; its later runs read it, as `make demo` run again does).
+  cache_a = tmp_path / 'compile_cache_a'
+  out_a = run_demo(config_file, a, STEPS, compile_cache=cache_a)
   out_b = run_demo(config_file, b, STEPS, compile_cache=False)
+  assert_every_stage_ran(out_a, a, STEPS)
 
   # Stage 1: the synthetic world, its vocab and the vocab's manifest, byte for byte.
   data_a, data_b = _files(a / 'data'), _files(b / 'data')
@@ -162,3 +170,5 @@ def test_demo_from_scratch_twice_gives_identical_results(tmp_path):
 
   # Stage 5: the printed table, every digit.
   assert _report_table(out_a) == _report_table(out_b)
+
+  assert_resumes_then_reuses(config_file, a, STEPS, compile_cache=cache_a)

@@ -299,7 +299,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_without_syncs(
   cfg.checkpoint.update(every_steps=3, keep_last=100)
   config_json = tmp_path / 'config.json'
   config_json.write_text(cfg.to_json())
-  end = 24
+  end = 15  # the stop lands a few steps after checkpoint 3 (7 in the runs seen)
 
   straight = _start_two_processes(
       config_json, tmp_path / 'straight', end, tmp_path / 'straight.npz', tmp_path / 'straight'
