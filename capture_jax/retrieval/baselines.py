@@ -18,14 +18,15 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ml_collections
 import numpy as np
 
-from sklearn.feature_extraction import text
-
 from capture_jax import losses
+
+if TYPE_CHECKING:
+  from sklearn.feature_extraction import text
 
 # CJK Unified Ideographs (+ extension A, compatibility ideographs).
 _TOKEN_RE = re.compile(r'([\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]+)|([0-9a-z]+)')
@@ -56,6 +57,10 @@ def fit_tfidf(titles: Sequence[str], *, max_features: int | None = 8192) -> text
   idf(t) = ln((1 + n) / (1 + df(t))) + 1, L2-normalised rows; the vocabulary
   keeps the `max_features` terms most frequent over the titles.
   """
+  # Imported here: scikit-learn (with SciPy) takes ~1 s of every start of a command that imports
+  # the evaluation, and only an evaluation with baselines fits a TF-IDF.
+  from sklearn.feature_extraction import text  # pylint: disable=import-outside-toplevel,redefined-outer-name
+
   if not titles:
     raise ValueError('cannot fit TF-IDF on an empty list of titles')
   vectorizer = text.TfidfVectorizer(analyzer=title_tokens, max_features=max_features)
