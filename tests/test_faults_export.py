@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -25,8 +26,11 @@ from capture_jax.retrieval import export_format
 from capture_jax.retrieval import exporting
 from capture_jax.retrieval import identity as identity_lib
 from capture_jax.retrieval import writer
+from capture_jax.training import checkpoint as checkpoint_lib
 from capture_jax.training import lock as lock_lib
 from capture_jax.training import sharding
+from tests.test_faults_train import flip_a_byte
+from tests.test_faults_train import largest_file
 from tests.test_train import trainer_config
 
 
@@ -189,6 +193,27 @@ def test_second_export_into_a_folder_is_refused(trained, tmp_path):
     ):
       exporting.export(cfg, workdir, 'gallery', out=out)
   assert not list(out.glob('shard-*'))
+
+
+def test_a_checkpoint_that_fails_its_checksums_is_not_exported(trained, tmp_path):
+  """Embeddings of damaged weights would be plausible numbers: the step is refused (training
+  would move it aside), naming the steps that can be exported instead."""
+  cfg, workdir = trained
+  run = tmp_path / 'run'
+  shutil.copytree(workdir, run)
+  ckpts = run / 'checkpoints'
+  steps = sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
+  assert len(steps) >= 2
+  flip_a_byte(largest_file(ckpts / str(steps[-1]) / 'state'))
+  with pytest.raises(
+      checkpoint_lib.CorruptCheckpointError,
+      match=rf'checkpoint {steps[-1]} in .* does not match its checksums.json: state/.*'
+      r'checksum differs.*' + re.escape(f'--checkpoint=<one of {steps[:-1]}>'),
+  ):
+    exporting.export(cfg, run, 'gallery', out=tmp_path / 'gallery')
+  assert not (tmp_path / 'gallery').exists()
+  exporting.export(cfg, run, 'gallery', step=steps[0], out=tmp_path / 'gallery')
+  assert export_format.read_embeddings(tmp_path / 'gallery').vectors.shape[0] > 0
 
 
 def test_instances_grouped_otherwise_are_another_export():

@@ -67,6 +67,14 @@ def test_a_corrupt_proposer_checkpoint_is_moved_aside_and_training_resumes(tmp_p
   # Every checkpoint unreadable: refused without the flag, nothing trained.
   for step in _steps(workdir):
     _flip_a_byte_of_the_largest_file(ckpts / str(step) / 'params')
+  # Proposals are not made with damaged weights: the latest step is refused, naming the command
+  # that moves it aside.
+  with pytest.raises(
+      checkpoint_lib.CorruptCheckpointError,
+      match=r'checkpoint 6 in .* does not match its checksums.json: params/.*'
+      r'python -m capture_jax.instances train',
+  ):
+    instances.LearnedProposer(workdir, c)
   with pytest.raises(checkpoint_lib.UnreadableCheckpointsError, match='restart_if_unreadable'):
     instances.train(c, workdir, pool=pool)
   assert _steps(workdir) == [] and len(checkpoint_lib.corrupt_in(ckpts)) == 3

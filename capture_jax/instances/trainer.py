@@ -439,6 +439,13 @@ class LearnedProposer:
       )
     manager = _manager(workdir)
     step = manager.latest_step()
+    try:
+      checkpoint_lib.check_intact(
+          manager, step, trainer='python -m capture_jax.instances train', step_flag=None
+      )
+    except checkpoint_lib.CorruptCheckpointError:
+      manager.close()
+      raise
     saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
     if config is not None:
       _check_signature(saved['signature'], saved_signature(config), checkpoint_dir(workdir))

@@ -87,6 +87,10 @@ class IncompatibleCheckpointError(ValueError):
   """The workdir holds checkpoints of a different model."""
 
 
+class CorruptCheckpointError(ValueError):
+  """The checkpoint asked for does not match its `checksums.json` (or was never committed)."""
+
+
 class UnreadableCheckpointsError(RuntimeError):
   """Every checkpoint of the workdir is unreadable, and restarting from scratch was not asked for."""
 
@@ -399,9 +403,12 @@ def open_step(
 ) -> tuple[ocp.CheckpointManager, int]:
   """A run's checkpoint manager and the step to read (default: the latest), for export.
 
-  Raises FileNotFoundError when there is no checkpoint (or not that step) and
-  IncompatibleCheckpointError when it is of another model, both before
-  anything compiles.
+  Raises FileNotFoundError when there is no checkpoint (or not that step),
+  CorruptCheckpointError when its files do not match its checksums (training
+  would move it aside; an export of it would be embeddings of damaged
+  weights), and IncompatibleCheckpointError when it is of another model, all
+  before anything compiles. A step without checksums (its run was killed
+  before they were written) is read as training reads it, with a note.
   """
   ckpt_dir = checkpoint_dir(workdir)
   if not distributed.decide_on_main(lambda: storage.is_dir(ckpt_dir)):
@@ -420,11 +427,46 @@ def open_step(
       step = steps[-1]
     elif step not in steps:
       raise FileNotFoundError(f'no checkpoint of step {step} in {ckpt_dir}; it holds steps {steps}')
+    check_intact(manager, step)
     check_compatible(manager, config, step)
   except Exception:
     manager.close()
     raise
   return manager, int(step)
+
+
+def check_intact(
+    manager: ocp.CheckpointManager,
+    step: int,
+    *,
+    trainer: str = 'python -m capture_jax.train',
+    step_flag: str | None = '--checkpoint',
+) -> None:
+  """Raises CorruptCheckpointError when `step`'s files do not match its checksums (decided on
+  process 0, as `restore_readable` decides), naming what to run instead: `trainer` (which moves
+  the step aside when it resumes) and `step_flag` with the other steps; notes a step that has no
+  checksums.
+
+  For the commands that read a checkpoint without training from it (export, evaluation, the
+  learned proposer's proposals): they have no previous step to fall back to unasked.
+  """
+  folder = step_dir(manager, step)
+  problems = distributed.decide_on_main(lambda: checksum_problems(folder))
+  if problems:
+    others = distributed.decide_on_main(lambda: sorted(s for s in manager.all_steps() if s != step))
+    raise CorruptCheckpointError(
+        f'checkpoint {step} in {manager.directory} does not match its {CHECKSUMS_FILE}: '
+        + '; '.join(problems[:3])
+        + f'. Training moves such a step aside and resumes from the one before (run {trainer} '
+        'with the same --workdir)'
+        + (f', or pass {step_flag}=<one of {others}>' if step_flag and others else '')
+    )
+  if problems is None and jax.process_index() == 0:
+    print(
+        f'note: checkpoint {step} has no {CHECKSUMS_FILE} (its run stopped before it was '
+        'written): read without verifying it',
+        flush=True,
+    )
 
 
 def restore_model_params(manager: ocp.CheckpointManager, step: int, abstract_params: Any) -> Any:
