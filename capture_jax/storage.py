@@ -47,14 +47,12 @@ endpoint settings (`STORAGE_EMULATOR_HOST` for gcsfs,
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
-import functools
+import importlib
 import io
 import os
 import pathlib
-import random
 import shutil
 import stat
 import threading
@@ -104,7 +102,6 @@ def _configure_gcsfs() -> None:
   `storage_gcsfs` (which bounds its retries): it takes ~0.4 s that a command on local disks
   does not pay."""
   import aiohttp  # pylint: disable=import-outside-toplevel  (installed with gcsfs)
-  import fsspec  # pylint: disable=import-outside-toplevel
   import fsspec.config  # pylint: disable=import-outside-toplevel
 
   timeout = aiohttp.ClientTimeout(
@@ -117,55 +114,8 @@ def _configure_gcsfs() -> None:
     fsspec.register_implementation(
         protocol, 'capture_jax.storage_gcsfs.GCSFileSystem', clobber=True
     )
-
-
-def _backoff_s(attempt: int) -> float:
-  """The wait before try `attempt` (1 = the first retry): gcsfs's jittered doubling from 1 s,
-  capped at `MAX_DELAY_S`."""
-  return min(random.random() + 2 ** (attempt - 1), MAX_DELAY_S)
-
-
-def _bound_gcsfs_retries() -> None:
-  """gcsfs retries its requests with a decorator fixed at import (6 tries, up to 32 s apart; no
-  setting reaches it): its three retried methods are wrapped again, around the undecorated ones,
-  with `RETRIES` and `MAX_DELAY_S` (read at each call). What is retried is gcsfs's own choice
-  (`gcsfs.retry.is_retriable`: 5xx, 429, resets, timeouts); 404 never is."""
-  import gcsfs.core  # pylint: disable=import-outside-toplevel
-  from gcsfs import retry  # pylint: disable=import-outside-toplevel
-
-  errors = (
-      retry.HttpError,
-      retry.requests.exceptions.RequestException,
-      retry.google.auth.exceptions.GoogleAuthError,
-      retry.ChecksumError,
-      retry.aiohttp.client_exceptions.ClientError,
-  )
-
-  def bounded(request):
-    @functools.wraps(request)
-    async def call(*args, **kwargs):
-      tries = max(1, RETRIES)
-      for attempt in range(tries):
-        if attempt:
-          await asyncio.sleep(_backoff_s(attempt))
-        try:
-          return await request(*args, **kwargs)
-        except errors as e:
-          if attempt == tries - 1 or getattr(e, 'code', getattr(e, 'status', None)) == 404:
-            raise
-          if not retry.is_retriable(e):
-            raise
-      raise AssertionError('unreachable')
-
-    call.bounded_by_capture = True
-    return call
-
-  # The base class (gcsfs's experimental subclass, the default `gcsfs.GCSFileSystem`, calls it).
-  cls = gcsfs.core.GCSFileSystem
-  for name in ('_request', '_get_file_request', '_get_file_concurrent'):
-    method = cls.__dict__[name]
-    if not getattr(method, 'bounded_by_capture', False):
-      setattr(cls, name, bounded(method.__wrapped__))
+    if protocol in fsspec.registry:  # resolved before this import: fsspec will not import it
+      importlib.import_module('capture_jax.storage_gcsfs')
 
 
 def bound_tensorstore_retries() -> None:

@@ -6,7 +6,6 @@ The 8-device cases run `tests/multidevice/resident_check.py` in their own proces
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path

@@ -461,10 +461,16 @@ def check_intact(
         'with the same --workdir)'
         + (f', or pass {step_flag}=<one of {others}>' if step_flag and others else '')
     )
-  if problems is None and jax.process_index() == 0:
+  if problems is None:
+    _note_unverified(step, 'read')
+
+
+def _note_unverified(step: int, done: str) -> None:
+  """Says (on process 0) that checkpoint `step` was `done` without checksums to verify."""
+  if jax.process_index() == 0:
     print(
-        f'note: checkpoint {step} has no {CHECKSUMS_FILE} (its run stopped before it was '
-        'written): read without verifying it',
+        f'note: checkpoint {step} has no {CHECKSUMS_FILE} (the run stopped before it was '
+        f'written): {done} without verifying it',
         flush=True,
     )
 
@@ -579,11 +585,7 @@ def restore_readable(
           flush=True,
       )
       continue
-    if problems is None and jax.process_index() == 0:
-      print(
-          f'note: checkpoint {step} has no {CHECKSUMS_FILE} (the run stopped before it was '
-          'written): restored without verifying it',
-          flush=True,
-      )
+    if problems is None:
+      _note_unverified(step, 'restored')
     return restored, int(step)
   return None
